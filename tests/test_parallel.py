@@ -1,0 +1,95 @@
+"""Mesh construction, batch sharding, replication and multi-process start-up detection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxattrib import parallel
+
+
+def test_make_mesh_sizes():
+    assert jax.device_count() == 8  # tests/conftest.py emulates 8 CPU devices
+    m = parallel.make_mesh()
+    assert m.shape == {"data": 8} and m.axis_names == ("data",)
+    assert parallel.make_mesh(2).shape == {"data": 2}
+    assert parallel.make_mesh(4, axis="batch").axis_names == ("batch",)
+    with pytest.raises(ValueError, match="num_devices=9"):
+        parallel.make_mesh(9)
+
+
+def test_shard_batch_splits_leading_axis():
+    mesh = parallel.make_mesh(8)
+    x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    batch = parallel.shard_batch({"x": x, "y": np.arange(16)}, mesh)
+    assert batch["x"].sharding.spec == P("data")
+    shards = sorted(batch["x"].addressable_shards, key=lambda s: s.index[0].start)
+    assert len(shards) == 8
+    for i, s in enumerate(shards):  # device i holds rows [2i, 2i+2)
+        np.testing.assert_array_equal(np.asarray(s.data), x[2 * i:2 * i + 2])
+    np.testing.assert_array_equal(np.asarray(batch["y"]), np.arange(16))
+
+
+def test_shard_batch_rejects_indivisible_batch():
+    mesh = parallel.make_mesh(8)
+    with pytest.raises(ValueError, match=r"\['x'\].*batch size 12.*8 devices"):
+        parallel.shard_batch({"x": np.zeros((12, 2))}, mesh)
+    with pytest.raises(ValueError, match="scalar"):
+        parallel.shard_batch({"x": np.float32(1.0)}, mesh)
+
+
+def test_replicate_and_global_sum():
+    mesh = parallel.make_mesh(8)
+    w = parallel.replicate({"w": jnp.arange(3.0)}, mesh)
+    assert w["w"].sharding.is_fully_replicated
+    assert len(w["w"].addressable_shards) == 8
+    x = parallel.shard_batch(np.ones((8, 3), np.float32), mesh)
+    # a jitted reduction over the sharded axis sees the whole global batch
+    total = jax.jit(lambda w, x: jnp.sum(x @ w["w"]))(w, x)
+    assert float(total) == 8 * 3.0
+
+
+def test_host_local_to_global_matches_shard_batch_on_one_process():
+    mesh = parallel.make_mesh(8)
+    x = np.random.default_rng(0).normal(size=(8, 2, 2)).astype(np.float32)
+    assert parallel.process_slice(8) == slice(0, 8)
+    assert parallel.process_slice(8, process_index=1, process_count=4) == slice(2, 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        parallel.process_slice(6, process_index=0, process_count=4)
+    a = parallel.host_local_to_global({"x": x}, mesh)["x"]
+    assert a.shape == (8, 2, 2) and a.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(a), x)
+    np.testing.assert_array_equal(parallel.global_to_host_local({"x": a})["x"], x)
+    with pytest.raises(ValueError, match="not divisible"):
+        parallel.host_local_to_global({"x": x[:4]}, mesh)
+
+
+_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+        "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def test_initialize_distributed_detection(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for v in _ENV:
+        monkeypatch.delenv(v, raising=False)
+    assert parallel.initialize_distributed() is False  # plain single process
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert parallel.initialize_distributed() is False  # one-task SLURM job
+    assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.initialize_distributed() is True  # JAX's own SLURM detection
+    assert calls[-1] == {}
+    assert parallel.initialize_distributed("10.0.0.1:1234", 2, 1) is True
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                         "process_id": 1}
+    assert parallel.initialize_distributed("10.0.0.1:1234", 1, 0) is False
+    for v in _ENV:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b,c,d")
+    assert parallel.initialize_distributed() is True and calls[-1] == {}
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert parallel.initialize_distributed() is False  # single-host TPU VM

@@ -1,0 +1,128 @@
+"""The trajectory record: manifest checks, checkpoint safety, step log, parameter composition."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxattrib.models import lora
+from jaxattrib.train.record import (RecordError, RecordMismatchError, TrajectoryRecord,
+                                    _read_steps_file)
+
+
+def _manifest(**kw):
+    m = {"config": {"mode": "full", "lr": 1e-3, "steps": 4}, "seed": 0,
+         "model": {"name": "toy"}, "dataset": {"size": 5, "fingerprint": "abc"}}
+    m.update(kw)
+    return m
+
+
+def _params(seed=0):
+    k = jax.random.PRNGKey(seed)
+    return {"unet": {"attn1": {"to_q": {"kernel": jax.random.normal(k, (3, 4)),
+                                        "bias": jnp.zeros(4)}}},
+            "vae": {"w": jnp.arange(3.0)}}
+
+
+def _state(trainable, step):
+    opt = optax.adam(1e-3)
+    return {"step": jnp.int32(step), "params": trainable, "opt_state": opt.init(trainable)}
+
+
+def test_manifest_written_and_checked(tmp_path):
+    d = tmp_path / "rec"
+    rec = TrajectoryRecord.create(d, _manifest(seed=np.int64(3)))
+    on_disk = json.loads((d / "manifest.json").read_text())
+    assert on_disk["seed"] == 3 and on_disk["format"].startswith("jaxattrib")
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]  # atomic write left nothing
+    rec.close()
+    TrajectoryRecord.create(d, _manifest(seed=3)).close()  # same manifest: reopens
+    with pytest.raises(RecordMismatchError, match="'model.name'.*'toy'.*'other'"):
+        TrajectoryRecord.create(d, _manifest(seed=3, model={"name": "other"}))
+    with pytest.raises(RecordMismatchError, match="dataset.fingerprint"):
+        TrajectoryRecord.open(d, expect={"dataset": {"size": 5, "fingerprint": "xyz"}})
+    assert TrajectoryRecord.open(d, expect={"seed": 3}).manifest["seed"] == 3
+    with pytest.raises(RecordError, match="not a trajectory record"):
+        TrajectoryRecord.open(tmp_path / "nothing")
+
+
+def test_checkpoints_never_overwritten_and_load_composes_full_mode(tmp_path):
+    base = _params()
+    rec = TrajectoryRecord.create(tmp_path / "r", _manifest())
+    with pytest.raises(RecordError, match="step 0"):
+        rec.save(0, _state({"unet": base["unet"]}, 0))  # step 0 needs the base
+    rec.save(0, _state({"unet": base["unet"]}, 0), base=base)
+    moved = jax.tree.map(lambda x: x + 1.0, {"unet": base["unet"]})
+    rec.save(2, _state(moved, 2))
+    rec.wait()
+    with pytest.raises(RecordError, match="exists"):
+        rec.save(2, _state({"unet": base["unet"]}, 2))
+    # an unfinished orbax write (temporary folder) is not a checkpoint
+    (tmp_path / "r" / "checkpoints" / "3.orbax-checkpoint-tmp-1234").mkdir()
+    rec.close()
+    ro = TrajectoryRecord.open(tmp_path / "r")
+    assert ro.steps() == [0, 2]
+    with pytest.raises(RecordError, match="read-only"):
+        ro.append_step({"step": 0, "indices": [0], "key": [0, 0], "lr": 0.1})
+    p2 = ro.load(2)
+    np.testing.assert_array_equal(p2["unet"]["attn1"]["to_q"]["kernel"],
+                                  np.asarray(base["unet"]["attn1"]["to_q"]["kernel"]) + 1)
+    np.testing.assert_array_equal(p2["vae"]["w"], np.arange(3.0))  # frozen part from base
+    np.testing.assert_array_equal(ro.load(0)["unet"]["attn1"]["to_q"]["kernel"],
+                                  base["unet"]["attn1"]["to_q"]["kernel"])
+    assert [s for s, _ in ro.iterate()] == [0, 2]
+    tmpl = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float16), base)
+    assert ro.load(2, template=tmpl)["unet"]["attn1"]["to_q"]["kernel"].dtype == jnp.float16
+    with pytest.raises(RecordError, match="no checkpoint for step 1"):
+        ro.load(1)
+    st = ro.load_train_state(2, template=_state(moved, 0))
+    assert int(st["step"]) == 2 and isinstance(st["opt_state"][0], optax.ScaleByAdamState)
+
+
+def test_load_composes_lora_mode(tmp_path):
+    base = _params()
+    lp = lora.lora_init({"unet": base["unet"]}, jax.random.PRNGKey(1), 2)
+    lp["unet"]["attn1"]["to_q"]["kernel"]["b"] = jnp.ones((2, 4))
+    rec = TrajectoryRecord.create(tmp_path / "r", _manifest(
+        config={"mode": "lora", "lora_alpha": 6.0}))
+    rec.save(0, _state(lp, 0), base=base)
+    rec.save(1, _state(lp, 1))
+    rec.close()
+    p = TrajectoryRecord.open(tmp_path / "r").load(1)
+    a = np.asarray(lp["unet"]["attn1"]["to_q"]["kernel"]["a"])
+    expected = np.asarray(base["unet"]["attn1"]["to_q"]["kernel"]) + 3.0 * a @ np.ones((2, 4))
+    np.testing.assert_allclose(p["unet"]["attn1"]["to_q"]["kernel"], expected, rtol=1e-6)
+
+
+def test_step_log_torn_line_and_truncation(tmp_path):
+    rec = TrajectoryRecord.create(tmp_path / "r", _manifest())
+    for s in range(4):
+        rec.append_step({"step": s, "lr": 0.1 * s, "indices": np.array([s, s + 1]),
+                         "key": np.array([0, s], np.uint32), "timesteps": np.array([7, s])})
+    path = tmp_path / "r" / "steps.jsonl"
+    with open(path, "ab") as f:  # a process killed in the middle of a write
+        f.write(b'{"step": 4, "lr": 0.4, "ind')
+    assert rec.logged_steps() == [0, 1, 2, 3]
+    info = rec.step_info(2)
+    np.testing.assert_array_equal(info["indices"], [2, 3])
+    assert info["key"].dtype == np.uint32 and info["lr"] == pytest.approx(0.2)
+    np.testing.assert_array_equal(info["timesteps"], [7, 2])
+    batch, key = rec.replay_batch(2, {"x": np.arange(10) * 10})
+    np.testing.assert_array_equal(batch["x"], [20, 30])
+    np.testing.assert_array_equal(np.asarray(key), [0, 2])
+    with pytest.raises(RecordError, match="no entry for step 9"):
+        rec.step_info(9)
+    rec.truncate_steps(2)  # resume from checkpoint 2: keep updates 0 and 1
+    assert [r["step"] for r in _read_steps_file(path)] == [0, 1]
+    assert path.read_text().endswith("\n")
+    rec.append_step({"step": 2, "lr": 0.2, "indices": [2, 3], "key": [0, 2]})
+    assert rec.logged_steps() == [0, 1, 2]
+    # a log that skips a step cannot be resumed consistently
+    rec.append_step({"step": 5, "lr": 0.2, "indices": [2, 3], "key": [0, 2]})
+    with pytest.raises(RecordError, match="not contiguous"):
+        rec.truncate_steps(10)
+    rec.close()
