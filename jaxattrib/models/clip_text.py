@@ -344,10 +344,11 @@ def config_from_folder(folder: str | os.PathLike) -> CLIPTextConfig:
         raise CheckpointError(f"{os.path.join(folder, 'config.json')}: {e}") from e
 
 
-def from_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False
-                    ) -> tuple[CLIPTextConfig, dict]:
+def from_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False,
+                    variant: str | None = None) -> tuple[CLIPTextConfig, dict]:
     """``(config, params)`` from a transformers ``save_pretrained`` folder (``config.json`` +
-    ``model.safetensors``). Pickle weights are refused unless ``allow_pickle``."""
+    ``model.safetensors``). Pickle weights are refused unless ``allow_pickle``; ``variant``
+    (e.g. ``"fp16"``) selects ``model.{variant}.safetensors``."""
     config = config_from_folder(folder)
-    tensors = read_weights(folder, allow_pickle=allow_pickle)
+    tensors = read_weights(folder, allow_pickle=allow_pickle, variant=variant)
     return config, params_from_state_dict(tensors, config, source=str(folder))
