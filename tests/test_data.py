@@ -460,7 +460,10 @@ def _build_tiny_tfds(tfds, data_dir):
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(12, 18, 3), dtype=np.uint8),
+                # Image features are PNG-encoded (PIL, no TensorFlow) like real tfds sets
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "gray": tfds.features.Image(shape=(None, None, 1)),
+                "raw": tfds.features.Tensor(shape=(12, 18, 3), dtype=np.uint8),
                 "label": tfds.features.ClassLabel(names=["red_thing", "green", "blue", "gray"]),
                 "text": tfds.features.Text(),
             }))
@@ -470,7 +473,9 @@ def _build_tiny_tfds(tfds, data_dir):
 
         def _generate_examples(self):
             for i, c in enumerate(colors):
-                yield i, {"image": _solid(12, 18, c), "label": i, "text": f"color {i}"}
+                yield i, {"image": Image.fromarray(_solid(12, 18, c)),
+                          "gray": Image.fromarray(np.full((16, 10), 40 * i, np.uint8), "L"),
+                          "raw": _solid(12, 18, c), "label": i, "text": f"color {i}"}
 
     builder = JaxattribTinyImages(data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
@@ -489,6 +494,13 @@ def test_tfds_loads_a_locally_prepared_array_record_dataset(tmp_path):
         np.testing.assert_allclose(ds.images[i], np.broadcast_to(_expected(colors[k]),
                                                                  (8, 8, 3)), atol=1.01 / 127.5)
     assert ds.ids == tuple(f"jaxattrib_tiny_images/train/{i:06d}" for i in range(4))
+    raw = load_tfds("jaxattrib_tiny_images", "train", tmp_path, 8, image_key="raw")
+    np.testing.assert_array_equal(raw.images, ds.images)
+    gray = load_tfds("jaxattrib_tiny_images", "train", tmp_path, 8, image_key="gray")
+    for i in range(4):
+        level = 40 * int(gray.labels["label"][i])
+        np.testing.assert_allclose(gray.images[i], np.full((8, 8, 3), level / 127.5 - 1),
+                                   atol=1.01 / 127.5)
     named = load_tfds("jaxattrib_tiny_images", "train", tmp_path, 8, limit=2)
     assert len(named) == 2
     assert named.captions[0] == "a photo of a " + named.label_strings("label")[0].replace("_", " ")
