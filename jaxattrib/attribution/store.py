@@ -1,0 +1,253 @@
+"""Chunked, resumable on-disk arrays for features and scores.
+
+Our design [design] (TRAK's library keeps features in memory-mapped ``.mmap`` files with a
+``metadata.json``; this is the same idea with per-chunk files so a killed run resumes):
+
+``folder/meta.json``         shape, dtype, chunk size and the caller's metadata (validated on reopen)
+``folder/chunk_00000.npy``   rows ``[0, chunk_size)``; written to a temp file then ``os.replace``
+``folder/chunk_00000.done``  done flag, created after the chunk file is in place
+``folder/all.npy``           optional consolidated copy for memory-mapped reads (built on demand)
+
+A chunk counts as done only when both its ``.npy`` and ``.done`` exist, so a chunk interrupted at
+any point is recomputed. Reopening a folder with different metadata raises
+:class:`StoreMismatchError` listing every mismatched field with stored and requested values.
+
+Suggested layout of a feature root (see :func:`feature_meta`): ``root/train`` for training
+features (reused across query sets), ``root/queries/<name>`` and ``root/scores/<name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "jaxattrib.chunked_array.v1"
+
+
+class StoreMismatchError(ValueError):
+    """An existing store was opened with metadata that differs from what it was written with."""
+
+    def __init__(self, folder, mismatches: dict[str, tuple[Any, Any]]):
+        self.folder = str(folder)
+        self.mismatches = mismatches
+        lines = [f"  {k}: stored {s!r} vs requested {r!r}" for k, (s, r) in mismatches.items()]
+        super().__init__(f"{folder}: store metadata differs from the request:\n" + "\n".join(lines))
+
+
+def _canonical(obj) -> Any:
+    """JSON round trip so tuples/ndarrays/np scalars compare equal to what was stored."""
+    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"metadata value {o!r} of type {type(o).__name__} is not JSON-serializable")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dataset_fingerprint(tree_or_arrays) -> str:
+    """sha256 over the shapes, dtypes and bytes of a pytree's leaves / a list of arrays."""
+    import jax  # local: store.py itself is numpy-only
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree_or_arrays):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.shape}|{a.dtype.str}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def feature_meta(*, projector_meta: dict, seed: int | None, output_fn: str,
+                 dataset_fingerprint: str, timesteps: Sequence[int] | None = None,
+                 checkpoint_steps: Sequence[int] | None = None, extra: dict | None = None) -> dict:
+    """The standard metadata of a feature store (every field is validated on reopen)."""
+    return {"k": projector_meta.get("k"), "seed": seed,
+            "projection": projector_meta.get("kind"), "projector": projector_meta,
+            "output_fn": output_fn, "dataset_fingerprint": dataset_fingerprint,
+            "timesteps": list(timesteps) if timesteps is not None else None,
+            "checkpoint_steps": list(checkpoint_steps) if checkpoint_steps is not None else None,
+            "extra": extra or {}}
+
+
+class ChunkedArray:
+    """A ``[n_rows, n_cols]`` array stored as row chunks. Open with :meth:`open`."""
+
+    def __init__(self, folder: Path, n_rows: int, n_cols: int, chunk_size: int, dtype, meta):
+        self.folder = folder
+        self.n_rows, self.n_cols, self.chunk_size = n_rows, n_cols, chunk_size
+        self.dtype = np.dtype(dtype)
+        self.meta = meta
+
+    @classmethod
+    def open(cls, folder, *, n_rows: int, n_cols: int, chunk_size: int, dtype="float32",
+             meta: dict | None = None) -> "ChunkedArray":
+        """Creates ``folder`` or reopens it, checking shape, dtype, chunk size and ``meta``.
+
+        Raises :class:`StoreMismatchError` naming each field that differs.
+        """
+        folder = Path(folder)
+        if n_rows < 0 or n_cols < 1 or chunk_size < 1:
+            raise ValueError(f"{folder}: bad store shape n_rows={n_rows}, n_cols={n_cols}, "
+                             f"chunk_size={chunk_size}")
+        header = {"format": FORMAT, "n_rows": int(n_rows), "n_cols": int(n_cols),
+                  "chunk_size": int(chunk_size), "dtype": np.dtype(dtype).name,
+                  "meta": _canonical(meta or {})}
+        path = folder / "meta.json"
+        if path.exists():
+            stored = json.loads(path.read_text())
+            mismatches = {}
+            for k in ("format", "n_rows", "n_cols", "chunk_size", "dtype"):
+                if stored.get(k) != header[k]:
+                    mismatches[k] = (stored.get(k), header[k])
+            smeta, rmeta = stored.get("meta", {}), header["meta"]
+            for k in sorted(set(smeta) | set(rmeta)):
+                if smeta.get(k, "<absent>") != rmeta.get(k, "<absent>"):
+                    mismatches[k] = (smeta.get(k, "<absent>"), rmeta.get(k, "<absent>"))
+            if mismatches:
+                raise StoreMismatchError(folder, mismatches)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps(header, indent=1, sort_keys=True).encode())
+        return cls(folder, n_rows, n_cols, chunk_size, dtype, header["meta"])
+
+    # -- layout -----------------------------------------------------------------------------
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_cols)
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of chunk ``i``."""
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"{self.folder}: chunk {i} out of range [0, {self.n_chunks})")
+        return i * self.chunk_size, min((i + 1) * self.chunk_size, self.n_rows)
+
+    def _paths(self, i: int) -> tuple[Path, Path]:
+        return self.folder / f"chunk_{i:05d}.npy", self.folder / f"chunk_{i:05d}.done"
+
+    # -- state ------------------------------------------------------------------------------
+    def is_done(self, i: int) -> bool:
+        data, flag = self._paths(i)
+        return data.exists() and flag.exists()
+
+    def missing_chunks(self) -> list[int]:
+        return [i for i in range(self.n_chunks) if not self.is_done(i)]
+
+    def complete(self) -> bool:
+        return not self.missing_chunks()
+
+    # -- io ---------------------------------------------------------------------------------
+    def write_chunk(self, i: int, arr) -> None:
+        """Atomically writes chunk ``i`` (shape ``[stop-start, n_cols]``) and marks it done."""
+        start, stop = self.chunk_range(i)
+        arr = np.asarray(arr)
+        if arr.shape != (stop - start, self.n_cols):
+            raise ValueError(f"{self.folder}: chunk {i} must have shape "
+                             f"{(stop - start, self.n_cols)}, got {arr.shape}")
+        data, flag = self._paths(i)
+        flag.unlink(missing_ok=True)
+        _atomic_save_npy(data, arr.astype(self.dtype, copy=False))
+        atomic_write_bytes(flag, b"")
+        (self.folder / "all.npy").unlink(missing_ok=True)  # stale consolidated copy
+
+    def read_chunk(self, i: int, *, mmap: bool = False) -> np.ndarray:
+        if not self.is_done(i):
+            raise FileNotFoundError(f"{self.folder}: chunk {i} has not been written")
+        arr = np.load(self._paths(i)[0], mmap_mode="r" if mmap else None)
+        start, stop = self.chunk_range(i)
+        if arr.shape != (stop - start, self.n_cols) or arr.dtype != self.dtype:
+            raise ValueError(f"{self._paths(i)[0]}: shape {arr.shape} {arr.dtype}, expected "
+                             f"{(stop - start, self.n_cols)} {self.dtype}")
+        return arr
+
+    def iter_chunks(self, *, mmap: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(start_row, rows)`` chunk by chunk (memory-mapped by default)."""
+        for i in range(self.n_chunks):
+            yield self.chunk_range(i)[0], self.read_chunk(i, mmap=mmap)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as an in-memory array (reads only the chunks it needs)."""
+        out = np.empty((stop - start, self.n_cols), self.dtype)
+        for i in range(start // self.chunk_size, -(-stop // self.chunk_size)):
+            c0, c1 = self.chunk_range(i)
+            lo, hi = max(c0, start), min(c1, stop)
+            out[lo - start:hi - start] = self.read_chunk(i, mmap=True)[lo - c0:hi - c0]
+        return out
+
+    def read_all(self, *, mmap: bool = False) -> np.ndarray:
+        """The whole ``[n_rows, n_cols]`` array; raises if a chunk is missing.
+
+        ``mmap=True`` consolidates the chunks once into ``all.npy`` (atomically) and returns a
+        read-only memory map of it.
+        """
+        missing = self.missing_chunks()
+        if missing:
+            raise FileNotFoundError(f"{self.folder}: {len(missing)} chunk(s) not written yet, "
+                                    f"first {missing[:5]}")
+        if not mmap:
+            if self.n_chunks == 0:
+                return np.empty((0, self.n_cols), self.dtype)
+            return np.concatenate([self.read_chunk(i) for i in range(self.n_chunks)], 0)
+        path = self.folder / "all.npy"
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".all.npy.", suffix=".tmp")
+            os.close(fd)
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
+                                                shape=self.shape)
+                for start, rows in self.iter_chunks():
+                    out[start:start + rows.shape[0]] = rows
+                out.flush()
+                del out
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        return np.load(path, mmap_mode="r")
+
+
+# Short alias used across the package.
+open_store = ChunkedArray.open
