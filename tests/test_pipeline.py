@@ -206,7 +206,8 @@ def test_unsupported_class_and_mismatched_parts(saved, tmp_path):
         num_attention_heads=4))
     shutil.rmtree(f / "text_encoder")
     wide.save_pretrained(str(f / "text_encoder"))
-    with pytest.raises(CheckpointError, match=r"(?s)do not fit.*cross_attention_dim=32.*hidden_size=64"):
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)do not fit.*cross_attention_dim=32.*hidden_size=64"):
         P.load_pipeline(f)
 
 
