@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import DDPMScheduler
 
 from jaxattrib.diffusion import losses as L

@@ -119,24 +119,22 @@ def test_ddpm_trajectory_matches_diffusers(kw, monkeypatch):
     np.testing.assert_allclose(np.asarray(x0), nhwc(x), atol=1e-5, rtol=1e-5)
 
 
-def test_ddpm_step_with_given_noise_and_full_chain():
-    """ddpm_step alone, 1000-step chain (t_prev = t - 1), against DDPMScheduler.step."""
+def test_ddpm_step_full_chain_steps_with_given_noise():
+    """ddpm_step alone with t_prev = t - 1 (the 1000-step chain), against DDPMScheduler.step
+    with the same variance noise (regenerated from the generator's seed)."""
     sched = S.make_schedule(**SD)
     ref = DDPMScheduler(**SD, clip_sample=False)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(SHAPE).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     for t in [999, 500, 10, 1, 0]:
-        noise = rng.standard_normal(SHAPE).astype(np.float32)
-        gen = torch.Generator().manual_seed(t)
         ref_noise = torch.randn(nchw(x).shape, generator=torch.Generator().manual_seed(t))
-        out = ref.step(fake_torch(nchw(x), t), t, nchw(x), generator=gen)
+        out = ref.step(fake_torch(nchw(x), t), t, nchw(x),
+                       generator=torch.Generator().manual_seed(t))
         ours, x0 = ddpm_step(sched, fake_jnp(jnp.asarray(x), jnp.full((2,), t)), t, t - 1,
                              jnp.asarray(x), noise=jnp.asarray(nhwc(ref_noise)))
         np.testing.assert_allclose(np.asarray(ours), nhwc(out.prev_sample), atol=1e-5,
                                    rtol=1e-5)
         np.testing.assert_allclose(np.asarray(x0), nhwc(out.pred_original_sample), atol=1e-5,
                                    rtol=1e-5)
-        del noise
 
 
 def test_step_functions_need_randomness():

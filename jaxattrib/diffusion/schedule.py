@@ -91,7 +91,8 @@ def make_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_e
     if beta_schedule == "linear":
         return np.linspace(beta_start, beta_end, T, dtype=np.float64).astype(np.float32)
     if beta_schedule == "scaled_linear":
-        root = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64).astype(np.float32)
+        root = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64)
+        root = root.astype(np.float32)
         return root * root
     if beta_schedule == "squaredcos_cap_v2":
         return np.array([min(1 - _alpha_bar_cosine((i + 1) / T) / _alpha_bar_cosine(i / T), 0.999)
@@ -178,8 +179,9 @@ def schedule_from_diffusers_config(config: Mapping[str, Any], *, dtype: Any = jn
     """
     cls = config.get("_class_name")
     if cls is not None and cls not in _SUPPORTED_CLASSES:
-        raise ScheduleConfigError(f"{source}: _class_name={cls!r} is not supported; expected one of "
-                                  f"{_SUPPORTED_CLASSES} (build other schedules with make_schedule)")
+        raise ScheduleConfigError(f"{source}: _class_name={cls!r} is not supported; expected one "
+                                  f"of {_SUPPORTED_CLASSES} (build other schedules with "
+                                  f"make_schedule)")
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS
                      and k not in _INERT and k != "thresholding")
     if unknown:
