@@ -1,0 +1,290 @@
+"""TRAK featurization and scoring, TracIn, and the λ sweep.
+
+What follows the references (MadryLab/trak; methods.md §1):
+
+* Features ``φ_i = Pᵀ∇_θ f(z_i; θ)`` (:func:`featurize`), ``Φ`` is ``n×k``.
+* Score of query ``z`` on training example ``i`` for one model:
+  ``τ(z)_i = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ φ_i`` (Q = 1, as for diffusion in the authors' code);
+  ensembles average over the M models/checkpoints, each with its own features and projection.
+* TracIn (Pruthi et al. 2020), on projected features: ``Σ_t η_t ⟨φ_t(z), φ_t(z_i)⟩``.
+
+Our design [design]:
+
+* The ``k×k`` solve is done on host in float64 with numpy/scipy (Cholesky when ``λ > 0``, a
+  pseudo-inverse otherwise), without TRAK's fp16 mean-absolute-value rescaling, so scores keep
+  their units. ``ΦᵀΦ`` is accumulated over row blocks, so ``Φ`` may be a memory-mapped store.
+* The score matrix is ``[n_train, n_query]``; it is computed in blocks of train rows (and query
+  columns) and either returned (small sizes), written chunk by chunk to a store (resumable), or
+  reduced on the fly to the top-k training examples per query (:func:`topk_scores`).
+* The λ sweep (:func:`choose_lambda`) runs on a *validation* split with a caller-supplied metric;
+  evaluation targets must never be passed to it.
+* Output functions (DSM loss, D-TRAK's norms, …) live in ``jaxattrib/diffusion/losses.py``;
+  here ``out_fn(params, example, key) -> scalar`` is arbitrary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import scipy.linalg
+from jax.sharding import Mesh
+
+from .grads import _num_examples, _take, make_feature_fn, projected_grads, select_params
+from .store import ChunkedArray
+
+ArrayLike = Any  # np.ndarray | ChunkedArray
+
+
+def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, *,
+              chunk_size: int | None = None, microbatch: int = 32, mesh: Mesh | None = None,
+              progress: bool = True, key: jax.Array | int = 0, spec="all",
+              remat: bool = False, on_chunk: Callable[[int], None] | None = None) -> ChunkedArray:
+    """Projected per-example gradients of every example into ``store`` (resumable).
+
+    Args:
+      out_fn: ``(params, example, key) -> scalar``.
+      params: full parameter tree; gradients w.r.t. ``select_params(params, spec).trainable``
+        (the projector must be built on that subset's shapes), or the Dense layers of a
+        factored projector.
+      dataset_examples: pytree of arrays with leading axis ``n`` (numpy or memory-mapped).
+      projector: from :func:`jaxattrib.attribution.projection.make_projector`.
+      store: ``ChunkedArray`` of shape ``[n, projector.k]``; only its missing chunks are
+        computed, so a rerun after a crash continues where it stopped.
+      chunk_size: must equal ``store.chunk_size`` if given (kept for explicitness).
+      microbatch: examples per jitted call (rounded up to a multiple of the mesh's data axis).
+      mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it.
+      key: base key (or int seed); example ``i`` uses ``fold_in(key, i)``.
+      on_chunk: called with the chunk index after it is written.
+    Returns:
+      ``store``, complete.
+    """
+    n = _num_examples(dataset_examples)
+    if store.shape != (n, projector.k):
+        raise ValueError(f"{store.folder}: store shape {store.shape} != (n examples, k) = "
+                         f"{(n, projector.k)}")
+    if chunk_size is not None and chunk_size != store.chunk_size:
+        raise ValueError(f"chunk_size={chunk_size} but {store.folder} has chunk_size "
+                         f"{store.chunk_size}")
+    if getattr(projector, "kind", None) != "factored":
+        leaves, treedef = jax.tree_util.tree_flatten(select_params(params, spec).trainable)
+        if treedef != projector.treedef or [tuple(np.shape(l)) for l in leaves] != [
+                l.shape for l in projector.layouts]:
+            raise ValueError(f"spec={spec!r} selects parameters whose tree or shapes differ from "
+                             "the projector's; build the projector on "
+                             "select_params(params, spec).trainable")
+    key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
+    fn = make_feature_fn(out_fn, params, projector, spec=spec, remat=remat)
+    todo = store.missing_chunks()
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"featurize {store.folder.name}", unit="chunk")
+    for i in todo:
+        start, stop = store.chunk_range(i)
+        ex = _take(dataset_examples, np.arange(start, stop))
+        feats = projected_grads(fn, ex, key, start=start, microbatch=microbatch, mesh=mesh)
+        store.write_chunk(i, feats)
+        if bar is not None:
+            bar.update(1)
+        if on_chunk is not None:
+            on_chunk(i)
+    if bar is not None:
+        bar.close()
+    return store
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+def _rows(a: ArrayLike, start: int, stop: int) -> np.ndarray:
+    if isinstance(a, ChunkedArray):
+        return a.read_rows(start, stop)
+    return np.asarray(a[start:stop])
+
+
+def _n(a: ArrayLike) -> int:
+    return a.shape[0]
+
+
+def gram(Phi: ArrayLike, *, block: int = 8192) -> np.ndarray:
+    """``ΦᵀΦ`` ``[k, k]`` in float64, accumulated over row blocks of ``Φ`` ``[n, k]``."""
+    k = Phi.shape[1]
+    out = np.zeros((k, k), np.float64)
+    for lo in range(0, _n(Phi), block):
+        b = _rows(Phi, lo, min(lo + block, _n(Phi))).astype(np.float64)
+        out += b.T @ b
+    return out
+
+
+def trak_kernel_inverse(Phi: ArrayLike, lam: float, dtype=np.float64, *,
+                        block: int = 8192) -> np.ndarray:
+    """``(ΦᵀΦ + λI)⁻¹`` ``[k, k]``, solved in float64 on host, returned as ``dtype``.
+
+    ``λ > 0``: Cholesky solve. ``λ = 0``: Moore–Penrose pseudo-inverse (``ΦᵀΦ`` is singular
+    when ``n < k``).
+    """
+    if lam < 0:
+        raise ValueError(f"lam={lam}: expected λ ≥ 0")
+    g = gram(Phi, block=block)
+    k = g.shape[0]
+    if lam > 0:
+        g[np.diag_indices(k)] += lam
+        inv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(g, lower=True), np.eye(k))
+    else:
+        inv = scipy.linalg.pinvh(g)
+    return inv.astype(dtype)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _blocked(train: list, queries: list, weights: list, *, block_train: int,
+             block_query: int, dtype, out: ChunkedArray | None, reduce=None):
+    """Σ_m w_m · Φ_m[rows] @ Q_mᵀ, block by block (``Q_m`` ``[n_q, k]`` already transformed).
+
+    ``reduce(start, block[bt, n_q])`` consumes blocks when given; otherwise writes to ``out``
+    (one store chunk per train block) or returns the dense ``[n_train, n_q]``.
+    """
+    n = _n(train[0])
+    n_q = queries[0].shape[0]
+    if any(_n(t) != n for t in train) or any(q.shape[0] != n_q for q in queries):
+        raise ValueError("all models must have the same numbers of training and query examples")
+    if out is not None:
+        if out.shape != (n, n_q):
+            raise ValueError(f"{out.folder}: score store shape {out.shape} != {(n, n_q)}")
+        block_train = out.chunk_size
+        starts = [out.chunk_range(i)[0] for i in out.missing_chunks()]
+    else:
+        starts = list(range(0, n, block_train))
+    dense = np.empty((n, n_q), dtype) if (out is None and reduce is None) else None
+    for lo in starts:
+        hi = min(lo + block_train, n)
+        blk = np.zeros((hi - lo, n_q), dtype)
+        for t, q, w in zip(train, queries, weights):
+            rows = _rows(t, lo, hi).astype(dtype)
+            for qlo in range(0, n_q, block_query):
+                qhi = min(qlo + block_query, n_q)
+                blk[:, qlo:qhi] += w * (rows @ q[qlo:qhi].T)
+        if reduce is not None:
+            reduce(lo, blk)
+        elif out is not None:
+            out.write_chunk(lo // block_train, blk)
+        else:
+            dense[lo:hi] = blk
+    return out if out is not None else dense
+
+
+def _transform_queries(phi_query, kernel_inv, dtype, block: int = 4096) -> np.ndarray:
+    """``φ_q (ΦᵀΦ+λI)⁻¹`` ``[n_q, k]``: product in float64, stored as ``dtype``."""
+    n_q = _n(phi_query)
+    kinv = np.asarray(kernel_inv, np.float64)
+    out = np.empty((n_q, kinv.shape[0]), dtype)
+    for lo in range(0, n_q, block):
+        hi = min(lo + block, n_q)
+        out[lo:hi] = _rows(phi_query, lo, hi).astype(np.float64) @ kinv
+    return out
+
+
+def score(phi_query, Phi_train, kernel_inv, *, block_train: int = 8192,
+          block_query: int = 4096, out: ChunkedArray | None = None, dtype=np.float32):
+    """TRAK scores ``[n_train, n_query]``, averaged over models.
+
+    Each argument is one array/store or a list with one per model (M models, ensembles):
+    ``phi_query`` ``[n_q, k]``, ``Phi_train`` ``[n, k]``, ``kernel_inv`` ``[k, k]``.
+    ``out=None`` returns the dense matrix; with a ``ChunkedArray`` of shape ``[n, n_q]`` each
+    train block is written as one chunk (resumable; ``block_train`` = the store's chunk size),
+    and the store is returned.
+    """
+    qs, ts, ks = _as_list(phi_query), _as_list(Phi_train), _as_list(kernel_inv)
+    if not len(qs) == len(ts) == len(ks):
+        raise ValueError(f"ensemble sizes differ: {len(qs)} query, {len(ts)} train, "
+                         f"{len(ks)} kernel inverses")
+    transformed = [_transform_queries(q, kinv, dtype) for q, kinv in zip(qs, ks)]
+    m = len(ts)
+    return _blocked(ts, transformed, [1.0 / m] * m, block_train=block_train,
+                    block_query=block_query, dtype=dtype, out=out)
+
+
+def topk_scores(phi_query, Phi_train, kernel_inv, topk: int, *, block_train: int = 8192,
+                block_query: int = 4096, largest: bool = True, dtype=np.float32):
+    """Top-``topk`` training examples per query without the full score matrix.
+
+    Returns ``(values [n_q, topk], indices [n_q, topk])`` sorted best first (largest scores when
+    ``largest``, else smallest). Memory: ``O(n_q · (topk + block_train))``.
+    """
+    qs, ts, ks = _as_list(phi_query), _as_list(Phi_train), _as_list(kernel_inv)
+    n = _n(ts[0])
+    if not 0 < topk <= n:
+        raise ValueError(f"topk={topk}: expected 1 ≤ topk ≤ n_train={n}")
+    sign = 1.0 if largest else -1.0
+    n_q = _n(qs[0])
+    best_v = np.full((n_q, 0), -np.inf, dtype)
+    best_i = np.zeros((n_q, 0), np.int64)
+    state = {"v": best_v, "i": best_i}
+
+    def reduce(lo, blk):
+        v = np.concatenate([state["v"], sign * blk.T], 1)
+        i = np.concatenate([state["i"], np.broadcast_to(np.arange(lo, lo + blk.shape[0]),
+                                                        (n_q, blk.shape[0]))], 1)
+        if v.shape[1] > topk:
+            part = np.argpartition(-v, topk - 1, axis=1)[:, :topk]
+            v, i = np.take_along_axis(v, part, 1), np.take_along_axis(i, part, 1)
+        state["v"], state["i"] = v, i
+
+    transformed = [_transform_queries(q, kinv, dtype) for q, kinv in zip(qs, ks)]
+    m = len(ts)
+    _blocked(ts, transformed, [1.0 / m] * m, block_train=block_train, block_query=block_query,
+             dtype=dtype, out=None, reduce=reduce)
+    order = np.argsort(-state["v"], axis=1, kind="stable")
+    return (sign * np.take_along_axis(state["v"], order, 1),
+            np.take_along_axis(state["i"], order, 1))
+
+
+def trak_scores(phi_query, Phi_train, lam: float, **kwargs):
+    """Convenience: kernel inverses per model then :func:`score` (same list conventions)."""
+    kinvs = [trak_kernel_inverse(t, lam) for t in _as_list(Phi_train)]
+    if not isinstance(Phi_train, (list, tuple)):
+        kinvs = kinvs[0]
+    return score(phi_query, Phi_train, kinvs, **kwargs)
+
+
+def tracin_scores(train_feats: Sequence, query_feats: Sequence, learning_rates: Sequence[float],
+                  *, block_train: int = 8192, block_query: int = 4096,
+                  out: ChunkedArray | None = None, dtype=np.float32):
+    """TracIn on projected features: ``Σ_t η_t Φ_t φ_t(z)ᵀ`` → ``[n_train, n_query]``.
+
+    ``train_feats[t]`` ``[n, k_t]`` and ``query_feats[t]`` ``[n_q, k_t]`` are the features at
+    checkpoint ``t`` (same projection within a checkpoint); ``learning_rates[t]`` = ``η_t``.
+    """
+    if not len(train_feats) == len(query_feats) == len(learning_rates):
+        raise ValueError(f"TracIn needs one train/query feature set and one learning rate per "
+                         f"checkpoint; got {len(train_feats)}, {len(query_feats)}, "
+                         f"{len(learning_rates)}")
+    qs = [np.asarray(_rows(q, 0, _n(q)), dtype) for q in query_feats]
+    return _blocked(list(train_feats), qs, [float(lr) for lr in learning_rates],
+                    block_train=block_train, block_query=block_query, dtype=dtype, out=out)
+
+
+def choose_lambda(Phi_train, phi_val, lambdas: Sequence[float],
+                  metric_fn: Callable[[np.ndarray], float], *, higher_is_better: bool = True,
+                  **score_kwargs):
+    """Sweeps λ on a validation split; returns ``(best_lambda, table)``.
+
+    ``metric_fn(scores [n_train, n_val]) -> float`` (e.g. LDS on the validation targets).
+    ``table``: list of ``{'lambda': λ, 'metric': value}`` in the order of ``lambdas``.
+    Pass validation examples only — never the evaluation targets.
+    """
+    if not len(lambdas):
+        raise ValueError("lambdas is empty")
+    table = []
+    for lam in lambdas:
+        s = trak_scores(phi_val, Phi_train, float(lam), **score_kwargs)
+        table.append({"lambda": float(lam), "metric": float(metric_fn(s))})
+    pick = max if higher_is_better else min
+    best = pick(table, key=lambda r: r["metric"] if np.isfinite(r["metric"]) else
+                (-np.inf if higher_is_better else np.inf))
+    return best["lambda"], table
