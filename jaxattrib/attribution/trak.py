@@ -209,12 +209,13 @@ def score(phi_query, Phi_train, kernel_inv, *, block_train: int = 8192,
                     block_query=block_query, dtype=dtype, out=out)
 
 
-def topk_scores(phi_query, Phi_train, kernel_inv, topk: int, *, block_train: int = 8192,
-                block_query: int = 4096, largest: bool = True, dtype=np.float32):
+def topk_scores(phi_query, Phi_train, kernel_inv, topk: int, *, block_train: int = 2048,
+                block_query: int = 1024, largest: bool = True, dtype=np.float32):
     """Top-``topk`` training examples per query without the full score matrix.
 
     Returns ``(values [n_q, topk], indices [n_q, topk])`` sorted best first (largest scores when
-    ``largest``, else smallest). Memory: ``O(n_q · (topk + block_train))``.
+    ``largest``, else smallest). Memory: the ``[block_train, n_q]`` block plus
+    ``O(n_q · topk + block_query · (topk + block_train))``.
     """
     qs, ts, ks = _as_list(phi_query), _as_list(Phi_train), _as_list(kernel_inv)
     n = _n(ts[0])
@@ -222,26 +223,27 @@ def topk_scores(phi_query, Phi_train, kernel_inv, topk: int, *, block_train: int
         raise ValueError(f"topk={topk}: expected 1 ≤ topk ≤ n_train={n}")
     sign = 1.0 if largest else -1.0
     n_q = _n(qs[0])
-    best_v = np.full((n_q, 0), -np.inf, dtype)
-    best_i = np.zeros((n_q, 0), np.int64)
-    state = {"v": best_v, "i": best_i}
+    best_v = np.full((n_q, topk), -np.inf, dtype)  # sign-adjusted: larger is better
+    best_i = np.full((n_q, topk), -1, np.int64)
 
     def reduce(lo, blk):
-        v = np.concatenate([state["v"], sign * blk.T], 1)
-        i = np.concatenate([state["i"], np.broadcast_to(np.arange(lo, lo + blk.shape[0]),
-                                                        (n_q, blk.shape[0]))], 1)
-        if v.shape[1] > topk:
+        # merge per query block so temporaries stay O(block_query · (topk + block_train))
+        cand_i = np.arange(lo, lo + blk.shape[0])
+        for qlo in range(0, n_q, block_query):
+            qhi = min(qlo + block_query, n_q)
+            v = np.concatenate([best_v[qlo:qhi], sign * blk[:, qlo:qhi].T], 1)
+            i = np.concatenate([best_i[qlo:qhi], np.broadcast_to(cand_i, (qhi - qlo,
+                                                                          cand_i.size))], 1)
             part = np.argpartition(-v, topk - 1, axis=1)[:, :topk]
-            v, i = np.take_along_axis(v, part, 1), np.take_along_axis(i, part, 1)
-        state["v"], state["i"] = v, i
+            best_v[qlo:qhi] = np.take_along_axis(v, part, 1)
+            best_i[qlo:qhi] = np.take_along_axis(i, part, 1)
 
     transformed = [_transform_queries(q, kinv, dtype) for q, kinv in zip(qs, ks)]
     m = len(ts)
     _blocked(ts, transformed, [1.0 / m] * m, block_train=block_train, block_query=block_query,
              dtype=dtype, out=None, reduce=reduce)
-    order = np.argsort(-state["v"], axis=1, kind="stable")
-    return (sign * np.take_along_axis(state["v"], order, 1),
-            np.take_along_axis(state["i"], order, 1))
+    order = np.argsort(-best_v, axis=1, kind="stable")
+    return sign * np.take_along_axis(best_v, order, 1), np.take_along_axis(best_i, order, 1)
 
 
 def trak_scores(phi_query, Phi_train, lam: float, **kwargs):
