@@ -182,8 +182,8 @@ def make_feature_fn(out_fn: OutFn, params, projector, *, spec="all", remat: bool
     Factored projector: Dense layers in ``projector.layers`` (``spec`` is not used).
     """
     if getattr(projector, "kind", None) == "factored":
-        fn = factored_feature_fn(out_fn, projector, remat=remat)
-        return jax.jit(lambda ex, keys: fn(params, ex, keys))
+        fn = jax.jit(factored_feature_fn(out_fn, projector, remat=remat))
+        return lambda ex, keys: fn(params, ex, keys)  # params as arguments, not constants
     split = select_params(params, spec)
     grad_fn = per_example_grad_fn(out_fn, remat=remat)
 
