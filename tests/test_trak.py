@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 
 from jaxattrib.attribution import projection as pj
 from jaxattrib.attribution import trak
-from jaxattrib.attribution.store import ChunkedArray, dataset_fingerprint, feature_meta
+from jaxattrib.attribution.store import (ChunkedArray, StoreMismatchError, dataset_fingerprint,
+                                         feature_meta)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,6 +178,13 @@ def test_featurize_refuses_mismatched_store_or_projector(tmp_path):
         trak.featurize(_linear_out, params, x, proj, ok, progress=False, spec="all")
     trak.featurize(_linear_out, params, x, proj, ok, progress=False, spec="^w$")
     np.testing.assert_allclose(ok.read_all(), x @ np.asarray(proj.materialize()), rtol=1e-6)
+    # a store written for another projector (here: another seed) is refused
+    meta = feature_meta(projector_meta=proj.meta(), seed=0, output_fn="linear",
+                        dataset_fingerprint=dataset_fingerprint(x))
+    st = ChunkedArray.open(tmp_path / "c", n_rows=4, n_cols=8, chunk_size=2, meta=meta)
+    other = pj.make_projector("gaussian", 8, 1, {"w": params["w"]})
+    with pytest.raises(StoreMismatchError, match="projector"):
+        trak.featurize(_linear_out, params, x, other, st, progress=False, spec="^w$")
 
 
 def _random_problem(m=1, n=53, n_q=17, k=6, seed=0):

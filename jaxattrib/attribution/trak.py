@@ -32,7 +32,7 @@ import scipy.linalg
 from jax.sharding import Mesh
 
 from .grads import _num_examples, _take, make_feature_fn, projected_grads, select_params
-from .store import ChunkedArray
+from .store import ChunkedArray, StoreMismatchError, _canonical
 
 ArrayLike = Any  # np.ndarray | ChunkedArray
 
@@ -51,7 +51,8 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
       dataset_examples: pytree of arrays with leading axis ``n`` (numpy or memory-mapped).
       projector: from :func:`jaxattrib.attribution.projection.make_projector`.
       store: ``ChunkedArray`` of shape ``[n, projector.k]``; only its missing chunks are
-        computed, so a rerun after a crash continues where it stopped.
+        computed, so a rerun after a crash continues where it stopped. If its metadata has a
+        ``'projector'`` field (see ``store.feature_meta``) it must equal ``projector.meta()``.
       chunk_size: must equal ``store.chunk_size`` if given (kept for explicitness).
       microbatch: examples per jitted call (rounded up to a multiple of the mesh's data axis).
       mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it.
@@ -64,6 +65,9 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
     if store.shape != (n, projector.k):
         raise ValueError(f"{store.folder}: store shape {store.shape} != (n examples, k) = "
                          f"{(n, projector.k)}")
+    stored_proj = store.meta.get("projector") if isinstance(store.meta, dict) else None
+    if stored_proj is not None and stored_proj != _canonical(projector.meta()):
+        raise StoreMismatchError(store.folder, {"projector": (stored_proj, projector.meta())})
     if chunk_size is not None and chunk_size != store.chunk_size:
         raise ValueError(f"chunk_size={chunk_size} but {store.folder} has chunk_size "
                          f"{store.chunk_size}")
