@@ -1,0 +1,292 @@
+"""CGI-DM: masks, PGD invariants, toy membership with analytic denoisers, calibration, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattrib.attribution import cgi_dm
+from jaxattrib.attribution.cgi_dm import CGIDMConfig
+from jaxattrib.attribution.similarity import psnr
+from jaxattrib.diffusion.schedule import make_schedule
+from jaxattrib.eval.metrics import roc_auc
+
+SCHED = make_schedule(1000)
+HW, C = 16, 1
+SIG_P, SIG_M = 0.5, 0.05  # broad pretrained prior; narrow member components
+
+
+# ----------------------------------------------------------------------------- toy denoisers
+
+
+def gmm_eps_fn(sched, means, variances, weights):
+    """Optimal epsilon-denoiser for a mixture of isotropic Gaussians N(mu_c, v_c I).
+
+    means [K, H, W, C], variances [K], weights [K] (sum 1). x_t [B,H,W,C], t [B] -> eps_hat.
+    """
+    means = jnp.asarray(means)
+    v = jnp.asarray(variances)
+    logw = jnp.log(jnp.asarray(weights))
+    d = means[0].size
+
+    def eps(x_t, t, cond=None):
+        a = sched.alphas_cumprod[t][:, None]  # [B, 1]
+        x = x_t.reshape(x_t.shape[0], -1)
+        mu = means.reshape(means.shape[0], -1)
+        s2 = a * v[None] + 1 - a  # [B, K] marginal variances of x_t
+        r = x[:, None, :] - jnp.sqrt(a)[..., None] * mu[None]  # [B, K, D]
+        logp = logw[None] - 0.5 * jnp.sum(r * r, -1) / s2 - 0.5 * d * jnp.log(s2)
+        w = jax.nn.softmax(logp, axis=-1)
+        x0_c = mu[None] + (jnp.sqrt(a) * v[None] / s2)[..., None] * r
+        x0 = jnp.sum(w[..., None] * x0_c, axis=1)
+        e = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+        return e.reshape(x_t.shape)
+
+    return eps
+
+
+def toy_models(members, pi=0.5):
+    k = members.shape[0]
+    pre = gmm_eps_fn(SCHED, jnp.zeros((1,) + members.shape[1:]), jnp.array([SIG_P ** 2]),
+                     jnp.array([1.0]))
+    means = jnp.concatenate([jnp.zeros((1,) + members.shape[1:]), members])
+    var = jnp.r_[SIG_P ** 2, jnp.full((k,), SIG_M ** 2)]
+    w = jnp.r_[1 - pi, jnp.full((k,), pi / k)]
+    return pre, gmm_eps_fn(SCHED, means, var, w)
+
+
+def toy_images(seed, n):
+    return SIG_P * jax.random.normal(jax.random.PRNGKey(seed), (n, HW, HW, C))
+
+
+TOY_CFG = CGIDMConfig(eps_radius=12.0, step_size=1.0, num_steps=40, t_min=20, t_max=300,
+                      n_noise=2, scale="none", clamp=10.0)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _loop_mask(h, w, c, block, cells):
+    m = np.zeros((h, w, c), np.float32)
+    half = block // 2
+    for i in range(h):
+        for j in range(w):
+            if ((i % block) // half, (j % block) // half) in cells:
+                m[i, j, :] = 1
+    return m
+
+
+def test_checkerboard_sd_default():
+    cfg = CGIDMConfig()
+    m = np.asarray(cgi_dm.make_mask("checkerboard", (64, 64, 4), cfg))
+    assert m.shape == (64, 64, 4) and m.mean() == 0.5
+    np.testing.assert_array_equal(m, _loop_mask(64, 64, 4, 4, {(0, 0), (1, 1)}))
+    # 16x16 grid of 4x4 blocks, each with exactly its top-left and bottom-right 2x2 cells kept
+    blocks = m[..., 0].reshape(16, 4, 16, 4).transpose(0, 2, 1, 3)
+    expect = np.zeros((4, 4)); expect[:2, :2] = 1; expect[2:, 2:] = 1
+    assert all(np.array_equal(blocks[i, j], expect) for i in range(16) for j in range(16))
+
+
+def test_checkerboard_other_sizes_and_patterns():
+    cfg = CGIDMConfig(block=6, keep_cells=((0, 1),))
+    m = np.asarray(cgi_dm.make_mask("checkerboard", (2, 12, 18, 3), cfg))
+    np.testing.assert_array_equal(m[1], _loop_mask(12, 18, 3, 6, {(0, 1)}))
+    assert m.mean() == 0.25
+    m8 = np.asarray(cgi_dm.make_mask("checkerboard", (8, 8, 2), CGIDMConfig()))
+    assert m8.mean() == 0.5 and m8[0, 0, 0] == 1 and m8[0, 2, 0] == 0 and m8[2, 2, 1] == 1
+
+
+def test_random_block_and_blur_masks():
+    cfg = CGIDMConfig(mask_kind="random_block", keep_rate=0.3)
+    m = np.asarray(cgi_dm.make_mask("random_block", (4, 64, 64, 2), cfg, jax.random.PRNGKey(0)))
+    cells = m[..., 0].reshape(4, 32, 2, 32, 2)
+    assert (cells == cells[:, :, :1, :, :1]).all()  # constant over each 2x2 cell
+    assert (m[..., 0] == m[..., 1]).all()
+    assert abs(m.mean() - 0.3) < 0.03
+    assert not np.array_equal(m[0], m[1])
+    assert np.asarray(cgi_dm.make_mask("blur", (8, 8, 3), CGIDMConfig())).sum() == 0
+    with pytest.raises(ValueError, match="PRNG key"):
+        cgi_dm.make_mask("random_block", (8, 8, 1), cfg)
+
+
+def test_scale_rule():
+    cfg = CGIDMConfig()
+    assert cfg.scaled((64, 64, 4)) == (70.0, 2.0)
+    r, s = cfg.scaled((16, 16, 4))
+    assert np.isclose(r, 70 / 4) and np.isclose(s, 0.5)
+    assert CGIDMConfig(scale="none").scaled((8, 8, 1)) == (70.0, 2.0)
+
+
+# ----------------------------------------------------------------------------- PGD invariants
+
+
+def test_pgd_known_half_ball_clamp_and_ascent():
+    members = toy_images(0, 4)
+    pre, ft = toy_models(members)
+    mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), TOY_CFG)
+    z0 = members
+    cfg = CGIDMConfig(**{**TOY_CFG.__dict__, "eps_radius": 3.0, "clamp": 0.6})
+    run = cgi_dm.make_pgd_runner(pre, ft, TOY_CFG)  # same static settings as cfg
+    z, trace = cgi_dm.pgd_invert(pre, ft, SCHED, z0, mask, None, cfg, jax.random.PRNGKey(1),
+                                 return_trace=True, runner=run)
+    z, m = np.asarray(z), np.broadcast_to(np.asarray(mask), z.shape)
+    # known half re-imposed exactly
+    np.testing.assert_array_equal(z[m == 1], np.asarray(z0)[m == 1])
+    # within the L2 ball around z_init = M*z0 (unknown half of z_init is 0)
+    norms = np.sqrt(((z * (1 - m)) ** 2).sum(axis=(1, 2, 3)))
+    assert (norms <= 3.0 + 1e-4).all() and (norms > 2.0).all()
+    assert np.abs(z[m == 0]).max() <= 0.6 + 1e-6
+    assert trace.shape == (cfg.num_steps, 4)
+
+    # objective increases (fixed draws shared by start and end point)
+    z2 = cgi_dm.pgd_invert(pre, ft, SCHED, z0, mask, None, TOY_CFG, jax.random.PRNGKey(1),
+                           runner=run)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+    t = jax.random.randint(k1, (32, 4), TOY_CFG.t_min, TOY_CFG.t_max + 1)
+    n = jax.random.normal(k2, (32,) + z0.shape)
+    obj = jax.jit(lambda z: cgi_dm.contrastive_objective(pre, ft, SCHED, z, t, n))
+    j0, j1 = obj(mask * z0), obj(z2)
+    assert (j1 > j0 + 0.1).all(), (j0, j1)
+
+
+def test_pgd_batch_and_mesh_invariance():
+    """An image's recovery depends on neither its batch nor the mesh. In float64: where the two
+    models agree (objective ~0) the normalised gradient direction is rounding noise, so float32
+    runs with different fusions legitimately diverge there."""
+    from jaxattrib.parallel import make_mesh
+    with jax.enable_x64(True):
+        members = toy_images(0, 4).astype(jnp.float64)
+        pre, ft = toy_models(members)
+        cfg = CGIDMConfig(**{**TOY_CFG.__dict__, "num_steps": 5})
+        mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), cfg)
+        x = jnp.concatenate([members[:2], toy_images(3, 1).astype(jnp.float64)])
+        key = jax.random.PRNGKey(7)
+        run = cgi_dm.make_pgd_runner(pre, ft, cfg)
+        full = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x, mask, None, cfg, key, runner=run))
+        one = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x[1:2], mask, None, cfg, key,
+                                           index_offset=1))
+        np.testing.assert_allclose(one[0], full[1], atol=1e-6)
+        sharded = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x, mask, None, cfg, key,
+                                               mesh=make_mesh(8), runner=run))
+        np.testing.assert_allclose(sharded, full, atol=1e-6)
+        assert np.abs(full - np.asarray(mask * x)).max() > 0.1  # PGD moved
+
+
+# ----------------------------------------------------------------------------- toy membership
+
+
+def test_toy_membership_auc_and_authenticate():
+    members = toy_images(0, 6)
+    holdout = toy_images(1, 6)
+    calib = toy_images(2, 6)  # non-members used for calibration only
+    pre, ft = toy_models(members)
+    sim = lambda a, b: psnr(a, b)  # noqa: E731
+    res = cgi_dm.authenticate(jnp.concatenate([members, holdout]), pre, ft, SCHED, TOY_CFG,
+                              jax.random.PRNGKey(0), holdout_images=calib, similarity=sim,
+                              image_size=HW, fpr=0.2)
+    labels = np.r_[np.ones(6), np.zeros(6)]
+    s = res["scores"]
+    assert roc_auc(s, labels) >= 0.95, s
+    assert res["decisions"][:6].mean() >= 5 / 6 and res["decisions"][6:].mean() <= 2 / 6
+    assert (res["p_values"][:6] <= 1 / 7 + 1e-12).sum() >= 5
+    np.testing.assert_allclose(res["p_values"],
+                               cgi_dm.empirical_p_values(s, res["calibration"]["holdout_scores"]))
+    assert res["recovered"].shape == res["masked"].shape == (12, HW, HW, C)
+    assert res["calibration"]["split"] == "holdout_images"
+    # members are recovered: closer to the original than the masked start; hold-outs are not
+    start = np.asarray(psnr(jnp.concatenate([members, holdout]), res["masked"]))
+    assert (s[:6] > start[:6]).all() and (s[:6] - start[:6]).mean() > 5
+    assert (s[6:] < start[6:]).all()
+
+    # the plain loss-gap baseline also separates this easy toy; masked-only similarity is chance
+    gap = cgi_dm.loss_gap_scores(jnp.concatenate([members, holdout]), pre, ft, SCHED,
+                                 jax.random.PRNGKey(3), t_min=20, t_max=300)
+    assert roc_auc(gap, labels) >= 0.9
+    ms = cgi_dm.masked_similarity_scores(jnp.concatenate([members, holdout]), TOY_CFG,
+                                         jax.random.PRNGKey(0), similarity=sim)
+    mask = np.asarray(cgi_dm.make_mask("checkerboard", (HW, HW, C), TOY_CFG))
+    x = np.asarray(jnp.concatenate([members, holdout]))
+    np.testing.assert_allclose(ms, np.asarray(psnr(x, x * mask)), rtol=1e-6)
+
+
+def test_loss_gap_uses_shared_fixed_draws():
+    members = toy_images(0, 3)
+    pre, ft = toy_models(members)
+    key = jax.random.PRNGKey(4)
+    g = cgi_dm.loss_gap_scores(members, pre, ft, SCHED, key, n_draws=3, batch_size=2)
+    kt, kn = jax.random.split(key)
+    t = jax.random.randint(kt, (3,), 1, 1000)
+    n = jax.random.normal(kn, (3,) + members.shape[1:])
+    ref = jax.jit(lambda z: cgi_dm.contrastive_objective(pre, ft, SCHED, z, t[:, None],
+                                                         n[:, None]))
+    for i in range(3):
+        np.testing.assert_allclose(g[i], ref(members[i:i + 1])[0], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_p_values_and_thresholds():
+    rng = np.random.default_rng(0)
+    null = rng.normal(size=50)
+    s = np.r_[null.max() + 1, null.min() - 1, null[3], rng.normal(size=5)]
+    p = cgi_dm.empirical_p_values(s, null)
+    ref = [(1 + np.sum(null >= v)) / 51 for v in s]
+    np.testing.assert_allclose(p, ref)
+    assert p[0] == 1 / 51 and p[1] == 1.0
+    for fpr in (0.0, 0.1, 0.5):
+        thr = cgi_dm.fpr_threshold(null, fpr)
+        assert np.mean(null >= thr) <= fpr + 1e-12
+        # minimal: the next-lower distinct null score would exceed the budget
+        lower = null[null < thr]
+        if lower.size:
+            assert np.mean(null >= lower.max()) > fpr
+    members = null + 10
+    thr = cgi_dm.calibrate(null, members, target="accuracy")
+    assert null.max() < thr < members.min()
+    with pytest.raises(ValueError, match="member"):
+        cgi_dm.calibrate(null, None, target="accuracy")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_check_compatible_names_paths():
+    a = {"down": {"kernel": jnp.zeros((3, 3, 4, 8))}, "mid": {"bias": jnp.zeros(8)}}
+    b = {"down": {"kernel": jnp.zeros((3, 3, 4, 16))}, "mid": {"bias": jnp.zeros(8)}}
+    cgi_dm.check_compatible(a, a)
+    with pytest.raises(cgi_dm.IncompatibleModelsError, match=r"\['down'\]\['kernel'\].*shape"):
+        cgi_dm.check_compatible(a, b)
+    c = {"down": a["down"], "mid2": {"bias": jnp.zeros(8)}}
+    with pytest.raises(cgi_dm.IncompatibleModelsError, match="mid2.*only in the second"):
+        cgi_dm.check_compatible(a, c)
+    from jaxattrib.models.unet import tiny_config
+    cgi_dm.check_same_config(tiny_config(), tiny_config())
+    with pytest.raises(cgi_dm.IncompatibleModelsError, match="sample_size: 8 vs 16"):
+        cgi_dm.check_same_config(tiny_config(), tiny_config(sample_size=16))
+
+
+def test_wrong_image_size_and_nan_errors():
+    members = toy_images(0, 2)
+    pre, ft = toy_models(members)
+    with pytest.raises(cgi_dm.ImageSizeError, match="16x16 but the model expects 32x32"):
+        cgi_dm.authenticate(members, pre, ft, SCHED, TOY_CFG, jax.random.PRNGKey(0),
+                            holdout_scores=[0.0], image_size=32)
+    with pytest.raises(cgi_dm.ImageSizeError, match="holdout_images"):
+        cgi_dm.authenticate(members, pre, ft, SCHED, TOY_CFG, jax.random.PRNGKey(0),
+                            holdout_images=toy_images(1, 2)[:, :8], image_size=16)
+
+    def ft_nan(z, t, cond):  # NaN for the images flagged in cond
+        return ft(z, t) + jnp.where(cond[:, None, None, None] > 0, jnp.nan, 0.0)
+
+    cfg = CGIDMConfig(**{**TOY_CFG.__dict__, "num_steps": 3})
+    x = toy_images(1, 4)
+    mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), cfg)
+    flags = jnp.array([0.0, 1.0, 0.0, 1.0])
+    with pytest.raises(cgi_dm.NonFiniteObjectiveError, match=r"images \[1, 3\]"):
+        cgi_dm.pgd_invert(pre, ft_nan, SCHED, x, mask, flags, cfg, jax.random.PRNGKey(0))
+    with pytest.raises(cgi_dm.NonFiniteObjectiveError, match=r"images \[2\]"):
+        cgi_dm.pgd_invert(pre, ft, SCHED, x.at[2, 0, 0, 0].set(jnp.nan), mask, None, cfg,
+                          jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="mask_kind"):
+        CGIDMConfig(mask_kind="stripes")
