@@ -245,22 +245,33 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
     ``batch`` leaves are ``[B, ...]`` sharded over ``'data'``; ``state`` and ``key`` are
     replicated. metrics: ``loss`` (mean per-example loss before the update), ``grad_norm``
-    (global norm before clipping). ``state`` is donated.
+    (global norm before clipping). ``state.step/params/opt_state`` are donated (the input
+    state's arrays are invalid afterwards), ``state.frozen`` is not.
     """
-    def train_step(state: TrainState, batch, key):
+    def step_fn(step, trainable, opt_state, frozen, batch, key):
         def objective(trainable):
-            losses = loss_fn(compose_params(trainable, state.frozen, config), batch, key)
+            losses = loss_fn(compose_params(trainable, frozen, config), batch, key)
             return jnp.mean(losses)
 
-        loss, grads = jax.value_and_grad(objective)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        loss, grads = jax.value_and_grad(objective)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return step + 1, trainable, opt_state, {"loss": loss,
+                                                "grad_norm": optax.global_norm(grads)}
 
     rep = parallel.replicated_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(rep, parallel.data_sharding(mesh), rep),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+    # step, trainable params and optimizer state are donated (updated in place); the frozen
+    # params are not, so arrays the caller still holds are never invalidated.
+    jitted = jax.jit(step_fn, in_shardings=(rep, rep, rep, rep, parallel.data_sharding(mesh),
+                                            rep),
+                     out_shardings=rep, donate_argnums=(0, 1, 2))
+
+    def train_step(state: TrainState, batch, key):
+        step, params, opt_state, metrics = jitted(state.step, state.params, state.opt_state,
+                                                  state.frozen, batch, key)
+        return state.replace(step=step, params=params, opt_state=opt_state), metrics
+
+    return train_step
 
 
 def _should_save(k: int, config: TrainConfig) -> bool:
@@ -322,6 +333,9 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
     optimizer = make_optimizer(config)
     schedule = make_schedule(config)
     trainable, frozen = init_trainable(init_params, config)
+    # own copies of the trainable arrays: they are donated to the train step, and replicating
+    # may reuse the caller's device buffers
+    trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
     trainable, frozen = parallel.replicate((trainable, frozen), mesh)
     state = TrainState(step=parallel.replicate(jnp.zeros((), jnp.int32), mesh),
                        params=trainable, opt_state=jax.jit(optimizer.init, out_shardings=
