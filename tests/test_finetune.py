@@ -140,10 +140,16 @@ def test_record_replays_every_update(tmp_path):
 def test_one_and_eight_devices_agree(tmp_path):
     """Same global batch on 1 and 8 devices: params after 10 updates agree to <= 1e-6."""
     cfg = _cfg(steps=10, checkpoint_every=0)
-    p1, _ = finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "one",
+    mine = init_params()
+    p1, _ = finetune(loss_fn, mine, N, get_batch, cfg, tmp_path / "one",
                      mesh=parallel.make_mesh(1), progress=False)
-    p8, _ = finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "eight",
+    # the caller's arrays survive (the train step donates only its own copies)
+    for a, b in zip(_leaves(mine), _leaves(init_params())):
+        np.testing.assert_array_equal(a, b)
+    mine8 = init_params()
+    p8, _ = finetune(loss_fn, mine8, N, get_batch, cfg, tmp_path / "eight",
                      mesh=parallel.make_mesh(8), progress=False)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(mine8))
     init = _leaves(init_params())
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(_leaves(p1), _leaves(p8))]
     moved = [float(np.max(np.abs(a - b))) for a, b in zip(_leaves(p1), init)]

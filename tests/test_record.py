@@ -11,7 +11,7 @@ import pytest
 
 from jaxattrib.models import lora
 from jaxattrib.train.record import (RecordError, RecordMismatchError, TrajectoryRecord,
-                                    _read_steps_file)
+                                    _read_steps_file, dataset_fingerprint)
 
 
 def _manifest(**kw):
@@ -126,3 +126,13 @@ def test_step_log_torn_line_and_truncation(tmp_path):
     with pytest.raises(RecordError, match="not contiguous"):
         rec.truncate_steps(10)
     rec.close()
+
+
+def test_dataset_fingerprint_changes_with_content():
+    x = {"images": np.zeros((2, 3), np.float32), "ids": np.arange(2)}
+    f = dataset_fingerprint(x)
+    assert f == dataset_fingerprint({"ids": np.arange(2), "images": np.zeros((2, 3), np.float32)})
+    y = {"images": np.zeros((2, 3), np.float32), "ids": np.array([0, 2])}
+    assert dataset_fingerprint(y) != f
+    assert dataset_fingerprint({**x, "images": x["images"].astype(np.float64)}) != f
+    assert dataset_fingerprint(["a.png", "b.png"]) != dataset_fingerprint(["b.png", "a.png"])

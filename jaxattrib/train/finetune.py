@@ -327,6 +327,8 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         raise ValueError(f"global batch size {config.batch_size} is not divisible by the "
                          f"{n_data} devices of the mesh's data axis")
     describe_step = describe_step or getattr(loss_fn, "describe_step", None)
+    if describe_step is not None:
+        describe_step = jax.jit(describe_step, static_argnums=1)
     record = TrajectoryRecord.create(
         record_dir, make_manifest(config, dataset_size, model_info, dataset_info))
 

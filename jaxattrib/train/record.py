@@ -30,6 +30,7 @@ attribute. A record directory holds::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -63,6 +64,21 @@ def _to_jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     return x
+
+
+def dataset_fingerprint(data: Any) -> str:
+    """SHA-256 (hex) of a dataset description for the manifest: a sequence of example ids
+    (strings/ints) or a pytree of arrays (shapes, dtypes and bytes, leaves in key order)."""
+    h = hashlib.sha256()
+    if isinstance(data, (list, tuple)) and all(isinstance(x, (str, int)) for x in data):
+        for x in data:
+            h.update(repr(x).encode() + b"\0")
+        return h.hexdigest()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
