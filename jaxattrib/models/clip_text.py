@@ -352,3 +352,49 @@ def from_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False,
     config = config_from_folder(folder)
     tensors = read_weights(folder, allow_pickle=allow_pickle, variant=variant)
     return config, params_from_state_dict(tensors, config, source=str(folder))
+
+
+def state_dict_from_params(params: dict, prefix: str = "text_model.") -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_state_dict`: Flax params -> transformers' torch layout.
+
+    ``prefix`` defaults to ``'text_model.'``, the layout every transformers version (4.x and 5.x)
+    and the original SD checkpoints load.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [p.key for p in path]
+        leaf = np.asarray(leaf, np.float32)
+        parts = []
+        for n in names[:-1]:
+            parts.extend(n.split("_", 1) if n.startswith("layers_") else [n])
+        last = names[-1]
+        if last == "kernel":
+            key, leaf = "weight", np.ascontiguousarray(leaf.T)
+        elif last in ("scale", "embedding"):
+            key = "weight"
+        else:
+            key = last
+        out[prefix + ".".join(parts + [key])] = leaf
+    return out
+
+
+def save_pretrained(folder: str | os.PathLike, config: CLIPTextConfig, params: dict) -> None:
+    """Writes ``config.json`` + ``model.safetensors`` as transformers' ``save_pretrained`` does
+    (loadable by ``transformers.CLIPTextModel.from_pretrained`` and :func:`from_pretrained`)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    save_file(state_dict_from_params(params), tmp, metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    cfg = dict(config.to_transformers())
+    cfg.setdefault("architectures", ["CLIPTextModel"])
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    os.replace(tmp, folder / "config.json")

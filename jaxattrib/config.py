@@ -1,0 +1,85 @@
+"""Loading ml_collections experiment configs (``configs/*.py`` with ``get_config()``).
+
+A config file is a Python file defining ``get_config(arg: str | None = None) ->
+ml_collections.ConfigDict`` (big_vision style: ``path/to/config.py:arg`` passes ``arg``).
+``overrides`` are ``dotted.key=value`` strings parsed as Python literals (fallback: string),
+applied with the ConfigDict's type checking so a typo or wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file or override could not be applied."""
+
+
+def _configs_dir() -> Path:
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config path, or a bare name (``demo``) looked up in the package's ``configs/``."""
+    p = Path(name)
+    if p.suffix == ".py" and p.is_file():
+        return p
+    cand = _configs_dir() / f"{name}.py"
+    if cand.is_file():
+        return cand
+    known = sorted(q.stem for q in _configs_dir().glob("*.py") if q.stem != "__init__")
+    raise ConfigError(f"config {name!r}: no such file, and not one of the packaged configs "
+                      f"{known}")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """``spec`` = ``path.py`` / ``name`` / ``path.py:arg``; returns the ConfigDict with overrides."""
+    path_s, _, arg = spec.partition(":")
+    path = resolve_config_path(path_s)
+    module_spec = importlib.util.spec_from_file_location(f"_jaxattrib_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"{path}: could not be executed ({type(e).__name__}: {e})") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    return apply_overrides(config, overrides, source=str(path))
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    source: str = "config") -> ml_collections.ConfigDict:
+    """Applies ``key.sub=value`` overrides; unknown keys and type errors name the key."""
+    config = ml_collections.ConfigDict(config.to_dict()) if config is not None else None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                raise ConfigError(f"override {item!r}: {source} has no field {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: {source} has no field {key!r}")
+        old = node[parts[-1]]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"override {item!r}: {e}") from e
+    return config
