@@ -173,7 +173,7 @@ def tap_embedding_fn(unet_apply: Callable, params: Any, *, cond: jnp.ndarray,
                      noise_seed: int | None = 0, encode: Callable | None = None) -> EmbedFn:
     """Embeds images with a diffusion UNet's own internal representations [design].
 
-    ``embed(x[B,H,W,C]) -> [B, D]``: ``z = encode(x)`` (identity if ``encode`` is None); if
+    ``embed(x[B,H,W,C]) -> [B, D]`` (jit-compiled; retraces per batch shape): ``z = encode(x)`` (identity if ``encode`` is None); if
     ``sched`` is given and ``t > 0``, ``z_t = add_noise(sched, z, ε, t)`` with one fixed noise
     ``ε[H,W,C]`` drawn from ``PRNGKey(noise_seed)`` and shared by all images (so an image's
     embedding does not depend on the batch it is in; ``noise_seed=None`` means ε = 0); then one
@@ -209,7 +209,7 @@ def tap_embedding_fn(unet_apply: Callable, params: Any, *, cond: jnp.ndarray,
         _, state = unet_apply({"params": params}, z, tt, ctx, mutable=["intermediates"])
         return l2_normalize(pool_taps(state["intermediates"], taps))
 
-    return embed
+    return jax.jit(embed)
 
 
 def get_similarity(kind: str | Callable, *, data_range: float = 2.0,
