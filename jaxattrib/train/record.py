@@ -155,8 +155,10 @@ class TrajectoryRecord:
             max_to_keep=None, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only)
         self._ocp = ocp
-        self._manager = ocp.CheckpointManager(self.directory / CHECKPOINTS, options=options,
-                                              item_names=("train", "base"))
+        self._manager = ocp.CheckpointManager(
+            self.directory / CHECKPOINTS, options=options,
+            item_handlers={"train": ocp.StandardCheckpointHandler(),
+                           "base": ocp.StandardCheckpointHandler()})
         self._steps_cache: dict[int, dict] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -248,24 +250,34 @@ class TrajectoryRecord:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def _restore(self, step: int, item: str, template: Any) -> Any:
+        if template is None:
+            # [design] Without a template, restore every array onto this process's first
+            # device, whatever topology wrote the record (orbax otherwise tries to rebuild
+            # the writer's shardings and fails on a different device set).
+            meta = self._manager.item_metadata(step)[item]
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            template = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                getattr(meta, "tree", meta))
+        args = self._ocp.args.StandardRestore(template)
+        return self._manager.restore(step, args=self._ocp.args.Composite(**{item: args}))[item]
+
     def load_train_state(self, step: int, template: Any = None) -> dict:
         """The raw ``{'step', 'params', 'opt_state'}`` of checkpoint ``step``.
 
         ``template`` (a pytree of arrays or ``jax.ShapeDtypeStruct`` with shardings, same
         structure) restores optimizer-state types and target shardings; without it, nested
-        dicts/lists of arrays are returned.
+        dicts/lists of arrays on this process's first device are returned (works whatever
+        device topology wrote the record).
         """
         self._check_step(step)
-        args = self._ocp.args.StandardRestore(template) if template is not None \
-            else self._ocp.args.StandardRestore()
-        return self._manager.restore(step, args=self._ocp.args.Composite(train=args))["train"]
+        return self._restore(step, "train", template)
 
     def load_base(self, template: Any = None) -> Any:
         """The full pretrained parameters saved with checkpoint 0."""
         self._check_step(0)
-        args = self._ocp.args.StandardRestore(template) if template is not None \
-            else self._ocp.args.StandardRestore()
-        return self._manager.restore(0, args=self._ocp.args.Composite(base=args))["base"]
+        return self._restore(0, "base", template)
 
     def _check_step(self, step: int) -> None:
         if step not in self.steps():
