@@ -20,7 +20,7 @@ import pytest
 
 from jaxattrib import parallel
 from jaxattrib.train.finetune import (TrainConfig, batch_plan, compose_params, finetune,
-                                      make_optimizer, make_schedule, make_train_step,
+                                      make_optimizer, make_lr_schedule, make_train_step,
                                       TrainState)
 from jaxattrib.train.record import RecordMismatchError, TrajectoryRecord
 
@@ -89,10 +89,10 @@ def test_batch_plan_is_pure_and_walks_epoch_permutations():
 
 def test_schedule_warmup_then_cosine():
     cfg = _cfg(steps=12, warmup_steps=2, learning_rate=1.0, schedule="cosine")
-    lr = make_schedule(cfg)
+    lr = make_lr_schedule(cfg)
     np.testing.assert_allclose([float(lr(s)) for s in range(3)], [0.0, 0.5, 1.0], atol=1e-7)
     np.testing.assert_allclose(float(lr(2 + 5)), 0.5 * (1 + np.cos(np.pi * 5 / 10)), atol=1e-6)
-    lin = make_schedule(_cfg(steps=10, warmup_steps=0, learning_rate=1.0, schedule="linear"))
+    lin = make_lr_schedule(_cfg(steps=10, warmup_steps=0, learning_rate=1.0, schedule="linear"))
     np.testing.assert_allclose(float(lin(5)), 0.5, atol=1e-7)
 
 
@@ -104,7 +104,7 @@ def test_record_replays_every_update(tmp_path):
     params, rec = finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "rec",
                            mesh=mesh, progress=False, describe_step=describe_step)
     assert rec.steps() == list(range(7)) and rec.logged_steps() == list(range(6))
-    lr = make_schedule(cfg)
+    lr = make_lr_schedule(cfg)
     for s in range(6):
         info = rec.step_info(s)
         idx, key = batch_plan(cfg.seed, s, N, cfg.batch_size)

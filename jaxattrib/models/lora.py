@@ -91,8 +91,9 @@ def lora_init(params: Mapping, key: jax.Array, rank: int, alpha: float | None = 
     leaves = sorted((_path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(params)
                     if rx.search(_path_str(p)))
     if not leaves:
+        examples = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:5]
         raise ValueError(f"lora_init: target {target!r} matches no parameter; example paths: "
-                         f"{[_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:5]}")
+                         f"{examples}")
     out: dict = {}
     for i, (path, w) in enumerate(leaves):
         if np.ndim(w) != 2:

@@ -39,7 +39,7 @@ def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
 
 
 def example_timesteps(key: jax.Array, batch_size: int, num_train_timesteps: int) -> jax.Array:
-    """Training timesteps ``int32 [B]``, uniform on ``{0, ..., T-1}``, of the update with ``key``."""
+    """Training timesteps ``int32 [B]``, uniform on ``{0..T-1}``, of the update with ``key``."""
     return jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
                                                  num_train_timesteps))(
         example_keys(key, batch_size)).astype(jnp.int32)

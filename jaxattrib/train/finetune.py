@@ -117,7 +117,7 @@ def _cfg_get(cfg, name, default):
 
 
 # ---------------------------------------------------------------------- schedule / optimizer
-def make_schedule(config: TrainConfig) -> optax.Schedule:
+def make_lr_schedule(config: TrainConfig) -> optax.Schedule:
     """LR at update ``s`` (0-based): linear warm-up 0 -> peak, then constant/cosine/linear."""
     peak, warm = config.learning_rate, config.warmup_steps
     decay_steps = max(config.steps - warm, 1)
@@ -139,7 +139,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if config.grad_clip_norm and config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    parts.append(optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2,
+    parts.append(optax.adamw(make_lr_schedule(config), b1=config.b1, b2=config.b2,
                              eps=config.eps, weight_decay=config.weight_decay))
     return optax.chain(*parts)
 
@@ -333,7 +333,7 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         record_dir, make_manifest(config, dataset_size, model_info, dataset_info))
 
     optimizer = make_optimizer(config)
-    schedule = make_schedule(config)
+    schedule = make_lr_schedule(config)
     trainable, frozen = init_trainable(init_params, config)
     # own copies of the trainable arrays: they are donated to the train step, and replicating
     # may reuse the caller's device buffers
@@ -346,7 +346,8 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
     latest = record.latest_step()
     if latest is None:
         record.truncate_steps(0)
-        record.save(0, state.checkpoint(), base=parallel.replicate(dict(init_params), mesh))
+        base = frozen if config.mode == "lora" else {**frozen, **trainable}  # = init_params
+        record.save(0, state.checkpoint(), base=base)
         record.wait()
         start = 0
     else:
