@@ -275,6 +275,10 @@ def test_wrong_image_size_and_nan_errors():
     with pytest.raises(cgi_dm.ImageSizeError, match="16x16 but the model expects 32x32"):
         cgi_dm.authenticate(members, pre, ft, SCHED, TOY_CFG, jax.random.PRNGKey(0),
                             holdout_scores=[0.0], image_size=32)
+    with pytest.raises(cgi_dm.IncompatibleModelsError, match=r"\['w'\]: shape \(2,\) vs \(3,\)"):
+        cgi_dm.authenticate(members, pre, ft, SCHED, TOY_CFG, jax.random.PRNGKey(0),
+                            holdout_scores=[0.0], check_params=({"w": jnp.zeros(2)},
+                                                                {"w": jnp.zeros(3)}))
     with pytest.raises(cgi_dm.ImageSizeError, match="holdout_images"):
         cgi_dm.authenticate(members, pre, ft, SCHED, TOY_CFG, jax.random.PRNGKey(0),
                             holdout_images=toy_images(1, 2)[:, :8], image_size=16)

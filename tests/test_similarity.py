@@ -129,3 +129,32 @@ def test_tap_embedding_from_tiny_unet():
     np.testing.assert_allclose(np.asarray(embed(x[1:2]))[0], e[1], atol=1e-5)
     with pytest.raises(KeyError, match="down_7"):
         sim.tap_embedding_fn(apply, params, cond=cond, taps=("down_7",))(x)
+
+
+@pytest.mark.parametrize("kind", ["clip", "dino"])
+def test_hf_image_encoder_from_local_folder(tmp_path, kind):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    if kind == "clip":
+        model = transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(projection_dim=8, **common))
+        mean, std = sim.CLIP_MEAN, sim.CLIP_STD
+    else:
+        model = transformers.ViTModel(transformers.ViTConfig(**common), add_pooling_layer=False)
+        mean, std = sim.IMAGENET_MEAN, sim.IMAGENET_STD
+    model.eval().save_pretrained(tmp_path)
+    embed = sim.hf_image_encoder(str(tmp_path), batch_size=2)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
+    e = np.asarray(embed(jnp.asarray(x)))
+    pix = torch.from_numpy(((((x + 1) / 2) - np.float32(mean)) / np.float32(std))
+                           .transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        out = model(pixel_values=pix)
+    ref = (out.image_embeds if kind == "clip" else out.last_hidden_state[:, 0]).numpy()
+    np.testing.assert_allclose(e, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    # larger inputs are resized to the model's size
+    assert np.asarray(embed(jnp.zeros((1, 24, 24, 3)))).shape == e[:1].shape

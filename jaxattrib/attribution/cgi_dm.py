@@ -563,7 +563,8 @@ def authenticate(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
                  similarity: str | Callable = "ssim", embed: simlib.EmbedFn | None = None,
                  data_range: float = 2.0, image_size: int | Sequence[int] | None = None,
                  target: Literal["accuracy", "fpr"] = "fpr", fpr: float = 0.05,
-                 batch_size: int = 8, mesh: Any = None) -> dict:
+                 batch_size: int = 8, mesh: Any = None,
+                 check_params: tuple[Any, Any] | None = None) -> dict:
     """Decides, per image, whether it was used to fine-tune ``eps_ft`` from ``eps_pre``.
 
     Each image (and each calibration image) is recovered by :func:`recover`; its score is
@@ -579,6 +580,8 @@ def authenticate(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
         embedding pass :func:`similarity.tap_embedding_fn`).
       image_size: expected ``(H, W)`` (or int) of the model; checked for every image set.
       target, fpr: calibration rule (see :func:`calibrate`).
+      check_params: optional ``(params_pre, params_ft)`` checked by :func:`check_compatible`
+        before any work.
 
     Returns:
       dict: ``scores`` ``[N]``, ``p_values`` ``[N]``, ``decisions`` ``[N]`` bool (``score ≥
@@ -586,6 +589,8 @@ def authenticate(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
       ``holdout_scores``, ``member_scores``), and ``original``/``masked``/``recovered`` ``[N, H, W,
       C]`` NumPy images for the report.
     """
+    if check_params is not None:
+        check_compatible(*check_params)
     check_image_size(images, image_size)
     for extra, name in ((holdout_images, "holdout_images"), (member_images, "member_images")):
         if extra is not None:

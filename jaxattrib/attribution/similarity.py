@@ -19,8 +19,9 @@ Our design:
   available offline, :func:`tap_embedding_fn` embeds images with the diffusion model's own UNet:
   noise the input at a fixed (t, ε), run the UNet once, global-average-pool the sown
   intermediates (``down_i``, ``mid``, ``up_i``), concatenate and L2-normalise [design].
-  :func:`encoder_embedding_fn` wraps any user-provided encoder (e.g. a CLIP/DINO image tower
-  loaded from a local folder) into the same ``embed(images[B,H,W,C]) -> [B, D]`` form.
+  :func:`encoder_embedding_fn` wraps any user-provided encoder into the same
+  ``embed(images[B,H,W,C]) -> [B, D]`` form; :func:`hf_image_encoder` builds one from a local
+  transformers CLIP or DINO/ViT folder (PyTorch, CPU).
 """
 
 from __future__ import annotations
@@ -148,6 +149,87 @@ def encoder_embedding_fn(encoder: Callable[[Any], Any], *,
         feats = jnp.asarray(np.asarray(feats) if not isinstance(feats, jax.Array) else feats)
         return l2_normalize(feats.reshape(feats.shape[0], -1).astype(jnp.float32))
     return embed
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _processor_settings(folder: str, is_clip: bool, default_size: int):
+    """(size, mean, std) from ``preprocessor_config.json`` if present, else model defaults."""
+    import json
+    import os
+    mean, std = (CLIP_MEAN, CLIP_STD) if is_clip else (IMAGENET_MEAN, IMAGENET_STD)
+    size = default_size
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            pc = json.load(f)
+        mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+        crop = pc.get("crop_size") or pc.get("size")
+        if isinstance(crop, dict):
+            crop = crop.get("height") or crop.get("shortest_edge")
+        if isinstance(crop, int):
+            size = crop
+    return int(size), mean, std
+
+
+def hf_image_encoder(folder: str, *, batch_size: int = 16) -> EmbedFn:
+    """A CLIP/DINO-style image encoder from a local transformers folder, as an ``EmbedFn``.
+
+    Runs in PyTorch on CPU (float32, eval mode) at the edge of the library; nothing is
+    downloaded (``local_files_only``). CLIP (``model_type`` 'clip' or 'clip_vision_model'):
+    ``CLIPVisionModelWithProjection(...).image_embeds``; anything else (DINO/DINOv2/ViT): the CLS
+    token of ``AutoModel(...).last_hidden_state``.
+
+    Preprocessing [design]: NHWC images in [-1, 1] are mapped to [0, 1], resized as a whole
+    (bicubic, no centre crop) to the processor's crop size (``preprocessor_config.json``, else the
+    model's ``image_size``), normalised by the processor's mean/std (CLIP's or ImageNet's by
+    default) and transposed to NCHW. Returns ``embed(images[B,H,W,3]) -> [B, D]`` L2-normalised.
+    """
+    import os
+
+    import torch
+    import transformers
+
+    from jaxattrib.models.convert import read_config
+
+    folder = os.fspath(folder)
+    cfg = read_config(folder, "config.json")
+    model_type = cfg.get("model_type")
+    is_clip = model_type in ("clip", "clip_vision_model")
+    if is_clip:
+        model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+            folder, local_files_only=True)
+        vision = cfg.get("vision_config", cfg)
+        feature = lambda out: out.image_embeds  # noqa: E731
+    else:
+        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+        vision = cfg
+        feature = lambda out: out.last_hidden_state[:, 0]  # noqa: E731
+    model = model.float().eval()
+    size, mean, std = _processor_settings(folder, is_clip, vision.get("image_size", 224))
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+
+    def preprocess(images):
+        x = (jnp.asarray(images, jnp.float32) + 1.0) / 2.0
+        if x.shape[1:3] != (size, size):
+            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
+        x = (np.asarray(x) - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def encode(x):
+        outs = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                outs.append(feature(model(pixel_values=torch.from_numpy(x[i:i + batch_size])))
+                            .numpy())
+        return np.concatenate(outs, axis=0)
+
+    return encoder_embedding_fn(encode, preprocess=preprocess)
 
 
 def pool_taps(intermediates: Any, taps: Sequence[str]) -> jnp.ndarray:
