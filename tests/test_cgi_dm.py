@@ -126,9 +126,8 @@ def test_pgd_known_half_ball_clamp_and_ascent():
     mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), TOY_CFG)
     z0 = members
     cfg = CGIDMConfig(**{**TOY_CFG.__dict__, "eps_radius": 3.0, "clamp": 0.6})
-    run = cgi_dm.make_pgd_runner(pre, ft, TOY_CFG)  # same static settings as cfg
     z, trace = cgi_dm.pgd_invert(pre, ft, SCHED, z0, mask, None, cfg, jax.random.PRNGKey(1),
-                                 return_trace=True, runner=run)
+                                 return_trace=True)
     z, m = np.asarray(z), np.broadcast_to(np.asarray(mask), z.shape)
     # known half re-imposed exactly
     np.testing.assert_array_equal(z[m == 1], np.asarray(z0)[m == 1])
@@ -139,8 +138,7 @@ def test_pgd_known_half_ball_clamp_and_ascent():
     assert trace.shape == (cfg.num_steps, 4)
 
     # objective increases (fixed draws shared by start and end point)
-    z2 = cgi_dm.pgd_invert(pre, ft, SCHED, z0, mask, None, TOY_CFG, jax.random.PRNGKey(1),
-                           runner=run)
+    z2 = cgi_dm.pgd_invert(pre, ft, SCHED, z0, mask, None, TOY_CFG, jax.random.PRNGKey(1))
     k1, k2 = jax.random.split(jax.random.PRNGKey(5))
     t = jax.random.randint(k1, (32, 4), TOY_CFG.t_min, TOY_CFG.t_max + 1)
     n = jax.random.normal(k2, (32,) + z0.shape)
@@ -161,16 +159,14 @@ def test_pgd_batch_and_mesh_invariance():
         mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), cfg)
         x = jnp.concatenate([members[:2], toy_images(3, 1).astype(jnp.float64)])
         key = jax.random.PRNGKey(7)
-        run = cgi_dm.make_pgd_runner(pre, ft, cfg)
-        full = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x, mask, None, cfg, key, runner=run))
+        full = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x, mask, None, cfg, key))
         # change another image of the batch: rows 1 and 2 are unchanged (same compiled shape)
         other = x.at[0].set(members[3])
-        alt = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, other, mask, None, cfg, key,
-                                           runner=run))
+        alt = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, other, mask, None, cfg, key))
         np.testing.assert_allclose(alt[1:], full[1:], atol=1e-6)
         assert np.abs(alt[0] - full[0]).max() > 0.1
         sharded = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, x, mask, None, cfg, key,
-                                               mesh=make_mesh(8), runner=run))
+                                               mesh=make_mesh(8)))
         np.testing.assert_allclose(sharded, full, atol=1e-6)
         assert np.abs(full - np.asarray(mask * x)).max() > 0.1  # PGD moved
 
@@ -224,6 +220,12 @@ def test_loss_gap_uses_shared_fixed_draws():
                                                          n[:, None]))
     for i in range(3):
         np.testing.assert_allclose(g[i], ref(members[i:i + 1])[0], rtol=1e-5)
+    # a Partial with the parameters (here the member means) bound is an equivalent denoiser
+    def ft_params(mem, z, t, cond):
+        return toy_models(mem)[1](z, t, cond)
+    gp = cgi_dm.loss_gap_scores(members, pre, jax.tree_util.Partial(ft_params, members), SCHED,
+                                key, n_draws=3, batch_size=2)
+    np.testing.assert_allclose(gp, g, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- calibration

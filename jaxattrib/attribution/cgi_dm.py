@@ -37,12 +37,14 @@ Our design [design]:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from jaxattrib.attribution import similarity as simlib
 from jaxattrib.diffusion.schedule import Schedule, add_noise, training_target
@@ -291,7 +293,7 @@ def contrastive_objective(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z: jnp
     return total / t.shape[0]
 
 
-def _draws(keys: jnp.ndarray, step, shape, config: CGIDMConfig, dtype):
+def _draws(keys: jnp.ndarray, step, shape, config, dtype):
     """(t[K,B], noise[K,B,H,W,C]) for PGD step ``step`` from per-image keys ``[B, 2]``."""
     def one(k):
         k = jax.random.fold_in(k, step)
@@ -307,7 +309,7 @@ def _per_image_norm(x):
     return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
 
 
-def _pgd(eps_pre, eps_ft, sched, z0, mask, z_init, keys, cond, config: CGIDMConfig,
+def _pgd(eps_pre, eps_ft, sched, z0, mask, z_init, keys, cond, config,
          radius: float, step: float, clamp: float):
     """The jit-able PGD loop. Returns (z_recovered, trace[num_steps, B], nonfinite[B])."""
     known = mask * z0
@@ -341,13 +343,34 @@ def _pgd(eps_pre, eps_ft, sched, z0, mask, z_init, keys, cond, config: CGIDMConf
     return compose(z_var), trace, bad
 
 
-def make_pgd_runner(eps_pre: EpsFn, eps_ft: EpsFn, config: CGIDMConfig) -> Callable:
-    """The jitted PGD loop ``run(sched, z0, mask, z_init, keys, cond, radius, step, clamp)`` for
-    two denoisers; reuse it across batches of the same shape to compile once. ``config`` fixes the
-    loop's static settings (``num_steps``, ``t_min``, ``t_max``, ``n_noise``); radius, step and
-    clamp are run-time arguments."""
-    return jax.jit(lambda sched, z0, m, zi, k, c, radius, step, clamp: _pgd(
-        eps_pre, eps_ft, sched, z0, m, zi, k, c, config, radius, step, clamp))
+class _Loop(NamedTuple):
+    """Static settings of the compiled PGD loop (changing them recompiles)."""
+    num_steps: int
+    t_min: int
+    t_max: int
+    n_noise: int
+
+
+def as_denoiser(fn: EpsFn) -> Partial:
+    """``fn`` as a ``jax.tree_util.Partial`` (returned unchanged if it already is one).
+
+    The PGD loop and the baselines take the denoisers as jit *arguments*: arrays bound in a
+    ``Partial`` (e.g. ``Partial(lambda p, z, t, c: unet.apply({'params': p}, z, t, c), params)``)
+    are traced inputs, replicated over the mesh, whereas arrays captured by a plain closure are
+    embedded in the compiled program as constants — fine for small toys, wasteful for a real UNet.
+    Keep the same function object across calls so compiled loops are reused.
+    """
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def _pgd_jit(fns, sched, z0, mask, z_init, keys, cond, radius, step, clamp, *, loop: _Loop):
+    return _pgd(fns[0], fns[1], sched, z0, mask, z_init, keys, cond, loop, radius, step, clamp)
+
+
+@jax.jit
+def _objective_jit(fns, sched, z, t, noise, cond):
+    return contrastive_objective(fns[0], fns[1], sched, z, t, noise, cond)
 
 
 def image_keys(key: jax.Array, n: int, offset: int = 0) -> jnp.ndarray:
@@ -363,11 +386,13 @@ def _slice_cond(cond, lo, hi, n):
 def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
                mask: jnp.ndarray, cond: Any, config: CGIDMConfig, key: jax.Array, *,
                z_init: jnp.ndarray | None = None, index_offset: int = 0, mesh: Any = None,
-               return_trace: bool = False, runner: Callable | None = None):
+               return_trace: bool = False):
     """Contrastive gradient inversion by L2-PGD.
 
     Args:
-      eps_pre, eps_ft: pretrained and fine-tuned denoisers ``(z_t, t[B], cond) -> [B,H,W,C]``.
+      eps_pre, eps_ft: pretrained and fine-tuned denoisers ``(z_t, t[B], cond) -> [B,H,W,C]``;
+        plain closures or ``jax.tree_util.Partial`` with the params bound (see
+        :func:`as_denoiser`; use the latter for real models).
       sched: the diffusion schedule (shared by both models).
       z0: clean latents ``[B, H, W, C]`` (VAE latent × scaling factor, or pixels).
       mask: ``[H, W, C]`` or ``[B, H, W, C]``, 1 = known (re-imposed from ``z0`` at every
@@ -379,7 +404,6 @@ def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
       mesh: optional ``jax.sharding.Mesh`` with a ``'data'`` axis: the batch is padded to a
         multiple of its size and sharded over it.
       return_trace: also return the objective at each step, ``[num_steps, B]``.
-      runner: a :func:`make_pgd_runner` result to reuse (avoids re-tracing across batches).
 
     Returns:
       ``z_rec[B,H,W,C] = M ⊙ z0 + (1 − M) ⊙ z_var`` (and the trace). Raises
@@ -421,8 +445,12 @@ def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
             lambda c: jax.device_put(c, shard if (np.ndim(c) > 0 and np.shape(c)[0] == b + pad)
                                      else rep), cond)
 
-    run = runner if runner is not None else make_pgd_runner(eps_pre, eps_ft, config)
-    z_rec, trace, bad = run(sched, *arrays, cond, radius, step, float(config.clamp))
+    fns = (as_denoiser(eps_pre), as_denoiser(eps_ft))
+    if mesh is not None:
+        fns = jax.device_put(fns, rep)
+    loop = _Loop(int(config.num_steps), int(config.t_min), int(config.t_max), int(config.n_noise))
+    z_rec, trace, bad = _pgd_jit(fns, sched, *arrays, cond, radius, step, float(config.clamp),
+                                 loop=loop)
     if pad:
         z_rec, trace, bad = z_rec[:b], trace[:, :b], bad[:b]
     bad = np.flatnonzero(np.asarray(bad))
@@ -493,7 +521,7 @@ def _identity(x):
 def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config: CGIDMConfig,
             key: jax.Array, *, cond: Any = None, encode: Callable | None = None,
             decode: Callable | None = None, batch_size: int = 8, mesh: Any = None,
-            index_offset: int = 0, runner: Callable | None = None) -> dict:
+            index_offset: int = 0) -> dict:
     """Masks, inverts and decodes a set of images in batches.
 
     Args:
@@ -502,7 +530,6 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
       batch_size: images per PGD batch (a multiple of the mesh size when sharding); every batch,
         the last one included, is padded to this size so the PGD loop compiles once.
       index_offset: global index of ``images[0]`` (for the per-image keys).
-      runner: a :func:`make_pgd_runner` result to share across calls.
 
     Returns:
       dict of NumPy arrays: ``original``, ``masked`` (= decode(z_init), the PGD start),
@@ -514,7 +541,6 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
     dec = decode or _identity
     n = images.shape[0]
     k_mask, k_pgd = jax.random.split(key)
-    runner = runner or make_pgd_runner(eps_pre, eps_ft, config)
     bs = batch_size
     out = {"original": [], "masked": [], "recovered": [], "mask": [], "trace": []}
     for lo in range(0, n, bs):
@@ -529,7 +555,7 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
         z_init = initial_latent(z0, mask, config, encode, decode)
         z_rec, trace = pgd_invert(eps_pre, eps_ft, sched, z0, mask, c, config, k_pgd,
                                   z_init=z_init, index_offset=index_offset + lo, mesh=mesh,
-                                  return_trace=True, runner=runner)
+                                  return_trace=True)
         m = hi - lo
         out["original"].append(np.asarray(x[:m]))
         out["masked"].append(np.asarray(dec(z_init))[:m])
@@ -604,8 +630,7 @@ def authenticate(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
     sim = simlib.get_similarity("embedding" if (embed is not None and similarity == "embedding")
                                 else similarity, data_range=data_range, embed=embed)
     k_q, k_h, k_m = jax.random.split(key, 3)
-    common = dict(encode=encode, decode=decode, batch_size=batch_size, mesh=mesh,
-                  runner=make_pgd_runner(eps_pre, eps_ft, config))
+    common = dict(encode=encode, decode=decode, batch_size=batch_size, mesh=mesh)
 
     def scored(x, k, c):
         r = recover(x, eps_pre, eps_ft, sched, config, k, cond=c, **common)
@@ -661,8 +686,7 @@ def loss_gap_scores(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
     kt, kn = jax.random.split(key)
     out = []
     t_all = noise_one = None
-    obj = jax.jit(lambda z_, t_, n_, c_: contrastive_objective(eps_pre, eps_ft, sched, z_, t_, n_,
-                                                               c_))
+    fns = (as_denoiser(eps_pre), as_denoiser(eps_ft))
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         z = enc(images[lo:hi])
@@ -672,7 +696,8 @@ def loss_gap_scores(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
         b = hi - lo
         t = jnp.broadcast_to(t_all[:, None], (n_draws, b))
         noise = jnp.broadcast_to(noise_one[:, None], (n_draws, b) + z.shape[1:])
-        out.append(np.asarray(obj(z, t, noise, _slice_cond(cond, lo, hi, n))))
+        out.append(np.asarray(_objective_jit(fns, sched, z, t, noise,
+                                             _slice_cond(cond, lo, hi, n))))
     return np.concatenate(out)
 
 

@@ -277,8 +277,8 @@ def tap_embedding_fn(unet_apply: Callable, params: Any, *, cond: jnp.ndarray,
     taps = tuple(taps)
     cond = jnp.asarray(cond)
 
-    def embed(x):
-        z = jnp.asarray(x) if encode is None else encode(jnp.asarray(x))
+    def embed_p(params, cond, x):
+        z = x if encode is None else encode(x)
         b = z.shape[0]
         tt = jnp.full((b,), t, jnp.int32)
         if sched is not None and t > 0:
@@ -291,7 +291,9 @@ def tap_embedding_fn(unet_apply: Callable, params: Any, *, cond: jnp.ndarray,
         _, state = unet_apply({"params": params}, z, tt, ctx, mutable=["intermediates"])
         return l2_normalize(pool_taps(state["intermediates"], taps))
 
-    return jax.jit(embed)
+    # params/cond are jit arguments, not constants baked into the compiled program
+    run = jax.jit(embed_p)
+    return lambda x: run(params, cond, jnp.asarray(x))
 
 
 def get_similarity(kind: str | Callable, *, data_range: float = 2.0,
