@@ -105,6 +105,9 @@ def test_random_block_and_blur_masks():
     assert abs(m.mean() - 0.3) < 0.03
     assert not np.array_equal(m[0], m[1])
     assert np.asarray(cgi_dm.make_mask("blur", (8, 8, 3), CGIDMConfig())).sum() == 0
+    bm = np.asarray(cgi_dm.batch_masks(cfg, (3, 16, 16, 1), jax.random.PRNGKey(1)))
+    bm2 = np.asarray(cgi_dm.batch_masks(cfg, (1, 16, 16, 1), jax.random.PRNGKey(1), 2))
+    np.testing.assert_array_equal(bm[2], bm2[0])  # per-image masks, independent of the batch
     with pytest.raises(ValueError, match="PRNG key"):
         cgi_dm.make_mask("random_block", (8, 8, 1), cfg)
 

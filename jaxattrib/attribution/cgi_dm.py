@@ -241,6 +241,18 @@ def make_mask(kind: str, shape: Sequence[int], config: CGIDMConfig,
     raise ValueError(f"make_mask: kind={kind!r}; expected one of {MASK_KINDS}")
 
 
+def batch_masks(config: CGIDMConfig, shape: Sequence[int], key: jax.Array,
+                index_offset: int = 0) -> jnp.ndarray:
+    """Masks ``[B, H, W, C]`` for a batch; image ``i`` uses ``fold_in(key, index_offset + i)``,
+    so a random mask does not depend on the batch an image is in."""
+    b = int(shape[0])
+    if config.mask_kind != "random_block":
+        return make_mask(config.mask_kind, shape, config)
+    idx = jnp.arange(index_offset, index_offset + b)
+    return jax.vmap(lambda i: make_mask("random_block", tuple(shape[1:]), config,
+                                        jax.random.fold_in(key, i)))(idx)
+
+
 def gaussian_blur(z: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """Per-channel Gaussian blur of ``z[B, H, W, C]`` (reflect padding, radius ceil(3σ))."""
     r = max(1, int(math.ceil(3 * sigma)))
@@ -550,8 +562,7 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
         c = jax.tree_util.tree_map(lambda a: _pad_rows(a, bs) if np.shape(a)[:1] == (hi - lo,)
                                    else a, _slice_cond(cond, lo, hi, n))
         z0 = enc(x)
-        mask = make_mask(config.mask_kind, z0.shape, config,
-                         jax.random.fold_in(k_mask, index_offset + lo))
+        mask = batch_masks(config, z0.shape, k_mask, index_offset + lo)
         z_init = initial_latent(z0, mask, config, encode, decode)
         z_rec, trace = pgd_invert(eps_pre, eps_ft, sched, z0, mask, c, config, k_pgd,
                                   z_init=z_init, index_offset=index_offset + lo, mesh=mesh,
@@ -716,6 +727,6 @@ def masked_similarity_scores(images: Any, config: CGIDMConfig, key: jax.Array, *
     for lo in range(0, images.shape[0], batch_size):
         x = images[lo:lo + batch_size]
         z0 = enc(x)
-        mask = make_mask(config.mask_kind, z0.shape, config, jax.random.fold_in(k_mask, lo))
+        mask = batch_masks(config, z0.shape, k_mask, lo)
         out.append(np.asarray(sim(x, dec(initial_latent(z0, mask, config, encode, decode)))))
     return np.concatenate(out)
