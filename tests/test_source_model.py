@@ -289,6 +289,19 @@ def test_model_zoo_builds_caches_and_resumes(tmp_path):
                            n_train=20)
 
 
+def test_source_model_is_cached(tmp_path):
+    data = _dataset("src", 5, 0.25)
+    ft = _Counting()
+    p = SM.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, ft, seed=1)
+    np.testing.assert_allclose(p["w"], np.full(2, data.images.mean()), rtol=1e-6)
+    assert len(ft.calls) == 1 and ft.calls[0][1] == 1 and ft.calls[0][2].endswith("source")
+    again = _Counting()
+    q = SM.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, again, seed=1)
+    assert again.calls == [] and np.array_equal(p["w"], q["w"])
+    with pytest.raises(SM.ZooMismatchError, match="another seed or data"):
+        SM.build_source_model({"w": np.zeros(2)}, data.subset([0, 1]), tmp_path, again, seed=1)
+
+
 # ------------------------------------------------------------------------------ real pipeline glue
 @pytest.mark.slow
 def test_pipeline_glue_zoo_query_and_signal(tmp_path):

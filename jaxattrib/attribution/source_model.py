@@ -61,6 +61,18 @@ reach):
   the rest real images, drawn without replacement by a per-member seed. Each member is cached
   in the run directory (``members/<name>/params.msgpack``) and listed in ``zoo.json``; a
   re-run skips finished members and refuses a run directory built with another configuration.
+  :func:`build_source_model` fine-tunes and caches the source itself the same way. Fine-tuning
+  is any ``finetune_fn(init_params, dataset, seed, workdir) -> params``;
+  :func:`diffusion_finetune_fn` adapts :func:`jaxattrib.train.finetune.finetune` (UNet only,
+  resumable trajectory record in ``workdir/record``).
+
+Typical flow: ``build_source_model`` → generate the source's data set with
+:func:`pipeline_generate_fn` (optionally :func:`jaxattrib.attribution.watermark.embed` for the
+watermark baseline) → ``build_model_zoo`` → select key samples on the source (with a reference
+model for Strategy 2) → :func:`query` the source and every suspect with the key prompts and the
+same seeds → :func:`instance_confidence`, calibrated by :func:`calibrate_on_innocent` on the
+innocent shadows; :func:`probe_features` of the shadows train the :class:`Discriminator`, which
+scores the held-out suspects (``ModelZoo.split``), evaluated with ``jaxattrib.eval.metrics``.
 """
 
 from __future__ import annotations
@@ -726,6 +738,34 @@ def build_model_zoo(base_params: Any, source_params: Any, real, generated,
             finish(m, lambda: finetune_fn(base_params, ds, s, workdir))
     _write_manifest(manifest_path, config, members)
     return ModelZoo(run_dir=run_dir, members=tuple(members))
+
+
+def build_source_model(base_params: Any, source_data, run_dir: str | os.PathLike,
+                       finetune_fn: Callable[[Any, Any, int, Path], Any], *,
+                       seed: int = 0) -> Any:
+    """Fine-tunes the source model from the base on ``source_data``; cached, resumable.
+
+    The source is the model whose generations the infringers train on; it should memorize
+    some of ``source_data`` (e.g. duplicated or few images per caption, several epochs). Its
+    params go to ``run_dir/source/params.msgpack`` with ``run_dir/source/source.json`` (seed and
+    data fingerprint); a second call returns them without training, and a call with another
+    seed or data raises :class:`ZooMismatchError`. ``finetune_fn`` as in
+    :func:`build_model_zoo` (its workdir is ``run_dir/source``).
+    """
+    folder = Path(run_dir) / "source"
+    config = {"seed": int(seed), "data": source_data.fingerprint(), "n": len(source_data),
+              "format": "jaxattrib.source/v1"}
+    meta, params_path = folder / "source.json", folder / "params.msgpack"
+    old = _read_manifest(meta)
+    if old is not None and old != config:
+        raise ZooMismatchError(f"{meta}: the source model there was built with another seed or "
+                               f"data; use a new run directory")
+    if old is not None and params_path.is_file():
+        return load_params(params_path)
+    _atomic_write_bytes(meta, json.dumps(config, indent=1).encode())
+    params = finetune_fn(base_params, source_data, int(seed), folder)
+    save_params(params_path, params)
+    return load_params(params_path)
 
 
 def diffusion_finetune_fn(pipe, train_config, *, mesh=None, progress: bool = False
