@@ -148,7 +148,8 @@ class TrajectoryRecord:
 
     def __init__(self, directory: Path, manifest: dict, read_only: bool):
         import orbax.checkpoint as ocp
-        self.directory = Path(directory)
+        # orbax needs absolute paths; a relative one (e.g. from the CLI) is made absolute here.
+        self.directory = Path(directory).absolute()
         self.manifest = manifest
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
