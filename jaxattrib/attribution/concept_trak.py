@@ -1,0 +1,596 @@
+"""Concept-TRAK: attribution of a *concept* of a generated image to training examples.
+
+    I(x_0^i, c) = ∇_θ L_concept(c; θ)ᵀ (ΦᵀΦ + λI)⁻¹ ∇_θ L_train(x_0^i; θ)
+
+What follows the paper / the authors' code (enkeejunior1/concept-trak, ``experiments/toy``;
+methods.md §5):
+
+* Training loss (reconstruction reward, ``'dpsv1'`` in the code): with the guidance
+  ``g = −∇_{x_t} mean((x̂_0(x_t) − x_0)²)`` computed with the model parameters frozen,
+  ``L_train = mean((sg[ε_θ(x_t; c) − g] − ε_θ(x_t; c))²)``. Its value is ``mean(g²)``; its
+  θ-gradient is ``(2/D) Σ g · ∂ε_θ/∂θ`` (``D = H·W·C``), which for small ``t``-Jacobians points
+  along the DSM gradient. The code's ``get_dps_guidance`` uses ``F.mse_loss`` (mean over the
+  elements) and ``loss_rescale = 1``; we use the per-example mean over ``(H, W, C)`` (the code
+  averages over the whole batch too, which only rescales by ``1/B``).
+* Concept (utility) loss (``'slider_local'``): ``L_concept = mean((sg[ε_c + λ_c (ε_c − sg ε_c⁻)]
+  − ε_c)²)`` with ``ε_c = ε_θ(x_t; c)``, ``ε_c⁻ = ε_θ(x_t; c⁻)``, ``λ_c = 3``; ``c⁻`` is the
+  prompt with the target concept removed. Its θ-gradient is ``−(2 λ_c / D) Σ (ε_c − ε_c⁻) ·
+  ∂ε_c/∂θ``; it vanishes when ``c⁻ = c``.
+* (x_t, t) pairs: DDIM inversion of the (training or query) image with 50 steps
+  (``linspace(0, 1, 51)·999`` = 51 grid points in the code, i.e. 50 steps), keeping every 5th
+  state (``[4::5]``) → 10 pairs at t ≈ 99, 199, …, 999. We use ``trailing`` spacing, which gives
+  exactly those timesteps. Without inversion: ``t = arange(T/K, T, T/K)`` (K = 10 → 100, …, 900;
+  9 timesteps, the code zips them with 10 noises) with one fixed noise per timestep shared by
+  all examples.
+* Per-timestep gradients, each normalized to unit L2 norm (an all-zero gradient is left as is),
+  then summed over timesteps; without normalization they are summed. Gradients only w.r.t. the
+  UNet's cross-attention parameters (``'attn2'``). The sum is projected (linear, so projecting
+  the sum = summing the projections).
+* ``λ = r · 0.1 · mean(diag(ΦᵀΦ))``, ``r`` swept over ``1e-4 … 1e4``.
+
+Our design [design]:
+
+* ``r`` is chosen on a *validation* split of queries by Precision@k (:func:`choose_lambda_ratio`);
+  the default ``r = 1`` is used when no validation split is given. Reports must say which
+  split chose it.
+* Default projection dimension ``k = 2048`` (paper: 32768) so the ``k×k`` float64 kernel fits a
+  CPU; set ``ConceptTRAKConfig.proj_dim`` for the paper's value.
+* The inversion is conditioned on the image's own prompt (no classifier-free guidance); the
+  code's toy training side inverts with ``guidance_scale = 0`` on a random negative condition
+  and the query side with CFG between ``c`` and ``c⁻``.
+* With inversion, the DSM target noise (only used with the switches off) is the noise implied
+  by the state: ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)``. (The code pairs each state with the implied
+  noise of the state one step earlier.)
+* Guidance and losses use the model output as ``ε`` and :func:`predict_x0` for ``x̂_0`` (the
+  authors' models are ε-prediction).
+* The code multiplies every loss by ``loss_rescale = 1e4``; we do not (a common scale changes
+  nothing once λ follows the ratio rule, and nothing at all with normalization).
+* A prompt with several target concepts is attributed concept by concept
+  (:func:`concept_queries`); :func:`remove_concept` deletes every whole-word occurrence of the
+  concept phrase (case-insensitive) and collapses spaces.
+
+Model function convention: ``model_fn(params, x_t[B,H,W,C], t[B] int32, ctx[B,L,D]) ->
+out[B,H,W,C]`` (:func:`unet_model_fn` builds it for the UNet port). Text conditioning enters
+as an ``encode(prompts: list[str]) -> [B, L, D]`` callable (:func:`clip_encoder` for the CLIP
+port, or any function, e.g. fixed random contexts in tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattrib.attribution.grads import merge_params, projected_grads, select_params
+from jaxattrib.attribution.projection import make_projector
+from jaxattrib.attribution.trak import score, trak_kernel_inverse
+from jaxattrib.diffusion.inversion import ddim_invert
+from jaxattrib.diffusion.losses import fixed_noise
+from jaxattrib.diffusion.schedule import Schedule, add_noise, predict_x0, training_target
+from jaxattrib.eval.metrics import precision_at_k
+
+ModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+EncodeFn = Callable[[Sequence[str]], Any]
+_AXES = (-3, -2, -1)
+DEFAULT_RATIOS = tuple(10.0 ** e for e in range(-4, 5))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptTRAKConfig:
+    """Every switch of the ablation TRAK → +concept → +training loss → +inversion → +norm.
+
+    concept_loss: query side uses L_concept (else the plain DSM loss of the query image).
+    training_loss: training side uses the reconstruction-reward loss (else plain DSM).
+    ddim_inversion: (x_t, t) pairs from DDIM inversion (else fixed noises at fixed t).
+    normalize: per-timestep unit-L2 normalization before summing.
+    concept_scale: λ_c. guidance_scale: multiplies g (1 = the code).
+    num_timesteps: K of the fixed-noise path, ``t = arange(T//K, T, T//K)``. noise_seed: its
+      noises are ``fixed_noise(noise_seed, t, shape)``.
+    inversion_steps, keep_every, inversion_spacing: DDIM inversion grid; states
+      ``xs[keep_every-1::keep_every]`` are kept.
+    param_spec: parameter subset (regex on the '/'-joined path, see ``select_params``).
+    proj_kind, proj_dim, proj_seed: the random projection (paper: k = 32768).
+    lam_ratio: r in λ = r · 0.1 · mean(diag(ΦᵀΦ)).
+    microbatch: examples per jitted feature call.
+    """
+
+    concept_loss: bool = True
+    training_loss: bool = True
+    ddim_inversion: bool = True
+    normalize: bool = True
+    concept_scale: float = 3.0
+    guidance_scale: float = 1.0
+    num_timesteps: int = 10
+    noise_seed: int = 0
+    inversion_steps: int = 50
+    keep_every: int = 5
+    inversion_spacing: str = "trailing"
+    param_spec: Any = "attn2"
+    proj_kind: str = "gaussian"
+    proj_dim: int = 2048
+    proj_seed: int = 0
+    lam_ratio: float = 1.0
+    microbatch: int = 8
+
+
+ABLATION = (
+    ("TRAK", dict(concept_loss=False, training_loss=False, ddim_inversion=False,
+                  normalize=False)),
+    ("+concept loss", dict(concept_loss=True, training_loss=False, ddim_inversion=False,
+                           normalize=False)),
+    ("+training loss", dict(concept_loss=True, training_loss=True, ddim_inversion=False,
+                            normalize=False)),
+    ("+DDIM inversion", dict(concept_loss=True, training_loss=True, ddim_inversion=True,
+                             normalize=False)),
+    ("+normalization", dict(concept_loss=True, training_loss=True, ddim_inversion=True,
+                            normalize=True)),
+)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _concept_pattern(concept: str) -> re.Pattern:
+    words = concept.strip().split()
+    if not words:
+        raise ValueError(f"concept={concept!r}: empty concept")
+    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)",
+                      re.IGNORECASE)
+
+
+def has_concept(prompt: str, concept: str) -> bool:
+    """Whether ``concept`` (a word or phrase) occurs in ``prompt`` as whole word(s)."""
+    return bool(_concept_pattern(concept).search(prompt))
+
+
+def remove_concept(prompt: str, concept: str) -> str:
+    """``c⁻``: ``prompt`` with every whole-word occurrence of ``concept`` removed.
+
+    ``remove_concept("a red circle on a blue background", "red")`` →
+    ``"a circle on a blue background"``. Raises ``ValueError`` naming both when the prompt does
+    not contain the concept.
+    """
+    pat = _concept_pattern(concept)
+    if not pat.search(prompt):
+        raise ValueError(f"prompt {prompt!r} does not contain the concept {concept!r}")
+    return " ".join(pat.sub(" ", prompt).split())
+
+
+class ConceptQuery(NamedTuple):
+    """One (prompt, concept) to attribute; ``negative`` is ``c⁻``."""
+
+    prompt: str
+    concept: str
+    negative: str
+
+
+def concept_queries(prompt: str, concepts: Sequence[str] | str) -> list[ConceptQuery]:
+    """One :class:`ConceptQuery` per concept of a (multi-concept) prompt, attributed separately."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    if not concepts:
+        raise ValueError(f"no concept given for prompt {prompt!r}")
+    return [ConceptQuery(prompt, c, remove_concept(prompt, c)) for c in concepts]
+
+
+def concept_relevance(train_prompts: Sequence[str], concepts: Sequence[str]) -> np.ndarray:
+    """Ground truth ``[Q, N]`` bool: training prompt ``i`` contains concept ``q``."""
+    return np.array([[has_concept(p, c) for p in train_prompts] for c in concepts], bool)
+
+
+# ----------------------------------------------------------------------------- model glue
+
+
+def unet_model_fn(unet_config, dtype: Any = jnp.float32) -> ModelFn:
+    """``model_fn(params, x_t, t, ctx)`` for :class:`jaxattrib.models.unet.UNet2DConditionModel`
+    computing in ``dtype``."""
+    from jaxattrib.models.unet import UNet2DConditionModel
+
+    model = UNet2DConditionModel(unet_config, dtype=dtype)
+
+    def fn(params, x_t, t, ctx):
+        return model.apply({"params": params}, x_t, t, ctx)
+
+    return fn
+
+
+def clip_encoder(text_config, text_params, tokenizer, *, max_length: int | None = None,
+                 layer: str = "last") -> EncodeFn:
+    """``encode(prompts) -> [B, L, D]`` with the CLIP text port and a ``CLIPTokenizer``."""
+    from jaxattrib.models.clip_text import encode_text
+
+    fn = jax.jit(lambda p, ids: encode_text(p, text_config, ids, layer=layer))
+
+    def encode(prompts):
+        return fn(text_params, jnp.asarray(tokenizer(list(prompts), max_length=max_length)))
+
+    return encode
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _mean(x):
+    return jnp.mean(x, axis=_AXES)
+
+
+def reconstruction_guidance(model_fn: ModelFn, params, sched: Schedule, x_t, t, x0, ctx, *,
+                            scale: float = 1.0) -> jnp.ndarray:
+    """``g = −scale · ∇_{x_t} mean_{HWC}((x̂_0(x_t) − x_0)²)`` per example, ``[B, H, W, C]``.
+
+    Parameters are frozen (``stop_gradient``): no gradient w.r.t. θ flows through ``g``.
+    Shapes: ``x_t, x0 [B,H,W,C]``, ``t [B]``, ``ctx [B,L,D]``.
+    """
+    params = jax.lax.stop_gradient(params)
+
+    def err(x):
+        x0_hat = predict_x0(sched, x, model_fn(params, x, t, ctx), t)
+        return jnp.sum(_mean((x0_hat - x0) ** 2))  # examples are independent: sum = per-example
+
+    return jax.lax.stop_gradient(-scale * jax.grad(err)(x_t))
+
+
+def training_loss(model_fn: ModelFn, params, sched: Schedule, x_t, t, x0, noise, ctx, *,
+                  reconstruction: bool = True, guidance_scale: float = 1.0,
+                  guidance: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-example training-side loss ``[B]``.
+
+    ``reconstruction=True``: ``mean((sg[ε − g] − ε)²)`` with ``g`` from
+    :func:`reconstruction_guidance` (or the given ``guidance``, treated as a constant).
+    ``reconstruction=False``: the plain DSM loss ``mean((target(x0, noise) − ε)²)``.
+    """
+    out = model_fn(params, x_t, t, ctx)
+    if not reconstruction:
+        return _mean((training_target(sched, x0, noise, t) - out) ** 2)
+    if guidance is None:
+        guidance = reconstruction_guidance(model_fn, params, sched, x_t, t, x0, ctx,
+                                           scale=guidance_scale)
+    target = jax.lax.stop_gradient(out - jax.lax.stop_gradient(guidance))
+    return _mean((target - out) ** 2)
+
+
+def concept_loss(model_fn: ModelFn, params, sched: Schedule, x_t, t, ctx, ctx_neg, *,
+                 concept: bool = True, scale: float = 3.0, x0=None, noise=None) -> jnp.ndarray:
+    """Per-example query-side loss ``[B]``.
+
+    ``concept=True``: ``mean((sg[ε_c + λ_c(ε_c − sg ε_c⁻)] − ε_c)²)`` (λ_c = ``scale``).
+    ``concept=False``: the plain DSM loss of ``(x0, noise)`` under ``ctx`` (TRAK; ``ctx_neg``
+    unused, ``x0`` and ``noise`` required).
+    """
+    out = model_fn(params, x_t, t, ctx)
+    if not concept:
+        if x0 is None or noise is None:
+            raise ValueError("concept=False (plain DSM) needs x0 and noise")
+        return _mean((training_target(sched, x0, noise, t) - out) ** 2)
+    out_neg = jax.lax.stop_gradient(model_fn(params, x_t, t, ctx_neg))
+    target = jax.lax.stop_gradient(out + scale * (out - out_neg))
+    return _mean((target - out) ** 2)
+
+
+# ----------------------------------------------------------------------------- (x_t, t) pairs
+
+
+def fixed_timesteps(K: int, T: int = 1000) -> np.ndarray:
+    """``arange(T//K, T, T//K)`` int32 (K = 10 → 100, …, 900) [code]."""
+    if not 1 <= K <= T:
+        raise ValueError(f"num_timesteps={K}: expected 1..{T}")
+    return np.arange(T // K, T, T // K, dtype=np.int32)
+
+
+def implied_noise(sched: Schedule, x_t, x0, t) -> jnp.ndarray:
+    """``(x_t − √ᾱ_t x0)/√(1−ᾱ_t)``: the noise that maps ``x0`` to ``x_t`` at ``t``."""
+    a = sched.alphas_cumprod[t].reshape(t.shape + (1,) * (x_t.ndim - t.ndim)).astype(x_t.dtype)
+    return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+
+def timestep_pairs(model_fn: ModelFn, params, sched: Schedule, x0, ctx,
+                   config: ConceptTRAKConfig):
+    """(x_t, t) pairs for a batch: ``(xts [B,K,H,W,C], ts [B,K] int32, noise [B,K,H,W,C])``.
+
+    Inversion: DDIM inversion of ``x0`` conditioned on ``ctx`` (``config.inversion_steps``,
+    ``trailing`` spacing), states ``[keep_every-1::keep_every]``, noise implied by each state.
+    Otherwise ``add_noise(x0, fixed_noise(noise_seed, t), t)`` for :func:`fixed_timesteps`.
+    """
+    B = x0.shape[0]
+    if config.ddim_inversion:
+        eps_fn = lambda x, t, c: model_fn(params, x, t, c)  # noqa: E731
+        _, traj = ddim_invert(eps_fn, sched, x0, ctx, config.inversion_steps,
+                              return_trajectory=True, timestep_spacing=config.inversion_spacing,
+                              steps_offset=0)
+        sel = slice(config.keep_every - 1, None, config.keep_every)
+        xts = jnp.swapaxes(traj.xs[sel], 0, 1)  # [B, K, ...]
+        ts = jnp.broadcast_to(traj.timesteps[sel][None], (B, xts.shape[1])).astype(jnp.int32)
+        noise = implied_noise(sched, xts, x0[:, None], ts)
+        return xts, ts, noise
+    ts1 = jnp.asarray(fixed_timesteps(config.num_timesteps, sched.num_train_timesteps))
+    shape = x0.shape[1:]
+    n1 = jax.vmap(lambda t: fixed_noise(config.noise_seed, t, shape, x0.dtype))(ts1)  # [K,...]
+    noise = jnp.broadcast_to(n1[None], (B,) + n1.shape)
+    ts = jnp.broadcast_to(ts1[None], (B, ts1.shape[0]))
+    xts = jax.vmap(jax.vmap(lambda x, n, t: add_noise(sched, x, n, t), in_axes=(None, 0, 0)))(
+        x0, noise, ts)
+    return xts, ts, noise
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def normalize_per_timestep(grads):
+    """Each ``[K, ...]`` slice of the tree scaled to unit global L2 norm (zero slices kept)."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    sq = sum(jnp.sum(jnp.reshape(l, (l.shape[0], -1)) ** 2, axis=1) for l in leaves)
+    norm = jnp.sqrt(sq)
+    inv = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return jax.tree_util.tree_map(
+        lambda l: l * inv.reshape((-1,) + (1,) * (l.ndim - 1)).astype(l.dtype), grads)
+
+
+def _side_loss(side: str, model_fn, sched, config):
+    """Scalar loss of one (x_t, t) of one example: ``(params, ex, x_t, t, noise) -> []``."""
+
+    def loss(params, ex, x_t, t, noise):
+        b = lambda a: a[None]  # noqa: E731
+        if side == "train":
+            g = None if ex.get("guidance") is None else b(ex["guidance"])
+            return training_loss(model_fn, params, sched, b(x_t), b(t), b(ex["x0"]), b(noise),
+                                 b(ex["ctx"]), reconstruction=config.training_loss,
+                                 guidance_scale=config.guidance_scale, guidance=g)[0]
+        return concept_loss(model_fn, params, sched, b(x_t), b(t), b(ex["ctx"]),
+                            b(ex["ctx_neg"]), concept=config.concept_loss,
+                            scale=config.concept_scale, x0=b(ex["x0"]), noise=b(noise))[0]
+
+    return loss
+
+
+def summed_grads(side: str, model_fn: ModelFn, sched: Schedule, config: ConceptTRAKConfig,
+                 trainable, frozen, ex):
+    """One example's feature before projection: Σ_t (normalized) ∇_θ loss_t (trainable tree).
+
+    ``ex``: dict with ``x0 [H,W,C]``, ``ctx [L,D]``, (query) ``ctx_neg [L,D]``, ``xts [K,H,W,C]``,
+    ``ts [K]``, ``noise [K,H,W,C]``. ``side``: ``'train'`` or ``'query'``.
+    """
+    loss = _side_loss(side, model_fn, sched, config)
+    full = merge_params(trainable, frozen)
+    ex = dict(ex)
+    if side == "train" and config.training_loss:
+        # guidance with θ frozen, computed once per (x_t, t) outside the θ-gradient
+        ex["guidance"] = None
+        gs = reconstruction_guidance(
+            model_fn, full, sched, ex["xts"], ex["ts"],
+            jnp.broadcast_to(ex["x0"][None], ex["xts"].shape),
+            jnp.broadcast_to(ex["ctx"][None], (ex["ts"].shape[0],) + ex["ctx"].shape),
+            scale=config.guidance_scale)
+    else:
+        gs = None
+
+    def one_t(tr, x_t, t, noise, g):
+        e = dict(ex, guidance=g) if gs is not None else dict(ex, guidance=None)
+        return loss(merge_params(tr, frozen), e, x_t, t, noise)
+
+    if gs is None:
+        grads = jax.vmap(lambda x, t, n: jax.grad(one_t)(trainable, x, t, n, None))(
+            ex["xts"], ex["ts"], ex["noise"])
+    else:
+        grads = jax.vmap(lambda x, t, n, g: jax.grad(one_t)(trainable, x, t, n, g))(
+            ex["xts"], ex["ts"], ex["noise"], gs)
+    if config.normalize:
+        grads = normalize_per_timestep(grads)
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
+
+
+def make_side_feature_fn(side: str, model_fn: ModelFn, sched: Schedule, params, projector,
+                         config: ConceptTRAKConfig):
+    """A jitted ``(examples[B], keys[B]) -> [B, k]`` (keys unused) for ``projected_grads``."""
+    split = select_params(params, config.param_spec)
+
+    @jax.jit
+    def feats(trainable, frozen, examples):
+        g = jax.vmap(lambda e: summed_grads(side, model_fn, sched, config, trainable, frozen,
+                                            e))(examples)
+        return projector.project(g)
+
+    return lambda ex, keys: feats(split.trainable, split.frozen, ex)
+
+
+def build_examples(model_fn: ModelFn, params, sched: Schedule, images, contexts,
+                   config: ConceptTRAKConfig, neg_contexts=None, *, batch: int = 8) -> dict:
+    """Per-example inputs (numpy, leading axis n) incl. the (x_t, t) pairs, in batches."""
+    pair_fn = jax.jit(lambda p, x, c: timestep_pairs(model_fn, p, sched, x, c, config))
+    images, contexts = np.asarray(images), np.asarray(contexts)
+    parts = []
+    for lo in range(0, images.shape[0], batch):
+        x, c = jnp.asarray(images[lo:lo + batch]), jnp.asarray(contexts[lo:lo + batch])
+        xts, ts, noise = pair_fn(params, x, c)
+        parts.append((np.asarray(xts), np.asarray(ts), np.asarray(noise)))
+    ex = {"x0": images, "ctx": contexts, "xts": np.concatenate([p[0] for p in parts]),
+          "ts": np.concatenate([p[1] for p in parts]),
+          "noise": np.concatenate([p[2] for p in parts])}
+    if neg_contexts is not None:
+        ex["ctx_neg"] = np.asarray(neg_contexts)
+    return ex
+
+
+def make_concept_projector(params, config: ConceptTRAKConfig):
+    """The projector over ``select_params(params, config.param_spec).trainable``."""
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32),
+                                    select_params(params, config.param_spec).trainable)
+    return make_projector(config.proj_kind, config.proj_dim, config.proj_seed, shapes)
+
+
+def train_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
+                   config: ConceptTRAKConfig, projector=None) -> np.ndarray:
+    """Φ ``[N, k]``: projected (normalized, summed) training-loss gradients."""
+    projector = projector or make_concept_projector(params, config)
+    ex = build_examples(model_fn, params, sched, images, contexts, config,
+                        batch=config.microbatch)
+    fn = make_side_feature_fn("train", model_fn, sched, params, projector, config)
+    return projected_grads(fn, ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+
+
+def query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
+                   neg_contexts, config: ConceptTRAKConfig, projector=None) -> np.ndarray:
+    """φ ``[Q, k]``: projected (normalized, summed) concept-loss gradients of the queries."""
+    projector = projector or make_concept_projector(params, config)
+    ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
+                        batch=config.microbatch)
+    fn = make_side_feature_fn("query", model_fn, sched, params, projector, config)
+    return projected_grads(fn, ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+
+
+# ----------------------------------------------------------------------------- scoring, λ
+
+
+def lambda_from_ratio(Phi_train, ratio: float) -> float:
+    """``λ = ratio · 0.1 · mean(diag(ΦᵀΦ))`` = ``ratio · 0.1 · Σ_i ||φ_i||² / k``."""
+    Phi = np.asarray(Phi_train, np.float64)
+    return float(ratio * 0.1 * np.mean(np.sum(Phi * Phi, axis=0)))
+
+
+def scores_from_features(phi_query, Phi_train, ratio: float) -> np.ndarray:
+    """``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` with the ratio rule, ``[Q, N]`` (float64 solve)."""
+    lam = lambda_from_ratio(Phi_train, ratio)
+    kinv = trak_kernel_inverse(Phi_train, lam)
+    return np.asarray(score(phi_query, Phi_train, kinv, dtype=np.float64)).T
+
+
+def choose_lambda_ratio(Phi_train, phi_val, val_relevant, ratios: Sequence[float] =
+                        DEFAULT_RATIOS, *, k: int = 10):
+    """Sweeps ``r`` on a *validation* split by mean Precision@k; ``(best_r, table)``.
+
+    ``phi_val [Q_val, k]``, ``val_relevant [Q_val, N]`` bool. ``table``: list of
+    ``{'ratio', 'lambda', 'precision_at_k'}`` in the order of ``ratios``; ties → the first.
+    Pass validation queries only — never the evaluation queries.
+    """
+    if not len(ratios):
+        raise ValueError("ratios is empty")
+    val_relevant = np.asarray(val_relevant, bool)
+    table = []
+    for r in ratios:
+        s = scores_from_features(phi_val, Phi_train, float(r))
+        table.append({"ratio": float(r), "lambda": lambda_from_ratio(Phi_train, float(r)),
+                      "precision_at_k": float(np.nanmean(precision_at_k(s, val_relevant, k)))})
+    best = max(table, key=lambda row: row["precision_at_k"])  # max returns the first maximum
+    return best["ratio"], table
+
+
+def _contexts(encode: EncodeFn | None, contexts, prompts, name):
+    if contexts is not None:
+        return np.asarray(contexts)
+    if encode is None:
+        raise ValueError(f"{name}: give either an encode function or precomputed contexts")
+    return np.asarray(encode(list(prompts)))
+
+
+def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train_images,
+                        train_prompts, query_images, query_prompts, concepts,
+                        config: ConceptTRAKConfig = ConceptTRAKConfig(),
+                        sched: Schedule | None = None, *, model_fn: ModelFn | None = None,
+                        train_contexts=None, return_features: bool = False):
+    """Concept-TRAK scores ``[Q, N]`` of ``N`` training images for ``Q`` (query, concept) rows.
+
+    Args:
+      unet_config, unet_params: the UNet port (or pass ``model_fn`` and any params).
+      encode: ``encode(prompts) -> [B, L, D]`` (:func:`clip_encoder`); may be None when
+        ``train_contexts`` is given and the query side needs no text (never: queries need c,
+        c⁻), so in practice always given.
+      train_images ``[N,H,W,C]`` (pixels in [-1,1] or scaled latents), train_prompts ``[N]``.
+      query_images ``[Q,H,W,C]``, query_prompts ``[Q]``, concepts ``[Q]`` (one concept per row;
+        expand multi-concept prompts with :func:`concept_queries`).
+      config: switches and sizes. sched: default ``make_schedule()`` (DDPM linear, 1000 steps).
+      return_features: also return ``(Phi_train, phi_query)``.
+    Larger score = more attributed. Raises ``ValueError`` if a query prompt lacks its concept.
+    """
+    from jaxattrib.diffusion.schedule import make_schedule
+
+    sched = sched or make_schedule()
+    model_fn = model_fn or unet_model_fn(unet_config)
+    if not len(query_prompts) == len(concepts) == len(query_images):
+        raise ValueError(f"query_images ({len(query_images)}), query_prompts "
+                         f"({len(query_prompts)}) and concepts ({len(concepts)}) must align")
+    negs = [remove_concept(p, c) for p, c in zip(query_prompts, concepts)]
+    ctx_tr = _contexts(encode, train_contexts, train_prompts, "train")
+    ctx_q = _contexts(encode, None, query_prompts, "query")
+    ctx_n = _contexts(encode, None, negs, "query c⁻")
+    projector = make_concept_projector(unet_params, config)
+    Phi = train_features(model_fn, unet_params, sched, train_images, ctx_tr, config, projector)
+    phi = query_features(model_fn, unet_params, sched, query_images, ctx_q, ctx_n, config,
+                         projector)
+    s = scores_from_features(phi, Phi, config.lam_ratio)
+    return (s, (Phi, phi)) if return_features else s
+
+
+def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, train_prompts,
+                   query_images, query_prompts, concepts,
+                   config: ConceptTRAKConfig = ConceptTRAKConfig(),
+                   sched: Schedule | None = None, *, k: int = 10, val_images=None,
+                   val_prompts=None, val_concepts=None,
+                   ratios: Sequence[float] = DEFAULT_RATIOS, model_fn: ModelFn | None = None,
+                   settings=ABLATION) -> list[dict]:
+    """Precision@k of the five settings (TRAK → … → +normalization) on the given queries.
+
+    Each row: ``{'setting', 'precision_at_k' (mean over queries), 'per_query', 'ratio',
+    'ratio_split', 'sweep'}``. With a validation split (``val_*``), ``r`` is chosen per setting
+    on it (:func:`choose_lambda_ratio`, ``'ratio_split' = 'validation'``); otherwise
+    ``config.lam_ratio`` is used (``'ratio_split' = 'fixed'``). Relevance: a training prompt
+    contains the query's concept (:func:`concept_relevance`).
+    """
+    from jaxattrib.diffusion.schedule import make_schedule
+
+    sched = sched or make_schedule()
+    model_fn = model_fn or unet_model_fn(unet_config)
+    ctx_tr = np.asarray(encode(list(train_prompts)))
+    rel = concept_relevance(train_prompts, concepts)
+    projector = make_concept_projector(unet_params, config)
+
+    def q_inputs(prompts, cs):
+        negs = [remove_concept(p, c) for p, c in zip(prompts, cs)]
+        return np.asarray(encode(list(prompts))), np.asarray(encode(negs))
+
+    cq, cn = q_inputs(query_prompts, concepts)
+    use_val = val_images is not None
+    if use_val:
+        vq, vn = q_inputs(val_prompts, val_concepts)
+        vrel = concept_relevance(train_prompts, val_concepts)
+    train_cache, query_cache, rows = {}, {}, []
+    for name, switches in settings:
+        cfg = dataclasses.replace(config, **switches)
+        tkey = (cfg.training_loss, cfg.ddim_inversion, cfg.normalize)
+        qkey = (cfg.concept_loss, cfg.ddim_inversion, cfg.normalize)
+        if tkey not in train_cache:
+            train_cache[tkey] = train_features(model_fn, unet_params, sched, train_images,
+                                               ctx_tr, cfg, projector)
+        if qkey not in query_cache:
+            q = query_features(model_fn, unet_params, sched, query_images, cq, cn, cfg,
+                               projector)
+            v = (query_features(model_fn, unet_params, sched, val_images, vq, vn, cfg,
+                                projector) if use_val else None)
+            query_cache[qkey] = (q, v)
+        Phi = train_cache[tkey]
+        phi, phi_val = query_cache[qkey]
+        sweep = None
+        ratio = cfg.lam_ratio
+        if use_val:
+            ratio, sweep = choose_lambda_ratio(Phi, phi_val, vrel, ratios, k=k)
+        s = scores_from_features(phi, Phi, ratio)
+        per_q = precision_at_k(s, rel, k)
+        rows.append({"setting": name, "precision_at_k": float(np.nanmean(per_q)),
+                     "per_query": np.asarray(per_q), "ratio": ratio,
+                     "ratio_split": "validation" if use_val else "fixed", "sweep": sweep})
+    return rows
+
+
+__all__ = [
+    "ABLATION", "ConceptQuery", "ConceptTRAKConfig", "DEFAULT_RATIOS", "ablation_table",
+    "choose_lambda_ratio", "clip_encoder", "concept_loss", "concept_queries",
+    "concept_relevance", "concept_trak_scores", "fixed_timesteps", "has_concept",
+    "implied_noise", "lambda_from_ratio", "make_concept_projector", "make_side_feature_fn",
+    "normalize_per_timestep", "query_features", "reconstruction_guidance", "remove_concept",
+    "scores_from_features", "summed_grads", "timestep_pairs", "train_features",
+    "training_loss", "unet_model_fn",
+]
