@@ -1,0 +1,161 @@
+"""LDS harness: subset drawing, resumable retraining cache, fixed-noise target losses, and an
+end-to-end run on a linear "model" whose exact influence is known (LDS ≈ 1 by construction)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattrib import parallel
+from jaxattrib.diffusion.schedule import make_schedule
+from jaxattrib.eval import lds as lds_lib
+from jaxattrib.eval.metrics import lds
+
+
+def test_draw_subsets_exact_fraction_and_determinism():
+    masks = lds_lib.draw_subsets(101, 12, 0.5, jax.random.PRNGKey(3))
+    assert masks.shape == (12, 101) and masks.dtype == np.bool_
+    np.testing.assert_array_equal(masks.sum(1), np.full(12, round(0.5 * 101)))
+    np.testing.assert_array_equal(masks, lds_lib.draw_subsets(101, 12, 0.5, jax.random.PRNGKey(3)))
+    # subset j does not depend on S; different keys / subsets differ
+    np.testing.assert_array_equal(masks[:5], lds_lib.draw_subsets(101, 5, 0.5,
+                                                                  jax.random.PRNGKey(3)))
+    assert not np.array_equal(masks, lds_lib.draw_subsets(101, 12, 0.5, jax.random.PRNGKey(4)))
+    assert len({m.tobytes() for m in masks}) == 12
+    # every example is drawn about half the time
+    many = lds_lib.draw_subsets(50, 200, 0.3, 0)
+    np.testing.assert_array_equal(many.sum(1), np.full(200, 15))
+    assert abs(many.mean() - 0.3) < 1e-12 and many.mean(0).min() > 0.15
+    with pytest.raises(ValueError, match="alpha"):
+        lds_lib.draw_subsets(10, 2, 1.0, 0)
+    with pytest.raises(ValueError, match="members"):
+        lds_lib.draw_subsets(3, 2, 0.1, 0)
+
+
+def test_retrain_subsets_caches_and_resumes(tmp_path):
+    masks = lds_lib.draw_subsets(10, 3, 0.5, 0)
+    calls = []
+
+    class Crash(RuntimeError):
+        pass
+
+    def train_fn(idx, seed, crash_after=None):
+        if crash_after is not None and len(calls) == crash_after:
+            raise Crash
+        calls.append((tuple(idx), seed))
+        return {"w": np.asarray(idx, np.float32) + seed, "b": {"c": np.float32(seed)}}
+
+    with pytest.raises(Crash):
+        lds_lib.retrain_subsets(lambda i, s: train_fn(i, s, crash_after=4), masks, [0, 1],
+                                tmp_path, fingerprint="f", progress=None)
+    assert len(calls) == 4
+    trained = lds_lib.retrain_subsets(train_fn, masks, [0, 1], tmp_path, fingerprint="f",
+                                      progress=None)
+    assert trained == [(2, 0), (2, 1)] and len(calls) == 6
+    # each model got its own subset's indices and seed, and round-trips
+    for j in range(3):
+        for s in (0, 1):
+            assert (tuple(np.nonzero(masks[j])[0]), s) in calls
+            p = lds_lib.load_model(tmp_path, j, s)
+            np.testing.assert_array_equal(p["w"], np.nonzero(masks[j])[0] + s)
+            assert float(p["b"]["c"]) == s
+    assert lds_lib.retrain_subsets(train_fn, masks, [0, 1], tmp_path, fingerprint="f",
+                                   progress=None) == []
+    assert json.loads((tmp_path / lds_lib.MANIFEST).read_text())["seeds"] == [0, 1]
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="seeds"):
+        lds_lib.retrain_subsets(train_fn, masks, [0], tmp_path, fingerprint="f", progress=None)
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="masks_sha256"):
+        lds_lib.retrain_subsets(train_fn, ~masks, [0, 1], tmp_path, fingerprint="f",
+                                progress=None)
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="fingerprint"):
+        lds_lib.retrain_subsets(train_fn, masks, [0, 1], tmp_path, fingerprint="g",
+                                progress=None)
+
+    # measured outputs: averaged over seeds, cached per model
+    n_meas = []
+
+    def measure(p):
+        n_meas.append(1)
+        return np.array([p["w"].sum(), float(p["b"]["c"])])
+
+    out = lds_lib.actual_outputs(tmp_path, measure, name="toy")
+    want = np.stack([[np.nonzero(masks[j])[0].sum() + 5 * 0.5, 0.5] for j in range(3)])
+    np.testing.assert_allclose(out, want)
+    assert len(n_meas) == 6
+    np.testing.assert_allclose(lds_lib.actual_outputs(tmp_path, measure, name="toy"), want)
+    assert len(n_meas) == 6  # all cached
+    np.testing.assert_allclose(lds_lib.actual_outputs(tmp_path, measure, name="toy", seeds=[1]),
+                               want + np.array([2.5, 0.5]))
+
+
+def _toy_eps(params, x_t, t, ctx):
+    """A denoiser with every input mattering: channel mix + time + conditioning."""
+    return (jnp.einsum("bhwc,cd->bhwd", x_t, params["w"]) + params["b"] * t[:, None, None, None]
+            / 1000.0 + ctx.mean(axis=(1, 2))[:, None, None, None])
+
+
+def test_target_losses_match_direct_computation():
+    sched = make_schedule(1000, prediction_type="epsilon")
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 3)).astype(np.float32) * 0.3,
+              "b": np.float32(0.7)}
+    T = 5
+    targets = {"x0": rng.uniform(-1, 1, (T, 4, 4, 3)).astype(np.float32),
+               "ctx": rng.normal(size=(T, 2, 6)).astype(np.float32)}
+    ts, R = [0, 250, 999], 2
+    got = lds_lib.target_losses(_toy_eps, params, sched, targets, ts, noise_seed=7, n_noise=R)
+
+    ac = np.asarray(sched.alphas_cumprod, np.float64)
+    want = np.zeros(T)
+    for r in range(R):
+        for t in ts:
+            eps = np.asarray(jax.random.normal(
+                jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), r), t),
+                (4, 4, 3)), np.float64)
+            x_t = np.sqrt(ac[t]) * targets["x0"] + np.sqrt(1 - ac[t]) * eps
+            out = (np.einsum("bhwc,cd->bhwd", x_t, params["w"]) + params["b"] * t / 1000.0
+                   + targets["ctx"].mean(axis=(1, 2))[:, None, None, None])
+            want += ((eps - out) ** 2).mean(axis=(1, 2, 3))
+    want /= R * len(ts)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    assert got.shape == (T,) and got.dtype == np.float64
+    # sharded over 8 devices (padded 5 -> 8) and in small batches: same numbers
+    mesh = parallel.make_mesh(8)
+    np.testing.assert_allclose(lds_lib.target_losses(_toy_eps, params, sched, targets, ts,
+                                                     noise_seed=7, n_noise=R, mesh=mesh),
+                               got, rtol=1e-6)
+    np.testing.assert_allclose(lds_lib.target_losses(_toy_eps, params, sched, targets, ts,
+                                                     noise_seed=7, n_noise=R, batch_size=2),
+                               got, rtol=1e-6)
+    # another noise seed gives other values (the noise is really used)
+    other = lds_lib.target_losses(_toy_eps, params, sched, targets, ts, noise_seed=8, n_noise=R)
+    assert np.abs(other - got).max() > 1e-3
+
+
+def test_end_to_end_linear_model_exact_influence_has_lds_one(tmp_path):
+    """θ_S = Σ_{i∈S} y_i x_i (+ small seed noise); output g_S(z) = ⟨θ_S, z⟩. The exact influence
+    of example i on z is y_i ⟨x_i, z⟩, so Σ_{i∈S} τ_i = g_S(z) up to the seed noise: LDS ≈ 1."""
+    rng = np.random.default_rng(1)
+    n, d, T = 60, 5, 12
+    X = rng.normal(size=(n, d))
+    y = rng.normal(size=n)
+    Z = rng.normal(size=(T, d))
+    masks = lds_lib.draw_subsets(n, 32, 0.5, jax.random.PRNGKey(0))
+
+    def train_fn(idx, seed):
+        noise = np.random.default_rng(seed).normal(size=d) * 0.01
+        return {"theta": (y[idx, None] * X[idx]).sum(0) + noise}
+
+    lds_lib.retrain_subsets(train_fn, masks, [0, 1], tmp_path, progress=None)
+    actual = lds_lib.actual_outputs(tmp_path, lambda p: Z @ p["theta"], name="lin")
+    exact = (Z @ (y[:, None] * X).T)  # [T, n]
+    res = lds(exact, masks, actual)
+    assert res.mean > 0.99 and res.n_valid == T
+    assert lds(exact, masks, actual, sign=-1).mean < -0.99
+    rand = lds(rng.normal(size=(T, n)), masks, actual)
+    assert abs(rand.mean) < 0.2
+    # a partly wrong attribution (half the examples' influence dropped) lands in between
+    half = exact * (np.arange(n) % 2 == 0)
+    assert 0.2 < lds(half, masks, actual).mean < 0.95
