@@ -13,6 +13,9 @@ Our design [design]:
   padded by repeating its last example and the padded rows dropped), so there is one compile.
 * With a mesh, each microbatch is sharded over its ``'data'`` axis (``NamedSharding``); the
   projection is regenerated from its key on every device (replicated by seed, not transfer).
+  The global microbatch is assembled with ``jax.make_array_from_callback``: every process
+  reads only the rows its own devices hold, so the same code is correct on one process and on
+  a multi-host mesh (the features are then all-gathered to every process's host memory).
 * The factored (LoGra) projection needs each Dense layer's inputs and output gradients. We get
   them from an unmodified model with ``flax.linen.intercept_methods``: the interceptor records the
   input of every intercepted ``nn.Dense.__call__`` and adds a zero *perturbation* array to its
@@ -212,7 +215,10 @@ def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
     ``feature_fn``: from :func:`make_feature_fn`. Example ``j`` gets key
     ``fold_in(key, start + j)`` (global index, so chunking does not change features).
     With ``mesh``, each microbatch is sharded over its ``'data'`` axis; ``microbatch`` is rounded
-    up to a multiple of that axis' size.
+    up to a multiple of that axis' size. On several processes (a mesh over the devices of all
+    processes) every process must call this with the same arguments; each one reads only the
+    rows of ``examples`` that its own devices hold (``examples`` may be memory-mapped), and
+    every process returns the full ``[n, k]``.
     """
     n = _num_examples(examples)
     if mesh is not None:
@@ -223,10 +229,36 @@ def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
     for lo in range(0, n, microbatch):
         hi = min(lo + microbatch, n)
         idx = np.minimum(np.arange(lo, lo + microbatch), hi - 1)  # pad with the last example
-        ex = _take(examples, idx)
         keys = example_keys(key, start + lo, start + lo + microbatch)
-        if mesh is not None:
-            ex = jax.device_put(ex, sharding)
-            keys = jax.device_put(keys, sharding)
-        out.append(np.asarray(feature_fn(ex, keys))[: hi - lo])
+        if mesh is None:
+            feats = np.asarray(feature_fn(_take(examples, idx), keys))
+        else:
+            ex = jax.tree_util.tree_map(lambda a: _global_rows(a, idx, sharding), examples)
+            feats = _to_host(feature_fn(ex, _global_keys(keys, sharding)))
+        out.append(feats[: hi - lo])
     return np.concatenate(out, 0)
+
+
+def _global_rows(leaf, idx: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """``leaf[idx]`` as a global array sharded by ``sharding``; this process reads only the
+    rows of its addressable devices."""
+    shape = (len(idx),) + tuple(np.shape(leaf)[1:])
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: np.asarray(leaf[idx[index[0]]])[(slice(None),)
+                                                                         + tuple(index[1:])])
+
+
+def _global_keys(keys: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """Per-example keys (computed identically on every process) placed like the examples."""
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    data = np.asarray(jax.random.key_data(keys) if typed else keys)
+    glob = _global_rows(data, np.arange(len(data)), sharding)
+    return jax.random.wrap_key_data(glob, impl=jax.random.key_impl(keys)) if typed else glob
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as numpy on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -18,6 +18,11 @@ Our design [design]:
   reduced on the fly to the top-k training examples per query (:func:`topk_scores`).
 * The λ sweep (:func:`choose_lambda`) runs on a *validation* split with a caller-supplied metric;
   evaluation targets must never be passed to it.
+* Multi-process featurization (``jax.distributed``, a mesh over the devices of all
+  processes): every process runs :func:`featurize` with the same arguments, computes the
+  microbatch rows of its own devices, and gets the whole chunk back; only process 0 writes
+  store chunks (the list of chunks to compute is taken from process 0, so the other
+  processes need not see the store's files). The store is identical to a single-process one.
 * Output functions (DSM loss, D-TRAK's norms, …) live in ``jaxattrib/diffusion/losses.py``;
   here ``out_fn(params, example, key) -> scalar`` is arbitrary.
 """
@@ -31,7 +36,7 @@ import numpy as np
 import scipy.linalg
 from jax.sharding import Mesh
 
-from .grads import _num_examples, _take, make_feature_fn, projected_grads, select_params
+from .grads import _num_examples, make_feature_fn, projected_grads, select_params
 from .store import ChunkedArray, StoreMismatchError, _canonical
 
 ArrayLike = Any  # np.ndarray | ChunkedArray
@@ -57,9 +62,14 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
       microbatch: examples per jitted call (rounded up to a multiple of the mesh's data axis).
       mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it.
       key: base key (or int seed); example ``i`` uses ``fold_in(key, i)``.
-      on_chunk: called with the chunk index after it is written.
+      on_chunk: called with the chunk index after it is written (on every process).
     Returns:
-      ``store``, complete.
+      ``store``, complete (on process 0's file system when several processes run).
+
+    On several processes, call it on every process with the same arguments and a ``mesh``
+    spanning all of them (without one each process computes every row itself); the store's
+    folder must have been opened (created) before, e.g. by process 0 then a barrier. Only
+    process 0 writes chunks, and all processes return after the last chunk is written.
     """
     n = _num_examples(dataset_examples)
     if store.shape != (n, projector.k):
@@ -80,22 +90,36 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
                              "select_params(params, spec).trainable")
     key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
     fn = make_feature_fn(out_fn, params, projector, spec=spec, remat=remat)
+    multi = jax.process_count() > 1
+    writer = jax.process_index() == 0
     todo = store.missing_chunks()
+    if multi:  # process 0's view of the store decides, so all processes run the same chunks
+        from jax.experimental import multihost_utils
+        mask = np.zeros(store.n_chunks, np.int32)
+        mask[todo] = 1
+        mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+        todo = [int(i) for i in np.nonzero(mask)[0]]
     bar = None
-    if progress and todo:
+    if progress and todo and writer:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"featurize {store.folder.name}", unit="chunk")
     for i in todo:
         start, stop = store.chunk_range(i)
-        ex = _take(dataset_examples, np.arange(start, stop))
+        # a view (no copy for numpy / memmap leaves): projected_grads reads only the rows of
+        # this process's devices
+        ex = jax.tree_util.tree_map(lambda a: a[start:stop], dataset_examples)
         feats = projected_grads(fn, ex, key, start=start, microbatch=microbatch, mesh=mesh)
-        store.write_chunk(i, feats)
+        if writer:
+            store.write_chunk(i, feats)
         if bar is not None:
             bar.update(1)
         if on_chunk is not None:
             on_chunk(i)
     if bar is not None:
         bar.close()
+    if multi:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"featurize {store.folder}")
     return store
 
 

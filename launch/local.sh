@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Starts NUM_PROCESSES local JAX processes on loopback (CPU devices) running the same command:
+#
+#   launch/local.sh [--dry-run] [featurize|train] CONFIG [NUM_PROCESSES] [--set KEY=VALUE ...]
+#
+# Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+# (read by jaxattrib.parallel.initialize_distributed) and DEVICES_PER_PROCESS emulated CPU
+# devices; collectives use gloo. The command defaults to 'featurize', NUM_PROCESSES to 2.
+# Environment: PYTHON (default: the repository's .venv, else python3), PORT (default: a free
+# port), DEVICES_PER_PROCESS (default 1), LOG_DIR (default: none, output goes to the terminal
+# prefixed by the process id).
+# --dry-run validates the config (python -m jaxattrib.launch ... --dry-run) and prints the
+# commands without starting anything. The exit status is non-zero if any process fails.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY=0
+CMD=featurize
+POS=()
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --set) EXTRA+=("--set" "$2"); shift 2 ;;
+    --set=*) EXTRA+=("--set" "${1#--set=}"); shift ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) POS+=("$1"); shift ;;
+  esac
+done
+if [ ${#POS[@]} -gt 0 ] && { [ "${POS[0]}" = featurize ] || [ "${POS[0]}" = train ]; }; then
+  CMD="${POS[0]}"; POS=("${POS[@]:1}")
+fi
+if [ ${#POS[@]} -lt 1 ] || [ ${#POS[@]} -gt 2 ]; then
+  echo "usage: launch/local.sh [--dry-run] [featurize|train] CONFIG [NUM_PROCESSES] [--set KEY=VALUE ...]" >&2
+  exit 2
+fi
+CONFIG="${POS[0]}"
+NPROC="${POS[1]:-2}"
+case "$NPROC" in ''|*[!0-9]*) echo "local.sh: NUM_PROCESSES must be a positive integer, got '$NPROC'" >&2; exit 2 ;; esac
+[ "$NPROC" -ge 1 ] || { echo "local.sh: NUM_PROCESSES must be >= 1" >&2; exit 2; }
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"
+if [ -z "${PORT:-}" ]; then
+  PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+proc_env() {  # the environment of process $1
+  echo "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS" \
+       "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT" \
+       "JAX_NUM_PROCESSES=$NPROC JAX_PROCESS_ID=$1"
+}
+ARGS=("$CMD" "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}")
+
+if [ "$DRY" = 1 ]; then
+  "$PYTHON" -m jaxattrib.launch "${ARGS[@]}" --dry-run
+  for ((i = 0; i < NPROC; i++)); do
+    echo "env $(proc_env "$i") $PYTHON -m jaxattrib.launch ${ARGS[*]}"
+  done
+  exit 0
+fi
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup INT TERM
+for ((i = 0; i < NPROC; i++)); do
+  if [ -n "${LOG_DIR:-}" ]; then
+    mkdir -p "$LOG_DIR"
+    env $(proc_env "$i") "$PYTHON" -m jaxattrib.launch "${ARGS[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  else
+    env $(proc_env "$i") "$PYTHON" -m jaxattrib.launch "${ARGS[@]}" 2>&1 | sed -u "s/^/[$i] /" &
+  fi
+  PIDS+=("$!")
+done
+STATUS=0
+for p in "${PIDS[@]}"; do wait "$p" || STATUS=$?; done
+exit "$STATUS"
