@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxattrib import launch
 from jaxattrib.attribution.grads import select_params
@@ -177,3 +178,51 @@ def test_launcher_featurize_8_devices_equals_1(tmp_path, capsys):
     assert launch.main(["featurize", TINY, "--set", f"out_dir={out}", "--distributed", "off",
                         "--no-progress"]) == 0
     np.testing.assert_array_equal(_features(out / "features" / "init"), got)
+
+
+ROWS_SCRIPT = r'''
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+from jaxattrib import parallel
+assert parallel.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+import numpy as np
+import pytest
+from jaxattrib.attribution import grads as gr
+
+
+class Recording:
+    """An array-like leaf that records which rows are read."""
+    def __init__(self, a):
+        self.a, self.shape, self.rows = a, a.shape, set()
+
+    def __getitem__(self, idx):
+        self.rows.update(np.atleast_1d(np.arange(len(self.a))[idx]).tolist())
+        return self.a[idx]
+
+
+x = Recording(np.arange(16 * 3, dtype=np.float32).reshape(16, 3))
+fn = jax.jit(lambda ex, keys: ex["x"] * 2.0 + jax.random.key_data(keys)[:, :1] * 0)
+feats = gr.projected_grads(fn, {"x": x}, jax.random.PRNGKey(0), microbatch=8,
+                           mesh=parallel.make_mesh())
+np.testing.assert_array_equal(feats, 2.0 * x.a)  # every process gets all rows back
+print("ROWS", pid, sorted(x.rows), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_devices_rows(tmp_path):
+    """2 processes x 2 devices, microbatch 8: process p reads rows [4p, 4p+4) of each
+    microbatch (its devices' shards) and nothing else, and gets the full result."""
+    script = tmp_path / "rows.py"
+    script.write_text(ROWS_SCRIPT)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path / "o")],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    want = {0: [0, 1, 2, 3, 8, 9, 10, 11], 1: [4, 5, 6, 7, 12, 13, 14, 15]}
+    for i, log in enumerate(logs):
+        assert f"ROWS {i} {want[i]}" in log, log[-3000:]
