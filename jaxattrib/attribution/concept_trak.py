@@ -38,6 +38,9 @@ Our design [design]:
 * The inversion is conditioned on the image's own prompt (no classifier-free guidance); the
   code's toy training side inverts with ``guidance_scale = 0`` on a random negative condition
   and the query side with CFG between ``c`` and ``c⁻``.
+* The inversion is :func:`jaxattrib.diffusion.inversion.ddim_invert` (ε evaluated at the
+  target level, as diffusers' ``DDIMInverseScheduler``; the authors' loop evaluates it at the
+  source level — the two differ by one step of the grid).
 * With inversion, the DSM target noise (only used with the switches off) is the noise implied
   by the state: ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)``. (The code pairs each state with the implied
   noise of the state one step earlier.)
@@ -399,9 +402,15 @@ def make_side_feature_fn(side: str, model_fn: ModelFn, sched: Schedule, params, 
 
 
 def build_examples(model_fn: ModelFn, params, sched: Schedule, images, contexts,
-                   config: ConceptTRAKConfig, neg_contexts=None, *, batch: int = 8) -> dict:
+                   config: ConceptTRAKConfig, neg_contexts=None, *, batch: int = 8,
+                   cache: dict | None = None) -> dict:
     """Per-example inputs (numpy, leading axis n) incl. the (x_t, t) pairs, in batches."""
-    pair_fn = jax.jit(lambda p, x, c: timestep_pairs(model_fn, p, sched, x, c, config))
+    cache = {} if cache is None else cache
+    pkey = ("pairs", config.ddim_inversion, config.inversion_steps, config.keep_every,
+            config.inversion_spacing, config.num_timesteps, config.noise_seed)
+    if pkey not in cache:
+        cache[pkey] = jax.jit(lambda p, x, c: timestep_pairs(model_fn, p, sched, x, c, config))
+    pair_fn = cache[pkey]
     images, contexts = np.asarray(images), np.asarray(contexts)
     parts = []
     for lo in range(0, images.shape[0], batch):
@@ -423,24 +432,45 @@ def make_concept_projector(params, config: ConceptTRAKConfig):
     return make_projector(config.proj_kind, config.proj_dim, config.proj_seed, shapes)
 
 
+def _features(side, model_fn, params, sched, images, contexts, neg_contexts, config, projector,
+              cache):
+    cache = {} if cache is None else cache
+    if side == "query" and not config.concept_loss:
+        # plain DSM of the query under its prompt = the training side's DSM loss: share the
+        # compiled function (and drop c⁻, unused)
+        side, neg_contexts = "train", None
+        config = dataclasses.replace(config, training_loss=False)
+    kind = (side, config.training_loss if side == "train" else config.concept_loss)
+    fkey = ("features", kind, config.normalize, config.concept_scale, config.guidance_scale,
+            str(config.param_spec), id(projector))
+    if fkey not in cache:
+        cache[fkey] = make_side_feature_fn(side, model_fn, sched, params, projector, config)
+    ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
+                        batch=config.microbatch, cache=cache)
+    return projected_grads(cache[fkey], ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+
+
 def train_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
-                   config: ConceptTRAKConfig, projector=None) -> np.ndarray:
-    """Φ ``[N, k]``: projected (normalized, summed) training-loss gradients."""
+                   config: ConceptTRAKConfig, projector=None, *,
+                   cache: dict | None = None) -> np.ndarray:
+    """Φ ``[N, k]``: projected (normalized, summed) training-loss gradients.
+
+    ``cache``: a dict shared between calls with the same ``model_fn, params, sched`` to reuse
+    compiled functions.
+    """
     projector = projector or make_concept_projector(params, config)
-    ex = build_examples(model_fn, params, sched, images, contexts, config,
-                        batch=config.microbatch)
-    fn = make_side_feature_fn("train", model_fn, sched, params, projector, config)
-    return projected_grads(fn, ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+    return _features("train", model_fn, params, sched, images, contexts, None, config,
+                     projector, cache)
 
 
 def query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
-                   neg_contexts, config: ConceptTRAKConfig, projector=None) -> np.ndarray:
-    """φ ``[Q, k]``: projected (normalized, summed) concept-loss gradients of the queries."""
+                   neg_contexts, config: ConceptTRAKConfig, projector=None, *,
+                   cache: dict | None = None) -> np.ndarray:
+    """φ ``[Q, k]``: projected (normalized, summed) concept-loss (or, with the switch off,
+    DSM-loss) gradients of the queries."""
     projector = projector or make_concept_projector(params, config)
-    ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
-                        batch=config.microbatch)
-    fn = make_side_feature_fn("query", model_fn, sched, params, projector, config)
-    return projected_grads(fn, ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+    return _features("query", model_fn, params, sched, images, contexts, neg_contexts, config,
+                     projector, cache)
 
 
 # ----------------------------------------------------------------------------- scoring, λ
@@ -496,9 +526,9 @@ def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train
 
     Args:
       unet_config, unet_params: the UNet port (or pass ``model_fn`` and any params).
-      encode: ``encode(prompts) -> [B, L, D]`` (:func:`clip_encoder`); may be None when
-        ``train_contexts`` is given and the query side needs no text (never: queries need c,
-        c⁻), so in practice always given.
+      encode: ``encode(prompts) -> [B, L, D]`` (:func:`clip_encoder`, or any function);
+        always needed for the query prompts and c⁻; ``train_contexts [N, L, D]`` may replace
+        the encoding of ``train_prompts``.
       train_images ``[N,H,W,C]`` (pixels in [-1,1] or scaled latents), train_prompts ``[N]``.
       query_images ``[Q,H,W,C]``, query_prompts ``[Q]``, concepts ``[Q]`` (one concept per row;
         expand multi-concept prompts with :func:`concept_queries`).
@@ -518,9 +548,11 @@ def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train
     ctx_q = _contexts(encode, None, query_prompts, "query")
     ctx_n = _contexts(encode, None, negs, "query c⁻")
     projector = make_concept_projector(unet_params, config)
-    Phi = train_features(model_fn, unet_params, sched, train_images, ctx_tr, config, projector)
+    cache: dict = {}
+    Phi = train_features(model_fn, unet_params, sched, train_images, ctx_tr, config, projector,
+                         cache=cache)
     phi = query_features(model_fn, unet_params, sched, query_images, ctx_q, ctx_n, config,
-                         projector)
+                         projector, cache=cache)
     s = scores_from_features(phi, Phi, config.lam_ratio)
     return (s, (Phi, phi)) if return_features else s
 
@@ -557,19 +589,19 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
     if use_val:
         vq, vn = q_inputs(val_prompts, val_concepts)
         vrel = concept_relevance(train_prompts, val_concepts)
-    train_cache, query_cache, rows = {}, {}, []
+    train_cache, query_cache, fn_cache, rows = {}, {}, {}, []
     for name, switches in settings:
         cfg = dataclasses.replace(config, **switches)
         tkey = (cfg.training_loss, cfg.ddim_inversion, cfg.normalize)
         qkey = (cfg.concept_loss, cfg.ddim_inversion, cfg.normalize)
         if tkey not in train_cache:
             train_cache[tkey] = train_features(model_fn, unet_params, sched, train_images,
-                                               ctx_tr, cfg, projector)
+                                               ctx_tr, cfg, projector, cache=fn_cache)
         if qkey not in query_cache:
             q = query_features(model_fn, unet_params, sched, query_images, cq, cn, cfg,
-                               projector)
+                               projector, cache=fn_cache)
             v = (query_features(model_fn, unet_params, sched, val_images, vq, vn, cfg,
-                                projector) if use_val else None)
+                                projector, cache=fn_cache) if use_val else None)
             query_cache[qkey] = (q, v)
         Phi = train_cache[tkey]
         phi, phi_val = query_cache[qkey]
