@@ -159,3 +159,33 @@ def test_end_to_end_linear_model_exact_influence_has_lds_one(tmp_path):
     # a partly wrong attribution (half the examples' influence dropped) lands in between
     half = exact * (np.arange(n) % 2 == 0)
     assert 0.2 < lds(half, masks, actual).mean < 0.95
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path):
+    """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxattrib.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lds_benchmark", root / "benchmarks" / "lds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":smoke",
+                      ["data.n_train=32", "train.steps=6", "train.tracin_checkpoints=(3, 6)",
+                       "lds.num_subsets=4", "attribution.k=32"])
+    rows = bench.run(cfg, tmp_path, log=lambda m: None)
+    assert [r["method"] for r in rows] == list(cfg.attribution.methods)
+    for r in rows:
+        for sp in ("val", "gen"):
+            assert -1.0 <= r[f"lds_{sp}_ci_low"] <= r[f"lds_{sp}"] <= r[f"lds_{sp}_ci_high"] <= 1
+    doc = json.loads((tmp_path / "results" / "lds.json").read_text())
+    assert doc["tables"][0]["rows"][0]["method"] == "trak"
+    assert "| dtrak |" in (tmp_path / "lds_table.md").read_text()
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "subsets" / "models").iterdir()}
+    assert len(stamp) == 4
+    rows2 = bench.run(cfg, tmp_path, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "subsets" / "models").iterdir()} == stamp
+    assert [r["lds_val"] for r in rows2] == [r["lds_val"] for r in rows]

@@ -108,7 +108,9 @@ def target_losses(eps_apply: Callable, params: Any, sched: Schedule, targets: di
     training target (noise / velocity / x0).
 
     Args:
-      eps_apply: ``(params, x_t [B,h,w,c], t [B] int32, ctx [B,...]) -> out [B,h,w,c]``.
+      eps_apply: ``(params, x_t [B,h,w,c], t [B] int32, ctx [B,...]) -> out [B,h,w,c]``; a
+        hashable callable that is a static jit argument: pass the *same* object for every model
+        (e.g. one ``functools.partial(apply, config)``) so all models share one compile.
       targets: ``{'x0': [T, h, w, c], 'ctx': [T, ...]}`` (``ctx`` may be omitted -> None).
       timesteps: int ``[K]``. n_noise: R noise draws.
       mesh: optional mesh with a ``'data'`` axis; targets are sharded over it (padded).
