@@ -1,0 +1,389 @@
+"""CPU LDS benchmark: TRAK (DSM), D-TRAK (square), Journey-TRAK, TracIn and baselines.
+
+Setting (``jaxattrib/configs/lds.py``): scikit-learn's 8x8 digits (gray, 1 channel, in
+[-1, 1]), a tiny class-conditional pixel UNet (``tiny_config``, context = one-hot digit
+``[1, 10]``) trained from scratch with AdamW. The model trained on all ``n_train`` images
+(seed 0) is the one attributed; ``n_gen`` images are generated from it (DDIM, digit labels
+cycling 0..9). S subsets of fraction α are retrained with each seed; the actual output of a
+subset on a target is the DSM loss at ``eval_timesteps`` uniform timesteps x
+``eval_noise_draws`` fixed noise draws, averaged over seeds (D-TRAK's protocol, methods.md §1).
+
+Methods (features from :mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected
+to ``k``):
+
+* ``trak``: DSM loss at K uniform timesteps with fixed noise; ``dtrak``: D-TRAK ``square``;
+* ``journey-trak`` [design]: Journey-TRAK's training feature (DSM loss at K random timesteps,
+  fresh noise per example) for train *and* targets — LDS targets are final images, not
+  trajectory steps, so the per-step target feature does not apply;
+* ``tracin``: ``Σ_c η_c ⟨g_c(z), g_c(z')⟩`` over the full model's checkpoints
+  ``tracin_checkpoints`` (DSM-loss features at each, η_c = learning rate);
+* ``pixel``: cosine similarity of pixels; ``random``: standard-normal scores.
+
+[design] λ (as a ratio of mean(diag ΦᵀΦ)) *and the sign* of every method's scores are chosen
+on a separate ``tune`` split of held-out images, by LDS; they are then fixed for ``val`` (other
+held-out images) and ``gen``. The sign is tuned because the direction of D-TRAK's ``square``
+output relative to the loss is not fixed by theory; the table shows the chosen sign.
+
+Everything is cached in the run directory (models, measured losses, feature stores, scores), so
+a killed run restarts where it stopped. Outputs: ``results/lds.json`` (via
+:func:`jaxattrib.report.html.write_result`), ``lds_table.md``, ``timings.json``.
+
+    python benchmarks/lds.py --smoke --run-dir runs/lds_smoke     # minutes
+    python benchmarks/lds.py --run-dir runs/lds                   # the full setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxattrib.attribution import diffusion_trak as dt
+from jaxattrib.attribution import trak as trak_lib
+from jaxattrib.attribution.grads import per_example_grad_fn, projected_grads, select_params
+from jaxattrib.diffusion.losses import dsm_loss, timesteps_uniform
+from jaxattrib.diffusion.sampling import sample
+from jaxattrib.diffusion.schedule import add_noise, make_schedule
+from jaxattrib.eval import lds as lds_lib
+from jaxattrib.eval.metrics import lds
+from jaxattrib.models.unet import UNet2DConditionModel, init_params, tiny_config
+
+N_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------- data, model
+
+
+def load_data(cfg):
+    """Train / tune / val splits of the digits: ``{'x0': [n,8,8,1], 'ctx': [n,1,10], 'y'}``."""
+    from jaxattrib.data.digits import load_digits
+    ds = load_digits(size=8)
+    x = ds.images[..., :1]
+    y = np.asarray(ds.labels["digit"])
+    perm = np.random.default_rng(cfg.seed).permutation(len(y))
+    sizes = [cfg.data.n_train, cfg.data.n_tune, cfg.data.n_val]
+    if sum(sizes) > len(y):
+        raise ValueError(f"digits has {len(y)} images; asked for {sum(sizes)}")
+    cuts = np.cumsum([0] + sizes)
+    return {name: make_examples(x[perm[a:b]], y[perm[a:b]])
+            for name, a, b in zip(("train", "tune", "val"), cuts[:-1], cuts[1:])}
+
+
+def make_examples(x, y):
+    y = np.asarray(y, np.int32)
+    ctx = np.eye(N_CLASSES, dtype=np.float32)[y][:, None, :]
+    return {"x0": np.asarray(x, np.float32), "ctx": ctx, "y": y}
+
+
+def unet_config(cfg):
+    m = cfg.model
+    return tiny_config(block_out_channels=tuple(m.block_out_channels), sample_size=8,
+                       in_channels=1, out_channels=1, cross_attention_dim=N_CLASSES,
+                       norm_num_groups=m.norm_num_groups, layers_per_block=m.layers_per_block,
+                       attention_head_dim=m.attention_head_dim)
+
+
+def unet_apply(ucfg, params, x_t, t, ctx):
+    """``eps_apply`` for :func:`jaxattrib.eval.lds.target_losses`."""
+    return UNet2DConditionModel(ucfg).apply({"params": params}, x_t, t, ctx)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_optimizer(tcfg):
+    lr = optax.join_schedules([optax.linear_schedule(0.0, tcfg.learning_rate, tcfg.warmup_steps),
+                               optax.constant_schedule(tcfg.learning_rate)],
+                              [tcfg.warmup_steps])
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-4))
+
+
+@functools.partial(jax.jit, static_argnames=("ucfg", "opt"), donate_argnums=(0, 1))
+def train_step(params, opt_state, x0, ctx, key, *, ucfg, opt, sched):
+    """One AdamW step on the mean DSM loss (t ~ U{0..T-1}, fresh noise per example)."""
+    B = x0.shape[0]
+    t = jax.random.randint(jax.random.fold_in(key, 0), (B,), 0, sched.num_train_timesteps)
+    noise = jax.random.normal(jax.random.fold_in(key, 1), x0.shape)
+
+    def loss(p):
+        out = unet_apply(ucfg, p, add_noise(sched, x0, noise, t), t, ctx)
+        return dsm_loss(sched, out, x0, noise, t).mean()
+
+    val, g = jax.value_and_grad(loss)(params)
+    upd, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, val
+
+
+# jitted: the eager Flax init of the UNet costs about a minute on a loaded 2-core machine
+init_unet = jax.jit(init_params, static_argnums=0)
+
+
+def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=()):
+    """Trains from scratch on ``data[idx]`` with ``seed`` (init, batches, noise).
+    Returns ``(params, {step: params})`` for the requested checkpoint steps."""
+    tc = cfg.train
+    key = jax.random.PRNGKey(seed)
+    params = init_unet(ucfg, jax.random.fold_in(key, 0))
+    opt_state = opt.init(params)
+    rng = np.random.default_rng([seed, 1])
+    idx = np.asarray(idx)
+    order = np.empty(0, int)
+    ckpts = {}
+    for s in range(1, tc.steps + 1):
+        if order.size < tc.batch_size:
+            order = np.concatenate([order, rng.permutation(idx)])
+        b, order = order[:tc.batch_size], order[tc.batch_size:]
+        params, opt_state, _ = train_step(params, opt_state, data["x0"][b], data["ctx"][b],
+                                          jax.random.fold_in(jax.random.fold_in(key, 1), s),
+                                          ucfg=ucfg, opt=opt, sched=sched)
+        if s in checkpoints:
+            ckpts[s] = jax.tree_util.tree_map(np.asarray, params)
+    return jax.tree_util.tree_map(np.asarray, params), ckpts
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def pixel_scores(targets, train):
+    a = targets["x0"].reshape(len(targets["x0"]), -1).astype(np.float64)
+    b = train["x0"].reshape(len(train["x0"]), -1).astype(np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def lds_of(scores, masks, actual, sign, cfg):
+    return lds(sign * scores, masks, actual, n_bootstrap=cfg.lds.n_bootstrap, seed=cfg.seed)
+
+
+def choose(candidates, masks, actual_tune, cfg):
+    """``candidates``: {label: fn(split) -> scores}; picks (label, sign) with the best tune LDS.
+    Returns ``(label, sign, tune_lds, sweep_rows)``."""
+    rows, best = [], None
+    for label, fn in candidates.items():
+        s = fn("tune")
+        for sign in (1.0, -1.0):
+            v = lds_of(s, masks, actual_tune, sign, cfg).mean
+            rows.append({"choice": label, "sign": sign, "lds_tune": v})
+            if np.isfinite(v) and (best is None or v > best[2]):
+                best = (label, sign, v)
+    return best + (rows,)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(cfg, run_dir: Path, log=print):
+    t_start = time.time()
+    timings = {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    ucfg = unet_config(cfg)
+    sched = make_schedule(1000)
+    opt = make_optimizer(cfg.train)
+    data = load_data(cfg)
+    train_data = data["train"]
+    n = len(train_data["y"])
+    eps_apply = functools.partial(unet_apply, ucfg)
+    mesh = None
+    if jax.device_count() > 1:
+        from jaxattrib import parallel
+        mesh = parallel.make_mesh()
+
+    # 1. the attributed model (all data, seed 0) and its TracIn checkpoints
+    t0 = time.time()
+    full_dir = run_dir / "full"
+    ck_steps = tuple(int(s) for s in cfg.train.tracin_checkpoints)
+    paths = [full_dir / "final.msgpack"] + [full_dir / f"step{s}.msgpack" for s in ck_steps]
+    if not all(p.is_file() for p in paths):
+        params, ckpts = train(cfg, ucfg, sched, opt, train_data, np.arange(n), 0, ck_steps)
+        for s in ck_steps:
+            lds_lib.save_model(full_dir / f"step{s}.msgpack", ckpts[s])
+        lds_lib.save_model(full_dir / "final.msgpack", params)
+    from flax import serialization
+    load = lambda p: serialization.msgpack_restore(p.read_bytes())  # noqa: E731
+    full = load(paths[0])
+    ckpts = {s: load(p) for s, p in zip(ck_steps, paths[1:])}
+    timings["train_full_s"] = time.time() - t0
+    log(f"full model ready ({timings['train_full_s']:.0f} s)")
+
+    # 2. generated targets
+    gen_path = run_dir / "generated.npz"
+    if not gen_path.is_file():
+        y = np.arange(cfg.data.n_gen) % N_CLASSES
+        ctx = np.eye(N_CLASSES, dtype=np.float32)[y][:, None, :]
+        x = sample(lambda x_t, t, c: eps_apply(full, x_t, t, c), sched,
+                   (cfg.data.n_gen, 8, 8, 1), jax.random.PRNGKey(cfg.seed + 123), cond=ctx,
+                   num_inference_steps=cfg.generate.num_inference_steps)
+        x = np.clip(np.asarray(x), -1, 1)
+        np.savez(gen_path, x=x, y=y)
+    g = np.load(gen_path)
+    data["gen"] = make_examples(g["x"], g["y"])
+    splits = ("tune", "val", "gen")
+
+    # 3. subset retraining
+    t0 = time.time()
+    masks = lds_lib.draw_subsets(n, cfg.lds.num_subsets, cfg.lds.alpha,
+                                 jax.random.PRNGKey(cfg.seed))
+    fp = json.dumps({k: cfg.to_dict()[k] for k in ("seed", "data", "model", "train")},
+                    sort_keys=True, default=list)
+    sub_dir = run_dir / "subsets"
+    lds_lib.retrain_subsets(
+        lambda idx, seed: train(cfg, ucfg, sched, opt, train_data, idx, seed)[0],
+        masks, list(cfg.lds.seeds), sub_dir, fingerprint=fp,
+        progress=lambda m: log(f"{m} [{time.time() - t_start:.0f} s]"))
+    timings["retrain_s"] = time.time() - t0
+
+    # 4. actual outputs (diffusion loss with fixed timesteps / noise, averaged over seeds)
+    t0 = time.time()
+    ts_eval = timesteps_uniform(cfg.lds.eval_timesteps, sched.num_train_timesteps)
+    actual = {}
+    for split in splits:
+        tg = {"x0": data[split]["x0"], "ctx": data[split]["ctx"]}
+        actual[split] = lds_lib.actual_outputs(
+            sub_dir, lambda p, tg=tg: lds_lib.target_losses(
+                eps_apply, p, sched, tg, ts_eval, noise_seed=cfg.seed + 1,
+                n_noise=cfg.lds.eval_noise_draws, mesh=mesh), name=f"loss_{split}")
+    timings["actual_outputs_s"] = time.time() - t0
+    log(f"actual outputs ready ({timings['actual_outputs_s']:.0f} s)")
+
+    # 5. features and scores
+    ac = cfg.attribution
+    feat_dir = run_dir / "features"
+
+    feature_fns = {}
+
+    def features(method, params, split, step_tag="final"):
+        """Projected gradients ``[n_split, k]``, cached as ``features/{method}_{tag}_{split}.npy``.
+        [design] One jitted feature function per method, parameters passed as arguments, so
+        every split and checkpoint reuses one compile (``featurize_examples`` compiles per
+        call, which costs minutes each on a loaded 2-core machine)."""
+        path = feat_dir / f"{method}_{step_tag}_{split}.npy"
+        if path.is_file():
+            return np.load(path)
+        acfg = dt.AttributionConfig(method=method, output="square", k=ac.k,
+                                    num_timesteps=ac.num_timesteps, projection=ac.projection,
+                                    params=ac.params, microbatch=ac.microbatch,
+                                    noise_seed=cfg.seed)
+        split_p = select_params(params, ac.params)
+        if method not in feature_fns:
+            projector = dt._projector(params, acfg)
+            grad_fn = per_example_grad_fn(dt.make_train_out_fn(ucfg, sched, acfg))
+            feature_fns[method] = jax.jit(
+                lambda tr, fr, ex, keys: projector.project(grad_fn(tr, fr, ex, keys)))
+        fn = feature_fns[method]
+        ex = {"x0": data[split]["x0"], "ctx": data[split]["ctx"]}
+        key = jax.random.PRNGKey(1000 + (splits.index(split) if split in splits else -1))
+        phi = projected_grads(lambda e, k: fn(split_p.trainable, split_p.frozen, e, k), ex, key,
+                              microbatch=ac.microbatch, mesh=mesh)
+        feat_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npy")
+        np.save(tmp, phi)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a partial store
+        return phi
+
+    t0 = time.time()
+    results, sweeps, chosen = {}, [], {}
+    for method in ac.methods:
+        tm = time.time()
+        if method in ("trak", "dtrak", "journey-trak"):
+            Phi = features(method, full, "train")
+            phis = {s: features(method, full, s) for s in splits}
+            lams = dt.relative_lambdas(Phi, ac.lambda_ratios)
+            cache = {}
+
+            def make(lam, Phi=Phi, phis=phis, cache=cache):
+                def f(split):
+                    if (lam, split) not in cache:
+                        cache[(lam, split)] = dt.scores_from_features(phis[split], Phi, lam)
+                    return cache[(lam, split)]
+                return f
+            cands = {f"lambda_ratio={r:g}": make(lam) for r, lam in zip(ac.lambda_ratios, lams)}
+        elif method == "tracin":
+            tr = {s: features("trak", ckpts[s], "train", f"step{s}") for s in ck_steps}
+            qs = {sp: [features("trak", ckpts[s], sp, f"step{s}") for s in ck_steps]
+                  for sp in splits}
+            lr = [cfg.train.learning_rate] * len(ck_steps)
+            cands = {"tracin": lambda sp: np.asarray(trak_lib.tracin_scores(
+                [tr[s] for s in ck_steps], qs[sp], lr, dtype=np.float64)).T}
+        elif method == "pixel":
+            cands = {"cosine": lambda sp: pixel_scores(data[sp], train_data)}
+        elif method == "random":
+            cands = {"normal": lambda sp: np.random.default_rng(
+                [cfg.seed, splits.index(sp)]).normal(size=(len(data[sp]["y"]), n))}
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        label, sign, v_tune, rows = choose(cands, masks, actual["tune"], cfg)
+        sweeps += [{"method": method, **r} for r in rows]
+        chosen[method] = {"choice": label, "sign": sign, "lds_tune": v_tune}
+        results[method] = {sp: lds_of(cands[label](sp), masks, actual[sp], sign, cfg)
+                           for sp in ("val", "gen")}
+        timings[f"scores_{method}_s"] = time.time() - tm
+        log(f"{method}: val {results[method]['val'].mean:.3f} gen "
+            f"{results[method]['gen'].mean:.3f} ({label}, sign {sign:+g}) "
+            f"[{time.time() - tm:.0f} s]")
+    timings["attribution_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+
+    # 6. tables
+    rows = []
+    for method, res in results.items():
+        row = {"method": method, "choice": chosen[method]["choice"],
+               "sign": chosen[method]["sign"], "lds_tune": chosen[method]["lds_tune"]}
+        for sp in ("val", "gen"):
+            r = res[sp]
+            row.update({f"lds_{sp}": r.mean, f"lds_{sp}_ci_low": r.ci_low,
+                        f"lds_{sp}_ci_high": r.ci_high, f"n_{sp}": r.n_valid})
+        rows.append(row)
+    md = format_table(rows, cfg, timings)
+    (run_dir / "lds_table.md").write_text(md)
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    from jaxattrib.report.html import write_result
+    write_result(run_dir, "lds", "LDS benchmark (digits 8x8, tiny UNet)",
+                 metrics={f"{m}_lds_{sp}": results[m][sp].mean for m in results
+                          for sp in ("val", "gen")} | {"total_s": timings["total_s"]},
+                 tables=[{"caption": "LDS (mean over targets, 95% bootstrap CI)", "rows": rows},
+                         {"caption": "lambda / sign sweep on the tune split", "rows": sweeps}],
+                 text=md, order=30)
+    log(md)
+    return rows
+
+
+def format_table(rows, cfg, timings):
+    lines = [f"LDS, S = {cfg.lds.num_subsets} subsets (alpha = {cfg.lds.alpha}) x "
+             f"{len(cfg.lds.seeds)} seeds, n_train = {cfg.data.n_train}, targets: "
+             f"val {cfg.data.n_val}, gen {cfg.data.n_gen} (lambda/sign tuned on "
+             f"{cfg.data.n_tune} other held-out images); total {timings['total_s']:.0f} s", "",
+             "| method | chosen (tune) | sign | LDS val [95% CI] | LDS gen [95% CI] |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        cell = lambda sp: (f"{r[f'lds_{sp}']:.3f} [{r[f'lds_{sp}_ci_low']:.3f}, "  # noqa: E731
+                           f"{r[f'lds_{sp}_ci_high']:.3f}]")
+        lines.append(f"| {r['method']} | {r['choice']} | {r['sign']:+g} | {cell('val')} | "
+                     f"{cell('gen')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--smoke", action="store_true", help="reduced setting (minutes)")
+    ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    args = ap.parse_args(argv)
+    from jaxattrib.config import load_config
+    spec = str(Path(__file__).resolve().parents[1] / "jaxattrib" / "configs" / "lds.py")
+    cfg = load_config(spec + (":smoke" if args.smoke else ""), args.set)
+    run_dir = Path(args.run_dir or ("runs/lds_smoke" if args.smoke else "runs/lds"))
+    run(cfg, run_dir, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
