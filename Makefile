@@ -1,8 +1,9 @@
 # One command runs the demo, one runs the tests; both set up .venv on first use.
 PY ?= python3
 VENV ?= .venv
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
+# Tests run on 8 emulated CPU devices so multi-device code paths are exercised.
+TEST_ENV = XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: demo test test-slow venv clean
 
@@ -16,10 +17,10 @@ demo: venv
 	$(VENV)/bin/jaxattrib demo
 
 test: venv
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -n 2 -q
 
 test-slow: venv
-	$(VENV)/bin/python -m pytest -n 2 -q -m slow
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -n 2 -q -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -202,12 +202,152 @@ def attribute_stage(run_dir: Path, config, pipe, unet_params, train: dict, queri
             (run_dir / "scores" / f"{method}_lambda.json").write_text(json.dumps(
                 {"split": "validation queries", "ratios": list(a.lambda_ratios),
                  "lambdas": lams, "val_mAP": sweep, "chosen": lams[best]}, indent=2))
+        elif method in ("montrage", "montrage-final"):
+            s = _montrage_scores(run_dir, pipe, train_ex, query_ex,
+                                 "final" if method == "montrage-final" else "movement",
+                                 progress)
+        elif method == "concept-trak":
+            s = _concept_trak_scores(config, pipe, unet_params, sched, train, queries,
+                                     train_ex, val, relevant, run_dir)
         else:
             raise ConfigError(f"attribution.methods: unknown method {method!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.asarray(s, np.float32))
         out[method] = np.asarray(s, np.float32)
     return out
+
+
+def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: dict,
+                 progress: bool = True) -> dict:
+    """CGI-DM: members (fine-tuning exemplars) vs hold-outs of the same concepts.
+
+    The first half of the hold-outs calibrates the threshold (known non-members); the rest of
+    the hold-outs and the members are the evaluation set. Baselines: the plain loss gap between
+    the two models without inversion, and the similarity of the masked input alone.
+    """
+    path = run_dir / "cgi_dm" / "scores.npz"
+    if path.exists():
+        return dict(np.load(path, allow_pickle=False))
+    from jax.tree_util import Partial
+
+    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.models.unet import UNet2DConditionModel
+
+    model = UNet2DConditionModel(pipe.unet_config)
+    apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
+    eps_pre, eps_ft = Partial(apply, pipe.unet_params), Partial(apply, ft_params)
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    c = config.cgi_dm
+    cfg = cgi_dm.CGIDMConfig(num_steps=c.num_steps, t_min=c.t_min, t_max=c.t_max)
+    members = train["concept"] >= 0
+    m_img, m_cap = train["images"][members], train["captions"][members]
+    n_cal = len(holdout["images"]) // 2
+    cal_img, cal_cap = holdout["images"][:n_cal], holdout["captions"][:n_cal]
+    ev_img = np.concatenate([m_img, holdout["images"][n_cal:]])
+    ev_cap = np.concatenate([m_cap, holdout["captions"][n_cal:]])
+    labels = np.r_[np.ones(len(m_img)), np.zeros(len(holdout["images"]) - n_cal)].astype(bool)
+    ctx = lambda caps: np.asarray(pipe.encode_prompts(list(caps)))  # noqa: E731
+    key = jax.random.PRNGKey(config.seed + 23)
+    _log(f"CGI-DM: {len(ev_img)} images ({int(labels.sum())} members), {n_cal} calibration "
+         f"hold-outs, {c.num_steps} PGD steps")
+    res = cgi_dm.authenticate(ev_img, eps_pre, eps_ft, sched, cfg, key, holdout_images=cal_img,
+                              cond=ctx(ev_cap), holdout_cond=ctx(cal_cap), similarity="ssim",
+                              image_size=ev_img.shape[1], fpr=c.calibration_fpr,
+                              check_params=(pipe.unet_params, ft_params),
+                              batch_size=c.batch_size)
+    gap = cgi_dm.loss_gap_scores(ev_img, eps_pre, eps_ft, sched, key, cond=ctx(ev_cap),
+                                 batch_size=c.batch_size)
+    masked = cgi_dm.masked_similarity_scores(ev_img, cfg, key, batch_size=c.batch_size)
+    out = {"labels": labels, "scores": np.asarray(res["scores"]),
+           "p_values": np.asarray(res["p_values"]), "decisions": np.asarray(res["decisions"]),
+           "threshold": np.asarray(res["threshold"]), "loss_gap": np.asarray(gap),
+           "masked_similarity": np.asarray(masked), "original": res["original"],
+           "masked": res["masked"], "recovered": res["recovered"],
+           "holdout_scores": np.asarray(res["calibration"]["holdout_scores"])}
+    _save_npz(path, **out)
+    return out
+
+
+def cgi_dm_report(run_dir: Path, cg: dict) -> dict:
+    from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
+    from jaxattrib.report.html import write_result
+    from jaxattrib.report.images import image_grid, save_png
+    from jaxattrib.report.plots import roc_curve_png
+    labels = cg["labels"].astype(bool)
+    rows, curves = [], {}
+    for name, key in (("CGI-DM (SSIM of own recovery)", "scores"),
+                      ("loss gap, no inversion", "loss_gap"),
+                      ("masked-input similarity", "masked_similarity")):
+        s = cg[key]
+        fpr, tpr, _ = roc_curve(s, labels)
+        curves[name] = (fpr, tpr)
+        rows.append({"method": name, "AUC": roc_auc(s, labels),
+                     "TPR@1%FPR": tpr_at_fpr(s, labels, 0.01),
+                     "TPR@10%FPR": tpr_at_fpr(s, labels, 0.10)})
+    thr = float(cg["threshold"])
+    rows[0]["accuracy at calibrated threshold"] = accuracy_at_threshold(cg["scores"], labels, thr)
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    (run_dir / "results" / "cgi_dm_roc.png").write_bytes(
+        roc_curve_png(curves, title="CGI-DM: fine-tuning members vs hold-outs"))
+    n = min(8, len(labels))
+    pick = np.r_[np.flatnonzero(labels)[: n // 2], np.flatnonzero(~labels)[: n - n // 2]]
+    trip = np.stack([cg["original"][pick], cg["masked"][pick], cg["recovered"][pick]], 1)
+    lab = []
+    for i in pick:
+        lab += [("member" if labels[i] else "hold-out"), "masked",
+                f"rec. {cg['scores'][i]:.2f}"]
+    grid = image_grid(trip.reshape(-1, *trip.shape[2:]), nrow=6, labels=lab)
+    save_png(run_dir / "results" / "cgi_dm_examples.png", grid)
+    write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=3,
+                 tables=[{"caption": "members (fine-tuning exemplars) vs hold-outs of the same "
+                          "concepts; threshold calibrated on a separate half of the hold-outs",
+                          "rows": rows}],
+                 images=[{"path": "results/cgi_dm_roc.png", "caption": "ROC curves"},
+                         {"path": "results/cgi_dm_examples.png",
+                          "caption": "original | masked | recovered (SSIM to the original)"}])
+    return rows[0]
+
+
+def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress: bool):
+    """MONTRAGE [design, see attribution/montrage.py]: UNet-tap similarities at every
+    checkpoint of the record; 'movement' weights checkpoints by how far each training image's
+    representation moved while it was trained on; 'final' is the last checkpoint only."""
+    from jaxattrib.attribution import montrage
+    from jaxattrib.train.record import TrajectoryRecord
+    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    traj = montrage.representation_trajectory(
+        record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
+        query_ex["ctx"], cache_dir=run_dir / "features" / "montrage", progress=progress)
+    seen = "ignore" if how == "final" else "count"
+    return montrage.trajectory_scores(traj, how, record=record, seen=seen)
+
+
+def _concept_trak_scores(config, pipe, unet_params, sched, train, queries, train_ex, val,
+                         relevant, run_dir: Path):
+    """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt; the
+    λ ratio is chosen on the validation queries."""
+    from jaxattrib.attribution import concept_trak as ct
+    from jaxattrib.eval.metrics import average_precision
+    a = config.attribution
+    cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2",
+                               inversion_steps=a.concept_inversion_steps)
+    concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
+    encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
+    scores, (Phi, phi) = ct.concept_trak_scores(
+        pipe.unet_config, unet_params, encode, train["images"], list(train["captions"]),
+        queries["images"], list(queries["prompts"]), concepts, cfg, sched,
+        train_contexts=train_ex["ctx"], return_features=True)
+    sweep = []
+    for r in a.lambda_ratios:
+        s_r = ct.scores_from_features(phi, Phi, r)
+        sweep.append(float(np.nanmean(average_precision(s_r[val], relevant[val]))))
+    r = a.lambda_ratios[int(np.argmax(sweep))]
+    (run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    (run_dir / "scores" / "concept-trak_lambda.json").write_text(json.dumps(
+        {"split": "validation queries", "ratios": list(a.lambda_ratios), "val_mAP": sweep,
+         "chosen_ratio": r}, indent=2))
+    return ct.scores_from_features(phi, Phi, r)
 
 
 def _validation_mask(concept: np.ndarray) -> np.ndarray:
@@ -319,6 +459,11 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
     _log(f"generated {len(queries['images'])} queries; concept accuracy {gen_acc}")
     scores = attribute_stage(run_dir, config, pipe, unet_params, train, queries,
                              _fingerprint_of(train["images"]), step, progress)
+    if config.cgi_dm.enabled:
+        cg = cgi_dm_stage(run_dir, config, pipe, unet_params, train, holdout, progress)
+        cg_row = cgi_dm_report(run_dir, cg)
+        _log("CGI-DM: " + ", ".join(f"{k}={v:.3f}" for k, v in cg_row.items()
+                                     if isinstance(v, float)))
     summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held)
     _log(f"done in {time.time() - t0:.0f} s; report: {run_dir / 'report.html'}")
     for m, row in summary.items():

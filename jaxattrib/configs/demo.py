@@ -35,13 +35,23 @@ def get_config(arg=None):
     c.generate.guidance_scale = 3.0
 
     c.attribution = ml_collections.ConfigDict()
-    c.attribution.methods = ("dtrak", "trak", "pixel", "random")
+    c.attribution.methods = ("dtrak", "trak", "concept-trak", "montrage", "montrage-final",
+                             "pixel", "random")
     c.attribution.k = 2048
     c.attribution.num_timesteps = 10
     c.attribution.params = "attn"     # regex over UNet parameter paths
     c.attribution.projection = "rademacher"
     c.attribution.lambda_ratios = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
     c.attribution.topk = 10
+    c.attribution.concept_inversion_steps = 50
+
+    c.cgi_dm = ml_collections.ConfigDict()
+    c.cgi_dm.enabled = True
+    c.cgi_dm.num_steps = 60           # PGD steps (published: 1000 on SD; radius/step scaled)
+    c.cgi_dm.batch_size = 16
+    c.cgi_dm.t_min = 1
+    c.cgi_dm.t_max = 999
+    c.cgi_dm.calibration_fpr = 0.1
 
     c.report = ml_collections.ConfigDict()
     c.report.show_queries = 8
