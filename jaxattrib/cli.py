@@ -46,6 +46,55 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (re
 
 
 @app.command()
+def train(config: str = typer.Argument(..., help="Config file or packaged name "
+                                                 "(e.g. finetune_folder)."),
+          run_dir: Path = typer.Option(Path("runs/train"), help="Run directory (resumable)."),
+          set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
+          no_progress: bool = typer.Option(False, help="Hide the progress bar.")):
+    """Fine-tune a pipeline (full or LoRA) on a data set, writing a trajectory record.
+
+    Rerunning the same command resumes from the record's last checkpoint."""
+    from jaxattrib.config import ConfigError, load_config
+    from jaxattrib.data.dataset import DataError
+    from jaxattrib.models.convert import CheckpointError
+    from jaxattrib.train.record import RecordError
+    from jaxattrib.workflow import train_run
+    try:
+        _, record = train_run(load_config(config, set_), run_dir, progress=not no_progress)
+        typer.echo(f"record: {run_dir / 'record'} (checkpoints {record.steps()})")
+        record.close()
+    except (ConfigError, DataError, CheckpointError, RecordError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def attribute(run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
+              queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
+                                                     "(from `jaxattrib generate`)."),
+              method: str = typer.Option("dtrak", help="trak | dtrak | journey-trak | tracin"),
+              k: int = typer.Option(2048, help="Projection dimension."),
+              params: str = typer.Option("attn", help="Regex over UNet parameter paths."),
+              timesteps: int = typer.Option(10, help="Timesteps K of the output function."),
+              lam_ratio: float = typer.Option(1.0, help="λ = ratio · mean(diag ΦᵀΦ)."),
+              topk: int = typer.Option(10),
+              journey_step: Optional[int] = typer.Option(None, help="Journey-TRAK: sampling "
+                                                                    "step to attribute."),
+              no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+    """Attribute query images to a run's training data (resumable feature stores)."""
+    from jaxattrib.attribution.store import StoreMismatchError
+    from jaxattrib.config import ConfigError
+    from jaxattrib.workflow import attribute_run
+    try:
+        s = attribute_run(run_dir, queries, method, k=k, params=params,
+                          num_timesteps=timesteps, lam_ratio=lam_ratio, topk=topk,
+                          journey_step=journey_step, progress=not no_progress)
+    except (ConfigError, StoreMismatchError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"scores [{s.shape[0]} queries x {s.shape[1]} training images] written to "
+               f"{run_dir / 'scores'}; `jaxattrib report {run_dir}` renders them")
+
+
+@app.command()
 def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
              out: Path = typer.Option(Path("runs/generate"), help="Output folder for PNGs."),
              model: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline "

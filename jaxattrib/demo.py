@@ -183,7 +183,8 @@ def attribute_stage(run_dir: Path, config, pipe, unet_params, train: dict, queri
                 (len(queries["images"]), len(train["images"])))
         elif method in ("trak", "dtrak"):
             ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                                      params=a.params, projection=a.projection)
+                                      params=a.params, projection=a.projection,
+                                      microbatch=a.microbatch)
             out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
             feats = run_dir / "features" / method
             Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
@@ -330,8 +331,9 @@ def _concept_trak_scores(config, pipe, unet_params, sched, train, queries, train
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.eval.metrics import average_precision
     a = config.attribution
-    cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2",
-                               inversion_steps=a.concept_inversion_steps)
+    cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2", proj_kind=a.projection,
+                               inversion_steps=a.concept_inversion_steps,
+                               microbatch=a.microbatch)
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
     scores, (Phi, phi) = ct.concept_trak_scores(

@@ -210,3 +210,35 @@ def test_demo_refuses_run_dir_with_other_config(tmp_path):
     _check_config(tmp_path, c)  # same config: fine
     with pytest.raises(ConfigError, match="finetune"):
         _check_config(tmp_path, apply_overrides(c, ["finetune.steps=1"]))
+
+
+def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):
+    """`jaxattrib train` writes a record; rerun resumes (no new steps); `attribute` scores."""
+    from typer.testing import CliRunner
+    from jaxattrib.cli import app
+    run = tmp_path / "run"
+    args = ["train", "finetune_folder", "--run-dir", str(run), "--no-progress",
+            "--set", f"model='{tiny_pipeline_dir}'", "--set", "data.source=digits",
+            "--set", "data.size=8", "--set", "data.max_examples=8",
+            "--set", "finetune.steps=2", "--set", "finetune.batch_size=4",
+            "--set", "finetune.checkpoint_every=1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "checkpoints [0, 1, 2]" in r.output
+    log = (run / "record" / "steps.jsonl").read_text()
+    r = CliRunner().invoke(app, args)            # resumes: nothing left to do
+    assert r.exit_code == 0 and (run / "record" / "steps.jsonl").read_text() == log
+    bad = CliRunner().invoke(app, args[:-2] + ["--set", "finetune.checkpoint_every=2"])
+    assert bad.exit_code == 2 and "another config" in bad.output
+    q = tmp_path / "q"
+    r = CliRunner().invoke(app, ["generate", "--model", str(tiny_pipeline_dir), "-p", "a red",
+                                 "-p", "a blue", "--steps", "2", "--out", str(q)])
+    assert r.exit_code == 0, r.output
+    for method in ("dtrak", "tracin"):
+        r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(q), "--method",
+                                     method, "--k", "16", "--timesteps", "2", "--no-progress"])
+        assert r.exit_code == 0, r.output
+        s = np.load(run / "scores" / f"{method}_q.npy")
+        assert s.shape == (2, 8) and np.isfinite(s).all()
+    r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no PNG query images" in r.output
