@@ -66,7 +66,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -79,6 +78,7 @@ from jaxattrib import parallel
 from jaxattrib.attribution.similarity import pool_taps
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
+from jaxattrib.fileio import atomic_write_bytes as _atomic_write
 
 DEFAULT_TAPS = ("mid", "up_0")
 META = "meta.json"
@@ -360,20 +360,6 @@ def _fingerprint(*arrays) -> str:
         h.update(f"{a.shape}|{a.dtype.str}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TrajectoryCache:

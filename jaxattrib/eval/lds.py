@@ -36,7 +36,6 @@ import io
 import re
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,6 +45,7 @@ import numpy as np
 
 from jaxattrib.diffusion.losses import dsm_loss
 from jaxattrib.diffusion.schedule import Schedule, add_noise
+from jaxattrib.fileio import atomic_write_bytes as _atomic_write
 
 __all__ = ["LDSRunMismatchError", "draw_subsets", "masks_fingerprint", "retrain_subsets",
            "model_path", "load_model", "save_model", "noise_for", "target_losses",
@@ -164,21 +164,6 @@ def _losses_batch(params, sched, x0, ctx, ts, *, eps_apply, noise_seed, n_noise)
 # --------------------------------------------------------------------------------------------
 # Cached edges
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def model_path(run_dir: str | os.PathLike, j: int, seed: int) -> Path:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import base64
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from jaxattrib.fileio import atomic_write_bytes  # noqa: F401  (re-exported)
 
 __all__ = [
     "GREEN",
@@ -81,23 +81,6 @@ def png_data_uri(image: np.ndarray | bytes) -> str:
     if not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
         raise ValueError("png_data_uri: bytes are not a PNG file")
     return "data:image/png;base64," + base64.b64encode(bytes(data)).decode("ascii")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray | bytes) -> Path:

@@ -33,12 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from jaxattrib.fileio import atomic_write_text as _atomic_write_text
 
 MANIFEST = "manifest.json"
 STEPS = "steps.jsonl"
@@ -79,20 +79,6 @@ def dataset_fingerprint(data: Any) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
