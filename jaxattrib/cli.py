@@ -7,9 +7,7 @@ calls pure functions, and writes files. ``jaxattrib COMMAND --help`` documents e
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import List, Optional
 

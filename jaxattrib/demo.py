@@ -19,11 +19,9 @@ validation half of the queries; metrics are reported on the other half.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np

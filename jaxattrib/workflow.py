@@ -126,7 +126,6 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     ``journey_step``: for Journey-TRAK, the sampling step of ``queries/trajectory.npz`` whose
     x̂0 is attributed (default: the last step, i.e. the final image).
     """
-    import jax
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.attribution import trak as trak_lib
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config

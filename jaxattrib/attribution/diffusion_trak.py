@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from jaxattrib.attribution import trak as trak_lib
 from jaxattrib.attribution.grads import select_params
 from jaxattrib.attribution.projection import make_projector
 from jaxattrib.diffusion import losses
-from jaxattrib.diffusion.schedule import Schedule, add_noise
+from jaxattrib.diffusion.schedule import Schedule
 
 METHODS = ("trak", "dtrak", "journey-trak", "tracin")
 
