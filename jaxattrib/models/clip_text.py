@@ -381,20 +381,7 @@ def state_dict_from_params(params: dict, prefix: str = "text_model.") -> dict[st
 def save_pretrained(folder: str | os.PathLike, config: CLIPTextConfig, params: dict) -> None:
     """Writes ``config.json`` + ``model.safetensors`` as transformers' ``save_pretrained`` does
     (loadable by ``transformers.CLIPTextModel.from_pretrained`` and :func:`from_pretrained`)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.numpy import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    save_file(state_dict_from_params(params), tmp, metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    from jaxattrib.models.convert import write_component
     cfg = dict(config.to_transformers())
     cfg.setdefault("architectures", ["CLIPTextModel"])
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(tmp, folder / "config.json")
+    write_component(folder, cfg, state_dict_from_params(params), "model.safetensors")

@@ -208,3 +208,17 @@ def conv1x1_as_linear(w: np.ndarray) -> np.ndarray:
 def read_pipeline_index(folder: str | os.PathLike) -> dict:
     """``model_index.json`` of a diffusers pipeline folder."""
     return read_config(folder, "model_index.json")
+
+
+def write_component(folder: str | os.PathLike, config_dict: dict,
+                    tensors: dict[str, np.ndarray], weights_name: str) -> None:
+    """Writes a component folder as ``save_pretrained`` does: ``weights_name`` (safetensors,
+    ``format=pt`` metadata) and ``config.json``, each atomically."""
+    from safetensors.numpy import save
+
+    from jaxattrib.fileio import atomic_write_bytes, atomic_write_text
+    folder = Path(folder)
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"format": "pt"})
+    atomic_write_bytes(folder / weights_name, data)
+    atomic_write_text(folder / "config.json", json.dumps(config_dict, indent=2, sort_keys=True))

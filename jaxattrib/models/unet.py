@@ -29,9 +29,7 @@ Our design ([design]):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxattrib.models import convert
 from jaxattrib.models.convert import CheckpointError, StateDict, read_config, read_weights
 from jaxattrib.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding,
                                      Transformer2DModel, Upsample2D, conv,
@@ -472,15 +471,4 @@ def save_pretrained(folder: str | os.PathLike, config: UNetConfig, params: dict)
 def write_component(folder: str | os.PathLike, config_dict: dict,
                     tensors: dict[str, np.ndarray]) -> None:
     """Atomically writes ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
-    from safetensors.numpy import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-              metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
-    os.replace(tmp, folder / "config.json")
+    convert.write_component(folder, config_dict, tensors, WEIGHTS_NAME)
