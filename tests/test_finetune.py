@@ -194,6 +194,54 @@ def test_failed_run_and_mismatched_config_lose_no_checkpoint(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_on_checkpoint_hook_sees_saved_params_and_failing_hook_loses_nothing(tmp_path, mode):
+    kw = dict(mode=mode, lora_rank=2, lora_target=r"attn1/(to_q|to_out_0)/kernel$")
+    cfg = _cfg(steps=10, checkpoint_every=3, **kw)
+    seen = []
+
+    def hook(step, params):
+        seen.append((step, [np.array(x) for x in _leaves(params)]))  # copies: buffers donated
+
+    final, rec = finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "ok",
+                          progress=False, on_checkpoint=hook)
+    # called once per saved checkpoint, in order, with the full composed model params
+    # (frozen 'vae' included; LoRA merged) equal to what the record restores
+    assert [s for s, _ in seen] == rec.steps() == [0, 3, 6, 9, 10]
+    for step, leaves in seen:
+        got = _leaves(rec.load(step))
+        assert len(got) == len(leaves)
+        for a, b in zip(leaves, got):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(seen[-1][1], _leaves(final)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[0][1], seen[-1][1]))  # trained
+
+    # a hook failing at checkpoint 6: the error propagates, checkpoints 0, 3 and 6 are kept
+    calls = []
+
+    def failing(step, params):
+        calls.append(step)
+        if step == 6:
+            raise RuntimeError("monitor out of memory")
+
+    with pytest.raises(RuntimeError, match="monitor out of memory"):
+        finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "rec", progress=False,
+                 on_checkpoint=failing)
+    assert calls == [0, 3, 6]
+    rec = TrajectoryRecord.open(tmp_path / "rec")
+    assert rec.steps() == [0, 3, 6]
+    for a, b in zip(_leaves(rec.load(6)), seen[2][1]):  # = checkpoint 6 of the run above
+        np.testing.assert_array_equal(a, b)
+    # resuming announces only the new checkpoints and ends where the uninterrupted run did
+    calls.clear()
+    resumed, _ = finetune(loss_fn, init_params(), N, get_batch, cfg, tmp_path / "rec",
+                          progress=False, on_checkpoint=lambda s, p: calls.append(s))
+    assert calls == [9, 10]
+    for a, b in zip(_leaves(resumed), _leaves(final)):
+        np.testing.assert_array_equal(a, b)
+
+
 SCRIPT = TOY + textwrap.dedent("""
     import sys, time
     from jaxattrib import parallel

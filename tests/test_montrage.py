@@ -224,6 +224,50 @@ def test_trajectory_cache_resume_monitor_and_seen_counts(tmp_path, params):
                                manual, atol=1e-12)
 
 
+def test_monitor_as_finetune_callback_matches_post_hoc(tmp_path, params):
+    """MontrageMonitor.on_checkpoint as ``finetune``'s checkpoint hook gives the trajectory that
+    ``representation_trajectory`` recomputes from the record afterwards; its cache is reused.
+
+    The loss pulls the (LoRA-merged) UNet weights towards per-example targets (no UNet
+    backward, so the test stays fast); the monitor runs the UNet forward at every checkpoint."""
+    from jaxattrib.train.finetune import TrainConfig, finetune
+    n, mesh = 8, parallel.make_mesh(1)  # orbax saves of a UNet on 8 CPU devices are slow
+    xtr, ctr, xq, cq = _images(n, 20), _ctx(n, 21), _images(4, 22), _ctx(4, 23)
+    target = _perturbed(params, 3)
+
+    def loss(p, batch, key):
+        del key
+        per = [jnp.mean((a[None] - batch["c"].reshape((-1,) + (1,) * a.ndim) * b[None]) ** 2,
+                        axis=tuple(range(1, a.ndim + 1)))
+               for a, b in zip(jax.tree.leaves(p["unet"]), jax.tree.leaves(target))]
+        return sum(per)
+
+    coef = np.linspace(0.5, 1.5, n).astype(np.float32)
+    # LoRA: few trained leaves keep the checkpoints small; the hook sees the merged params
+    cfg = TrainConfig(steps=4, batch_size=8, learning_rate=5e-2, checkpoint_every=2, seed=0,
+                      mode="lora", lora_rank=2)
+    spec = M.RepresentationSpec(taps=TAPS, t=250, noise_seed=1, batch_size=8)
+    rec_dir, cache = tmp_path / "rec", tmp_path / "cache"
+    mon = M.MontrageMonitor(CFG, xtr, ctr, xq, cq, spec=spec, mesh=mesh, cache_dir=cache,
+                            source=rec_dir)
+    _, rec = finetune(loss, {"unet": params}, n, lambda idx: {"c": coef[idx]}, cfg, rec_dir,
+                      mesh=mesh, progress=False, on_checkpoint=mon.on_checkpoint)
+    live = mon.trajectory()
+    assert list(live.steps) == rec.steps() == [0, 2, 4]
+    post = M.representation_trajectory(rec, CFG, xtr, ctr, xq, cq, spec=spec, mesh=mesh,
+                                       progress=False)  # no cache: recomputed from the record
+    # tolerance: float32 rounding only (same compiled program, restored params bit-identical)
+    np.testing.assert_allclose(live.similarities(), post.similarities(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(live.train, post.train, rtol=1e-6, atol=1e-6)
+    assert np.abs(live.similarities()[-1] - live.similarities()[0]).max() > 1e-3  # it moved
+    # the live cache serves the post-hoc call (no checkpoint is reloaded)
+    counted = _CountingRecord(rec, {})
+    cached = M.representation_trajectory(counted, CFG, xtr, ctr, xq, cq, spec=spec, mesh=mesh,
+                                         cache_dir=cache, progress=False)
+    assert counted.loads == []
+    np.testing.assert_array_equal(cached.query, live.query)
+
+
 # ----------------------------------------------------------------------------- aggregation
 def _unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)

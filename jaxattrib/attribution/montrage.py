@@ -500,11 +500,24 @@ def similarity_trajectory(record, unet_config, train_images, train_ctx, query_im
 class MontrageMonitor:
     """Takes MONTRAGE representations live during fine-tuning (no checkpoint reloading).
 
-    Call :meth:`on_checkpoint` with the full model parameters at each checkpoint (e.g. from a
-    training loop's checkpoint hook); :meth:`trajectory` returns the :class:`RepTrajectory`.
-    With ``cache_dir`` every checkpoint is also written to a :class:`TrajectoryCache` (the same
-    format :func:`representation_trajectory` reads when given the same ``cache_dir`` and
-    ``source``).
+    Call :meth:`on_checkpoint` with the full model parameters at each checkpoint; it has the
+    signature of :func:`jaxattrib.train.finetune.finetune`'s checkpoint hook, so monitoring
+    runs on the fly during fine-tuning::
+
+        mon = MontrageMonitor(unet_config, x_train, ctx_train, x_query, ctx_query,
+                              cache_dir=run_dir / "montrage", source=record_dir)
+        finetune(loss_fn, params, n, get_batch, config, record_dir,
+                 on_checkpoint=mon.on_checkpoint)
+        traj = mon.trajectory()
+
+    :meth:`trajectory` returns the :class:`RepTrajectory` of the checkpoints seen by this
+    monitor (a resumed ``finetune`` announces only its new checkpoints). With ``cache_dir``
+    every checkpoint is also written to a :class:`TrajectoryCache` (the same format
+    :func:`representation_trajectory` reads when given the same ``cache_dir`` and the record
+    directory as ``source``), so after a resumed run ``representation_trajectory`` with that
+    cache gives the whole trajectory, recomputing only the checkpoints the monitor missed.
+    Live and post-hoc similarities agree to float32 rounding (``tests/test_montrage.py``
+    asserts 1e-6; bit-identical in that test). Overhead: see BENCHMARKS.md.
     """
 
     def __init__(self, unet_config, train_images, train_ctx, query_images, query_ctx, *,

@@ -20,6 +20,13 @@ XLA inserts the gradient all-reduce.
   restored and the run continues; the step log is truncated to that checkpoint. A run killed
   at any point (even SIGKILL) and restarted ends bit-identical to an uninterrupted run on the
   same device count (XLA CPU/GPU reductions are deterministic for a fixed program).
+* Checkpoint hook: ``finetune(..., on_checkpoint=fn)`` calls ``fn(step, params)`` right after
+  each checkpoint this call saves (step 0 of a fresh run included, after the save has been
+  started), with the full composed model parameters, so per-checkpoint work (e.g.
+  :class:`jaxattrib.attribution.montrage.MontrageMonitor`) runs during training without
+  reloading checkpoints. An exception in ``fn`` stops training and propagates; checkpoints
+  saved before it (including the one just announced) are finalized first and a rerun resumes
+  from the latest one.
 * Parameter partition: ``init_params`` is a dict; in ``'full'`` mode every top-level subtree
   is trained except ``'vae'`` and, unless ``train_text_encoder``, ``'text_encoder'``. In
   ``'lora'`` mode the same subtrees receive LoRA adapters on the kernels matched by
@@ -300,7 +307,9 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
              get_batch: Callable[[np.ndarray], Mapping], config: TrainConfig,
              record_dir, mesh=None, progress: bool = True,
              model_info: Mapping | None = None, dataset_info: Mapping | None = None,
-             describe_step: Callable | None = None) -> tuple[dict, TrajectoryRecord]:
+             describe_step: Callable | None = None,
+             on_checkpoint: Callable[[int, dict], Any] | None = None,
+             ) -> tuple[dict, TrajectoryRecord]:
     """Trains ``init_params`` and writes the trajectory record at ``record_dir``; resumable.
 
     Args:
@@ -317,6 +326,15 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         name/config, dataset fingerprint and ids); they take part in the manifest check.
       describe_step: ``(key, batch_size) -> dict of arrays`` with task-specific per-update
         randomness to log (default: ``loss_fn.describe_step`` if present), e.g. timesteps.
+      on_checkpoint: ``(step, params) -> None``, called after each checkpoint this call
+        saves (``record.save`` started; step 0 of a fresh run included; on resume, the
+        restored checkpoint and earlier ones are *not* announced again; read them from the
+        record). ``params`` are the full composed model parameters at ``step`` (LoRA merged),
+        replicated over ``mesh``; their buffers may be donated to the next update, so copy
+        (``jax.device_get``) anything kept after the call returns. Its time counts as
+        training time. An exception in it stops training and propagates after the saved
+        checkpoints are finalized (the record stays resumable). On several processes it is
+        called on every process with the same global arrays.
 
     Returns:
       ``(model params after config.steps updates, TrajectoryRecord)``.
@@ -344,12 +362,14 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
                        parallel.replicated_sharding(mesh))(trainable), frozen=frozen)
 
     latest = record.latest_step()
+    announce_start = False
     if latest is None:
         record.truncate_steps(0)
         base = frozen if config.mode == "lora" else {**frozen, **trainable}  # = init_params
         record.save(0, state.checkpoint(), base=base)
         record.wait()
         start = 0
+        announce_start = True
     else:
         restored = record.load_train_state(latest, template=state.checkpoint())
         state = state.replace(**restored)
@@ -365,7 +385,13 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step",
                    dynamic_ncols=True)
+    def announce(step: int) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(step, compose_params(state.params, state.frozen, config))
+
     try:
+        if announce_start:
+            announce(0)
         for s in range(start, config.steps):
             indices, key = batch_plan(config.seed, s, dataset_size, config.batch_size)
             local = {k: np.asarray(v) for k, v in get_batch(indices[rows]).items()}
@@ -380,6 +406,7 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
             record.append_step(info)
             if _should_save(s + 1, config):
                 record.save(s + 1, state.checkpoint())
+                announce(s + 1)
             if bar is not None:
                 bar.update(1)
                 if (s + 1) % max(config.log_every, 1) == 0 or s + 1 == config.steps:
