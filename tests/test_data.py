@@ -446,6 +446,10 @@ def test_digits_resampling_matches_jax_image_resize(method, size):
 
 # ----------------------------------------------------------------------------- tfds
 
+TFDS_SKIP = ("tensorflow-datasets is not installed: it is the optional extra "
+             "`pip install -e '.[tfds]'`, which `make test` / CI leave out")
+
+
 def test_tfds_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match=r"jaxattrib\[tfds\]"):
@@ -483,7 +487,7 @@ def _build_tiny_tfds(tfds, data_dir):
 
 
 def test_tfds_loads_a_locally_prepared_array_record_dataset(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = pytest.importorskip("tensorflow_datasets", reason=TFDS_SKIP)
     colors = _build_tiny_tfds(tfds, tmp_path)
     ds = load_tfds("jaxattrib_tiny_images", "train", tmp_path, 8, caption_key="text")
     assert len(ds) == 4 and ds.images.shape == (4, 8, 8, 3)
@@ -511,8 +515,10 @@ def test_tfds_loads_a_locally_prepared_array_record_dataset(tmp_path):
 
 
 def test_tfds_image_folder_needs_tensorflow(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
-    pytest.importorskip("tensorflow")
+    # `make test` installs neither tensorflow-datasets nor TensorFlow: this test skips there
+    pytest.importorskip("tensorflow_datasets", reason=TFDS_SKIP)
+    pytest.importorskip("tensorflow", reason="tfds.ImageFolder reads images with TensorFlow, "
+                                             "which CI does not install (pip install tensorflow)")
     from jaxattrib.data import load_tfds_image_folder
 
     for label, rgb in (("cat", (200, 10, 10)), ("dog", (10, 10, 200))):
