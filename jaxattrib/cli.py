@@ -1,4 +1,5 @@
-"""The ``jaxattrib`` command: demo, train, generate, attribute, report, info.
+"""The ``jaxattrib`` command: demo, train, generate, attribute, cgi-dm, source-model, report,
+info.
 
 Every command is a thin edge over the library: it loads a config / model / run directory,
 calls pure functions, and writes files. ``jaxattrib COMMAND --help`` documents each one.
@@ -51,6 +52,10 @@ def train(config: str = typer.Argument(..., help="Config file or packaged name "
           no_progress: bool = typer.Option(False, help="Hide the progress bar.")):
     """Fine-tune a pipeline (full or LoRA) on a data set, writing a trajectory record.
 
+    A config with a `dreambooth` section (e.g. `dreambooth`) runs DreamBooth: instance prompt
+    with a rare identifier, class images from the base model, loss = instance +
+    prior_loss_weight * class; on a synthetic held-out concept it also classifies generations
+    of the fine-tuned and the base model (RUN_DIR/results/dreambooth.json).
     Rerunning the same command resumes from the record's last checkpoint."""
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.data.dataset import DataError
@@ -58,7 +63,15 @@ def train(config: str = typer.Argument(..., help="Config file or packaged name "
     from jaxattrib.train.record import RecordError
     from jaxattrib.workflow import train_run
     try:
-        _, record = train_run(load_config(config, set_), run_dir, progress=not no_progress)
+        cfg = load_config(config, set_)
+        if "dreambooth" in cfg:
+            from jaxattrib.train.dreambooth import dreambooth_run
+            metrics = dreambooth_run(cfg, run_dir, progress=not no_progress)
+            typer.echo(f"record: {run_dir / 'record'}")
+            if metrics:
+                typer.echo("  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+            return
+        _, record = train_run(cfg, run_dir, progress=not no_progress)
         typer.echo(f"record: {run_dir / 'record'} (checkpoints {record.steps()})")
         record.close()
     except (ConfigError, DataError, CheckpointError, RecordError) as e:
@@ -69,27 +82,101 @@ def train(config: str = typer.Argument(..., help="Config file or packaged name "
 def attribute(run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
                                                      "(from `jaxattrib generate`)."),
-              method: str = typer.Option("dtrak", help="trak | dtrak | journey-trak | tracin"),
-              k: int = typer.Option(2048, help="Projection dimension."),
-              params: str = typer.Option("attn", help="Regex over UNet parameter paths."),
-              timesteps: int = typer.Option(10, help="Timesteps K of the output function."),
-              lam_ratio: float = typer.Option(1.0, help="λ = ratio · mean(diag ΦᵀΦ)."),
-              topk: int = typer.Option(10),
+              method: Optional[str] = typer.Option(None, help="trak | dtrak | journey-trak | "
+                                                              "tracin [dtrak]"),
+              k: Optional[int] = typer.Option(None, help="Projection dimension [2048]."),
+              params: Optional[str] = typer.Option(None, help="Regex over UNet parameter paths "
+                                                              "['attn']."),
+              timesteps: Optional[int] = typer.Option(None, help="Timesteps K of the output "
+                                                                 "function [10]."),
+              lam_ratio: Optional[float] = typer.Option(None, help="λ = ratio · mean(diag ΦᵀΦ) "
+                                                                   "[1.0]."),
+              topk: Optional[int] = typer.Option(None, help="[10]"),
+              projection: Optional[str] = typer.Option(None, help="gaussian | rademacher | sjlt "
+                                                                  "[rademacher]"),
+              microbatch: Optional[int] = typer.Option(None, help="Examples per gradient call "
+                                                                  "[8]."),
               journey_step: Optional[int] = typer.Option(None, help="Journey-TRAK: sampling "
                                                                     "step to attribute."),
               no_progress: bool = typer.Option(False, help="Hide progress bars.")):
-    """Attribute query images to a run's training data (resumable feature stores)."""
+    """Attribute query images to a run's training data (resumable feature stores).
+
+    Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
+    attn2, k=4096), else the defaults in brackets."""
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
-    from jaxattrib.workflow import attribute_run
+    from jaxattrib.workflow import attribute_run, attribution_defaults
+    given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
+             "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
+             "microbatch": microbatch}
+    opts = attribution_defaults(run_dir)
+    opts.update({name: v for name, v in given.items() if v is not None})
     try:
-        s = attribute_run(run_dir, queries, method, k=k, params=params,
-                          num_timesteps=timesteps, lam_ratio=lam_ratio, topk=topk,
-                          journey_step=journey_step, progress=not no_progress)
+        s = attribute_run(run_dir, queries, opts.pop("method"), journey_step=journey_step,
+                          progress=not no_progress, **opts)
     except (ConfigError, StoreMismatchError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"scores [{s.shape[0]} queries x {s.shape[1]} training images] written to "
                f"{run_dir / 'scores'}; `jaxattrib report {run_dir}` renders them")
+
+
+def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh: bool,
+                        progress: bool):
+    """Loads CONFIG with overrides and calls ``run(config, run_dir, progress)``; user errors
+    (config, data, checkpoints, incompatible models) exit 2 with the message."""
+    from jaxattrib.attribution.cgi_dm import CGIDMError
+    from jaxattrib.attribution.source_model import SourceModelError
+    from jaxattrib.config import ConfigError, load_config
+    from jaxattrib.data.dataset import DataError
+    from jaxattrib.models.convert import CheckpointError
+    from jaxattrib.train.record import RecordError
+    try:
+        cfg = load_config(config, set_)
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        return run(cfg, run_dir, progress=progress)
+    except (ConfigError, DataError, CheckpointError, RecordError, CGIDMError,
+            SourceModelError) as e:
+        _fail(str(e))
+
+
+@app.command("cgi-dm")
+def cgi_dm(config: str = typer.Argument("cgi_dm", help="Config file or packaged name "
+                                                       "(see jaxattrib/configs/cgi_dm.py)."),
+           run_dir: Path = typer.Option(Path("runs/cgi_dm"), help="Run directory (resumable)."),
+           set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
+           fresh: bool = typer.Option(False, help="Delete the run directory first."),
+           no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+    """CGI-DM: was each candidate image used to fine-tune model.finetuned from
+    model.pretrained? Threshold calibrated on data.reference (known non-members); writes
+    RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
+    Recoveries are cached per batch: rerunning resumes."""
+    from jaxattrib.authentication import run_cgi_dm
+    s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress)
+    typer.echo("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in s.items()))
+    typer.echo(f"report: {run_dir / 'report.html'}")
+
+
+@app.command("source-model")
+def source_model(config: str = typer.Argument("source_model", help="Config file or packaged "
+                                                                   "name (source_model)."),
+                 run_dir: Path = typer.Option(Path("runs/source_model"),
+                                              help="Run directory (resumable)."),
+                 set_: List[str] = typer.Option([], "--set",
+                                                help="Override: key=value (repeatable)."),
+                 fresh: bool = typer.Option(False, help="Delete the run directory first."),
+                 no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+    """Source-model attribution: were model.suspects trained on model.source's generations?
+    Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
+    model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
+    from jaxattrib.provenance import run_source_model
+    res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress)
+    for r in res["models"]:
+        typer.echo(f"{r['role']} {r['model']}: conf={r['conf']:.3f} -> "
+                   f"{'TRAINED ON SOURCE OUTPUTS' if r['flagged'] else 'not flagged'}")
+    typer.echo(f"threshold={res['threshold']:.3f} ({res['threshold_from']}); "
+               f"report: {run_dir / 'report.html'}")
 
 
 @app.command()

@@ -19,8 +19,11 @@ store and the training record's files through the library (``trak.featurize`` wr
 0 only; orbax coordinates the record's checkpoints). ``out_dir`` should therefore be on a file
 system shared by all hosts (NFS, a GCS mount) or at least process 0's disk.
 
-Tasks: only ``'digits_mlp'`` (``configs/featurize_digits.py``) for now; adding a task means
-adding a builder to ``_TASKS`` that returns a :class:`Task`.
+Tasks: ``'digits_mlp'`` (``configs/featurize_digits.py``); adding a task means adding a
+builder to ``_TASKS`` that returns a :class:`Task`. Pipeline fine-tuning configs
+(``configs/sd15_lora.py``, ``sd21.py``: a ``finetune`` section and no ``task``) run ``train``
+through :func:`jaxattrib.workflow.train_run` on the launch mesh; ``featurize`` is not
+implemented for them (attribute their run directory with ``jaxattrib attribute``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def validate(config, command: str, *, source: str = "config") -> dict:
     """
     if command not in COMMANDS:
         raise ConfigError(f"command {command!r}: expected one of {COMMANDS}")
+    if is_pipeline_config(config):
+        return _validate_pipeline(config, command, source)
     missing = []
     for name in _REQUIRED[command]:
         try:
@@ -147,6 +152,43 @@ def validate(config, command: str, *, source: str = "config") -> dict:
     if command == "train" and config.train.batch_size > n:
         raise ConfigError(f"{source}: train.batch_size={config.train.batch_size} > "
                           f"{n} examples")
+    return plan
+
+
+def is_pipeline_config(config) -> bool:
+    """A ``jaxattrib train``-layout config (``sd15_lora``, ``sd21``): ``finetune`` and no
+    ``task``; ``train`` runs :func:`jaxattrib.workflow.train_run` on the launch mesh."""
+    return "task" not in config and "finetune" in config
+
+
+def _validate_pipeline(config, command: str, source: str) -> dict:
+    """Dry-run checks of a pipeline fine-tuning config (numpy only; no model weights read)."""
+    from jaxattrib.workflow import check_train_config, load_training_data
+    if command != "train":
+        raise ConfigError(f"{source}: {command!r} is not implemented for pipeline fine-tuning "
+                          f"configs (no 'task' field); attribute their runs with `jaxattrib "
+                          f"attribute RUN_DIR --queries ...` on one host")
+    for name in ("out_dir", "num_devices"):
+        if name not in config:
+            raise ConfigError(f"{source}: missing required field {name!r} for a launch")
+    check_train_config(config, source)
+    model = str(config.model)
+    if model not in ("", "embedded") and not (Path(model).expanduser() /
+                                              "model_index.json").is_file():
+        raise ConfigError(f"{source}: model={model!r}: no model_index.json there (expected a "
+                          f"local diffusers pipeline folder, the same path on every host)")
+    p = paths(config)
+    plan = {"command": command, "task": "pipeline_finetune", "out_dir": str(p["out_dir"]),
+            "record": str(p["record"]), "model": model or "embedded",
+            "steps": int(config.finetune.steps), "batch_size": int(config.finetune.batch_size),
+            "mode": config.finetune.mode}
+    try:
+        plan["n_examples"] = len(load_training_data(config))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{source}: data could not be read: {e}") from e
+    if config.finetune.batch_size > plan["n_examples"]:
+        raise ConfigError(f"{source}: finetune.batch_size={config.finetune.batch_size} > "
+                          f"{plan['n_examples']} examples")
     return plan
 
 
@@ -368,7 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxattrib.launch {args.command}: {jax.process_count()} process(es), "
               f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}", flush=True)
     progress = not args.no_progress
-    if args.command == "train":
+    if args.command == "train" and is_pipeline_config(config):
+        from jaxattrib.workflow import train_run
+        _, rec = train_run(config, paths(config)["out_dir"], progress=progress, mesh=mesh)
+        done = f"record {rec.directory} steps {rec.steps()}"
+    elif args.command == "train":
         _, rec = run_train(config, mesh, progress=progress)
         done = f"record {rec.directory} steps {rec.steps()}"
     else:

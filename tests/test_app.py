@@ -242,3 +242,207 @@ def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):
         assert s.shape == (2, 8) and np.isfinite(s).all()
     r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no PNG query images" in r.output
+
+
+# ----------------------------------------------------------------------------- experiment configs
+
+def _write_pngs(folder, n, seed, size=8):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _variant_pipeline(src, dst, *, key=None, prediction_type=None):
+    """A copy of pipeline folder ``src``: new random UNet weights (``key``) and/or another
+    scheduler ``prediction_type``; same architecture, text encoder and tokenizer."""
+    import shutil
+    from jaxattrib.models.pipeline import load_pipeline
+    if key is not None:
+        pipe = load_pipeline(src)
+        up = unet.init_params(pipe.unet_config, key)
+        up = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(key, a.shape), up)
+        bm.save_pipeline(dst, pipe.unet_config, up, pipe.text_config, pipe.text_params,
+                         Path(src) / "tokenizer", pipe.scheduler_config)
+    else:
+        shutil.copytree(src, dst)
+    if prediction_type is not None:
+        path = Path(dst) / "scheduler" / "scheduler_config.json"
+        sc = json.loads(path.read_text())
+        sc["prediction_type"] = prediction_type
+        path.write_text(json.dumps(sc))
+    return dst
+
+
+@pytest.mark.parametrize("name", ["sd15_lora", "sd21"])
+def test_sd_configs_run_tiny_end_to_end(name, tiny_pipeline_dir, tmp_path):
+    """sd15_lora / sd21 with the model path pointed at a tiny pipeline: LoRA fine-tuning into a
+    record, then `attribute` takes D-TRAK on attn2 with the config's k from the run config."""
+    from typer.testing import CliRunner
+    from jaxattrib.cli import app
+    from jaxattrib.models.pipeline import load_pipeline
+    from jaxattrib.workflow import load_unet
+    model = tiny_pipeline_dir if name == "sd15_lora" else _variant_pipeline(
+        tiny_pipeline_dir, tmp_path / "v_pipe", prediction_type="v_prediction")
+    data = tmp_path / "db"
+    _write_pngs(data / "dog", 4, 0)
+    (data / "dog" / "prompt.txt").write_text("a red circle")
+    run = tmp_path / "run"
+    args = ["train", name, "--run-dir", str(run), "--no-progress", "--set", f"model='{model}'",
+            "--set", f"data.path='{data}'", "--set", "data.size=8",
+            "--set", "finetune.steps=2", "--set", "finetune.batch_size=4",
+            "--set", "finetune.checkpoint_every=1", "--set", "attribution.k=16",
+            "--set", "attribution.num_timesteps=2", "--set", "attribution.microbatch=2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "checkpoints [0, 1, 2]" in r.output
+    manifest = json.loads((run / "record" / "manifest.json").read_text())
+    assert manifest["config"]["mode"] == "lora"
+    # RUN@0 is exactly the pipeline's UNet (the record's base); RUN@last moved
+    pipe = load_pipeline(model)
+    p0, _ = load_unet(f"{run}@0", pipe)
+    p2, _ = load_unet(str(run), pipe)
+    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(pipe.unet_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(p0))]
+    assert max(moved) > 0
+    if name == "sd21":
+        return               # attribution does not depend on the prediction type; sd15 covers it
+    q = _write_pngs(tmp_path / "q", 2, 5)
+    (q / "prompts.txt").write_text("a red circle\na blue square\n")
+    r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(q), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    s = np.load(run / "scores" / "dtrak_q.npy")
+    assert s.shape == (2, 4) and np.isfinite(s).all()
+    meta = json.loads((run / "features" / "dtrak" / "step_2" / "train" / "meta.json").read_text())
+    assert meta["meta"]["extra"]["params"] == "attn2"
+    assert meta["meta"]["k"] == 16 and meta["meta"]["projection"] == "sjlt"
+
+
+def test_sd21_refuses_an_epsilon_model(tiny_pipeline_dir, tmp_path):
+    from typer.testing import CliRunner
+    from jaxattrib.cli import app
+    _write_pngs(tmp_path / "db" / "dog", 2, 0)
+    r = CliRunner().invoke(app, ["train", "sd21", "--run-dir", str(tmp_path / "run"),
+                                 "--set", f"model='{tiny_pipeline_dir}'",
+                                 "--set", f"data.path='{tmp_path / 'db'}'", "--set", "data.size=8"])
+    assert r.exit_code == 2
+    assert "model_prediction_type='v_prediction'" in r.output and "'epsilon'" in r.output
+    r = CliRunner().invoke(app, ["train", "sd15_lora", "--run-dir", str(tmp_path / "r2"),
+                                 "--set", f"data.path='{tmp_path / 'db'}'"])
+    assert r.exit_code == 2 and "model is empty" in r.output
+
+
+def test_launch_dry_run_with_sd15_lora(tiny_pipeline_dir, tmp_path, capsys):
+    from jaxattrib import launch
+    _write_pngs(tmp_path / "db" / "dog", 4, 0)
+    args = ["sd15_lora", "--set", f"model={tiny_pipeline_dir}", "--set",
+            f"data.path={tmp_path / 'db'}", "--set", "data.size=8", "--set",
+            "finetune.batch_size=4", "--set", f"out_dir={tmp_path / 'out'}"]
+    assert launch.main(["train", *args, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.split("config OK\n", 1)[1])
+    assert plan["task"] == "pipeline_finetune" and plan["n_examples"] == 4
+    assert plan["mode"] == "lora" and plan["record"] == str(tmp_path / "out" / "record")
+    assert not (tmp_path / "out").exists()
+    assert launch.main(["featurize", *args, "--dry-run"]) == 2
+    assert "not implemented for pipeline" in capsys.readouterr().err
+    assert launch.main(["train", *args, "--set", "finetune.batch_size=8", "--dry-run"]) == 2
+    assert "finetune.batch_size=8 > 4 examples" in capsys.readouterr().err
+    assert launch.main(["train", *args, "--set", "model=/nonexistent", "--dry-run"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
+    """`jaxattrib cgi-dm`: pretrained = the tiny pipeline, fine-tuned = another pipeline
+    folder; labelled candidates give a ROC; per-batch caching equals one recover() call and a
+    rerun recomputes nothing."""
+    from typer.testing import CliRunner
+    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.cli import app
+    ft = _variant_pipeline(tiny_pipeline_dir, tmp_path / "ft", key=jax.random.PRNGKey(7))
+    cand = tmp_path / "cand"
+    _write_pngs(cand / "member", 3, 1)
+    _write_pngs(cand / "non_member", 2, 2)
+    _write_pngs(tmp_path / "ref", 3, 3)
+    run = tmp_path / "run"
+    args = ["cgi-dm", "cgi_dm", "--run-dir", str(run), "--no-progress",
+            "--set", f"model.pipeline='{tiny_pipeline_dir}'", "--set", f"model.finetuned='{ft}'",
+            "--set", f"data.candidates='{cand}'", "--set", f"data.reference='{tmp_path / 'ref'}'",
+            "--set", "data.caption='a red circle'", "--set", "cgi.num_steps=3",
+            "--set", "batch_size=2", "--set", "calibration.fpr=0.34"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (run / "report.html").is_file() and "AUC=" in r.output
+    doc = json.loads((run / "results" / "cgi_dm.json").read_text())
+    rows = doc["tables"][0]["rows"]
+    assert [x["label"] for x in rows] == ["member"] * 3 + ["non_member"] * 2
+    sc = np.load(run / "cgi_dm" / "scores.npz")
+    assert ((sc["p_values"] > 0) & (sc["p_values"] <= 1)).all()
+    np.testing.assert_array_equal(sc["decisions"], sc["scores"] >= sc["threshold"])
+    assert {i["path"] for i in doc["images"]} == {"results/cgi_dm_roc.png",
+                                                  "results/cgi_dm_images.png"}
+    # batches cached with index offsets == one recover() over the whole set
+    from jax.tree_util import Partial
+    from jaxattrib.models.pipeline import load_pipeline
+    from jaxattrib.models.unet import UNet2DConditionModel
+    from jaxattrib.workflow import image_folder
+    pipe, pft = load_pipeline(tiny_pipeline_dir), load_pipeline(ft)
+    m = UNet2DConditionModel(pipe.unet_config)
+    ap = lambda p, z, t, c: m.apply({"params": p}, z, t, c)  # noqa: E731
+    imgs = image_folder(cand, 8, "c", labelled=True)["images"]
+    ctx = np.asarray(pipe.encode_prompts(["a red circle"] * len(imgs)))
+    whole = cgi_dm.recover(imgs, Partial(ap, pipe.unet_params), Partial(ap, pft.unet_params),
+                           schedule_from_diffusers_config(pipe.scheduler_config),
+                           cgi_dm.CGIDMConfig(num_steps=3), jax.random.split(
+                               jax.random.PRNGKey(0), 3)[0], cond=ctx, batch_size=2)
+    cached = np.concatenate([np.load(run / "cgi_dm" / f"candidates_{lo:06d}.npz")["recovered"]
+                             for lo in (0, 2, 4)])
+    np.testing.assert_allclose(cached, whole["recovered"], atol=1e-5)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "cgi_dm").glob("*_0*.npz")}
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "cgi_dm").glob("*_0*.npz")}
+    np.testing.assert_array_equal(np.load(run / "cgi_dm" / "scores.npz")["scores"], sc["scores"])
+    bad = CliRunner().invoke(app, args + ["--set", "cgi.mask_kind='stripes'"])
+    assert bad.exit_code == 2 and "cgi.mask_kind='stripes'" in bad.output
+    other_run = [str(tmp_path / "run2") if a == str(run) else a for a in args]
+    bad = CliRunner().invoke(app, other_run + ["--set", "model.finetuned='/nonexistent'"])
+    assert bad.exit_code == 2 and "model.finetuned='/nonexistent'" in bad.output
+
+
+def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp_path):
+    """Ground truth by construction: a suspect identical to the source reproduces every key
+    sample (conf 1, flagged); models with other weights do not."""
+    from typer.testing import CliRunner
+    from jaxattrib.cli import app
+    stranger = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s1", key=jax.random.PRNGKey(11))
+    innocent = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s2", key=jax.random.PRNGKey(12))
+    run = tmp_path / "run"
+    args = ["source-model", "source_model", "--run-dir", str(run), "--no-progress",
+            "--set", f"model.pipeline='{tiny_pipeline_dir}'",
+            "--set", f"model.suspects=('pipeline', '{stranger}')",
+            "--set", f"model.innocent=('{innocent}',)",
+            "--set", "key_samples.prompts=('a red circle', 'a blue square', 'a red square')",
+            "--set", "key_samples.n=2", "--set", "key_samples.detection_seeds=2",
+            "--set", "query.seeds=(0, 1)", "--set", "query.num_inference_steps=3"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "source_model" / "results.json").read_text())
+    copy, other, inn = res["models"]
+    assert copy["conf"] == 1.0 and copy["flagged"] and copy["mean distance"] == 0.0
+    assert other["conf"] < 1.0 and not other["flagged"] and inn["role"] == "innocent"
+    assert res["threshold"] > inn["conf"]
+    assert len(res["key_samples"]["prompts"]) == 2 and (run / "report.html").is_file()
+    assert (run / "results" / "source_model_keys.png").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*.npz")}
+    assert len(stamps) == 4
+    r = CliRunner().invoke(app, args)                    # resumes: nothing regenerated
+    assert r.exit_code == 0, r.output
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*")}
+    bad = CliRunner().invoke(app, args + ["--set", "key_samples.n=9"])
+    assert bad.exit_code == 2 and "another config" in bad.output
+    bad = CliRunner().invoke(app, args + ["--fresh", "--set", "key_samples.n=9"])
+    assert bad.exit_code == 2 and "key_samples.n=9: only 3" in bad.output

@@ -1,0 +1,261 @@
+"""``jaxattrib cgi-dm``: CGI-DM copyright authentication of an image folder, into a run directory.
+
+The config is ``jaxattrib/configs/cgi_dm.py`` (every field documented there). The run
+directory::
+
+    config.json              the resolved config (a rerun with another config is refused)
+    cgi_dm/inputs.json       fingerprints of the candidate and reference images (checked on rerun)
+    cgi_dm/<set>_<lo>.npz    recovered batches (original / masked / recovered / trace): resumable
+    cgi_dm/scores.npz        scores, p-values, decisions, threshold, labels
+    results/cgi_dm_*.json, *.png   report sections; report.html
+
+The numerics are :mod:`jaxattrib.attribution.cgi_dm` (:func:`~jaxattrib.attribution.cgi_dm.
+recover`, :func:`~jaxattrib.attribution.cgi_dm.calibrate`, :func:`~jaxattrib.attribution.cgi_dm.
+empirical_p_values`); this module only loads, caches and reports. [design] Per-batch caching:
+batch ``[lo, hi)`` is recovered with ``index_offset=lo`` and the set's key, which is what
+:func:`~jaxattrib.attribution.cgi_dm.recover` does for the whole set (per-image keys from the
+global index), so a resumed run equals an uninterrupted one. The candidate and reference sets
+get ``split(key(seed), 3)[0]`` and ``[1]``, as :func:`~jaxattrib.attribution.cgi_dm.
+authenticate` does for queries and hold-outs. SSIM uses the largest odd window <= 11 that
+fits the image (11 for any real SD resolution; 7 for 8-px test images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxattrib.config import ConfigError
+
+SIMILARITIES = ("ssim", "psnr")
+
+
+def check_config(config, source: str = "config"):
+    """Validates a ``cgi_dm`` config; returns its :class:`~jaxattrib.attribution.cgi_dm.
+    CGIDMConfig`. Raises :class:`ConfigError` naming the field."""
+    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    for field in ("model.finetuned", "data.candidates", "data.reference"):
+        sec, name = field.split(".")
+        if not str(config[sec][name]):
+            raise ConfigError(f"{source}: {field} is empty (required; see the config's "
+                              f"docstring)")
+    if not isinstance(config.data.size, int) or config.data.size < 0:
+        raise ConfigError(f"{source}: data.size={config.data.size!r}: expected an integer >= 0 "
+                          f"(0 = the model's image size)")
+    if config.similarity not in SIMILARITIES:
+        raise ConfigError(f"{source}: similarity={config.similarity!r}: expected one of "
+                          f"{SIMILARITIES}")
+    if config.calibration.target not in ("fpr", "accuracy"):
+        raise ConfigError(f"{source}: calibration.target={config.calibration.target!r}: "
+                          f"expected 'fpr' or 'accuracy'")
+    if not 0.0 <= config.calibration.fpr <= 1.0:
+        raise ConfigError(f"{source}: calibration.fpr={config.calibration.fpr!r}: expected a "
+                          f"number in [0, 1]")
+    for name in ("batch_size", "report_images"):
+        v = config[name]
+        if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+            raise ConfigError(f"{source}: {name}={v!r}: expected an integer >= "
+                              f"{1 if name == 'batch_size' else 0}")
+    fields = {f.name for f in dataclasses.fields(CGIDMConfig)}
+    unknown = sorted(set(config.cgi) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: cgi.{unknown[0]}: not a CGIDMConfig field {sorted(fields)}")
+    try:
+        return CGIDMConfig(**config.cgi.to_dict())
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("CGIDMConfig.", "cgi.").replace("CGIDMConfig:", "cgi:")
+        raise ConfigError(f"{source}: {msg}") from e
+
+
+def _fingerprint(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_inputs(run_dir: Path, fingerprints: dict) -> None:
+    from jaxattrib.fileio import atomic_write_text
+    path = run_dir / "cgi_dm" / "inputs.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(fingerprints) if old.get(k) != fingerprints.get(k))
+        if diff:
+            raise ConfigError(f"{path}: the {diff} images changed since this run directory was "
+                              f"made; use a new --run-dir or --fresh")
+    else:
+        atomic_write_text(path, json.dumps(fingerprints, indent=1))
+
+
+def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, cache: Path, *,
+                   encode=None, decode=None, batch_size: int = 8, progress: bool = True) -> dict:
+    """:func:`~jaxattrib.attribution.cgi_dm.recover` of ``images [N,H,W,C]`` batch by batch,
+    each batch cached as ``cache/<name>_<lo>.npz`` (reused on rerun). Same result as one call."""
+    from jaxattrib.attribution.cgi_dm import recover
+    from jaxattrib.fileio import atomic_write_bytes
+    import io
+    n = len(images)
+    parts = []
+    starts = range(0, n, batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=f"CGI-DM {name}", unit="img", dynamic_ncols=True)
+    for lo in starts:
+        hi = min(n, lo + batch_size)
+        path = cache / f"{name}_{lo:06d}.npz"
+        if path.is_file():
+            parts.append(dict(np.load(path)))
+        else:
+            r = recover(images[lo:hi], eps_pre, eps_ft, sched, cgi, key,
+                        cond=None if cond is None else cond[lo:hi], encode=encode,
+                        decode=decode, batch_size=batch_size, index_offset=lo)
+            buf = io.BytesIO()
+            np.savez(buf, **r)
+            atomic_write_bytes(path, buf.getvalue())
+            parts.append(r)
+        if bar is not None:
+            bar.update(hi - lo)
+    if bar is not None:
+        bar.close()
+    out = {k: np.concatenate([p[k] for p in parts], axis=0)
+           for k in ("original", "masked", "recovered", "mask")}
+    out["trace"] = np.concatenate([p["trace"] for p in parts], axis=1)
+    return out
+
+
+def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
+    """Runs (or resumes) CGI-DM on ``config``; writes the report; returns the summary."""
+    from jax.tree_util import Partial
+
+    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.attribution import similarity as simlib
+    from jaxattrib.demo import _check_config
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.models.unet import UNet2DConditionModel
+    from jaxattrib.workflow import _load_model, image_folder, load_unet, model_image_size
+
+    cgi = check_config(config)
+    run_dir = Path(run_dir)
+    _check_config(run_dir, config)
+    pipe = _load_model(config.model.pipeline)
+    p_pre, d_pre = load_unet(config.model.pretrained, pipe, "model.pretrained")
+    p_ft, d_ft = load_unet(config.model.finetuned, pipe, "model.finetuned")
+    size = config.data.size or model_image_size(pipe)
+    if size != model_image_size(pipe):
+        raise ConfigError(f"data.size={size}: the model works on {model_image_size(pipe)} px "
+                          f"images (set 0 to use it)")
+    cand = image_folder(config.data.candidates, size, "data.candidates",
+                        default_caption=config.data.caption, labelled=True)
+    ref = image_folder(config.data.reference, size, "data.reference",
+                       default_caption=config.data.caption)
+    if config.calibration.target == "accuracy" and not (cand["labels"] == 1).any():
+        raise ConfigError("calibration.target='accuracy' needs known members: put some "
+                          "candidates in data.candidates/member/")
+    _check_inputs(run_dir, {"candidates": _fingerprint(cand["images"], cand["captions"]),
+                            "reference": _fingerprint(ref["images"], ref["captions"])})
+
+    model = UNet2DConditionModel(pipe.unet_config)
+    apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
+    eps_pre, eps_ft = Partial(apply, p_pre), Partial(apply, p_ft)
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    encode = decode = None
+    if pipe.is_latent:
+        from jaxattrib.models.vae import decode_latents, encode_latents
+        encode = jax.jit(lambda x: encode_latents(pipe.vae_params, pipe.vae_config, x, None))
+        decode = jax.jit(lambda z: decode_latents(pipe.vae_params, pipe.vae_config, z))
+    ctx = lambda caps: np.asarray(pipe.encode_prompts(list(caps)))  # noqa: E731
+    k_cand, k_ref, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    common = dict(encode=encode, decode=decode, batch_size=config.batch_size,
+                  progress=progress)
+    cache = run_dir / "cgi_dm"
+    rc = recover_cached("candidates", cand["images"], ctx(cand["captions"]), eps_pre, eps_ft,
+                        sched, cgi, k_cand, cache, **common)
+    rr = recover_cached("reference", ref["images"], ctx(ref["captions"]), eps_pre, eps_ft,
+                        sched, cgi, k_ref, cache, **common)
+    sim = simlib.get_similarity(config.similarity, data_range=2.0)
+    if config.similarity == "ssim":      # [design] the largest odd window <= 11 that fits
+        win = min(11, size)
+        win -= 1 - win % 2
+        sim = lambda x, y: simlib.ssim(x, y, data_range=2.0, win_size=win)  # noqa: E731
+    score = lambda r: np.concatenate([  # noqa: E731
+        np.asarray(sim(r["original"][i:i + config.batch_size],
+                       r["recovered"][i:i + config.batch_size]))
+        for i in range(0, len(r["original"]), config.batch_size)]).astype(np.float64)
+    s_cand, s_ref = score(rc), score(rr)
+    for name, s in (("candidate", s_cand), ("reference", s_ref)):
+        bad = np.flatnonzero(~np.isfinite(s))
+        if bad.size:
+            raise cgi_dm.NonFiniteObjectiveError(f"{name} similarity scores are not finite for "
+                                                 f"images {bad.tolist()}")
+    labels = cand["labels"]
+    members = s_cand[labels == 1] if config.calibration.target == "accuracy" else None
+    thr = cgi_dm.calibrate(s_ref, members, target=config.calibration.target,
+                           fpr=config.calibration.fpr)
+    out = {"scores": s_cand, "p_values": cgi_dm.empirical_p_values(s_cand, s_ref),
+           "decisions": s_cand >= thr, "threshold": np.float64(thr), "labels": labels,
+           "reference_scores": s_ref, "ids": cand["ids"]}
+    from jaxattrib.demo import _save_npz
+    _save_npz(cache / "scores.npz", **out)
+    summary = report(run_dir, config, out, rc, {"pretrained": d_pre, "finetuned": d_ft})
+    from jaxattrib.report.html import render_run_report
+    render_run_report(run_dir, title="jaxattrib CGI-DM authentication")
+    return summary
+
+
+def report(run_dir: Path, config, out: dict, rec: dict, models: dict) -> dict:
+    """Writes the ``cgi_dm_*`` report sections; returns the summary metrics."""
+    from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
+    from jaxattrib.report.html import write_result
+    from jaxattrib.report.images import image_grid, save_png
+    from jaxattrib.report.plots import roc_curve_png
+    s, labels, dec = out["scores"], out["labels"], out["decisions"]
+    thr = float(out["threshold"])
+    summary = {"candidates": int(len(s)), "reference images": int(len(out["reference_scores"])),
+               "threshold": thr, "flagged as used": int(dec.sum()),
+               "calibration": f"{config.calibration.target} "
+                              f"(fpr={config.calibration.fpr:g}) on the reference set"}
+    known = labels >= 0
+    images = []
+    if known.any() and len(np.unique(labels[known])) == 2:
+        y = labels[known] == 1
+        fpr, tpr, _ = roc_curve(s[known], y)
+        summary.update({"AUC": roc_auc(s[known], y), "TPR@1%FPR": tpr_at_fpr(s[known], y, 0.01),
+                        "TPR@10%FPR": tpr_at_fpr(s[known], y, 0.10),
+                        "accuracy at threshold": accuracy_at_threshold(s[known], y, thr)})
+        (run_dir / "results").mkdir(parents=True, exist_ok=True)
+        (run_dir / "results" / "cgi_dm_roc.png").write_bytes(
+            roc_curve_png({f"CGI-DM ({config.similarity})": (fpr, tpr)},
+                          title="CGI-DM: labelled candidates (member/ vs non_member/)"))
+        images.append({"path": "results/cgi_dm_roc.png", "caption": "ROC curve"})
+    n = min(config.report_images, len(s))
+    if n:
+        trip = np.stack([rec["original"][:n], rec["masked"][:n], rec["recovered"][:n]], 1)
+        lab = []
+        for i in range(n):
+            lab += [str(out["ids"][i])[-14:], "masked",
+                    f"{s[i]:.2f} {'USED' if dec[i] else 'not'}"]
+        save_png(run_dir / "results" / "cgi_dm_images.png",
+                 image_grid(trip.reshape(-1, *trip.shape[2:]), nrow=6, labels=lab))
+        images.append({"path": "results/cgi_dm_images.png",
+                       "caption": f"original | masked | recovered, first {n} candidates "
+                                  f"(similarity, decision)"})
+    names = {1: "member", 0: "non_member", -1: "?"}
+    rows = [{"image": str(out["ids"][i]), "label": names[int(labels[i])],
+             f"{config.similarity}(original, recovered)": float(s[i]),
+             "p-value": float(out["p_values"][i]), "used in fine-tuning": bool(dec[i])}
+            for i in range(len(s))]
+    write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=1,
+                 metrics=summary,
+                 text=(f"Pretrained: {models['pretrained']}. Fine-tuned: {models['finetuned']}. "
+                       f"{config.cgi.num_steps} PGD steps, mask {config.cgi.mask_kind!r}. "
+                       "A candidate is flagged when the similarity of its recovery is at least "
+                       "the threshold calibrated on the reference (non-member) images; p-values "
+                       "are empirical against the reference scores."),
+                 tables=[{"caption": "per candidate", "rows": rows}], images=images)
+    return summary
