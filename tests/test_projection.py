@@ -174,3 +174,55 @@ def test_bad_arguments():
         proj.project({"a": np.zeros((2, 4), np.float32)})
     with pytest.raises(ValueError, match="factored"):
         pj.make_projector("factored", 16, 0, tree)
+
+
+def test_packed_rademacher_is_the_bit_unpacking_and_has_the_right_distribution():
+    """Generator v2: entry [r, c] = 1 − 2·bit_{c mod 32}(W[r, c // 32]) of one 32-bit word
+    W = bits(key, [rows, ⌈k/32⌉]) (ground truth written out with numpy); entries ±1, mean ≈ 0,
+    every bit position fair, columns (within and across words) uncorrelated."""
+    key = jax.random.PRNGKey(5)
+    rows, k = 4096, 80  # k not a multiple of 32: the last word's unused bits are dropped
+    signs = np.asarray(pj.packed_rademacher(key, rows, k, jnp.float32))
+    with jax.threefry_partitionable(False):
+        words = np.asarray(jax.random.bits(key, (rows, 3), jnp.uint32))
+    cols = np.arange(k)
+    bit = (words[:, cols // 32] >> (cols % 32).astype(np.uint32)) & 1
+    expected = 1 - 2 * bit.astype(np.int64)
+    np.testing.assert_array_equal(signs, expected.astype(np.float32))
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    se = 1 / np.sqrt(rows)
+    assert abs(signs.mean()) < 4 * se / np.sqrt(k)
+    assert np.abs(signs.mean(0)).max() < 4.5 * se  # each column (= bit position of its word)
+    corr = signs.T @ signs / rows
+    off = corr[~np.eye(k, dtype=bool)]
+    assert np.abs(off).max() < 5 * se, np.abs(off).max()  # 6320 pairs; 5σ ≈ 6e-7 two-sided
+    assert abs(off.mean()) < 4 * se / np.sqrt(off.size / 2)
+    # the projector's block is these signs scaled by 1/√k, and differs between block keys
+    block = np.asarray(pj._dense_block("rademacher", key, rows, k, jnp.float32, 1))
+    np.testing.assert_array_equal(block, signs / np.float32(np.sqrt(k)))
+    other = np.asarray(pj.packed_rademacher(jax.random.fold_in(key, 1), rows, k))
+    assert np.mean(other == signs) < 0.52
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_project_with_two_batch_axes_equals_flat(kind):
+    """``project(g, batch_dims=2)`` on ``[M, B, ...]`` leaves = ``project`` of the ``[M·B, ...]``
+    rows (one generation of P for all of them)."""
+    rng = np.random.RandomState(0)
+    tree = {"a": np.zeros((7, 9), np.float32), "b": np.zeros((5,), np.float32)}
+    g = {"a": rng.randn(3, 4, 7, 9).astype(np.float32), "b": rng.randn(3, 4, 5).astype(np.float32)}
+    proj = pj.make_projector(kind, 64, 3, tree, block_size=8)
+    two = np.asarray(proj.project(g, batch_dims=2))
+    flat = np.asarray(proj.project(jax.tree_util.tree_map(lambda v: v.reshape((12,) + v.shape[2:]),
+                                                          g)))
+    assert two.shape == (3, 4, 64)
+    np.testing.assert_allclose(two.reshape(12, 64), flat, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="batch axes"):
+        proj.project({"a": g["a"], "b": g["b"][:2]}, batch_dims=2)
+
+
+def test_generator_version_in_meta():
+    tree = {"a": np.zeros((3, 4), np.float32)}
+    for kind in ("gaussian", "rademacher", "sjlt", "factored"):
+        proj = pj.make_projector(kind, 16, 0, {"l": {"kernel": tree["a"]}}, k_in=4)
+        assert proj.meta()["generator"] == pj.GENERATOR_VERSION == 2

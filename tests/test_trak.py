@@ -282,3 +282,35 @@ def test_choose_lambda_picks_the_validation_optimum():
     best_min, _ = trak.choose_lambda(Phis[0], qs[0], [0.01, 0.5, 5.0],
                                      lambda s: -metric(s), higher_is_better=False)
     assert best_min == 0.5
+
+
+def test_featurize_proj_batch_same_features_and_old_generator_refused(tmp_path):
+    """``proj_batch`` (several microbatches per pass over P) gives the per-microbatch features;
+    a store written without a generator version (older P generator) is refused on reopen."""
+    rng = np.random.RandomState(4)
+    x = rng.randn(21, 6).astype(np.float32)
+    params = {"w": jnp.asarray(rng.randn(6, 5), jnp.float32), "b": jnp.zeros(5, jnp.float32)}
+
+    def out_fn(p, ex, key):
+        return jnp.sum((jnp.tanh(ex @ p["w"] + p["b"]) - jax.random.normal(key, (5,))) ** 2)
+
+    proj = pj.make_projector("rademacher", 64, 1, params)
+    assert trak.batch_sizes(4, 12, 8) == (4, 8) and trak.batch_sizes(3, 7, 64) == (3, 9)
+    outs = []
+    for name, pb in (("plain", None), ("amortized", 12)):
+        meta = feature_meta(projector_meta=proj.meta(), seed=1, output_fn="f",
+                            dataset_fingerprint=dataset_fingerprint(x))
+        store = ChunkedArray.open(tmp_path / name, n_rows=21, n_cols=64, chunk_size=8, meta=meta)
+        outs.append(trak.featurize(out_fn, params, x, proj, store, microbatch=4, proj_batch=pb,
+                                   progress=False).read_all())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+    old = dict(proj.meta())
+    del old["generator"]
+    ChunkedArray.open(tmp_path / "old", n_rows=21, n_cols=64, chunk_size=8,
+                      meta=feature_meta(projector_meta=old, seed=1, output_fn="f",
+                                        dataset_fingerprint="x"))
+    with pytest.raises(StoreMismatchError, match="generator") as err:
+        ChunkedArray.open(tmp_path / "old", n_rows=21, n_cols=64, chunk_size=8,
+                          meta=feature_meta(projector_meta=proj.meta(), seed=1, output_fn="f",
+                                            dataset_fingerprint="x"))
+    assert "another version of the projection generator" in str(err.value)

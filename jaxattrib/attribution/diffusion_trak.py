@@ -22,13 +22,21 @@ What follows the references (methods.md §1–3):
 Examples are pytrees ``{'x0': [h, w, c], 'ctx': [L, D]}`` (latents for latent models); Journey
 targets add ``'t'`` (int32 scalar). Parameters are the UNet params (the text conditioning is
 precomputed and frozen).
+
+Compilation [design]: :func:`make_train_out_fn` / :func:`make_journey_target_out_fn` return the
+same function object for equal (UNet config, schedule, config), and :func:`featurize_examples`
+keeps one jitted feature function per (out_fn, projector, parameter subset, batching) with the
+UNet parameters as jit *arguments*; so the train split, the query splits and every checkpoint
+(same shapes) share one compile. Both caches hold the last ``_CACHE_SIZE`` entries.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +44,7 @@ import numpy as np
 
 from jaxattrib.attribution import store as store_lib
 from jaxattrib.attribution import trak as trak_lib
-from jaxattrib.attribution.grads import select_params
+from jaxattrib.attribution.grads import params_feature_fn, select_params
 from jaxattrib.attribution.projection import make_projector
 from jaxattrib.diffusion import losses
 from jaxattrib.diffusion.schedule import Schedule
@@ -46,14 +54,18 @@ METHODS = ("trak", "dtrak", "journey-trak", "tracin")
 
 @dataclasses.dataclass(frozen=True)
 class AttributionConfig:
-    """How features are computed (all fields go into the feature stores' metadata).
+    """How features are computed (the fields that change features go into the feature stores'
+    metadata; ``microbatch`` and ``proj_batch`` only change speed and memory).
 
     method: 'trak' | 'dtrak' | 'journey-trak' | 'tracin'. output: D-TRAK output function
     (default 'square'). num_timesteps: K. timestep_strategy: 'uniform' | 'cumulative' |
     'random'. noise_seed: seed of the fixed per-timestep noise. k: projection dimension.
     projection: 'gaussian' | 'rademacher' | 'sjlt'. proj_seed: projection seed. params:
     'all' or a regex over UNet parameter paths (e.g. 'attn2' = cross-attention). microbatch:
-    examples per jitted call. journey_resamples: R re-noisings of a trajectory target.
+    examples per ``vmap(grad)`` step. proj_batch: examples per pass over the projection
+    (0 = ``microbatch``; see ``trak.featurize``: each P block is generated once for that many
+    examples, whose ``proj_batch × p`` float32 gradients are held at once).
+    journey_resamples: R re-noisings of a trajectory target.
     """
 
     method: str = "dtrak"
@@ -67,6 +79,7 @@ class AttributionConfig:
     params: str = "all"
     microbatch: int = 8
     journey_resamples: int = 8
+    proj_batch: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,8 +115,41 @@ def _eps_fn(unet_config, params):
     return lambda x_t, t, ctx: model.apply({"params": params}, x_t, t, ctx)
 
 
+_CACHE_SIZE = 16
+_OUT_FNS: collections.OrderedDict = collections.OrderedDict()
+_FEATURE_FNS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _lru(cache: collections.OrderedDict, key, make: Callable):
+    """``cache[key]``, made with ``make()`` if absent; keeps the last ``_CACHE_SIZE`` entries."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _memo_out_fn(kind: str, make: Callable, unet_config, sched: Schedule,
+                 config: AttributionConfig):
+    """One out_fn object per equal (kind, UNet config, schedule values, config)."""
+    leaves, treedef = jax.tree_util.tree_flatten(sched)
+    try:
+        key = (kind, unet_config, treedef, tuple(np.asarray(l).tobytes() for l in leaves), config)
+        hash(key)
+    except TypeError:  # an unhashable config field: no sharing
+        return make(unet_config, sched, config)
+    return _lru(_OUT_FNS, key, lambda: make(unet_config, sched, config))
+
+
 def make_train_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
-    """``out_fn(unet_params, {'x0','ctx'}, key) -> scalar`` for training examples."""
+    """``out_fn(unet_params, {'x0','ctx'}, key) -> scalar`` for training examples (the same
+    object for equal arguments, so its compiled feature function is reused)."""
+    return _memo_out_fn("train", _train_out_fn, unet_config, sched, config)
+
+
+def _train_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
     T = sched.num_train_timesteps
     if config.method == "journey-trak":
         K = config.num_timesteps
@@ -125,7 +171,12 @@ def make_train_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
 
 def make_journey_target_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
     """``out_fn(params, {'x0': x̂0 at step t, 'ctx', 't'}, key)``: DSM loss of ``x̂0`` re-noised
-    to ``t``, averaged over ``config.journey_resamples`` fresh draws (Journey-TRAK target)."""
+    to ``t``, averaged over ``config.journey_resamples`` fresh draws (Journey-TRAK target).
+    The same object for equal arguments."""
+    return _memo_out_fn("journey-target", _journey_target_out_fn, unet_config, sched, config)
+
+
+def _journey_target_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
     R = config.journey_resamples
 
     def out_fn(params, ex, key):
@@ -162,7 +213,9 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
     """Projected gradients ``[n, k]`` of ``out_fn`` for ``examples``, cached in ``folder``.
 
     Resumable (per chunk). Reopening with another config, checkpoint or data set raises
-    :class:`~jaxattrib.attribution.store.StoreMismatchError` naming the field.
+    :class:`~jaxattrib.attribution.store.StoreMismatchError` naming the field. Calls with the
+    same ``out_fn`` object, config and parameter shapes reuse one compiled feature function
+    (see the module docstring).
     """
     projector = _projector(unet_params, config)
     n = trak_lib._num_examples(examples)
@@ -177,9 +230,20 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
                "key_seed": key_seed, "journey_resamples": config.journey_resamples})
     st = store_lib.ChunkedArray.open(folder, n_rows=n, n_cols=config.k,
                                      chunk_size=min(chunk_size, max(n, 1)), meta=meta)
+    proj_batch = config.proj_batch or None
+    micro, call_batch = trak_lib.batch_sizes(config.microbatch, proj_batch, st.chunk_size, mesh)
+    grad_batch = micro if call_batch > micro else None
+    # (other parameter shapes only retrace the same jitted function)
+    cache_key = (id(out_fn), json.dumps(store_lib._canonical(projector.meta()), sort_keys=True),
+                 config.params, grad_batch)
+    # the entry keeps out_fn alive, so its id cannot be reused by another function meanwhile
+    _, fn = _lru(_FEATURE_FNS, cache_key, lambda: (out_fn, params_feature_fn(
+        out_fn, projector, spec=config.params, grad_batch=grad_batch)))
     trak_lib.featurize(out_fn, unet_params, examples, projector, st,
                        microbatch=config.microbatch, mesh=mesh, progress=progress,
-                       key=jax.random.PRNGKey(key_seed), spec=config.params)
+                       key=jax.random.PRNGKey(key_seed), spec=config.params,
+                       proj_batch=proj_batch,
+                       feature_fn=lambda ex, keys: fn(unet_params, ex, keys))
     return st.read_all()
 
 

@@ -11,16 +11,25 @@ Our design [design]:
 * The per-example gradient tree of one microbatch exists only inside one jitted call, which also
   projects it; an ``n×p`` matrix is never formed. Microbatches have a fixed size (the last one is
   padded by repeating its last example and the padded rows dropped), so there is one compile.
+* Amortized projection (``grad_batch`` of :func:`make_feature_fn`): a dense P costs the same to
+  generate for 1 or 1000 examples, so one call may take ``B = M · grad_batch`` examples, compute
+  their per-example gradients ``grad_batch`` at a time (``lax.map``: activation memory of one
+  ``grad_batch``), keep the ``M`` gradient trees (``B × p`` floats) and project all of them in one
+  pass over P. Microbatch ``j`` of the call holds rows ``j, j+M, j+2M, …`` (so on a mesh the
+  sharded example axis stays sharded); the rows come back in their original order.
 * With a mesh, each microbatch is sharded over its ``'data'`` axis (``NamedSharding``); the
   projection is regenerated from its key on every device (replicated by seed, not transfer).
   The global microbatch is assembled with ``jax.make_array_from_callback``: every process
   reads only the rows its own devices hold, so the same code is correct on one process and on
   a multi-host mesh (the features are then all-gathered to every process's host memory).
-* The factored (LoGra) projection needs each Dense layer's inputs and output gradients. We get
-  them from an unmodified model with ``flax.linen.intercept_methods``: the interceptor records the
-  input of every intercepted ``nn.Dense.__call__`` and adds a zero *perturbation* array to its
-  output; the gradient w.r.t. that perturbation is the output gradient ``δ``. This works through
-  any closure that calls ``model.apply`` inside ``out_fn``, and only for ``nn.Dense`` modules.
+* The factored (LoGra) projection needs, per Dense layer, ``Σ_t (P_inᵀx_t)(P_outᵀδ_t)ᵀ`` over the
+  layer's inputs ``x_t`` and output gradients ``δ_t``. We get it from an unmodified model with
+  ``flax.linen.intercept_methods``: the interceptor adds a side branch ``((x P_in) A) P_outᵀ``
+  with ``A = 0`` to the output of every intercepted ``nn.Dense.__call__``, and the gradient
+  w.r.t. ``A`` *is* that sum (summed over layers, as the projector defines it). Nothing is
+  captured out of ``out_fn``, so it works through any closure that calls ``model.apply`` inside
+  ``out_fn`` — also under an inner ``vmap``/``lax.map`` (e.g. ``losses.averaged_output``) — and
+  only for ``nn.Dense`` modules.
 """
 
 from __future__ import annotations
@@ -94,107 +103,137 @@ def example_keys(key: jax.Array, start: int, stop: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, idx)
 
 
-def _capture_fn(out_fn: OutFn, layers):
-    """Per-example ``(params, example, key) -> ([k] feature ingredients)`` via interception."""
-
-    def run(params, example, key, perturb):
-        inputs, counts = {}, {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
-                return next_fun(*args, **kwargs)
-            path = "/".join(str(s) for s in mod.scope.path) if mod.scope is not None else ""
-            if path not in layers:
-                return next_fun(*args, **kwargs)
-            name = f"{path}#{counts.get(path, 0)}"
-            counts[path] = counts.get(path, 0) + 1
-            inputs[name] = args[0]
-            y = next_fun(*args, **kwargs)
-            if perturb is None:
-                return y
-            return y + perturb[name]
-
-        with nn.intercept_methods(interceptor):
-            out = out_fn(params, example, key)
-        return out, inputs
-
-    return run
-
-
 def factored_feature_fn(out_fn: OutFn, projector, *, remat: bool = False):
-    """``(params, examples[B], keys[B]) -> [B, k]`` LoGra features (see module docstring)."""
+    """``(params, examples[B], keys[B]) -> [B, k]`` LoGra features (see module docstring).
+
+    Every intercepted Dense layer ``l`` gets a side branch ``((x P_in,l) A) P_out,lᵀ`` added to
+    its output, with one shared ``A = 0`` of shape ``[k_in, k_out]``: the output is unchanged,
+    and ``∂f/∂A = Σ_l Σ_t (P_in,lᵀ x_t)(P_out,lᵀ δ_t)ᵀ`` — the summed factored feature. ``A`` is
+    an argument of the differentiated function, so this holds through any transform inside
+    ``out_fn`` (an inner ``vmap`` over timesteps, ``lax.map``, remat); weight gradients are
+    never formed.
+    """
     layers = set(projector.layers)
-    run = _capture_fn(out_fn, layers)
+    k_in, k_out, dtype = projector.k_in, projector.k_out, projector.dtype
+    hi = jax.lax.Precision.HIGHEST
 
-    def one(params, example, key):
-        shapes = _output_shapes(out_fn, layers, params, example, key)
-        zeros = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    def batched(params, examples, keys):
+        mats = {path: projector.layer_matrices(path) for path in sorted(layers)}
+        called = set()  # paths seen while tracing (strings only; never tracers)
 
-        def f(perturb):
-            out, ins = run(params, example, key, perturb)
-            return out, ins
+        def f(a, example, key):
+            def interceptor(next_fun, args, kwargs, context):
+                mod = context.module
+                if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+                    return next_fun(*args, **kwargs)
+                path = "/".join(str(s) for s in mod.scope.path) if mod.scope is not None else ""
+                if path not in mats:
+                    return next_fun(*args, **kwargs)
+                called.add(path)
+                y = next_fun(*args, **kwargs)
+                x = args[0] if args else kwargs["inputs"]
+                p_in, p_out = mats[path]
+                side = jnp.dot(jnp.dot(x.astype(dtype), p_in, precision=hi), a, precision=hi)
+                return y + jnp.dot(side, p_out.T, precision=hi).astype(y.dtype)
+
+            with nn.intercept_methods(interceptor):
+                return out_fn(params, example, key)
 
         if remat:
             f = jax.checkpoint(f)
-        deltas, ins = jax.grad(f, has_aux=True)(zeros)
-        return ins, deltas
-
-    def batched(params, examples, keys):
-        ins, deltas = jax.vmap(one, in_axes=(None, 0, 0))(params, examples, keys)
-        by_in, by_d = {}, {}
-        for name in sorted(ins):
-            path = name.rsplit("#", 1)[0]
-            by_in.setdefault(path, []).append(ins[name])
-            by_d.setdefault(path, []).append(deltas[name])
-        return projector.project_layers(by_in, by_d)
+        a0 = jnp.zeros((k_in, k_out), dtype)
+        g = jax.vmap(jax.grad(f), in_axes=(None, 0, 0))(a0, examples, keys)
+        if not called:
+            raise ValueError("no Dense layer of the projector was called by out_fn; projector "
+                             f"layers: {sorted(layers)}")
+        return g.reshape(g.shape[0], k_in * k_out)
 
     return batched
 
 
-def _output_shapes(out_fn, layers, params, example, key):
-    """Shapes of each intercepted Dense output for one example (``jax.eval_shape``)."""
-    shapes = {}
-
-    def probe(params, example, key):
-        counts = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            y = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and isinstance(mod, nn.Dense):
-                path = "/".join(str(s) for s in mod.scope.path)
-                if path in layers:
-                    name = f"{path}#{counts.get(path, 0)}"
-                    counts[path] = counts.get(path, 0) + 1
-                    shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
-            return y
-
-        with nn.intercept_methods(interceptor):
-            return out_fn(params, example, key)
-
-    jax.eval_shape(probe, params, example, key)
-    return shapes
-
-
-def make_feature_fn(out_fn: OutFn, params, projector, *, spec="all", remat: bool = False):
-    """A jitted ``(examples[B], keys[B]) -> [B, k]`` for one microbatch, and its parameter split.
+def make_feature_fn(out_fn: OutFn, params, projector, *, spec="all", remat: bool = False,
+                    grad_batch: int | None = None):
+    """A jitted ``(examples[B], keys[B]) -> [B, k]`` for one batch of examples.
 
     Dense families: gradients w.r.t. ``select_params(params, spec).trainable``, projected with
     ``projector.project``; the projector must have been built on that subset's shapes.
     Factored projector: Dense layers in ``projector.layers`` (``spec`` is not used).
+
+    ``grad_batch``: if given and smaller than ``B`` (``B`` must then be a multiple of it),
+    per-example gradients are computed ``grad_batch`` examples at a time and all ``B`` are
+    projected in one pass over P (see the module docstring); peak memory then holds the
+    ``B × p`` gradients of the call. ``None``: one ``vmap(grad)`` over all ``B``.
     """
+    fn = params_feature_fn(out_fn, projector, spec=spec, remat=remat, grad_batch=grad_batch)
     if getattr(projector, "kind", None) == "factored":
-        fn = jax.jit(factored_feature_fn(out_fn, projector, remat=remat))
-        return lambda ex, keys: fn(params, ex, keys)  # params as arguments, not constants
-    split = select_params(params, spec)
+        return lambda ex, keys: fn(params, ex, keys)
+    split = select_params(params, spec)  # once, not per call
+    return lambda ex, keys: fn.jitted(split.trainable, split.frozen, ex, keys)
+
+
+def params_feature_fn(out_fn: OutFn, projector, *, spec="all", remat: bool = False,
+                      grad_batch: int | None = None):
+    """Like :func:`make_feature_fn` but ``(params, examples[B], keys[B]) -> [B, k]``: the
+    parameters are arguments of the one jitted function (``.jitted``), so keeping this object
+    lets every parameter tree of the same shapes (checkpoints) and every split reuse its compile.
+    """
+    if grad_batch is not None and grad_batch < 1:
+        raise ValueError(f"grad_batch={grad_batch}: expected a positive number of examples")
+    if getattr(projector, "kind", None) == "factored":
+        batched = factored_feature_fn(out_fn, projector, remat=remat)
+
+        @jax.jit
+        def ffeats(params, examples, keys):
+            m = _n_microbatches(keys, grad_batch)
+            if m == 1:
+                return batched(params, examples, keys)
+            f = jax.lax.map(lambda xs: batched(params, *xs),
+                            _split_microbatches((examples, keys), m))
+            return _merge_microbatches(f)
+
+        def fcall(params, examples, keys):
+            return ffeats(params, examples, keys)
+
+        fcall.jitted = ffeats
+        return fcall
     grad_fn = per_example_grad_fn(out_fn, remat=remat)
 
     @jax.jit
     def feats(trainable, frozen, examples, keys):
-        return projector.project(grad_fn(trainable, frozen, examples, keys))
+        m = _n_microbatches(keys, grad_batch)
+        if m == 1:
+            return projector.project(grad_fn(trainable, frozen, examples, keys))
+        g = jax.lax.map(lambda xs: grad_fn(trainable, frozen, *xs),
+                        _split_microbatches((examples, keys), m))  # leaves [M, grad_batch, ...]
+        return _merge_microbatches(projector.project(g, batch_dims=2))
 
-    return lambda ex, keys: feats(split.trainable, split.frozen, ex, keys)
+    def call(params, examples, keys):
+        split = select_params(params, spec)
+        return feats(split.trainable, split.frozen, examples, keys)
+
+    call.jitted = feats
+    return call
+
+
+def _n_microbatches(keys, grad_batch: int | None) -> int:
+    """``M = B / grad_batch`` (1 when not amortizing); raises if ``B`` is not a multiple."""
+    b = keys.shape[0]
+    if grad_batch is None or b <= grad_batch:
+        return 1
+    if b % grad_batch:
+        raise ValueError(f"a batch of {b} examples is not a multiple of grad_batch={grad_batch}")
+    return b // grad_batch
+
+
+def _split_microbatches(tree, m: int):
+    """``[B, ...]`` → ``[M, B/M, ...]`` with row ``i·M + j`` at ``[j, i]``."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1), tree)
+
+
+def _merge_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of :func:`_split_microbatches` for one ``[M, B/M, ...]`` array."""
+    return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
 def _take(tree, idx):

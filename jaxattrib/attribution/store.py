@@ -39,6 +39,9 @@ class StoreMismatchError(ValueError):
         self.folder = str(folder)
         self.mismatches = mismatches
         lines = [f"  {k}: stored {s!r} vs requested {r!r}" for k, (s, r) in mismatches.items()]
+        if "generator" in mismatches:
+            lines.insert(0, "  (the features were drawn with another version of the projection "
+                            "generator; delete this folder to recompute them)")
         super().__init__(f"{folder}: store metadata differs from the request:\n" + "\n".join(lines))
 
 
@@ -72,9 +75,15 @@ def dataset_fingerprint(tree_or_arrays) -> str:
 def feature_meta(*, projector_meta: dict, seed: int | None, output_fn: str,
                  dataset_fingerprint: str, timesteps: Sequence[int] | None = None,
                  checkpoint_steps: Sequence[int] | None = None, extra: dict | None = None) -> dict:
-    """The standard metadata of a feature store (every field is validated on reopen)."""
+    """The standard metadata of a feature store (every field is validated on reopen).
+
+    ``generator``: the projector's generator version (``projection.GENERATOR_VERSION``; absent
+    from stores written before versions were recorded), so features drawn with another P
+    generator are refused with a message naming it.
+    """
     return {"k": projector_meta.get("k"), "seed": seed,
             "projection": projector_meta.get("kind"), "projector": projector_meta,
+            "generator": projector_meta.get("generator"),
             "output_fn": output_fn, "dataset_fingerprint": dataset_fingerprint,
             "timesteps": list(timesteps) if timesteps is not None else None,
             "checkpoint_steps": list(checkpoint_steps) if checkpoint_steps is not None else None,

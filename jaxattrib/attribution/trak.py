@@ -45,7 +45,8 @@ ArrayLike = Any  # np.ndarray | ChunkedArray
 def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, *,
               chunk_size: int | None = None, microbatch: int = 32, mesh: Mesh | None = None,
               progress: bool = True, key: jax.Array | int = 0, spec="all",
-              remat: bool = False, on_chunk: Callable[[int], None] | None = None) -> ChunkedArray:
+              remat: bool = False, on_chunk: Callable[[int], None] | None = None,
+              proj_batch: int | None = None, feature_fn=None) -> ChunkedArray:
     """Projected per-example gradients of every example into ``store`` (resumable).
 
     Args:
@@ -59,10 +60,20 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
         computed, so a rerun after a crash continues where it stopped. If its metadata has a
         ``'projector'`` field (see ``store.feature_meta``) it must equal ``projector.meta()``.
       chunk_size: must equal ``store.chunk_size`` if given (kept for explicitness).
-      microbatch: examples per jitted call (rounded up to a multiple of the mesh's data axis).
+      microbatch: examples per ``vmap(grad)`` step (rounded up to a multiple of the mesh's data
+        axis).
+      proj_batch: examples per pass over P (rounded up to a multiple of ``microbatch``, capped
+        at the store's chunk size rounded up likewise); default ``microbatch``. Each P block is
+        generated once for ``proj_batch`` examples, whose gradients (``proj_batch × p`` floats,
+        e.g. 64 × 793k × 4 B = 0.2 GB) are held together; the features do not depend on it
+        (up to float rounding). Worth it for the dense families, whose cost is generating P.
       mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it.
       key: base key (or int seed); example ``i`` uses ``fold_in(key, i)``.
       on_chunk: called with the chunk index after it is written (on every process).
+      feature_fn: optional ``(examples, keys) -> [B, k]`` to use instead of building one with
+        :func:`~jaxattrib.attribution.grads.make_feature_fn` (so a caller can reuse one jitted
+        function across calls); it must compute what ``make_feature_fn`` would, with
+        ``grad_batch=microbatch`` when ``proj_batch > microbatch``.
     Returns:
       ``store``, complete (on process 0's file system when several processes run).
 
@@ -89,7 +100,10 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
                              "the projector's; build the projector on "
                              "select_params(params, spec).trainable")
     key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
-    fn = make_feature_fn(out_fn, params, projector, spec=spec, remat=remat)
+    microbatch, call_batch = batch_sizes(microbatch, proj_batch, store.chunk_size, mesh)
+    fn = feature_fn or make_feature_fn(
+        out_fn, params, projector, spec=spec, remat=remat,
+        grad_batch=microbatch if call_batch > microbatch else None)
     multi = jax.process_count() > 1
     writer = jax.process_index() == 0
     todo = store.missing_chunks()
@@ -108,7 +122,7 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
         # a view (no copy for numpy / memmap leaves): projected_grads reads only the rows of
         # this process's devices
         ex = jax.tree_util.tree_map(lambda a: a[start:stop], dataset_examples)
-        feats = projected_grads(fn, ex, key, start=start, microbatch=microbatch, mesh=mesh)
+        feats = projected_grads(fn, ex, key, start=start, microbatch=call_batch, mesh=mesh)
         if writer:
             store.write_chunk(i, feats)
         if bar is not None:
@@ -121,6 +135,21 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"featurize {store.folder}")
     return store
+
+
+def batch_sizes(microbatch: int, proj_batch: int | None, chunk_size: int,
+                mesh: Mesh | None = None) -> tuple[int, int]:
+    """``(microbatch, examples per feature call)`` as :func:`featurize` uses them: microbatch
+    rounded up to the mesh's data axis, ``proj_batch`` (default ``microbatch``) rounded up to a
+    multiple of it and capped at the chunk size rounded up likewise."""
+    if microbatch < 1 or (proj_batch is not None and proj_batch < 1):
+        raise ValueError(f"microbatch={microbatch}, proj_batch={proj_batch}: expected positive "
+                         "numbers of examples")
+    if mesh is not None:
+        nd = mesh.shape["data"]
+        microbatch = -(-microbatch // nd) * nd
+    up = lambda v: -(-v // microbatch) * microbatch  # noqa: E731
+    return microbatch, max(microbatch, min(up(proj_batch or microbatch), up(chunk_size)))
 
 
 # ---------------------------------------------------------------------------------------------
