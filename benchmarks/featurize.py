@@ -14,16 +14,25 @@ Rows (each one a fresh spawned process, so its peak RSS is its own):
   ``AbstractModelOutput``; ``traker.featurize`` per batch (``torch.func.vmap(grad)`` +
   ``BasicProjector`` — on CPU traker picks a Gaussian ("normal") projection, regenerated from
   its seed in blocks of 100 columns on every batch; ``fast_jl``/``CudaProjector`` need CUDA).
+* ``trak-rademacher``: the same with ``projector=BasicProjector(..., proj_type=rademacher)``
+  passed to ``TRAKer`` (traker's Rademacher family on CPU; ``bernoulli_`` then ``2x − 1``).
+* ``trak@B`` / ``trak-rademacher@B``: the same with ``B = --proj-batch`` examples per
+  ``featurize`` call (traker generates P once per call, so this is its amortized setting).
 * ``jax-<kind>``: jaxattrib ``grads.make_feature_fn`` + ``grads.projected_grads`` (the engine
   of ``trak.featurize``, without the store write) with a ``gaussian`` (same family as trak's CPU
   projector), ``rademacher``, ``sjlt`` or ``factored`` (LoGra, Dense kernels only) projector.
+* ``jax-<kind>@B``: the amortized path (``trak.featurize(..., proj_batch=B)``): per-example
+  gradients ``--batch`` examples at a time, ``B`` examples per pass over P.
 * ``jax-grad``: the plain per-example backward ``jit(vmap(grad))`` of the same function with no
   projection (the per-example gradient tree is materialised and discarded) — the floor the
   projected rows are compared with.
 
 Timing: the first batch (tracing/compilation for JAX, first-call setup for torch) is timed and
-reported separately as ``warm-up``; then ``--batches`` batches are timed, ``examples/s`` =
-examples / that time. Memory: ``peak RSS`` is the process' ``ru_maxrss``; ``Δ RSS`` is it minus
+reported separately as ``warm-up``; then ``--batches`` batches (of ``B`` examples for the ``@B``
+rows) are timed, ``examples/s`` = examples / that time. Two ratio columns: ``× trak`` (the
+Gaussian trak row at ``--batch``) and ``× same`` (the trak row of the same family and the same
+examples per generation of P: ``jax-gaussian`` ↔ ``trak``, ``jax-rademacher@B`` ↔
+``trak-rademacher@B``, …). Memory: ``peak RSS`` is the process' ``ru_maxrss``; ``Δ RSS`` is it minus
 the RSS after imports and model loading (what featurization itself adds). Torch and XLA both use
 the machine's cores (``torch.set_num_threads(os.cpu_count())``).
 
@@ -112,11 +121,12 @@ def _batches(n: int, b: int):
 # ------------------------------------------------------------------------------------ torch side
 
 
-def _torch_stage(root: Path, args: dict) -> dict:
+def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
     import torch
     from diffusers import UNet2DConditionModel
     from trak import TRAKer
     from trak.modelout_functions import AbstractModelOutput
+    from trak.projectors import BasicProjector, ProjectionType
 
     import warnings
     warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap loops over SDPA on CPU
@@ -147,10 +157,16 @@ def _torch_stage(root: Path, args: dict) -> dict:
     ctx = torch.from_numpy(d["ctx"])
     n, b = x0.shape[0], args["batch"]
     base = _rss_mib()
+    projector = None
+    if family == "rademacher":  # traker's own default on CPU is the normal family
+        projector = BasicProjector(grad_dim=sum(p.numel() for p in model.parameters()),
+                                   proj_dim=args["k"], seed=PROJ_SEED,
+                                   proj_type=ProjectionType.rademacher, device="cpu",
+                                   dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         traker = TRAKer(model=model, task=DSMOutput(), train_set_size=n, save_dir=tmp,
                         device="cpu", use_half_precision=False, proj_dim=args["k"],
-                        projector_seed=PROJ_SEED, logging_level=40)
+                        projector_seed=PROJ_SEED, logging_level=40, projector=projector)
         traker.load_checkpoint(model.state_dict(), model_id=0)
         batches = _batches(n, b)
         t0 = time.perf_counter()
@@ -227,9 +243,11 @@ def _jax_stage(kind: str, root: Path, args: dict) -> dict:
     from jaxattrib.attribution import grads as grads_lib
     from jaxattrib.attribution.projection import make_projector
 
+    kind, _, amort = kind.partition("@")
     n, b = examples["x0"].shape[0], args["batch"]
+    call = int(amort) if amort else b  # examples per call (= per pass over P)
     key = jax.random.PRNGKey(0)
-    batches = _batches(n, b)
+    batches = _batches(n, call)
     if kind == "grad":
         split = grads_lib.select_params(params, "all")
         pe = jax.jit(grads_lib.per_example_grad_fn(out_fn))
@@ -244,11 +262,12 @@ def _jax_stage(kind: str, root: Path, args: dict) -> dict:
         shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
         extra = {"k_in": factored_k_in(args["k"], args["k_in"])} if kind == "factored" else {}
         projector = make_projector(kind, args["k"], PROJ_SEED, shapes, **extra)
-        fn = grads_lib.make_feature_fn(out_fn, params, projector)
+        fn = grads_lib.make_feature_fn(out_fn, params, projector,
+                                       grad_batch=b if call > b else None)
 
         def run(idx):
             ex = {k: v[idx] for k, v in examples.items()}
-            return grads_lib.projected_grads(fn, ex, key, start=int(idx[0]), microbatch=b)
+            return grads_lib.projected_grads(fn, ex, key, start=int(idx[0]), microbatch=call)
 
     base = _rss_mib()
     t0 = time.perf_counter()
@@ -258,7 +277,7 @@ def _jax_stage(kind: str, root: Path, args: dict) -> dict:
     for idx in batches[1:1 + args["batches"]]:
         run(idx)
     wall = time.perf_counter() - t0
-    out = {"warm": warm, "wall": wall, "examples": b * len(batches[1:1 + args["batches"]]),
+    out = {"warm": warm, "wall": wall, "examples": call * len(batches[1:1 + args["batches"]]),
            "peak": _peak_mib(), "delta": _peak_mib() - base,
            "finite": bool(all(np.isfinite(np.asarray(a)).all()
                               for a in jax.tree_util.tree_leaves(first)))}
@@ -280,8 +299,10 @@ def _jax_stage(kind: str, root: Path, args: dict) -> dict:
 
 def _stage(name: str, root: str, args: dict, queue) -> None:
     try:
-        if name == "trak":
-            res = _torch_stage(Path(root), args)
+        if name.startswith("trak"):
+            fam, _, amort = name.removeprefix("trak").removeprefix("-").partition("@")
+            targs = dict(args, batch=int(amort)) if amort else args
+            res = _torch_stage(Path(root), targs, fam or "normal")
         else:
             res = _jax_stage(name.removeprefix("jax-"), Path(root), args)
         queue.put((name, res, None))
@@ -299,20 +320,33 @@ def run_stage(name: str, root: Path, args: dict):
     return res
 
 
-def _fmt_table(rows: list, ref: str | None) -> list[str]:
-    lines = [f"| {'row':<16}| {'examples/s':>11} | {'warm-up s':>9} | {'timed s':>8} | "
-             f"{'peak RSS MiB':>12} | {'Δ RSS MiB':>9} | {'× ' + (ref or '-'):>12} |",
-             "|" + "-" * 17 + "|" + "-" * 13 + "|" + "-" * 11 + "|" + "-" * 10 + "|"
-             + "-" * 14 + "|" + "-" * 11 + "|" + "-" * 14 + "|"]
-    ref_tp = next((r["eps"] for n, r in rows if n == ref and r), None)
+def same_trak_row(name: str) -> str | None:
+    """The trak row of the same projection family and examples per P generation."""
+    kind, _, amort = name.removeprefix("jax-").partition("@")
+    fam = {"gaussian": "trak", "rademacher": "trak-rademacher"}.get(kind)
+    return None if fam is None else fam + (f"@{amort}" if amort else "")
+
+
+def _fmt_table(rows: list, ref: str | None, same: bool = False) -> list[str]:
+    extra_h = f" {'× same':>8} |" if same else ""
+    lines = [f"| {'row':<20}| {'examples/s':>11} | {'warm-up s':>9} | {'timed s':>8} | "
+             f"{'peak RSS MiB':>12} | {'Δ RSS MiB':>9} | {'× ' + (ref or '-'):>12} |" + extra_h,
+             "|" + "-" * 21 + "|" + "-" * 13 + "|" + "-" * 11 + "|" + "-" * 10 + "|"
+             + "-" * 14 + "|" + "-" * 11 + "|" + "-" * 14 + "|" + ("-" * 10 + "|" if same else "")]
+    eps = {n: r["eps"] for n, r in rows if r}
+    ref_tp = eps.get(ref)
     for name, r in rows:
         if r is None:
-            lines.append(f"| {name:<16}| {'failed':>11} | {'':>9} | {'':>8} | {'':>12} | {'':>9} | "
-                         f"{'':>12} |")
+            lines.append(f"| {name:<20}| {'failed':>11} | {'':>9} | {'':>8} | {'':>12} | {'':>9} | "
+                         f"{'':>12} |" + (f" {'':>8} |" if same else ""))
             continue
         ratio = f"{r['eps'] / ref_tp:.2f}" if ref_tp else "-"
-        lines.append(f"| {name:<16}| {r['eps']:>11.2f} | {r['warm']:>9.1f} | {r['wall']:>8.1f} | "
-                     f"{r['peak']:>12.0f} | {r['delta']:>9.0f} | {ratio:>12} |")
+        extra = ""
+        if same:
+            other = eps.get(same_trak_row(name))
+            extra = f" {r['eps'] / other:>8.2f} |" if other else f" {'-':>8} |"
+        lines.append(f"| {name:<20}| {r['eps']:>11.2f} | {r['warm']:>9.1f} | {r['wall']:>8.1f} | "
+                     f"{r['peak']:>12.0f} | {r['delta']:>9.0f} | {ratio:>12} |" + extra)
     return lines
 
 
@@ -332,7 +366,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx-dim", type=int, default=32)
     ap.add_argument("--kinds", default="gaussian,rademacher,sjlt,factored",
                     help="jaxattrib projections compared at --k")
-    ap.add_argument("--no-trak", action="store_true", help="skip the traker row")
+    ap.add_argument("--proj-batch", type=int, default=64,
+                    help="examples per pass over P of the amortized rows (0: no such rows)")
+    ap.add_argument("--amortized-kinds", default="gaussian,rademacher",
+                    help="jaxattrib projections also run amortized (rows jax-<kind>@B)")
+    ap.add_argument("--trak-rademacher", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run traker with its Rademacher BasicProjector")
+    ap.add_argument("--no-trak", action="store_true", help="skip the traker rows")
     ap.add_argument("--prng-impl", default="",
                     help="JAX PRNG for the projections, e.g. 'rbg' (default: JAX's threefry)")
     ap.add_argument("--skip-factored-table", action="store_true",
@@ -341,10 +381,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.batch, a.batches, a.K, a.k, a.k_factored = 4, 1, 1, 256, 256
-        a.channels, a.kinds = "8,16", "gaussian,factored"
+        a.channels, a.kinds, a.proj_batch = "8,16", "gaussian,factored", 8
+        a.amortized_kinds, a.trak_rademacher = "rademacher", False
+    if a.proj_batch and a.proj_batch % a.batch:
+        raise SystemExit(f"--proj-batch={a.proj_batch} must be a multiple of --batch={a.batch}")
     args = dict(k=a.k, k_in=a.k_in, batch=a.batch, batches=a.batches, K=a.K,
                 channels=a.channels, size=a.size, ctx_len=a.ctx_len, ctx_dim=a.ctx_dim,
-                n=a.batch * (a.batches + 1), prng_impl=a.prng_impl)
+                n=max(a.batch, a.proj_batch) * (a.batches + 1), prng_impl=a.prng_impl)
     if a.channels and min(int(c) for c in a.channels.split(",")) < 8:
         raise SystemExit("--channels: each entry must be >= 8 (GroupNorm groups)")
 
@@ -356,7 +399,8 @@ def main(argv=None) -> int:
     print(f"# UNet block_out_channels=({a.channels}) latent {a.size}x{a.size}x4, context "
           f"{a.ctx_len}x{a.ctx_dim}; p = {desc['p']:,} parameters "
           f"({desc['n_dense_layers']} Dense kernels, {desc['p_dense_kernels']:,} params)")
-    print(f"# DSM loss, K={a.K} fixed timesteps and noise; batch={a.batch}; timed "
+    print(f"# DSM loss, K={a.K} fixed timesteps and noise; batch={a.batch} (@B rows: B "
+          f"examples per pass over P, gradients {a.batch} at a time); timed "
           f"{a.batches} batches after 1 warm-up batch; cpu_count={os.cpu_count()}; "
           f"loadavg={os.getloadavg()[0]:.1f}; JAX PRNG: {a.prng_impl or 'default (threefry)'}")
     failures = []
@@ -375,12 +419,19 @@ def main(argv=None) -> int:
         return rows
 
     kinds = [k for k in a.kinds.split(",") if k]
-    t1 = collect((["trak"] if not a.no_trak else []) + ["jax-grad"]
-                 + [f"jax-{k}" for k in kinds], a.k, sanity=not a.no_trak)
+    amortized = [k for k in a.amortized_kinds.split(",") if k] if a.proj_batch else []
+    traks = []
+    if not a.no_trak:
+        fams = ["trak"] + (["trak-rademacher"] if a.trak_rademacher else [])
+        fam_of = {"trak": "gaussian", "trak-rademacher": "rademacher"}
+        traks = fams + [f"{f}@{a.proj_batch}" for f in fams if fam_of[f] in amortized]
+    t1 = collect(traks + ["jax-grad"] + [f"jax-{k}" for k in kinds]
+                 + [f"jax-{k}@{a.proj_batch}" for k in amortized], a.k, sanity=not a.no_trak)
     # the plain backward does not depend on k: its row is reused in table 2
     print(f"\n## 1. Featurization at k = {a.k} (all {desc['p']:,} parameters; factored: "
           f"Dense kernels only)\n")
-    print("\n".join(_fmt_table(t1, "trak" if not a.no_trak else "jax-grad")))
+    print("\n".join(_fmt_table(t1, "trak" if not a.no_trak else "jax-grad",
+                               same=not a.no_trak)))
     res = dict(t1)
     if res.get("trak") and res.get("jax-grad"):
         tv, jv = np.array(res["trak"]["values"]), np.array(res["jax-grad"]["values"])
