@@ -56,6 +56,34 @@ Ours [design]:
   (one ``.npz`` per step, written atomically, plus a ``meta.json`` that must match) and
   resumes from it; :class:`MontrageMonitor` writes the same cache live during training
   (reusable by :func:`representation_trajectory` when its ``source`` is the record directory).
+* Training-callback mode: ``finetune(..., on_checkpoint=monitor.on_checkpoint)``
+  (:func:`jaxattrib.train.finetune.finetune`) monitors at every checkpoint as it is saved;
+  the similarities equal the post-hoc ones to float32 rounding. Cost in the demo's
+  fine-tuning setting (400 steps, 5 checkpoints, 60 + 24 images, loaded 2-core CPU):
+  0.45–1 s per checkpoint, 1.0–2.4% of the fine-tuning time, against +12% for the post-hoc
+  pass that reloads the checkpoints (BENCHMARKS.md).
+
+Measured (demo run, BENCHMARKS.md "MONTRAGE: why monitoring does not beat the final
+checkpoint in the demo", 2026-11-25;
+``benchmarks/montrage_study.py``): with the default representation, no aggregation of the
+trajectory beats the final checkpoint (movement-weighted −0.007 mAP, CI below 0; learned
++0.003, CI spans 0), because (1) the similarity ranking barely changes along training (rank
+correlation 0.94–0.98 with the final one; the base model before fine-tuning already reaches
+mAP 0.434 vs 0.452): pooled-tap similarity is mostly the base model's generic image
+similarity; (2) the movement weights carry no image-specific information: representations
+drift together (exemplars and distractors move the same, AUC 0.55), every image is trained
+on 26–28 times between two checkpoints so ``seen`` counts are flat, and even after a single
+update the images of its batch move only 1–8% more than the others (AUC 0.50–0.57), so the
+weights are near-uniform and ``'movement'`` ≈ the mean of the checkpoints after step 0
+(whose weight is 0 by construction); (3) the change of similarity
+from the base model (final − step 0) is dominated by that drift and ranks far worse. Over 30
+(t, tap) representations movement beats final about half the time (14/16/17 of 30 on the
+val/test/fresh queries), but for the single up-block taps in 7/8/8 of 9 (up to +0.06
+mAP); the choice of tap and ``t`` moves test mAP from 0.28 to 0.53. The plain
+concatenation is dominated by the tap with the larger activations (``mid`` over ``up_0``:
+mean pooled norms 16.9 vs 7.6 at t=200), so the default behaves like ``mid`` alone.
+Defaults are unchanged: no aggregation beat the final checkpoint on the validation and both
+held-out query sets with the default representation (the rule fixed before the study).
 """
 
 from __future__ import annotations
