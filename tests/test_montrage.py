@@ -399,17 +399,23 @@ def test_finetuned_trajectory_ranks_own_group(tmp_path, params):
     sched = make_schedule()
     loss = make_diffusion_loss(CFG, None, sched)
     cfg = TrainConfig(steps=4, batch_size=8, learning_rate=1e-3, checkpoint_every=2, seed=0)
-    _, rec = finetune(loss, {"unet": params}, n,
-                      lambda idx: {"images": imgs[idx], "encoder_hidden_states": ctx[idx]},
-                      cfg, tmp_path / "rec", mesh=parallel.make_mesh(8), progress=False)
     qsrc = np.arange(8)
     queries = np.clip(imgs[qsrc] + rng.normal(scale=0.2, size=imgs[qsrc].shape), -1, 1)
     relevant = group[None, :] == group[qsrc][:, None]
     relevant[np.arange(8), qsrc] = True
     spec = M.RepresentationSpec(taps=TAPS, t=100, noise_seed=0, batch_size=16)
+    mesh = parallel.make_mesh(8)
+    mon = M.MontrageMonitor(CFG, imgs, ctx, queries, ctx[:8], spec=spec, mesh=mesh)
+    _, rec = finetune(loss, {"unet": params}, n,
+                      lambda idx: {"images": imgs[idx], "encoder_hidden_states": ctx[idx]},
+                      cfg, tmp_path / "rec", mesh=mesh, progress=False,
+                      on_checkpoint=mon.on_checkpoint)
     traj = M.representation_trajectory(rec, CFG, imgs, ctx, queries, ctx[:8], spec=spec,
-                                       progress=False)
+                                       mesh=mesh, progress=False)
     assert list(traj.steps) == [0, 2, 4]
+    # monitored live during the real fine-tune (8 devices) = recomputed from the record
+    np.testing.assert_allclose(mon.trajectory().similarities(), traj.similarities(), rtol=0,
+                               atol=1e-6)
     for method, seen in [("final", "ignore"), ("mean", "ignore"), ("movement", "ignore"),
                          ("movement", "mask")]:
         scores = M.trajectory_scores(traj, method, record=rec, seen=seen)
