@@ -126,12 +126,14 @@ def train_step(params, opt_state, x0, ctx, key, *, ucfg, opt, sched):
 init_unet = jax.jit(init_params, static_argnums=0)
 
 
-def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=()):
-    """Trains from scratch on ``data[idx]`` with ``seed`` (init, batches, noise).
+def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=(), init_seed=None):
+    """Trains from scratch on ``data[idx]`` with ``seed`` (init, batches, noise); with
+    ``init_seed`` the initial parameters come from that seed instead (``lds.shared_init``).
     Returns ``(params, {step: params})`` for the requested checkpoint steps."""
     tc = cfg.train
     key = jax.random.PRNGKey(seed)
-    params = init_unet(ucfg, jax.random.fold_in(key, 0))
+    init_key = key if init_seed is None else jax.random.PRNGKey(init_seed)
+    params = init_unet(ucfg, jax.random.fold_in(init_key, 0))
     opt_state = opt.init(params)
     rng = np.random.default_rng([seed, 1])
     idx = np.asarray(idx)
@@ -233,11 +235,16 @@ def run(cfg, run_dir: Path, log=print):
     t0 = time.time()
     masks = lds_lib.draw_subsets(n, cfg.lds.num_subsets, cfg.lds.alpha,
                                  jax.random.PRNGKey(cfg.seed))
-    fp = json.dumps({k: cfg.to_dict()[k] for k in ("seed", "data", "model", "train")},
-                    sort_keys=True, default=list)
+    shared_init = bool(cfg.lds.get("shared_init", False))
+    fp_fields = {k: cfg.to_dict()[k] for k in ("seed", "data", "model", "train")}
+    if shared_init:  # absent when False, so run dirs made before the option still match
+        fp_fields["shared_init"] = True
+    fp = json.dumps(fp_fields, sort_keys=True, default=list)
     sub_dir = run_dir / "subsets"
+    init_seed = cfg.seed if shared_init else None
     lds_lib.retrain_subsets(
-        lambda idx, seed: train(cfg, ucfg, sched, opt, train_data, idx, seed)[0],
+        lambda idx, seed: train(cfg, ucfg, sched, opt, train_data, idx, seed,
+                                init_seed=init_seed)[0],
         masks, list(cfg.lds.seeds), sub_dir, fingerprint=fp,
         progress=lambda m: log(f"{m} [{time.time() - t_start:.0f} s]"))
     timings["retrain_s"] = time.time() - t0
