@@ -15,10 +15,15 @@ resume by chunk). The run directory::
 Ground truth is by construction (AbC-style): a query generated for concept c is attributed
 correctly when the training images of c (its exemplars) rank on top. λ is chosen on a
 validation half of the queries; metrics are reported on the other half.
+
+The stages are shared with the customization benchmark (:mod:`jaxattrib.eval.benchmarks`),
+which passes a stratified exemplar choice, its own query plan and two ground truths
+(:class:`Variant`) to the same functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,8 +61,14 @@ def _save_npz(path: Path, **arrays) -> None:
 
 # ----------------------------------------------------------------------------- stages
 
-def build_data(run_dir: Path, config, base_info: dict) -> dict:
-    """Fine-tuning set (exemplars + distractors) and hold-outs, from the synthetic generator."""
+def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = None) -> dict:
+    """Fine-tuning set (exemplars + distractors) and hold-outs, from the synthetic generator.
+
+    ``stratify``: a synthetic concept (e.g. ``'background'``); if given, each new concept's
+    exemplars cycle through that concept's values in the spec's order (``exemplars_per_concept``
+    must be a multiple of their number), so every exemplar carries a known variation; hold-outs
+    come from the remaining renders. ``None`` (the demo): a random draw.
+    """
     path, hold_path = run_dir / "data" / "train.npz", run_dir / "data" / "holdout.npz"
     if path.exists() and hold_path.exists():
         return {"train": dict(np.load(path)), "holdout": dict(np.load(hold_path))}
@@ -80,6 +91,9 @@ def build_data(run_dir: Path, config, base_info: dict) -> dict:
         if len(members) < ne + nh:
             raise ConfigError(f"data: concept {h} has {len(members)} renders; exemplars + "
                               f"holdouts = {ne + nh} (raise data.per_combination)")
+        if stratify is not None:
+            members = _stratified_order(members, new.label_strings(stratify),
+                                        spec.vocab(stratify), ne, f"data (concept {h})")
         for i in members[:ne]:
             concept_of[i] = ci
         ex_idx += members[:ne]
@@ -99,6 +113,22 @@ def build_data(run_dir: Path, config, base_info: dict) -> dict:
     _save_npz(path, **train)
     _save_npz(hold_path, **holdout)
     return {"train": train, "holdout": holdout}
+
+
+def _stratified_order(members: list, values: tuple, vocab: tuple, ne: int, where: str) -> list:
+    """``members`` reordered so the first ``ne`` cycle through ``vocab`` (each value's members in
+    their given order); the rest keep their order."""
+    if ne % len(vocab):
+        raise ConfigError(f"{where}: exemplars_per_concept={ne} must be a multiple of the "
+                          f"{len(vocab)} variations {vocab}")
+    by_value = {v: [i for i in members if values[i] == v] for v in vocab}
+    short = {v: len(m) for v, m in by_value.items() if len(m) < ne // len(vocab)}
+    if short:
+        raise ConfigError(f"{where}: too few renders per variation {short} for "
+                          f"{ne // len(vocab)} exemplars each (raise data.per_combination)")
+    head = [by_value[v][j] for j in range(ne // len(vocab)) for v in vocab]
+    taken = set(head)
+    return head + [i for i in members if i not in taken]
 
 
 def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = True):
@@ -126,13 +156,10 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
     return trained["unet"], record
 
 
-def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict]) -> dict:
-    """Queries: ``per_concept`` generations of each new concept (random backgrounds)."""
-    path = run_dir / "generations" / "queries.npz"
-    if path.exists():
-        return dict(np.load(path))
+def demo_query_plan(config, held: list[dict]) -> dict:
+    """The demo's queries: ``per_concept`` prompts of each new concept, random backgrounds.
+    Returns ``{'prompts': [Q] str, 'concept': [Q] int}`` (concept = index into ``held``)."""
     from jaxattrib.data.synthetic import caption
-    from jaxattrib.generate import generate, save_images
     spec_bg = ("black", "white", "gray")
     rng = np.random.default_rng(config.seed + 7)
     prompts, concept = [], []
@@ -141,11 +168,26 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict]) -
             bg = spec_bg[rng.integers(len(spec_bg))]
             prompts.append(caption(h["shape"], h["color"], bg))
             concept.append(ci)
+    return {"prompts": np.array(prompts), "concept": np.array(concept)}
+
+
+def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
+                   plan: dict | None = None) -> dict:
+    """Generates the queries of ``plan`` (default :func:`demo_query_plan`): a dict with
+    ``prompts [Q]``, ``concept [Q]`` and any other ``[Q]`` arrays, which are stored alongside
+    ``images [Q, H, W, 3]`` in ``generations/queries.npz`` (cached)."""
+    path = run_dir / "generations" / "queries.npz"
+    if path.exists():
+        return dict(np.load(path))
+    from jaxattrib.generate import generate, save_images
+    plan = demo_query_plan(config, held) if plan is None else plan
+    prompts = [str(p) for p in plan["prompts"]]
     g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
                  num_inference_steps=config.generate.num_inference_steps,
                  guidance_scale=config.generate.guidance_scale)
     images = np.clip(np.asarray(g.images), -1, 1).astype(np.float32)
-    out = {"images": images, "prompts": np.array(prompts), "concept": np.array(concept)}
+    out = {**{k: np.asarray(v) for k, v in plan.items()}, "images": images,
+           "prompts": np.array(prompts)}
     save_images(run_dir / "generations", images, prompts, prefix="query")
     _save_npz(path, **out)
     return out
@@ -156,64 +198,158 @@ def _examples(pipe, images, captions) -> dict:
     return {"x0": np.asarray(images, np.float32), "ctx": ctx}
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One ground truth under which λ (and, optionally, the sign) of each method is chosen.
+
+    Attributes:
+      relevant: ``[Q, N]`` bool, the training images each query should be attributed to.
+      val: ``[Q]`` bool, the validation queries that choose λ; never use them for evaluation.
+      candidates: optional ``[Q, N]`` bool with the same count per row: the validation metric
+        ranks only these training images (e.g. the query concept's exemplars, for
+        within-concept attribution); ``None`` ranks all ``N``.
+    """
+
+    relevant: np.ndarray
+    val: np.ndarray
+    candidates: np.ndarray | None = None
+
+    def val_map(self, scores: np.ndarray) -> float:
+        """Mean average precision of ``scores [Q, N]`` over the validation queries."""
+        from jaxattrib.eval.metrics import average_precision, restrict_to_candidates
+        s, r = scores[self.val], self.relevant[self.val]
+        if self.candidates is not None:
+            s, r = restrict_to_candidates(s, r, self.candidates[self.val])
+        return float(np.nanmean(average_precision(s, r)))
+
+
 def attribute_stage(run_dir: Path, config, pipe, unet_params, train: dict, queries: dict,
                     fingerprint: str, step: int, progress: bool = True) -> dict[str, np.ndarray]:
-    """Scores ``[Q, N]`` per method (larger = more attributed), cached in ``scores/``."""
-    from jaxattrib.attribution import diffusion_trak as dt
+    """Scores ``[Q, N]`` per method (larger = more attributed), cached in ``scores/``; λ is
+    chosen on the validation half of each concept's queries, ground truth = the exemplars of the
+    query's concept."""
+    relevant = queries["concept"][:, None] == train["concept"][None, :]
+    variant = Variant(relevant, _validation_mask(queries["concept"]))
+    return attribute_variants(run_dir, config, pipe, unet_params, train, queries, fingerprint,
+                              step, {"": variant}, progress)[""]
+
+
+def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, queries: dict,
+                       fingerprint: str, step: int, variants: dict[str, Variant],
+                       progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Scores ``{variant: {method: [Q, N]}}`` (larger = more attributed) for
+    ``config.attribution.methods``.
+
+    Each method yields candidate score matrices — TRAK / D-TRAK: one per λ ratio of
+    ``attribution.lambda_ratios``; Concept-TRAK: one per ratio; with ``attribution.tune_sign``
+    (absent = False) also the negated TRAK / D-TRAK / TracIn scores; the other methods: one.
+    Per variant the candidate with the best validation mAP (:meth:`Variant.val_map`) is kept
+    and saved to ``scores/<variant>/<method>.npy`` (``scores/<method>.npy`` for the variant
+    ``''``), the sweep to ``<method>_lambda.json`` beside it. Features are cached per method in
+    ``features/`` and computed once for all variants; a method whose score files all exist is
+    loaded, not recomputed.
+    """
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    out = {}
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    a = config.attribution
     train_ex = _examples(pipe, train["images"], train["captions"])
     query_ex = _examples(pipe, queries["images"], queries["prompts"])
-    val = _validation_mask(queries["concept"])
-    relevant = queries["concept"][:, None] == train["concept"][None, :]
-    for method in a.methods:
-        path = run_dir / "scores" / f"{method}.npy"
-        if path.exists():
-            out[method] = np.load(path)
+    out: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
+    for method in config.attribution.methods:
+        folders = {name: run_dir / "scores" / name if name else run_dir / "scores"
+                   for name in variants}
+        if all((f / f"{method}.npy").exists() for f in folders.values()):
+            for name, f in folders.items():
+                out[name][method] = np.load(f / f"{method}.npy")
             continue
         _log(f"attribution: {method}")
-        if method == "pixel":
-            s = _pixel_similarity(queries["images"], train["images"])
-        elif method == "random":
-            s = np.random.default_rng(config.seed).standard_normal(
-                (len(queries["images"]), len(train["images"])))
-        elif method in ("trak", "dtrak"):
-            ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                                      params=a.params, projection=a.projection,
-                                      microbatch=a.microbatch)
-            out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
+        cands, sweep_meta = _candidate_scores(method, run_dir, config, pipe, unet_params, sched,
+                                              train_ex, query_ex, train, queries, fingerprint,
+                                              step, progress)
+        labels = list(cands)
+        for name, variant in variants.items():
+            folders[name].mkdir(parents=True, exist_ok=True)
+            best = labels[0]
+            if len(labels) > 1:
+                sweep = [variant.val_map(cands[label]) for label in labels]
+                best = labels[int(np.argmax(sweep))]
+                (folders[name] / f"{method}_lambda.json").write_text(json.dumps(
+                    {"split": "validation queries", **sweep_meta, "candidates": labels,
+                     "val_mAP": sweep, "chosen": best}, indent=2))
+            s = np.asarray(cands[best], np.float32)
+            np.save(folders[name] / f"{method}.npy", s)
+            out[name][method] = s
+    return out
+
+
+def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sched, train_ex,
+                      query_ex, train: dict, queries: dict, fingerprint: str, step: int,
+                      progress: bool) -> tuple[dict[str, np.ndarray], dict]:
+    """``({label: scores [Q, N]}, sweep metadata)`` for one method (see
+    :func:`attribute_variants`)."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    a = config.attribution
+    flip = a.get("tune_sign", False) and method in ("trak", "dtrak", "tracin")
+    meta: dict = {}
+    if method == "pixel":
+        cands = {"pixel": _pixel_similarity(queries["images"], train["images"])}
+    elif method == "random":
+        cands = {"random": np.random.default_rng(config.seed).standard_normal(
+            (len(queries["images"]), len(train["images"])))}
+    elif method in ("trak", "dtrak", "tracin"):
+        ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
+                                  params=a.params, projection=a.projection,
+                                  microbatch=a.microbatch)
+        out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
+        q_fp = _fingerprint_of(queries["images"])
+        if method == "tracin":
+            cands = {"tracin": _tracin_scores(run_dir, pipe, ac, out_fn, train_ex, query_ex,
+                                              fingerprint, q_fp, progress)}
+        else:
             feats = run_dir / "features" / method
             Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
                                         fingerprint=fingerprint, step=step, progress=progress)
             phi = dt.featurize_examples(out_fn, unet_params, query_ex, ac, feats / "queries",
-                                        fingerprint=_fingerprint_of(queries["images"]),
-                                        step=step, role="query", progress=progress)
+                                        fingerprint=q_fp, step=step, role="query",
+                                        progress=progress)
             lams = dt.relative_lambdas(Phi, a.lambda_ratios)
-            sweep = []
-            for lam in lams:
-                s_l = dt.scores_from_features(phi, Phi, lam, ac.sign)
-                sweep.append(float(np.nanmean(_ap(s_l[val], relevant[val]))))
-            best = int(np.argmax(sweep))
-            s = dt.scores_from_features(phi, Phi, lams[best], ac.sign)
-            (run_dir / "scores").mkdir(parents=True, exist_ok=True)
-            (run_dir / "scores" / f"{method}_lambda.json").write_text(json.dumps(
-                {"split": "validation queries", "ratios": list(a.lambda_ratios),
-                 "lambdas": lams, "val_mAP": sweep, "chosen": lams[best]}, indent=2))
-        elif method in ("montrage", "montrage-final"):
-            s = _montrage_scores(run_dir, pipe, train_ex, query_ex,
-                                 "final" if method == "montrage-final" else "movement",
-                                 progress)
-        elif method == "concept-trak":
-            s = _concept_trak_scores(config, pipe, unet_params, sched, train, queries,
-                                     train_ex, val, relevant, run_dir)
-        else:
-            raise ConfigError(f"attribution.methods: unknown method {method!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.asarray(s, np.float32))
-        out[method] = np.asarray(s, np.float32)
-    return out
+            meta = {"ratios": list(a.lambda_ratios), "lambdas": lams}
+            cands = {f"ratio={r:g}": dt.scores_from_features(phi, Phi, lam, ac.sign)
+                     for r, lam in zip(a.lambda_ratios, lams)}
+    elif method in ("montrage", "montrage-final"):
+        cands = {method: _montrage_scores(run_dir, pipe, train_ex, query_ex,
+                                          "final" if method == "montrage-final" else "movement",
+                                          progress)}
+    elif method == "concept-trak":
+        cands = _concept_trak_candidates(config, pipe, unet_params, sched, train, queries,
+                                         train_ex)
+        meta = {"ratios": list(a.lambda_ratios)}
+    else:
+        raise ConfigError(f"attribution.methods: unknown method {method!r}")
+    if flip:
+        cands.update({f"{label}, sign flipped": -s for label, s in list(cands.items())})
+    return cands, meta
+
+
+def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerprint: str,
+                   query_fingerprint: str, progress: bool) -> np.ndarray:
+    """TracIn ``[Q, N]`` over the record's checkpoints after step 0, each weighted by the
+    learning rate of the update that produced it; features in ``features/tracin/step_<s>/``."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.attribution import trak as trak_lib
+    from jaxattrib.train.record import TrajectoryRecord
+    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    Phis, phis, lrs = [], [], []
+    for s in record.steps()[1:]:
+        p = record.load(s)["unet"]
+        base = run_dir / "features" / "tracin" / f"step_{s}"
+        Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
+                                          fingerprint=fingerprint, step=s, progress=progress))
+        phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
+                                          fingerprint=query_fingerprint, step=s, role="query",
+                                          progress=progress))
+        lrs.append(record.step_info(s - 1)["lr"])
+    record.close()
+    return np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T * ac.sign
 
 
 def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: dict,
@@ -322,46 +458,31 @@ def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress
     return montrage.trajectory_scores(traj, how, record=record, seen=seen)
 
 
-def _concept_trak_scores(config, pipe, unet_params, sched, train, queries, train_ex, val,
-                         relevant, run_dir: Path):
-    """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt; the
-    λ ratio is chosen on the validation queries."""
+def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex):
+    """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt: one score
+    matrix per λ ratio of ``attribution.lambda_ratios``."""
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.eval.metrics import average_precision
     a = config.attribution
     cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2", proj_kind=a.projection,
                                inversion_steps=a.concept_inversion_steps,
                                microbatch=a.microbatch)
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
-    scores, (Phi, phi) = ct.concept_trak_scores(
+    _, (Phi, phi) = ct.concept_trak_scores(
         pipe.unet_config, unet_params, encode, train["images"], list(train["captions"]),
         queries["images"], list(queries["prompts"]), concepts, cfg, sched,
         train_contexts=train_ex["ctx"], return_features=True)
-    sweep = []
-    for r in a.lambda_ratios:
-        s_r = ct.scores_from_features(phi, Phi, r)
-        sweep.append(float(np.nanmean(average_precision(s_r[val], relevant[val]))))
-    r = a.lambda_ratios[int(np.argmax(sweep))]
-    (run_dir / "scores").mkdir(parents=True, exist_ok=True)
-    (run_dir / "scores" / "concept-trak_lambda.json").write_text(json.dumps(
-        {"split": "validation queries", "ratios": list(a.lambda_ratios), "val_mAP": sweep,
-         "chosen_ratio": r}, indent=2))
-    return ct.scores_from_features(phi, Phi, r)
+    return {f"ratio={r:g}": ct.scores_from_features(phi, Phi, r) for r in a.lambda_ratios}
 
 
-def _validation_mask(concept: np.ndarray) -> np.ndarray:
-    """First half of each concept's queries validate λ; the rest are test queries."""
-    val = np.zeros(len(concept), bool)
-    for c in np.unique(concept):
-        idx = np.flatnonzero(concept == c)
+def _validation_mask(groups: np.ndarray) -> np.ndarray:
+    """First half of each group's queries (in order) validate λ; the rest are test queries.
+    The demo groups by concept; the customization benchmark by (concept, variation)."""
+    val = np.zeros(len(groups), bool)
+    for c in np.unique(groups):
+        idx = np.flatnonzero(groups == c)
         val[idx[: len(idx) // 2]] = True
     return val
-
-
-def _ap(scores, relevant):
-    from jaxattrib.eval.metrics import average_precision
-    return average_precision(scores, relevant)
 
 
 def _pixel_similarity(q: np.ndarray, t: np.ndarray) -> np.ndarray:

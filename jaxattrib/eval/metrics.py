@@ -59,6 +59,7 @@ __all__ = [
     "precision_at_k",
     "average_precision",
     "mean_average_precision",
+    "restrict_to_candidates",
     "roc_curve",
     "roc_auc",
     "tpr_at_fpr",
@@ -318,6 +319,34 @@ def mean_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
     if ap.size == 0:
         raise ValueError("mean_average_precision: no query has a relevant item")
     return float(ap.mean())
+
+
+def restrict_to_candidates(scores: np.ndarray, relevant: np.ndarray,
+                           candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's scores and relevance restricted to its candidate items.
+
+    For rankings among a subset that differs per query (e.g. within-concept attribution ranks
+    only the query concept's exemplars).
+
+    Args:
+      scores, relevant: ``[Q, N]``.
+      candidates: ``[Q, N]`` bool with the same number ``M`` of True entries in every row.
+
+    Returns:
+      ``(scores [Q, M], relevant [Q, M])``, candidates in ascending index order (so ties keep
+      the tie-break by index of :func:`ranking`).
+    """
+    s, r, _ = _as_queries(scores, relevant, "restrict_to_candidates")
+    c = np.atleast_2d(np.asarray(candidates, bool))
+    if c.shape != s.shape:
+        raise ValueError(f"restrict_to_candidates: candidates must have the scores' shape "
+                         f"{s.shape}; got {c.shape}")
+    m = c.sum(axis=1)
+    if len(m) and (m.min() != m.max() or m[0] == 0):
+        raise ValueError(f"restrict_to_candidates: every query needs the same, non-zero number "
+                         f"of candidates; got counts {sorted(set(m.tolist()))}")
+    idx = np.nonzero(c)[1].reshape(len(c), -1)
+    return np.take_along_axis(s, idx, 1), np.take_along_axis(r, idx, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""The customization benchmark (jaxattrib.eval.benchmarks): ground truth by construction,
+metrics on constructed score matrices, and a resumable tiny end-to-end run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxattrib import base_model as bm
+from jaxattrib import demo
+from jaxattrib.config import ConfigError, load_config
+from jaxattrib.data.synthetic import classify_concepts, parse_caption
+from jaxattrib.eval import benchmarks as B
+from jaxattrib.eval.metrics import restrict_to_candidates
+
+VARS = ("black", "white", "gray")
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+def test_query_plan_prompts_and_validation_strata():
+    held = [dict(h) for h in bm.HELD_OUT]
+    plan = B.query_plan(held, VARS, per_variation=4)
+    assert len(plan["prompts"]) == len(held) * 3 * 4
+    for p, c, v, g in zip(plan["prompts"], plan["concept"], plan["variation"], plan["group"]):
+        parsed = parse_caption(str(p))
+        assert (parsed["shape"], parsed["color"]) == (held[c]["shape"], held[c]["color"])
+        assert parsed["background"] == v and g == c * 3 + VARS.index(v)
+    val = demo._validation_mask(plan["group"])
+    for g in np.unique(plan["group"]):       # half of every (concept, variation) validates
+        assert val[plan["group"] == g].sum() == 2
+    with pytest.raises(ConfigError, match="per_variation"):
+        B.query_plan(held, VARS, per_variation=1)
+
+
+def test_ground_truth_matches_a_direct_loop():
+    rng = np.random.default_rng(0)
+    train_c = np.r_[np.repeat([0, 1], 6), -np.ones(5, int)]       # 2 concepts x 6 + 5 distractors
+    train_v = np.r_[np.tile(VARS, 4), rng.choice(VARS, 5)]
+    q_c, q_v = rng.integers(0, 2, 9), rng.choice(VARS, 9)
+    gt = B.ground_truth(train_c, train_v, q_c, q_v)
+    for q in range(9):
+        for n in range(len(train_c)):
+            ex = train_c[n] == q_c[q]                            # distractors never match
+            assert gt["between"][q, n] == ex
+            assert gt["within"][q, n] == (ex and train_v[n] == q_v[q])
+    assert (gt["between"].sum(1) == 6).all() and (gt["within"].sum(1) == 2).all()
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        B.ground_truth(np.r_[0, 0, 1], np.array(VARS), np.array([0, 1]), np.array(VARS[:2]))
+
+
+def _data_config(exemplars=3):
+    c = load_config("customization")
+    c.data.exemplars_per_concept = exemplars
+    c.data.distractors = 4
+    c.data.per_combination = 2
+    return c
+
+
+def test_stratified_exemplars_show_the_variation_their_captions_state(tmp_path):
+    info = bm.base_model_info()
+    data = demo.build_data(tmp_path, _data_config(3), info, stratify="background")
+    train = data["train"]
+    ex = train["concept"] >= 0
+    held = info["held_out"]
+    for ci in range(len(held)):
+        caps = [parse_caption(str(c)) for c in train["captions"][train["concept"] == ci]]
+        assert [c["background"] for c in caps] == list(VARS)      # one per background
+        assert {(c["shape"], c["color"]) for c in caps} == {(held[ci]["shape"],
+                                                            held[ci]["color"])}
+    # the renders show what the captions say (the classifier reads the background exactly)
+    spec = bm.data_spec()
+    pred = classify_concepts(train["images"][ex], spec)["background"]
+    assert [VARS[p] for p in pred] == list(B.caption_variations(train["captions"][ex]))
+    with pytest.raises(ConfigError, match="multiple of the 3 variations"):
+        demo.build_data(tmp_path / "bad", _data_config(4), info, stratify="background")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_retrieval_metrics_on_constructed_scores():
+    # query 0: relevant {0, 2}; ranking 2, 5, 0, ... -> AP = (1/1 + 2/3) / 2, R@2 = 1/2, top1 = 1
+    # query 1: relevant {4};    ranking 1, 3, 4, ... -> AP = 1/3,             R@2 = 0,   top1 = 0
+    scores = np.array([[4., 1, 6, 0, 2, 5], [2., 6, 1, 5, 4, 0]])
+    rel = np.zeros((2, 6), bool)
+    rel[0, [0, 2]] = rel[1, 4] = True
+    m = B.retrieval_metrics(scores, rel, np.array([True, True]), k=2, n_bootstrap=50)
+    assert m["map"].estimate == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 2)
+    assert m["recall"].estimate == pytest.approx(0.25) and m["top1"].estimate == 0.5
+    assert m["map"].low <= m["map"].estimate <= m["map"].high
+    # among candidates {0, 2, 3} / {3, 4, 5}: query 0 ranks 2, 0, 3 (AP 1), query 1 ranks 3, 4
+    cand = np.zeros((2, 6), bool)
+    cand[0, [0, 2, 3]] = cand[1, [3, 4, 5]] = True
+    s_c, r_c = restrict_to_candidates(scores, rel, cand)
+    assert s_c.tolist() == [[4, 6, 0], [5, 4, 0]] and r_c.tolist() == [[1, 1, 0], [0, 1, 0]]
+    m = B.retrieval_metrics(scores, rel, np.array([True, True]), k=10, candidates=cand,
+                            n_bootstrap=50)
+    assert m["k"] == 3 and m["map"].estimate == pytest.approx((1 + 1 / 2) / 2)
+    assert m["top1"].estimate == 0.5 and m["recall"].estimate == 1.0
+    # only the selected queries count
+    m = B.retrieval_metrics(scores, rel, np.array([False, True]), k=2, n_bootstrap=10)
+    assert m["n"] == 1 and m["map"].estimate == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        restrict_to_candidates(scores, rel, np.eye(2, 6, dtype=bool) | cand)
+
+
+def test_benchmark_tables_oracle_and_variant_specific_rankings():
+    train_c = np.r_[np.repeat([0, 1], 3), -1, -1]
+    train_v = np.array(list(VARS) * 2 + ["black", "white"])
+    q_c, q_v = np.array([0, 0, 1, 1]), np.array(["black", "white", "gray", "black"])
+    gt = B.ground_truth(train_c, train_v, q_c, q_v)
+    # 'concept' knows the concept but ranks its exemplars wrongly (reversed variation order)
+    concept_only = gt["between"] * 10.0 - (1.0 + np.arange(8)) * gt["within"]
+    scores = {"between": {"oracle": gt["within"] * 2.0 + gt["between"],
+                          "concept": concept_only},
+              "within": {"oracle": gt["within"] * 2.0 + gt["between"],
+                         "concept": concept_only}}
+    t = B.benchmark_tables(scores, gt, np.ones(4, bool), np.array([True, True, True, False]),
+                           {"between": {}, "within": {}}, k=3, n_bootstrap=20)
+    raw = t["raw"]
+    assert raw["between"]["oracle"]["map"].estimate == 1.0
+    assert raw["between"]["concept"]["map"].estimate == 1.0          # concept found
+    assert raw["within"]["oracle"]["among_concept"]["map"].estimate == 1.0
+    # within: each relevant exemplar is pushed below the other two of its concept -> AP = 1/3
+    assert raw["within"]["concept"]["among_concept"]["map"].estimate == pytest.approx(1 / 3)
+    assert raw["within"]["concept"]["among_concept"]["n"] == 3       # unconfirmed query left out
+    assert [r["method"] for r in t["between"]] == ["oracle", "concept"]
+    assert "mAP among concept" in t["within"][0] and "Recall@3" in t["between"][0]
+
+
+# ----------------------------------------------------------------------------- attribution
+
+class _FakePipe:
+    """Just enough of a Pipeline for attribute_variants with precomputed candidates."""
+    scheduler_config = bm.SCHEDULER_CONFIG
+
+    def encode_prompts(self, prompts):
+        return np.zeros((len(prompts), 2, 4), np.float32)
+
+
+def test_attribute_variants_chooses_per_variant_on_validation_and_caches(tmp_path, monkeypatch):
+    gt = B.ground_truth(np.array([0, 0, 1, 1, -1]), np.array(["black", "white"] * 2 + ["gray"]),
+                        np.array([0, 0, 1, 1]), np.array(["black", "white", "white", "black"]))
+    val = np.array([True, False, True, False])
+    # 'good-between' ranks the concept first but the wrong variation on top; 'good-within' the
+    # right exemplar first; on validation the two variants prefer different candidates
+    cands = {"good-between": gt["between"] * 2.0 - gt["within"] + 0.1 * np.arange(5),
+             "good-within": gt["within"] * 3.0 - 0.5 * gt["between"]}
+    calls = []
+
+    def fake(method, *a, **k):
+        calls.append(method)
+        return dict(cands), {"ratios": [1, 2]}
+    monkeypatch.setattr(demo, "_candidate_scores", fake)
+    cfg = load_config("customization", ["attribution.methods=('fake',)"])
+    train = {"images": np.zeros((5, 2, 2, 3)), "captions": np.array(["a"] * 5)}
+    queries = {"images": np.zeros((4, 2, 2, 3)), "prompts": np.array(["b"] * 4)}
+    variants = {"between": demo.Variant(gt["between"], val),
+                "within": demo.Variant(gt["within"], val, gt["candidates"])}
+    run = lambda: demo.attribute_variants(tmp_path, cfg, _FakePipe(), None, train,  # noqa
+                                          queries, "fp", 0, variants, progress=False)
+    out = run()
+    want = {name: max(cands, key=lambda c: v.val_map(cands[c])) for name, v in variants.items()}
+    assert want == {"between": "good-between", "within": "good-within"}
+    for name in variants:
+        np.testing.assert_array_equal(out[name]["fake"], cands[want[name]].astype(np.float32))
+        sweep = json.loads((tmp_path / "scores" / name / "fake_lambda.json").read_text())
+        assert sweep["chosen"] == want[name] and sweep["split"] == "validation queries"
+    assert calls == ["fake"]
+    again = run()                                   # cached: no candidate is recomputed
+    assert calls == ["fake"] and all(
+        np.array_equal(again[n]["fake"], out[n]["fake"]) for n in variants)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_base_model(tmp_path_factory):
+    """A tiny random 16x16 pipeline with the base model's vocabulary and metadata."""
+    from jaxattrib.models import clip_text, unet
+    from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
+    root = tmp_path_factory.mktemp("tinybase")
+    spec = dataclasses.replace(bm.data_spec(), per_combination=2)
+    tok = build_word_tokenizer(bm.vocabulary(spec), root / "tok", model_max_length=10)
+    vocab = CLIPTokenizer.from_folder(tok).vocab_size
+    text = clip_text.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    max_position_embeddings=10, pad_token_id=None,
+                                    bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                    projection_dim=16)
+    u = unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
+                         sample_size=16, in_channels=3, out_channels=3, attention_head_dim=2)
+    key = jax.random.PRNGKey(0)
+    extra = {"data_spec": dataclasses.asdict(spec), "held_out": list(bm.HELD_OUT[:2])}
+    return bm.save_pipeline(root / "pipe", u, unet.init_params(u, key), text,
+                            clip_text.init_params(text, jax.random.fold_in(key, 1)), tok,
+                            bm.SCHEDULER_CONFIG, extra)
+
+
+@pytest.mark.slow
+def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypatch):
+    c = load_config("customization:smoke", [
+        f"base_model='{tiny_base_model}'", "finetune.steps=2", "finetune.checkpoint_every=1",
+        "finetune.batch_size=4", "generate.num_inference_steps=2", "attribution.k=16",
+        "attribution.num_timesteps=1", "attribution.microbatch=8",
+        "attribution.methods=('tracin', 'pixel', 'random')", "data.distractors=4"])
+    out = B.run_customization(c, tmp_path, progress=False)
+    n = out["counts"]
+    assert (n["train"], n["exemplars"], n["queries"], n["val"], n["test"]) == (10, 6, 12, 6, 6)
+    assert n["within_val"] <= 6 and n["within_test"] <= 6
+    assert {r["method"] for r in out["between"]} == {"TracIn", "pixel similarity", "random"}
+    s = np.load(tmp_path / "scores" / "within" / "tracin.npy")
+    assert s.shape == (12, 10) and np.isfinite(s).all()
+    # TracIn = the lr-weighted sum over checkpoints 1 and 2 (sign chosen on validation)
+    assert sorted(p.name for p in (tmp_path / "features" / "tracin").iterdir()) == [
+        "step_1", "step_2"]
+    sweep = json.loads((tmp_path / "scores" / "between" / "tracin_lambda.json").read_text())
+    assert sweep["candidates"] == ["tracin", "tracin, sign flipped"]
+    doc = json.loads((tmp_path / "tables" / "customization.json").read_text())
+    assert len(doc["between"]) == len(doc["within"]) == 3
+    assert "| method |" in (tmp_path / "tables" / "customization.md").read_text()
+    assert (tmp_path / "report.html").is_file()
+    # second run: every stage comes from the run directory (nothing recomputed)
+    log = (tmp_path / "record" / "steps.jsonl").read_text()
+
+    def refuse(*a, **k):
+        raise AssertionError("recomputed a cached stage")
+    monkeypatch.setattr(demo, "_candidate_scores", refuse)
+    monkeypatch.setattr("jaxattrib.generate.generate", refuse)
+    again = B.run_customization(c, tmp_path, progress=False)
+    assert again["between"] == out["between"] and again["within"] == out["within"]
+    assert (tmp_path / "record" / "steps.jsonl").read_text() == log
+
+
+@pytest.mark.slow
+def test_customization_script_smoke(tmp_path):
+    """``benchmarks/customization.py --smoke`` on the embedded base model prints both tables."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "customization.py"),
+                           "--smoke", "--run-dir", str(tmp_path / "run"), "--no-progress"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("D-TRAK", "TRAK", "TracIn", "Concept-TRAK", "MONTRAGE (trajectory)",
+                 "MONTRAGE final-only", "pixel similarity", "random"):
+        assert proc.stdout.count(f"| {name} |") == 2, name      # between and within tables
