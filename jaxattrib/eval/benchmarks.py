@@ -275,9 +275,9 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
     from jaxattrib.report.html import render_run_report, write_result
     from jaxattrib.report.images import image_grid, save_png
     c, k = out["counts"], config.eval.topk
-    cap_b = (f"Between-concept: relevant = the {config.data.exemplars_per_concept} exemplars of the query's "
-             f"concept among all {c['train']} fine-tuning images; {c['test']} test queries "
-             f"(λ chosen on {c['val']} others); mean [95% bootstrap CI over queries]")
+    cap_b = (f"Between-concept: relevant = the {config.data.exemplars_per_concept} exemplars of "
+             f"the query's concept among all {c['train']} fine-tuning images; {c['test']} test "
+             f"queries (λ chosen on {c['val']} others); mean [95% bootstrap CI over queries]")
     cap_w = (f"Within-concept: relevant = the query concept's exemplars on the prompted "
              f"{config.variation}; ranked among the concept's exemplars and among all "
              f"{c['train']} images; {c['within_test']} test queries whose {config.variation} "
