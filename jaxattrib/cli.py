@@ -184,8 +184,9 @@ def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Promp
              out: Path = typer.Option(Path("runs/generate"), help="Output folder for PNGs."),
              model: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline "
                                                         "folder (safetensors)."),
-             record: Optional[Path] = typer.Option(None, help="Use UNet params from this "
-                                                              "trajectory record."),
+             record: Optional[Path] = typer.Option(None, help="Use UNet (and text encoder) "
+                                                              "params from this trajectory "
+                                                              "record."),
              step: Optional[int] = typer.Option(None, help="Record step (default: latest)."),
              num: int = typer.Option(1, help="Images per prompt."),
              seed: int = typer.Option(0), steps: int = typer.Option(25, help="DDIM steps."),
@@ -205,7 +206,11 @@ def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Promp
             from jaxattrib.train.record import TrajectoryRecord
             rec = TrajectoryRecord.open(record.resolve())
             s = rec.latest_step() if step is None else step
-            unet_params = rec.load(s)["unet"]
+            loaded = rec.load(s)
+            unet_params = loaded["unet"]
+            if "text_encoder" in loaded:  # trained when finetune.train_text_encoder (DreamBooth)
+                import dataclasses
+                pipe = dataclasses.replace(pipe, text_params=loaded["text_encoder"])
         prompts = [p for p in prompt for _ in range(num)]
         g = gen(pipe, prompts, jax.random.PRNGKey(seed), unet_params=unet_params,
                 num_inference_steps=steps, guidance_scale=guidance, return_trajectory=trajectory)

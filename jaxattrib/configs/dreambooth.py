@@ -21,6 +21,10 @@ the base model was pretrained only on "a {color} {shape} on a {background} backg
 captions and makes noise for a prompt without a color, so "a {class_noun}" alone would
 preserve nothing. The prior term then keeps what the model knows about the class noun while
 ``{identifier}`` takes the concept's color (and sharpens its shape).
+The text encoder is trained too (as in the DreamBooth paper): with a frozen text encoder the
+base model reads "sks" much like "purple" (prompted "a sks triangle ..." it draws purple
+triangles), and the UNet alone did not move "sks" off purple for the green triangle
+(BENCHMARKS.md, DreamBooth section).
 
 ``evaluate`` (synthetic only): images generated with the instance prompt by the fine-tuned and
 by the base model (same prompts, same noise) are classified by
@@ -60,10 +64,11 @@ def get_config(arg=None):
     c.finetune.batch_size = 4
     c.finetune.learning_rate = 2e-4
     c.finetune.checkpoint_every = 100
+    c.finetune.train_text_encoder = True  # see [design] above
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.enabled = True
-    c.evaluate.num_images = 12
+    c.evaluate.num_images = 24        # cycling over backgrounds
     c.evaluate.num_inference_steps = 25
     c.evaluate.guidance_scale = 3.0
     return c
