@@ -255,15 +255,18 @@ def _write_pngs(folder, n, seed, size=8):
     return folder
 
 
-def _variant_pipeline(src, dst, *, key=None, prediction_type=None):
-    """A copy of pipeline folder ``src``: new random UNet weights (``key``) and/or another
-    scheduler ``prediction_type``; same architecture, text encoder and tokenizer."""
+def _variant_pipeline(src, dst, *, seed=None, noise=0.05, prediction_type=None):
+    """A copy of pipeline folder ``src``: other UNet weights (``src``'s plus N(0, noise²)
+    from ``seed``) and/or another scheduler ``prediction_type``; same architecture, text
+    encoder and tokenizer."""
     import shutil
     from jaxattrib.models.pipeline import load_pipeline
-    if key is not None:
+    if seed is not None:
         pipe = load_pipeline(src)
-        up = unet.init_params(pipe.unet_config, key)
-        up = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(key, a.shape), up)
+        rng = np.random.default_rng(seed)
+        up = jax.tree_util.tree_map(
+            lambda a: np.asarray(a) + noise * rng.standard_normal(np.shape(a), np.float32),
+            pipe.unet_params)
         bm.save_pipeline(dst, pipe.unet_config, up, pipe.text_config, pipe.text_params,
                          Path(src) / "tokenizer", pipe.scheduler_config)
     else:
@@ -362,7 +365,7 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     from typer.testing import CliRunner
     from jaxattrib.attribution import cgi_dm
     from jaxattrib.cli import app
-    ft = _variant_pipeline(tiny_pipeline_dir, tmp_path / "ft", key=jax.random.PRNGKey(7))
+    ft = _variant_pipeline(tiny_pipeline_dir, tmp_path / "ft", seed=7)
     cand = tmp_path / "cand"
     _write_pngs(cand / "member", 3, 1)
     _write_pngs(cand / "non_member", 2, 2)
@@ -413,13 +416,56 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     assert bad.exit_code == 2 and "model.finetuned='/nonexistent'" in bad.output
 
 
+def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_path,
+                                                          monkeypatch):
+    """The run's glue (model specs, random key samples, same-seed queries, innocent calibration,
+    caching, report) with a stand-in generator whose images are a pure function of (weights,
+    prompt, seed): identical weights give identical images, others unrelated ones."""
+    import zlib
+    from jaxattrib.attribution import source_model as sm
+    from jaxattrib.config import load_config
+    from jaxattrib.provenance import run_source_model
+    calls = []
+
+    def stand_in(pipe, params, **kw):
+        w = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(params)])
+
+        def gen(prompts, key):
+            calls.append(len(prompts))
+            out = []
+            for p in prompts:
+                seed = zlib.crc32(w.tobytes() + p.encode() + np.asarray(key).tobytes())
+                out.append(np.random.default_rng(seed).uniform(-1, 1, (8, 8, 3)))
+            return np.asarray(out, np.float32)
+        return gen
+    monkeypatch.setattr(sm, "pipeline_generate_fn", stand_in)
+    others = [_variant_pipeline(tiny_pipeline_dir, tmp_path / f"m{i}", seed=i) for i in range(3)]
+    cfg = load_config("source_model", [
+        f"model.pipeline='{tiny_pipeline_dir}'", f"model.suspects=('{others[0]}', 'pipeline')",
+        f"model.innocent=('{others[1]}', '{others[2]}')", "key_samples.strategy='random'",
+        "key_samples.prompts=('a red circle', 'a blue square', 'a red square', 'a blue circle')",
+        "key_samples.n=3", "query.seeds=(0, 1)", "report_keys=2"])
+    res = run_source_model(cfg, tmp_path / "run", progress=False)
+    stranger, copy = res["models"][:2]
+    assert copy["conf"] == 1.0 and copy["flagged"] and copy["mean distance"] == 0.0
+    assert stranger["conf"] == 0.0 and not stranger["flagged"]
+    assert [r["role"] for r in res["models"]] == ["suspect", "suspect", "innocent", "innocent"]
+    assert res["threshold"] == sm.calibrate_on_innocent([0.0, 0.0], 0.05)
+    assert len(res["key_samples"]["prompts"]) == 3 and calls == [3] * 10   # 5 models x 2 seeds
+    assert (tmp_path / "run" / "report.html").is_file()
+    res2 = run_source_model(cfg, tmp_path / "run", progress=False)     # all cached
+    assert calls == [3] * 10 and res2["threshold"] == res["threshold"]
+
+
+@pytest.mark.slow
 def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp_path):
-    """Ground truth by construction: a suspect identical to the source reproduces every key
-    sample (conf 1, flagged); models with other weights do not."""
+    """Real generations: a suspect identical to the source reproduces every key sample
+    (conf 1, flagged); models with other weights do not. (About 70 s of CPU time: one sampler
+    compilation per model.)"""
     from typer.testing import CliRunner
     from jaxattrib.cli import app
-    stranger = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s1", key=jax.random.PRNGKey(11))
-    innocent = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s2", key=jax.random.PRNGKey(12))
+    stranger = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s1", seed=11, noise=0.5)
+    innocent = _variant_pipeline(tiny_pipeline_dir, tmp_path / "s2", seed=12, noise=0.5)
     run = tmp_path / "run"
     args = ["source-model", "source_model", "--run-dir", str(run), "--no-progress",
             "--set", f"model.pipeline='{tiny_pipeline_dir}'",
@@ -427,7 +473,7 @@ def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp
             "--set", f"model.innocent=('{innocent}',)",
             "--set", "key_samples.prompts=('a red circle', 'a blue square', 'a red square')",
             "--set", "key_samples.n=2", "--set", "key_samples.detection_seeds=2",
-            "--set", "query.seeds=(0, 1)", "--set", "query.num_inference_steps=3"]
+            "--set", "query.seeds=(0,)", "--set", "query.num_inference_steps=3"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((run / "source_model" / "results.json").read_text())
@@ -438,7 +484,7 @@ def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp
     assert len(res["key_samples"]["prompts"]) == 2 and (run / "report.html").is_file()
     assert (run / "results" / "source_model_keys.png").is_file()
     stamps = {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*.npz")}
-    assert len(stamps) == 4
+    assert len(stamps) == 4                              # source + 2 suspects + 1 innocent
     r = CliRunner().invoke(app, args)                    # resumes: nothing regenerated
     assert r.exit_code == 0, r.output
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*")}
