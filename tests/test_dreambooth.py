@@ -14,8 +14,8 @@ from jaxattrib.train.diffusion_task import example_noise, make_diffusion_loss
 from jaxattrib.train.finetune import TrainConfig, finetune
 
 
-def _tiny_pixel_model():
-    """A pixel-space 8x8 UNet + 1-layer CLIP text encoder (random weights), 100-step schedule."""
+def _tiny_configs():
+    """A pixel-space 8x8 UNet + 1-layer CLIP text encoder config, 100-step schedule."""
     from jaxattrib.diffusion.schedule import make_schedule
     from jaxattrib.models import clip_text, unet
     ucfg = unet.tiny_config(block_out_channels=(16,), cross_attention_dim=16, norm_num_groups=8,
@@ -24,11 +24,18 @@ def _tiny_pixel_model():
                                     num_hidden_layers=1, num_attention_heads=2,
                                     max_position_embeddings=8, projection_dim=None,
                                     pad_token_id=0, bos_token_id=62, eos_token_id=63)
+    return ucfg, tcfg, make_schedule(100)
+
+
+def _tiny_pixel_model():
+    """:func:`_tiny_configs` with random weights."""
+    from jaxattrib.models import clip_text, unet
+    ucfg, tcfg, sched = _tiny_configs()
     k = jax.random.PRNGKey(0)
     params = {"unet": jax.jit(unet.init_params, static_argnums=0)(ucfg, jax.random.fold_in(k, 0)),
               "text_encoder": jax.jit(clip_text.init_params, static_argnums=(0, 2))(
                   tcfg, jax.random.fold_in(k, 1), 8)}
-    return ucfg, tcfg, make_schedule(100), params
+    return ucfg, tcfg, sched, params
 
 
 def _data(n, seed, tokens):
@@ -94,6 +101,24 @@ def test_zero_prior_weight_is_plain_finetuning():
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(ga["unet"])) > 0
 
 
+def test_score_concept_on_renders_and_blank_images():
+    """Clean renders of the concept score 1; a blank image scores 0 even for 'red' (the
+    classifier's label 0) and counts as empty; another concept's renders score 0 jointly."""
+    from jaxattrib.base_model import HELD_OUT, data_spec
+    from jaxattrib.data.synthetic import make_withheld
+    spec = data_spec()
+    ds = make_withheld(spec, 1000, HELD_OUT)
+    red_square = {"color": "red", "shape": "square"}
+    mine = np.array([c == "red" and s == "square" for c, s in
+                     zip(ds.label_strings("color"), ds.label_strings("shape"))])
+    assert db.score_concept(ds.images[mine][:6], red_square, spec) == {
+        "color": 1.0, "shape": 1.0, "both": 1.0, "empty": 0.0}
+    blank = np.full((2, 16, 16, 3), -0.88, np.float32)          # the 'black' background
+    assert db.score_concept(blank, red_square, spec) == {
+        "color": 0.0, "shape": 0.0, "both": 0.0, "empty": 1.0}
+    assert db.score_concept(ds.images[~mine][:6], red_square, spec)["both"] == 0.0
+
+
 @pytest.mark.slow
 def test_zero_prior_weight_run_equals_plain_run(tmp_path):
     """With as many class as instance images, pair j holds instance j, so a λ_prior = 0 run
@@ -130,9 +155,8 @@ def test_pair_dataset_pairs_like_diffusers():
     np.testing.assert_array_equal(b["class_input_ids"][:, 0], [200, 203, 204])
     with pytest.raises(ValueError, match="keys"):
         db.pair_dataset(inst, {"images": prior["images"]})
-    ucfg, tcfg, sched, params = _tiny_pixel_model()
-    with pytest.raises(KeyError, match="class_input_ids"):
-        db.make_dreambooth_loss(ucfg, tcfg, sched)(params, {**INSTANCE,
+    with pytest.raises(KeyError, match="class_input_ids"):    # checked before any compute
+        db.make_dreambooth_loss(*_tiny_configs())(None, {**INSTANCE,
                                                             "class_images": PRIOR["images"]},
                                                    jax.random.PRNGKey(0))
 

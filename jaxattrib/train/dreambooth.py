@@ -143,10 +143,6 @@ def generate_class_images(pipe, class_prompts: Sequence[str], key: jax.Array, *,
     return np.clip(np.asarray(g.images, np.float32), -1.0, 1.0)
 
 
-__all__ = ["IDENTIFIER", "check_identifier", "generate_class_images", "make_dreambooth_loss",
-           "pair_dataset"]
-
-
 # ---------------------------------------------------------------------- run directory
 def _prompt(template: str, field: str, **values) -> str:
     try:
@@ -205,30 +201,40 @@ def _folder_instances(config, size: int):
     return np.asarray(ds.images[:n], np.float32), list(ds.ids[:n])
 
 
-def evaluate_concept(pipe, unet_params, prompts: Sequence[str], concept: dict, spec,
-                     key: jax.Array, *, num_inference_steps: int = 25,
-                     guidance_scale: float = 3.0) -> tuple[dict, np.ndarray]:
-    """Generates one image per prompt and returns (accuracies, images).
+def score_concept(images: np.ndarray, concept: dict, spec) -> dict:
+    """Fractions of ``images [N, H, W, 3]`` (in [-1, 1]) that show ``concept``
+    (``{'color': .., 'shape': ..}``) by :func:`jaxattrib.data.synthetic.classify_concepts`.
 
-    Accuracies (fractions of images): ``color`` / ``shape`` = classified as the concept's
-    color / shape by :func:`jaxattrib.data.synthetic.classify_concepts`, ``both`` = both.
+    ``color`` / ``shape``: classified as the concept's color / shape; ``both``: both. An image
+    with no foreground counts as wrong (the classifier gives it label 0, e.g. 'red' /
+    'circle'); ``empty`` is the fraction of such images.
     """
     from jaxattrib.data.synthetic import classify_concepts
-    from jaxattrib.generate import generate
-    g = generate(pipe, list(prompts), key, unet_params=unet_params,
-                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    images = np.clip(np.asarray(g.images, np.float32), -1.0, 1.0)
     pred = classify_concepts(images, spec)
-    color = np.array([spec.colors[i] == concept["color"] for i in pred["color"]])
-    shape = np.array([spec.shapes[i] == concept["shape"] for i in pred["shape"]])
+    drawn = pred["foreground_fraction"] > 0
+    color = np.array([spec.colors[i] == concept["color"] for i in pred["color"]]) & drawn
+    shape = np.array([spec.shapes[i] == concept["shape"] for i in pred["shape"]]) & drawn
     return {"color": float(color.mean()), "shape": float(shape.mean()),
-            "both": float((color & shape).mean())}, images
+            "both": float((color & shape).mean()), "empty": float(1 - drawn.mean())}
+
+
+def evaluate_concept(pipe, prompts: Sequence[str], concept: dict, spec, key: jax.Array, *,
+                     num_inference_steps: int = 25,
+                     guidance_scale: float = 3.0) -> tuple[dict, np.ndarray]:
+    """Generates one image per prompt with ``pipe`` (image ``i`` from ``fold_in(key, i)``) and
+    returns ``(score_concept(images, concept, spec), images)``."""
+    from jaxattrib.generate import generate
+    g = generate(pipe, list(prompts), key, num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale)
+    images = np.clip(np.asarray(g.images, np.float32), -1.0, 1.0)
+    return score_concept(images, concept, spec), images
 
 
 def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     """``jaxattrib train dreambooth``: instance + class data, fine-tuning, evaluation.
 
-    Writes into ``run_dir`` (resumable; a finished stage is reused): ``config.json``,
+    Writes into ``run_dir`` (rerunning reuses the class images and resumes the record; the
+    evaluation is recomputed): ``config.json``,
     ``data/train.npz`` (instance images then class images, with captions and ids, for
     ``jaxattrib attribute``), the trajectory ``record/`` (one example = one instance/class
     pair, see :func:`pair_dataset`), and with ``evaluate.enabled`` (synthetic concepts only)
@@ -332,12 +338,13 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     tuned = dataclasses.replace(pipe, unet_params=trained["unet"],
                                 text_params=trained["text_encoder"])
     for name, model in (("base", pipe), ("finetuned", tuned)):
-        acc, images = evaluate_concept(model, None, eval_prompts, concept, spec, key,
+        acc, images = evaluate_concept(model, eval_prompts, concept, spec, key,
                                        num_inference_steps=e.num_inference_steps,
                                        guidance_scale=e.guidance_scale)
         _save_npz(run_dir / "generations" / f"{name}.npz", images=images,
                   prompts=np.array(eval_prompts))
-        metrics.update({f"{name}_{k}_accuracy": v for k, v in acc.items()})
+        metrics.update({f"{name}_{k}_accuracy" if k != "empty" else f"{name}_empty_fraction":
+                        v for k, v in acc.items()})
         rows.append({"model": name, **acc})
     from jaxattrib.report.html import write_result
     write_result(run_dir, "dreambooth", f"DreamBooth: {d.concept} as '{d.identifier}'",
@@ -348,3 +355,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
                  text=json.dumps({"instance_prompts": inst_prompts,
                                   "class_prompts": class_prompts[:4] + ["..."]}))
     return metrics
+
+
+__all__ = ["IDENTIFIER", "check_identifier", "dreambooth_run", "evaluate_concept",
+           "generate_class_images", "make_dreambooth_loss", "pair_dataset", "score_concept"]
