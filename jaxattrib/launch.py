@@ -164,6 +164,9 @@ def is_pipeline_config(config) -> bool:
 def _validate_pipeline(config, command: str, source: str) -> dict:
     """Dry-run checks of a pipeline fine-tuning config (numpy only; no model weights read)."""
     from jaxattrib.workflow import check_train_config, load_training_data
+    if "dreambooth" in config:
+        raise ConfigError(f"{source}: DreamBooth configs (a 'dreambooth' section) are not "
+                          f"supported by the launcher; run them with `jaxattrib train`")
     if command != "train":
         raise ConfigError(f"{source}: {command!r} is not implemented for pipeline fine-tuning "
                           f"configs (no 'task' field); attribute their runs with `jaxattrib "

@@ -356,6 +356,8 @@ def test_launch_dry_run_with_sd15_lora(tiny_pipeline_dir, tmp_path, capsys):
     assert "finetune.batch_size=8 > 4 examples" in capsys.readouterr().err
     assert launch.main(["train", *args, "--set", "model=/nonexistent", "--dry-run"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+    assert launch.main(["train", "dreambooth", "--dry-run"]) == 2     # not silently plain
+    assert "DreamBooth configs" in capsys.readouterr().err
 
 
 def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
