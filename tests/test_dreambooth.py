@@ -78,10 +78,7 @@ def test_loss_is_instance_plus_weighted_class_by_hand():
     # the trainer's objective (batch mean) is mean_instance + λ·mean_class, the paper's sum
     np.testing.assert_allclose(got.mean(), per_row[:4].mean() + lam * per_row[4:].mean(),
                                rtol=1e-5)
-    # the class term really enters: another λ gives another loss
-    other = np.asarray(jax.jit(db.make_dreambooth_loss(ucfg, tcfg, sched, 0.1))(params, batch,
-                                                                                key))
-    assert np.all(np.abs(other - got) > 1e-4)
+    assert np.all(lam * per_row[4:] > 1e-3)   # the class term is not negligible here
 
 
 def test_zero_prior_weight_is_plain_finetuning():
