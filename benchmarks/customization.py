@@ -10,8 +10,8 @@ exemplars on black / white / gray backgrounds) + distractors, generates queries 
 run directory reuses every finished stage. Tables: ``RUN_DIR/tables/customization.{md,json}``;
 ``jaxattrib report RUN_DIR`` renders them with the generated queries.
 
-    python benchmarks/customization.py --smoke --run-dir runs/customization_smoke   # minutes
-    python benchmarks/customization.py --run-dir runs/customization                 # full
+    python benchmarks/customization.py --smoke --run-dir runs/customization_smoke   # ~11 min
+    python benchmarks/customization.py --run-dir runs/customization                 # ~60 min
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default=None,
                     help="run directory (default runs/customization[_smoke]); reused")
-    ap.add_argument("--smoke", action="store_true", help="reduced setting (minutes)")
+    ap.add_argument("--smoke", action="store_true", help="reduced setting (about 11 min on 2 loaded CPU cores)")
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -9,8 +9,9 @@ distractors it already knows, with a trajectory record; queries are generated pe
 (concept, background) and attributed by every method. Here each concept's exemplars cycle
 through the backgrounds (``exemplars_per_concept / 3`` per background), so "which exemplar" has
 a known answer (within-concept). The demo's CGI-DM and report fields do not apply.
-``get_config()`` is the full setting; ``get_config('smoke')`` a reduced one (minutes). Override
-any field with ``--set key=value``.
+``get_config()`` is the full setting (60 min on the loaded 2-core CPU, BENCHMARKS.md);
+``get_config('smoke')`` a reduced one (11 min there, mostly compilation). Override any field
+with ``--set key=value``.
 """
 
 from jaxattrib.configs import demo
@@ -40,7 +41,7 @@ def get_config(arg=None):
         c.attribution.k = 256
         c.attribution.num_timesteps = 2
         c.attribution.lambda_ratios = (1e-2, 1.0)
-        c.attribution.concept_inversion_steps = 3
+        c.attribution.concept_inversion_steps = 10  # >= keep_every (5): 2 inverted states
         c.eval.n_bootstrap = 100
     elif arg not in (None, ""):
         raise ValueError(f"customization config: unknown argument {arg!r}; expected '' or "
