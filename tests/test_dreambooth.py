@@ -116,6 +116,27 @@ def test_score_concept_on_renders_and_blank_images():
     assert db.score_concept(ds.images[~mine][:6], red_square, spec)["both"] == 0.0
 
 
+def test_run_config_errors_name_the_field(tmp_path):
+    from PIL import Image
+
+    from jaxattrib.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"dreambooth.concept='blue circle'.*yellow cross"):
+        db.dreambooth_run(load_config("dreambooth", ["dreambooth.concept='blue circle'"]),
+                          tmp_path / "a", progress=False)
+    (tmp_path / "data" / "ball").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(
+            tmp_path / "data" / "ball" / f"{i}.png")
+    folder = ["dreambooth.source='folder'", f"dreambooth.path='{tmp_path / 'data'}'",
+              "dreambooth.subject='ball'", "dreambooth.class_noun='ball'"]
+    with pytest.raises(ConfigError, match=r"dreambooth.instance_prompt=.*for a folder"):
+        db.dreambooth_run(load_config("dreambooth", folder), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match=r"dreambooth.identifier: .*'zqv'"):
+        db.dreambooth_run(load_config("dreambooth", folder + [
+            "dreambooth.identifier='zqv'", "dreambooth.instance_prompt='a {identifier} ball'",
+            "dreambooth.class_prompt='a {class_noun}'"]), tmp_path / "c", progress=False)
+
+
 @pytest.mark.slow
 def test_zero_prior_weight_run_equals_plain_run(tmp_path):
     """With as many class as instance images, pair j holds instance j, so a λ_prior = 0 run

@@ -13,7 +13,9 @@ fine-tuning): loss = instance loss + λ_prior · class loss (jaxattrib/train/dre
 Prompt templates may use ``{identifier}``, ``{class_noun}`` (synthetic: the concept's shape),
 ``{color}`` (synthetic: the concept's color), ``{other_color}`` (a color of the spec other than
 the concept's, cycling) and ``{background}`` (cycling over ``backgrounds``; instance images use
-their own background). The identifier must be one token of the model's vocabulary that its
+their own background). For ``source='folder'`` only ``{identifier}`` and ``{class_noun}`` apply:
+``--set dreambooth.instance_prompt='a {identifier} {class_noun}'
+--set dreambooth.class_prompt='a {class_noun}' --set dreambooth.class_noun=dog``. The identifier must be one token of the model's vocabulary that its
 captions never use; the embedded base model reserves ``sks``.
 
 [design] The default class prompt names a *known* color ("a red cross on a black background"):

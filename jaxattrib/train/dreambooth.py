@@ -263,7 +263,13 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         others = [c for c in spec.colors if c != concept["color"]]
     elif d.source == "folder":
         inst_images, inst_ids = _folder_instances(config, size)
-        inst_bgs = [None] * len(inst_images)
+        for field in ("instance_prompt", "class_prompt"):
+            if any(k in d[field] for k in ("{background}", "{color}", "{other_color}")):
+                raise _config_error(
+                    f"dreambooth.{field}={d[field]!r}: {{background}}, {{color}} and "
+                    f"{{other_color}} describe synthetic concepts; for a folder use e.g. "
+                    f"'a {{identifier}} {{class_noun}}' and 'a {{class_noun}}'")
+        inst_bgs = [""] * len(inst_images)
         class_noun, others = d.class_noun, [""]
     else:
         raise _config_error(f"dreambooth.source={d.source!r}: expected 'synthetic' or 'folder'")
@@ -276,7 +282,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
 
     # instance images keep their own background; class prompts cycle other colors first,
     # then backgrounds; evaluation prompts cycle backgrounds
-    inst_prompts = [fill(d.instance_prompt, "instance_prompt", i, b or bgs[i % len(bgs)])
+    inst_prompts = [fill(d.instance_prompt, "instance_prompt", i, b)
                     for i, b in enumerate(inst_bgs)]
     class_prompts = [fill(d.class_prompt, "class_prompt", i,
                           bgs[(i // len(others)) % len(bgs)])
