@@ -32,6 +32,7 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (re
          no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
+    from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.demo import run_demo
     from jaxattrib.models.convert import CheckpointError
@@ -42,6 +43,8 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (re
         run_demo(cfg, run_dir, progress=not no_progress)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
+    except StoreMismatchError as e:
+        _fail(f"{e}\n(or rerun with --fresh to recompute the whole run directory)")
 
 
 @app.command()

@@ -34,6 +34,11 @@ import numpy as np
 from jaxattrib.config import ConfigError
 
 
+# Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
+# jaxattrib.attribution.diffusion_trak's module doc); bump when cached scores change meaning.
+SCORES_VERSION = "2"
+
+
 def _log(msg: str) -> None:
     print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -254,6 +259,14 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
     train_ex = _examples(pipe, train["images"], train["captions"])
     query_ex = _examples(pipe, queries["images"], queries["prompts"])
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
+    version = run_dir / "scores" / "VERSION"
+    # Score files of another scoring version (or of none: made before versions) are recomputed
+    # from the cached features; nothing else is discarded.
+    if not (version.is_file() and version.read_text().strip() == SCORES_VERSION):
+        for stale in (run_dir / "scores").rglob("*.npy"):
+            stale.unlink()
+        version.parent.mkdir(parents=True, exist_ok=True)
+        version.write_text(SCORES_VERSION + "\n")
     for method in config.attribution.methods:
         folders = {name: run_dir / "scores" / name if name else run_dir / "scores"
                    for name in variants}

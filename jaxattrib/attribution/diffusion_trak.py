@@ -14,10 +14,16 @@ What follows the references (methods.md §1–3):
   (per example key); the target of sampling step ``t`` is ``x̂0`` at that step re-noised to ``t``
   with ``R`` fresh draws, the DSM-loss gradient averaged over the draws.
 * TracIn over the record's checkpoints: ``Σ_s η_s ⟨g_s(z), g_s(z')⟩`` on projected gradients.
-* Scores ``τ(z) = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ``; D-TRAK's influence is the negative of the score for
-  the DSM loss [code]; we report scores with "larger = more attributed" for every method, i.e.
-  ``sign = -1`` is applied to TRAK/Journey-TRAK (loss-based) outputs so that all methods rank the
-  same way [design]. (For D-TRAK's ``square`` the sign is +1 as in the authors' notebooks.)
+* Scores ``τ(z) = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ`` with "larger = more attributed" (a proponent) for
+  every method, i.e. ``sign = +1`` throughout. For the DSM loss this is the first-order
+  influence of up-weighting ``z_i`` on the query's loss (Koh & Liang): ``dL_q/dε =
+  −∇L_qᵀ H⁻¹ ∇L_i``, so a *positive* ``φ_qᵀ(ΦᵀΦ)⁻¹φ_i`` means training on ``z_i`` lowers the
+  query's loss; D-TRAK's ``square`` etc. use the same orientation (authors' notebooks).
+  [measured] An earlier version applied ``sign = −1`` to the loss-based methods (TRAK,
+  Journey-TRAK, TracIn); on the customization benchmark the validation queries chose the
+  flipped (i.e. this) orientation for TRAK and TracIn (TracIn validation mAP 0.148 → 0.334),
+  and in the LDS benchmark, where a helpful example must *lower* the measured loss, raw TRAK
+  scores correlate negatively with the loss exactly like pixel similarity does.
 
 Examples are pytrees ``{'x0': [h, w, c], 'ctx': [L, D]}`` (latents for latent models); Journey
 targets add ``'t'`` (int32 scalar). Parameters are the UNet params (the text conditioning is
@@ -91,8 +97,9 @@ class AttributionConfig:
 
     @property
     def sign(self) -> float:
-        """+1 if a larger output-gradient alignment means more attributed (see module doc)."""
-        return 1.0 if self.method == "dtrak" else -1.0
+        """Orientation of the scores: +1 for every method (larger alignment = proponent; see
+        the module doc for why the loss-based methods are not negated)."""
+        return 1.0
 
 
 def timesteps_for(config: AttributionConfig, T: int, key=None) -> np.ndarray:
