@@ -14,22 +14,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DRY=0
-CMD=featurize
-POS=()
-EXTRA=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY=1; shift ;;
-    --set) EXTRA+=("--set" "$2"); shift 2 ;;
-    --set=*) EXTRA+=("--set" "${1#--set=}"); shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) POS+=("$1"); shift ;;
-  esac
-done
-if [ ${#POS[@]} -gt 0 ] && { [ "${POS[0]}" = featurize ] || [ "${POS[0]}" = train ]; }; then
-  CMD="${POS[0]}"; POS=("${POS[@]:1}")
-fi
+source "$ROOT/launch/common.sh"
+parse_launch_args "${BASH_SOURCE[0]}" '2,14p' "$@"
 if [ ${#POS[@]} -lt 1 ] || [ ${#POS[@]} -gt 2 ]; then
   echo "usage: launch/local.sh [--dry-run] [featurize|train] CONFIG [NUM_PROCESSES] [--set KEY=VALUE ...]" >&2
   exit 2
@@ -38,9 +24,7 @@ CONFIG="${POS[0]}"
 NPROC="${POS[1]:-2}"
 case "$NPROC" in ''|*[!0-9]*) echo "local.sh: NUM_PROCESSES must be a positive integer, got '$NPROC'" >&2; exit 2 ;; esac
 [ "$NPROC" -ge 1 ] || { echo "local.sh: NUM_PROCESSES must be >= 1" >&2; exit 2; }
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+default_python "$ROOT"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"
 if [ -z "${PORT:-}" ]; then
   PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -17,22 +17,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DRY=0
-CMD=featurize
-POS=()
-EXTRA=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY=1; shift ;;
-    --set) EXTRA+=("--set" "$2"); shift 2 ;;
-    --set=*) EXTRA+=("--set" "${1#--set=}"); shift ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) POS+=("$1"); shift ;;
-  esac
-done
-if [ ${#POS[@]} -gt 0 ] && { [ "${POS[0]}" = featurize ] || [ "${POS[0]}" = train ]; }; then
-  CMD="${POS[0]}"; POS=("${POS[@]:1}")
-fi
+source "$ROOT/launch/common.sh"
+parse_launch_args "${BASH_SOURCE[0]}" '2,17p' "$@"
 if [ ${#POS[@]} -ne 1 ]; then
   echo "usage: TPU_NAME=... ZONE=... launch/tpu_pod.sh [--dry-run] [featurize|train] CONFIG [--set KEY=VALUE ...]" >&2
   exit 2
@@ -43,9 +29,7 @@ if [ -z "${ZONE:-}" ]; then echo "tpu_pod.sh: set ZONE to the zone of the TPU" >
 REMOTE_DIR="${REMOTE_DIR:-jaxattrib}"
 REMOTE_PYTHON="${REMOTE_PYTHON:-.venv/bin/python}"
 GCLOUD="${GCLOUD:-gcloud}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+default_python "$ROOT"
 ARGS=("$CMD" "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}")
 
 # validate here first (same config everywhere; fails fast with a clear message)
