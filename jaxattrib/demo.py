@@ -326,7 +326,7 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
                                         progress=progress)
             lams = dt.relative_lambdas(Phi, a.lambda_ratios)
             meta = {"ratios": list(a.lambda_ratios), "lambdas": lams}
-            cands = {f"ratio={r:g}": dt.scores_from_features(phi, Phi, lam, ac.sign)
+            cands = {f"ratio={r:g}": dt.scores_from_features(phi, Phi, lam)
                      for r, lam in zip(a.lambda_ratios, lams)}
     elif method in ("montrage", "montrage-final"):
         cands = {method: _montrage_scores(run_dir, pipe, train_ex, query_ex,
@@ -362,7 +362,7 @@ def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerpr
                                           progress=progress))
         lrs.append(record.step_info(s - 1)["lr"])
     record.close()
-    return np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T * ac.sign
+    return np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
 
 
 def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: dict,

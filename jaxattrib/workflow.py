@@ -326,10 +326,10 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
         if method == "tracin":
             lrs.append(record.step_info(s - 1)["lr"])
     if method == "tracin":
-        scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T * ac.sign
+        scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
     else:
         lam = dt.relative_lambdas(Phis[0], [lam_ratio])[0]
-        scores = dt.scores_from_features(phis[0], Phis[0], lam, ac.sign)
+        scores = dt.scores_from_features(phis[0], Phis[0], lam)
     out = run_dir / "scores" / f"{method}_{qname}.npy"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, scores.astype(np.float32))

@@ -15,7 +15,7 @@ What follows the references (methods.md §1–3):
   with ``R`` fresh draws, the DSM-loss gradient averaged over the draws.
 * TracIn over the record's checkpoints: ``Σ_s η_s ⟨g_s(z), g_s(z')⟩`` on projected gradients.
 * Scores ``τ(z) = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ`` with "larger = more attributed" (a proponent) for
-  every method, i.e. ``sign = +1`` throughout. For the DSM loss this is the first-order
+  every method, used as computed (no negation). For the DSM loss this is the first-order
   influence of up-weighting ``z_i`` on the query's loss (Koh & Liang): ``dL_q/dε =
   −∇L_qᵀ H⁻¹ ∇L_i``, so a *positive* ``φ_qᵀ(ΦᵀΦ)⁻¹φ_i`` means training on ``z_i`` lowers the
   query's loss; D-TRAK's ``square`` etc. use the same orientation (authors' notebooks).
@@ -94,12 +94,6 @@ class AttributionConfig:
     @property
     def output_name(self) -> str:
         return self.output if self.method == "dtrak" else "loss"
-
-    @property
-    def sign(self) -> float:
-        """Orientation of the scores: +1 for every method (larger alignment = proponent; see
-        the module doc for why the loss-based methods are not negated)."""
-        return 1.0
 
 
 def timesteps_for(config: AttributionConfig, T: int, key=None) -> np.ndarray:
