@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -452,14 +452,25 @@ def params_from_state_dict(sd: StateDict, config: UNetConfig) -> dict:
 def from_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False,
                     variant: str | None = None) -> tuple[UNetConfig, dict]:
     """Reads a diffusers ``unet/`` component folder -> ``(UNetConfig, params)``."""
+    return read_component(folder, UNetConfig.from_diffusers, params_from_state_dict,
+                          allow_pickle=allow_pickle, variant=variant)
+
+
+def read_component(folder: str | os.PathLike, parse_config: Callable[[dict], Any],
+                   to_params: Callable[[StateDict, Any], dict], *, allow_pickle: bool = False,
+                   variant: str | None = None) -> tuple[Any, dict]:
+    """Shared reader of a diffusers component folder (UNet, VAE): ``config.json`` parsed by
+    ``parse_config`` (an :class:`UnsupportedConfigError` becomes a :class:`CheckpointError`
+    naming the file), weights read by :func:`~jaxattrib.models.convert.read_weights` (pickle
+    refused unless ``allow_pickle``) and mapped by ``to_params(state_dict, config)``."""
     folder = Path(folder)
     raw = read_config(folder)
     try:
-        config = UNetConfig.from_diffusers(raw)
+        config = parse_config(raw)
     except UnsupportedConfigError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
     tensors = read_weights(folder, allow_pickle=allow_pickle, variant=variant)
-    return config, params_from_state_dict(StateDict(tensors, str(folder)), config)
+    return config, to_params(StateDict(tensors, str(folder)), config)
 
 
 def save_pretrained(folder: str | os.PathLike, config: UNetConfig, params: dict) -> None:

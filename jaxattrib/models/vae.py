@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxattrib.models.convert import CheckpointError, StateDict, read_config, read_weights
+from jaxattrib.models.convert import StateDict
 from jaxattrib.models.layers import (Downsample2D, ResnetBlock2D, SpatialSelfAttention,
                                      Upsample2D, conv, group_norm, params_from_torch,
                                      params_to_torch)
-from jaxattrib.models.unet import UnsupportedConfigError, _tup, write_component
+from jaxattrib.models.unet import UnsupportedConfigError, _tup, read_component, write_component
 
 Dtype = Any
 
@@ -301,14 +300,8 @@ def params_from_state_dict(sd: StateDict, config: VAEConfig) -> dict:
 def from_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False,
                     variant: str | None = None) -> tuple[VAEConfig, dict]:
     """Reads a diffusers ``vae/`` component folder -> ``(VAEConfig, params)``."""
-    folder = Path(folder)
-    raw = read_config(folder)
-    try:
-        config = VAEConfig.from_diffusers(raw)
-    except UnsupportedConfigError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
-    tensors = read_weights(folder, allow_pickle=allow_pickle, variant=variant)
-    return config, params_from_state_dict(StateDict(tensors, str(folder)), config)
+    return read_component(folder, VAEConfig.from_diffusers, params_from_state_dict,
+                          allow_pickle=allow_pickle, variant=variant)
 
 
 def save_pretrained(folder: str | os.PathLike, config: VAEConfig, params: dict) -> None:
