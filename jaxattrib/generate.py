@@ -8,6 +8,7 @@ latent models. Writing PNGs is left to the CLI (:func:`save_images`).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -47,6 +48,29 @@ def latent_shape(pipe, batch: int) -> tuple[int, int, int, int]:
     return (batch, s, s, pipe.unet_config.in_channels)
 
 
+@functools.lru_cache(maxsize=32)
+def _batched_sampler(unet_config, shape, guidance_scale: float, num_inference_steps: int,
+                     sampler: str, eta: float, return_trajectory: bool):
+    """``f(unet_params, sched, uncond_emb [1, L, D], keys [b], ctx [b, 1, L, D])`` -> samples
+    ``[b, 1, h, w, c]`` (and trajectories): one jitted, vmapped sampler per architecture and
+    sampling setting. The UNet params are a jit *argument*, so querying many fine-tuned models
+    of one architecture (a model zoo) compiles once per prompt-batch size, not once per model.
+    """
+    from jaxattrib.models.unet import UNet2DConditionModel
+    model = UNet2DConditionModel(unet_config)
+
+    def one(params, sched, uncond_emb, key_i, ctx):
+        def eps_fn(x_t, t, c):
+            return model.apply({"params": params}, x_t, t, c)
+        uncond = None if guidance_scale == 1.0 else uncond_emb
+        return sampling.sample(eps_fn, sched, shape, key_i, cond=ctx, uncond=uncond,
+                               guidance_scale=guidance_scale,
+                               num_inference_steps=num_inference_steps, sampler=sampler,
+                               eta=eta, return_trajectory=return_trajectory)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
+
+
 def generate(pipe, prompts: Sequence[str], key: jax.Array, *, unet_params=None,
              num_inference_steps: int = 25, guidance_scale: float = 3.0,
              sampler: str = "ddim", eta: float = 0.0, negative_prompt: str = "",
@@ -70,26 +94,17 @@ def generate(pipe, prompts: Sequence[str], key: jax.Array, *, unet_params=None,
     if not prompts:
         raise ValueError("generate: no prompts given")
     params = pipe.unet_params if unet_params is None else unet_params
-    eps_fn = make_eps_fn(pipe.unet_config, params)
     sched = pipeline_schedule(pipe)
     uncond_emb = pipe.encode_prompts([negative_prompt])
-
-    @jax.jit
-    def one(key_i, ctx):
-        uncond = None if guidance_scale == 1.0 else uncond_emb
-        out = sampling.sample(eps_fn, sched, latent_shape(pipe, 1), key_i, cond=ctx,
-                              uncond=uncond, guidance_scale=guidance_scale,
-                              num_inference_steps=num_inference_steps, sampler=sampler,
-                              eta=eta, return_trajectory=return_trajectory)
-        return out
-
-    batched = jax.jit(jax.vmap(one))
+    batched = _batched_sampler(pipe.unet_config, latent_shape(pipe, 1), float(guidance_scale),
+                               int(num_inference_steps), sampler, float(eta),
+                               bool(return_trajectory))
     images, trajs = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ctx = pipe.encode_prompts(chunk)[:, None]          # [b, 1, L, D]
         keys = jnp.stack([jax.random.fold_in(key, start + i) for i in range(len(chunk))])
-        out = batched(keys, ctx)
+        out = batched(params, sched, uncond_emb, keys, ctx)
         x0, traj = (out if return_trajectory else (out, None))
         x0 = x0[:, 0]
         if traj is not None:

@@ -129,6 +129,35 @@ def test_generate_is_batch_invariant_and_prompt_dependent(tiny_pipeline_dir):
     assert np.abs(np.asarray(g1.images[0] - g1.images[2])).max() > 1e-3
 
 
+def test_generate_compiles_once_for_many_unet_params(tiny_pipeline_dir, monkeypatch):
+    """UNet params are a jit argument: a second model of the same architecture (a zoo member)
+    reuses the compiled sampler, and its images are those of a fresh trace with its params."""
+    from jaxattrib import generate as G
+    from jaxattrib.models.pipeline import load_pipeline
+    pipe = load_pipeline(tiny_pipeline_dir)
+    traces = []
+    real_sample = G.sampling.sample
+
+    def counting_sample(*args, **kwargs):
+        traces.append(1)  # runs once per trace, never when a compiled function is called
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(G.sampling, "sample", counting_sample)
+    G._batched_sampler.cache_clear()
+    prompts, key = ["a red circle", "a blue square"], jax.random.PRNGKey(2)
+    other = jax.tree_util.tree_map(lambda a: a * 1.5, pipe.unet_params)
+    a = G.generate(pipe, prompts, key, num_inference_steps=3).images
+    n = len(traces)
+    b = G.generate(pipe, prompts, key, num_inference_steps=3, unet_params=other).images
+    assert n == 1 and len(traces) == n          # no retrace for other params
+    assert np.abs(np.asarray(a - b)).max() > 1e-3
+    G._batched_sampler.cache_clear()            # a fresh trace computes the same images
+    b2 = G.generate(pipe, prompts, key, num_inference_steps=3, unet_params=other).images
+    assert len(traces) == n + 1
+    np.testing.assert_allclose(np.asarray(b2), np.asarray(b), rtol=1e-6, atol=1e-6)
+    G._batched_sampler.cache_clear()
+
+
 # ----------------------------------------------------------------------------- diffusion TRAK
 
 @pytest.mark.parametrize("method", ["dtrak", "trak", "journey-trak"])
