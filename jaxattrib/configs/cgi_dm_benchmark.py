@@ -1,0 +1,100 @@
+"""The CGI-DM benchmark (``benchmarks/cgi_dm.py``; :mod:`jaxattrib.eval.cgi_benchmark`):
+fine-tuning members vs equal-size hold-outs of the same concepts, CGI-DM against two baselines
+(loss gap without inversion; masked-input similarity), choices by validation AUC only,
+thresholds calibrated on a separate split.
+
+Fields:
+
+* ``seed``: splits, class-image generation, fine-tuning, PGD noise.
+* ``source``: 'synthetic' (renders of the embedded base model's four withheld concepts) or
+  'folder' (a DreamBooth-layout folder, ``data.path``, resized to the model's 16 px; one concept
+  per subject; ``data.subjects`` = () for all; ``data.caption`` = fallback caption template).
+* ``data.members``: members per concept (= hold-outs per concept; alternately validation /
+  test). A folder subject with fewer than ``2 * members + 1`` images takes
+  ``(n - 1) // 2`` members (at least 2, else it is left out). ``data.calib``: further known
+  non-members per concept for the threshold calibration.
+* ``finetune``: DreamBooth-style fine-tuning of the UNet on the members (instance prompt = the
+  image's caption), with prior preservation (``prior_loss_weight``) on ``num_class_images``
+  base-model generations of ``class_prompts`` (concepts the base model knows). ``mode``
+  'lora' (rank ``lora_rank``) or 'full'; ``steps``, ``batch_size`` (pairs per update),
+  ``learning_rate``. The text encoder is not trained (both models see the same prompt
+  embedding). The default is a short LoRA run, chosen so that the plain loss gap does not
+  separate members trivially (BENCHMARKS.md, CGI-DM benchmark section).
+* ``cgi``: the base :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` (authors' defaults,
+  scaled to the 16×16×3 pixel space by ``scale='sqrt_numel'``, fewer steps for CPU).
+* ``tune.variants``: CGI-DM variants tried on the validation half, ``'name: field=value,
+  ...'`` overriding ``cgi``; ``tune.similarities``: features tried ('ssim', 'psnr', 'tap' =
+  the pretrained UNet's mid-block features). The loss-gap baseline's timestep range is chosen
+  on validation among (1, 999) and the variants' ranges; the masked-input baseline's
+  (variant, similarity) likewise.
+* ``loss_gap_draws``: (t, ε) draws of the loss-gap baseline (shared by all images).
+* ``batch_size``: images per PGD batch (unit of resumption); ``report_images``: members and
+  hold-outs shown (original | masked | recovered) in the report.
+
+``get_config('smoke')``: a few images per concept, few steps — exercises every stage (tests).
+"""
+
+import ml_collections
+
+from jaxattrib.configs import cgi_dm
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.source = "synthetic"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""
+    c.data.subjects = ()
+    c.data.caption = ""
+    c.data.members = 8
+    c.data.calib = 4
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.mode = "lora"
+    c.finetune.lora_rank = 8
+    c.finetune.steps = 200
+    c.finetune.batch_size = 8
+    c.finetune.learning_rate = 1e-3
+    c.finetune.prior_loss_weight = 1.0
+    c.finetune.num_class_images = 16
+    c.finetune.class_prompts = tuple(
+        f"a {col} {shape} on a {bg} background"
+        for col, shape, bg in (("blue", "cross", "black"), ("red", "star", "white"),
+                               ("blue", "triangle", "gray"), ("green", "square", "black"),
+                               ("red", "cross", "white"), ("yellow", "star", "gray"),
+                               ("purple", "triangle", "black"), ("blue", "square", "white")))
+    c.finetune.class_inference_steps = 25
+    c.finetune.class_guidance_scale = 3.0
+
+    c.cgi = cgi_dm.get_config().cgi   # the authors' defaults, as `jaxattrib cgi-dm`
+    c.cgi.step_size = 4.0             # scaled 0.87 x 50 steps: 3x the scaled radius (15.2)
+    c.cgi.num_steps = 50
+
+    c.tune = ml_collections.ConfigDict()
+    c.tune.variants = ("paper: ",                       # clamp 100: the latent default
+                       "clamp1: clamp=1.0",             # the pixel range [-1, 1]
+                       "clamp1_low_t: clamp=1.0, t_max=300",
+                       "clamp1_block2: clamp=1.0, block=2")
+    c.tune.similarities = ("ssim", "psnr", "tap")
+
+    c.loss_gap_draws = 32
+    c.batch_size = 16
+    c.report_images = 6
+    if arg == "smoke":
+        c.data.members = 2
+        c.data.calib = 1
+        c.finetune.steps = 4
+        c.finetune.batch_size = 2
+        c.finetune.num_class_images = 2
+        c.finetune.class_inference_steps = 2
+        c.cgi.num_steps = 2
+        c.tune.variants = ("paper: ", "low_t: t_max=300")
+        c.loss_gap_draws = 2
+        c.batch_size = 4
+        c.report_images = 2
+    elif arg not in (None, ""):
+        raise ValueError(f"cgi_dm_benchmark config: unknown argument {arg!r}; expected '' or "
+                         f"'smoke'")
+    return c

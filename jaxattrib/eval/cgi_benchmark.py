@@ -1,0 +1,477 @@
+"""CGI-DM benchmark: fine-tuning members vs equal-size hold-outs of the same concepts.
+
+The embedded base model (:mod:`jaxattrib.base_model`) is fine-tuned DreamBooth-style — few
+images of concepts it never saw, plus prior preservation on its own generations of concepts it
+knows (:func:`jaxattrib.train.dreambooth.make_dreambooth_loss`) — on the *member* images; the
+*hold-outs* are other images of the same concepts. Every method scores every image (larger ⇒
+member) and is measured on members vs hold-outs:
+
+* **CGI-DM** (:mod:`jaxattrib.attribution.cgi_dm`): masked latent recovered by contrastive
+  gradient inversion, score = similarity(original, recovered).
+* **loss gap** (baseline 1): ``L_pre − L_ft`` on the unmasked image, no inversion
+  (:func:`~jaxattrib.attribution.cgi_dm.loss_gap_scores`).
+* **masked-input similarity** (baseline 2): similarity(original, masked start), no model.
+
+Splits (per concept, after a seeded shuffle; ground truth by construction): ``members``
+(fine-tuned on), ``holdouts`` (the same number, not trained on) and ``calib`` (extra known
+non-members). Members and hold-outs alternate into a **validation** half and a **test** half.
+Everything tunable (the CGI-DM variants of ``tune.variants`` — radius, steps, step size, mask,
+timesteps — the similarity feature, and the loss-gap baseline's timestep range) is chosen by
+validation AUC only; AUC and TPR@1%/10%FPR (ROC of the test half) are reported on the test half,
+and the decision threshold at each FPR budget is calibrated on the ``calib`` images (never on
+the test half), with the FPR/TPR it actually gives on the test half.
+
+Sources: ``source='synthetic'`` — renders of the base model's four withheld (shape, color)
+concepts, captioned as in pretraining ("a yellow cross on a black background"); ``'folder'`` —
+a DreamBooth-layout folder (e.g. ``/work/shared/data/dreambooth``) resized to the model's 16 px,
+one concept per subject. [design] The text encoder is not trained, so both models see the same
+conditioning (the objective's ``c = c'``). The run directory::
+
+    config.json, data/splits.npz, data/class.npz, record/   data, trajectory record (resumable)
+    cgi/<variant>/<split>_<lo>.npz    recovered batches (resumable)
+    scores/*.npz                      per-method scores
+    tables/cgi_dm.{md,json}           the tables; results/*.json, *.png, report.html
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxattrib.config import ConfigError
+
+SIMILARITIES = ("ssim", "psnr", "tap")
+
+
+def _log(msg: str) -> None:
+    print(f"[cgi-dm benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_variant(spec: str, base) -> tuple[str, object]:
+    """``'name: field=value, field=value'`` -> ``(name, CGIDMConfig)`` (``base`` with the
+    fields replaced). Raises :class:`ConfigError` naming the variant and field."""
+    import dataclasses
+
+    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"tune.variants: {spec!r}: expected 'name: field=value, ...' with a "
+                          f"plain name")
+    fields = {f.name: f for f in dataclasses.fields(CGIDMConfig)}
+    kw = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if not eq or k not in fields:
+            raise ConfigError(f"tune.variants[{name}]: {item!r}: expected field=value with a "
+                              f"CGIDMConfig field {sorted(fields)}")
+        v = v.strip()
+        cur = getattr(base, k)
+        try:
+            kw[k] = type(cur)(v) if not isinstance(cur, str) else v.strip("'\"")
+        except ValueError:
+            raise ConfigError(f"tune.variants[{name}]: {k}={v!r} is not a "
+                              f"{type(cur).__name__}") from None
+    try:
+        return name, dataclasses.replace(base, **kw)
+    except ValueError as e:
+        raise ConfigError(f"tune.variants[{name}]: {e}") from None
+
+
+def check_config(config) -> dict:
+    """Validates the benchmark config; returns ``{name: CGIDMConfig}`` of the variants."""
+    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    if config.source not in ("synthetic", "folder"):
+        raise ConfigError(f"source={config.source!r}: expected 'synthetic' or 'folder'")
+    if config.source == "folder" and not config.data.path:
+        raise ConfigError("source='folder' needs data.path (a DreamBooth-layout folder)")
+    for f in ("members", "calib"):
+        if not isinstance(config.data[f], int) or config.data[f] < 1:
+            raise ConfigError(f"data.{f}={config.data[f]!r}: expected an integer >= 1")
+    if config.data.members < 2:
+        raise ConfigError("data.members must be >= 2 (one validation and one test member per "
+                          "concept)")
+    bad = [s for s in config.tune.similarities if s not in SIMILARITIES]
+    if bad or not config.tune.similarities:
+        raise ConfigError(f"tune.similarities={tuple(config.tune.similarities)}: expected a "
+                          f"non-empty subset of {SIMILARITIES}")
+    base = CGIDMConfig(**config.cgi.to_dict())
+    variants = dict(parse_variant(s, base) for s in config.tune.variants)
+    if not variants:
+        raise ConfigError("tune.variants is empty")
+    if len(variants) != len(config.tune.variants):
+        raise ConfigError("tune.variants: names must be distinct")
+    return variants
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def assign_splits(groups: np.ndarray, members: int, calib: int, seed: int) -> np.ndarray:
+    """Per image, its split: 'member_val', 'member_test', 'holdout_val', 'holdout_test',
+    'calib' or '' (unused). In each group (concept) the images are shuffled
+    (``default_rng([seed, crc32(group)])``); the first ``members`` are members, the next
+    ``members`` hold-outs, the next up to ``calib`` calibration non-members; members and
+    hold-outs alternate val / test (val first). A group with fewer than ``2 * members + 1``
+    images takes ``m = (n - 1) // 2`` members (needs ``m >= 2``), else it is left out."""
+    out = np.full(len(groups), "", dtype=object)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        rng = np.random.default_rng([int(seed), zlib.crc32(str(g).encode())])
+        idx = idx[rng.permutation(len(idx))]
+        m = min(members, (len(idx) - 1) // 2)
+        if m < 2:
+            continue
+        for j in range(m):
+            half = "val" if j % 2 == 0 else "test"
+            out[idx[j]] = f"member_{half}"
+            out[idx[m + j]] = f"holdout_{half}"
+        out[idx[2 * m: 2 * m + calib]] = "calib"
+    return out.astype(str)
+
+
+def build_data(run_dir: Path, config, pipe) -> dict:
+    """The images with captions, concept groups and splits (cached in ``data/splits.npz``)."""
+    from jaxattrib.demo import _save_npz
+    path = run_dir / "data" / "splits.npz"
+    if path.exists():
+        return dict(np.load(path))
+    size = pipe.unet_config.sample_size
+    if config.source == "synthetic":
+        import dataclasses
+
+        from jaxattrib.base_model import base_model_info
+        from jaxattrib.data.synthetic import SyntheticConceptSpec, make_withheld
+        info = base_model_info(None)
+        spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in info["data_spec"].items()})
+        need = 2 * config.data.members + config.data.calib
+        per = -(-need // len(spec.backgrounds))
+        ds = make_withheld(dataclasses.replace(spec, per_combination=per),
+                           1000 + int(config.seed), [dict(h) for h in info["held_out"]])
+        groups = np.array([f"{spec.colors[c]} {spec.shapes[s]}" for c, s in
+                           zip(ds.labels["color"], ds.labels["shape"])])
+    else:
+        from jaxattrib.data.folder import load_folder
+        subjects = list(config.data.subjects) or None
+        ds = load_folder(config.data.path, size=size, subjects=subjects,
+                         caption_template=config.data.caption or None)
+        groups = np.array([ds.label_names["subject"][i] for i in ds.labels["subject"]])
+    if ds.images.shape[1:3] != (size, size):
+        raise ConfigError(f"data: images are {ds.images.shape[1]}x{ds.images.shape[2]}; the "
+                          f"model expects {size}x{size}")
+    split = assign_splits(groups, config.data.members, config.data.calib, config.seed)
+    if not (split == "member_test").any():
+        raise ConfigError(f"data: no concept has >= 5 images ({config.source})")
+    keep = split != ""
+    out = {"images": np.asarray(ds.images, np.float32)[keep],
+           "captions": np.asarray(ds.captions)[keep], "ids": np.asarray(ds.ids)[keep],
+           "group": groups[keep], "split": split[keep]}
+    _save_npz(path, **out)
+    return out
+
+
+def class_data(run_dir: Path, config, pipe) -> dict:
+    """Prior-preservation (class) images: the base model's generations for prompts of concepts
+    it knows (``finetune.class_prompts``, cycled), cached in ``data/class.npz``."""
+    from jaxattrib.demo import _save_npz
+    from jaxattrib.train.dreambooth import generate_class_images
+    path = run_dir / "data" / "class.npz"
+    if path.exists():
+        return dict(np.load(path))
+    f = config.finetune
+    prompts = [f.class_prompts[i % len(f.class_prompts)] for i in range(f.num_class_images)]
+    images = generate_class_images(pipe, prompts,
+                                   jax.random.fold_in(jax.random.PRNGKey(config.seed), 101),
+                                   num_inference_steps=f.class_inference_steps,
+                                   guidance_scale=f.class_guidance_scale)
+    out = {"images": images, "captions": np.array(prompts)}
+    _save_npz(path, **out)
+    return out
+
+
+def finetune_stage(run_dir: Path, config, pipe, data: dict, progress: bool = True) -> dict:
+    """DreamBooth-style fine-tuning of the UNet on the member images; returns its params."""
+    from jaxattrib import parallel
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.train.dreambooth import make_dreambooth_loss, pair_dataset
+    from jaxattrib.train.finetune import TrainConfig, finetune
+    f = config.finetune
+    members = np.char.startswith(data["split"].astype(str), "member")
+    cls = class_data(run_dir, config, pipe)
+    L = pipe.text_config.max_position_embeddings
+    n_pairs, get_batch = pair_dataset(
+        {"images": data["images"][members],
+         "input_ids": pipe.tokenizer(list(data["captions"][members]), max_length=L)},
+        {"images": cls["images"], "input_ids": pipe.tokenizer(list(cls["captions"]),
+                                                              max_length=L)})
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
+                                   prior_loss_weight=f.prior_loss_weight)
+    tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
+                     schedule="constant", weight_decay=0.0, seed=config.seed,
+                     checkpoint_every=f.steps, mode=f.mode, lora_rank=f.lora_rank,
+                     lora_alpha=float(f.lora_rank))
+    mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
+    trained, record = finetune(
+        loss_fn, {"unet": pipe.unet_params, "text_encoder": pipe.text_params}, n_pairs,
+        get_batch, tc, (run_dir / "record").resolve(), mesh=mesh, progress=progress,
+        model_info={"model": "embedded"},
+        dataset_info={"kind": "cgi-dm benchmark members (DreamBooth pairs)",
+                      "instance_ids": [str(i) for i in data["ids"][members]]})
+    record.close()
+    return jax.device_get(trained["unet"])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _split_key(seed: int, split: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(split.encode()))
+
+
+def similarity_fns(pipe, sched, batch_size: int) -> dict:
+    """``name -> sim(x[B,H,W,C], y) -> [B]`` for :data:`SIMILARITIES`. 'tap': cosine of the
+    pretrained UNet's pooled mid-block features at t = 100 (fixed noise, empty prompt) — the
+    model's own encoder [design], used where CLIP / DINO weights are not available."""
+    from jaxattrib.attribution import similarity as simlib
+    from jaxattrib.models.unet import UNet2DConditionModel
+    size = pipe.unet_config.sample_size
+    win = min(11, size)
+    win -= 1 - win % 2
+    empty = np.asarray(pipe.encode_prompts([""]))
+    embed = simlib.tap_embedding_fn(UNet2DConditionModel(pipe.unet_config).apply,
+                                    pipe.unet_params, cond=empty, taps=("mid",), t=100,
+                                    sched=sched)
+    return {"ssim": lambda x, y: simlib.ssim(x, y, data_range=2.0, win_size=win),
+            "psnr": lambda x, y: simlib.psnr(x, y, data_range=2.0),
+            "tap": simlib.embedding_similarity(embed)}
+
+
+def _sim(fn, a, b, bs):
+    return np.concatenate([np.asarray(fn(a[i:i + bs], b[i:i + bs]))
+                           for i in range(0, len(a), bs)]).astype(np.float64)
+
+
+def recover_split(run_dir, config, name, cgi, split, data, ctx, eps_pre, eps_ft, sched,
+                  progress):
+    from jaxattrib.authentication import recover_cached
+    sel = data["split"] == split
+    return recover_cached(split, data["images"][sel], ctx[sel], eps_pre, eps_ft, sched, cgi,
+                          _split_key(config.seed, split), run_dir / "cgi" / name,
+                          batch_size=config.batch_size, progress=progress)
+
+
+def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants) -> dict:
+    """Loss gap (per candidate timestep range) and masked-input similarity, all images."""
+    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.demo import _save_npz
+    path = run_dir / "scores" / "baselines.npz"
+    if path.exists():
+        return dict(np.load(path))
+    out = {}
+    ranges = sorted({(1, 999)} | {(v.t_min, v.t_max) for v in variants.values()})
+    for lo, hi in ranges:
+        out[f"loss_gap_t{lo}-{hi}"] = cgi_dm.loss_gap_scores(
+            data["images"], eps_pre, eps_ft, sched, _split_key(config.seed, "loss_gap"),
+            cond=ctx, n_draws=config.loss_gap_draws, t_min=lo, t_max=hi,
+            batch_size=config.batch_size).astype(np.float64)
+    # the masked start of each split as CGI-DM makes it (same keys); checkerboard/blur: no key
+    for name, v in variants.items():
+        masked = np.zeros(data["images"].shape, np.float32)
+        for split in np.unique(data["split"]):
+            sel = data["split"] == split
+            masked[sel] = _masked_start(data["images"][sel], v, _split_key(config.seed, split),
+                                        config.batch_size)
+        for s, fn in sims.items():
+            out[f"masked_{name}_{s}"] = _sim(fn, data["images"], masked, config.batch_size)
+    _save_npz(path, **out)
+    return out
+
+
+def _masked_start(images, cgi, key, bs):
+    """``decode(z_init)`` as :func:`cgi_dm.recover` makes it (pixel-space model)."""
+    import jax.numpy as jnp
+
+    from jaxattrib.attribution import cgi_dm
+    k_mask, _ = jax.random.split(key)
+    out = []
+    for lo in range(0, len(images), bs):
+        x = jnp.asarray(images[lo:lo + bs])
+        mask = cgi_dm.batch_masks(cgi, x.shape, k_mask, lo)
+        out.append(np.asarray(cgi_dm.initial_latent(x, mask, cgi)))
+    return np.concatenate(out)
+
+
+def _metrics(scores, labels, cal_scores) -> dict:
+    from jaxattrib.attribution.cgi_dm import fpr_threshold
+    from jaxattrib.eval.metrics import roc_auc, tpr_at_fpr
+    y = labels.astype(bool)
+    row = {"AUC": roc_auc(scores, y), "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
+           "TPR@10%FPR": tpr_at_fpr(scores, y, 0.10)}
+    for f in (0.01, 0.10):
+        thr = fpr_threshold(cal_scores, f)
+        row[f"calibrated {f:.0%}: TPR"] = float(np.mean(scores[y] >= thr))
+        row[f"calibrated {f:.0%}: FPR"] = float(np.mean(scores[~y] >= thr))
+    return row
+
+
+def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dict:
+    """Runs (or resumes) the benchmark; writes tables and the report; returns the tables."""
+    from jax.tree_util import Partial
+
+    from jaxattrib.base_model import load_base_model
+    from jaxattrib.demo import _check_config, _save_npz
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.eval.metrics import roc_auc
+    from jaxattrib.models.unet import UNet2DConditionModel
+    t0 = time.time()
+    variants = check_config(config)
+    run_dir = Path(run_dir)
+    _check_config(run_dir, config)
+    pipe = load_base_model()
+    data = build_data(run_dir, config, pipe)
+    split = data["split"]
+    counts = {s: int((split == s).sum()) for s in np.unique(split)}
+    _log(f"{len(split)} images in {len(np.unique(data['group']))} concepts: {counts}")
+    ft_params = finetune_stage(run_dir, config, pipe, data, progress)
+    from jaxattrib.attribution.cgi_dm import check_compatible
+    check_compatible(pipe.unet_params, ft_params)
+    model = UNet2DConditionModel(pipe.unet_config)
+    apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
+    eps_pre, eps_ft = Partial(apply, pipe.unet_params), Partial(apply, ft_params)
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    ctx = np.asarray(pipe.encode_prompts(list(data["captions"])))
+    sims = similarity_fns(pipe, sched, config.batch_size)
+    sims = {k: v for k, v in sims.items() if k in config.tune.similarities}
+    bs = config.batch_size
+
+    _log("baselines")
+    base = baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants)
+
+    def val_test(scores, half):
+        sel = (split == f"member_{half}") | (split == f"holdout_{half}")
+        return scores[sel], (split[sel] == f"member_{half}")
+
+    # ---- validation: every variant x similarity (CGI-DM), every range (loss gap), every
+    # variant x similarity (masked input)
+    val_rows, rec = [], {}
+    for name, v in variants.items():
+        for half in ("member_val", "holdout_val"):
+            rec[(name, half)] = recover_split(run_dir, config, name, v, half, data, ctx,
+                                              eps_pre, eps_ft, sched, progress)
+        for s, fn in sims.items():
+            sc = np.r_[_sim(fn, rec[(name, "member_val")]["original"],
+                            rec[(name, "member_val")]["recovered"], bs),
+                       _sim(fn, rec[(name, "holdout_val")]["original"],
+                            rec[(name, "holdout_val")]["recovered"], bs)]
+            y = np.r_[np.ones(counts["member_val"]), np.zeros(counts["holdout_val"])]
+            val_rows.append({"method": "CGI-DM", "variant": name, "similarity": s,
+                             "val AUC": roc_auc(sc, y.astype(bool))})
+    for k in base:
+        sv, yv = val_test(base[k], "val")
+        val_rows.append({"method": "loss gap" if k.startswith("loss_gap") else "masked input",
+                         "variant": k, "similarity": "", "val AUC": roc_auc(sv, yv)})
+
+    def best(method):
+        rows = [r for r in val_rows if r["method"] == method]
+        return max(rows, key=lambda r: r["val AUC"])
+
+    pick = {m: best(m) for m in ("CGI-DM", "loss gap", "masked input")}
+    _log("validation picks: " + "; ".join(f"{m}: {r['variant']} {r['similarity']} "
+                                          f"(val AUC {r['val AUC']:.3f})" for m, r in pick.items()))
+
+    # ---- test + calibration with the picks
+    name, s = pick["CGI-DM"]["variant"], pick["CGI-DM"]["similarity"]
+    v = variants[name]
+    parts = {h: recover_split(run_dir, config, name, v, h, data, ctx, eps_pre, eps_ft, sched,
+                              progress) for h in ("member_test", "holdout_test", "calib")}
+    sc = {h: _sim(sims[s], r["original"], r["recovered"], bs) for h, r in parts.items()}
+    y_test = np.r_[np.ones(counts["member_test"]), np.zeros(counts["holdout_test"])].astype(bool)
+    cgi_test = np.r_[sc["member_test"], sc["holdout_test"]]
+
+    def test_of(key):
+        a = base[key]
+        return np.r_[a[split == "member_test"], a[split == "holdout_test"]], a[split == "calib"]
+
+    rows = [{"method": f"CGI-DM ({name}, {s})", **_metrics(cgi_test, y_test, sc["calib"])}]
+    for m, label in (("loss gap", "loss gap, no inversion"),
+                     ("masked input", "masked-input similarity")):
+        k = pick[m]["variant"]
+        st, sc_cal = test_of(k)
+        rows.append({"method": f"{label} ({k})", **_metrics(st, y_test, sc_cal)})
+    # all validation candidates on the test half too, for context (not used for choices)
+    all_test = []
+    for k in base:
+        st, _ = test_of(k)
+        all_test.append({"scores": k, "test AUC": roc_auc(st, y_test)})
+    _save_npz(run_dir / "scores" / "cgi_test.npz", labels=y_test, cgi=cgi_test,
+              calib=sc["calib"])
+    summary = {"counts": counts, "picks": pick, "test": rows, "validation": val_rows,
+               "baselines_on_test": all_test, "wall_s": time.time() - t0}
+    _write_tables(run_dir, config, summary)
+    _report(run_dir, config, summary, parts, sc, y_test, v)
+    return summary
+
+
+def _md_table(rows) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_tables(run_dir: Path, config, summary: dict) -> None:
+    from jaxattrib.fileio import atomic_write_text
+    c = summary["counts"]
+    md = (f"CGI-DM benchmark ({config.source}): test half {c['member_test']} members vs "
+          f"{c['holdout_test']} hold-outs; thresholds calibrated on {c['calib']} other "
+          f"non-members; choices by validation AUC ({c['member_val']} + {c['holdout_val']}).\n\n"
+          + _md_table(summary["test"]) + "\n\nValidation:\n\n" + _md_table(summary["validation"])
+          + "\n")
+    atomic_write_text(run_dir / "tables" / "cgi_dm.md", md)
+    atomic_write_text(run_dir / "tables" / "cgi_dm.json",
+                      json.dumps(summary, indent=1, default=float))
+
+
+def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
+    from jaxattrib.eval.metrics import roc_curve
+    from jaxattrib.report.html import render_run_report, write_result
+    from jaxattrib.report.images import image_grid, save_png
+    n = min(config.report_images, len(sc["member_test"]), len(sc["holdout_test"]))
+    trip, lab = [], []
+    for h, who in (("member_test", "member"), ("holdout_test", "hold-out")):
+        r = parts[h]
+        for i in range(n):
+            trip += [r["original"][i], r["masked"][i], r["recovered"][i]]
+            lab += [who, "masked", f"rec. {sc[h][i]:.2f}"]
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    images = []
+    if trip:
+        save_png(run_dir / "results" / "cgi_bench_images.png",
+                 image_grid(np.stack(trip), nrow=6, labels=lab))
+        images.append({"path": "results/cgi_bench_images.png",
+                       "caption": "original | masked | recovered (similarity to the original), "
+                                  "test members then test hold-outs"})
+    from jaxattrib.report.plots import roc_curve_png
+    s = np.r_[sc["member_test"], sc["holdout_test"]]
+    f, t, _ = roc_curve(s, y_test)
+    (run_dir / "results" / "cgi_bench_roc.png").write_bytes(
+        roc_curve_png({summary["test"][0]["method"]: (f, t)}, title="CGI-DM test half"))
+    images.append({"path": "results/cgi_bench_roc.png", "caption": "ROC (test half)"})
+    write_result(run_dir, "cgi_bench", f"CGI-DM benchmark ({config.source})", order=1,
+                 tables=[{"caption": "test half; thresholds calibrated on the calib split",
+                          "rows": summary["test"]},
+                         {"caption": "validation (all choices)", "rows": summary["validation"]}],
+                 images=images, text=f"counts {summary['counts']}; PGD variant used: {cgi}")
+    render_run_report(run_dir, title="jaxattrib CGI-DM benchmark")
