@@ -1,0 +1,378 @@
+"""Mixed-concept generations with a soft ground truth: MONTRAGE vs the other methods (issue #7).
+
+Our design (:mod:`jaxattrib.eval.mixed`; MONTRAGE's own mixed-concept protocol is not public).
+Reads a finished customization run (``--source-run``, default ``runs/customization``: its
+config, fine-tuning set and trajectory record; nothing there is written) and writes under
+``--run-dir`` (default ``runs/montrage_mixed``):
+
+    config.json                 this benchmark's settings (a rerun with others is refused;
+                                ``--fresh`` deletes the run directory first)
+    record -> <source>/record   a link: TracIn and MONTRAGE read the source's checkpoints
+    generations/mixed.npz       the mixed queries (images, contexts, plan) + mixed_queries.png
+    features/<method>/...       resumable feature stores; the source's *training* features are
+                                copied in first (same model, images and settings: reused)
+    scores/<method>.npy [Q, N]  the candidate with the best validation ρ; <method>_choice.json
+    tables/mixed.{md,json}      the tables below
+
+Queries: for each pair (A, B) of the four new concepts, α in ``--alphas`` and ``--repeats``
+seeds, the fine-tuned model generates from the text conditioning α·E(A) + (1−α)·E(B) (same
+background in both prompts). Soft ground truth: α/n_A on A's exemplars, (1−α)/n_B on B's,
+0 elsewhere. The first half of every (pair, α) group chooses each method's λ ratio and (as in
+the customization benchmark, ``attribution.tune_sign``) the sign of TRAK / D-TRAK / TracIn by
+the mean validation ρ; the other half is the test set. Tables (test queries; mean [95%
+bootstrap CI over queries]):
+
+1. generations: how often the classifier reads A's / B's colour and shape per α (is the
+   mixture rendered?);
+2. methods: ρ (Spearman vs the soft ground truth over all N), mAP of A ∪ B, tracking
+   (Spearman across queries of α vs the A-over-B AUC), and the mean A-over-B AUC per α;
+3. monitoring: the similarity of every single checkpoint (step 0 = the base model) and the
+   aggregations of the trajectory, each with the paired CI of its ρ gain over the final
+   checkpoint; the rank correlation of each with the final checkpoint's scores;
+4. the same in the representation ``montrage_study.py`` found promising on the demo
+   (``--alt-representation``, default t = 500, tap ``up_1``).
+
+    python benchmarks/montrage_mixed.py --source-run runs/customization \
+        --run-dir runs/montrage_mixed                                # ~25 min, loaded 2-core CPU
+    python benchmarks/montrage_mixed.py --smoke --run-dir runs/montrage_mixed_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("pixel", "random", "montrage", "montrage-final", "dtrak", "trak", "tracin")
+NAMES = {"montrage": "MONTRAGE (trajectory, movement × count)",
+         "montrage-final": "MONTRAGE final-only (representation similarity)",
+         "dtrak": "D-TRAK", "trak": "TRAK", "tracin": "TracIn", "pixel": "pixel similarity",
+         "random": "random"}
+
+
+def _log(msg: str) -> None:
+    print(f"[montrage_mixed {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _settings(args) -> dict:
+    smoke = args.smoke
+    return {"source_run": str(Path(args.source_run).resolve()),
+            "alphas": [float(a) for a in (args.alphas or ("0,0.5,1" if smoke else
+                                                          "0,0.25,0.5,0.75,1")).split(",")],
+            "repeats": args.repeats or 2,
+            "pairs": [[0, 1]] if smoke else None,
+            "num_inference_steps": args.steps or (5 if smoke else 25),
+            "guidance_scale": args.guidance_scale, "seed": args.seed,
+            "methods": list(args.methods.split(",")) if args.methods else list(METHODS),
+            "alt_representation": args.alt_representation,
+            "n_bootstrap": 100 if smoke else 1000}
+
+
+def generate_from_contexts(pipe, contexts, key, *, unet_params, num_inference_steps: int,
+                           guidance_scale: float, batch_size: int = 16) -> np.ndarray:
+    """Images ``[Q, H, W, 3]`` in [-1, 1] sampled from text states ``contexts [Q, L, D]``
+    (DDIM, guidance against the empty prompt; image ``i`` uses ``fold_in(key, i)``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattrib.diffusion import sampling
+    from jaxattrib.generate import latent_shape, make_eps_fn, pipeline_schedule
+    eps_fn = make_eps_fn(pipe.unet_config, unet_params)
+    sched = pipeline_schedule(pipe)
+    uncond = None if guidance_scale == 1.0 else pipe.encode_prompts([""])
+
+    def one(k, c):
+        return sampling.sample(eps_fn, sched, latent_shape(pipe, 1), k, cond=c, uncond=uncond,
+                               guidance_scale=guidance_scale,
+                               num_inference_steps=num_inference_steps)
+
+    batched = jax.jit(jax.vmap(one))
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        c = jnp.asarray(contexts[start:start + batch_size])[:, None]
+        keys = jnp.stack([jax.random.fold_in(key, start + i) for i in range(len(c))])
+        out.append(batched(keys, c)[:, 0])
+    x0 = jnp.concatenate(out)
+    if pipe.is_latent:
+        from jaxattrib.models.vae import decode_latents
+        x0 = decode_latents(pipe.vae_params, pipe.vae_config, x0)
+    return np.clip(np.asarray(x0), -1, 1).astype(np.float32)
+
+
+def _queries(run: Path, s: dict, pipe, unet_params, held: list) -> dict:
+    path = run / "generations" / "mixed.npz"
+    if path.exists():
+        return dict(np.load(path))
+    import jax
+
+    from jaxattrib.eval import mixed
+    from jaxattrib.report.images import image_grid, save_png
+    plan = mixed.mixture_plan(held, s["alphas"], s["repeats"], pairs=s["pairs"])
+    ctx = mixed.mixed_contexts(pipe.encode_prompts, plan["prompt_a"], plan["prompt_b"],
+                               plan["alpha"])
+    t0 = time.time()
+    images = generate_from_contexts(pipe, ctx, jax.random.PRNGKey(s["seed"] + 31),
+                                    unet_params=unet_params,
+                                    num_inference_steps=s["num_inference_steps"],
+                                    guidance_scale=s["guidance_scale"])
+    _log(f"generated {len(images)} mixed queries in {time.time() - t0:.0f} s")
+    out = {**plan, "images": images, "ctx": ctx,
+           "prompts": np.array([f"{a} | {b} | alpha={al:g}" for a, b, al in
+                                zip(plan["prompt_a"], plan["prompt_b"], plan["alpha"])])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    per_row = len(s["alphas"]) * s["repeats"]
+    save_png(run / "generations" / "mixed_queries.png",
+             image_grid(images, nrow=per_row, labels=[f"{a:g}" for a in plan["alpha"]]))
+    return out
+
+
+def _copy_train_features(src: Path, run: Path) -> None:
+    """The source run's training-image feature stores (same model, images, settings)."""
+    for d in sorted((src / "features").glob("**/train")):
+        dst = run / d.relative_to(src)
+        if d.is_dir() and not dst.exists():
+            shutil.copytree(d, dst)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source-run", default="runs/customization",
+                    help="finished customization run (read only)")
+    ap.add_argument("--run-dir", default=None,
+                    help="output (default runs/montrage_mixed[_smoke]); reused on rerun")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one pair, alpha in {0, 0.5, 1}, 5 sampling steps")
+    ap.add_argument("--alphas", default=None, help="comma-separated (default 0,0.25,0.5,0.75,1)")
+    ap.add_argument("--repeats", type=int, default=None, help="queries per (pair, alpha)")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 25)")
+    ap.add_argument("--guidance-scale", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {METHODS}")
+    ap.add_argument("--alt-representation", default="500:up_1",
+                    help="t:tap[+tap] for table 4 ('' disables)")
+    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    s = _settings(args)
+    bad = sorted(set(s["methods"]) - set(METHODS))
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {METHODS}")
+    src = Path(s["source_run"])
+    run = Path(args.run_dir or ("runs/montrage_mixed_smoke" if args.smoke
+                                else "runs/montrage_mixed"))
+    for need in ("config.json", "data/train.npz", "record"):
+        if not (src / need).exists():
+            raise SystemExit(f"--source-run {src}: no {need} (run benchmarks/customization.py "
+                             f"first)")
+    if args.fresh and run.exists():
+        shutil.rmtree(run)
+    import ml_collections
+
+    from jaxattrib import demo
+    demo._check_config(run, ml_collections.ConfigDict(s))   # a rerun with other settings fails
+    progress = not args.no_progress
+
+    from jaxattrib.attribution import montrage as M
+    from jaxattrib.base_model import base_model_info, load_base_model
+    from jaxattrib.data.synthetic import SyntheticConceptSpec, classify_concepts
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.eval import mixed
+    from jaxattrib.fileio import atomic_write_text
+    from jaxattrib.train.record import TrajectoryRecord
+
+    cfg = ml_collections.ConfigDict(json.loads((src / "config.json").read_text()))
+    folder = cfg.get("base_model") or None
+    pipe, info = load_base_model(folder), base_model_info(folder)
+    held = [dict(h) for h in info["held_out"]]
+    spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in info["data_spec"].items()})
+    train = dict(np.load(src / "data" / "train.npz"))
+    link = run / "record"
+    if not link.exists():
+        os.symlink((src / "record").resolve(), link)
+    _copy_train_features(src, run)
+    record = TrajectoryRecord.open(link.resolve())
+    step = record.latest_step()
+    unet_params = record.load(step)["unet"]
+    q = _queries(run, s, pipe, unet_params, held)
+    plan = {k: q[k] for k in ("concept_a", "concept_b", "alpha", "group")}
+    val = demo._validation_mask(q["group"])
+    test = ~val
+    tc = train["concept"]
+    pq = lambda sc: mixed.per_query(sc, plan, tc)  # noqa: E731
+    nb = s["n_bootstrap"]
+
+    # 1. is the mixture rendered?
+    pred = classify_concepts(q["images"], spec)
+    gen_mix = mixed.generation_mix(pred["color"], pred["shape"], plan, held, spec)
+
+    # 2. every method; λ ratio / sign chosen on the validation half by mean ρ
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    train_ex = demo._examples(pipe, train["images"], train["captions"])
+    query_ex = {"x0": q["images"], "ctx": q["ctx"]}
+    queries = {"images": q["images"], "prompts": q["prompts"]}
+    fp = demo._fingerprint_of(train["images"])
+    scores, chosen, traj = {}, {}, None
+    for method in s["methods"]:
+        path = run / "scores" / f"{method}.npy"
+        if method.startswith("montrage") and traj is None:
+            t0 = time.time()
+            traj = M.representation_trajectory(
+                record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
+                query_ex["ctx"], cache_dir=run / "features" / "montrage", progress=progress)
+            _log(f"MONTRAGE representations at {len(traj.steps)} checkpoints: "
+                 f"{time.time() - t0:.0f} s")
+        if path.exists():
+            scores[method] = np.load(path)
+            chosen[method] = json.loads(path.with_name(f"{method}_choice.json").read_text())[
+                "chosen"]
+            continue
+        t0 = time.time()
+        if method == "montrage":
+            cands = {method: M.trajectory_scores(traj, "movement", record=record, seen="count")}
+        elif method == "montrage-final":
+            cands = {method: M.trajectory_scores(traj, "final")}
+        else:
+            cands, _ = demo._candidate_scores(method, run, cfg, pipe, unet_params, sched,
+                                              train_ex, query_ex, train, queries, fp, step,
+                                              progress)
+        sweep = {label: float(np.nanmean(pq(c)["rho"][val])) for label, c in cands.items()}
+        best = max(sweep, key=sweep.get)
+        scores[method], chosen[method] = np.asarray(cands[best], np.float32), best
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, scores[method])
+        atomic_write_text(path.with_name(f"{method}_choice.json"), json.dumps(
+            {"split": "validation queries", "metric": "mean Spearman vs soft ground truth",
+             "val": sweep, "chosen": best}, indent=2))
+        _log(f"{method}: {time.time() - t0:.0f} s (chosen {best})")
+    per = {m: pq(sc) for m, sc in scores.items()}
+    summ = {m: mixed.summarize(per[m], q["alpha"], test, n_bootstrap=nb, seed=s["seed"])
+            for m in scores}
+
+    doc = {"settings": s, "counts": {"train": int(len(tc)), "queries": int(len(val)),
+                                     "val": int(val.sum()), "test": int(test.sum())},
+           "generation_mix": gen_mix, "chosen": chosen,
+           "methods": {m: _jsonable(v) for m, v in summ.items()}}
+    md = [_generation_table(gen_mix), _method_table(summ, chosen, s["alphas"])]
+    if traj is not None:
+        steps = [int(x) for x in traj.steps]
+        counts = M.seen_counts(record, steps, len(tc))
+        mon, rows = _monitoring(traj, M.DEFAULT_TAPS, counts, tc, pq, q, val, test, nb, s["seed"])
+        doc["monitoring"] = mon
+        md.append(_table(f"3. monitoring (default representation: taps "
+                         f"{'+'.join(M.DEFAULT_TAPS)}, t = 200; test queries)", rows))
+        if s["alt_representation"]:
+            t_alt, taps_alt = s["alt_representation"].split(":")
+            spec_alt = M.RepresentationSpec(taps=tuple(taps_alt.split("+")), t=int(t_alt))
+            tr_alt = M.representation_trajectory(
+                record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
+                query_ex["ctx"], spec=spec_alt, progress=progress,
+                cache_dir=run / "features" / f"montrage_t{t_alt}_{taps_alt}")
+            mon2, rows2 = _monitoring(tr_alt, spec_alt.taps, counts, tc, pq, q, val, test, nb,
+                                      s["seed"])
+            doc["monitoring_alt"] = mon2
+            md.append(_table(f"4. monitoring in the alternative representation (t = {t_alt}, "
+                             f"taps {taps_alt}; test queries)", rows2))
+    record.close()
+    doc["wall_s_this_run"] = round(time.time() - t_start, 1)
+    (run / "tables").mkdir(parents=True, exist_ok=True)
+    head = (f"Mixed-concept queries: {doc['counts']['queries']} ({doc['counts']['val']} "
+            f"validation, {doc['counts']['test']} test), {len(tc)} training images; source "
+            f"run {src}. Cells: mean over test queries [95% bootstrap CI over queries].")
+    atomic_write_text(run / "tables" / "mixed.md", "\n\n".join([head] + md) + "\n")
+    atomic_write_text(run / "tables" / "mixed.json", json.dumps(doc, indent=2))
+    print((run / "tables" / "mixed.md").read_text())
+    print(f"(done in {time.time() - t_start:.0f} s)")
+
+
+def _fmt(ci) -> str:
+    return f"{ci.estimate:.3f} [{ci.low:.2f}, {ci.high:.2f}]"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if hasattr(x, "_asdict"):
+        return dict(x._asdict())
+    return x
+
+
+def _table(title: str, rows: list[dict]) -> str:
+    from jaxattrib.eval.benchmarks import markdown_table
+    return f"## {title}\n\n" + markdown_table(rows)
+
+
+def _generation_table(gen_mix: dict) -> str:
+    rows = [{"α (weight of A)": f"{a:g}", "n": v["n"], "colour A": f"{v['color A']:.2f}",
+             "colour B": f"{v['color B']:.2f}", "shape A": f"{v['shape A']:.2f}",
+             "shape B": f"{v['shape B']:.2f}"} for a, v in gen_mix.items()]
+    return _table("1. generations: fraction classified as A's / B's colour and shape "
+                  "(all queries)", rows)
+
+
+def _method_table(summ: dict, chosen: dict, alphas) -> str:
+    rows = []
+    for m, v in summ.items():
+        r = {"method": NAMES.get(m, m), "ρ vs mixture": _fmt(v["rho"]),
+             "mAP (A ∪ B)": _fmt(v["map_both"]), "tracking ρ(α, AUC_A>B)": _fmt(v["tracking"])}
+        r.update({f"AUC_A>B α={a:g}": f"{v['auc_by_alpha'].get(float(a), float('nan')):.2f}"
+                  for a in alphas})
+        r["chosen on val"] = chosen.get(m, "-")
+        rows.append(r)
+    return _table("2. methods (test queries)", rows)
+
+
+def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
+    """Per-checkpoint similarities and trajectory aggregations vs the final checkpoint."""
+    import jax
+
+    from jaxattrib.attribution import montrage as M
+    from jaxattrib.eval import mixed
+    from jaxattrib.eval.metrics import spearman_columns
+    sims = traj.similarities(taps)                                   # [S, Q, N]
+    mv = traj.movement(taps)
+    cands = {f"step {int(st)}" + (" (base model)" if j == 0 else "") +
+             (" = final" if j == len(sims) - 1 else ""): sims[j] for j, st in enumerate(traj.steps)}
+    cands["mean over checkpoints"] = sims.mean(0)
+    cands["mean of steps >= 1"] = sims[1:].mean(0)
+    cands["movement × count (MONTRAGE default)"] = M.aggregate(sims, "movement", movement=mv,
+                                                               counts=counts, seen="count")
+    cands["delta = final − base"] = sims[-1] - sims[0]
+    # the learned aggregation, fit on the validation queries with positives = A ∪ B exemplars
+    tc_pos = mixed.soft_ground_truth(tc, q["concept_a"], q["concept_b"], q["alpha"]) > 0
+    tsims = np.stack([traj.similarities((n,)) for n in taps], axis=1)   # [S, T, Q, N]
+    w, _ = M.fit_learned_weights(tsims[:, :, val], tc_pos[val], jax.random.PRNGKey(seed))
+    cands["learned (InfoNCE on val, positives A ∪ B)"] = np.asarray(M.learned_scores(w, tsims))
+    final = pq(sims[-1])
+    rows, out = [], {}
+    for name, sc in cands.items():
+        m = pq(sc)
+        su = mixed.summarize(m, q["alpha"], test, n_bootstrap=nb, seed=seed)
+        gain = mixed.paired_gain(m["rho"], final["rho"], test, n_bootstrap=nb, seed=seed)
+        rank = float(np.nanmean(spearman_columns(sc[test].T, sims[-1][test].T)))
+        out[name] = {**_jsonable(su), "rho_gain_vs_final": _jsonable(gain),
+                     "rank_corr_with_final": rank}
+        rows.append({"scores": name, "ρ vs mixture": _fmt(su["rho"]),
+                     "tracking ρ(α, AUC_A>B)": _fmt(su["tracking"]),
+                     "mAP (A ∪ B)": _fmt(su["map_both"]),
+                     "ρ gain vs final [paired CI]": f"{gain.estimate:+.3f} [{gain.low:+.3f}, "
+                                                   f"{gain.high:+.3f}]",
+                     "rank corr. with final": f"{rank:.3f}"})
+    out["movement_auc_exemplar_vs_distractor"] = _auc(mv.sum(0), tc >= 0)
+    return out, rows
+
+
+def _auc(x, labels):
+    from jaxattrib.eval.metrics import roc_auc
+    return float(roc_auc(x, labels))
+
+
+if __name__ == "__main__":
+    main()
