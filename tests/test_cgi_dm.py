@@ -302,3 +302,62 @@ def test_wrong_image_size_and_nan_errors():
                           jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="mask_kind"):
         CGIDMConfig(mask_kind="stripes")
+
+
+def test_loss_gap_nan_names_images():
+    members = toy_images(0, 3)
+    pre, ft = toy_models(members)
+
+    def ft_nan(z, t, cond):  # NaN for the images flagged in cond
+        return ft(z, t) + jnp.where(cond[:, None, None, None] > 0, jnp.nan, 0.0)
+
+    with pytest.raises(cgi_dm.NonFiniteObjectiveError, match=r"loss gap.*images \[2\]"):
+        cgi_dm.loss_gap_scores(members, pre, ft_nan, SCHED, jax.random.PRNGKey(0),
+                               cond=jnp.array([0.0, 0.0, 1.0]), n_draws=2, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def two_pipelines(tmp_path_factory):
+    """Two tiny pixel pipelines whose UNets differ in width (8 vs 16 base channels)."""
+    from jaxattrib import base_model as bm
+    from jaxattrib.models import clip_text, unet
+    from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
+    root = tmp_path_factory.mktemp("cgi_pipes")
+    tok = build_word_tokenizer(["a", "red", "circle"], root / "tok", model_max_length=8)
+    v = CLIPTokenizer.from_folder(tok).vocab_size
+    text = clip_text.CLIPTextConfig(vocab_size=v, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    max_position_embeddings=8, pad_token_id=None,
+                                    bos_token_id=v - 2, eos_token_id=v - 1, projection_dim=16)
+    tp = clip_text.init_params(text, jax.random.PRNGKey(1))
+    out = []
+    for name, width in (("pre", 8), ("wide", 16)):
+        u = unet.tiny_config(block_out_channels=(width, 16), cross_attention_dim=16,
+                             norm_num_groups=4, sample_size=8, in_channels=3, out_channels=3,
+                             attention_head_dim=2)
+        out.append(bm.save_pipeline(root / name, u, unet.init_params(u, jax.random.PRNGKey(0)),
+                                    text, tp, tok, bm.SCHEDULER_CONFIG, {"note": "test"}))
+    return out
+
+
+def test_cli_refuses_mismatched_models_and_wrong_size(two_pipelines, tmp_path):
+    """`jaxattrib cgi-dm`'s loading: a fine-tuned model with another UNet config and an image
+    size the model does not take are ConfigErrors that name the field, before any PGD work
+    (differing parameter shapes: test_check_compatible_names_paths, which load_unet calls)."""
+    from jaxattrib.authentication import run_cgi_dm
+    from jaxattrib.config import ConfigError, load_config
+    from jaxattrib.models.pipeline import load_pipeline
+    from jaxattrib.workflow import load_unet
+    pre, wide = two_pipelines
+    pipe = load_pipeline(pre)
+    with pytest.raises(ConfigError, match=r"model.finetuned=.*UNet config differs"):
+        load_unet(str(wide), pipe, "model.finetuned")
+    params, _ = load_unet(str(pre), pipe, "model.finetuned")  # the same architecture loads
+    cgi_dm.check_compatible(pipe.unet_params, params)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "r").mkdir()
+    cfg = load_config("cgi_dm", [f"model.pipeline='{pre}'", f"model.finetuned='{pre}'",
+                                 f"data.candidates='{tmp_path / 'c'}'",
+                                 f"data.reference='{tmp_path / 'r'}'", "data.size=16"])
+    with pytest.raises(ConfigError, match="data.size=16: the model works on 8 px"):
+        run_cgi_dm(cfg, tmp_path / "run", progress=False)

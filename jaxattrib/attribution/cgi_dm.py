@@ -488,15 +488,18 @@ def empirical_p_values(scores: Any, null_scores: Any) -> np.ndarray:
 
 
 def fpr_threshold(null_scores: Any, fpr: float = 0.05) -> float:
-    """The smallest threshold τ (midpoints between distinct null scores, or +inf) with
-    ``#{h ≥ τ} / n <= fpr`` on the hold-out (non-member) scores. Rule: ``score ≥ τ`` ⇒ member."""
+    """The smallest threshold τ (midpoints between distinct null scores, or the next float above
+    the largest one) with ``#{h ≥ τ} / n <= fpr`` on the hold-out (non-member) scores. Rule:
+    ``score ≥ τ`` ⇒ member. A budget below ``1 / n`` gives the value just above the largest
+    null score (no hold-out flagged), not +inf, so scores above every hold-out are still
+    flagged."""
     if not 0.0 <= fpr <= 1.0:
         raise ValueError(f"fpr_threshold: fpr must be in [0, 1]; got {fpr}")
     h = np.sort(np.asarray(null_scores, np.float64).reshape(-1))
     if h.size == 0:
         raise ValueError("fpr_threshold: need at least one hold-out score")
     u = np.unique(h)
-    cands = np.r_[u[0] - 1.0 if u.size else -np.inf, (u[:-1] + u[1:]) / 2.0, np.inf]
+    cands = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2.0, np.nextafter(u[-1], np.inf)]
     fp = h.size - np.searchsorted(h, cands, side="left")
     ok = np.flatnonzero(fp / h.size <= fpr + 1e-12)
     return float(cands[ok[0]])
@@ -689,7 +692,8 @@ def loss_gap_scores(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
     """Baseline: ``L_pre − L_ft`` on the unmasked latent, no inversion. ``[N]``, larger ⇒ member.
 
     The same ``n_draws`` (t, ε) pairs, drawn once from ``key``, are used for every image and both
-    models (fixed (t, ε)).
+    models (fixed (t, ε)). Raises :class:`NonFiniteObjectiveError` naming the images whose gap
+    is NaN/inf.
     """
     images = jnp.asarray(images)
     enc = encode or _identity
@@ -705,11 +709,25 @@ def loss_gap_scores(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule,
             t_all = jax.random.randint(kt, (n_draws,), t_min, t_max + 1)
             noise_one = jax.random.normal(kn, (n_draws,) + z.shape[1:], z.dtype)
         b = hi - lo
-        t = jnp.broadcast_to(t_all[:, None], (n_draws, b))
-        noise = jnp.broadcast_to(noise_one[:, None], (n_draws, b) + z.shape[1:])
-        out.append(np.asarray(_objective_jit(fns, sched, z, t, noise,
-                                             _slice_cond(cond, lo, hi, n))))
-    return np.concatenate(out)
+        # one compiled draw, called n_draws times (jit over all draws unrolls n_draws UNet
+        # pairs: minutes of compilation); the last batch is padded to the batch size
+        z = _pad_rows(z, batch_size)
+        c = jax.tree_util.tree_map(lambda a: _pad_rows(a, batch_size)
+                                   if np.shape(a)[:1] == (b,) else a,
+                                   _slice_cond(cond, lo, hi, n))
+        total = np.zeros(batch_size, np.float64)
+        for k in range(n_draws):
+            t = jnp.broadcast_to(t_all[k], (1, batch_size))
+            noise = jnp.broadcast_to(noise_one[k], (1, batch_size) + z.shape[1:])
+            total += np.asarray(_objective_jit(fns, sched, z, t, noise, c), np.float64)
+        out.append(total[:b] / n_draws)
+    out = np.concatenate(out)
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise NonFiniteObjectiveError(
+            f"loss_gap_scores: the loss gap is NaN or inf for images {bad.tolist()} (check the "
+            f"models' outputs and the input range)")
+    return out
 
 
 def masked_similarity_scores(images: Any, config: CGIDMConfig, key: jax.Array, *,

@@ -1,0 +1,104 @@
+"""The CGI-DM benchmark (jaxattrib.eval.cgi_benchmark): splits by construction, config errors,
+calibrated metrics, the DreamBooth folder source; end to end (slow)."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from jaxattrib.config import ConfigError, apply_overrides, load_config
+from jaxattrib.eval import cgi_benchmark as CB
+
+
+def test_assign_splits_equal_sizes_per_concept():
+    groups = np.array(["a"] * 20 + ["b"] * 20 + ["c"] * 7 + ["d"] * 4)
+    split = CB.assign_splits(groups, members=8, calib=4, seed=3)
+    for g in ("a", "b"):
+        s = split[groups == g]
+        for name, n in (("member_val", 4), ("member_test", 4), ("holdout_val", 4),
+                        ("holdout_test", 4), ("calib", 4)):
+            assert (s == name).sum() == n, (g, name)
+    # 7 images: (7 - 1) // 2 = 3 members and 3 hold-outs, 1 calibration image
+    s = split[groups == "c"]
+    assert [(s == k).sum() for k in ("member_val", "member_test", "holdout_val",
+                                     "holdout_test", "calib")] == [2, 1, 2, 1, 1]
+    assert (split[groups == "d"] == "").all()           # 4 images: < 2 members, left out
+    again = CB.assign_splits(groups, members=8, calib=4, seed=3)
+    np.testing.assert_array_equal(split, again)
+    other = CB.assign_splits(groups, members=8, calib=4, seed=4)
+    assert (other != split).any() and sorted(other) == sorted(split)
+
+
+def test_config_and_variant_errors_name_the_field():
+    c = load_config("cgi_dm_benchmark")
+    v = CB.check_config(c)
+    assert set(v) == {"paper", "clamp1", "clamp1_low_t", "clamp1_block2"}
+    assert v["clamp1_low_t"].t_max == 300 and v["clamp1_low_t"].clamp == 1.0
+    assert v["paper"].eps_radius == 70.0 and v["paper"].scale == "sqrt_numel"
+    for override, msg in [("source='web'", "source='web'"),
+                          ("data.members=1", "data.members must be >= 2"),
+                          ("data.calib=0", "data.calib=0"),
+                          ("tune.similarities=('clip',)", "tune.similarities"),
+                          ("tune.variants=('x: t_maxx=3',)", r"tune.variants\[x\].*t_maxx"),
+                          ("tune.variants=('x: block=3',)", r"tune.variants\[x\].*block=3"),
+                          ("tune.variants=('x: t_max=many',)", r"t_max='many' is not a int"),
+                          ("tune.variants=('a: ', 'a: t_max=3')", "distinct"),
+                          ("source='folder'", "data.path")]:
+        with pytest.raises(ConfigError, match=msg):
+            CB.check_config(apply_overrides(c, [override]))
+
+
+def test_metrics_threshold_from_calibration_split_only():
+    labels = np.r_[np.ones(10), np.zeros(10)].astype(bool)
+    scores = np.r_[np.arange(10) + 5.5, np.arange(10)]      # members 5.5..14.5, hold-outs 0..9
+    cal = np.arange(10) * 0.5 + 3.25                        # calibration non-members 3.25..7.75
+    row = CB._metrics(scores, labels, cal)
+    assert row["AUC"] == pytest.approx(1 - 10 / 100)         # 10 (member, hold-out) pairs swapped
+    # 1 % of 10: no calibration score may pass -> just above 7.75: members 8.5.., hold-outs 8, 9
+    assert row["calibrated 1%: TPR"] == 0.7 and row["calibrated 1%: FPR"] == 0.2
+    # 10 %: one calibration score (7.75) may pass -> midpoint 7.5: members 7.5..
+    assert row["calibrated 10%: TPR"] == 0.8 and row["calibrated 10%: FPR"] == 0.2
+    shifted = CB._metrics(scores, labels, cal + 100)         # only the calibration split moved
+    assert shifted["AUC"] == row["AUC"] and shifted["calibrated 10%: TPR"] == 0.0
+
+
+def test_dreambooth_folder_splits(shared_data, tmp_path):
+    """The real DreamBooth photos: per subject, equal member and hold-out counts, 16 px."""
+    root = shared_data / "dreambooth"
+    if not root.is_dir():
+        pytest.skip(f"{root} not present")
+    c = load_config("cgi_dm_benchmark", ["source='folder'", f"data.path='{root}'",
+                                         "data.subjects=('dog', 'cat')", "data.members=2"])
+    pipe = types.SimpleNamespace(unet_config=types.SimpleNamespace(sample_size=16))
+    d = CB.build_data(tmp_path, c, pipe)
+    assert d["images"].shape[1:] == (16, 16, 3)
+    assert -1.0 <= d["images"].min() and d["images"].max() <= 1.0
+    for g in ("dog", "cat"):
+        s = d["split"][d["group"] == g]
+        assert (s == "member_val").sum() == (s == "holdout_val").sum() == 1
+        assert (s == "member_test").sum() == (s == "holdout_test").sum() == 1
+        assert (s == "calib").sum() == 1
+    assert len(set(d["ids"])) == len(d["ids"]) == 10
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_end_to_end_resumes(tmp_path):
+    """Every stage on a tiny setting (about 3 min on 2 loaded cores); a rerun recomputes no
+    recovery and gives the same tables; the report shows original | masked | recovered."""
+    c = load_config("cgi_dm_benchmark:smoke")
+    out = CB.run_cgi_benchmark(c, tmp_path, progress=False)
+    assert [r["method"].split(" (")[0] for r in out["test"]] == [
+        "CGI-DM", "loss gap, no inversion", "masked-input similarity"]
+    for r in out["test"]:
+        assert 0.0 <= r["AUC"] <= 1.0 and 0.0 <= r["calibrated 10%: FPR"] <= 1.0
+    assert out["counts"]["member_test"] == out["counts"]["holdout_test"] == 4
+    doc = json.loads((tmp_path / "results" / "cgi_bench.json").read_text())
+    assert {i["path"] for i in doc["images"]} == {"results/cgi_bench_images.png",
+                                                  "results/cgi_bench_roc.png"}
+    assert (tmp_path / "report.html").is_file()
+    cache = sorted((tmp_path / "cgi").rglob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    again = CB.run_cgi_benchmark(c, tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps
+    assert again["test"] == out["test"]
