@@ -30,6 +30,8 @@ a killed run restarts where it stopped. Outputs: ``results/lds.json`` (via
 
     python benchmarks/lds.py --smoke --run-dir runs/lds_smoke     # minutes
     python benchmarks/lds.py --run-dir runs/lds                   # the full setting
+    python benchmarks/lds.py --finetune                           # fine-tuning setting
+    python benchmarks/lds.py --finetune --smoke                   # its CI-sized version
 """
 
 from __future__ import annotations
@@ -63,18 +65,29 @@ N_CLASSES = 10
 
 
 def load_data(cfg):
-    """Train / tune / val splits of the digits: ``{'x0': [n,8,8,1], 'ctx': [n,1,10], 'y'}``."""
+    """Train / tune / val splits of the digits: ``{'x0': [n,8,8,1], 'ctx': [n,1,10], 'y'}``;
+    with pretraining (``pretrain.steps > 0``) also ``'pretrain'``: ``pretrain.n`` further
+    images, disjoint from the others (0 = all the rest)."""
     from jaxattrib.data.digits import load_digits
     ds = load_digits(size=8)
     x = ds.images[..., :1]
     y = np.asarray(ds.labels["digit"])
     perm = np.random.default_rng(cfg.seed).permutation(len(y))
-    sizes = [cfg.data.n_train, cfg.data.n_tune, cfg.data.n_val]
-    if sum(sizes) > len(y):
-        raise ValueError(f"digits has {len(y)} images; asked for {sum(sizes)}")
+    names, sizes = ["train", "tune", "val"], [cfg.data.n_train, cfg.data.n_tune, cfg.data.n_val]
+    if pretrain_steps(cfg):
+        names.append("pretrain")
+        sizes.append(cfg.pretrain.n or len(y) - sum(sizes))
+    if sum(sizes) > len(y) or min(sizes) < 1:
+        raise ValueError(f"configs/lds.py: digits has {len(y)} images; data.n_train/n_tune/n_val"
+                         f" (+ pretrain.n) ask for {dict(zip(names, sizes))}")
     cuts = np.cumsum([0] + sizes)
     return {name: make_examples(x[perm[a:b]], y[perm[a:b]])
-            for name, a, b in zip(("train", "tune", "val"), cuts[:-1], cuts[1:])}
+            for name, a, b in zip(names, cuts[:-1], cuts[1:])}
+
+
+def pretrain_steps(cfg) -> int:
+    """Steps of the shared pretraining (0: every model is trained from scratch)."""
+    return int(cfg.get("pretrain", {}).get("steps", 0))
 
 
 def make_examples(x, y):
@@ -126,14 +139,18 @@ def train_step(params, opt_state, x0, ctx, key, *, ucfg, opt, sched):
 init_unet = jax.jit(init_params, static_argnums=0)
 
 
-def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=(), init_seed=None):
-    """Trains from scratch on ``data[idx]`` with ``seed`` (init, batches, noise); with
-    ``init_seed`` the initial parameters come from that seed instead (``lds.shared_init``).
-    Returns ``(params, {step: params})`` for the requested checkpoint steps."""
-    tc = cfg.train
+def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=(), init_seed=None, init=None,
+          tc=None):
+    """Trains on ``data[idx]`` with ``seed`` (init, batches, noise) and the settings ``tc``
+    (default ``cfg.train``); with ``init_seed`` the initial parameters come from that seed
+    instead (``lds.shared_init``); with ``init`` (a params pytree, e.g. the pretrained model)
+    training starts from those parameters (fine-tuning; the seed then varies batches and noise
+    only). Returns ``(params, {step: params})`` for the requested checkpoint steps."""
+    tc = cfg.train if tc is None else tc
     key = jax.random.PRNGKey(seed)
     init_key = key if init_seed is None else jax.random.PRNGKey(init_seed)
-    params = init_unet(ucfg, jax.random.fold_in(init_key, 0))
+    params = (init_unet(ucfg, jax.random.fold_in(init_key, 0)) if init is None
+              else jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), init))
     opt_state = opt.init(params)
     rng = np.random.default_rng([seed, 1])
     idx = np.asarray(idx)
@@ -200,18 +217,35 @@ def run(cfg, run_dir: Path, log=print):
         from jaxattrib import parallel
         mesh = parallel.make_mesh()
 
+    from flax import serialization
+    load = lambda p: serialization.msgpack_restore(p.read_bytes())  # noqa: E731
+
+    # 0. fine-tuning setting: one model pretrained (seed cfg.seed) on the disjoint 'pretrain'
+    # images; the full model and every subset model fine-tune from it
+    pretrained = None
+    if pretrain_steps(cfg):
+        t0 = time.time()
+        pre_path = run_dir / "pretrained.msgpack"
+        if not pre_path.is_file():
+            pdata = data["pretrain"]
+            params, _ = train(cfg, ucfg, sched, make_optimizer(cfg.pretrain), pdata,
+                              np.arange(len(pdata["y"])), cfg.seed + 7, tc=cfg.pretrain)
+            lds_lib.save_model(pre_path, params)
+        pretrained = load(pre_path)
+        timings["pretrain_s"] = time.time() - t0
+        log(f"pretrained model ready ({timings['pretrain_s']:.0f} s)")
+
     # 1. the attributed model (all data, seed 0) and its TracIn checkpoints
     t0 = time.time()
     full_dir = run_dir / "full"
     ck_steps = tuple(int(s) for s in cfg.train.tracin_checkpoints)
     paths = [full_dir / "final.msgpack"] + [full_dir / f"step{s}.msgpack" for s in ck_steps]
     if not all(p.is_file() for p in paths):
-        params, ckpts = train(cfg, ucfg, sched, opt, train_data, np.arange(n), 0, ck_steps)
+        params, ckpts = train(cfg, ucfg, sched, opt, train_data, np.arange(n), 0, ck_steps,
+                              init=pretrained)
         for s in ck_steps:
             lds_lib.save_model(full_dir / f"step{s}.msgpack", ckpts[s])
         lds_lib.save_model(full_dir / "final.msgpack", params)
-    from flax import serialization
-    load = lambda p: serialization.msgpack_restore(p.read_bytes())  # noqa: E731
     full = load(paths[0])
     ckpts = {s: load(p) for s, p in zip(ck_steps, paths[1:])}
     timings["train_full_s"] = time.time() - t0
@@ -239,12 +273,14 @@ def run(cfg, run_dir: Path, log=print):
     fp_fields = {k: cfg.to_dict()[k] for k in ("seed", "data", "model", "train")}
     if shared_init:  # absent when False, so run dirs made before the option still match
         fp_fields["shared_init"] = True
+    if pretrained is not None:  # likewise
+        fp_fields["pretrain"] = cfg.to_dict()["pretrain"]
     fp = json.dumps(fp_fields, sort_keys=True, default=list)
     sub_dir = run_dir / "subsets"
     init_seed = cfg.seed if shared_init else None
     lds_lib.retrain_subsets(
         lambda idx, seed: train(cfg, ucfg, sched, opt, train_data, idx, seed,
-                                init_seed=init_seed)[0],
+                                init_seed=init_seed, init=pretrained)[0],
         masks, list(cfg.lds.seeds), sub_dir, fingerprint=fp,
         progress=lambda m: log(f"{m} [{time.time() - t_start:.0f} s]"))
     timings["retrain_s"] = time.time() - t0
@@ -252,15 +288,24 @@ def run(cfg, run_dir: Path, log=print):
     # 4. actual outputs (diffusion loss with fixed timesteps / noise, averaged over seeds)
     t0 = time.time()
     ts_eval = timesteps_uniform(cfg.lds.eval_timesteps, sched.num_train_timesteps)
-    actual = {}
+    actual, agreement = {}, {}
     for split in splits:
         tg = {"x0": data[split]["x0"], "ctx": data[split]["ctx"]}
-        actual[split] = lds_lib.actual_outputs(
-            sub_dir, lambda p, tg=tg: lds_lib.target_losses(
-                eps_apply, p, sched, tg, ts_eval, noise_seed=cfg.seed + 1,
-                n_noise=cfg.lds.eval_noise_draws, mesh=mesh), name=f"loss_{split}")
+        measure = functools.partial(lds_lib.target_losses, eps_apply, sched=sched, targets=tg,
+                                    timesteps=ts_eval, noise_seed=cfg.seed + 1,
+                                    n_noise=cfg.lds.eval_noise_draws, mesh=mesh)
+        actual[split] = lds_lib.actual_outputs(sub_dir, measure, name=f"loss_{split}")
+        if len(cfg.lds.seeds) > 1:  # per-seed outputs are cached now: no model is reloaded
+            agreement[split] = lds_lib.seed_agreement(np.stack([
+                lds_lib.actual_outputs(sub_dir, measure, name=f"loss_{split}", seeds=[sd])
+                for sd in cfg.lds.seeds]))
     timings["actual_outputs_s"] = time.time() - t0
-    log(f"actual outputs ready ({timings['actual_outputs_s']:.0f} s)")
+    log(f"actual outputs ready ({timings['actual_outputs_s']:.0f} s); seed agreement "
+        + ", ".join(f"{sp} r = {a['r']:.3f} (LDS ceiling {a['ceiling']:.2f})"
+                    for sp, a in agreement.items()))
+    if cfg.lds.get("stop_after_outputs", False):
+        (run_dir / "seed_agreement.json").write_text(json.dumps(agreement, indent=2))
+        return agreement
 
     # 5. features and scores
     ac = cfg.attribution
@@ -350,7 +395,7 @@ def run(cfg, run_dir: Path, log=print):
             row.update({f"lds_{sp}": r.mean, f"lds_{sp}_ci_low": r.ci_low,
                         f"lds_{sp}_ci_high": r.ci_high, f"n_{sp}": r.n_valid})
         rows.append(row)
-    md = format_table(rows, cfg, timings)
+    md = format_table(rows, cfg, timings, agreement)
     (run_dir / "lds_table.md").write_text(md)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     from jaxattrib.report.html import write_result
@@ -358,19 +403,29 @@ def run(cfg, run_dir: Path, log=print):
                  metrics={f"{m}_lds_{sp}": results[m][sp].mean for m in results
                           for sp in ("val", "gen")} | {"total_s": timings["total_s"]},
                  tables=[{"caption": "LDS (mean over targets, 95% bootstrap CI)", "rows": rows},
-                         {"caption": "lambda / sign sweep on the tune split", "rows": sweeps}],
+                         {"caption": "lambda / sign sweep on the tune split", "rows": sweeps},
+                         {"caption": "seed agreement of the measured outputs (LDS ceiling)",
+                          "rows": [{"split": sp, **a} for sp, a in agreement.items()]}],
                  text=md, order=30)
     log(md)
     return rows
 
 
-def format_table(rows, cfg, timings):
+def format_table(rows, cfg, timings, agreement=None):
+    how = (f"fine-tuned {cfg.train.steps} steps from one model pretrained "
+           f"{pretrain_steps(cfg)} steps on disjoint images" if pretrain_steps(cfg)
+           else f"trained from scratch {cfg.train.steps} steps")
     lines = [f"LDS, S = {cfg.lds.num_subsets} subsets (alpha = {cfg.lds.alpha}) x "
-             f"{len(cfg.lds.seeds)} seeds, n_train = {cfg.data.n_train}, targets: "
+             f"{len(cfg.lds.seeds)} seeds ({how}), n_train = {cfg.data.n_train}, targets: "
              f"val {cfg.data.n_val}, gen {cfg.data.n_gen} (lambda/sign tuned on "
-             f"{cfg.data.n_tune} other held-out images); total {timings['total_s']:.0f} s", "",
-             "| method | chosen (tune) | sign | LDS val [95% CI] | LDS gen [95% CI] |",
-             "|---|---|---|---|---|"]
+             f"{cfg.data.n_tune} other held-out images); total {timings['total_s']:.0f} s", ""]
+    if agreement:
+        lines += ["Seed agreement of the measured outputs (Spearman over subsets between two "
+                  "seeds, mean over targets; ceiling = sqrt of the seed-mean's reliability): " +
+                  "; ".join(f"{sp} r = {a['r']:.3f}, ceiling {a['ceiling']:.2f}"
+                            for sp, a in agreement.items()), ""]
+    lines += ["| method | chosen (tune) | sign | LDS val [95% CI] | LDS gen [95% CI] |",
+              "|---|---|---|---|---|"]
     for r in rows:
         cell = lambda sp: (f"{r[f'lds_{sp}']:.3f} [{r[f'lds_{sp}_ci_low']:.3f}, "  # noqa: E731
                            f"{r[f'lds_{sp}_ci_high']:.3f}]")
@@ -383,12 +438,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--smoke", action="store_true", help="reduced setting (minutes)")
+    ap.add_argument("--finetune", action="store_true",
+                    help="fine-tuning setting: subset models fine-tune from one pretrained model "
+                         "(configs/lds.py 'finetune'; with --smoke 'finetune_smoke')")
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     spec = str(Path(__file__).resolve().parents[1] / "jaxattrib" / "configs" / "lds.py")
-    cfg = load_config(spec + (":smoke" if args.smoke else ""), args.set)
-    run_dir = Path(args.run_dir or ("runs/lds_smoke" if args.smoke else "runs/lds"))
+    setting = "_".join((["finetune"] if args.finetune else []) + (["smoke"] if args.smoke else []))
+    cfg = load_config(spec + (f":{setting}" if setting else ""), args.set)
+    run_dir = Path(args.run_dir or f"runs/lds{'_' + setting if setting else ''}")
     run(cfg, run_dir, log=lambda m: print(m, flush=True))
 
 

@@ -161,6 +161,33 @@ def test_end_to_end_linear_model_exact_influence_has_lds_one(tmp_path):
     assert 0.2 < lds(half, masks, actual).mean < 0.95
 
 
+def test_seed_agreement_matches_scipy_and_the_known_noise_level():
+    from scipy import stats
+    rng = np.random.default_rng(2)
+    # small case: the pairwise Spearman over subsets, averaged over targets and pairs, is scipy's
+    out = rng.normal(size=(3, 9, 4))
+    want = np.mean([np.mean([stats.spearmanr(out[a][:, t], out[b][:, t])[0] for t in range(4)])
+                    for a, b in ((0, 1), (0, 2), (1, 2))])
+    got = lds_lib.seed_agreement(out)
+    assert got["n_seeds"] == 3 and abs(got["r"] - want) < 1e-12
+    assert abs(got["r_mean"] - 3 * want / (1 + 2 * want)) < 1e-12
+    # by construction: output = subset effect + seed noise of variance s2 -> Pearson 1/(1+s2),
+    # Spearman (6/pi) asin(rho/2) for Gaussians; seed mean of R seeds: R r / (1 + (R-1) r)
+    S, T, s2 = 3000, 8, 1.0
+    signal = rng.normal(size=(S, T))
+    noisy = signal[None] + np.sqrt(s2) * rng.normal(size=(2, S, T))
+    rho = 1 / (1 + s2)
+    r_true = 6 / np.pi * np.arcsin(rho / 2)
+    got = lds_lib.seed_agreement(noisy)
+    assert abs(got["r"] - r_true) < 0.02
+    assert abs(got["ceiling"] - np.sqrt(2 * r_true / (1 + r_true))) < 0.02
+    # identical seeds: perfectly reproducible; independent seeds: no agreement
+    assert lds_lib.seed_agreement(np.stack([signal, signal]))["ceiling"] == pytest.approx(1.0)
+    assert abs(lds_lib.seed_agreement(rng.normal(size=(2, S, T)))["r"]) < 0.03
+    with pytest.raises(ValueError, match=r"\[R >= 2 seeds, S, T\]"):
+        lds_lib.seed_agreement(signal[None])
+
+
 @pytest.mark.slow
 def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path):
     """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing."""

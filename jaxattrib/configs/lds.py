@@ -4,6 +4,14 @@ Journey-TRAK, TracIn and baselines on held-out (val) and generated (gen) targets
 
 ``get_config()`` is the full setting (S = 32 subsets x 2 seeds, 1000 training images; about
 2 hours on 2 CPU cores); ``get_config('smoke')`` a reduced one that CI runs in minutes.
+
+``get_config('finetune')`` is D-TRAK's second protocol (their ArtBench / SD-LoRA experiments):
+one model is pretrained once on the digits that are in no other split (``pretrain``, 701
+images), and the attributed model and every subset model *fine-tune* from it on their subset
+(the seed varies batches and noise only), so the measured outputs depend far less on the seed;
+S = 32 subsets x 3 seeds. ``get_config('finetune_smoke')`` is its CI-sized version.
+``lds.stop_after_outputs = True`` stops after the measured outputs and writes
+``seed_agreement.json`` (the cheap reliability check to run on a few subsets first).
 """
 
 import ml_collections
@@ -45,6 +53,16 @@ def get_config(arg=None):
     c.lds.eval_timesteps = 20      # uniform timesteps of the measured diffusion loss
     c.lds.eval_noise_draws = 3
     c.lds.n_bootstrap = 1000
+    c.lds.stop_after_outputs = False   # True: stop after the measured outputs (seed agreement)
+
+    # shared pretraining (steps = 0: none, every model is trained from scratch); in the subset
+    # fingerprint only when steps > 0
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 0
+    c.pretrain.n = 0               # pretraining images, disjoint from the other splits; 0 = rest
+    c.pretrain.batch_size = 32
+    c.pretrain.learning_rate = 1e-3
+    c.pretrain.warmup_steps = 20
 
     c.generate = ml_collections.ConfigDict()
     c.generate.num_inference_steps = 25
@@ -58,7 +76,16 @@ def get_config(arg=None):
     c.attribution.microbatch = 16
     c.attribution.lambda_ratios = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
-    if arg == "smoke":
+    if arg in ("finetune", "finetune_smoke"):
+        c.pretrain.steps = 1500
+        c.train.steps = 300            # fine-tuning from the pretrained model
+        c.train.learning_rate = 3e-4
+        c.train.warmup_steps = 10
+        c.train.tracin_checkpoints = (100, 200, 300)
+        c.lds.seeds = (0, 1, 2)
+        c.lds.eval_noise_draws = 5
+        c.attribution.projection = "sjlt"
+    if arg in ("smoke", "finetune_smoke"):
         c.data.n_train, c.data.n_tune, c.data.n_val, c.data.n_gen = 64, 8, 8, 8
         c.train.steps = 40
         c.train.warmup_steps = 5
@@ -72,6 +99,10 @@ def get_config(arg=None):
         c.attribution.k = 256
         c.attribution.num_timesteps = 4
         c.attribution.lambda_ratios = (1e-2, 1.0)
-    elif arg not in (None, "", "full"):
-        raise ValueError(f"configs/lds.py: unknown setting {arg!r}; expected 'smoke' or none")
+        if arg == "finetune_smoke":
+            c.pretrain.n, c.pretrain.steps = 64, 40
+            c.lds.seeds = (0, 1)
+    elif arg not in (None, "", "full", "finetune"):
+        raise ValueError(f"configs/lds.py: unknown setting {arg!r}; expected none, 'smoke', "
+                         f"'finetune' or 'finetune_smoke'")
     return c

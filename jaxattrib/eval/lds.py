@@ -49,7 +49,7 @@ from jaxattrib.fileio import atomic_write_bytes as _atomic_write
 
 __all__ = ["LDSRunMismatchError", "draw_subsets", "masks_fingerprint", "retrain_subsets",
            "model_path", "load_model", "save_model", "noise_for", "target_losses",
-           "actual_outputs"]
+           "actual_outputs", "seed_agreement"]
 
 MANIFEST = "lds_manifest.json"
 
@@ -159,6 +159,36 @@ def _losses_batch(params, sched, x0, ctx, ts, *, eps_apply, noise_seed, n_noise)
     rs, tt = jnp.meshgrid(jnp.arange(n_noise), ts, indexing="ij")
     total, _ = jax.lax.scan(one, jnp.zeros((B,), jnp.float32), (rs.reshape(-1), tt.reshape(-1)))
     return total / (n_noise * ts.shape[0])
+
+
+def seed_agreement(outputs: np.ndarray) -> dict:
+    """How reproducible the measured outputs are across training seeds: the noise ceiling of LDS.
+
+    Args:
+      outputs: ``[R, S, T]`` measured outputs of R >= 2 seeds (e.g. :func:`actual_outputs` with
+        ``seeds=[s]`` for each seed), S subsets, T targets.
+
+    Returns ``{'r', 'r_mean', 'ceiling', 'n_seeds'}``: ``r`` = Spearman over subsets between two
+    seeds' outputs, averaged over targets (targets with a constant row are skipped) and over seed
+    pairs; ``r_mean`` = Spearman–Brown reliability of the R-seed mean, ``R r / (1 + (R−1) r)``;
+    ``ceiling = sqrt(r_mean)`` (clipped at 0): the correlation with the noise-free output that
+    the seed-averaged ground truth allows, an approximate upper bound on any method's LDS.
+    """
+    from jaxattrib.eval.metrics import spearman_columns
+    outputs = np.asarray(outputs, np.float64)
+    if outputs.ndim != 3 or outputs.shape[0] < 2:
+        raise ValueError(f"seed_agreement: outputs must be [R >= 2 seeds, S, T]; got "
+                         f"{outputs.shape}")
+    R = outputs.shape[0]
+    pair_means = []
+    for a in range(R):
+        for b in range(a + 1, R):
+            rho = spearman_columns(outputs[a], outputs[b])
+            pair_means.append(float(np.nanmean(rho)) if np.isfinite(rho).any() else np.nan)
+    r = float(np.mean(pair_means))
+    r_mean = R * r / (1 + (R - 1) * r) if np.isfinite(r) and 1 + (R - 1) * r > 0 else float("nan")
+    ceiling = float(np.sqrt(max(r_mean, 0.0))) if np.isfinite(r_mean) else float("nan")
+    return {"r": r, "r_mean": float(r_mean), "ceiling": ceiling, "n_seeds": R}
 
 
 # --------------------------------------------------------------------------------------------
