@@ -350,6 +350,11 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
     tsims = np.stack([traj.similarities((n,)) for n in taps], axis=1)   # [S, T, Q, N]
     w, _ = M.fit_learned_weights(tsims[:, :, val], tc_pos[val], jax.random.PRNGKey(seed))
     cands["learned (InfoNCE on val, positives A ∪ B)"] = np.asarray(M.learned_scores(w, tsims))
+    # control: the same fit with the final checkpoint only (tap weights alone), so a gain of
+    # 'learned' over final is not credited to the trajectory when it comes from tap weights
+    w1, _ = M.fit_learned_weights(tsims[-1:, :, val], tc_pos[val], jax.random.PRNGKey(seed))
+    cands["learned, final checkpoint only (tap weights)"] = np.asarray(
+        M.learned_scores(w1, tsims[-1:]))
     final = pq(sims[-1])
     rows, out = [], {}
     for name, sc in cands.items():
@@ -365,7 +370,16 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
                      "ρ gain vs final [paired CI]": f"{gain.estimate:+.3f} [{gain.low:+.3f}, "
                                                    f"{gain.high:+.3f}]",
                      "rank corr. with final": f"{rank:.3f}"})
+    sm = lambda x: [round(float(v), 3) for v in jax.nn.softmax(x)]  # noqa: E731
+    out["learned_weights"] = {"steps": sm(w["step_logits"]), "taps": sm(w["tap_logits"]),
+                              "final_only_taps": sm(w1["tap_logits"])}
     out["movement_auc_exemplar_vs_distractor"] = _auc(mv.sum(0), tc >= 0)
+    rows.append({"scores": f"(learned weights: checkpoints {out['learned_weights']['steps']}, "
+                           f"taps {list(taps)} {out['learned_weights']['taps']}; final-only "
+                           f"taps {out['learned_weights']['final_only_taps']}. AUC of total "
+                           f"movement, exemplars vs distractors: "
+                           f"{out['movement_auc_exemplar_vs_distractor']:.3f})",
+                 **{k: "" for k in list(rows[0])[1:]}})
     return out, rows
 
 
