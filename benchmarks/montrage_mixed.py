@@ -356,9 +356,9 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
     cands["learned, final checkpoint only (tap weights)"] = np.asarray(
         M.learned_scores(w1, tsims[-1:]))
     final = pq(sims[-1])
-    rows, out = [], {}
+    rows, out, per = [], {}, {}
     for name, sc in cands.items():
-        m = pq(sc)
+        m = per[name] = pq(sc)
         su = mixed.summarize(m, q["alpha"], test, n_bootstrap=nb, seed=seed)
         gain = mixed.paired_gain(m["rho"], final["rho"], test, n_bootstrap=nb, seed=seed)
         rank = float(np.nanmean(spearman_columns(sc[test].T, sims[-1][test].T)))
@@ -374,11 +374,17 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
     out["learned_weights"] = {"steps": sm(w["step_logits"]), "taps": sm(w["tap_logits"]),
                               "final_only_taps": sm(w1["tap_logits"])}
     out["movement_auc_exemplar_vs_distractor"] = _auc(mv.sum(0), tc >= 0)
+    g = mixed.paired_gain(per["learned (InfoNCE on val, positives A ∪ B)"]["rho"],
+                          per["learned, final checkpoint only (tap weights)"]["rho"], test,
+                          n_bootstrap=nb, seed=seed)
+    out["learned_rho_gain_vs_learned_final_only"] = _jsonable(g)
     rows.append({"scores": f"(learned weights: checkpoints {out['learned_weights']['steps']}, "
                            f"taps {list(taps)} {out['learned_weights']['taps']}; final-only "
                            f"taps {out['learned_weights']['final_only_taps']}. AUC of total "
                            f"movement, exemplars vs distractors: "
-                           f"{out['movement_auc_exemplar_vs_distractor']:.3f})",
+                           f"{out['movement_auc_exemplar_vs_distractor']:.3f}. ρ gain of "
+                           f"learned over its final-only control: {g.estimate:+.3f} "
+                           f"[{g.low:+.3f}, {g.high:+.3f}])",
                  **{k: "" for k in list(rows[0])[1:]}})
     return out, rows
 
