@@ -1,5 +1,5 @@
-"""The ``jaxattrib`` command: demo, train, generate, attribute, cgi-dm, source-model, report,
-info.
+"""The ``jaxattrib`` command: demo, train, generate, attribute, concept-query, cgi-dm,
+source-model, report, info.
 
 Every command is a thin edge over the library: it loads a config / model / run directory,
 calls pure functions, and writes files. ``jaxattrib COMMAND --help`` documents each one.
@@ -224,6 +224,40 @@ def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Promp
         typer.echo(f"wrote {len(paths)} images to {out}")
     except CheckpointError as e:
         _fail(str(e))
+
+
+@app.command("concept-query")
+def concept_query(run_dir: Path = typer.Argument(..., help="A finished Concept-TRAK benchmark "
+                                                           "run (benchmarks/concept_trak.py)."),
+                  prompt: str = typer.Option(..., "--prompt", "-p", help="The query's prompt."),
+                  concept: List[str] = typer.Option(..., "--concept", "-c",
+                                                    help="Concept phrase in the prompt "
+                                                         "(repeatable: each one is attributed "
+                                                         "separately)."),
+                  seed: Optional[int] = typer.Option(None, help="Generate the query from this "
+                                                                "seed with the run's model."),
+                  image: Optional[Path] = typer.Option(None, help="Or: the query image (PNG)."),
+                  topk: int = typer.Option(10, help="Training images to list per concept.")):
+    """Concept-TRAK for a free-text concept query: which training images gave the query its
+    CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
+    is an error. Uses the run's fine-tuned model, cached training features and chosen λ."""
+    import numpy as np
+    from jaxattrib.config import ConfigError
+    from jaxattrib.eval.concept_benchmark import concept_query as run_query
+    img = None
+    if image is not None:
+        from PIL import Image
+        img = np.asarray(Image.open(image).convert("RGB"), np.float32) / 127.5 - 1.0
+    if (img is None) == (seed is None):
+        _fail("give exactly one of --seed and --image")
+    try:
+        res = run_query(run_dir, prompt, concept, seed=seed, image=img, topk=topk)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    for q in res["queries"]:
+        typer.echo(f"concept {q['concept']!r} (c⁻ = {q['negative']!r}):")
+        for t in q["top"]:
+            typer.echo(f"  {t['rank']:3d}. {t['score']:+.4g}  {t['id']}  ({t['caption']})")
 
 
 def _load_model(model: str, allow_pickle: bool = False):

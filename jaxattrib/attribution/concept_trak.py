@@ -557,27 +557,68 @@ def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train
     return (s, (Phi, phi)) if return_features else s
 
 
+def attribute_concepts(unet_config, unet_params, encode: EncodeFn, train_images, train_prompts,
+                       query_image, prompt: str, concepts: Sequence[str] | str,
+                       config: ConceptTRAKConfig = ConceptTRAKConfig(),
+                       sched: Schedule | None = None, *, model_fn: ModelFn | None = None,
+                       train_contexts=None, Phi_train=None):
+    """Free-text concept query: one generated image, its prompt, one or more concept phrases.
+
+    Each concept is attributed separately (:func:`concept_queries` builds its ``c⁻``); checked
+    *before* any gradient is computed, so a concept the prompt does not contain raises
+    ``ValueError`` naming the prompt and the concept. ``query_image [H, W, C]``.
+    ``Phi_train [N, k]``: precomputed training features of the same ``config`` and projector
+    (e.g. a benchmark's cache); computed otherwise.
+
+    Returns ``(queries, scores [C, N])``: the :class:`ConceptQuery` list and one score row per
+    concept (larger = more attributed), λ by ``config.lam_ratio``.
+    """
+    from jaxattrib.diffusion.schedule import make_schedule
+
+    queries = concept_queries(prompt, concepts)
+    sched = sched or make_schedule()
+    model_fn = model_fn or unet_model_fn(unet_config)
+    projector = make_concept_projector(unet_params, config)
+    cache: dict = {}
+    if Phi_train is None:
+        Phi_train = train_features(model_fn, unet_params, sched, train_images,
+                                   _contexts(encode, train_contexts, train_prompts, "train"),
+                                   config, projector, cache=cache)
+    images = np.repeat(np.asarray(query_image)[None], len(queries), axis=0)
+    phi = query_features(model_fn, unet_params, sched, images,
+                         np.asarray(encode([q.prompt for q in queries])),
+                         np.asarray(encode([q.negative for q in queries])), config, projector,
+                         cache=cache)
+    return queries, scores_from_features(phi, Phi_train, config.lam_ratio)
+
+
 def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, train_prompts,
                    query_images, query_prompts, concepts,
                    config: ConceptTRAKConfig = ConceptTRAKConfig(),
                    sched: Schedule | None = None, *, k: int = 10, val_images=None,
                    val_prompts=None, val_concepts=None,
                    ratios: Sequence[float] = DEFAULT_RATIOS, model_fn: ModelFn | None = None,
-                   settings=ABLATION) -> list[dict]:
+                   settings=ABLATION, relevant=None, val_relevant=None,
+                   features_dir=None, train_contexts=None) -> list[dict]:
     """Precision@k of the five settings (TRAK → … → +normalization) on the given queries.
 
     Each row: ``{'setting', 'precision_at_k' (mean over queries), 'per_query', 'ratio',
-    'ratio_split', 'sweep'}``. With a validation split (``val_*``), ``r`` is chosen per setting
-    on it (:func:`choose_lambda_ratio`, ``'ratio_split' = 'validation'``); otherwise
-    ``config.lam_ratio`` is used (``'ratio_split' = 'fixed'``). Relevance: a training prompt
-    contains the query's concept (:func:`concept_relevance`).
+    'ratio_split', 'sweep', 'scores' [Q, N]}``. With a validation split (``val_*``), ``r`` is
+    chosen per setting on it (:func:`choose_lambda_ratio`, ``'ratio_split' = 'validation'``);
+    otherwise ``config.lam_ratio`` is used (``'ratio_split' = 'fixed'``). Relevance: a training
+    prompt contains the query's concept (:func:`concept_relevance`), unless ``relevant [Q, N]``
+    (and ``val_relevant``) bool are given. ``features_dir``: Φ and φ of every distinct
+    switch combination are saved there (``{train,query,val}_<switches>.npy``) and loaded when
+    present (the caller must use a fresh folder for other data, model or config).
+    ``train_contexts [N, L, D]`` replaces the encoding of ``train_prompts``.
     """
     from jaxattrib.diffusion.schedule import make_schedule
 
     sched = sched or make_schedule()
     model_fn = model_fn or unet_model_fn(unet_config)
-    ctx_tr = np.asarray(encode(list(train_prompts)))
-    rel = concept_relevance(train_prompts, concepts)
+    ctx_tr = _contexts(encode, train_contexts, train_prompts, "train")
+    rel = (concept_relevance(train_prompts, concepts) if relevant is None
+           else np.asarray(relevant, bool))
     projector = make_concept_projector(unet_params, config)
 
     def q_inputs(prompts, cs):
@@ -588,20 +629,41 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
     use_val = val_images is not None
     if use_val:
         vq, vn = q_inputs(val_prompts, val_concepts)
-        vrel = concept_relevance(train_prompts, val_concepts)
+        vrel = (concept_relevance(train_prompts, val_concepts) if val_relevant is None
+                else np.asarray(val_relevant, bool))
     train_cache, query_cache, fn_cache, rows = {}, {}, {}, []
+
+    def stored(name, compute):
+        if features_dir is None:
+            return compute()
+        from pathlib import Path
+        path = Path(features_dir) / f"{name}.npy"
+        if path.exists():
+            return np.load(path)
+        arr = np.asarray(compute())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, arr)
+        tmp.replace(path)
+        return arr
+
     for name, switches in settings:
         cfg = dataclasses.replace(config, **switches)
         tkey = (cfg.training_loss, cfg.ddim_inversion, cfg.normalize)
         qkey = (cfg.concept_loss, cfg.ddim_inversion, cfg.normalize)
+        tag = lambda key, first: (f"{first}{int(key[0])}_inv{int(key[1])}"  # noqa: E731
+                                  f"_norm{int(key[2])}")
         if tkey not in train_cache:
-            train_cache[tkey] = train_features(model_fn, unet_params, sched, train_images,
-                                               ctx_tr, cfg, projector, cache=fn_cache)
+            train_cache[tkey] = stored("train_" + tag(tkey, "tl"), lambda: train_features(
+                model_fn, unet_params, sched, train_images, ctx_tr, cfg, projector,
+                cache=fn_cache))
         if qkey not in query_cache:
-            q = query_features(model_fn, unet_params, sched, query_images, cq, cn, cfg,
-                               projector, cache=fn_cache)
-            v = (query_features(model_fn, unet_params, sched, val_images, vq, vn, cfg,
-                                projector, cache=fn_cache) if use_val else None)
+            q = stored("query_" + tag(qkey, "cl"), lambda: query_features(
+                model_fn, unet_params, sched, query_images, cq, cn, cfg, projector,
+                cache=fn_cache))
+            v = (stored("val_" + tag(qkey, "cl"), lambda: query_features(
+                model_fn, unet_params, sched, val_images, vq, vn, cfg, projector,
+                cache=fn_cache)) if use_val else None)
             query_cache[qkey] = (q, v)
         Phi = train_cache[tkey]
         phi, phi_val = query_cache[qkey]
@@ -613,12 +675,14 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
         per_q = precision_at_k(s, rel, k)
         rows.append({"setting": name, "precision_at_k": float(np.nanmean(per_q)),
                      "per_query": np.asarray(per_q), "ratio": ratio,
-                     "ratio_split": "validation" if use_val else "fixed", "sweep": sweep})
+                     "ratio_split": "validation" if use_val else "fixed", "sweep": sweep,
+                     "scores": s})
     return rows
 
 
 __all__ = [
     "ABLATION", "ConceptQuery", "ConceptTRAKConfig", "DEFAULT_RATIOS", "ablation_table",
+    "attribute_concepts",
     "choose_lambda_ratio", "clip_encoder", "concept_loss", "concept_queries",
     "concept_relevance", "concept_trak_scores", "fixed_timesteps", "has_concept",
     "implied_noise", "lambda_from_ratio", "make_concept_projector", "make_side_feature_fn",

@@ -1,0 +1,152 @@
+"""Concept-TRAK benchmark (issue #6): query plan and ground truth by construction, metrics on
+constructed scores, free-text concept queries (multi-concept = one row per concept, equal to
+attributing each concept alone; a concept the prompt lacks is refused, naming prompt and
+concept, before any model work), and (slow) the script's smoke run + a CLI query on it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxattrib.attribution import concept_trak as ct
+from jaxattrib.config import ConfigError
+from jaxattrib.data.synthetic import parse_caption
+from jaxattrib.eval import concept_benchmark as cb
+
+from test_concept_trak import _unet, _word_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_query_plan_rows_splits_and_validation_half():
+    ids = [{"color": "yellow", "shape": "star"}]
+    ood = [{"color": "purple", "shape": "star"}, {"color": "red", "shape": "square"}]
+    p = cb.query_plan(ids, ood, ("black", "white", "gray"), 4)
+    assert len(p["prompts"]) == 12 and len(p["row_image"]) == 24
+    assert list(p["split"]) == ["id"] * 4 + ["ood"] * 8
+    # backgrounds cycle within a combination; prompts say the combination
+    assert [parse_caption(x)["background"] for x in p["prompts"][:4]] == [
+        "black", "white", "gray", "black"]
+    assert parse_caption(p["prompts"][5]) == {"color": "purple", "shape": "star",
+                                             "background": "white", "texture": "solid"}
+    # every generation: one color row and one shape row with its own values
+    for r, i in enumerate(p["row_image"]):
+        assert parse_caption(p["prompts"][i])[p["row_kind"][r]] == p["row_concept"][r]
+        assert p["row_split"][r] == p["split"][i]
+    # first half of each combination's generations validate (all their rows)
+    val_images = sorted(set(p["row_image"][p["row_val"]].tolist()))
+    assert val_images == [0, 1, 4, 5, 8, 9]
+    with pytest.raises(ConfigError, match="per_combo=1"):
+        cb.query_plan(ids, ood, ("black",), 1)
+    with pytest.raises(ConfigError, match="'texture'"):
+        cb.query_plan(ids, ood, ("black",), 2, concepts=("texture",))
+
+
+def test_ground_truth_is_by_concept_kind_not_by_word():
+    caps = ["a red circle on a black background", "a blue circle on a red background",
+            "a red star on a white background", "a blue star on a gray background"]
+    rel = cb.concept_ground_truth(caps, ["color", "shape", "background"],
+                                  ["red", "star", "red"])
+    # 'red' as a color is not the red background of image 1 (a word match would say it is)
+    np.testing.assert_array_equal(rel, [[1, 0, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]])
+    assert ct.has_concept(caps[1], "red")
+
+
+def test_method_rows_oracle_antioracle_and_splits():
+    rng = np.random.default_rng(0)
+    R, N = 8, 30
+    rel = np.zeros((R, N), bool)
+    for r in range(R):
+        rel[r, rng.choice(N, 12, replace=False)] = True
+    split = np.array(["id"] * 4 + ["ood"] * 4)
+    test = np.array([False, True, True, True] * 2)
+    verified = np.array([True] * 7 + [False])
+    noise = rng.standard_normal((R, N)) * 0.01
+    scores = {"oracle": rel + noise, "anti": -(rel + noise),
+              "half": np.where(np.arange(R)[:, None] < 4, rel + noise, -(rel + noise))}
+    table, raw = cb.method_rows(scores, rel, test, split, verified, {"oracle": "1"},
+                                k=10, n_bootstrap=20)
+    assert raw["oracle"]["id"]["precision"].estimate == 1.0
+    assert raw["oracle"]["ood"]["map"].estimate == pytest.approx(1.0)
+    assert raw["anti"]["ood"]["precision"].estimate == 0.0
+    assert raw["half"]["id"]["precision"].estimate == 1.0
+    assert raw["half"]["ood"]["precision"].estimate == 0.0
+    assert raw["oracle"]["id"]["n"] == 3 and raw["oracle"]["ood_verified"]["n"] == 2
+    assert table[0]["P@10 ID"].startswith("1.000") and table[0]["λ ratio (val)"] == "1"
+    assert table[1]["λ ratio (val)"] == "-"
+    # validation rows are never evaluated: NaN scores there change nothing
+    scores2 = {"oracle": np.where(test[:, None], scores["oracle"], np.nan)}
+    _, raw2 = cb.method_rows(scores2, rel, test, split, verified, {}, k=10, n_bootstrap=20)
+    assert raw2["oracle"]["id"]["precision"] == raw["oracle"]["id"]["precision"]
+
+
+def test_multi_concept_prompt_is_attributed_concept_by_concept():
+    cfg_u, params, model_fn = _unet()
+    enc = _word_encoder()
+    rng = np.random.default_rng(1)
+    train = rng.uniform(-1, 1, (5, 8, 8, 3)).astype(np.float32)
+    tp = ["a red circle", "a blue circle", "a red square", "a blue square", "a red star"]
+    query = rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32)
+    cfg = ct.ConceptTRAKConfig(ddim_inversion=False, num_timesteps=2, proj_dim=32,
+                               microbatch=4, lam_ratio=0.1)
+    qs, s = ct.attribute_concepts(cfg_u, params, enc, train, tp, query, "a red circle",
+                                  ["red", "circle"], cfg, model_fn=model_fn)
+    assert [(q.concept, q.negative) for q in qs] == [("red", "a circle"), ("circle", "a red")]
+    assert s.shape == (2, 5)
+    assert not np.allclose(s[0], s[1])  # each concept has its own c⁻, hence its own scores
+    for row, c in zip(s, ["red", "circle"]):  # = attributing that concept alone
+        alone = ct.concept_trak_scores(cfg_u, params, enc, train, tp, query[None],
+                                       ["a red circle"], [c], cfg, model_fn=model_fn)
+        np.testing.assert_allclose(row, alone[0], rtol=1e-5, atol=1e-6 * np.abs(row).max())
+
+
+def test_concept_missing_from_prompt_fails_before_any_model_work(tmp_path):
+    def no_model(*a):
+        raise AssertionError("the model must not be evaluated")
+
+    x = np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="'a red circle'.*'star'"):
+        ct.attribute_concepts(None, {}, _word_encoder(), x[None], ["a red circle"], x,
+                              "a red circle", ["red", "star"], model_fn=no_model)
+    # the run-directory API refuses it before looking at the (here absent) run
+    with pytest.raises(ValueError, match="'a red circle on a black background'.*'blue'"):
+        cb.concept_query(tmp_path / "none", "a red circle on a black background", ["blue"],
+                         seed=0)
+    with pytest.raises(ConfigError, match="config.json: missing"):
+        cb.concept_query(tmp_path / "none", "a red circle on a black background", ["red"],
+                         seed=0)
+
+
+def test_cli_concept_query_error_names_prompt_and_concept(tmp_path):
+    from typer.testing import CliRunner
+
+    from jaxattrib.cli import app
+    res = CliRunner().invoke(app, ["concept-query", str(tmp_path), "--prompt",
+                                   "a red circle on a black background", "--concept", "red",
+                                   "--concept", "star", "--seed", "0"])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert "'a red circle on a black background'" in out and "'star'" in out
+
+
+@pytest.mark.slow
+def test_concept_trak_script_smoke_and_cli_query(tmp_path):
+    """The script's --smoke run writes both tables; a multi-concept CLI query on it lists one
+    ranking per concept (several minutes: compilation of every ablation setting)."""
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concept_trak.py"), "--smoke",
+                    "--run-dir", str(run), "--no-progress"], check=True, cwd=ROOT)
+    md = (run / "tables" / "concept_trak.md").read_text()
+    for name in ("Concept-TRAK", "D-TRAK", "TRAK", "P@10 OOD"):
+        assert name in md
+    abl = (run / "tables" / "ablation.md").read_text()
+    for name, _ in ct.ABLATION:
+        assert f"| {name} |" in abl
+    out = subprocess.run([sys.executable, "-m", "jaxattrib.cli", "concept-query", str(run),
+                          "--prompt", "a purple star on a black background", "--concept",
+                          "purple", "--concept", "star", "--seed", "3", "--topk", "3"],
+                         check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    assert "concept 'purple'" in out and "concept 'star'" in out
+    assert out.count("synthetic/") == 6
