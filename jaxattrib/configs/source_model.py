@@ -76,6 +76,64 @@ def get_config(arg=None):
     c.query.guidance_scale = 3.0
 
     c.report_keys = 8
+    if arg in ("zoo", "smoke"):
+        return zoo_config(arg == "smoke")
     if arg not in (None, ""):
-        raise ValueError(f"source_model: unknown variant {arg!r} (the config takes no argument)")
+        raise ValueError(f"source_model: unknown variant {arg!r}; expected '', 'zoo' (the "
+                         f"model-zoo benchmark) or 'smoke' (its reduced setting)")
     return c
+
+
+def zoo_config(smoke: bool = False):
+    """The model-zoo benchmark (``benchmarks/source_model_zoo.py``,
+    :mod:`jaxattrib.eval.source_zoo`; ``source_model:zoo`` / ``source_model:smoke``).
+
+    Fields [design, sized for the loaded 2-core CPU; every model is the embedded base model's
+    UNet fine-tuned, text encoder frozen]:
+
+    * ``data``: the base model's synthetic concept set (75 captions = candidate prompts).
+      ``source_per_caption`` renders per caption train the source (1 = one image per caption,
+      seen ``source.steps * batch / 75`` times: the source memorizes); ``real_per_caption``
+      other renders (another seed) are the "real" data of innocent / infringing models.
+    * ``source``: fine-tuning of the source (``steps``, ``batch_size``, ``learning_rate``).
+    * ``generated.seeds``: the source generates every caption once per seed: the data set the
+      infringers train on (``len(seeds) * 75`` images); ``generated.watermark_strength``: the
+      32-bit watermark (:mod:`jaxattrib.attribution.watermark`, α in [-1, 1] units) embedded in
+      all of them (the watermark baseline; every method sees the same zoo).
+    * ``zoo``: ``rhos`` in build order (0 = innocent); per ρ ``n_shadow`` (discriminator
+      training), ``n_cal`` (threshold calibration) and ``n_eval`` (evaluation) models, split by
+      member index; every model trains on ``n_train`` examples (``round(ρ·n_train)``
+      generated) for ``steps`` updates. ``reference``: an independent model (real data, own
+      seed) for Strategy 2.
+    * ``key_samples``: ``n`` keys; Strategy 1 = Wen et al.'s signal with ``detection_seeds``
+      noises; Strategy 2 = cross − within over ``generation_seeds``; random: ``n_random``
+      independent draws, conf averaged.
+    * ``decision``: hit when distance < ``delta0`` (``metric``); TPR at ``fpr``.
+    * ``query``: seeds and DDIM settings of every same-seed query (all 75 captions per model).
+    * ``discriminator``: :class:`~jaxattrib.attribution.source_model.Discriminator` fields.
+    """
+    z = ml_collections.ConfigDict()
+    z.seed = 0
+    z.data = {"source_per_caption": 1, "real_per_caption": 2, "captions": 0}  # 0 = all 75
+    z.source = {"steps": 300, "batch_size": 16, "learning_rate": 3e-4}
+    z.generated = {"seeds": (1000, 1001), "watermark_strength": 0.06}
+    z.zoo = {"rhos": (0.0, 0.3, 1.0, 0.5, 0.7), "n_shadow": 3, "n_cal": 2, "n_eval": 10,
+             "n_train": 64, "steps": 30, "batch_size": 16, "learning_rate": 1e-3}
+    z.key_samples = {"n": 30, "detection_seeds": 4, "generation_seeds": (10, 11, 12),
+                     "n_random": 20}
+    z.decision = {"delta0": 0.15, "metric": "rmse", "fpr": 0.1}
+    z.query = {"seeds": (0, 1), "num_inference_steps": 8, "guidance_scale": 3.0}
+    z.discriminator = {"hidden": 0, "l2": 1e-2, "steps": 500, "learning_rate": 0.05}
+    if smoke:
+        z.data.captions = 12
+        z.source.steps = 10
+        z.generated.seeds = (1000,)
+        z.zoo.rhos = (0.0, 1.0)
+        z.zoo.n_shadow, z.zoo.n_cal, z.zoo.n_eval = 2, 2, 2
+        z.zoo.n_train, z.zoo.steps = 8, 2
+        z.key_samples.n, z.key_samples.detection_seeds = 4, 1
+        z.key_samples.generation_seeds = (10, 11)
+        z.key_samples.n_random = 3
+        z.query.seeds, z.query.num_inference_steps = (0,), 2
+        z.discriminator.steps = 50
+    return z

@@ -1,0 +1,127 @@
+"""The source-model model-zoo benchmark (jaxattrib.eval.source_zoo): metrics by construction and
+the whole run (smoke config) with stand-in models, no compilation."""
+
+import json
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from jaxattrib.config import load_config
+from jaxattrib.eval import source_zoo as Z
+
+
+def test_balanced_threshold_and_split():
+    s = np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.9, 0.95])
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    assert Z.balanced_threshold(s, y) == pytest.approx(0.4)        # separates perfectly
+    # 1 innocent vs 4 infringing: plain accuracy would flag everything (0.8); balanced does not
+    s2, y2 = np.array([0.3, 0.1, 0.2, 0.4, 0.5]), np.array([0, 1, 1, 1, 1])
+    assert Z.balanced_threshold(s2, y2) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="both classes"):
+        Z.balanced_threshold(s, np.ones(7))
+    assert [Z.split_of(i, 2, 3) for i in range(7)] == ["shadow"] * 2 + ["cal"] * 3 + ["eval"] * 2
+
+
+def test_instance_confs_and_evaluate_by_construction():
+    d = np.array([[0.1, 0.2, 0.05, 0.3], [0.1, 0.1, 0.2, 0.3]])     # [S=2, P=4]
+    c = Z.instance_confs(d, {"a": [np.array([0, 1])], "b": [np.array([2]), np.array([3])]}, 0.15)
+    assert c == {"a": pytest.approx(3 / 4), "b": pytest.approx((1 / 2 + 0) / 2)}
+    rows = []
+    for split in ("cal", "eval"):
+        for i in range(4):
+            rows.append({"rho": 0.0, "label": 0, "split": split, "m": 0.1 * i})
+            rows.append({"rho": 0.3, "label": 1, "split": split, "m": 0.25 + 0.1 * i})
+            rows.append({"rho": 1.0, "label": 1, "split": split, "m": 1.0 + i})
+    res = Z.evaluate(rows, fpr=0.1, methods=("m",))["m"]
+    assert res["threshold"] == pytest.approx(0.325)     # innocents <= 0.3 < 3 of 4 rho=0.3 (cal)
+    r1, r03 = res["rho=1"], res["rho=0.3"]
+    assert r1["auc"] == 1.0 and r1["accuracy"] == 1.0 and r1["tpr@0.1fpr"] == 1.0
+    assert r03["accuracy"] == pytest.approx(7 / 8)          # 0.25 < tau: one miss
+    # rho=0.3 overlaps the innocents: scores 0.25..0.55 vs 0..0.3 -> AUC = 1 - 1/16 (0.25 < 0.3)
+    assert r03["auc"] == pytest.approx(15 / 16) and r03["n_pos"] == r03["n_neg"] == 4
+    assert res["overall"]["n_pos"] == 8 and res["overall"]["n_neg"] == 4
+    md = Z.markdown_table({"m": res}, 0.1)
+    assert "rho=0.3" in md and "overall" in md and "1.00 / 1.00 / 1.00" in md
+
+
+def test_paired_comparison():
+    a, b = np.array([0.5, 0.4, 0.6, 0.3, 0.5]), np.array([0.2, 0.2, 0.2, 0.3, 0.1])
+    c = Z.paired_comparison(a, b, n_boot=200)
+    assert c["mean_diff"] == pytest.approx(0.26) and c["ci_low"] > 0
+    assert (c["wins"], c["ties"], c["losses"]) == (4, 1, 0) and c["n"] == 5
+
+
+# ------------------------------------------------------------------------------ the whole run
+def _standins():
+    """Stand-in models that memorize their training set exactly: a model generates, for a
+    caption it was trained on, the mean of its training images of that caption (+ tiny seed
+    noise), and for any other caption a flat color of (weights, caption) — so the source
+    reproduces its renders, an infringer reproduces the source's (watermarked) generations of
+    the captions it took, and an innocent reproduces other renders."""
+    calls = {"finetune": 0, "generate": 0}
+
+    def finetune_fn(init, ds, seed, workdir=None):
+        calls["finetune"] += 1
+        caps = np.array([zlib.crc32(c.encode()) for c in ds.captions], np.int64)
+        return {"unet": {"images": np.asarray(ds.images, np.float32), "caps": caps}}
+
+    def generate_fn_of(unet):
+        imgs, caps = np.asarray(unet["images"]), np.asarray(unet["caps"])
+
+        def gen(prompts, key):
+            calls["generate"] += 1
+            out = []
+            for i, p in enumerate(prompts):
+                c = zlib.crc32(p.encode())
+                rng = np.random.default_rng([c, int(np.asarray(key).sum()), i])
+                hit = caps == c
+                if hit.any():
+                    out.append(imgs[hit].mean(0) + 0.005 * rng.normal(size=imgs.shape[1:]))
+                else:
+                    w = zlib.crc32(imgs.tobytes()[:4096] + p.encode())
+                    out.append(np.full(imgs.shape[1:], np.random.default_rng(w).uniform(-1, 1)))
+            return np.asarray(out, np.float32)
+        return gen
+
+    def memorization_fn(unet, prompts, key, n_seeds):
+        return np.array([zlib.crc32(p.encode()) % 97 for p in prompts], np.float64)
+
+    return calls, finetune_fn, generate_fn_of, memorization_fn
+
+
+def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
+    cfg = load_config("source_model:smoke")
+    calls, ft, gen_of, mem = _standins()
+    pipe = types.SimpleNamespace(unet_params={"images": np.zeros((1, 16, 16, 3), np.float32),
+                                              "caps": np.zeros(1, np.int64)})
+    kw = dict(pipe=pipe, finetune_fn=ft, generate_fn_of=gen_of, memorization_fn=mem)
+    out = Z.run_source_zoo(cfg, tmp_path, progress=False, **kw)
+    z = cfg.zoo
+    n_models = len(z.rhos) * (z.n_shadow + z.n_cal + z.n_eval)
+    assert calls["finetune"] == 2 + n_models                      # source + reference + zoo
+    rows = out["models"]
+    assert len(rows) == n_models and {r["split"] for r in rows} == {"shadow", "cal", "eval"}
+    inn = [r for r in rows if r["label"] == 0]
+    inf = [r for r in rows if r["label"] == 1]
+    # infringers (rho = 1) reproduce the source's generations, innocents do not
+    for m in ("strategy1", "strategy2", "random"):
+        assert np.mean([r[m] for r in inf]) > np.mean([r[m] for r in inn]) + 0.3
+    # the watermark survives in an exact copy, not in innocent renders
+    assert min(r["watermark"] for r in inf) >= 0.9 > max(r["watermark"] for r in inn)
+    res = out["results"]
+    assert set(res) == set(Z.INSTANCE_METHODS) | {"discriminator", "watermark"}
+    assert res["watermark"]["rho=1"]["auc"] == 1.0
+    for m in res.values():
+        assert 0.0 <= m["overall"]["auc"] <= 1.0 and m["overall"]["n_pos"] == z.n_eval
+    assert out["conf_vs_rho"]["rho"] == [0.0, 1.0]
+    for name in ("tables/source_model_zoo.md", "tables/source_model_zoo.json",
+                 "plots/conf_vs_rho.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "Acc / AUC / TPR@10%FPR" in (tmp_path / "tables/source_model_zoo.md").read_text()
+    # a rerun trains and generates nothing and reproduces the numbers
+    n_ft, n_gen = calls["finetune"], calls["generate"]
+    again = Z.run_source_zoo(cfg, tmp_path, progress=False, **kw)
+    assert (calls["finetune"], calls["generate"]) == (n_ft, n_gen)
+    assert json.dumps(again["results"]) == json.dumps(out["results"])
