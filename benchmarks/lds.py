@@ -113,9 +113,19 @@ def unet_apply(ucfg, params, x_t, t, ctx):
 
 
 def make_optimizer(tcfg):
+    """AdamW, linear warm-up, then the learning rate held (``schedule = 'constant'``, the
+    default) or cosine-decayed to 0 at ``steps`` (``'cosine'``: the final iterate carries much
+    less of the last batches' noise, so models of one subset agree better across seeds)."""
+    after = tcfg.get("schedule", "constant")
+    if after == "constant":
+        tail = optax.constant_schedule(tcfg.learning_rate)
+    elif after == "cosine":
+        tail = optax.cosine_decay_schedule(tcfg.learning_rate,
+                                           max(tcfg.steps - tcfg.warmup_steps, 1))
+    else:
+        raise ValueError(f"configs/lds.py: schedule={after!r}: expected 'constant' or 'cosine'")
     lr = optax.join_schedules([optax.linear_schedule(0.0, tcfg.learning_rate, tcfg.warmup_steps),
-                               optax.constant_schedule(tcfg.learning_rate)],
-                              [tcfg.warmup_steps])
+                               tail], [tcfg.warmup_steps])
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-4))
 
 
