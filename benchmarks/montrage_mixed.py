@@ -17,24 +17,30 @@ config, fine-tuning set and trajectory record; nothing there is written) and wri
 Queries: for each pair (A, B) of the four new concepts, α in ``--alphas`` and ``--repeats``
 seeds, the fine-tuned model generates from the text conditioning α·E(A) + (1−α)·E(B) (same
 background in both prompts). Soft ground truth: α/n_A on A's exemplars, (1−α)/n_B on B's,
-0 elsewhere. The first half of every (pair, α) group chooses each method's λ ratio and (as in
-the customization benchmark, ``attribution.tune_sign``) the sign of TRAK / D-TRAK / TracIn by
-the mean validation ρ; the other half is the test set. Tables (test queries; mean [95%
-bootstrap CI over queries]):
+0 elsewhere. The first ⌊repeats / 2⌋ queries of every (pair, α) group choose each method's λ
+ratio and (as in the customization benchmark, ``attribution.tune_sign``) the sign of TRAK /
+D-TRAK / TracIn by the mean validation ρ; the others are the test set. Tables (test queries;
+mean [95% bootstrap CI over queries]):
 
 1. generations: how often the classifier reads A's / B's colour and shape per α (is the
    mixture rendered?);
 2. methods: ρ (Spearman vs the soft ground truth over all N), mAP of A ∪ B, tracking
-   (Spearman across queries of α vs the A-over-B AUC), and the mean A-over-B AUC per α;
+   (Spearman across queries of α vs the A-over-B AUC), and the mean A-over-B AUC per α; a
+   reference row = the ground truth's own order with ties broken at random (the ceilings);
 3. monitoring: the similarity of every single checkpoint (step 0 = the base model) and the
-   aggregations of the trajectory, each with the paired CI of its ρ gain over the final
-   checkpoint; the rank correlation of each with the final checkpoint's scores;
+   aggregations of the trajectory (mean, movement × count, final − base, the learned
+   InfoNCE weights fit on the validation queries and, as its control, the same fit on the
+   final checkpoint only), each with the paired CI of its ρ gain over the final checkpoint;
+   the rank correlation of each with the final checkpoint's scores; the AUC of total
+   representation movement for exemplars vs distractors;
 4. the same in the representation ``montrage_study.py`` found promising on the demo
    (``--alt-representation``, default t = 500, tap ``up_1``).
 
     python benchmarks/montrage_mixed.py --source-run runs/customization \
-        --run-dir runs/montrage_mixed                                # ~25 min, loaded 2-core CPU
+        --run-dir runs/montrage_mixed                                # 11 min, loaded 2-core CPU
     python benchmarks/montrage_mixed.py --smoke --run-dir runs/montrage_mixed_smoke
+        # as long (11 min there: compiling the gradient methods dominates); without them,
+        # --smoke --methods pixel,random,montrage,montrage-final: 1.5 min
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def _settings(args) -> dict:
     return {"source_run": str(Path(args.source_run).resolve()),
             "alphas": [float(a) for a in (args.alphas or ("0,0.5,1" if smoke else
                                                           "0,0.25,0.5,0.75,1")).split(",")],
-            "repeats": args.repeats or 2,
+            "repeats": args.repeats or (2 if smoke else 3),
             "pairs": [[0, 1]] if smoke else None,
             "num_inference_steps": args.steps or (5 if smoke else 25),
             "guidance_scale": args.guidance_scale, "seed": args.seed,
@@ -150,7 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="one pair, alpha in {0, 0.5, 1}, 5 sampling steps")
     ap.add_argument("--alphas", default=None, help="comma-separated (default 0,0.25,0.5,0.75,1)")
-    ap.add_argument("--repeats", type=int, default=None, help="queries per (pair, alpha)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="queries per (pair, alpha) (default 3, smoke 2)")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 25)")
     ap.add_argument("--guidance-scale", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,12 +1,13 @@
 """Mixed-concept attribution with a soft ground truth (issue #7) [design: jaxattrib's, not a
 paper's protocol].
 
-MONTRAGE (Brokman et al., ECCV 2024) evaluates generations that mix concepts against a soft
-ground truth with a rank correlation; its protocol and code are not public, so everything here
-is our construction. It reuses a finished customization run (:mod:`jaxattrib.eval.benchmarks`:
-the base model fine-tuned on exemplars of its four withheld concepts + distractors, with a
-trajectory record) and asks how attribution splits between two fine-tuned concepts when a
-generation is conditioned on a *known* mixture of both:
+MONTRAGE (Brokman et al., ECCV 2024; ``../shared/docs/methods.md`` §8) compares attributions
+with a soft ground truth by rank correlation [paper]; how it builds that ground truth, and its
+code, are not public, so everything else here is our construction [design]. It reuses a
+finished customization run (:mod:`jaxattrib.eval.benchmarks`: the base model fine-tuned on
+exemplars of its four withheld concepts + distractors, with a trajectory record) and asks
+how attribution splits between two fine-tuned concepts when a generation is conditioned on a
+*known* mixture of both:
 
 * **Queries** (:func:`mixture_plan`, :func:`mixed_contexts`): for every unordered pair (A, B)
   of new concepts, every ``α`` in ``alphas`` and ``repeats`` seeds, the text conditioning is
@@ -137,10 +138,8 @@ def a_over_b_auc(scores: np.ndarray, in_a: np.ndarray, in_b: np.ndarray) -> np.n
 
 def mixture_metrics(scores: np.ndarray, soft: np.ndarray) -> dict:
     """Per-query metrics of ``scores [Q, N]`` against the soft ground truth ``soft [Q, N]``
-    (:func:`soft_ground_truth`; A's exemplars are where it is ``α / n_A``, identified through
-    the plan's concept columns by :func:`summarize`'s caller).
-
-    Returns ``rho [Q]`` (Spearman over all N), ``map_both [Q]`` (AP of ``soft > 0``).
+    (:func:`soft_ground_truth`): ``rho [Q]`` (Spearman over all N, average ranks for ties),
+    ``map_both [Q]`` (average precision of ``soft > 0``). :func:`per_query` adds ``auc_ab``.
     """
     from jaxattrib.eval.metrics import average_precision, spearman_columns
     s, g = np.asarray(scores, np.float64), np.asarray(soft, np.float64)
