@@ -185,3 +185,93 @@ def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatc
     assert json.loads((run / "tables" / "mixed.json").read_text())["methods"] == doc["methods"]
     with pytest.raises(ConfigError, match="another config"):
         mod.main(argv[:-1] + ["pixel"])
+
+
+class _Pipe:
+    """Just enough of a Pipeline for the script's glue: a deterministic text encoder."""
+    scheduler_config = bm.SCHEDULER_CONFIG
+
+    def encode_prompts(self, prompts):
+        return np.stack([np.random.default_rng(abs(hash(p)) % 2**32).standard_normal((2, 4))
+                         for p in prompts]).astype(np.float32)
+
+
+class _Record:
+    def latest_step(self):
+        return 2
+
+    def load(self, step):
+        return {"unet": None}
+
+    def close(self):
+        pass
+
+
+def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatch, capsys):
+    """Fast: no model. Training images are noisy copies of one prototype per concept; a
+    'generation' of mixture α is α·P_A + (1−α)·P_B, so pixel similarity must follow the
+    mixture; a fake gradient method offers a right and a reversed candidate, and validation
+    must choose the right one. Then a rerun recomputes nothing."""
+    from jaxattrib.train import record as record_lib
+    rng = np.random.default_rng(0)
+    protos = rng.uniform(-1, 1, (2, 16, 16, 3))
+    concept = np.r_[0, 0, 0, 1, 1, 1, -1, -1].astype(np.int32)
+    images = np.concatenate([protos[concept[:6]] + 0.3 * rng.standard_normal((6, 16, 16, 3)),
+                             rng.uniform(-1, 1, (2, 16, 16, 3))]).clip(-1, 1)
+    src = tmp_path / "source"
+    (src / "data").mkdir(parents=True)
+    (src / "record").mkdir()
+    np.savez(src / "data" / "train.npz", images=images.astype(np.float32),
+             captions=np.array([f"c{i}" for i in range(8)]), concept=concept,
+             ids=np.array([str(i) for i in range(8)]))
+    (src / "config.json").write_text(load_config("customization").to_json())
+    info = {"held_out": HELD, "data_spec": bm.base_model_info()["data_spec"]}
+    monkeypatch.setattr(bm, "load_base_model", lambda folder=None: _Pipe())
+    monkeypatch.setattr(bm, "base_model_info", lambda folder=None: info)
+    monkeypatch.setattr(record_lib.TrajectoryRecord, "open", staticmethod(lambda d: _Record()))
+    mod = _script()
+
+    def fake_generate(pipe, ctx, key, **kw):
+        q = np.load(run / "plan.npy", allow_pickle=True).item()
+        al = q["alpha"][:, None, None, None]
+        return (al * protos[0] + (1 - al) * protos[1]).astype(np.float32)
+
+    real_candidates = demo._candidate_scores
+
+    def fake_candidates(method, *a, **k):
+        if method != "dtrak":
+            return real_candidates(method, *a, **k)
+        q = np.load(run / "plan.npy", allow_pickle=True).item()
+        soft = mixed.soft_ground_truth(concept, q["concept_a"], q["concept_b"], q["alpha"])
+        return {"right": soft, "reversed": -soft}, {}
+
+    run = tmp_path / "mixed"
+    run.mkdir()
+    np.save(run / "plan.npy", mixed.mixture_plan(HELD, ALPHAS, 2, pairs=[(0, 1)]))
+    monkeypatch.setattr(mod, "generate_from_contexts", fake_generate)
+    monkeypatch.setattr(demo, "_candidate_scores", fake_candidates)
+    argv = ["--smoke", "--source-run", str(src), "--run-dir", str(run), "--no-progress",
+            "--alphas", ",".join(map(str, ALPHAS)), "--methods", "pixel,random,dtrak"]
+    mod.main(argv)
+    doc = json.loads((run / "tables" / "mixed.json").read_text())
+    assert doc["counts"] == {"train": 8, "queries": 10, "val": 5, "test": 5}
+    assert doc["chosen"] == {"pixel": "pixel", "random": "random", "dtrak": "right"}
+    choice = json.loads((run / "scores" / "dtrak_choice.json").read_text())
+    assert choice["val"]["right"] > 0 > choice["val"]["reversed"]
+    m = doc["methods"]
+    assert m["dtrak"]["rho"]["estimate"] == pytest.approx(1.0)
+    assert m["pixel"]["tracking"]["estimate"] > 0.9 and m["pixel"]["rho"]["estimate"] > 0.3
+    assert m["pixel"]["auc_by_alpha"]["0.0"] == 0.0 and m["pixel"]["auc_by_alpha"]["1.0"] == 1.0
+    q = np.load(run / "generations" / "mixed.npz")
+    np.testing.assert_allclose(q["ctx"], mixed.mixed_contexts(
+        _Pipe().encode_prompts, q["prompt_a"], q["prompt_b"], q["alpha"]), atol=1e-6)
+    out = capsys.readouterr().out
+    assert "| D-TRAK |" in out and "| pixel similarity |" in out and "## 1. generations" in out
+
+    def refuse(*a, **k):
+        raise AssertionError("recomputed a cached stage")
+    monkeypatch.setattr(mod, "generate_from_contexts", refuse)
+    monkeypatch.setattr(demo, "_candidate_scores", refuse)
+    mod.main(argv)
+    assert json.loads((run / "tables" / "mixed.json").read_text())["methods"] == m
+    assert m["random"]["rho"]["estimate"] < 0.5          # random scores carry no mixture
