@@ -108,6 +108,11 @@ def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     # infringers (rho = 1) reproduce the source's generations, innocents do not
     for m in ("strategy1", "strategy2", "random"):
         assert np.mean([r[m] for r in inf]) > np.mean([r[m] for r in inn]) + 0.3
+    # by construction a stand-in infringer hits exactly the key samples it trained on
+    cov = out["coverage"]["rho=1"]
+    assert 0 < cov["random:coverage"] < 1
+    assert cov["random:conf_covered"] == 1.0 and cov["random:conf_uncovered"] < 0.3
+    assert set(out["source"]) == set(Z.INSTANCE_METHODS) | {"all candidates"}
     # the watermark survives in an exact copy, not in innocent renders
     assert min(r["watermark"] for r in inf) >= 0.9 > max(r["watermark"] for r in inn)
     res = out["results"]
@@ -125,3 +130,55 @@ def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     again = Z.run_source_zoo(cfg, tmp_path, progress=False, **kw)
     assert (calls["finetune"], calls["generate"]) == (n_ft, n_gen)
     assert json.dumps(again["results"]) == json.dumps(out["results"])
+
+
+@pytest.mark.slow
+def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatch):
+    """zoo_finetune_fn = diffusion_finetune_fn (finetune with its record) up to float noise, and
+    a second and third member (other seed, other data) reuse the one compiled train step."""
+    pytest.importorskip("diffusers")
+    import jax
+    from test_pipeline import make_pipeline
+
+    from jaxattrib import parallel
+    from jaxattrib.attribution import source_model as SM
+    from jaxattrib.data.dataset import ImageDataset
+    from jaxattrib.models.pipeline import load_pipeline
+    from jaxattrib.train import diffusion_task
+    from jaxattrib.train.finetune import TrainConfig
+
+    make_pipeline(tmp_path)
+    pipe = load_pipeline(tmp_path / "pipe")
+    rng = np.random.default_rng(0)
+
+    def data(n, tag):
+        return ImageDataset(images=rng.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32),
+                            captions=["a photo of sks dog", "a painting of a cat"] * (n // 2),
+                            labels={}, label_names={}, ids=[f"{tag}/{i}" for i in range(n)])
+    ds = data(6, "a")
+    cfg = TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, checkpoint_every=0)
+    mesh = parallel.make_mesh(1)
+    ref = SM.diffusion_finetune_fn(pipe, cfg, mesh=mesh)({"unet": pipe.unet_params}, ds, 5,
+                                                         tmp_path / "ref")
+    traces = []
+    real_loss = diffusion_task.make_diffusion_loss
+
+    def counting(*a, **k):
+        loss = real_loss(*a, **k)
+
+        def fn(*args):
+            traces.append(1)           # once per trace of the train step
+            return loss(*args)
+        return fn
+    monkeypatch.setattr(diffusion_task, "make_diffusion_loss", counting)
+    fast = Z.zoo_finetune_fn(pipe, cfg, mesh)
+    got = fast({"unet": pipe.unet_params}, ds, 5)
+    for a, b in zip(jax.tree.leaves(got["unet"]), jax.tree.leaves(ref["unet"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    n = len(traces)
+    other = fast({"unet": pipe.unet_params}, data(4, "b"), 6)
+    fast({"unet": pipe.unet_params}, ds, 7)
+    assert n >= 1 and len(traces) == n
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(other["unet"]), jax.tree.leaves(got["unet"])))
+    assert moved > 0

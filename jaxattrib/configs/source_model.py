@@ -118,11 +118,11 @@ def zoo_config(smoke: bool = False):
     z.source = {"steps": 300, "batch_size": 16, "learning_rate": 3e-4}
     z.generated = {"seeds": (1000, 1001), "watermark_strength": 0.06}
     z.zoo = {"rhos": (0.0, 0.3, 1.0, 0.5, 0.7), "n_shadow": 3, "n_cal": 2, "n_eval": 10,
-             "n_train": 64, "steps": 30, "batch_size": 16, "learning_rate": 1e-3}
+             "n_train": 64, "steps": 50, "batch_size": 16, "learning_rate": 3e-4}
     z.key_samples = {"n": 30, "detection_seeds": 4, "generation_seeds": (10, 11, 12),
                      "n_random": 20}
     z.decision = {"delta0": 0.15, "metric": "rmse", "fpr": 0.1}
-    z.query = {"seeds": (0, 1), "num_inference_steps": 8, "guidance_scale": 3.0}
+    z.query = {"seeds": (0,), "num_inference_steps": 8, "guidance_scale": 3.0}
     z.discriminator = {"hidden": 0, "l2": 1e-2, "steps": 500, "learning_rate": 0.05}
     if smoke:
         z.data.captions = 12

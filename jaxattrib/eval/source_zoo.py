@@ -17,7 +17,7 @@ Everything is built on this CPU from the embedded base model and cached in the r
    shadow (discriminator training), calibration (every decision threshold), evaluation.
    A *reference* model (real data only, its own seed) serves Strategy 2.
 3. **Queries**: the source and every model generate all candidate captions from the same
-   ``query.seeds``; per model we keep the same-seed distances ``d [S, P]`` to the source, the
+   ``query.seeds`` (images clipped to [-1, 1], as saved images would be); per model we keep the same-seed distances ``d [S, P]`` to the source, the
    images, and the watermark coefficients.
 4. **Scores** per model: instance ``conf`` = ``mean(d[:, keys] < δ0)`` for the keys of
    Strategy 1 (Wen et al.'s signal), Strategy 1's alternative (generation consistency),
@@ -345,7 +345,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
                        for r in range(k.n_random)]}
     timings["key-sample selection"] = time.time() - t0
     src_q = _cached(run_dir / "queries" / "source.npz", lambda: {
-        "images": np.asarray(sm.query(src_gen, captions, list(q.seeds)), np.float32)})["images"]
+        "images": np.clip(np.asarray(sm.query(src_gen, captions, list(q.seeds)), np.float32),
+                          -1, 1)})["images"]
 
     # ---- zoo, one sub-zoo per rho, and every member's query
     z = config.zoo
@@ -369,6 +370,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
                    "index": int(m.index), "split": split_of(m.index, z.n_shadow, z.n_cal),
                    "n_generated": int(m.n_generated)}
             row.update(instance_confs(res["d"], keys, dec.delta0))
+            row.update(coverage_confs(res["d"], keys, _generated_captions(m.ids), dec.delta0))
             row["features"] = sm.probe_features(src_q, res["images"], dec.metric).tolist()
             row["watermark"] = float(wm.bit_accuracy(np.asarray(res["wm_coef"] > 0, np.uint8),
                                                      bits))
@@ -406,7 +408,21 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         ylabel=f"mean conf (hit rate, d < {dec.delta0:g})",
         title=f"conf vs rho ({n_per} models per rho, N = {k.n} key samples)"))
     timings["total (this invocation)"] = time.time() - t_start
-    out = {"results": results, "rho0.3_vs_random": comp,
+    cov = {f"rho={rho:g}": {f"{m}:{part}": float(np.nanmean([r[f"{m}:{part}"] for r in rows
+                                                             if r["rho"] == rho]))
+                           for m in INSTANCE_METHODS for part in COVERAGE_PARTS}
+           for rho in rhos_sorted if rho > 0}
+    src_render = np.stack([src_data.images[src_data.captions.index(c)] for c in captions])
+    d_train = np.asarray(sm.instance_distances(src_q, np.broadcast_to(src_render, src_q.shape),
+                                               dec.metric)).mean(0)          # [P]
+    source_diag = {m: {"within-seed distance of the source": float(sel["consistency"][
+                           np.concatenate(v)].mean()),
+                       "source generation vs its training render": float(d_train[
+                           np.concatenate(v)].mean())} for m, v in keys.items()}
+    source_diag["all candidates"] = {
+        "within-seed distance of the source": float(sel["consistency"].mean()),
+        "source generation vs its training render": float(d_train.mean())}
+    out = {"results": results, "rho0.3_vs_random": comp, "coverage": cov, "source": source_diag,
            "conf_vs_rho": {"rho": rhos_sorted, **conf_vs_rho},
            "key_samples": {m: [[captions[i] for i in s] for s in v[:1]] for m, v in keys.items()},
            "models": rows, "feature_names": list(sm.probe_feature_names()),
@@ -429,12 +445,37 @@ def _selection_scores(source, reference, captions, generate_fn_of, memorization_
             "idiosyncrasy": np.asarray(sm.cross_distance(src, ref, metric))}
 
 
+COVERAGE_PARTS = ("coverage", "conf_covered", "conf_uncovered")
+
+
+def _generated_captions(ids: Sequence[str]) -> set[int]:
+    """Caption indices of a member's generated training examples (ids ``generated/SEED/I``)."""
+    return {int(i.split("/")[2]) for i in ids if i.startswith("generated/")}
+
+
+def coverage_confs(d, keys: Mapping[str, Sequence[np.ndarray]], covered: set[int],
+                   delta0: float) -> dict:
+    """Why conf is what it is: per method, the fraction of key samples whose caption is among
+    the model's generated training examples (``coverage``) and the hit rate on covered /
+    uncovered key samples (NaN where there are none), pooled over the method's key sets."""
+    d = np.asarray(d)
+    out = {}
+    for m, sets in keys.items():
+        idx = np.concatenate([np.asarray(k) for k in sets])
+        cov = np.isin(idx, sorted(covered))
+        hits = (d[:, idx] < delta0).mean(axis=0)
+        out[f"{m}:coverage"] = float(cov.mean())
+        out[f"{m}:conf_covered"] = float(hits[cov].mean()) if cov.any() else float("nan")
+        out[f"{m}:conf_uncovered"] = float(hits[~cov].mean()) if (~cov).any() else float("nan")
+    return out
+
+
 def _query_member(generate_fn, captions, seeds, src_q, metric, wm_key) -> dict:
-    imgs = np.asarray(sm.query(generate_fn, captions, list(seeds)), np.float32)
+    imgs = np.clip(np.asarray(sm.query(generate_fn, captions, list(seeds)), np.float32), -1, 1)
     flat = imgs.reshape(-1, *imgs.shape[2:])
     return {"images": imgs,
             "d": np.asarray(sm.instance_distances(src_q, imgs, metric)),
-            "wm_coef": np.asarray(wm.coefficients(np.clip(flat, -1, 1), wm_key).mean(axis=0))}
+            "wm_coef": np.asarray(wm.coefficients(flat, wm_key).mean(axis=0))}
 
 
 def render_markdown(out: Mapping, config) -> str:
@@ -462,6 +503,23 @@ def render_markdown(out: Mapping, config) -> str:
               "|---|" + "---|" * len(cv["rho"])]
     for m in INSTANCE_METHODS:
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in cv[m]) + " |")
+    if out.get("coverage"):
+        lines += ["", "## coverage: key samples among an infringer's generated training "
+                  "captions, conf on covered / uncovered keys (mean over models)\n",
+                  "| rho | " + " | ".join(f"{m}: coverage / conf cov. / conf uncov."
+                                          for m in INSTANCE_METHODS) + " |",
+                  "|---|" + "---|" * len(INSTANCE_METHODS)]
+        for g, v in out["coverage"].items():
+            lines.append(f"| {g} | " + " | ".join(
+                " / ".join(_fmt(v[f"{m}:{p}"]) for p in COVERAGE_PARTS)
+                for m in INSTANCE_METHODS) + " |")
+    if out.get("source"):
+        lines += ["", "## the source on its key samples (mean distances, rmse)\n",
+                  "| keys | within-seed distance | source generation vs its training render |",
+                  "|---|---|---|"]
+        for m, v in out["source"].items():
+            lines.append(f"| {m} | {v['within-seed distance of the source']:.3f} | "
+                         f"{v['source generation vs its training render']:.3f} |")
     lines += ["", "## wall time (s)\n"] + [f"- {k}: {v:.0f}" for k, v in
                                            out["timings_s"].items()]
     return "\n".join(lines) + "\n"
