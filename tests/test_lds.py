@@ -188,22 +188,62 @@ def test_seed_agreement_matches_scipy_and_the_known_noise_level():
         lds_lib.seed_agreement(signal[None])
 
 
-@pytest.mark.slow
-def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path):
-    """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing."""
+def _benchmark_module():
     import importlib.util
     from pathlib import Path
-
-    from jaxattrib.config import load_config
-
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("lds_benchmark", root / "benchmarks" / "lds.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":smoke",
+    return bench, root
+
+
+def test_benchmark_cosine_schedule_ends_training_with_no_step():
+    """``train.schedule='cosine'`` (finetune setting): the last update is ~0 while 'constant'
+    keeps moving at the learning rate (Adam on a constant gradient steps by ~lr)."""
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune",
+                      ["train.steps=50", "train.warmup_steps=5"])
+    assert cfg.train.schedule == "cosine" and cfg.pretrain.steps > 0
+
+    def last_update(tc):
+        opt = bench.make_optimizer(tc)
+        p = {"w": jnp.zeros(3)}
+        st = opt.init(p)
+        g = {"w": jnp.full(3, 0.1)}
+        for _ in range(tc.steps):
+            upd, st = opt.update(g, st, p)
+        return float(jnp.abs(upd["w"]).max())
+
+    lr = cfg.train.learning_rate
+    assert last_update(cfg.train) < 1e-2 * lr
+    const = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune",
+                        ["train.steps=50", "train.warmup_steps=5", "train.schedule='constant'"])
+    assert abs(last_update(const.train) - lr) < 0.05 * lr
+    bad = load_config(str(root / "jaxattrib" / "configs" / "lds.py"), ["train.steps=5"])
+    bad.train.schedule = "linear"
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        bench.make_optimizer(bad.train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, extra", [
+    ("smoke", []),
+    ("finetune_smoke", ["pretrain.steps=6", "pretrain.n=32"]),
+])
+def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path, setting, extra):
+    """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing. The
+    finetune setting pretrains once and reports the seed agreement of its two seeds."""
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + f":{setting}",
                       ["data.n_train=32", "train.steps=6", "train.tracin_checkpoints=(3, 6)",
-                       "lds.num_subsets=4", "attribution.k=32"])
+                       "lds.num_subsets=4", "attribution.k=32"] + extra)
     rows = bench.run(cfg, tmp_path, log=lambda m: None)
+    if setting == "finetune_smoke":
+        assert (tmp_path / "pretrained.msgpack").is_file()
+        assert "Seed agreement" in (tmp_path / "lds_table.md").read_text()
     assert [r["method"] for r in rows] == list(cfg.attribution.methods)
     for r in rows:
         for sp in ("val", "gen"):
@@ -212,7 +252,7 @@ def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path):
     assert doc["tables"][0]["rows"][0]["method"] == "trak"
     assert "| dtrak |" in (tmp_path / "lds_table.md").read_text()
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "subsets" / "models").iterdir()}
-    assert len(stamp) == 4
+    assert len(stamp) == cfg.lds.num_subsets * len(cfg.lds.seeds)
     rows2 = bench.run(cfg, tmp_path, log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "subsets" / "models").iterdir()} == stamp
     assert [r["lds_val"] for r in rows2] == [r["lds_val"] for r in rows]
