@@ -8,6 +8,13 @@ cycling 0..9). S subsets of fraction α are retrained with each seed; the actual
 subset on a target is the DSM loss at ``eval_timesteps`` uniform timesteps x
 ``eval_noise_draws`` fixed noise draws, averaged over seeds (D-TRAK's protocol, methods.md §1).
 
+Fine-tuning setting (``--finetune``, config ``'finetune'``; D-TRAK's ArtBench / SD-LoRA
+protocol): one model is pretrained once (seed ``seed + 7``, ``pretrain.steps``) on the digits
+in no other split; the attributed model and every subset model fine-tune from it
+(``train.schedule = 'cosine'``), so the seed varies batches and noise only. Both settings
+report the seed agreement of the measured outputs (:func:`jaxattrib.eval.lds.seed_agreement`):
+the Spearman over subsets between two seeds' target losses and the LDS ceiling it implies.
+
 Methods (features from :mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected
 to ``k``):
 
