@@ -82,6 +82,20 @@ def test_method_rows_oracle_antioracle_and_splits():
     assert raw2["oracle"]["id"]["precision"] == raw["oracle"]["id"]["precision"]
 
 
+def test_neighbour_purity_and_row_cosine_by_construction():
+    caps = [f"a {c} {s} on a black background" for c in ("red", "blue") for s in
+            ("circle", "star") for _ in range(3)]  # 12 images, 3 per (color, shape)
+    color = np.array([c.split()[1] == "red" for c in caps], float)
+    rng = np.random.default_rng(0)
+    # features that encode only the color (+ tiny noise): neighbours share it, not the shape
+    Phi = np.stack([color, 1 - color], 1) + 1e-3 * rng.standard_normal((12, 2))
+    got = cb.neighbour_purity(Phi, caps, k=5)
+    assert got["color"] == 1.0 and got["background"] == 1.0
+    assert got["shape"] == pytest.approx(2 / 5)  # 2 of the other 5 same-color share the shape
+    rows = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [3.0, 0.0]])
+    assert cb._concept_row_cosine(rows, np.array([0, 0, 1, 1])) == pytest.approx(0.5)
+
+
 def test_multi_concept_prompt_is_attributed_concept_by_concept():
     cfg_u, params, model_fn = _unet()
     enc = _word_encoder()
@@ -91,15 +105,16 @@ def test_multi_concept_prompt_is_attributed_concept_by_concept():
     query = rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32)
     cfg = ct.ConceptTRAKConfig(ddim_inversion=False, num_timesteps=2, proj_dim=32,
                                microbatch=4, lam_ratio=0.1)
+    # expected: one explicit (image, prompt, concept) row per concept (rows are independent)
+    expect, (Phi, _) = ct.concept_trak_scores(
+        cfg_u, params, enc, train, tp, np.stack([query, query]), ["a red circle"] * 2,
+        ["red", "circle"], cfg, model_fn=model_fn, return_features=True)
     qs, s = ct.attribute_concepts(cfg_u, params, enc, train, tp, query, "a red circle",
-                                  ["red", "circle"], cfg, model_fn=model_fn)
+                                  ["red", "circle"], cfg, model_fn=model_fn, Phi_train=Phi)
     assert [(q.concept, q.negative) for q in qs] == [("red", "a circle"), ("circle", "a red")]
     assert s.shape == (2, 5)
     assert not np.allclose(s[0], s[1])  # each concept has its own c⁻, hence its own scores
-    for row, c in zip(s, ["red", "circle"]):  # = attributing that concept alone
-        alone = ct.concept_trak_scores(cfg_u, params, enc, train, tp, query[None],
-                                       ["a red circle"], [c], cfg, model_fn=model_fn)
-        np.testing.assert_allclose(row, alone[0], rtol=1e-5, atol=1e-6 * np.abs(row).max())
+    np.testing.assert_allclose(s, expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
 
 
 def test_concept_missing_from_prompt_fails_before_any_model_work(tmp_path):

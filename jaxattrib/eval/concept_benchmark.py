@@ -146,14 +146,19 @@ def _fmt(m) -> str:
 
 def method_rows(scores: dict, relevant: np.ndarray, test: np.ndarray, split: np.ndarray,
                 verified: np.ndarray, chosen: dict, *, k: int = 10, n_bootstrap: int = 1000,
-                seed: int = 0) -> tuple[list[dict], dict]:
+                seed: int = 0, kinds: np.ndarray | None = None) -> tuple[list[dict], dict]:
     """Table rows (one per method: P@k / mAP for ID and OOD test rows, OOD verified) and the raw
-    metrics ``{method: {subset: {...}}}``."""
+    metrics ``{method: {subset: {...}}}``; with ``kinds [R]`` (the concept kind of each row)
+    also the subsets ``'<split>_<kind>'``."""
     from jaxattrib.eval.benchmarks import METHOD_NAMES
     table, raw = [], {}
     subsets = {"id": test & (split == "id"), "ood": test & (split == "ood"),
                "id_verified": test & (split == "id") & verified,
                "ood_verified": test & (split == "ood") & verified}
+    if kinds is not None:
+        for sp in ("id", "ood"):
+            for kind in np.unique(kinds):
+                subsets[f"{sp}_{kind}"] = test & (split == sp) & (kinds == kind)
     for method, s in scores.items():
         m = {name: split_metrics(s, relevant, sel, k=k, n_bootstrap=n_bootstrap, seed=seed)
              for name, sel in subsets.items()}
@@ -202,8 +207,9 @@ def _choose_and_score(phi, Phi, relevant, val, ratios, *, k: int, scorer):
     return best[2], {"split": "validation rows", "sweep": sweep, "chosen": best[1]}
 
 
-def _trak_family_scores(method: str, run_dir: Path, config, pipe, unet_params, sched, train_ex,
-                        gen_ex, fingerprint: str, step: int, plan: dict, relevant, progress):
+def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params, sched,
+                          train_ex, gen_ex, fingerprint: str, step: int, progress: bool = False):
+    """D-TRAK / TRAK ``(Phi [N, k], phi [G, k])`` (resumable stores; loaded when complete)."""
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.demo import _fingerprint_of
     a = config.attribution
@@ -216,14 +222,50 @@ def _trak_family_scores(method: str, run_dir: Path, config, pipe, unet_params, s
     phi = dt.featurize_examples(out_fn, unet_params, gen_ex, ac, feats / "queries",
                                 fingerprint=_fingerprint_of(gen_ex["x0"]), step=step,
                                 role="query", progress=progress)
-    phi_rows = np.asarray(phi)[plan["row_image"]]  # every concept row gets its image's scores
+    return np.asarray(Phi), np.asarray(phi)
+
+
+def _trak_family_scores(Phi, phi, config, plan: dict, relevant):
+    from jaxattrib.attribution import diffusion_trak as dt
+    phi_rows = phi[plan["row_image"]]  # every concept row gets its image's scores
 
     def scorer(q, P, r):
+        # dt.relative_lambdas is r·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
         return np.asarray(dt.scores_from_features(q, P, dt.relative_lambdas(P, [0.1 * r])[0]))
 
-    # dt.relative_lambdas is r·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
-    return _choose_and_score(phi_rows, Phi, relevant, plan["row_val"], a.lambda_ratios,
-                             k=config.eval.topk, scorer=scorer)
+    return _choose_and_score(phi_rows, Phi, relevant, plan["row_val"],
+                             config.attribution.lambda_ratios, k=config.eval.topk,
+                             scorer=scorer)
+
+
+def neighbour_purity(Phi: np.ndarray, train_captions: Sequence[str], k: int = 10) -> dict:
+    """What training features encode: for each training image, the fraction of its ``k``
+    nearest other training images (cosine of the feature rows) that share its color / shape /
+    background; means over images. Chance = the fraction of images sharing that value."""
+    from jaxattrib.data.synthetic import parse_caption
+    P = np.asarray(Phi, np.float64)
+    P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-30)
+    sim = P @ P.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    parsed = [parse_caption(str(c)) for c in train_captions]
+    out = {}
+    for kind in ("color", "shape", "background"):
+        v = np.array([p[kind] for p in parsed])
+        out[kind] = float(np.mean(v[nn] == v[:, None]))
+    return out
+
+
+def _concept_row_cosine(phi_rows: np.ndarray, row_image: np.ndarray) -> float:
+    """Mean cosine between the feature rows of the same generation (its color vs shape row)."""
+    cos = []
+    for i in np.unique(row_image):
+        r = np.asarray(phi_rows[row_image == i], np.float64)
+        if len(r) < 2:
+            continue
+        r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-30)
+        cos.append(float(r[0] @ r[1]))
+    return float(np.mean(cos)) if cos else float("nan")
 
 
 def concept_trak_config(config):
@@ -259,6 +301,62 @@ def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx,
         full = np.full((len(val), relevant.shape[1]), np.nan)
         full[~val] = r["scores"]
         r["scores"] = full
+    return rows
+
+
+METHOD_LABEL = {"concept-trak": "Concept-TRAK", "dtrak": "D-TRAK", "trak": "TRAK"}
+
+
+def _by_kind_rows(raw: dict, kinds: Sequence[str], k: int) -> list[dict]:
+    """P@k per (split, concept kind) of every method / ablation setting (test rows)."""
+    rows = []
+    for name, m in raw.items():
+        row = {"method / setting": name}
+        for sp in ("id", "ood"):
+            for kind in kinds:
+                got = m.get(f"{sp}_{kind}")
+                row[f"P@{k} {sp.upper()} {kind}"] = _fmt(None if got is None
+                                                         else got["precision"])
+        rows.append(row)
+    return rows
+
+
+def _diagnostics(run_dir: Path, config, pipe, unet_params, sched, train, train_ex, gen_ex,
+                 fingerprint, step, plan, methods, ablation: bool) -> list[dict]:
+    """Per feature set: training-side neighbour purity (:func:`neighbour_purity`) and the
+    query-side cosine between a generation's color and shape rows (1 = the query feature does
+    not depend on the concept asked)."""
+    from jaxattrib.attribution import concept_trak as ct
+    rows = []
+    fdir = run_dir / "features" / "concept-trak"
+    val = plan["row_val"]
+    settings = ct.ABLATION if ablation else ct.ABLATION[-1:]
+    for name, sw in settings:
+        tname = f"train_tl{int(sw['training_loss'])}_inv{int(sw['ddim_inversion'])}" \
+                f"_norm{int(sw['normalize'])}.npy"
+        qname = f"query_cl{int(sw['concept_loss'])}_inv{int(sw['ddim_inversion'])}" \
+                f"_norm{int(sw['normalize'])}.npy"
+        if not (fdir / tname).exists() or not (fdir / qname).exists():
+            continue
+        purity = neighbour_purity(np.load(fdir / tname), train["captions"])
+        cos = _concept_row_cosine(np.load(fdir / qname), plan["row_image"][~val])
+        rows.append({"features": f"Concept-TRAK machinery: {name}", **purity,
+                     "query color-vs-shape row cosine": cos})
+    for m in methods:
+        if m == "concept-trak":
+            continue
+        Phi, _ = _trak_family_features(m, run_dir, config, pipe, unet_params, sched, train_ex,
+                                       gen_ex, fingerprint, step)
+        rows.append({"features": METHOD_LABEL[m], **neighbour_purity(Phi, train["captions"]),
+                     "query color-vs-shape row cosine": 1.0})
+    from jaxattrib.data.synthetic import parse_caption
+    parsed = [parse_caption(str(c)) for c in train["captions"]]
+    chance = {}
+    for kind in ("color", "shape", "background"):
+        v = np.array([p[kind] for p in parsed])
+        chance[kind] = float(np.mean([(np.sum(v == x) - 1) / (len(v) - 1) for x in v]))
+    rows.append({"features": "chance (random neighbours)", **chance,
+                 "query color-vs-shape row cosine": float("nan")})
     return rows
 
 
@@ -343,34 +441,43 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
             chosen[m] = f"{json.loads((sdir / f'{m}_lambda.json').read_text())['chosen']:g}"
             continue
         _log(f"attribution: {m}")
-        s, sweep = _trak_family_scores(m, run_dir, config, pipe, unet_params, sched, train_ex,
-                                       gen_ex, fingerprint, step, plan, relevant, progress)
+        Phi, phi = _trak_family_features(m, run_dir, config, pipe, unet_params, sched, train_ex,
+                                         gen_ex, fingerprint, step, progress)
+        s, sweep = _trak_family_scores(Phi, phi, config, plan, relevant)
         np.save(path, s)
         (sdir / f"{m}_lambda.json").write_text(json.dumps(sweep, indent=2))
         scores[m], chosen[m] = s, f"{sweep['chosen']:g}"
     e = config.eval
     test = ~plan["row_val"]
     split = plan["row_split"]
+    kinds = plan["row_kind"]
     table, raw = method_rows(scores, relevant, test, split, verified, chosen, k=e.topk,
-                             n_bootstrap=e.n_bootstrap, seed=config.seed)
+                             n_bootstrap=e.n_bootstrap, seed=config.seed, kinds=kinds)
     ablation = []
     if abl_rows is not None and a.ablation:
         abl_scores = {r["setting"]: r["scores"] for r in abl_rows}
         abl_table, abl_raw = method_rows(abl_scores, relevant, test, split, verified,
                                          {r["setting"]: f"{r['ratio']:g}" for r in abl_rows},
-                                         k=e.topk, n_bootstrap=e.n_bootstrap, seed=config.seed)
+                                         k=e.topk, n_bootstrap=e.n_bootstrap, seed=config.seed,
+                                         kinds=kinds)
         for row in abl_table:
             row["setting"] = row.pop("method")
         ablation = [{"setting": r["setting"], **{c: v for c, v in r.items() if c != "setting"}}
                     for r in abl_table]
         raw["ablation"] = abl_raw
+    by_kind = _by_kind_rows({**{METHOD_LABEL.get(m, m): raw[m] for m in scores},
+                             **{f"ablation: {n}": v for n, v in raw.get("ablation", {}).items()}},
+                            config.eval.concepts, e.topk)
+    diag = _diagnostics(run_dir, config, pipe, unet_params, sched, train, train_ex, gen_ex,
+                        fingerprint, step, plan, methods, a.ablation and abl_rows is not None)
     counts = {"train": int(len(train["images"])), "generations": int(len(queries["images"])),
               "rows": int(len(relevant)), "val_rows": int(plan["row_val"].sum()),
               "test_rows_id": int((test & (split == "id")).sum()),
               "test_rows_ood": int((test & (split == "ood")).sum()),
               "test_rows_ood_verified": int((test & (split == "ood") & verified).sum()),
               "relevant_per_row_mean": float(relevant.sum(1).mean())}
-    out = {"table": table, "ablation": ablation, "raw": raw, "counts": counts,
+    out = {"table": table, "ablation": ablation, "by_kind": by_kind, "diagnostics": diag,
+           "raw": raw, "counts": counts,
            "generation_accuracy": gen_acc, "wall_s_this_run": round(time.time() - t0, 1)}
     _write_tables(run_dir, config, out)
     _log(f"done in {time.time() - t0:.0f} s; tables: {run_dir / 'tables'}")
@@ -459,6 +566,18 @@ def _write_tables(run_dir: Path, config, out: dict) -> None:
         atomic_write_text(run_dir / "tables" / "ablation.md",
                           "Ablation (Concept-TRAK's machinery; TRAK = all switches off). " + cap
                           + "\n\n" + markdown_table(out["ablation"]) + "\n")
+    if out.get("by_kind"):
+        atomic_write_text(run_dir / "tables" / "by_kind.md",
+                          f"P@{k} per concept kind (test rows; same λ as the main tables)\n\n"
+                          + markdown_table(out["by_kind"]) + "\n")
+    if out.get("diagnostics"):
+        fmt = [{c_: (f"{v:.3f}" if isinstance(v, float) else v) for c_, v in r.items()}
+               for r in out["diagnostics"]]
+        atomic_write_text(run_dir / "tables" / "diagnostics.md",
+                          "Training features: fraction of each training image's 10 nearest "
+                          "training neighbours (feature cosine) sharing its color / shape / "
+                          "background. Query features: mean cosine between the color row and the "
+                          "shape row of a test generation.\n\n" + markdown_table(fmt) + "\n")
     doc = _jsonable_metrics(out)
     atomic_write_text(run_dir / "tables" / "concept_trak.json", json.dumps(doc, indent=2))
 
