@@ -113,6 +113,7 @@ def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     assert 0 < cov["random:coverage"] < 1
     assert cov["random:conf_covered"] == 1.0 and cov["random:conf_uncovered"] < 0.3
     assert set(out["source"]) == set(Z.INSTANCE_METHODS) | {"all candidates"}
+    assert out["delta_sweep"]["mean d"]["strategy1"]["auc"] > 0.5 and "0.15" in out["delta_sweep"]
     # the watermark survives in an exact copy, not in innocent renders
     assert min(r["watermark"] for r in inf) >= 0.9 > max(r["watermark"] for r in inn)
     res = out["results"]

@@ -351,7 +351,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     # ---- zoo, one sub-zoo per rho, and every member's query
     z = config.zoo
     n_per = int(z.n_shadow + z.n_cal + z.n_eval)
-    rows = []
+    rows, dists = [], {}
     t_zoo = time.time()
     for rho in z.rhos:
         t0 = time.time()
@@ -370,6 +370,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
                    "index": int(m.index), "split": split_of(m.index, z.n_shadow, z.n_cal),
                    "n_generated": int(m.n_generated)}
             row.update(instance_confs(res["d"], keys, dec.delta0))
+            dists[m.name] = res["d"]
             row.update(coverage_confs(res["d"], keys, _generated_captions(m.ids), dec.delta0))
             row["features"] = sm.probe_features(src_q, res["images"], dec.metric).tolist()
             row["watermark"] = float(wm.bit_accuracy(np.asarray(res["wm_coef"] > 0, np.uint8),
@@ -423,6 +424,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         "within-seed distance of the source": float(sel["consistency"].mean()),
         "source generation vs its training render": float(d_train.mean())}
     out = {"results": results, "rho0.3_vs_random": comp, "coverage": cov, "source": source_diag,
+           "delta_sweep": delta_sweep(rows, dists, keys, float(dec.fpr)),
            "conf_vs_rho": {"rho": rhos_sorted, **conf_vs_rho},
            "key_samples": {m: [[captions[i] for i in s] for s in v[:1]] for m, v in keys.items()},
            "models": rows, "feature_names": list(sm.probe_feature_names()),
@@ -446,6 +448,35 @@ def _selection_scores(source, reference, captions, generate_fn_of, memorization_
 
 
 COVERAGE_PARTS = ("coverage", "conf_covered", "conf_uncovered")
+#: hit thresholds of the post-hoc δ0 sweep (same cached distances; "mean d" = −mean distance)
+DELTA_SWEEP = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+
+
+def delta_sweep(rows: Sequence[Mapping], dists: Mapping[str, np.ndarray],
+                keys: Mapping[str, Sequence[np.ndarray]], fpr: float,
+                deltas: Sequence[float] = DELTA_SWEEP) -> dict:
+    """Evaluation-split AUC and TPR at ``fpr`` (all infringers vs innocents) of the instance
+    confs at other hit thresholds δ0, and of the threshold-free score −mean key distance;
+    with the mean conf of innocent and of ρ = max models. ``dists[name]``: ``d [S, P]``."""
+    ev = [r for r in rows if r["split"] == "eval"]
+    y = np.array([r["label"] for r in ev])
+    top = max(r["rho"] for r in ev)
+    out = {}
+    for delta in list(deltas) + ["mean d"]:
+        res = {}
+        for m, sets in keys.items():
+            if delta == "mean d":
+                sc = np.array([-np.mean([dists[r["name"]][:, np.asarray(k)].mean() for k in sets])
+                               for r in ev])
+            else:
+                sc = np.array([instance_confs(dists[r["name"]], {m: sets}, delta)[m]
+                               for r in ev])
+            res[m] = {"auc": metrics.roc_auc(sc, y), "tpr": metrics.tpr_at_fpr(sc, y, fpr),
+                      "innocent": float(sc[y == 0].mean()),
+                      f"rho={top:g}": float(np.mean([v for v, r in zip(sc, ev)
+                                                     if r["rho"] == top]))}
+        out[str(delta) if delta == "mean d" else f"{delta:g}"] = res
+    return out
 
 
 def _generated_captions(ids: Sequence[str]) -> set[int]:
@@ -513,6 +544,17 @@ def render_markdown(out: Mapping, config) -> str:
             lines.append(f"| {g} | " + " | ".join(
                 " / ".join(_fmt(v[f"{m}:{p}"]) for p in COVERAGE_PARTS)
                 for m in INSTANCE_METHODS) + " |")
+    if out.get("delta_sweep"):
+        sw = out["delta_sweep"]
+        top = [k for k in next(iter(next(iter(sw.values())).values())) if k.startswith("rho")][0]
+        lines += ["", f"## other hit thresholds δ0 (evaluation split, all infringers vs "
+                  f"innocents): AUC / TPR@{dec.fpr:.0%}FPR (mean score innocent / {top})\n",
+                  "| δ0 | " + " | ".join(INSTANCE_METHODS) + " |",
+                  "|---|" + "---|" * len(INSTANCE_METHODS)]
+        for dl, v in sw.items():
+            lines.append(f"| {dl} | " + " | ".join(
+                f"{v[m]['auc']:.2f} / {v[m]['tpr']:.2f} ({v[m]['innocent']:.2f} / "
+                f"{v[m][top]:.2f})" for m in INSTANCE_METHODS) + " |")
     if out.get("source"):
         lines += ["", "## the source on its key samples (mean distances, rmse)\n",
                   "| keys | within-seed distance | source generation vs its training render |",
