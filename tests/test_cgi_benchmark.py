@@ -33,7 +33,8 @@ def test_assign_splits_equal_sizes_per_concept():
 def test_config_and_variant_errors_name_the_field():
     c = load_config("cgi_dm_benchmark")
     v = CB.check_config(c)
-    assert set(v) == {"paper", "clamp1", "clamp1_low_t", "clamp1_block2"}
+    assert set(v) == {"paper", "clamp1", "clamp1_low_t", "clamp1_block2", "clamp1_r10",
+                      "clamp1_r3"}
     assert v["clamp1_low_t"].t_max == 300 and v["clamp1_low_t"].clamp == 1.0
     assert v["paper"].eps_radius == 70.0 and v["paper"].scale == "sqrt_numel"
     for override, msg in [("source='web'", "source='web'"),

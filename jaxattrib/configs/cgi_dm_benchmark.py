@@ -78,7 +78,9 @@ def get_config(arg=None):
     c.tune.variants = ("paper: ",                       # clamp 100: the latent default
                        "clamp1: clamp=1.0",             # the pixel range [-1, 1]
                        "clamp1_low_t: clamp=1.0, t_max=300",
-                       "clamp1_block2: clamp=1.0, block=2")
+                       "clamp1_block2: clamp=1.0, block=2",
+                       "clamp1_r10: clamp=1.0, eps_radius=10.0",   # a smaller ball
+                       "clamp1_r3: clamp=1.0, eps_radius=3.0")
     c.tune.similarities = ("ssim", "psnr", "tap")
 
     c.loss_gap_draws = 32
