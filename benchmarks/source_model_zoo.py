@@ -11,7 +11,7 @@ TPR@10%FPR per ρ and overall, the ρ = 0.3 strategies-vs-random comparison, con
 times) and ``RUN_DIR/plots/conf_vs_rho.png``.
 
     python benchmarks/source_model_zoo.py --smoke --run-dir runs/source_zoo_smoke
-    python benchmarks/source_model_zoo.py --run-dir runs/source_zoo
+    python benchmarks/source_model_zoo.py --run-dir runs/source_zoo     # 37 min (BENCHMARKS.md)
 """
 
 from __future__ import annotations
