@@ -121,7 +121,7 @@ def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     assert res["watermark"]["rho=1"]["auc"] == 1.0
     for m in res.values():
         assert 0.0 <= m["overall"]["auc"] <= 1.0 and m["overall"]["n_pos"] == z.n_eval
-    assert out["conf_vs_rho"]["rho"] == [0.0, 1.0]
+    assert out["conf_vs_rho"]["rho"] == [0.0, 1.0] and out["rho0.3_vs_random"] == {}  # no rho=0.3
     for name in ("tables/source_model_zoo.md", "tables/source_model_zoo.json",
                  "plots/conf_vs_rho.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -183,3 +183,22 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(other["unet"]), jax.tree.leaves(got["unet"])))
     assert moved > 0
+
+
+def test_rho03_comparison_tables_with_stand_ins(tmp_path):
+    """With a ρ = 0.3 group the paired strategies-vs-random comparison is made at δ0 and at the
+    tighter COMPARE_DELTAS, on the ρ = 0.3 and on the innocent models, and rendered."""
+    cfg = load_config("source_model:smoke", ["zoo.rhos=(0.0, 0.3)"])
+    _, ft, gen_of, mem = _standins()
+    pipe = types.SimpleNamespace(unet_params={"images": np.zeros((1, 16, 16, 3), np.float32),
+                                              "caps": np.zeros(1, np.int64)})
+    out = Z.run_source_zoo(cfg, tmp_path, progress=False, pipe=pipe, finetune_fn=ft,
+                           generate_fn_of=gen_of, memorization_fn=mem)
+    comp = out["rho0.3_vs_random"]
+    n_per = cfg.zoo.n_shadow + cfg.zoo.n_cal + cfg.zoo.n_eval
+    assert "strategy2 vs random" in comp and "strategy1 vs random, δ0=0.03, innocent rho=0" in comp
+    assert len(comp) == 3 + 2 * 2 * len(Z.COMPARE_DELTAS)
+    for c in comp.values():
+        assert c["n"] == n_per and c["wins"] + c["ties"] + c["losses"] == n_per
+        assert c["mean_diff"] == pytest.approx(c["mean_a"] - c["mean_b"])
+    assert "δ0=0.05, innocent rho=0" in (tmp_path / "tables/source_model_zoo.md").read_text()

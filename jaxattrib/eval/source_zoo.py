@@ -399,6 +399,15 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         for m in ("strategy1", "strategy1-consistency", "strategy2"):
             comp[f"{m} vs random"] = paired_comparison([r[m] for r in r03],
                                                        [r["random"] for r in r03])
+        # the same at tighter δ0, and on the innocent models (a strategy whose keys are hit
+        # more often by innocents too does not help the decision)
+        for delta in COMPARE_DELTAS:
+            for rho, tag in ((0.3, ""), (0.0, ", innocent rho=0")):
+                sub = [r for r in rows if np.isclose(r["rho"], rho)]
+                c = [instance_confs(dists[r["name"]], keys, delta) for r in sub]
+                for m in ("strategy1", "strategy2"):
+                    comp[f"{m} vs random, δ0={delta:g}{tag}"] = paired_comparison(
+                        [x[m] for x in c], [x["random"] for x in c])
     rhos_sorted = sorted({r["rho"] for r in rows})
     conf_vs_rho = {m: [float(np.mean([r[m] for r in rows if r["rho"] == rho]))
                        for rho in rhos_sorted] for m in INSTANCE_METHODS}
@@ -448,6 +457,8 @@ def _selection_scores(source, reference, captions, generate_fn_of, memorization_
 
 
 COVERAGE_PARTS = ("coverage", "conf_covered", "conf_uncovered")
+#: tighter hit thresholds at which the ρ = 0.3 strategies-vs-random comparison is repeated
+COMPARE_DELTAS = (0.03, 0.05)
 #: hit thresholds of the post-hoc δ0 sweep (same cached distances; "mean d" = −mean distance)
 DELTA_SWEEP = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
 
@@ -519,7 +530,8 @@ def render_markdown(out: Mapping, config) -> str:
              f"(max balanced accuracy); TPR at FPR {dec.fpr:g}.\n",
              markdown_table(out["results"], float(dec.fpr))]
     if out["rho0.3_vs_random"]:
-        lines += ["## rho = 0.3: key-sample strategies vs random selection (paired, per model)\n",
+        lines += ["## rho = 0.3: key-sample strategies vs random selection (paired, per model; "
+                  f"δ0 = {dec.delta0:g} unless stated)\n",
                   "| comparison | mean conf (strategy) | mean conf (random) | diff [95% CI] | "
                   "wins / ties / losses | Wilcoxon p | models |", "|---|---|---|---|---|---|---|"]
         for name, c in out["rho0.3_vs_random"].items():
