@@ -360,6 +360,27 @@ def _diagnostics(run_dir: Path, config, pipe, unet_params, sched, train, train_e
     return rows
 
 
+def _finetuned(run_dir: Path, config, pipe, train: dict, progress: bool):
+    """``(unet_params, step)`` of the fine-tuned model: loaded from a complete record (so a run
+    made from another checkout or worktree, whose record names another base-model path, still
+    resumes), else fine-tuned / resumed by :func:`jaxattrib.demo.finetune_stage`."""
+    from jaxattrib import demo
+    from jaxattrib.train.record import TrajectoryRecord
+    rec_dir = (run_dir / "record").resolve()
+    if (rec_dir / "manifest.json").exists():
+        record = TrajectoryRecord.open(rec_dir)
+        step = record.latest_step()
+        if step == config.finetune.steps:
+            params = record.load(step)["unet"]
+            record.close()
+            return params, step
+        record.close()
+    unet_params, record = demo.finetune_stage(run_dir, config, pipe, train, progress)
+    step = record.latest_step()
+    record.close()
+    return unet_params, step
+
+
 def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
                           progress: bool = True, ablation_only: bool = False) -> dict:
     """Runs (or resumes) the benchmark; returns ``{'table', 'ablation', 'raw', 'counts',
@@ -391,9 +412,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
                               f"from training; ID combinations must be trained on")
     train = build_train(run_dir, config, info)
     _log(f"training set: {len(train['images'])} images; withheld {held}")
-    unet_params, record = demo.finetune_stage(run_dir, config, pipe, train, progress)
-    step = record.latest_step()
-    record.close()
+    unet_params, step = _finetuned(run_dir, config, pipe, train, progress)
     plan = query_plan(ids, ood, spec.backgrounds, config.generate.per_combo,
                       config.eval.concepts)
     gen_plan = {k: plan[k] for k in ("prompts", "split", "group")}
@@ -479,7 +498,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     out = {"table": table, "ablation": ablation, "by_kind": by_kind, "diagnostics": diag,
            "raw": raw, "counts": counts,
            "generation_accuracy": gen_acc, "wall_s_this_run": round(time.time() - t0, 1)}
-    _write_tables(run_dir, config, out)
+    _write_tables(run_dir, config, out, ablation_only)
     _log(f"done in {time.time() - t0:.0f} s; tables: {run_dir / 'tables'}")
     return out
 
@@ -548,7 +567,9 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     return {"image": np.asarray(image), "queries": out}
 
 
-def _write_tables(run_dir: Path, config, out: dict) -> None:
+def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False) -> None:
+    """``tables/*.md`` and ``concept_trak.json``; ``ablation_only`` (a run without the
+    baselines) writes ``ablation.{md,json}`` only, so it never overwrites a full run's tables."""
     from jaxattrib.eval.benchmarks import _jsonable_metrics, markdown_table
     from jaxattrib.fileio import atomic_write_text
     c, k = out["counts"], config.eval.topk
@@ -559,6 +580,15 @@ def _write_tables(run_dir: Path, config, out: dict) -> None:
            f"whose concept the classifier reads in the generation = 'verified'); λ ratio chosen "
            f"per method on {c['val_rows']} validation rows by P@{k}; mean [95% bootstrap CI]")
     (run_dir / "tables").mkdir(parents=True, exist_ok=True)
+    if ablation_only:
+        if out["ablation"]:
+            atomic_write_text(run_dir / "tables" / "ablation.md",
+                              "Ablation (Concept-TRAK's machinery; TRAK = all switches off). "
+                              + cap + "\n\n" + markdown_table(out["ablation"]) + "\n")
+            atomic_write_text(run_dir / "tables" / "ablation.json", json.dumps(
+                {"ablation": out["ablation"], "metrics": _jsonable_metrics(
+                    out["raw"].get("ablation", {})), "counts": c}, indent=2))
+        return
     if out["table"]:
         atomic_write_text(run_dir / "tables" / "concept_trak.md",
                           cap + "\n\n" + markdown_table(out["table"]) + "\n")
@@ -582,5 +612,6 @@ def _write_tables(run_dir: Path, config, out: dict) -> None:
     atomic_write_text(run_dir / "tables" / "concept_trak.json", json.dumps(doc, indent=2))
 
 
-__all__ = ["concept_ground_truth", "concept_query", "concept_trak_config", "method_rows", "parse_combo",
-           "query_plan", "run_concept_benchmark", "split_metrics", "verified_rows"]
+__all__ = ["concept_ground_truth", "concept_query", "concept_trak_config", "method_rows",
+           "neighbour_purity", "parse_combo", "query_plan", "run_concept_benchmark",
+           "split_metrics", "verified_rows"]
