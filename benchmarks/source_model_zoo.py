@@ -12,6 +12,11 @@ times) and ``RUN_DIR/plots/conf_vs_rho.png``.
 
     python benchmarks/source_model_zoo.py --smoke --run-dir runs/source_zoo_smoke
     python benchmarks/source_model_zoo.py --run-dir runs/source_zoo     # 37 min (BENCHMARKS.md)
+
+The hit threshold is ``decision.delta0='calibrated'`` by default (chosen on the innocent
+shadow + calibration models); ``--set decision.delta0=0.15`` gives the paper's fixed value.
+(``runs/source_zoo`` itself was made with 0.15 before the switch existed; its copy
+``runs/source_zoo_cal`` is the calibrated re-evaluation, 2026-11-26, same cached models.)
 """
 
 from __future__ import annotations

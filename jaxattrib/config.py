@@ -78,8 +78,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
             value = tuple(value)
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if key in NUMBER_OR_NAME_FIELDS and isinstance(value, (int, float, str)) \
+                and not isinstance(value, bool):
+            del node[parts[-1]]                # a number or a name: the type may change
+            if isinstance(value, int):
+                value = float(value)
         try:
             node[parts[-1]] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"override {item!r}: {e}") from e
     return config
+
+
+#: fields that take either a number or a name (e.g. ``decision.delta0=0.15`` or
+#: ``decision.delta0=calibrated``); every other override keeps the field's type
+NUMBER_OR_NAME_FIELDS = ("decision.delta0",)

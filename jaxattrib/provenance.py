@@ -56,8 +56,14 @@ def check_config(config, source: str = "config") -> None:
         bad("key_samples.detection_seeds", k.detection_seeds, "a positive integer")
     if d.metric not in METRICS:
         bad("decision.metric", d.metric, f"one of {METRICS}")
-    if not d.delta0 > 0:
-        bad("decision.delta0", d.delta0, "a positive distance")
+    if d.delta0 == "calibrated":
+        if not m.innocent:
+            raise ConfigError(f"{source}: decision.delta0='calibrated' is chosen on the innocent "
+                              f"models, but model.innocent is empty")
+    elif isinstance(d.delta0, str) or not d.delta0 > 0:
+        bad("decision.delta0", d.delta0, "a positive distance or 'calibrated'")
+    if not 0.0 < d.innocent_hit_rate < 1.0:
+        bad("decision.innocent_hit_rate", d.innocent_hit_rate, "a number in (0, 1)")
     if not 0.0 <= d.fpr <= 1.0:
         bad("decision.fpr", d.fpr, "a number in [0, 1]")
     if not 0.0 <= d.threshold <= 1.0:
@@ -176,10 +182,15 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     d = config.decision
     src = images[("source", 0)]
     rows = []
+    dists = {(role, i): np.asarray(sm.instance_distances(src, images[(role, i)], d.metric))
+             for role, i, _, _ in models[1:]}                                      # [S, N]
+    delta0 = (sm.calibrate_delta0([v for (role, _), v in dists.items() if role == "innocent"],
+                                  d.innocent_hit_rate)
+              if d.delta0 == "calibrated" else float(d.delta0))
     for role, i, spec, _ in models[1:]:
-        dist = np.asarray(sm.instance_distances(src, images[(role, i)], d.metric))  # [S, N]
+        dist = dists[(role, i)]
         rows.append({"role": role, "index": i, "model": spec, "where": loaded[(role, i)][1],
-                     "conf": float(np.mean(dist < d.delta0)),
+                     "conf": float(np.mean(dist < delta0)),
                      "mean distance": float(dist.mean()), "distances": dist.mean(0).tolist()})
     innocent = [r["conf"] for r in rows if r["role"] == "innocent"]
     if innocent:
@@ -189,7 +200,11 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
         thr, how = float(d.threshold), "decision.threshold (no innocent models given)"
     for r in rows:
         r["flagged"] = bool(r["conf"] >= thr)      # trained on the source's generations
-    result = {"threshold": thr, "threshold_from": how, "models": rows, "key_samples": keys}
+    result = {"threshold": thr, "threshold_from": how, "delta0": delta0,
+              "delta0_from": (f"calibrated: innocent hit rate {d.innocent_hit_rate:g} on the "
+                              f"innocent models" if d.delta0 == "calibrated"
+                              else "decision.delta0"),
+              "models": rows, "key_samples": keys}
     atomic_write_text(cache / "results.json", json.dumps(result, indent=1))
     report(run_dir, config, result, images, models)
     from jaxattrib.report.html import render_run_report
@@ -208,7 +223,10 @@ def report(run_dir: Path, config, result: dict, images: dict, models: list) -> N
             for r in result["models"]]
     write_result(run_dir, "source_model", "Source-model attribution", order=1,
                  metrics={"source": models[0][2], "key samples": len(keys["prompts"]),
-                          "strategy": keys["strategy"], "delta0": d.delta0, "metric": d.metric,
+                          "strategy": keys["strategy"],
+                          "delta0": result.get("delta0", d.delta0),
+                          "delta0 from": result.get("delta0_from", "decision.delta0"),
+                          "metric": d.metric,
                           "seeds": list(config.query.seeds), "threshold": result["threshold"],
                           "threshold from": result["threshold_from"]},
                  text=("conf = fraction of (key sample, seed) pairs where the suspect's generation "

@@ -454,7 +454,7 @@ def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_
     prompt, seed): identical weights give identical images, others unrelated ones."""
     import zlib
     from jaxattrib.attribution import source_model as sm
-    from jaxattrib.config import load_config
+    from jaxattrib.config import apply_overrides, load_config
     from jaxattrib.provenance import run_source_model
     calls = []
 
@@ -486,6 +486,13 @@ def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_
     assert (tmp_path / "run" / "report.html").is_file()
     res2 = run_source_model(cfg, tmp_path / "run", progress=False)     # all cached
     assert calls == [3] * 10 and res2["threshold"] == res["threshold"]
+    # δ0 calibrated on the innocents: 12 distances at rate 0.05 -> their minimum (no innocent
+    # hit), and the copy (distance 0) still hits everywhere
+    cal = apply_overrides(cfg, ["decision.delta0=calibrated"])
+    res3 = run_source_model(cal, tmp_path / "run_cal", progress=False)
+    assert res3["delta0"] > 0 and res3["delta0_from"].startswith("calibrated")
+    assert [r["conf"] for r in res3["models"]] == [0.0, 1.0, 0.0, 0.0]
+    assert res3["models"][1]["flagged"] and not res3["models"][0]["flagged"]
 
 
 @pytest.mark.slow

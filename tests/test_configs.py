@@ -98,6 +98,9 @@ def _src_ok():
     ("key_samples.n=0", "key_samples.n=0"),
     ("decision.metric='l1'", "decision.metric='l1'"),
     ("decision.delta0=0.0", "decision.delta0=0.0"),
+    ("decision.delta0='auto'", "decision.delta0='auto'"),
+    ("decision.delta0=calibrated", "decision.delta0='calibrated' is chosen on the innocent"),
+    ("decision.innocent_hit_rate=0.0", "decision.innocent_hit_rate=0.0"),
     ("decision.fpr=2.0", "decision.fpr=2.0"),
     ("query.seeds=()", "query.seeds"),
     ("query.num_inference_steps=0", "query.num_inference_steps=0"),
@@ -110,3 +113,18 @@ def test_source_model_config_errors_name_the_field(override, field):
         check_config(apply_overrides(_src_ok(), [override]), "source_model")
     with pytest.raises(ConfigError, match="key_samples.n=5: only 3"):
         candidate_prompts(apply_overrides(_src_ok(), ["key_samples.n=5"]))
+
+
+def test_delta0_takes_a_number_or_calibrated():
+    """``decision.delta0`` switches between a number and 'calibrated' from the command line;
+    other fields keep their type."""
+    from jaxattrib.provenance import check_config
+    c = apply_overrides(_src_ok(), ["decision.delta0=calibrated", "model.innocent=('runs/b',)"])
+    assert c.decision.delta0 == "calibrated"
+    check_config(c, "source_model")
+    back = apply_overrides(c, ["decision.delta0=1"])
+    assert back.decision.delta0 == 1.0 and isinstance(back.decision.delta0, float)
+    assert load_config("source_model:zoo").decision.delta0 == "calibrated"
+    assert load_config("source_model:zoo", ["decision.delta0=0.15"]).decision.delta0 == 0.15
+    with pytest.raises(ConfigError, match="decision.fpr"):
+        apply_overrides(_src_ok(), ["decision.fpr=calibrated"])

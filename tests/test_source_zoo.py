@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
+from jaxattrib.attribution import source_model as SM
 from jaxattrib.config import load_config
 from jaxattrib.eval import source_zoo as Z
 
@@ -51,6 +52,47 @@ def test_paired_comparison():
     c = Z.paired_comparison(a, b, n_boot=200)
     assert c["mean_diff"] == pytest.approx(0.26) and c["ci_low"] > 0
     assert (c["wins"], c["ties"], c["losses"]) == (4, 1, 0) and c["n"] == 5
+
+
+def test_calibrate_delta0_by_construction():
+    """δ0 = the innocent_hit_rate quantile of innocent distances: the hit rate of those models
+    is that rate exactly, of fresh innocents from the same distribution about that rate,
+    whatever the unit; copies of the source (small distances) score far higher."""
+    rng = np.random.default_rng(0)
+    d = rng.permutation(np.arange(200) / 200.0).reshape(4, 1, 50)          # [M, S, P]
+    delta0 = SM.calibrate_delta0(d, 0.05)
+    assert delta0 == pytest.approx(10 / 200) and np.mean(d < delta0) == pytest.approx(0.05)
+    assert SM.calibrate_delta0(7.0 * d, 0.05) == pytest.approx(7.0 * delta0)   # unit-free
+    assert SM.calibrate_delta0(d, 0.29) == pytest.approx(58 / 200)   # no float round-down
+    fresh = rng.uniform(0, 1, (400, 1, 30))
+    assert abs(np.mean(fresh < delta0) - 0.05) < 0.01
+    infringer = np.where(rng.uniform(size=(1, 30)) < 0.5, 0.01, rng.uniform(0, 1, (1, 30)))
+    assert Z.instance_confs(infringer, {"k": [np.arange(30)]}, delta0)["k"] > 0.4
+    for bad in (dict(innocent_distances=[]), dict(innocent_distances=d, innocent_hit_rate=0.0),
+                dict(innocent_distances=[np.nan])):
+        with pytest.raises(SM.SourceModelError, match="calibrate_delta0"):
+            SM.calibrate_delta0(**bad)
+
+
+def test_zoo_delta0_never_uses_evaluation_models():
+    rows = [{"name": f"m{i}", "label": int(i >= 4), "split": s}
+            for i, s in enumerate(["shadow", "cal", "eval", "eval", "shadow", "eval"])]
+    dists = {f"m{i}": np.full((1, 20), 0.5) for i in range(6)}
+    dists["m0"] = np.linspace(0.0, 0.19, 20)[None]
+    dists["m1"] = np.linspace(0.2, 0.39, 20)[None]
+    dec = types.SimpleNamespace(delta0="calibrated", innocent_hit_rate=0.25)
+    delta0, info = Z.zoo_delta0(rows, dists, dec)
+    assert delta0 == pytest.approx(0.1) and info["models"] == ["m0", "m1"]
+    assert info["innocent hit rate, all candidates (calibration models)"] == pytest.approx(0.25)
+    assert info["innocent hit rate, all candidates (evaluation models)"] == 0.0
+    dists["m2"] = dists["m3"] = np.zeros((1, 20))          # evaluation innocents change:
+    assert Z.zoo_delta0(rows, dists, dec)[0] == delta0     # δ0 does not
+    dec.delta0 = 0.15
+    assert Z.zoo_delta0(rows, dists, dec)[0] == 0.15
+    rows = [r for r in rows if r["name"] not in ("m0", "m1")]
+    dec.delta0 = "calibrated"
+    with pytest.raises(ValueError, match="no innocent"):
+        Z.zoo_delta0(rows, dists, dec)
 
 
 # ------------------------------------------------------------------------------ the whole run
@@ -113,6 +155,11 @@ def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     assert 0 < cov["random:coverage"] < 1
     assert cov["random:conf_covered"] == 1.0 and cov["random:conf_uncovered"] < 0.3
     assert set(out["source"]) == set(Z.INSTANCE_METHODS) | {"all candidates"}
+    # δ0 calibrated (smoke default) on the innocent shadow + calibration models only
+    info = out["delta0_calibration"]
+    assert info["calibrated"] and info["models"] == [f"rho000_{i:02d}" for i in range(4)]
+    assert info["innocent hit rate, all candidates (calibration models)"] <= 0.05
+
     assert out["delta_sweep"]["mean d"]["strategy1"]["auc"] > 0.5 and "0.15" in out["delta_sweep"]
     # the watermark survives in an exact copy, not in innocent renders
     assert min(r["watermark"] for r in inf) >= 0.9 > max(r["watermark"] for r in inn)
@@ -197,7 +244,8 @@ def test_rho03_comparison_tables_with_stand_ins(tmp_path):
     comp = out["rho0.3_vs_random"]
     n_per = cfg.zoo.n_shadow + cfg.zoo.n_cal + cfg.zoo.n_eval
     assert "strategy2 vs random" in comp and "strategy1 vs random, δ0=0.03, innocent rho=0" in comp
-    assert len(comp) == 3 + 2 * 2 * len(Z.COMPARE_DELTAS)
+    assert "strategy1 vs random, innocent rho=0" in comp           # at the calibrated δ0
+    assert len(comp) == 3 + 2 + 2 * 2 * len(Z.COMPARE_DELTAS)
     for c in comp.values():
         assert c["n"] == n_per and c["wins"] + c["ties"] + c["losses"] == n_per
         assert c["mean_diff"] == pytest.approx(c["mean_a"] - c["mean_b"])

@@ -377,6 +377,29 @@ def instance_confidence(source_key_images, suspicious_images, delta0: float = DE
     return float(jnp.mean(d < delta0))
 
 
+def calibrate_delta0(innocent_distances, innocent_hit_rate: float = 0.05) -> float:
+    """Hit threshold δ0 chosen on models known to be innocent (``decision.delta0='calibrated'``).
+
+    ``innocent_distances``: any array of same-seed distances ``d`` between the source's and
+    innocent models' generations (e.g. ``[M, S, P]``: M innocent models, S seeds, P prompts;
+    pooled). Returns the order statistic ``sort(d)[floor(innocent_hit_rate * n)]``, so that at
+    most that fraction of the pooled innocent distances is a hit (``d < δ0``, ties excluded):
+    an innocent model's expected ``conf`` is ``innocent_hit_rate`` whatever the unit, the
+    metric or how close the models are to each other [design: the paper's δ0 = 0.15 is a
+    fixed RMS that, where innocent models share the source's base and noise, already hits
+    half of the key samples]. Choose the prompts and models independently of the models
+    being evaluated (a calibration split); with fewer than ``1 / innocent_hit_rate``
+    distances the result is their minimum (no innocent hit at all).
+    """
+    d = np.sort(np.asarray(innocent_distances, np.float64).reshape(-1))
+    if d.size == 0 or not np.all(np.isfinite(d)):
+        raise SourceModelError("calibrate_delta0: need finite distances of >= 1 innocent model")
+    if not 0.0 < innocent_hit_rate < 1.0:
+        raise SourceModelError(f"calibrate_delta0: innocent_hit_rate must be in (0, 1); got "
+                               f"{innocent_hit_rate}")
+    return float(d[int(np.floor(innocent_hit_rate * d.size + 1e-9))])
+
+
 def calibrate_on_innocent(confs_innocent, fpr: float = 0.05) -> float:
     """Threshold τ on ``conf`` (rule ``conf >= τ`` ⇒ infringing) from innocent models only.
 

@@ -33,7 +33,10 @@ Fields (validated by :func:`jaxattrib.provenance.check_config`; errors name the 
 * ``key_samples.n``: N key samples (paper: 30; at most the number of candidates).
 * ``key_samples.detection_seeds``: noises of Strategy 1; ``key_samples.generation_seeds``:
   seeds of Strategy 2's generations (>= 2).
-* ``decision.delta0``: hit threshold on the distance (paper: 0.15); ``decision.metric``:
+* ``decision.delta0``: hit threshold on the distance (paper: 0.15), or 'calibrated': the
+  ``decision.innocent_hit_rate`` quantile of the innocent models' key-sample distances
+  (:func:`jaxattrib.attribution.source_model.calibrate_delta0`; needs ``model.innocent``, and
+  then the conf threshold is calibrated on the same innocent models); ``decision.metric``:
   'rmse' ([0, 1] pixel RMS) or 'ssim' (1 − SSIM; see the module docstring for why δ0 = 0.15
   is meant for 'rmse'); ``decision.fpr``: FPR budget on the innocent models;
   ``decision.threshold``: conf threshold used when ``model.innocent`` is empty.
@@ -66,6 +69,7 @@ def get_config(arg=None):
 
     c.decision = ml_collections.ConfigDict()
     c.decision.delta0 = 0.15
+    c.decision.innocent_hit_rate = 0.05
     c.decision.metric = "rmse"
     c.decision.fpr = 0.05
     c.decision.threshold = 0.5
@@ -108,7 +112,11 @@ def zoo_config(smoke: bool = False):
     * ``key_samples``: ``n`` keys; Strategy 1 = Wen et al.'s signal with ``detection_seeds``
       noises; Strategy 2 = cross − within over ``generation_seeds``; random: ``n_random``
       independent draws, conf averaged.
-    * ``decision``: hit when distance < ``delta0`` (``metric``); TPR at ``fpr``.
+    * ``decision``: hit when distance < ``delta0`` (``metric``); TPR at ``fpr``. ``delta0``
+      'calibrated' (default) = the ``innocent_hit_rate`` quantile of the same-seed distances
+      (all candidate captions) of the innocent (ρ = 0) *shadow and calibration* models
+      (:func:`jaxattrib.attribution.source_model.calibrate_delta0`; the evaluation models
+      are never used); a number (the paper's 0.15) is used as given.
     * ``query``: seeds and DDIM settings of every same-seed query (all 75 captions per model).
     * ``discriminator``: :class:`~jaxattrib.attribution.source_model.Discriminator` fields.
     """
@@ -121,7 +129,8 @@ def zoo_config(smoke: bool = False):
              "n_train": 64, "steps": 50, "batch_size": 16, "learning_rate": 3e-4}
     z.key_samples = {"n": 30, "detection_seeds": 4, "generation_seeds": (10, 11, 12),
                      "n_random": 20}
-    z.decision = {"delta0": 0.15, "metric": "rmse", "fpr": 0.1}
+    z.decision = {"delta0": "calibrated", "innocent_hit_rate": 0.05, "metric": "rmse",
+                  "fpr": 0.1}
     z.query = {"seeds": (0,), "num_inference_steps": 8, "guidance_scale": 3.0}
     z.discriminator = {"hidden": 0, "l2": 1e-2, "steps": 500, "learning_rate": 0.05}
     if smoke:

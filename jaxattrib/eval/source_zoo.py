@@ -19,7 +19,9 @@ Everything is built on this CPU from the embedded base model and cached in the r
 3. **Queries**: the source and every model generate all candidate captions from the same
    ``query.seeds`` (images clipped to [-1, 1], as saved images would be); per model we keep the same-seed distances ``d [S, P]`` to the source, the
    images, and the watermark coefficients.
-4. **Scores** per model: instance ``conf`` = ``mean(d[:, keys] < δ0)`` for the keys of
+4. **Scores** per model: instance ``conf`` = ``mean(d[:, keys] < δ0)`` (δ0 as given, or with
+   ``decision.delta0='calibrated'`` chosen on the innocent shadow + calibration models only,
+   :func:`zoo_delta0`) for the keys of
    Strategy 1 (Wen et al.'s signal), Strategy 1's alternative (generation consistency),
    Strategy 2 (cross − within vs the reference) and random selection (mean over ``n_random``
    draws); the discriminator's logit on :func:`probe_features` (all candidates as probes);
@@ -351,7 +353,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     # ---- zoo, one sub-zoo per rho, and every member's query
     z = config.zoo
     n_per = int(z.n_shadow + z.n_cal + z.n_eval)
-    rows, dists = [], {}
+    rows, dists, covered = [], {}, {}
     t_zoo = time.time()
     for rho in z.rhos:
         t0 = time.time()
@@ -369,9 +371,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
             row = {"name": m.name, "rho": float(m.rho), "label": int(m.label),
                    "index": int(m.index), "split": split_of(m.index, z.n_shadow, z.n_cal),
                    "n_generated": int(m.n_generated)}
-            row.update(instance_confs(res["d"], keys, dec.delta0))
             dists[m.name] = res["d"]
-            row.update(coverage_confs(res["d"], keys, _generated_captions(m.ids), dec.delta0))
+            covered[m.name] = _generated_captions(m.ids)
             row["features"] = sm.probe_features(src_q, res["images"], dec.metric).tolist()
             row["watermark"] = float(wm.bit_accuracy(np.asarray(res["wm_coef"] > 0, np.uint8),
                                                      bits))
@@ -379,6 +380,13 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         timings[f"zoo rho={rho:g} ({n_per} models, fine-tune + query)"] = time.time() - t0
         log(f"zoo rho={rho:g} done in {time.time() - t0:.0f} s")
     timings["zoo total"] = time.time() - t_zoo
+
+    # ---- hit threshold δ0 (a number, or calibrated on innocent shadow + calibration models)
+    delta0, delta0_info = zoo_delta0(rows, dists, dec)
+    log(f"delta0 = {delta0:.4g} ({delta0_info['how']})")
+    for row in rows:
+        row.update(instance_confs(dists[row["name"]], keys, delta0))
+        row.update(coverage_confs(dists[row["name"]], keys, covered[row["name"]], delta0))
 
     # ---- discriminator on shadow models
     dc = config.discriminator
@@ -399,14 +407,18 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         for m in ("strategy1", "strategy1-consistency", "strategy2"):
             comp[f"{m} vs random"] = paired_comparison([r[m] for r in r03],
                                                        [r["random"] for r in r03])
-        # the same at tighter δ0, and on the innocent models (a strategy whose keys are hit
-        # more often by innocents too does not help the decision)
-        for delta in COMPARE_DELTAS:
+        # on the innocent models (a strategy whose keys are hit more often by innocents too
+        # does not help the decision), and the same at the fixed tighter COMPARE_DELTAS
+        for delta in (None,) + COMPARE_DELTAS:
             for rho, tag in ((0.3, ""), (0.0, ", innocent rho=0")):
+                if delta is None and rho == 0.3:
+                    continue                   # = "{m} vs random" above
+                name = "" if delta is None else f", δ0={delta:g}"
+                delta = delta0 if delta is None else delta
                 sub = [r for r in rows if np.isclose(r["rho"], rho)]
                 c = [instance_confs(dists[r["name"]], keys, delta) for r in sub]
                 for m in ("strategy1", "strategy2"):
-                    comp[f"{m} vs random, δ0={delta:g}{tag}"] = paired_comparison(
+                    comp[f"{m} vs random{name}{tag}"] = paired_comparison(
                         [x[m] for x in c], [x["random"] for x in c])
     rhos_sorted = sorted({r["rho"] for r in rows})
     conf_vs_rho = {m: [float(np.mean([r[m] for r in rows if r["rho"] == rho]))
@@ -415,7 +427,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     (run_dir / "plots" / "conf_vs_rho.png").write_bytes(line_plot_png(
         rhos_sorted, {METHOD_LABELS[m].split(", ")[1]: v for m, v in conf_vs_rho.items()},
         xlabel="rho (generated fraction of the suspect's training set)",
-        ylabel=f"mean conf (hit rate, d < {dec.delta0:g})",
+        ylabel=f"mean conf (hit rate, d < {delta0:.3g}"
+               f"{', calibrated' if delta0_info['calibrated'] else ''})",
         title=f"conf vs rho ({n_per} models per rho, N = {k.n} key samples)"))
     timings["total (this invocation)"] = time.time() - t_start
     cov = {f"rho={rho:g}": {f"{m}:{part}": float(np.nanmean([r[f"{m}:{part}"] for r in rows
@@ -432,7 +445,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     source_diag["all candidates"] = {
         "within-seed distance of the source": float(sel["consistency"].mean()),
         "source generation vs its training render": float(d_train.mean())}
-    out = {"results": results, "rho0.3_vs_random": comp, "coverage": cov, "source": source_diag,
+    out = {"delta0": delta0, "delta0_calibration": delta0_info,
+           "results": results, "rho0.3_vs_random": comp, "coverage": cov, "source": source_diag,
            "delta_sweep": delta_sweep(rows, dists, keys, float(dec.fpr)),
            "conf_vs_rho": {"rho": rhos_sorted, **conf_vs_rho},
            "key_samples": {m: [[captions[i] for i in s] for s in v[:1]] for m, v in keys.items()},
@@ -490,6 +504,36 @@ def delta_sweep(rows: Sequence[Mapping], dists: Mapping[str, np.ndarray],
     return out
 
 
+def zoo_delta0(rows: Sequence[Mapping], dists: Mapping[str, np.ndarray], dec) -> tuple:
+    """The hit threshold δ0 of the zoo and how it was chosen: ``dec.delta0`` as given, or with
+    ``dec.delta0 == 'calibrated'`` :func:`~jaxattrib.attribution.source_model.calibrate_delta0`
+    at ``dec.innocent_hit_rate`` on the pooled distances ``d [S, P]`` (all candidate captions,
+    so δ0 does not depend on any key-sample strategy) of the innocent (label 0) models of the
+    shadow and calibration splits; evaluation models are never used. Returns ``(δ0, info)``;
+    ``info`` also holds the hit rate of innocent calibration and evaluation models (a check)."""
+    inn = [r for r in rows if r["label"] == 0]
+    calib = [r["name"] for r in inn if r["split"] in ("shadow", "cal")]
+    if dec.delta0 != "calibrated":
+        delta0 = float(dec.delta0)
+        info = {"calibrated": False, "how": f"decision.delta0 = {delta0:g}"}
+    else:
+        if not calib:
+            raise ValueError("decision.delta0='calibrated': no innocent (rho = 0) model in the "
+                             "shadow or calibration split of zoo.rhos")
+        q = float(dec.innocent_hit_rate)
+        delta0 = sm.calibrate_delta0(np.stack([dists[n] for n in calib]), q)
+        info = {"calibrated": True, "innocent_hit_rate": q, "models": calib,
+                "n_distances": int(sum(dists[n].size for n in calib)),
+                "how": f"calibrated: innocent hit rate {q:g} on {len(calib)} innocent "
+                       f"shadow/calibration models"}
+    for split, names in (("calibration", calib),
+                         ("evaluation", [r["name"] for r in inn if r["split"] == "eval"])):
+        if names:
+            info[f"innocent hit rate, all candidates ({split} models)"] = float(np.mean(
+                [np.mean(dists[n] < delta0) for n in names]))
+    return delta0, info
+
+
 def _generated_captions(ids: Sequence[str]) -> set[int]:
     """Caption indices of a member's generated training examples (ids ``generated/SEED/I``)."""
     return {int(i.split("/")[2]) for i in ids if i.startswith("generated/")}
@@ -523,15 +567,18 @@ def _query_member(generate_fn, captions, seeds, src_q, metric, wm_key) -> dict:
 def render_markdown(out: Mapping, config) -> str:
     """The run's markdown: main table, ρ = 0.3 comparison, conf vs ρ, timings."""
     dec = config.decision
+    info = out["delta0_calibration"]
+    checks = "; ".join(f"{k}: {v:.3f}" for k, v in info.items() if k.startswith("innocent hit"))
     lines = [f"# Source-model attribution, model-zoo benchmark\n",
              f"N = {config.key_samples.n} key samples of {out['n_candidates']} candidate "
-             f"captions, δ0 = {dec.delta0:g} ({dec.metric}), query seeds "
+             f"captions, δ0 = {out['delta0']:.4g} ({dec.metric}; {info['how']}; {checks}), "
+             f"query seeds "
              f"{tuple(config.query.seeds)}; thresholds calibrated on the calibration split "
              f"(max balanced accuracy); TPR at FPR {dec.fpr:g}.\n",
              markdown_table(out["results"], float(dec.fpr))]
     if out["rho0.3_vs_random"]:
         lines += ["## rho = 0.3: key-sample strategies vs random selection (paired, per model; "
-                  f"δ0 = {dec.delta0:g} unless stated)\n",
+                  f"δ0 = {out['delta0']:.4g} unless stated)\n",
                   "| comparison | mean conf (strategy) | mean conf (random) | diff [95% CI] | "
                   "wins / ties / losses | Wilcoxon p | models |", "|---|---|---|---|---|---|---|"]
         for name, c in out["rho0.3_vs_random"].items():
