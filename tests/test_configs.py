@@ -1,11 +1,16 @@
 """Packaged experiment configs load, validate, and refuse bad values naming the field."""
 
+from pathlib import Path
+
 import pytest
 
 from jaxattrib.config import ConfigError, apply_overrides, load_config, resolve_config_path
 
-EXPERIMENTS = ("demo", "finetune_folder", "lds", "featurize_digits", "sd15_lora", "sd21",
-               "cgi_dm", "source_model")
+import jaxattrib.configs
+
+# every packaged config module, so a new config cannot be left out of these checks
+EXPERIMENTS = tuple(sorted(p.stem for p in Path(jaxattrib.configs.__file__).parent.glob("*.py")
+                           if p.stem != "__init__"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
