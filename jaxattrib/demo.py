@@ -136,6 +136,27 @@ def _stratified_order(members: list, values: tuple, vocab: tuple, ne: int, where
     return head + [i for i in members if i not in taken]
 
 
+def base_model_ref(folder: str, record_dir: Path) -> str:
+    """How a fine-tuning record names its base model: ``'embedded'`` for the package's own
+    model (so a run directory stays valid when it or the checkout moves), a user's folder by
+    its path. A record written before this convention holds the embedded model's absolute
+    path (``.../jaxattrib/assets/base_model``, from any checkout); that value is kept so the
+    record still resumes."""
+    from jaxattrib.base_model import ASSET_DIR
+    if not folder or Path(folder).resolve() != ASSET_DIR:
+        return str(folder)
+    manifest = Path(record_dir) / "manifest.json"
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text()).get("model", {}).get("base_model")
+        except (json.JSONDecodeError, AttributeError):
+            old = None   # the record itself reports a broken manifest when it is opened
+        if isinstance(old, str) and Path(old).parts[-3:] == ("jaxattrib", "assets",
+                                                             "base_model"):
+            return old
+    return "embedded"
+
+
 def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = True):
     """Fine-tunes the UNet on the fine-tuning set, writing the trajectory record."""
     from jaxattrib import parallel
@@ -156,7 +177,7 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
     trained, record = finetune(
         loss_fn, params, len(images), lambda idx: {"images": images[idx], "input_ids": ids[idx]},
         tc, (run_dir / "record").resolve(), mesh=parallel.make_mesh(1), progress=progress,
-        model_info={"base_model": pipe.folder},
+        model_info={"base_model": base_model_ref(pipe.folder, run_dir / "record")},
         dataset_info={"ids": [str(i) for i in train["ids"]]})
     return trained["unet"], record
 

@@ -108,6 +108,26 @@ def test_record_accepts_relative_path(tmp_path, monkeypatch):
     assert TrajectoryRecord.open(Path("rel/record")).steps() == [0]
 
 
+def test_record_names_embedded_base_model_independently_of_the_checkout(tmp_path):
+    """A demo/benchmark run directory must resume after the checkout (or the run) moves: the
+    embedded base model is recorded as 'embedded', not by its absolute path; records written
+    with another checkout's asset path keep resuming; a user's folder stays a path."""
+    from jaxattrib.demo import base_model_ref
+    from jaxattrib.train.record import TrajectoryRecord
+    rec_dir = tmp_path / "record"
+    assert base_model_ref(str(bm.ASSET_DIR), rec_dir) == "embedded"
+    assert base_model_ref(str(tmp_path / "mine"), rec_dir) == str(tmp_path / "mine")
+    old = "/elsewhere/checkout/jaxattrib/assets/base_model"
+    TrajectoryRecord.create(rec_dir, {"model": {"base_model": old}})
+    ref = base_model_ref(str(bm.ASSET_DIR), rec_dir)
+    assert ref == old
+    TrajectoryRecord.create(rec_dir, {"model": {"base_model": ref}})   # reopens, no mismatch
+    # a record of a user's model is not silently taken for the embedded one
+    other = tmp_path / "other"
+    TrajectoryRecord.create(other, {"model": {"base_model": "/data/my_model"}})
+    assert base_model_ref(str(bm.ASSET_DIR), other) == "embedded"
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_generate_is_batch_invariant_and_prompt_dependent(tiny_pipeline_dir):

@@ -2,6 +2,7 @@
 trajectory over a record (cache + resume, live monitor), aggregation and learned weights on
 constructed ground truth, paper-style evaluation helpers, and a small end-to-end fine-tune."""
 
+import json
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,38 @@ class _CountingRecord:
 
     def step_info(self, s):
         return self.rec.step_info(s)
+
+
+def test_trajectory_cache_survives_moving_the_run_directory(tmp_path, params):
+    """The cache names its record relative to itself, so moving a run directory (record and
+    cache together) keeps the cache valid; a cache in the older absolute-path form still
+    serves the record at that path; another record is refused."""
+    import shutil
+    xtr, ctr, xq, cq = _images(4, 2), _ctx(4, 3), _images(2, 4), _ctx(2, 5)
+    rec, _ = _make_record(tmp_path / "run" / "rec", params, 4, steps=(0, 2))
+    spec = M.RepresentationSpec(taps=TAPS, t=250, noise_seed=1, batch_size=8)
+    first = M.representation_trajectory(rec, CFG, xtr, ctr, xq, cq, spec=spec,
+                                        cache_dir=tmp_path / "run" / "cache", progress=False)
+    rec.close()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    moved = TrajectoryRecord.open(tmp_path / "moved" / "rec")
+    counted = _CountingRecord(moved, {})
+    again = M.representation_trajectory(counted, CFG, xtr, ctr, xq, cq, spec=spec,
+                                        cache_dir=tmp_path / "moved" / "cache", progress=False)
+    assert counted.loads == []
+    np.testing.assert_array_equal(again.train, first.train)
+    # older caches recorded the absolute path; still accepted for that same record
+    meta_path = tmp_path / "moved" / "cache" / M.META
+    meta = json.loads(meta_path.read_text())
+    meta["source"] = str((tmp_path / "moved" / "rec").resolve())
+    meta_path.write_text(json.dumps(meta))
+    M.representation_trajectory(counted, CFG, xtr, ctr, xq, cq, spec=spec,
+                                cache_dir=tmp_path / "moved" / "cache", progress=False)
+    assert counted.loads == []
+    other, _ = _make_record(tmp_path / "other", params, 4, steps=(0, 2))
+    with pytest.raises(M.MontrageCacheError, match="source"):
+        M.representation_trajectory(other, CFG, xtr, ctr, xq, cq, spec=spec,
+                                    cache_dir=tmp_path / "moved" / "cache", progress=False)
 
 
 def test_trajectory_cache_resume_monitor_and_seen_counts(tmp_path, params):

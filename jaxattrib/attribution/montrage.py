@@ -459,6 +459,24 @@ def _cache_meta(spec: RepresentationSpec, unet_config, schedule: Schedule, train
             "source": source}
 
 
+def _source_ref(source: str | os.PathLike | None, cache_dir: str | os.PathLike) -> str | None:
+    """The cache's name for the record it was computed from: the record's path relative to the
+    cache directory, so a run directory holding both stays valid when moved. A cache written
+    before this convention holds the absolute path; it is kept while it still names the same
+    directory."""
+    if source is None:
+        return None
+    absolute = str(Path(source).resolve())
+    meta = Path(cache_dir) / META
+    if meta.is_file():
+        try:
+            if json.loads(meta.read_text()).get("source") == absolute:
+                return absolute
+        except (json.JSONDecodeError, AttributeError):
+            pass   # TrajectoryCache reports the broken meta.json
+    return os.path.relpath(absolute, Path(cache_dir).resolve())
+
+
 def _unet_params(params: Any, params_key: str | None):
     if params_key is None:
         return params
@@ -506,7 +524,7 @@ def representation_trajectory(record, unet_config, train_images, train_ctx, quer
     if cache_dir is not None:
         cache = TrajectoryCache(cache_dir, _cache_meta(
             spec, unet_config, schedule, train_images, train_ctx, query_images, query_ctx,
-            str(Path(record.directory).resolve())))
+            _source_ref(record.directory, cache_dir)))
     it = steps
     if progress:
         from tqdm.auto import tqdm
@@ -572,7 +590,7 @@ class MontrageMonitor:
         self._params_key = params_key
         self._cache = None if cache_dir is None else TrajectoryCache(cache_dir, _cache_meta(
             spec, unet_config, schedule, *self._train, *self._query,
-            None if source is None else str(Path(source).resolve())))
+            _source_ref(source, cache_dir)))
         self._steps: list[int] = []
         self._reps: list[tuple[np.ndarray, np.ndarray]] = []
 
