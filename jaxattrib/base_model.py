@@ -130,6 +130,15 @@ def base_model_info(folder: str | os.PathLike | None = None) -> dict:
     return json.loads((folder / "jaxattrib_base.json").read_text())
 
 
+def spec_from_info(info: dict, **overrides):
+    """The :class:`~jaxattrib.data.synthetic.SyntheticConceptSpec` a base model was pretrained
+    on, from its :func:`base_model_info` (JSON lists back to tuples), with ``overrides``
+    (e.g. ``per_combination``) applied."""
+    from jaxattrib.data.synthetic import SyntheticConceptSpec
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_spec"].items()}
+    return SyntheticConceptSpec(**(fields | overrides))
+
+
 def pretrain(out: str | os.PathLike, *, steps: int = 4000, batch_size: int = 32,
              learning_rate: float = 1e-3, seed: int = 0, work_dir: str | None = None,
              progress: bool = True) -> Path:

@@ -77,11 +77,9 @@ def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = No
     path, hold_path = run_dir / "data" / "train.npz", run_dir / "data" / "holdout.npz"
     if path.exists() and hold_path.exists():
         return {"train": dict(np.load(path)), "holdout": dict(np.load(hold_path))}
-    from jaxattrib.data.synthetic import SyntheticConceptSpec, make_synthetic, make_withheld
-    spec_d = dict(base_info["data_spec"])
-    spec_d = {k: tuple(v) if isinstance(v, list) else v for k, v in spec_d.items()}
-    spec_d["per_combination"] = config.data.per_combination
-    spec = SyntheticConceptSpec(**spec_d)
+    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.data.synthetic import make_synthetic, make_withheld
+    spec = spec_from_info(base_info, per_combination=config.data.per_combination)
     held = [dict(h) for h in base_info["held_out"]]
     seed = 1000 + config.seed                  # renders the base model has never seen
     new = make_withheld(spec, seed, held)

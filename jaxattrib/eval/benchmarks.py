@@ -215,15 +215,14 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     """Runs (or resumes) the customization benchmark; returns the tables (see
     :func:`benchmark_tables`) plus ``counts``, ``generation_accuracy`` and ``wall_s``."""
     from jaxattrib import demo
-    from jaxattrib.base_model import base_model_info, load_base_model
-    from jaxattrib.data.synthetic import SyntheticConceptSpec, classify_concepts
+    from jaxattrib.base_model import base_model_info, load_base_model, spec_from_info
+    from jaxattrib.data.synthetic import classify_concepts
     t0 = time.time()
     run_dir = Path(run_dir)
     demo._check_config(run_dir, config)
     folder = config.base_model or None
     pipe, info = load_base_model(folder), base_model_info(folder)
-    spec_d = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_spec"].items()}
-    spec = SyntheticConceptSpec(**spec_d)
+    spec = spec_from_info(info)
     variations = spec.vocab(config.variation)
     train = demo.build_data(run_dir, config, info, stratify=config.variation)["train"]
     _log(f"fine-tuning set: {len(train['images'])} images "

@@ -149,11 +149,10 @@ def build_data(run_dir: Path, config, pipe) -> dict:
     if config.source == "synthetic":
         import dataclasses
 
-        from jaxattrib.base_model import base_model_info
-        from jaxattrib.data.synthetic import SyntheticConceptSpec, make_withheld
+        from jaxattrib.base_model import base_model_info, spec_from_info
+        from jaxattrib.data.synthetic import make_withheld
         info = base_model_info(None)
-        spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in info["data_spec"].items()})
+        spec = spec_from_info(info)
         need = 2 * config.data.members + config.data.calib
         per = -(-need // len(spec.backgrounds))
         ds = make_withheld(dataclasses.replace(spec, per_combination=per),

@@ -181,12 +181,12 @@ def build_train(run_dir: Path, config, info: dict) -> dict:
     path = run_dir / "data" / "train.npz"
     if path.exists():
         return dict(np.load(path))
-    from jaxattrib.data.synthetic import SyntheticConceptSpec, make_synthetic
+    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.demo import _save_npz
-    spec_d = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_spec"].items()}
-    spec_d["per_combination"] = config.data.per_combination
     held = [dict(h) for h in info["held_out"]]
-    ds = make_synthetic(SyntheticConceptSpec(**spec_d), 1000 + config.seed, withhold=held)
+    ds = make_synthetic(spec_from_info(info, per_combination=config.data.per_combination),
+                        1000 + config.seed, withhold=held)
     train = {"images": ds.images.astype(np.float32), "captions": np.array(ds.captions),
              "ids": np.array(ds.ids)}
     _save_npz(path, **train)
@@ -388,16 +388,14 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     baselines (the ablation's rows are computed either way when ``attribution.ablation``)."""
     from jaxattrib import demo
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.base_model import base_model_info, load_base_model
-    from jaxattrib.data.synthetic import SyntheticConceptSpec
+    from jaxattrib.base_model import base_model_info, load_base_model, spec_from_info
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     t0 = time.time()
     run_dir = Path(run_dir)
     demo._check_config(run_dir, config)
     folder = config.base_model or None
     pipe, info = load_base_model(folder), base_model_info(folder)
-    spec_d = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_spec"].items()}
-    spec = SyntheticConceptSpec(**spec_d)
+    spec = spec_from_info(info)
     held = [{"color": h["color"], "shape": h["shape"]} for h in info["held_out"]]
     ood = ([parse_combo(c, spec, "generate.ood_combos") for c in config.generate.ood_combos]
            or held)
@@ -517,7 +515,6 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     Returns ``{'image', 'queries': [{'concept', 'negative', 'scores' [N], 'top': [{'rank',
     'id', 'caption', 'score'}]}]}``.
     """
-    from jaxattrib import demo
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.base_model import load_base_model
     from jaxattrib.config import apply_overrides

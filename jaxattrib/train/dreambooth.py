@@ -161,16 +161,15 @@ def _synthetic_instances(config, pipe):
     """Instance images of a held-out synthetic concept (renders the base model never saw)."""
     import dataclasses
 
-    from jaxattrib.base_model import base_model_info
-    from jaxattrib.data.synthetic import SyntheticConceptSpec, make_withheld
+    from jaxattrib.base_model import base_model_info, spec_from_info
+    from jaxattrib.data.synthetic import make_withheld
     d = config.dreambooth
     try:
         info = base_model_info(pipe.folder)
     except FileNotFoundError:
         raise _config_error(f"dreambooth.source='synthetic' needs a model pretrained by "
                             f"jaxattrib.base_model ({pipe.folder} has no jaxattrib_base.json)")
-    spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in info["data_spec"].items()})
+    spec = spec_from_info(info)
     words = str(d.concept).split()
     held = [dict(h) for h in info["held_out"]]
     concept = dict(zip(("color", "shape"), words)) if len(words) == 2 else None
