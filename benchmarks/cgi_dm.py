@@ -15,27 +15,18 @@ Resumable: rerunning with the same run directory reuses every finished stage. Ta
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
-from pathlib import Path
+
+from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", default=None,
-                    help="run directory (default runs/cgi_bench[_smoke]); reused")
-    ap.add_argument("--smoke", action="store_true", help="tiny setting (exercises every stage)")
-    ap.add_argument("--set", action="append", default=[], help="config override key=value")
-    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap = benchmark_parser(__doc__, "runs/cgi_bench", "tiny setting (exercises every stage)")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     from jaxattrib.eval.cgi_benchmark import run_cgi_benchmark
     cfg = load_config("cgi_dm_benchmark" + (":smoke" if args.smoke else ""), args.set)
-    run_dir = Path(args.run_dir or ("runs/cgi_bench_smoke" if args.smoke else "runs/cgi_bench"))
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = prepare_run_dir(args, "runs/cgi_bench")
     t0 = time.time()
     run_cgi_benchmark(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "cgi_dm.md").read_text())

@@ -15,32 +15,22 @@ record, generations, feature stores, scores). Tables: ``RUN_DIR/tables/concept_t
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
-from pathlib import Path
+
+from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", default=None,
-                    help="run directory (default runs/concept_trak[_smoke]); reused")
-    ap.add_argument("--smoke", action="store_true",
-                    help="reduced setting (minutes; the numbers mean nothing)")
+    ap = benchmark_parser(__doc__, "runs/concept_trak",
+                          "reduced setting (minutes; the numbers mean nothing)")
     ap.add_argument("--ablation", action="store_true",
                     help="only the ablation table (skips the D-TRAK / TRAK baselines)")
-    ap.add_argument("--set", action="append", default=[], help="config override key=value")
-    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     from jaxattrib.eval.concept_benchmark import run_concept_benchmark
     overrides = list(args.set) + (["attribution.ablation=True"] if args.ablation else [])
     cfg = load_config("concept_trak" + (":smoke" if args.smoke else ""), overrides)
-    run_dir = Path(args.run_dir or ("runs/concept_trak_smoke" if args.smoke
-                                    else "runs/concept_trak"))
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = prepare_run_dir(args, "runs/concept_trak")
     t0 = time.time()
     run_concept_benchmark(cfg, run_dir, progress=not args.no_progress,
                           ablation_only=args.ablation)

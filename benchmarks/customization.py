@@ -16,28 +16,19 @@ run directory reuses every finished stage. Tables: ``RUN_DIR/tables/customizatio
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
-from pathlib import Path
+
+from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", default=None,
-                    help="run directory (default runs/customization[_smoke]); reused")
-    ap.add_argument("--smoke", action="store_true", help="reduced setting (about 11 min on 2 loaded CPU cores)")
-    ap.add_argument("--set", action="append", default=[], help="config override key=value")
-    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap = benchmark_parser(__doc__, "runs/customization",
+                          "reduced setting (about 11 min on 2 loaded CPU cores)")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     from jaxattrib.eval.benchmarks import run_customization
     cfg = load_config("customization" + (":smoke" if args.smoke else ""), args.set)
-    run_dir = Path(args.run_dir or ("runs/customization_smoke" if args.smoke
-                                    else "runs/customization"))
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = prepare_run_dir(args, "runs/customization")
     t0 = time.time()
     run_customization(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "customization.md").read_text())

@@ -21,29 +21,19 @@ shadow + calibration models); ``--set decision.delta0=0.15`` gives the paper's f
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
-from pathlib import Path
+
+from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", default=None,
-                    help="run directory (default runs/source_zoo[_smoke]); reused")
-    ap.add_argument("--smoke", action="store_true",
-                    help="reduced setting (12 captions, 2 rhos, 6 models each)")
-    ap.add_argument("--set", action="append", default=[], help="config override key=value")
-    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
-    ap.add_argument("--no-progress", action="store_true", help="no progress lines")
+    ap = benchmark_parser(__doc__, "runs/source_zoo",
+                          "reduced setting (12 captions, 2 rhos, 6 models each)")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     from jaxattrib.eval.source_zoo import run_source_zoo
     cfg = load_config("source_model:" + ("smoke" if args.smoke else "zoo"), args.set)
-    run_dir = Path(args.run_dir or ("runs/source_zoo_smoke" if args.smoke
-                                    else "runs/source_zoo"))
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = prepare_run_dir(args, "runs/source_zoo")
     t0 = time.time()
     run_source_zoo(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "source_model_zoo.md").read_text())

@@ -1,0 +1,33 @@
+"""The command-line edge shared by the benchmark scripts under ``benchmarks/``: one argument
+parser (``--run-dir``, ``--smoke``, ``--set``, ``--fresh``, ``--no-progress``) and one way to
+resolve the run directory, so every benchmark behaves the same from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+
+def benchmark_parser(doc: str, default_run_dir: str, smoke_help: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes; the first line of ``doc`` is
+    its description and ``default_run_dir`` (``runs/NAME``; ``_smoke`` appended under
+    ``--smoke``) is named in the ``--run-dir`` help. Scripts add their own options to it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--run-dir", default=None,
+                    help=f"run directory (default {default_run_dir}[_smoke]); reused")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def prepare_run_dir(args: argparse.Namespace, default_run_dir: str) -> Path:
+    """``--run-dir`` or the default (with ``_smoke`` under ``--smoke``); deleted first under
+    ``--fresh``."""
+    run_dir = Path(args.run_dir or (default_run_dir + "_smoke" if args.smoke
+                                    else default_run_dir))
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_dir
