@@ -589,15 +589,22 @@ def _short(prompt: str) -> str:
     return " ".join(words[1:3]) + ("/" + words[-1] if "on" in words else "")
 
 
-def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
-    """Runs (or resumes) the demo; returns the per-method test metrics."""
+def open_base_run(run_dir: str | Path, config):
+    """Opens a run directory of a config built on a pretrained base model (the demo and the
+    synthetic-concept benchmarks): checks ``config`` against the run's saved one, then loads
+    ``config.base_model`` (empty: the embedded model). Returns ``(run_dir, pipe, info)``,
+    ``info`` being the base model's :func:`~jaxattrib.base_model.base_model_info`."""
     from jaxattrib.base_model import base_model_info, load_base_model
-    t0 = time.time()
     run_dir = Path(run_dir)
     _check_config(run_dir, config)
     folder = config.base_model or None
-    pipe = load_base_model(folder)
-    info = base_model_info(folder)
+    return run_dir, load_base_model(folder), base_model_info(folder)
+
+
+def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
+    """Runs (or resumes) the demo; returns the per-method test metrics."""
+    t0 = time.time()
+    run_dir, pipe, info = open_base_run(run_dir, config)
     _log(f"base model: {pipe.folder}")
     data = build_data(run_dir, config, info)
     train, holdout = data["train"], data["holdout"]

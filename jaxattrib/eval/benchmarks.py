@@ -215,13 +215,10 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     """Runs (or resumes) the customization benchmark; returns the tables (see
     :func:`benchmark_tables`) plus ``counts``, ``generation_accuracy`` and ``wall_s``."""
     from jaxattrib import demo
-    from jaxattrib.base_model import base_model_info, load_base_model, spec_from_info
+    from jaxattrib.base_model import spec_from_info
     from jaxattrib.data.synthetic import classify_concepts
     t0 = time.time()
-    run_dir = Path(run_dir)
-    demo._check_config(run_dir, config)
-    folder = config.base_model or None
-    pipe, info = load_base_model(folder), base_model_info(folder)
+    run_dir, pipe, info = demo.open_base_run(run_dir, config)
     spec = spec_from_info(info)
     variations = spec.vocab(config.variation)
     train = demo.build_data(run_dir, config, info, stratify=config.variation)["train"]

@@ -388,13 +388,10 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     baselines (the ablation's rows are computed either way when ``attribution.ablation``)."""
     from jaxattrib import demo
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.base_model import base_model_info, load_base_model, spec_from_info
+    from jaxattrib.base_model import spec_from_info
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     t0 = time.time()
-    run_dir = Path(run_dir)
-    demo._check_config(run_dir, config)
-    folder = config.base_model or None
-    pipe, info = load_base_model(folder), base_model_info(folder)
+    run_dir, pipe, info = demo.open_base_run(run_dir, config)
     spec = spec_from_info(info)
     held = [{"color": h["color"], "shape": h["shape"]} for h in info["held_out"]]
     ood = ([parse_combo(c, spec, "generate.ood_combos") for c in config.generate.ood_combos]
