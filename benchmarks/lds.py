@@ -15,6 +15,11 @@ in no other split; the attributed model and every subset model fine-tune from it
 report the seed agreement of the measured outputs (:func:`jaxattrib.eval.lds.seed_agreement`):
 the Spearman over subsets between two seeds' target losses and the LDS ceiling it implies.
 
+Fitting regime (``--config finetune_fit``): the fine-tuning setting with n_train = 200 and 400
+steps, so each subset model sees its 100 images 128 times (``'finetune'``: ~19) and fits them
+(D-TRAK's CIFAR-2 UNet was trained to convergence); ``--config`` names any setting of
+``configs/lds.py`` (``SETTINGS``), ``--smoke`` then selects its CI-sized version.
+
 Methods (features from :mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected
 to ``k``):
 
@@ -39,6 +44,7 @@ a killed run restarts where it stopped. Outputs: ``results/lds.json`` (via
     python benchmarks/lds.py --run-dir runs/lds                   # the full setting
     python benchmarks/lds.py --finetune                           # fine-tuning setting
     python benchmarks/lds.py --finetune --smoke                   # its CI-sized version
+    python benchmarks/lds.py --config finetune_fit                # fitting regime
 """
 
 from __future__ import annotations
@@ -451,6 +457,19 @@ def format_table(rows, cfg, timings, agreement=None):
     return "\n".join(lines) + "\n"
 
 
+def setting_name(config: str | None, finetune: bool = False, smoke: bool = False) -> str:
+    """The ``configs/lds.py`` setting that ``--config``, ``--finetune`` and ``--smoke`` select
+    (``''`` = the full setting); e.g. ``('finetune_fit', smoke=True) -> 'finetune_fit_smoke'``."""
+    if config and finetune and config != "finetune":
+        raise ValueError(f"--finetune and --config {config} name two settings")
+    base = config or ("finetune" if finetune else "")
+    if base == "smoke" or base.endswith("_smoke"):
+        raise ValueError(f"--config {base}: name the setting and add --smoke for its CI-sized "
+                         f"version")
+    base = "" if base == "full" else base
+    return "_".join(([base] if base else []) + (["smoke"] if smoke else []))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default=None)
@@ -458,11 +477,18 @@ def main(argv=None):
     ap.add_argument("--finetune", action="store_true",
                     help="fine-tuning setting: subset models fine-tune from one pretrained model "
                          "(configs/lds.py 'finetune'; with --smoke 'finetune_smoke')")
+    ap.add_argument("--config", default=None, metavar="SETTING",
+                    help="a named setting of configs/lds.py: full, finetune or finetune_fit "
+                         "(fitting regime: n_train 200, 400 fine-tuning steps); with --smoke "
+                         "its CI-sized version; --finetune is --config finetune")
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     spec = str(Path(__file__).resolve().parents[1] / "jaxattrib" / "configs" / "lds.py")
-    setting = "_".join((["finetune"] if args.finetune else []) + (["smoke"] if args.smoke else []))
+    try:
+        setting = setting_name(args.config, args.finetune, args.smoke)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = load_config(spec + (f":{setting}" if setting else ""), args.set)
     run_dir = Path(args.run_dir or f"runs/lds{'_' + setting if setting else ''}")
     run(cfg, run_dir, log=lambda m: print(m, flush=True))

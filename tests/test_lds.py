@@ -256,3 +256,70 @@ def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path, setting, extra):
     rows2 = bench.run(cfg, tmp_path, log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "subsets" / "models").iterdir()} == stamp
     assert [r["lds_val"] for r in rows2] == [r["lds_val"] for r in rows]
+
+
+def test_benchmark_setting_names_and_the_fitting_regime_config():
+    """``--config`` / ``--finetune`` / ``--smoke`` select one setting of configs/lds.py; the
+    ``finetune_fit`` setting differs from ``finetune`` only in the data size and the steps, and
+    its subset models see their images >= 100 times (``finetune``: ~19)."""
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    assert bench.setting_name(None) == ""
+    assert bench.setting_name("full", smoke=True) == "smoke"
+    assert bench.setting_name(None, finetune=True, smoke=True) == "finetune_smoke"
+    assert bench.setting_name("finetune_fit", smoke=True) == "finetune_fit_smoke"
+    assert bench.setting_name("finetune", finetune=True) == "finetune"
+    with pytest.raises(ValueError, match="two settings"):
+        bench.setting_name("finetune_fit", finetune=True)
+    with pytest.raises(ValueError, match="add --smoke"):
+        bench.setting_name("finetune_smoke")
+    spec = str(root / "jaxattrib" / "configs" / "lds.py")
+    ft, fit = load_config(spec + ":finetune").to_dict(), load_config(spec + ":finetune_fit")
+    epochs = lambda c: c["train"]["steps"] * c["train"]["batch_size"] / (  # noqa: E731
+        c["lds"]["alpha"] * c["data"]["n_train"])
+    assert epochs(fit.to_dict()) >= 100 > 5 * epochs(ft)
+    diff = {(sec, k) for sec in ft if isinstance(ft[sec], dict) for k in ft[sec]
+            if ft[sec][k] != fit.to_dict()[sec][k]}
+    assert diff == {("data", "n_train"), ("train", "steps"), ("train", "tracin_checkpoints")}
+    assert max(fit.train.tracin_checkpoints) == fit.train.steps
+    smoke = load_config(spec + ":finetune_fit_smoke")
+    assert smoke.pretrain.steps > 0 and smoke.data.n_train < fit.data.n_train
+    with pytest.raises(ValueError, match="'finetune_fit'"):
+        load_config(spec + ":finetune_fitt")
+
+
+def _regime_module():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lds_regime", root / "benchmarks" /
+                                                  "lds_regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_regime_participation_ratio_and_residuals_by_construction():
+    """Participation ratio 1 for rank-1 features, n for n orthogonal equal-norm ones (centring
+    removes a shared offset); residual / output of a known denoiser match a direct computation."""
+    reg = _regime_module()
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=64)
+    rank1 = rng.uniform(0.5, 2.0, size=(10, 1)) * v
+    assert reg.participation_ratio(rank1) == pytest.approx(1.0)
+    assert reg.mean_cosine_to_mean(rank1) == pytest.approx(1.0)
+    q = np.linalg.qr(rng.normal(size=(64, 8)))[0].T * 3.0     # 8 orthogonal rows, equal norms
+    assert reg.participation_ratio(q) == pytest.approx(8.0)
+    offset = q + 100.0 * v                                     # a huge common mode on top
+    assert reg.participation_ratio(offset) < 1.1
+    assert reg.participation_ratio(offset, centre=True) > 6.0
+    sched = make_schedule(1000)
+    x0 = jnp.asarray(rng.normal(size=(3, 4, 4, 1)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(4, 4, 1)), jnp.float32)
+    ident = lambda p, x_t, t, ctx: p * x_t  # noqa: E731   (eps_theta = p * x_t)
+    res, sq = reg._residual_and_output(jnp.float32(0.5), sched, x0, None, 300, noise,
+                                       eps_apply=ident)
+    from jaxattrib.diffusion.schedule import add_noise
+    x_t = add_noise(sched, x0, jnp.broadcast_to(noise, x0.shape), jnp.full((3,), 300))
+    np.testing.assert_allclose(res, jnp.mean((0.5 * x_t - noise) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(sq, jnp.mean((0.5 * x_t) ** 2, axis=(1, 2, 3)), rtol=1e-5)

@@ -12,11 +12,19 @@ images), and the attributed model and every subset model *fine-tune* from it on 
 outputs depend less on the seed; S = 32 subsets x 2 seeds (about 1 hour on the loaded 2-core
 CPU; ``--set "lds.seeds=(0, 1, 2)"`` adds a third seed, about 25 min more).
 ``get_config('finetune_smoke')`` is its CI-sized version.
+
+``get_config('finetune_fit')`` is the same protocol in a regime where the subset models *fit*
+their training data, closer to D-TRAK's CIFAR-2 model trained to convergence: n_train = 200 (so
+subsets of 100 images), 400 fine-tuning steps (128 epochs of a subset instead of ~19 in
+``'finetune'``), everything else as ``'finetune'`` (``'finetune_fit_smoke'``: CI-sized).
 ``lds.stop_after_outputs = True`` stops after the measured outputs and writes
 ``seed_agreement.json`` (the cheap reliability check to run on a few subsets first).
 """
 
 import ml_collections
+
+# the named settings (``get_config(name)``; ``benchmarks/lds.py --config NAME``)
+SETTINGS = ("full", "smoke", "finetune", "finetune_smoke", "finetune_fit", "finetune_fit_smoke")
 
 
 def get_config(arg=None):
@@ -78,7 +86,7 @@ def get_config(arg=None):
     c.attribution.microbatch = 16
     c.attribution.lambda_ratios = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
-    if arg in ("finetune", "finetune_smoke"):
+    if arg in ("finetune", "finetune_smoke", "finetune_fit", "finetune_fit_smoke"):
         c.pretrain.steps = 1500
         c.train.steps = 300            # fine-tuning from the pretrained model
         c.train.learning_rate = 1e-3
@@ -90,7 +98,13 @@ def get_config(arg=None):
         c.lds.seeds = (0, 1)
         c.lds.eval_noise_draws = 5
         c.attribution.projection = "sjlt"
-    if arg in ("smoke", "finetune_smoke"):
+    if arg in ("finetune_fit", "finetune_fit_smoke"):
+        # the subset models fit their data: 100 images x 128 epochs (400 steps of 32) vs the
+        # 500 x ~19 of 'finetune'; the full model sees its 200 images 64 times
+        c.data.n_train = 200
+        c.train.steps = 400
+        c.train.tracin_checkpoints = (100, 200, 400)
+    if arg in ("smoke", "finetune_smoke", "finetune_fit_smoke"):
         c.data.n_train, c.data.n_tune, c.data.n_val, c.data.n_gen = 64, 8, 8, 8
         c.train.steps = 40
         c.train.warmup_steps = 5
@@ -104,10 +118,10 @@ def get_config(arg=None):
         c.attribution.k = 256
         c.attribution.num_timesteps = 4
         c.attribution.lambda_ratios = (1e-2, 1.0)
-        if arg == "finetune_smoke":
+        if arg in ("finetune_smoke", "finetune_fit_smoke"):
             c.pretrain.n, c.pretrain.steps = 64, 40
             c.lds.seeds = (0, 1)       # two seeds, so the seed agreement is reported
-    elif arg not in (None, "", "full", "finetune"):
-        raise ValueError(f"configs/lds.py: unknown setting {arg!r}; expected none, 'smoke', "
-                         f"'finetune' or 'finetune_smoke'")
+    elif arg not in (None, "", "full", "finetune", "finetune_fit"):
+        raise ValueError(f"configs/lds.py: unknown setting {arg!r}; expected one of "
+                         f"{', '.join(map(repr, SETTINGS))}")
     return c
