@@ -34,7 +34,11 @@ def test_config_and_variant_errors_name_the_field():
     c = load_config("cgi_dm_benchmark")
     v = CB.check_config(c)
     assert set(v) == {"paper", "clamp1", "clamp1_low_t", "clamp1_block2", "clamp1_r10",
-                      "clamp1_r3"}
+                      "clamp1_r3", "clamp1_proj_ft100", "clamp1_proj_ft50", "clamp1_proj_ft300",
+                      "clamp1_proj_pre100", "clamp1_proj_ft100_every5",
+                      "clamp1_proj_ft100_step16", "clamp1_proj_ft100_n4"}
+    assert v["clamp1_proj_pre100"].project_model == "pretrained"
+    assert v["clamp1_proj_ft100_n4"].project_t == 100 and v["clamp1_proj_ft100_n4"].n_noise == 4
     assert v["clamp1_low_t"].t_max == 300 and v["clamp1_low_t"].clamp == 1.0
     assert v["paper"].eps_radius == 70.0 and v["paper"].scale == "sqrt_numel"
     for override, msg in [("source='web'", "source='web'"),
@@ -62,6 +66,67 @@ def test_metrics_threshold_from_calibration_split_only():
     assert row["calibrated 10%: TPR"] == 0.8 and row["calibrated 10%: FPR"] == 0.2
     shifted = CB._metrics(scores, labels, cal + 100)         # only the calibration split moved
     assert shifted["AUC"] == row["AUC"] and shifted["calibrated 10%: TPR"] == 0.0
+
+
+def _toy_bench_models():
+    """Analytic stand-ins (tests/test_cgi_dm.py): N(0, 0.25 I) prior vs a fine-tune on 2 images."""
+    import jax
+
+    from jaxattrib.diffusion.schedule import make_schedule
+    from test_cgi_dm import toy_models
+    members = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    pre, ft = toy_models(members)
+    return members, pre, ft, make_schedule(1000)
+
+
+def test_baseline_scores_cache_computes_only_missing_entries(tmp_path):
+    """A rerun with another variant reuses the cached entries (a marked cached value comes back)
+    and computes only the new variant's; entries of variants no longer configured are not
+    returned."""
+    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    members, pre, ft, sched = _toy_bench_models()
+    images = np.concatenate([np.asarray(members)] * 2)
+    data = {"images": images, "split": np.array(["member_val", "member_val",
+                                                 "holdout_val", "holdout_val"])}
+    cfg = types.SimpleNamespace(seed=0, loss_gap_draws=2, batch_size=4)
+    sims = {"mse": lambda x, y: -((np.asarray(x) - np.asarray(y)) ** 2).mean(axis=(1, 2, 3))}
+    va = {"a": CGIDMConfig(num_steps=1)}
+    first = CB.baseline_scores(tmp_path, cfg, data, None, pre, ft, sched, sims, va)
+    assert set(first) == {"loss_gap_t1-999", "masked_a_mse"}
+    path = tmp_path / "scores" / "baselines.npz"
+    cached = dict(np.load(path))
+    cached["masked_a_mse"] = np.full(4, 123.0)
+    np.savez(path, **cached)
+    vb = {**va, "b": CGIDMConfig(num_steps=1, block=2, t_max=300)}
+    second = CB.baseline_scores(tmp_path, cfg, data, None, pre, ft, sched, sims, vb)
+    assert set(second) == {"loss_gap_t1-999", "loss_gap_t1-300", "masked_a_mse", "masked_b_mse"}
+    np.testing.assert_array_equal(second["masked_a_mse"], 123.0)          # reused
+    np.testing.assert_array_equal(second["loss_gap_t1-999"], first["loss_gap_t1-999"])
+    # block 2 keeps other pixels than block 4: the masked start differs, so does its score
+    assert not np.allclose(second["masked_b_mse"], first["masked_a_mse"])
+    only_b = CB.baseline_scores(tmp_path, cfg, data, None, pre, ft, sched, sims,
+                                {"b": vb["b"]})
+    assert set(only_b) == {"loss_gap_t1-999", "loss_gap_t1-300", "masked_b_mse"}
+
+
+def test_j_gain_is_the_rise_of_the_contrastive_objective():
+    """J(recovered) − J(start): 0 when PGD did not move; positive when the recovery is the
+    member itself (where the toy fine-tune's loss is far below the prior's) and the start is
+    the masked member; the same draws at both points."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattrib.attribution.cgi_dm import CGIDMConfig, checkerboard_mask
+    members, pre, ft, sched = _toy_bench_models()
+    masked = members * jnp.asarray(checkerboard_mask(members.shape))
+    cgi = CGIDMConfig(t_min=20, t_max=300)
+    key = jax.random.PRNGKey(1)
+    same = CB.j_gain_scores({"recovered": masked, "masked": masked}, None, pre, ft, sched, cgi,
+                            key, 4, 2)
+    np.testing.assert_array_equal(same, 0.0)
+    up = CB.j_gain_scores({"recovered": members, "masked": masked}, None, pre, ft, sched, cgi,
+                          key, 4, 2)
+    assert (up > 0.1).all(), up
 
 
 def test_dreambooth_folder_splits(shared_data, tmp_path):

@@ -174,6 +174,72 @@ def test_pgd_batch_and_mesh_invariance():
         assert np.abs(full - np.asarray(mask * x)).max() > 0.1  # PGD moved
 
 
+def test_pgd_draws_fresh_noise_every_step():
+    """(t, ε) are redrawn at every PGD step (stochastic ascent on the expectation, as the
+    authors' code), per image, independent of the batch."""
+    keys = cgi_dm.image_keys(jax.random.PRNGKey(0), 3)
+    t0, n0 = cgi_dm._draws(keys, 0, (HW, HW, C), TOY_CFG, jnp.float32)
+    t1, n1 = cgi_dm._draws(keys, 1, (HW, HW, C), TOY_CFG, jnp.float32)
+    assert t0.shape == (TOY_CFG.n_noise, 3) and n0.shape == (TOY_CFG.n_noise, 3, HW, HW, C)
+    assert np.abs(np.asarray(n0 - n1)).min() < 1 and np.abs(np.asarray(n0 - n1)).max() > 1
+    assert not np.array_equal(np.asarray(t0), np.asarray(t1))
+    t_b, n_b = cgi_dm._draws(keys[1:], 1, (HW, HW, C), TOY_CFG, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(n_b), np.asarray(n1[:, 1:]))
+
+
+def test_manifold_projection_exact_on_gaussian_prior():
+    """For the pretrained toy prior N(0, σ² I) the projection is the posterior mean
+    ``sqrt(a) σ² / (a σ² + 1 − a) · x_t`` of the noised input; in PGD (step 0, one step) it
+    replaces exactly the unknown half, with the projection model and noise stream named."""
+    members = toy_images(0, 2)
+    pre, ft = toy_models(members)
+    z = toy_images(5, 2)
+    noise = jax.random.normal(jax.random.PRNGKey(9), z.shape)
+    t = 200
+    a = float(SCHED.alphas_cumprod[t])
+    x_t = np.sqrt(a) * np.asarray(z) + np.sqrt(1 - a) * np.asarray(noise)
+    want = np.sqrt(a) * SIG_P ** 2 / (a * SIG_P ** 2 + 1 - a) * x_t
+    got = cgi_dm.manifold_project(pre, SCHED, z, t, noise)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+    mask = cgi_dm.make_mask("checkerboard", (HW, HW, C), TOY_CFG)
+    m = np.broadcast_to(np.asarray(mask), z.shape)
+    key = jax.random.PRNGKey(3)
+    keys = cgi_dm.image_keys(key, 2)
+    base = dict(TOY_CFG.__dict__, step_size=0.0, eps_radius=1e3, clamp=1e3, project_t=t)
+    # one step, projected: the pretrained model's x̂0 with the step-0 projection noise;
+    # two steps with project_every=2: only after the second one (step-1 noise), fine-tuned model
+    for which, fn, steps, every in (("pretrained", pre, 1, 1), ("finetuned", ft, 2, 2)):
+        cfg = CGIDMConfig(**{**base, "project_model": which, "num_steps": steps,
+                             "project_every": every})
+        rec = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, members, mask, None, cfg, key))
+        pn = cgi_dm._proj_noise(keys, steps - 1, (HW, HW, C), jnp.float32)
+        ref = np.asarray(cgi_dm.manifold_project(fn, SCHED, mask * members, t, pn))
+        np.testing.assert_array_equal(rec[m == 1], np.asarray(members)[m == 1])
+        np.testing.assert_allclose(rec[m == 0], ref[m == 0], rtol=1e-4, atol=1e-5)
+    # the fine-tuned toy's projection (its components are the members) fills the unknown half
+    # of a member's masked start toward the member; the pretrained prior's does not
+    ps = lambda r: float(np.mean(np.asarray(psnr(jnp.asarray(r), members))))  # noqa: E731
+    known = mask * members
+    rec = {"finetuned": known, "pretrained": known}
+    for i in range(3):   # a few projections, the known half re-imposed, as in PGD
+        for which, fn in (("pretrained", pre), ("finetuned", ft)):
+            n = cgi_dm._proj_noise(keys, i, (HW, HW, C), jnp.float32)
+            rec[which] = known + (1 - mask) * cgi_dm.manifold_project(fn, SCHED, rec[which],
+                                                                      t, n)
+    start = ps(known)
+    assert ps(rec["finetuned"]) > start + 10 and ps(rec["pretrained"]) < start + 1
+
+
+def test_projection_config_errors():
+    with pytest.raises(ValueError, match="project_model='vae'"):
+        CGIDMConfig(project_model="vae")
+    with pytest.raises(ValueError, match="project_t=-1"):
+        CGIDMConfig(project_t=-1)
+    with pytest.raises(ValueError, match="project_every=0"):
+        CGIDMConfig(project_every=0)
+
+
 # ----------------------------------------------------------------------------- toy membership
 
 

@@ -26,6 +26,14 @@ Our design [design]:
 * Scale rule for small latents (``scale='sqrt_numel'``): the published radius and step were set
   for SD's 4 × 64 × 64 latent; they are multiplied by ``sqrt(numel / 16384)`` so the per-element
   RMS perturbation is unchanged. ``scale='none'`` uses them as given.
+* Manifold projection (``project_t > 0``, off by default): our pixel-space models have no VAE
+  decoder to map an iterate back to a natural image, so after each PGD step the unknown half can
+  be projected through a denoiser — noised to ``project_t`` with fresh ε and replaced by that
+  model's one-step estimate x̂0 (``project_model``: the fine-tuned or the pretrained model),
+  every ``project_every`` steps, before the ball projection and the clamp. This plays the role of
+  the paper's decoder and keeps iterates near the model's data manifold.
+* (t, ε) are drawn afresh at every PGD step (``n_noise`` draws averaged per step), as the
+  authors' code does: PGD is stochastic ascent on the expectation, not on a few fixed draws.
 * Mask ablations: ``'random_block'`` keeps each ``block/2`` cell independently with probability
   ``keep_rate``; ``'blur'`` keeps nothing exactly (M = 0) and starts from a Gaussian-blurred
   latent (σ = ``blur_sigma`` latent pixels), i.e. the information is removed by a low-pass.
@@ -47,11 +55,12 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxattrib.attribution import similarity as simlib
-from jaxattrib.diffusion.schedule import Schedule, add_noise, training_target
+from jaxattrib.diffusion.schedule import Schedule, add_noise, predict_x0, training_target
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 SD_LATENT_NUMEL = 4 * 64 * 64
 MASK_KINDS = ("checkerboard", "blur", "random_block")
+PROJECT_MODELS = ("finetuned", "pretrained")
 
 
 class CGIDMError(ValueError):
@@ -89,6 +98,10 @@ class CGIDMConfig:
       t_min, t_max: timesteps drawn uniformly from {t_min, ..., t_max} (inclusive).
       n_noise: (t, ε) draws averaged per PGD step.
       scale: 'sqrt_numel' (radius and step × sqrt(numel / 16384)) or 'none'.
+      project_t: manifold projection timestep [design]; 0 = off (the paper). See the module doc.
+      project_model: 'finetuned' | 'pretrained': the denoiser of the projection.
+      project_every: project after every ``project_every``-th PGD step (the last one included
+        when ``num_steps`` is a multiple).
     """
 
     mask_kind: str = "checkerboard"
@@ -104,6 +117,9 @@ class CGIDMConfig:
     t_max: int = 999
     n_noise: int = 1
     scale: str = "sqrt_numel"
+    project_t: int = 0
+    project_model: str = "finetuned"
+    project_every: int = 1
 
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:
@@ -120,6 +136,12 @@ class CGIDMConfig:
             raise ValueError(f"CGIDMConfig.scale={self.scale!r}; expected 'sqrt_numel' or 'none'")
         if self.num_steps < 0 or self.n_noise < 1:
             raise ValueError("CGIDMConfig: num_steps must be >= 0 and n_noise >= 1")
+        if self.project_model not in PROJECT_MODELS:
+            raise ValueError(f"CGIDMConfig.project_model={self.project_model!r}; expected one "
+                             f"of {PROJECT_MODELS}")
+        if self.project_t < 0 or self.project_every < 1:
+            raise ValueError(f"CGIDMConfig: project_t={self.project_t} must be >= 0 (0 = off) "
+                             f"and project_every={self.project_every} >= 1")
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"CGIDMConfig: need 0 <= t_min <= t_max; got {self.t_min}, "
                              f"{self.t_max}")
@@ -317,6 +339,29 @@ def _draws(keys: jnp.ndarray, step, shape, config, dtype):
     return jnp.swapaxes(t, 0, 1), jnp.swapaxes(n, 0, 1)
 
 
+def manifold_project(eps_fn: EpsFn, sched: Schedule, z: jnp.ndarray, t: int,
+                     noise: jnp.ndarray, cond: Any = None) -> jnp.ndarray:
+    """One-step denoiser projection [design]: ``x̂0(add_noise(z, noise, t))`` of ``eps_fn``.
+
+    ``z``, ``noise``: ``[B, H, W, C]``; ``t``: an integer timestep (the same for all images).
+    Returns ``[B, H, W, C]`` — the model's estimate of the clean latent after noising ``z`` to
+    ``t`` (SDEdit with a single step): off-manifold detail below the noise level at ``t`` is
+    replaced by what the model expects there.
+    """
+    tt = jnp.full(z.shape[:1], t, jnp.int32)
+    z_t = add_noise(sched, z, noise, tt)
+    return predict_x0(sched, z_t, eps_fn(z_t, tt, cond), tt)
+
+
+def _proj_noise(keys: jnp.ndarray, step, shape, dtype):
+    """Projection noise ``[B, H, W, C]`` of PGD step ``step`` (independent of the (t, ε) draws)."""
+    return jax.vmap(lambda k: jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(k, step), _PROJ_STREAM), tuple(shape), dtype))(keys)
+
+
+_PROJ_STREAM = 0x70726F6A   # 'proj': a separate random stream per (image, step)
+
+
 def _per_image_norm(x):
     return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
 
@@ -336,11 +381,20 @@ def _pgd(eps_pre, eps_ft, sched, z0, mask, z_init, keys, cond, config,
 
     grad_fn = jax.grad(total_obj, has_aux=True)
 
+    proj_fn = eps_ft if config.project_model == "finetuned" else eps_pre
+
+    def project(z_var, i):
+        n = _proj_noise(keys, i, z0.shape[1:], z0.dtype)
+        return manifold_project(proj_fn, sched, compose(z_var), config.project_t, n, cond)
+
     def body(i, carry):
         z_var, trace, bad = carry
         g, j = grad_fn(z_var, i)
         gn = _per_image_norm(g)
         z_var = z_var + step * g / jnp.maximum(gn, 1e-12)
+        if config.project_t > 0:
+            z_var = jax.lax.cond((i + 1) % config.project_every == 0, project,
+                                 lambda z, _: z, z_var, i)
         d = z_var - z_init
         dn = _per_image_norm(d)
         z_var = z_init + d * jnp.minimum(1.0, radius / jnp.maximum(dn, 1e-12))
@@ -361,6 +415,9 @@ class _Loop(NamedTuple):
     t_min: int
     t_max: int
     n_noise: int
+    project_t: int = 0
+    project_model: str = "finetuned"
+    project_every: int = 1
 
 
 def as_denoiser(fn: EpsFn) -> Partial:
@@ -460,7 +517,8 @@ def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
     fns = (as_denoiser(eps_pre), as_denoiser(eps_ft))
     if mesh is not None:
         fns = jax.device_put(fns, rep)
-    loop = _Loop(int(config.num_steps), int(config.t_min), int(config.t_max), int(config.n_noise))
+    loop = _Loop(int(config.num_steps), int(config.t_min), int(config.t_max), int(config.n_noise),
+                 int(config.project_t), str(config.project_model), int(config.project_every))
     z_rec, trace, bad = _pgd_jit(fns, sched, *arrays, cond, radius, step, float(config.clamp),
                                  loop=loop)
     if pad:

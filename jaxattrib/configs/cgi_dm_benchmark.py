@@ -25,8 +25,11 @@ Fields:
 * ``cgi``: the base :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` (authors' defaults,
   scaled to the 16×16×3 pixel space by ``scale='sqrt_numel'``, fewer steps for CPU).
 * ``tune.variants``: CGI-DM variants tried on the validation half, ``'name: field=value,
-  ...'`` overriding ``cgi``; ``tune.similarities``: features tried ('ssim', 'psnr', 'tap' =
-  the pretrained UNet's mid-block features). The loss-gap baseline's timestep range is chosen
+  ...'`` overriding ``cgi`` (any :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` field,
+  e.g. the manifold projection ``project_t`` / ``project_model`` / ``project_every`` [design]);
+  ``tune.similarities``: scores tried ('ssim', 'psnr', 'tap' = the pretrained UNet's
+  mid-block features; 'j_gain' = J(recovered) − J(start) with ``loss_gap_draws`` shared draws,
+  CGI-DM only). The loss-gap baseline's timestep range is chosen
   on validation among (1, 999) and the variants' ranges; the masked-input baseline's
   (variant, similarity) likewise.
 * ``loss_gap_draws``: (t, ε) draws of the loss-gap baseline (shared by all images).
@@ -80,8 +83,16 @@ def get_config(arg=None):
                        "clamp1_low_t: clamp=1.0, t_max=300",
                        "clamp1_block2: clamp=1.0, block=2",
                        "clamp1_r10: clamp=1.0, eps_radius=10.0",   # a smaller ball
-                       "clamp1_r3: clamp=1.0, eps_radius=3.0")
-    c.tune.similarities = ("ssim", "psnr", "tap")
+                       "clamp1_r3: clamp=1.0, eps_radius=3.0",
+                       # manifold projection [design]: x̂0 of a denoiser after each step
+                       "clamp1_proj_ft100: clamp=1.0, project_t=100",
+                       "clamp1_proj_ft50: clamp=1.0, project_t=50",
+                       "clamp1_proj_ft300: clamp=1.0, project_t=300",
+                       "clamp1_proj_pre100: clamp=1.0, project_t=100, project_model=pretrained",
+                       "clamp1_proj_ft100_every5: clamp=1.0, project_t=100, project_every=5",
+                       "clamp1_proj_ft100_step16: clamp=1.0, project_t=100, step_size=16.0",
+                       "clamp1_proj_ft100_n4: clamp=1.0, project_t=100, n_noise=4")
+    c.tune.similarities = ("ssim", "psnr", "tap", "j_gain")
 
     c.loss_gap_draws = 32
     c.batch_size = 16

@@ -7,7 +7,8 @@ knows (:func:`jaxattrib.train.dreambooth.make_dreambooth_loss`) — on the *memb
 member) and is measured on members vs hold-outs:
 
 * **CGI-DM** (:mod:`jaxattrib.attribution.cgi_dm`): masked latent recovered by contrastive
-  gradient inversion, score = similarity(original, recovered).
+  gradient inversion, score = similarity(original, recovered) ('ssim', 'psnr', 'tap'), or
+  'j_gain' = J(recovered) − J(start), the rise of the contrastive objective [design].
 * **loss gap** (baseline 1): ``L_pre − L_ft`` on the unmasked image, no inversion
   (:func:`~jaxattrib.attribution.cgi_dm.loss_gap_scores`).
 * **masked-input similarity** (baseline 2): similarity(original, masked start), no model.
@@ -45,7 +46,9 @@ import numpy as np
 
 from jaxattrib.config import ConfigError
 
-SIMILARITIES = ("ssim", "psnr", "tap")
+IMAGE_SIMILARITIES = ("ssim", "psnr", "tap")
+# 'j_gain': J(recovered) − J(start), not an image similarity (scores CGI-DM only) [design]
+SIMILARITIES = IMAGE_SIMILARITIES + ("j_gain",)
 
 
 def _log(msg: str) -> None:
@@ -256,6 +259,18 @@ def similarity_fns(pipe, sched, batch_size: int) -> dict:
             "tap": simlib.embedding_similarity(embed)}
 
 
+def j_gain_scores(rec: dict, cond, eps_pre, eps_ft, sched, cgi, key, n_draws: int,
+                  batch_size: int) -> np.ndarray:
+    """``J(recovered) − J(start)`` per image [design]: how much PGD raised the contrastive
+    objective ``L_pre − L_ft`` (``n_draws`` shared (t, ε) draws in the variant's timestep range,
+    the same draws at both points). ``[N]``, larger ⇒ member."""
+    from jaxattrib.attribution.cgi_dm import loss_gap_scores
+    j = {k: loss_gap_scores(rec[k], eps_pre, eps_ft, sched, key, cond=cond, n_draws=n_draws,
+                            t_min=cgi.t_min, t_max=cgi.t_max, batch_size=batch_size)
+         for k in ("recovered", "masked")}
+    return (j["recovered"] - j["masked"]).astype(np.float64)
+
+
 def _sim(fn, a, b, bs):
     return np.concatenate([np.asarray(fn(a[i:i + bs], b[i:i + bs]))
                            for i in range(0, len(a), bs)]).astype(np.float64)
@@ -271,21 +286,26 @@ def recover_split(run_dir, config, name, cgi, split, data, ctx, eps_pre, eps_ft,
 
 
 def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants) -> dict:
-    """Loss gap (per candidate timestep range) and masked-input similarity, all images."""
+    """Loss gap (per candidate timestep range) and masked-input similarity, all images.
+    Cached in ``scores/baselines.npz``; a rerun with more variants or similarities computes only
+    the missing entries."""
     from jaxattrib.attribution import cgi_dm
     from jaxattrib.demo import _save_npz
     path = run_dir / "scores" / "baselines.npz"
-    if path.exists():
-        return dict(np.load(path))
-    out = {}
+    out = dict(np.load(path)) if path.exists() else {}
+    n_cached = len(out)
     ranges = sorted({(1, 999)} | {(v.t_min, v.t_max) for v in variants.values()})
     for lo, hi in ranges:
+        if f"loss_gap_t{lo}-{hi}" in out:
+            continue
         out[f"loss_gap_t{lo}-{hi}"] = cgi_dm.loss_gap_scores(
             data["images"], eps_pre, eps_ft, sched, _split_key(config.seed, "loss_gap"),
             cond=ctx, n_draws=config.loss_gap_draws, t_min=lo, t_max=hi,
             batch_size=config.batch_size).astype(np.float64)
     # the masked start of each split as CGI-DM makes it (same keys); checkerboard/blur: no key
     for name, v in variants.items():
+        if all(f"masked_{name}_{s}" in out for s in sims):
+            continue
         masked = np.zeros(data["images"].shape, np.float32)
         for split in np.unique(data["split"]):
             sel = data["split"] == split
@@ -293,8 +313,11 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
                                         config.batch_size)
         for s, fn in sims.items():
             out[f"masked_{name}_{s}"] = _sim(fn, data["images"], masked, config.batch_size)
-    _save_npz(path, **out)
-    return out
+    if len(out) > n_cached:
+        _save_npz(path, **out)
+    keep = ({f"loss_gap_t{lo}-{hi}" for lo, hi in ranges}
+            | {f"masked_{n}_{s}" for n in variants for s in sims})
+    return {k: a for k, a in out.items() if k in keep}
 
 
 def _masked_start(images, cgi, key, bs):
@@ -354,6 +377,14 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     sims = {k: v for k, v in sims.items() if k in config.tune.similarities}
     bs = config.batch_size
 
+    def score(s, rec_, h, v):
+        """CGI-DM score ``s`` of the recoveries ``rec_`` of split ``h`` (variant ``v``)."""
+        if s == "j_gain":
+            return j_gain_scores(rec_, ctx[split == h], eps_pre, eps_ft, sched, v,
+                                 _split_key(config.seed, "j_gain"), config.loss_gap_draws, bs)
+        return _sim(sims[s], rec_["original"], rec_["recovered"], bs)
+    scorers = list(sims) + [s for s in config.tune.similarities if s not in sims]
+
     _log("baselines")
     base = baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants)
 
@@ -368,11 +399,9 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
         for half in ("member_val", "holdout_val"):
             rec[(name, half)] = recover_split(run_dir, config, name, v, half, data, ctx,
                                               eps_pre, eps_ft, sched, progress)
-        for s, fn in sims.items():
-            sc = np.r_[_sim(fn, rec[(name, "member_val")]["original"],
-                            rec[(name, "member_val")]["recovered"], bs),
-                       _sim(fn, rec[(name, "holdout_val")]["original"],
-                            rec[(name, "holdout_val")]["recovered"], bs)]
+        for s in scorers:
+            sc = np.r_[score(s, rec[(name, "member_val")], "member_val", v),
+                       score(s, rec[(name, "holdout_val")], "holdout_val", v)]
             y = np.r_[np.ones(counts["member_val"]), np.zeros(counts["holdout_val"])]
             val_rows.append({"method": "CGI-DM", "variant": name, "similarity": s,
                              "val AUC": roc_auc(sc, y.astype(bool))})
@@ -394,7 +423,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     v = variants[name]
     parts = {h: recover_split(run_dir, config, name, v, h, data, ctx, eps_pre, eps_ft, sched,
                               progress) for h in ("member_test", "holdout_test", "calib")}
-    sc = {h: _sim(sims[s], r["original"], r["recovered"], bs) for h, r in parts.items()}
+    sc = {h: score(s, r, h, v) for h, r in parts.items()}
     y_test = np.r_[np.ones(counts["member_test"]), np.zeros(counts["holdout_test"])].astype(bool)
     cgi_test = np.r_[sc["member_test"], sc["holdout_test"]]
 
