@@ -17,6 +17,11 @@ Reads a finished (or features-complete) run directory of ``benchmarks/lds.py`` (
   (raw) and of the centred features' Gram, and the mean cosine of each feature with the mean
   feature, for TRAK and D-TRAK train features.
 
+* **paired comparison** (with ``--compare A B``, when ``results/lds.json`` exists): the per-target
+  difference LDS(B) − LDS(A) on ``val`` and ``gen`` with each method's λ and sign *as the
+  benchmark chose them on the tune split*, mean and 95 % bootstrap CI over targets (the two
+  methods' CIs in the table overlap even when one is better on almost every target).
+
 Writes ``regime.json`` into the run directory and prints a table.
 
     python benchmarks/lds_regime.py --run-dir runs/lds_finetune --run-dir runs/lds_finetune_fit
@@ -146,6 +151,40 @@ def measure(run_dir: Path, n_models: int = 4, log=print) -> dict:
     return out
 
 
+def paired_difference(run_dir: Path, a: str = "trak", b: str = "dtrak") -> dict:
+    """``{split: {'mean', 'ci_low', 'ci_high', 'frac_b_better'}}`` of the per-target
+    LDS(b) − LDS(a) for ``val`` and ``gen``, each method at the λ ratio and sign that
+    ``benchmarks/lds.py`` chose on the tune split (read from ``results/lds.json``; scores
+    recomputed from the cached features and outputs)."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.eval.metrics import bootstrap_ci, lds
+    cfg = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
+    chosen = {r["method"]: r for r in
+              json.loads((run_dir / "results" / "lds.json").read_text())["tables"][0]["rows"]}
+    masks = np.load(run_dir / "subsets" / "masks.npy")
+
+    def unmeasured(_):
+        raise FileNotFoundError(f"{run_dir}: measured outputs missing (run benchmarks/lds.py)")
+
+    out = {}
+    for split in ("val", "gen"):
+        actual = lds_lib.actual_outputs(run_dir / "subsets", unmeasured, name=f"loss_{split}")
+        per = {}
+        for m in (a, b):
+            ratio = float(chosen[m]["choice"].split("=")[1])
+            Phi = np.load(run_dir / "features" / f"{m}_final_train.npy")
+            lam = dt.relative_lambdas(Phi, [ratio])[0]
+            sc = dt.scores_from_features(np.load(run_dir / "features" / f"{m}_final_{split}.npy"),
+                                         Phi, lam)
+            per[m] = lds(sc, masks, actual, sign=chosen[m]["sign"], n_bootstrap=10).per_target
+        d = per[b] - per[a]
+        d = d[np.isfinite(d)]
+        ci = bootstrap_ci(d, np.mean, n=int(cfg.lds.n_bootstrap), seed=int(cfg.seed))
+        out[split] = {"mean": ci.estimate, "ci_low": ci.low, "ci_high": ci.high,
+                      "frac_b_better": float(np.mean(d > 0)), "n": int(d.size)}
+    return out
+
+
 ROWS = [("epochs of a subset model / of the full model",
          lambda r: f"{r['epochs_subset']:.0f} / {r['epochs_full']:.0f}"),
         ("full model DSM loss, train / val (gap)",
@@ -180,10 +219,24 @@ def main(argv=None):
                     help="a run directory of benchmarks/lds.py (repeat to compare)")
     ap.add_argument("--models", type=int, default=4,
                     help="subset models whose member / non-member losses are measured")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                    help="also the paired per-target LDS(B) - LDS(A), e.g. --compare trak dtrak")
+    ap.add_argument("--only-compare", action="store_true",
+                    help="skip the fit / residual / spectrum measurements")
     args = ap.parse_args(argv)
-    results = [measure(Path(d), args.models, log=lambda m: print(m, flush=True))
-               for d in args.run_dir]
-    print(format_table(results))
+    if not args.only_compare:
+        results = [measure(Path(d), args.models, log=lambda m: print(m, flush=True))
+                   for d in args.run_dir]
+        print(format_table(results))
+    if args.compare:
+        a, b = args.compare
+        for d in args.run_dir:
+            diff = paired_difference(Path(d), a, b)
+            (Path(d) / f"paired_{b}_minus_{a}.json").write_text(json.dumps(diff, indent=2))
+            print(f"{d}: LDS({b}) - LDS({a}) per target: " + "; ".join(
+                f"{sp} {v['mean']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] "
+                f"({100 * v['frac_b_better']:.0f} % of {v['n']} targets {b} higher)"
+                for sp, v in diff.items()), flush=True)
 
 
 if __name__ == "__main__":

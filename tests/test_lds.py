@@ -323,3 +323,44 @@ def test_regime_participation_ratio_and_residuals_by_construction():
     x_t = add_noise(sched, x0, jnp.broadcast_to(noise, x0.shape), jnp.full((3,), 300))
     np.testing.assert_allclose(res, jnp.mean((0.5 * x_t - noise) ** 2, axis=(1, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(sq, jnp.mean((0.5 * x_t) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_regime_paired_difference_reads_the_chosen_lambda_and_sign(tmp_path):
+    """A run directory built by construction: method 'b' has exact linear-datamodel features
+    (LDS 1 on every target), 'a' random ones; the paired difference is LDS(b) − LDS(a) per
+    target, with the λ ratio and sign read from results/lds.json."""
+    reg = _regime_module()
+    rng = np.random.default_rng(0)
+    n, S, T = 24, 16, 6
+    masks = lds_lib.draw_subsets(n, S, 0.5, jax.random.PRNGKey(0))
+    sub = tmp_path / "subsets"
+    lds_lib.retrain_subsets(lambda idx, seed: {"w": np.zeros(1)}, masks, [0], sub, progress=None)
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 0, "lds": {"n_bootstrap": 200}}))
+    feats = tmp_path / "features"
+    feats.mkdir()
+    np.save(feats / "b_final_train.npy", np.eye(n))
+    np.save(feats / "a_final_train.npy", rng.normal(size=(n, n)))
+    per_a = {}
+    for split in ("val", "gen"):
+        w = rng.normal(size=(T, n))                       # true per-example effects
+        actual = -(masks @ w.T)                           # helpful = lower loss: sign -1
+        for j in range(S):
+            path = sub / "outputs" / f"loss_{split}" / f"s{j:04d}_seed0.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, actual[j])
+        np.save(feats / f"b_final_{split}.npy", w)
+        qa = rng.normal(size=(T, n))
+        np.save(feats / f"a_final_{split}.npy", qa)
+        Phi_a = np.load(feats / "a_final_train.npy")
+        lam = float(np.mean(np.sum(Phi_a ** 2, axis=0)))  # ratio 1
+        sa = qa @ np.linalg.solve(Phi_a.T @ Phi_a + lam * np.eye(n), Phi_a.T)
+        per_a[split] = lds(sa, masks, actual, sign=1.0).per_target
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "lds.json").write_text(json.dumps({"tables": [{"rows": [
+        {"method": "a", "choice": "lambda_ratio=1", "sign": 1.0},
+        {"method": "b", "choice": "lambda_ratio=0.0001", "sign": -1.0}]}]}))
+    diff = reg.paired_difference(tmp_path, "a", "b")
+    for split in ("val", "gen"):
+        assert diff[split]["mean"] == pytest.approx(np.mean(1.0 - per_a[split]), abs=1e-9)
+        assert diff[split]["ci_low"] <= diff[split]["mean"] <= diff[split]["ci_high"]
+        assert diff[split]["n"] == T
