@@ -37,8 +37,11 @@ held-out images) and ``gen``. The sign is tuned because the direction of D-TRAK'
 output relative to the loss is not fixed by theory; the table shows the chosen sign.
 
 Everything is cached in the run directory (models, measured losses, feature stores, scores), so
-a killed run restarts where it stopped. Outputs: ``results/lds.json`` (via
-:func:`jaxattrib.report.html.write_result`), ``lds_table.md``, ``timings.json``.
+a killed run restarts where it stopped. Cached features hold for the attribution settings
+recorded in ``features/settings.json`` (K, k, projection, parameters, noise seed); a rerun with
+others raises :class:`jaxattrib.eval.lds.LDSRunMismatchError` naming the field. Outputs:
+``results/lds.json`` (via :func:`jaxattrib.report.html.write_result`), ``lds_table.md``,
+``timings.json``.
 
     python benchmarks/lds.py --smoke --run-dir runs/lds_smoke     # minutes
     python benchmarks/lds.py --run-dir runs/lds                   # the full setting
@@ -227,6 +230,14 @@ def run(cfg, run_dir: Path, log=print):
     t_start = time.time()
     timings = {}
     run_dir.mkdir(parents=True, exist_ok=True)
+    # cached features hold only for the settings that made them (K, k, projection, ...): a rerun
+    # with others refuses (features/settings.json; older caches: the previous run's config.json)
+    feat_dir = run_dir / "features"
+    older = None
+    if not (feat_dir / "settings.json").is_file() and any(feat_dir.glob("*.npy")):
+        prev = run_dir / "config.json"
+        older = feature_settings(json.loads(prev.read_text()) if prev.is_file() else {})
+    lds_lib.check_settings(feat_dir / "settings.json", feature_settings(cfg.to_dict()), older)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     ucfg = unet_config(cfg)
     sched = make_schedule(1000)
@@ -332,7 +343,6 @@ def run(cfg, run_dir: Path, log=print):
 
     # 5. features and scores
     ac = cfg.attribution
-    feat_dir = run_dir / "features"
 
     feature_fns = {}
 
@@ -432,6 +442,15 @@ def run(cfg, run_dir: Path, log=print):
                  text=md, order=30)
     log(md)
     return rows
+
+
+def feature_settings(cfg: dict) -> dict:
+    """The settings of a config dict that determine the cached features (``features/*.npy``);
+    fields missing from an older config are None."""
+    a = cfg.get("attribution", {})
+    return {"k": a.get("k"), "num_timesteps": a.get("num_timesteps"),
+            "projection": a.get("projection"), "params": a.get("params"),
+            "noise_seed": cfg.get("seed")}
 
 
 def format_table(rows, cfg, timings, agreement=None):

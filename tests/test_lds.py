@@ -231,6 +231,7 @@ def test_benchmark_cosine_schedule_ends_training_with_no_step():
 @pytest.mark.parametrize("setting, extra", [
     ("smoke", []),
     ("finetune_smoke", ["pretrain.steps=6", "pretrain.n=32"]),
+    ("finetune_fit_smoke", ["pretrain.steps=6", "pretrain.n=32"]),
 ])
 def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path, setting, extra):
     """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing. The
@@ -280,12 +281,57 @@ def test_benchmark_setting_names_and_the_fitting_regime_config():
     assert epochs(fit.to_dict()) >= 100 > 5 * epochs(ft)
     diff = {(sec, k) for sec in ft if isinstance(ft[sec], dict) for k in ft[sec]
             if ft[sec][k] != fit.to_dict()[sec][k]}
-    assert diff == {("data", "n_train"), ("train", "steps"), ("train", "tracin_checkpoints")}
+    assert diff == {("data", "n_train"), ("train", "steps"), ("train", "tracin_checkpoints"),
+                    ("attribution", "num_timesteps")}
+    assert fit.attribution.num_timesteps == 100 and ft["attribution"]["num_timesteps"] == 10
     assert max(fit.train.tracin_checkpoints) == fit.train.steps
     smoke = load_config(spec + ":finetune_fit_smoke")
     assert smoke.pretrain.steps > 0 and smoke.data.n_train < fit.data.n_train
     with pytest.raises(ValueError, match="'finetune_fit'"):
         load_config(spec + ":finetune_fitt")
+
+
+def test_benchmark_refuses_features_cached_with_other_attribution_settings(tmp_path):
+    """A run directory whose features were computed at K = 10 is not reused at K = 100 (nor
+    another k / projection): the run stops before any training, naming the file and the field;
+    an older cache without ``features/settings.json`` is judged by the previous config.json."""
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    spec = str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune_fit_smoke"
+    k10 = load_config(spec, ["attribution.num_timesteps=10"])
+    k100 = load_config(spec, ["attribution.num_timesteps=100"])
+    recorded = tmp_path / "recorded"
+    lds_lib.check_settings(recorded / "features" / "settings.json",
+                           bench.feature_settings(k10.to_dict()))
+    with pytest.raises(lds_lib.LDSRunMismatchError,
+                       match=r"features/settings.json.*num_timesteps: stored 10 vs given 100"):
+        bench.run(k100, recorded, log=lambda m: None)
+    other_k = load_config(spec, ["attribution.num_timesteps=10", "attribution.k=64"])
+    with pytest.raises(lds_lib.LDSRunMismatchError, match=r"\bk: stored 256 vs given 64"):
+        bench.run(other_k, recorded, log=lambda m: None)
+    # a cache made before the record existed: features + the config.json of the run that made them
+    older = tmp_path / "older"
+    (older / "features").mkdir(parents=True)
+    np.save(older / "features" / "trak_final_train.npy", np.zeros((3, 2)))
+    (older / "config.json").write_text(json.dumps(k10.to_dict(), default=list))
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="num_timesteps: stored 10 vs given 100"):
+        bench.run(k100, older, log=lambda m: None)
+    assert not (older / "features" / "settings.json").exists()
+    assert json.loads((older / "config.json").read_text())["attribution"]["num_timesteps"] == 10
+
+
+def test_check_settings_writes_matches_and_names_the_mismatch(tmp_path):
+    path = tmp_path / "sub" / "settings.json"
+    assert lds_lib.check_settings(path, {"a": 1, "b": "x"})          # written
+    assert not lds_lib.check_settings(path, {"a": 1, "b": "x"})      # matches
+    with pytest.raises(lds_lib.LDSRunMismatchError, match=r"settings.json.*b: stored 'x' vs "
+                                                          r"given 'y'"):
+        lds_lib.check_settings(path, {"a": 1, "b": "y"})
+    fresh = tmp_path / "fresh.json"
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="a: stored None vs given 1"):
+        lds_lib.check_settings(fresh, {"a": 1}, stored={})
+    assert not fresh.exists()
+    assert lds_lib.check_settings(fresh, {"a": 1}, stored={"a": 1, "z": 0})
 
 
 def _regime_module():

@@ -47,9 +47,9 @@ from jaxattrib.diffusion.losses import dsm_loss
 from jaxattrib.diffusion.schedule import Schedule, add_noise
 from jaxattrib.fileio import atomic_write_bytes as _atomic_write
 
-__all__ = ["LDSRunMismatchError", "draw_subsets", "masks_fingerprint", "retrain_subsets",
-           "model_path", "load_model", "save_model", "noise_for", "target_losses",
-           "actual_outputs", "seed_agreement"]
+__all__ = ["LDSRunMismatchError", "check_settings", "draw_subsets", "masks_fingerprint",
+           "retrain_subsets", "model_path", "load_model", "save_model", "noise_for",
+           "target_losses", "actual_outputs", "seed_agreement"]
 
 MANIFEST = "lds_manifest.json"
 
@@ -216,22 +216,35 @@ def load_model(run_dir: str | os.PathLike, j: int, seed: int) -> Any:
     return serialization.msgpack_restore(path.read_bytes())
 
 
-def _check_manifest(run_dir: Path, masks: np.ndarray, seeds: Sequence[int],
-                    fingerprint: str) -> None:
-    want = {"n_subsets": int(masks.shape[0]), "n_train": int(masks.shape[1]),
-            "masks_sha256": masks_fingerprint(masks), "seeds": [int(s) for s in seeds],
-            "fingerprint": str(fingerprint)}
-    path = run_dir / MANIFEST
-    if path.is_file():
-        have = json.loads(path.read_text())
+def check_settings(path: str | os.PathLike, want: dict, stored: dict | None = None) -> bool:
+    """Guards a cache by the settings that made it: the JSON record ``path`` must equal ``want``.
+
+    If ``path`` exists, every field of ``want`` must match it, else :class:`LDSRunMismatchError`
+    names the file and each mismatching field. If it does not exist, ``stored`` (settings known
+    to have made an older cache without a record, or None) is checked the same way, then
+    ``want`` is written. Returns True when the record was created by this call.
+    """
+    path = Path(path)
+    have = json.loads(path.read_text()) if path.is_file() else stored
+    if have is not None:
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             raise LDSRunMismatchError(
                 f"{path}: run directory was made with other settings: " +
                 ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items()))
-        return
+    if path.is_file():
+        return False
     _atomic_write(path, json.dumps(want, indent=2).encode())
-    np.save(run_dir / "masks.npy", masks)
+    return True
+
+
+def _check_manifest(run_dir: Path, masks: np.ndarray, seeds: Sequence[int],
+                    fingerprint: str) -> None:
+    want = {"n_subsets": int(masks.shape[0]), "n_train": int(masks.shape[1]),
+            "masks_sha256": masks_fingerprint(masks), "seeds": [int(s) for s in seeds],
+            "fingerprint": str(fingerprint)}
+    if check_settings(run_dir / MANIFEST, want):
+        np.save(run_dir / "masks.npy", masks)
 
 
 def retrain_subsets(train_fn: Callable[[np.ndarray, int], Any], masks: np.ndarray,
