@@ -17,7 +17,8 @@ the Spearman over subsets between two seeds' target losses and the LDS ceiling i
 
 Fitting regime (``--config finetune_fit``): the fine-tuning setting with n_train = 200 and 400
 steps, so each subset model sees its 100 images 128 times (``'finetune'``: ~19) and fits them
-(D-TRAK's CIFAR-2 UNet was trained to convergence); ``--config`` names any setting of
+(D-TRAK's CIFAR-2 UNet was trained to convergence), and K = 100 attribution timesteps: the
+setting that reproduces D-TRAK > TRAK (BENCHMARKS.md); ``--config`` names any setting of
 ``configs/lds.py`` (``SETTINGS``), ``--smoke`` then selects its CI-sized version.
 
 Methods (features from :mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected
@@ -498,8 +499,9 @@ def main(argv=None):
                          "(configs/lds.py 'finetune'; with --smoke 'finetune_smoke')")
     ap.add_argument("--config", default=None, metavar="SETTING",
                     help="a named setting of configs/lds.py: full, finetune or finetune_fit "
-                         "(fitting regime: n_train 200, 400 fine-tuning steps); with --smoke "
-                         "its CI-sized version; --finetune is --config finetune")
+                         "(fitting regime: n_train 200, 400 fine-tuning steps, K = 100 "
+                         "timesteps; where D-TRAK > TRAK was reproduced); with --smoke its "
+                         "CI-sized version; --finetune is --config finetune")
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
