@@ -19,6 +19,17 @@ Our design [design]:
   sharded example axis stays sharded); the rows come back in their original order.
 * With a mesh, each microbatch is sharded over its ``'data'`` axis (``NamedSharding``); the
   projection is regenerated from its key on every device (replicated by seed, not transfer).
+  The per-example gradients themselves run under ``shard_map`` (each device runs the
+  one-device program on its own rows; :func:`projected_grads` sets the mesh as JAX's context
+  mesh, :func:`per_example_grad_fn` picks it up at trace time) [measured]: left to the SPMD
+  partitioner (jax/jaxlib 0.10.2, CPU), ``vmap(grad)`` of a convolution — whose per-example
+  weight gradient JAX lowers to a grouped convolution with ``feature_group_count = B`` — gave
+  wrong kernel gradients that depended on the other examples of the microbatch (the UNet's
+  1×1 ``proj_in/proj_out/conv_shortcut`` kernels off by 63–169 % of their largest entry; TRAK
+  features of ``runs/lds_finetune``, made on 8 devices, at cosine 0.82–0.97 to the one-device
+  ones). ``shard_map`` with ``check_vma=False``: with it on, JAX types the replicated
+  parameters as device-invariant and transposes their broadcast into a ``psum``, i.e. sums
+  the gradients over devices.
   The global microbatch is assembled with ``jax.make_array_from_callback``: every process
   reads only the rows its own devices hold, so the same code is correct on one process and on
   a multi-host mesh (the features are then all-gathered to every process's host memory).
@@ -94,7 +105,23 @@ def per_example_grad_fn(out_fn: OutFn, *, remat: bool = False):
 
     if remat:
         f = jax.checkpoint(f)
-    return jax.vmap(jax.grad(f), in_axes=(None, None, 0, 0))
+    return per_device(jax.vmap(jax.grad(f), in_axes=(None, None, 0, 0)), n_shared=2)
+
+
+def per_device(fn, n_shared: int):
+    """``fn(*shared, *batched)`` run with ``shard_map`` over the context mesh's ``'data'`` axis
+    when one of size > 1 is set (``jax.set_mesh``, as :func:`projected_grads` does): the first
+    ``n_shared`` arguments replicated, the others and the output split on their leading
+    (example) axis, so each device runs the one-device program on its own examples (see the
+    module docstring for why). Without such a mesh: ``fn`` itself. Decided at trace time; JAX
+    traces a jitted caller once per context mesh."""
+    def call(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or "data" not in mesh.axis_names or mesh.shape["data"] == 1:
+            return fn(*args)
+        specs = (P(),) * n_shared + (P("data"),) * (len(args) - n_shared)
+        return jax.shard_map(fn, in_specs=specs, out_specs=P("data"), check_vma=False)(*args)
+    return call
 
 
 def example_keys(key: jax.Array, start: int, stop: int) -> jax.Array:
@@ -142,7 +169,8 @@ def factored_feature_fn(out_fn: OutFn, projector, *, remat: bool = False):
         if remat:
             f = jax.checkpoint(f)
         a0 = jnp.zeros((k_in, k_out), dtype)
-        g = jax.vmap(jax.grad(f), in_axes=(None, 0, 0))(a0, examples, keys)
+        g = per_device(jax.vmap(jax.grad(f), in_axes=(None, 0, 0)), n_shared=1)(a0, examples,
+                                                                                keys)
         if not called:
             raise ValueError("no Dense layer of the projector was called by out_fn; projector "
                              f"layers: {sorted(layers)}")
@@ -273,7 +301,8 @@ def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
             feats = np.asarray(feature_fn(_take(examples, idx), keys))
         else:
             ex = jax.tree_util.tree_map(lambda a: _global_rows(a, idx, sharding), examples)
-            feats = _to_host(feature_fn(ex, _global_keys(keys, sharding)))
+            with jax.set_mesh(mesh):  # per_example_grad_fn: per-device gradients (shard_map)
+                feats = _to_host(feature_fn(ex, _global_keys(keys, sharding)))
         out.append(feats[: hi - lo])
     return np.concatenate(out, 0)
 
