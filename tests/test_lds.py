@@ -231,7 +231,6 @@ def test_benchmark_cosine_schedule_ends_training_with_no_step():
 @pytest.mark.parametrize("setting, extra", [
     ("smoke", []),
     ("finetune_smoke", ["pretrain.steps=6", "pretrain.n=32"]),
-    ("finetune_fit_smoke", ["pretrain.steps=6", "pretrain.n=32"]),
 ])
 def test_benchmark_smoke_runs_end_to_end_and_resumes(tmp_path, setting, extra):
     """The CPU LDS benchmark (reduced further) writes its tables; a rerun retrains nothing. The
