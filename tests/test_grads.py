@@ -89,7 +89,6 @@ def test_projected_grads_padding_chunking_and_mesh():
     np.testing.assert_allclose(sharded, ref, rtol=1e-6, atol=1e-6)
 
 
-
 class _ConvNet(nn.Module):
     """1×1 and 3×3 convolutions (the UNet's proj_in / conv_shortcut and conv layers)."""
 
@@ -126,6 +125,7 @@ def test_conv_features_on_a_mesh_equal_one_device_and_batch_independent():
     # the same jitted function, traced without a mesh first, still agrees afterwards
     np.testing.assert_allclose(gr.projected_grads(fn, x, key, microbatch=16), ref, rtol=0,
                                atol=1e-5 * scale)
+
 
 def test_factored_features_via_interception_match_gradient_path():
     """The interception path (activations × output gradients, no weight gradients) equals the
