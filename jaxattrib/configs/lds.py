@@ -20,8 +20,9 @@ subsets of 100 images), 400 fine-tuning steps (128 epochs of a subset instead of
 settings: 10), everything else as ``'finetune'`` (``'finetune_fit_smoke'``: CI-sized, K = 4).
 This is the setting that reproduces D-TRAK's finding (BENCHMARKS.md, "Timesteps (K = 100) and
 a fitting regime", measured 2026-11-26): at K = 100, LDS(D-TRAK) > LDS(TRAK) on val and gen with
-paired CIs excluding 0; at K = 10 the two tie in this regime, and in ``'finetune'`` TRAK leads
-at K = 10 and they tie at K = 100. ``python benchmarks/lds.py --config finetune_fit`` runs it.
+paired CIs excluding 0; at K = 10 the two tie in this regime; in ``'finetune'`` D-TRAK leads on
+val and ties on gen at K = 10 (recomputed after the multi-device gradient fix; the first run's
+"TRAK leads" came from that bug) and they tie at K = 100. ``python benchmarks/lds.py --config finetune_fit`` runs it.
 ``lds.stop_after_outputs = True`` stops after the measured outputs and writes
 ``seed_agreement.json`` (the cheap reliability check to run on a few subsets first).
 """
