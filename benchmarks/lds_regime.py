@@ -106,7 +106,6 @@ def measure(run_dir: Path, n_models: int = 4, log=print) -> dict:
 
     # fit of subset models: members vs the training images they did not see
     masks = np.load(run_dir / "subsets" / "masks.npy")
-    l_all = None
     gaps, mem, non = [], [], []
     seed = int(cfg.lds.seeds[0])
     for j in range(min(n_models, masks.shape[0])):
