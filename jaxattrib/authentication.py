@@ -34,6 +34,12 @@ from jaxattrib.config import ConfigError
 
 SIMILARITIES = ("ssim", "psnr")
 
+#: ``cgi.*`` fields added to the ``cgi_dm`` config (and so to ``cgi_dm_benchmark``'s ``cgi``)
+#: after run directories were made, with the values those runs used (no manifold projection):
+#: a stored config.json without them still resumes (``demo._check_config``'s ``added``)
+CGI_ADDED_FIELDS = {"cgi.project_t": 0, "cgi.project_model": "finetuned",
+                    "cgi.project_every": 1}
+
 
 def check_config(config, source: str = "config"):
     """Validates a ``cgi_dm`` config; returns its :class:`~jaxattrib.attribution.cgi_dm.
@@ -142,7 +148,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
 
     cgi = check_config(config)
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
     pipe = _load_model(config.model.pipeline)
     p_pre, d_pre = load_unet(config.model.pretrained, pipe, "model.pretrained")
     p_ft, d_ft = load_unet(config.model.finetuned, pipe, "model.finetuned")

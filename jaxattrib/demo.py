@@ -43,11 +43,24 @@ def _log(msg: str) -> None:
     print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _check_config(run_dir: Path, config) -> None:
+def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
+    """Refuses a run directory whose ``config.json`` differs from ``config``; writes it if new.
+
+    ``added``: ``{'section.field': value}`` for fields added to the config after run
+    directories were made; a stored config without one is read with ``value`` (what such runs
+    did), so they still resume.
+    """
     path = run_dir / "config.json"
     current = json.loads(config.to_json())
     if path.exists():
         stored = json.loads(path.read_text())
+        for dotted, value in (added or {}).items():
+            *sections, name = dotted.split(".")
+            node = stored
+            for sec in sections:
+                node = node.get(sec) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.setdefault(name, value)
         if stored != current:
             diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
             raise ConfigError(f"{path}: this run directory was made with another config (fields "

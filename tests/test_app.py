@@ -467,6 +467,67 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     assert bad.exit_code == 2 and "model.finetuned='/nonexistent'" in bad.output
 
 
+def test_cli_cgi_dm_projection_settings_reach_pgd(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`jaxattrib cgi-dm --set cgi.project_*=...` reaches the PGD call's settings (off by
+    default); a bad value exits 2 naming the field before PGD; a run directory made before the
+    fields existed (its config.json lacks them: no projection) still resumes, and asking such a
+    directory for a projection is refused."""
+    from typer.testing import CliRunner
+    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.cli import app
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def spy(eps_pre, eps_ft, sched, z0, mask, cond, config, key, **kw):
+        seen.append((config.project_t, config.project_model, config.project_every))
+        raise Reached
+
+    monkeypatch.setattr(cgi_dm, "pgd_invert", spy)
+    _write_pngs(tmp_path / "cand", 2, 1)
+    _write_pngs(tmp_path / "ref", 2, 3)
+    sets = [f"model.pipeline='{tiny_pipeline_dir}'", f"model.finetuned='{tiny_pipeline_dir}'",
+            f"data.candidates='{tmp_path / 'cand'}'", f"data.reference='{tmp_path / 'ref'}'",
+            "data.caption='a red circle'"]
+
+    def run(name, *more):
+        args = ["cgi-dm", "cgi_dm", "--run-dir", str(tmp_path / name), "--no-progress"]
+        return CliRunner().invoke(app, args + [a for s in sets + list(more)
+                                               for a in ("--set", s)])
+
+    r = run("default")
+    assert isinstance(r.exception, Reached), r.output
+    assert seen == [(0, "finetuned", 1)]
+    r = run("projected", "cgi.project_t=100", "cgi.project_model=pretrained",
+            "cgi.project_every=5")
+    assert isinstance(r.exception, Reached), r.output
+    assert seen[-1] == (100, "pretrained", 5)
+    stored = json.loads((tmp_path / "projected" / "config.json").read_text())["cgi"]
+    assert (stored["project_t"], stored["project_model"], stored["project_every"]) == \
+        (100, "pretrained", 5)
+    for bad, msg in (("cgi.project_every=0", "cgi.project_every=0; expected an integer >= 1"),
+                     ("cgi.project_every=-1", "cgi.project_every=-1"),
+                     ("cgi.project_t=-5", "cgi.project_t=-5"),
+                     ("cgi.project_model=vae", "cgi.project_model='vae'; expected one of")):
+        r = run("bad", bad)
+        assert r.exit_code == 2 and msg in r.output, r.output
+    assert len(seen) == 2
+    # a run directory from before the fields: its config.json has no cgi.project_*
+    old = json.loads(load_config("cgi_dm", sets).to_json())
+    for f in ("project_t", "project_model", "project_every"):
+        del old["cgi"][f]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old, indent=2, sort_keys=True))
+    r = run("old")
+    assert isinstance(r.exception, Reached), r.output
+    assert seen[-1] == (0, "finetuned", 1)
+    r = run("old", "cgi.project_t=100")
+    assert r.exit_code == 2 and "another config (fields ['cgi'] differ)" in r.output, r.output
+    assert len(seen) == 3
+
+
 def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_path,
                                                           monkeypatch):
     """The run's glue (model specs, random key samples, same-seed queries, innocent calibration,

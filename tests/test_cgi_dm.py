@@ -236,8 +236,17 @@ def test_projection_config_errors():
         CGIDMConfig(project_model="vae")
     with pytest.raises(ValueError, match="project_t=-1"):
         CGIDMConfig(project_t=-1)
-    with pytest.raises(ValueError, match="project_every=0"):
+    with pytest.raises(ValueError, match="project_every=0; expected an integer >= 1"):
         CGIDMConfig(project_every=0)
+    with pytest.raises(ValueError, match="project_every=2.5"):
+        CGIDMConfig(project_every=2.5)
+    # a projection timestep beyond the schedule is refused (it would index out of range)
+    z = jnp.zeros((1, HW, HW, C))
+    for field in ("project_t", "t_max"):
+        with pytest.raises(cgi_dm.CGIDMError, match=f"{field}=1000: the schedule has timesteps "
+                                                    r"0\.\.999"):
+            cgi_dm.pgd_invert(None, None, SCHED, z, jnp.ones_like(z[0]), None,
+                              CGIDMConfig(**{field: 1000}), jax.random.PRNGKey(0))
 
 
 # ----------------------------------------------------------------------------- toy membership

@@ -74,6 +74,9 @@ def _cgi_ok():
     ("cgi.block=3", "cgi.block=3"),
     ("cgi.keep_rate=2.0", "cgi.keep_rate=2.0"),
     ("cgi.scale='log'", "cgi.scale='log'"),
+    ("cgi.project_t=-1", "cgi.project_t=-1; expected an integer >= 0"),
+    ("cgi.project_model='vae'", "cgi.project_model='vae'"),
+    ("cgi.project_every=0", "cgi.project_every=0; expected an integer >= 1"),
     ("similarity='lpips'", "similarity='lpips'"),
     ("calibration.target='auc'", "calibration.target='auc'"),
     ("calibration.fpr=1.5", "calibration.fpr=1.5"),
@@ -84,6 +87,7 @@ def test_cgi_dm_config_errors_name_the_field(override, field):
     from jaxattrib.authentication import check_config
     cgi = check_config(_cgi_ok(), "cgi_dm")
     assert cgi.num_steps == 1000 and cgi.eps_radius == 70.0   # the authors' defaults
+    assert cgi.project_t == 0                                # no manifold projection (paper)
     with pytest.raises(ConfigError, match=field):
         check_config(apply_overrides(_cgi_ok(), [override]), "cgi_dm")
 

@@ -139,9 +139,12 @@ class CGIDMConfig:
         if self.project_model not in PROJECT_MODELS:
             raise ValueError(f"CGIDMConfig.project_model={self.project_model!r}; expected one "
                              f"of {PROJECT_MODELS}")
-        if self.project_t < 0 or self.project_every < 1:
-            raise ValueError(f"CGIDMConfig: project_t={self.project_t} must be >= 0 (0 = off) "
-                             f"and project_every={self.project_every} >= 1")
+        if not isinstance(self.project_t, (int, np.integer)) or self.project_t < 0:
+            raise ValueError(f"CGIDMConfig.project_t={self.project_t!r}; expected an integer "
+                             f">= 0 (0 = no manifold projection)")
+        if not isinstance(self.project_every, (int, np.integer)) or self.project_every < 1:
+            raise ValueError(f"CGIDMConfig.project_every={self.project_every!r}; expected an "
+                             f"integer >= 1 (project after every project_every-th PGD step)")
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"CGIDMConfig: need 0 <= t_min <= t_max; got {self.t_min}, "
                              f"{self.t_max}")
@@ -494,6 +497,11 @@ def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
     if bad_in.size:
         raise NonFiniteObjectiveError(f"pgd_invert: input latents of images "
                                       f"{(bad_in + index_offset).tolist()} contain NaN/inf")
+    n_t = int(sched.num_train_timesteps)
+    for name in ("t_max", "project_t"):     # out-of-range timesteps would index silently
+        if int(getattr(config, name)) >= n_t:
+            raise CGIDMError(f"CGIDMConfig.{name}={getattr(config, name)}: the schedule has "
+                             f"timesteps 0..{n_t - 1}")
     radius, step = config.scaled(z0.shape[1:])
     keys = image_keys(key, b, index_offset)
 

@@ -32,6 +32,16 @@ Fields (validated by :func:`jaxattrib.authentication.check_config`; errors name 
   blur_sigma, eps_radius, step_size, num_steps, clamp, t_min, t_max, n_noise, scale; the
   defaults are the authors' for SD's 4×64×64 latent, scaled to smaller latents by
   ``scale='sqrt_numel'``).
+* ``cgi.project_t`` / ``cgi.project_model`` / ``cgi.project_every``: manifold projection of the
+  PGD iterates [design], off by default (``project_t = 0``, the paper). With ``project_t > 0``
+  the unknown half is replaced, after every ``project_every``-th PGD step (an integer >= 1), by
+  the one-step estimate x̂0 of ``project_model``'s denoiser ('finetuned' or 'pretrained') from
+  the iterate noised to timestep ``project_t`` (below the schedule's length). Meant for
+  pixel-space models with no VAE decoder to pull the iterate back to an image: on the 16-px
+  CGI-DM benchmark (clamp 1, 4 draws per step) ``project_t=100`` with the fine-tuned denoiser
+  after every step lifted test AUC from 0.68 to 0.75 (loss-gap baseline: 0.87); a step-0
+  control showed the gain comes from the fine-tuned model's inpainting, not the contrastive
+  gradient (BENCHMARKS.md, CGI-DM). Example: ``--set cgi.project_t=100``.
 * ``similarity``: 'ssim' | 'psnr' (original vs recovered, data range 2).
 * ``calibration.target``: 'fpr' (threshold at ``calibration.fpr`` false positives on the
   reference set) or 'accuracy' (needs labelled ``member/`` candidates: uses them as known members,
@@ -71,6 +81,9 @@ def get_config(arg=None):
     c.cgi.t_max = 999
     c.cgi.n_noise = 1
     c.cgi.scale = "sqrt_numel"
+    c.cgi.project_t = 0               # manifold projection [design]: 0 = off (the paper)
+    c.cgi.project_model = "finetuned"
+    c.cgi.project_every = 1
 
     c.similarity = "ssim"
     c.calibration = ml_collections.ConfigDict()

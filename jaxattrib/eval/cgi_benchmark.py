@@ -351,6 +351,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     """Runs (or resumes) the benchmark; writes tables and the report; returns the tables."""
     from jax.tree_util import Partial
 
+    from jaxattrib.authentication import CGI_ADDED_FIELDS
     from jaxattrib.base_model import load_base_model
     from jaxattrib.demo import _check_config, _save_npz
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
@@ -359,7 +360,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     t0 = time.time()
     variants = check_config(config)
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
     pipe = load_base_model()
     data = build_data(run_dir, config, pipe)
     split = data["split"]
