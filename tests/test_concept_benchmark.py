@@ -96,6 +96,52 @@ def test_neighbour_purity_and_row_cosine_by_construction():
     assert cb._concept_row_cosine(rows, np.array([0, 0, 1, 1])) == pytest.approx(0.5)
 
 
+def test_lambda_curve_agrees_with_the_validation_choice_and_the_test_table():
+    """The diagnostic curve's validation column is the sweep that chooses λ, and at the chosen
+    ratio its test cells are the method table's; d_eff falls from the rank to ~0 with λ."""
+    rng = np.random.default_rng(0)
+    R, N, k = 16, 30, 50
+    rel = rng.random((R, N)) < 0.3
+    Phi = rng.standard_normal((N, k)) * np.linspace(0.1, 3, k)
+    # query rows correlated with their relevant training rows, so λ matters
+    phi = rel.astype(float) @ Phi / 5 + rng.standard_normal((R, k))
+    val = np.arange(R) % 2 == 0
+    split = np.array(["id"] * 8 + ["ood"] * 8)
+    ratios = (1e-4, 1e-2, 1.0, 1e2, 1e4)
+    scorer = lambda q, P, r: ct.scores_from_features(q, P, r)  # noqa: E731
+    curve = cb.lambda_curve(phi, Phi, rel, val, split, ratios, scorer=scorer, k=5,
+                            n_bootstrap=50)
+    s, sweep = cb._choose_and_score(phi, Phi, rel, val, ratios, k=5, scorer=scorer)
+    assert [c["ratio"] for c in curve] == list(ratios)
+    np.testing.assert_allclose([c["val_precision"] for c in curve],
+                               [w["val_precision_at_k"] for w in sweep["sweep"]])
+    at = [c for c in curve if c["ratio"] == sweep["chosen"]][0]
+    _, raw = cb.method_rows({"m": s}, rel, ~val, split, np.ones(R, bool), {}, k=5,
+                            n_bootstrap=50)
+    assert at["id"]["precision"] == raw["m"]["id"]["precision"]
+    assert at["ood"]["precision"] == raw["m"]["ood"]["precision"]
+    assert at["id"]["n"] == 4 and at["ood"]["n"] == 4
+    d = [c["d_eff"] for c in curve]
+    assert d[0] == pytest.approx(N, rel=1e-3) and d[-1] < 0.01 * N
+    assert all(a > b for a, b in zip(d, d[1:]))
+
+
+def test_feature_settings_guard_refuses_other_settings(tmp_path):
+    folder = tmp_path / "k32768" / "concept-trak"
+    want = {"k": 32768, "projector": {"kind": "sjlt", "key": [0, 0]}, "record_step": 4000}
+    cb.check_feature_settings(folder, want)
+    np.save(folder / "train.npy", np.zeros(3))
+    cb.check_feature_settings(folder, dict(want))  # same settings: reuse
+    with pytest.raises(ConfigError, match=r"settings\.json: feature setting 'k' is 32768, "
+                                          r"this run asks for 2048"):
+        cb.check_feature_settings(folder, {**want, "k": 2048})
+    with pytest.raises(ConfigError, match="'projector'"):
+        cb.check_feature_settings(folder, {**want, "projector": {"kind": "sjlt", "key": [0, 1]}})
+    (folder / "settings.json").unlink()
+    with pytest.raises(ConfigError, match="holds features but no settings.json"):
+        cb.check_feature_settings(folder, want)
+
+
 def test_multi_concept_prompt_is_attributed_concept_by_concept():
     cfg_u, params, model_fn = _unet()
     enc = _word_encoder()

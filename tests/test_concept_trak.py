@@ -360,6 +360,28 @@ def test_lambda_ratio_rule_and_validation_only_choice():
         ct.choose_lambda_ratio(Phi, phi_val, rel_val, ())
 
 
+def test_dual_solver_gives_the_primal_ridge_scores():
+    """(ΦᵀΦ + λI)⁻¹Φᵀ = Φᵀ(ΦΦᵀ + λI)⁻¹: the N × N solve (for k ≫ N) and the engine's k × k
+    path both give the closed-form ridge φ V diag(σ/(σ² + λ)) Uᵀ (Φ = U diag(σ) Vᵀ) at every
+    ratio, with fewer rows than k (the k = 32768 case) and with more."""
+    rng = np.random.default_rng(1)
+    for n, k in ((20, 96), (40, 12)):
+        Phi = rng.standard_normal((n, k)) * np.linspace(0.05, 4, k)  # anisotropic spectrum
+        phi = rng.standard_normal((7, k))
+        U, S, Vt = np.linalg.svd(Phi, full_matrices=False)
+        for r in (1e-4, 1.0, 1e4):
+            lam = ct.lambda_from_ratio(Phi, r)
+            ref = (phi @ Vt.T * (S / (S ** 2 + lam))) @ U.T
+            for solver in ("primal", "dual"):
+                got = ct.scores_from_features(phi, Phi, r, solver=solver)
+                assert got.shape == (7, n)
+                np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="λ > 0"):
+        ct.scores_from_features(phi, Phi, 0.0, solver="dual")
+    with pytest.raises(ValueError, match="'primal' or 'dual'"):
+        ct.scores_from_features(phi, Phi, 1.0, solver="woodbury")
+
+
 def test_query_prompt_without_its_concept_is_rejected():
     cfg_u, params, _ = _unet()
     x = np.zeros((1, 8, 8, 3), np.float32)

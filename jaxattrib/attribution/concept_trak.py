@@ -67,6 +67,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from jaxattrib.attribution.grads import merge_params, projected_grads, select_params
 from jaxattrib.attribution.projection import make_projector
@@ -482,9 +483,26 @@ def lambda_from_ratio(Phi_train, ratio: float) -> float:
     return float(ratio * 0.1 * np.mean(np.sum(Phi * Phi, axis=0)))
 
 
-def scores_from_features(phi_query, Phi_train, ratio: float) -> np.ndarray:
-    """``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` with the ratio rule, ``[Q, N]`` (float64 solve)."""
+def scores_from_features(phi_query, Phi_train, ratio: float, *,
+                         solver: str = "primal") -> np.ndarray:
+    """``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` with the ratio rule, ``[Q, N]`` (float64 solve).
+
+    ``solver='primal'`` inverts the ``[k, k]`` kernel (the engine's path); ``'dual'`` uses the
+    identity ``(ΦᵀΦ + λI)⁻¹ Φᵀ = Φᵀ (ΦΦᵀ + λI)⁻¹`` (λ > 0) and solves the ``[N, N]`` system
+    instead — the same scores, for ``N ≪ k`` (e.g. k = 32768, whose float64 kernel alone is
+    8 GiB).
+    """
     lam = lambda_from_ratio(Phi_train, ratio)
+    if solver == "dual":
+        if not lam > 0:
+            raise ValueError(f"solver='dual' needs λ > 0; ratio={ratio} gives λ={lam}")
+        Phi = np.asarray(Phi_train, np.float64)
+        G = Phi @ Phi.T
+        G[np.diag_indices_from(G)] += lam
+        rhs = Phi @ np.asarray(phi_query, np.float64).T  # [N, Q]
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, lower=True), rhs).T
+    if solver != "primal":
+        raise ValueError(f"solver={solver!r}: expected 'primal' or 'dual'")
     kinv = trak_kernel_inverse(Phi_train, lam)
     return np.asarray(score(phi_query, Phi_train, kinv, dtype=np.float64)).T
 

@@ -207,16 +207,76 @@ def _choose_and_score(phi, Phi, relevant, val, ratios, *, k: int, scorer):
     return best[2], {"split": "validation rows", "sweep": sweep, "chosen": best[1]}
 
 
+def effective_dimension(Phi: np.ndarray, lam: float) -> float:
+    """``Σ_j σ_j² / (σ_j² + λ)`` over the squared singular values of ``Φ [N, k]``: how many
+    directions of ``ΦᵀΦ`` the ridge ``(ΦᵀΦ + λI)⁻¹`` whitens (≈ rank at λ → 0, → 0 as λ → ∞)."""
+    P = np.asarray(Phi, np.float64)
+    ev = np.clip(np.linalg.eigvalsh(P @ P.T if P.shape[0] <= P.shape[1] else P.T @ P), 0, None)
+    return float(np.sum(ev / (ev + lam)))
+
+
+def lambda_curve(phi, Phi, relevant, val, split, ratios, *, scorer, k: int = 10,
+                 n_bootstrap: int = 1000, seed: int = 0) -> list[dict]:
+    """Diagnostic only — never for choosing λ: per ratio ``r``, the validation rows' mean
+    P@k (what :func:`_choose_and_score` maximizes) and the *test* rows' P@k per split.
+
+    ``phi [R, k]`` query rows, ``Phi [N, k]``, ``relevant [R, N]`` bool, ``val [R]`` bool (the
+    rest are test rows), ``split [R]`` ('id' / 'ood'), ``scorer(phi, Phi, r) -> [R, N]``.
+    Returns ``[{'ratio', 'val_precision', 'd_eff', 'id', 'ood'}]`` (``id`` / ``ood``:
+    :func:`split_metrics` of the test rows; ``d_eff``: :func:`effective_dimension` at
+    λ = r · 0.1 · mean diag ΦᵀΦ).
+    """
+    from jaxattrib.attribution.concept_trak import lambda_from_ratio
+    from jaxattrib.eval.metrics import precision_at_k
+    val = np.asarray(val, bool)
+    split = np.asarray(split)
+    rows = []
+    for r in ratios:
+        s = scorer(phi, Phi, float(r))
+        rows.append({
+            "ratio": float(r),
+            "val_precision": float(np.nanmean(precision_at_k(s[val], relevant[val], k))),
+            "d_eff": effective_dimension(Phi, lambda_from_ratio(Phi, float(r))),
+            **{sp: split_metrics(s, relevant, ~val & (split == sp), k=k,
+                                 n_bootstrap=n_bootstrap, seed=seed) for sp in ("id", "ood")}})
+    return rows
+
+
+def check_feature_settings(folder: Path, settings: dict) -> None:
+    """Guards a folder of plain ``.npy`` feature files: the first call records ``settings``
+    (JSON-able: projection, k, seeds, model step, data fingerprints, …) in
+    ``folder/settings.json``; later calls raise :class:`ConfigError` naming the file and the
+    first field that differs. A folder holding ``.npy`` files but no ``settings.json`` is
+    refused too (its features' settings are unknown)."""
+    folder = Path(folder)
+    path = folder / "settings.json"
+    want = json.loads(json.dumps(settings))
+    if path.exists():
+        have = json.loads(path.read_text())
+        for key in sorted(set(have) | set(want)):
+            if have.get(key) != want.get(key):
+                raise ConfigError(f"{path}: feature setting {key!r} is {have.get(key)!r}, this "
+                                  f"run asks for {want.get(key)!r}; use another folder")
+        return
+    if folder.exists() and any(folder.glob("*.npy")):
+        raise ConfigError(f"{folder}: holds features but no settings.json; their settings "
+                          f"are unknown, use another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=2, sort_keys=True))
+
+
 def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params, sched,
-                          train_ex, gen_ex, fingerprint: str, step: int, progress: bool = False):
-    """D-TRAK / TRAK ``(Phi [N, k], phi [G, k])`` (resumable stores; loaded when complete)."""
+                          train_ex, gen_ex, fingerprint: str, step: int, progress: bool = False,
+                          features_dir: Path | None = None):
+    """D-TRAK / TRAK ``(Phi [N, k], phi [G, k])`` (resumable stores; loaded when complete) in
+    ``features_dir / method`` (default ``run_dir / 'features'``)."""
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.demo import _fingerprint_of
     a = config.attribution
     ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
                               params=a.params, projection=a.projection, microbatch=a.microbatch)
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
-    feats = run_dir / "features" / method
+    feats = Path(features_dir or run_dir / "features") / method
     Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
                                 fingerprint=fingerprint, step=step, progress=progress)
     phi = dt.featurize_examples(out_fn, unet_params, gen_ex, ac, feats / "queries",
@@ -225,17 +285,18 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     return np.asarray(Phi), np.asarray(phi)
 
 
-def _trak_family_scores(Phi, phi, config, plan: dict, relevant):
+def _trak_family_scorer(q, P, r):
+    """D-TRAK / TRAK scores ``[Q, N]`` at ratio ``r`` through the engine (primal kernel)."""
     from jaxattrib.attribution import diffusion_trak as dt
+    # dt.relative_lambdas is r·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
+    return np.asarray(dt.scores_from_features(q, P, dt.relative_lambdas(P, [0.1 * r])[0]))
+
+
+def _trak_family_scores(Phi, phi, config, plan: dict, relevant):
     phi_rows = phi[plan["row_image"]]  # every concept row gets its image's scores
-
-    def scorer(q, P, r):
-        # dt.relative_lambdas is r·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
-        return np.asarray(dt.scores_from_features(q, P, dt.relative_lambdas(P, [0.1 * r])[0]))
-
     return _choose_and_score(phi_rows, Phi, relevant, plan["row_val"],
                              config.attribution.lambda_ratios, k=config.eval.topk,
-                             scorer=scorer)
+                             scorer=_trak_family_scorer)
 
 
 def neighbour_purity(Phi: np.ndarray, train_captions: Sequence[str], k: int = 10) -> dict:
@@ -606,6 +667,7 @@ def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False)
     atomic_write_text(run_dir / "tables" / "concept_trak.json", json.dumps(doc, indent=2))
 
 
-__all__ = ["concept_ground_truth", "concept_query", "concept_trak_config", "method_rows",
+__all__ = ["check_feature_settings", "concept_ground_truth", "concept_query",
+           "concept_trak_config", "effective_dimension", "lambda_curve", "method_rows",
            "neighbour_purity", "parse_combo", "query_plan", "run_concept_benchmark",
            "split_metrics", "verified_rows"]
