@@ -39,8 +39,10 @@ output relative to the loss is not fixed by theory; the table shows the chosen s
 
 Everything is cached in the run directory (models, measured losses, feature stores, scores), so
 a killed run restarts where it stopped. Cached features hold for the attribution settings
-recorded in ``features/settings.json`` (K, k, projection, parameters, noise seed); a rerun with
-others raises :class:`jaxattrib.eval.lds.LDSRunMismatchError` naming the field. Outputs:
+recorded in ``features/settings.json`` (K, k, projection, parameters, noise seed, projection
+generator version); a rerun with others raises :class:`jaxattrib.eval.lds.LDSRunMismatchError`
+naming the field (features cached before that record existed: see ``--features-generator``).
+Outputs:
 ``results/lds.json`` (via :func:`jaxattrib.report.html.write_result`), ``lds_table.md``,
 ``timings.json``.
 
@@ -66,6 +68,7 @@ import numpy as np
 import optax
 
 from jaxattrib.attribution import diffusion_trak as dt
+from jaxattrib.attribution import projection
 from jaxattrib.attribution import trak as trak_lib
 from jaxattrib.attribution.grads import per_example_grad_fn, projected_grads, select_params
 from jaxattrib.diffusion.losses import dsm_loss, timesteps_uniform
@@ -227,18 +230,15 @@ def choose(candidates, masks, actual_tune, cfg):
 # ----------------------------------------------------------------------------- main
 
 
-def run(cfg, run_dir: Path, log=print):
+def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
+    """Runs (or resumes) the benchmark in ``run_dir``; returns the table rows.
+    ``features_generator``: see :func:`check_feature_settings`."""
     t_start = time.time()
     timings = {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    # cached features hold only for the settings that made them (K, k, projection, ...): a rerun
-    # with others refuses (features/settings.json; older caches: the previous run's config.json)
+    # cached features hold only for the settings that made them (K, k, projection, generator)
+    check_feature_settings(run_dir, cfg.to_dict(), features_generator)
     feat_dir = run_dir / "features"
-    older = None
-    if not (feat_dir / "settings.json").is_file() and any(feat_dir.glob("*.npy")):
-        prev = run_dir / "config.json"
-        older = feature_settings(json.loads(prev.read_text()) if prev.is_file() else {})
-    lds_lib.check_settings(feat_dir / "settings.json", feature_settings(cfg.to_dict()), older)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     ucfg = unet_config(cfg)
     sched = make_schedule(1000)
@@ -446,12 +446,55 @@ def run(cfg, run_dir: Path, log=print):
 
 
 def feature_settings(cfg: dict) -> dict:
-    """The settings of a config dict that determine the cached features (``features/*.npy``);
-    fields missing from an older config are None."""
+    """The settings that determine the cached features (``features/*.npy``): those of a config
+    dict (fields missing from an older config are None) and this code's projection generator
+    version (:data:`jaxattrib.attribution.projection.GENERATOR_VERSION`)."""
     a = cfg.get("attribution", {})
     return {"k": a.get("k"), "num_timesteps": a.get("num_timesteps"),
             "projection": a.get("projection"), "params": a.get("params"),
-            "noise_seed": cfg.get("seed")}
+            "noise_seed": cfg.get("seed"), "generator": projection.GENERATOR_VERSION}
+
+
+#: generator version of a ``features/settings.json`` without the ``generator`` field: the record
+#: was introduced in b27981a (2026-11-26 06:36 UTC), when ``GENERATOR_VERSION`` had been 2 since
+#: 4530612 (00:20 UTC), and the field was added while it still was, so every such record was
+#: written with version 2
+RECORD_GENERATOR_BEFORE_FIELD = 2
+
+
+def check_feature_settings(run_dir: Path, cfg: dict, features_generator: int | None = None
+                           ) -> None:
+    """Refuses cached features (``run_dir/features/*.npy``) made with other attribution settings
+    or another projection generator than ``cfg`` with this code would use (naming the field,
+    :class:`jaxattrib.eval.lds.LDSRunMismatchError`); writes ``features/settings.json`` if new.
+
+    A record without ``generator`` is read as :data:`RECORD_GENERATOR_BEFORE_FIELD`. Features
+    cached before any record existed are judged by the run's previous ``config.json``, which
+    does not say which generator projected them (version 1 before commit 4530612, 2 from it on):
+    they are refused unless ``features_generator`` (``--features-generator``) declares it.
+    """
+    feat_dir = run_dir / "features"
+    path = feat_dir / "settings.json"
+    want = feature_settings(cfg)
+    older = None
+    if not path.is_file() and any(feat_dir.glob("*.npy")):
+        prev = run_dir / "config.json"
+        older = {**feature_settings(json.loads(prev.read_text()) if prev.is_file() else {}),
+                 "generator": features_generator}
+    if older is not None and features_generator is None:
+        hint = (f"generator None: these features predate {path.name}, so the projection "
+                f"generator version that made them is not recorded (1 before commit 4530612 of "
+                f"2026-11-26 00:20 UTC, 2 from it on); rerun with --features-generator N if you "
+                f"know it was N, or delete {feat_dir} to recompute them (models and measured "
+                f"outputs are kept)")
+    else:
+        hint = (f"generator: the cached features were projected with another P generator "
+                f"(jaxattrib.attribution.projection.GENERATOR_VERSION) than this code's "
+                f"version {want['generator']} and cannot be combined with new ones: delete "
+                f"{feat_dir} to recompute them (models and measured outputs are kept), use "
+                f"another --run-dir, or run the code of the stored version")
+    lds_lib.check_settings(path, want, older, absent={"generator": RECORD_GENERATOR_BEFORE_FIELD},
+                           hints={"generator": hint})
 
 
 def format_table(rows, cfg, timings, agreement=None):
@@ -503,6 +546,10 @@ def main(argv=None):
                          "timesteps; where D-TRAK > TRAK was reproduced); with --smoke its "
                          "CI-sized version; --finetune is --config finetune")
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    ap.add_argument("--features-generator", type=int, default=None, metavar="N",
+                    help="projection generator version of features cached in the run directory "
+                         "before features/settings.json existed (1 before commit 4530612, "
+                         "2 from it on); such a cache is refused without it")
     args = ap.parse_args(argv)
     from jaxattrib.config import load_config
     spec = str(Path(__file__).resolve().parents[1] / "jaxattrib" / "configs" / "lds.py")
@@ -512,7 +559,8 @@ def main(argv=None):
         ap.error(str(e))
     cfg = load_config(spec + (f":{setting}" if setting else ""), args.set)
     run_dir = Path(args.run_dir or f"runs/lds{'_' + setting if setting else ''}")
-    run(cfg, run_dir, log=lambda m: print(m, flush=True))
+    run(cfg, run_dir, log=lambda m: print(m, flush=True),
+        features_generator=args.features_generator)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,58 @@ def test_benchmark_refuses_features_cached_with_other_attribution_settings(tmp_p
     assert json.loads((older / "config.json").read_text())["attribution"]["num_timesteps"] == 10
 
 
+def test_feature_settings_record_guards_the_projection_generator(tmp_path, monkeypatch):
+    """``features/settings.json`` records the projection generator version. A record written
+    before the field (no ``generator``) is read as version 2 and resumes under the current code
+    (2) without being rewritten, but is refused once the generator moves on; a record naming
+    another version is refused naming the field, both versions and what to do; features cached
+    before any record are refused unless their generator is declared."""
+    from jaxattrib.attribution import projection
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune_fit_smoke")
+    cfg = cfg.to_dict()
+    assert projection.GENERATOR_VERSION == 2 == bench.RECORD_GENERATOR_BEFORE_FIELD
+    want = bench.feature_settings(cfg)
+    assert want["generator"] == 2
+    # an existing record from before the field: resumes, untouched
+    run = tmp_path / "old_record"
+    rec = run / "features" / "settings.json"
+    rec.parent.mkdir(parents=True)
+    old = {k: v for k, v in want.items() if k != "generator"}
+    rec.write_text(json.dumps(old, indent=2))
+    np.save(run / "features" / "trak_final_train.npy", np.zeros((3, 2)))
+    bench.check_feature_settings(run, cfg)
+    assert json.loads(rec.read_text()) == old
+    # ... but not under another generator: absence means 2, not "whatever the code draws now"
+    monkeypatch.setattr(projection, "GENERATOR_VERSION", 3)
+    with pytest.raises(lds_lib.LDSRunMismatchError,
+                       match=r"settings.json.*generator: stored 2 vs given 3\. generator: .*"
+                             r"version 3.*delete .*features to recompute"):
+        bench.check_feature_settings(run, cfg)
+    monkeypatch.setattr(projection, "GENERATOR_VERSION", 2)
+    # a record naming another version than the code's
+    rec.write_text(json.dumps({**old, "generator": 1}))
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="generator: stored 1 vs given 2"):
+        bench.check_feature_settings(run, cfg)
+    # features cached before any record, judged by the run's previous config.json
+    legacy = tmp_path / "legacy"
+    (legacy / "features").mkdir(parents=True)
+    np.save(legacy / "features" / "trak_final_train.npy", np.zeros((3, 2)))
+    (legacy / "config.json").write_text(json.dumps(cfg, default=list))
+    with pytest.raises(lds_lib.LDSRunMismatchError,
+                       match=r"generator: stored None vs given 2.*--features-generator"):
+        bench.check_feature_settings(legacy, cfg)
+    with pytest.raises(lds_lib.LDSRunMismatchError, match="generator: stored 1 vs given 2"):
+        bench.check_feature_settings(legacy, cfg, features_generator=1)
+    assert not (legacy / "features" / "settings.json").exists()
+    bench.check_feature_settings(legacy, cfg, features_generator=2)
+    assert json.loads((legacy / "features" / "settings.json").read_text()) == want
+    # a fresh run directory gets the record with the generator
+    bench.check_feature_settings(tmp_path / "fresh", cfg)
+    assert json.loads((tmp_path / "fresh" / "features" / "settings.json").read_text()) == want
+
+
 def test_check_settings_writes_matches_and_names_the_mismatch(tmp_path):
     path = tmp_path / "sub" / "settings.json"
     assert lds_lib.check_settings(path, {"a": 1, "b": "x"})          # written
@@ -331,6 +383,14 @@ def test_check_settings_writes_matches_and_names_the_mismatch(tmp_path):
         lds_lib.check_settings(fresh, {"a": 1}, stored={})
     assert not fresh.exists()
     assert lds_lib.check_settings(fresh, {"a": 1}, stored={"a": 1, "z": 0})
+    # a field added to the record later: read from ``absent`` when missing; hints explain
+    assert not lds_lib.check_settings(fresh, {"a": 1, "new": 5}, absent={"new": 5})
+    assert json.loads(fresh.read_text()) == {"a": 1}
+    with pytest.raises(lds_lib.LDSRunMismatchError,
+                       match=r"new: stored 5 vs given 6\. do this$"):
+        lds_lib.check_settings(fresh, {"a": 1, "new": 6}, absent={"new": 5},
+                               hints={"new": "do this", "a": "not shown"})
+    assert not lds_lib.check_settings(fresh, {"a": 1}, absent={"new": 5}, hints={"new": "x"})
 
 
 def _regime_module():

@@ -216,22 +216,29 @@ def load_model(run_dir: str | os.PathLike, j: int, seed: int) -> Any:
     return serialization.msgpack_restore(path.read_bytes())
 
 
-def check_settings(path: str | os.PathLike, want: dict, stored: dict | None = None) -> bool:
+def check_settings(path: str | os.PathLike, want: dict, stored: dict | None = None, *,
+                   absent: dict | None = None, hints: dict | None = None) -> bool:
     """Guards a cache by the settings that made it: the JSON record ``path`` must equal ``want``.
 
     If ``path`` exists, every field of ``want`` must match it, else :class:`LDSRunMismatchError`
     names the file and each mismatching field. If it does not exist, ``stored`` (settings known
     to have made an older cache without a record, or None) is checked the same way, then
     ``want`` is written. Returns True when the record was created by this call.
+
+    ``absent``: ``{field: value}`` for fields added to the record later: an existing record
+    without one is read as ``value`` (the value in force whenever such records were written);
+    the record is not rewritten. ``hints``: ``{field: text}`` appended to the error when that
+    field mismatches (what to do about it).
     """
     path = Path(path)
-    have = json.loads(path.read_text()) if path.is_file() else stored
+    have = {**(absent or {}), **json.loads(path.read_text())} if path.is_file() else stored
     if have is not None:
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             raise LDSRunMismatchError(
                 f"{path}: run directory was made with other settings: " +
-                ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items()))
+                ", ".join(f"{k}: stored {a!r} vs given {b!r}" for k, (a, b) in diff.items()) +
+                "".join(f". {hints[k]}" for k in diff if k in (hints or {})))
     if path.is_file():
         return False
     _atomic_write(path, json.dumps(want, indent=2).encode())
