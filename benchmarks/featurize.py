@@ -1,4 +1,4 @@
-"""Featurization throughput: jaxattrib vs MadryLab's ``trak`` (``traker`` on PyPI), CPU.
+"""Featurization throughput: jaxattrib vs MadryLab's ``trak`` (``traker`` on PyPI), CPU or GPU.
 
 One tiny text-conditioned UNet (``jaxattrib.models.unet.tiny_config``, random weights) is written
 once in diffusers format; the torch side loads those weights with
@@ -36,12 +36,22 @@ examples per generation of P: ``jax-gaussian`` ↔ ``trak``, ``jax-rademacher@B`
 the RSS after imports and model loading (what featurization itself adds). Torch and XLA both use
 the machine's cores (``torch.set_num_threads(os.cpu_count())``).
 
+On a GPU (``--torch-device cuda``; JAX uses its default backend, so install a CUDA jaxlib):
+the torch side runs traker on ``cuda``. The ``trak`` row is then traker's own GPU choice — its
+``CudaProjector`` when the ``fast_jl`` extension imports, else its ``BasicProjector`` on the GPU
+(traker falls back with a warning); the row's ``projector`` column says which ran. Peak GPU
+memory is reported per row (``torch.cuda.max_memory_allocated``; JAX's
+``memory_stats()['peak_bytes_in_use']``; set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that JAX
+does not reserve most of the card up front). Every timed batch ends in a device sync (JAX's rows
+copy the features to the host; torch's call ``torch.cuda.synchronize()``).
+
 A sanity row checks that both sides compute the same function: the output value and the squared
 norm of the (unprojected) per-example gradient of the first examples, torch vs JAX.
 
     python benchmarks/featurize.py --quick          # seconds-long smoke run
     python benchmarks/featurize.py                  # the run reported in BENCHMARKS.md
     python benchmarks/featurize.py --k 4096 --kinds factored,gaussian --no-trak
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/featurize.py --torch-device cuda
 
 Requires the ``bench`` extra (``pip install -e .[test,bench]``: ``traker``, torch, diffusers).
 """
@@ -102,7 +112,9 @@ def prepare(root: Path, args: dict) -> dict:
     p = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
     dense = dense_kernel_shapes(params)
     p_dense = sum(a * b for a, b in dense.values())
-    return {"p": p, "n_dense_layers": len(dense), "p_dense_kernels": p_dense}
+    dev = jax.devices()[0]
+    return {"p": p, "n_dense_layers": len(dense), "p_dense_kernels": p_dense,
+            "jax": f"jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind})"}
 
 
 def _rss_mib() -> float:
@@ -131,11 +143,17 @@ def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
     import warnings
     warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap loops over SDPA on CPU
     torch.set_num_threads(os.cpu_count())
+    dev = args.get("torch_device", "cpu")
+    cuda = dev.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
     d = np.load(root / "data.npz")
-    ts = torch.from_numpy(d["ts"]).long()
-    noise = torch.from_numpy(d["noise"]).permute(0, 3, 1, 2).contiguous()  # [K, C, H, W]
-    abar = torch.from_numpy(d["alphas_cumprod"])[ts].float().view(-1, 1, 1, 1)
-    model = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    ts = torch.from_numpy(d["ts"]).long().to(dev)
+    noise = torch.from_numpy(d["noise"]).permute(0, 3, 1, 2).contiguous().to(dev)  # [K,C,H,W]
+    abar = torch.from_numpy(d["alphas_cumprod"]).to(dev)[ts].float().view(-1, 1, 1, 1)
+    model = UNet2DConditionModel.from_pretrained(root / "unet").eval().to(dev)
 
     class DSMOutput(AbstractModelOutput):
         """``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)`` of one example (same as JAX's out_fn)."""
@@ -151,34 +169,39 @@ def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
             return ((noise - out) ** 2).mean(dim=(1, 2, 3)).sum() / K
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(batch[0].shape[0], 1)
+            return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
 
-    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous()
-    ctx = torch.from_numpy(d["ctx"])
+    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous().to(dev)
+    ctx = torch.from_numpy(d["ctx"]).to(dev)
     n, b = x0.shape[0], args["batch"]
     base = _rss_mib()
     projector = None
     if family == "rademacher":  # traker's own default on CPU is the normal family
         projector = BasicProjector(grad_dim=sum(p.numel() for p in model.parameters()),
                                    proj_dim=args["k"], seed=PROJ_SEED,
-                                   proj_type=ProjectionType.rademacher, device="cpu",
+                                   proj_type=ProjectionType.rademacher, device=dev,
                                    dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         traker = TRAKer(model=model, task=DSMOutput(), train_set_size=n, save_dir=tmp,
-                        device="cpu", use_half_precision=False, proj_dim=args["k"],
+                        device=dev, use_half_precision=False, proj_dim=args["k"],
                         projector_seed=PROJ_SEED, logging_level=40, projector=projector)
         traker.load_checkpoint(model.state_dict(), model_id=0)
         batches = _batches(n, b)
         t0 = time.perf_counter()
         traker.featurize(batch=(x0[batches[0]], ctx[batches[0]]), inds=batches[0])
+        sync()
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for idx in batches[1:1 + args["batches"]]:
             traker.featurize(batch=(x0[idx], ctx[idx]), inds=idx)
+        sync()
         wall = time.perf_counter() - t0
         feats = np.asarray(traker.saver.current_store["grads"][: b])
+        proj_name = type(traker.projector).__name__
     out = {"warm": warm, "wall": wall, "examples": b * len(batches[1:1 + args["batches"]]),
-           "peak": _peak_mib(), "delta": _peak_mib() - base, "finite": bool(np.isfinite(feats).all())}
+           "peak": _peak_mib(), "delta": _peak_mib() - base, "finite": bool(np.isfinite(feats).all()),
+           "projector": proj_name,
+           "gpu_peak": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     # sanity: output values and per-example gradient norms² of the first examples
     m = min(4, n)
     fn = DSMOutput()
@@ -189,7 +212,7 @@ def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
     norms = []
     for i in range(m):
         g = torch.func.grad(fn.get_output, argnums=1)(model, weights, buffers, x0[i], ctx[i])
-        norms.append(float(sum((v.detach().double() ** 2).sum() for v in g.values())))
+        norms.append(float(sum((v.detach().double() ** 2).sum().cpu() for v in g.values())))
     out.update(values=vals, grad_sq_norms=norms)
     return out
 
@@ -233,6 +256,16 @@ def factored_k_in(k: int, k_in: int = 0) -> int:
         return k_in
     r = math.isqrt(k)
     return r if r * r == k else 2 ** (int(math.log2(k)) // 2)
+
+
+def _jax_device_peak_mib(jax) -> float | None:
+    """Peak bytes in use on JAX's first device (MiB), or None where the backend keeps no such
+    statistic (the CPU backend)."""
+    dev = jax.local_devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
 
 def _jax_stage(kind: str, root: Path, args: dict) -> dict:
@@ -280,7 +313,8 @@ def _jax_stage(kind: str, root: Path, args: dict) -> dict:
     out = {"warm": warm, "wall": wall, "examples": call * len(batches[1:1 + args["batches"]]),
            "peak": _peak_mib(), "delta": _peak_mib() - base,
            "finite": bool(all(np.isfinite(np.asarray(a)).all()
-                              for a in jax.tree_util.tree_leaves(first)))}
+                              for a in jax.tree_util.tree_leaves(first))),
+           "projector": kind, "gpu_peak": _jax_device_peak_mib(jax)}
     if kind == "grad" and args.get("sanity"):
         m = min(4, n)
         ex = {k: v[:m] for k, v in examples.items()}
@@ -328,25 +362,29 @@ def same_trak_row(name: str) -> str | None:
 
 
 def _fmt_table(rows: list, ref: str | None, same: bool = False) -> list[str]:
-    extra_h = f" {'× same':>8} |" if same else ""
-    lines = [f"| {'row':<20}| {'examples/s':>11} | {'warm-up s':>9} | {'timed s':>8} | "
-             f"{'peak RSS MiB':>12} | {'Δ RSS MiB':>9} | {'× ' + (ref or '-'):>12} |" + extra_h,
-             "|" + "-" * 21 + "|" + "-" * 13 + "|" + "-" * 11 + "|" + "-" * 10 + "|"
-             + "-" * 14 + "|" + "-" * 11 + "|" + "-" * 14 + "|" + ("-" * 10 + "|" if same else "")]
+    """Markdown table of ``(name, result | None)`` rows; a ``GPU peak MiB`` and a ``projector``
+    column appear when any row ran on a GPU."""
+    gpu = any(r and r.get("gpu_peak") is not None for _, r in rows)
+    head = ["row", "examples/s", "warm-up s", "timed s", "peak RSS MiB", "Δ RSS MiB",
+            "× " + (ref or "-")] + (["× same"] if same else []) + (
+            ["GPU peak MiB", "projector"] if gpu else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     eps = {n: r["eps"] for n, r in rows if r}
     ref_tp = eps.get(ref)
     for name, r in rows:
         if r is None:
-            lines.append(f"| {name:<20}| {'failed':>11} | {'':>9} | {'':>8} | {'':>12} | {'':>9} | "
-                         f"{'':>12} |" + (f" {'':>8} |" if same else ""))
+            lines.append(f"| {name} | failed |" + " |" * (len(head) - 2))
             continue
-        ratio = f"{r['eps'] / ref_tp:.2f}" if ref_tp else "-"
-        extra = ""
+        cells = [name, f"{r['eps']:.2f}", f"{r['warm']:.1f}", f"{r['wall']:.1f}",
+                 f"{r['peak']:.0f}", f"{r['delta']:.0f}",
+                 f"{r['eps'] / ref_tp:.2f}" if ref_tp else "-"]
         if same:
             other = eps.get(same_trak_row(name))
-            extra = f" {r['eps'] / other:>8.2f} |" if other else f" {'-':>8} |"
-        lines.append(f"| {name:<20}| {r['eps']:>11.2f} | {r['warm']:>9.1f} | {r['wall']:>8.1f} | "
-                     f"{r['peak']:>12.0f} | {r['delta']:>9.0f} | {ratio:>12} |" + extra)
+            cells.append(f"{r['eps'] / other:.2f}" if other else "-")
+        if gpu:
+            cells += [f"{r['gpu_peak']:.0f}" if r.get("gpu_peak") is not None else "-",
+                      r.get("projector", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -377,6 +415,8 @@ def main(argv=None) -> int:
                     help="JAX PRNG for the projections, e.g. 'rbg' (default: JAX's threefry)")
     ap.add_argument("--skip-factored-table", action="store_true",
                     help="skip table 2 (factored vs plain backward at --k-factored)")
+    ap.add_argument("--torch-device", default="cpu",
+                    help="device of the traker rows: cpu or cuda (JAX uses its default backend)")
     ap.add_argument("--dir", help="work folder (default: a temp folder)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -387,7 +427,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--proj-batch={a.proj_batch} must be a multiple of --batch={a.batch}")
     args = dict(k=a.k, k_in=a.k_in, batch=a.batch, batches=a.batches, K=a.K,
                 channels=a.channels, size=a.size, ctx_len=a.ctx_len, ctx_dim=a.ctx_dim,
-                n=max(a.batch, a.proj_batch) * (a.batches + 1), prng_impl=a.prng_impl)
+                n=max(a.batch, a.proj_batch) * (a.batches + 1), prng_impl=a.prng_impl,
+                torch_device=a.torch_device)
     if a.channels and min(int(c) for c in a.channels.split(",")) < 8:
         raise SystemExit("--channels: each entry must be >= 8 (GroupNorm groups)")
 
@@ -403,6 +444,7 @@ def main(argv=None) -> int:
           f"examples per pass over P, gradients {a.batch} at a time); timed "
           f"{a.batches} batches after 1 warm-up batch; cpu_count={os.cpu_count()}; "
           f"loadavg={os.getloadavg()[0]:.1f}; JAX PRNG: {a.prng_impl or 'default (threefry)'}")
+    print(f"# {desc['jax']}; traker rows on {a.torch_device}")
     failures = []
 
     def collect(names, k, **over):
@@ -415,6 +457,7 @@ def main(argv=None) -> int:
                 print(f"## {nm} failed:\n{err}", file=sys.stderr)
             else:
                 res["eps"] = res["examples"] / res["wall"]
+                print(f"# {nm}: {res['eps']:.2f} examples/s, warm-up {res['warm']:.1f} s")
             rows.append((nm, res))
         return rows
 

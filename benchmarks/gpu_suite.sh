@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One short, bounded GPU session: environment probe + smoke check, featurization throughput
+# against MadryLab's traker on the GPU (benchmarks/featurize.py --torch-device cuda), and the
+# embedded demo end to end, timed. Every step has its own time limit inside a global budget, so
+# the session ends on time and keeps what finished; outputs go to OUT_DIR as text files.
+#
+#   bash benchmarks/gpu_suite.sh OUT_DIR
+#
+# Environment (all optional):
+#   PYTHON          interpreter (default python3); it needs a CUDA jaxlib and torch with CUDA.
+#   EXTRA_PYTHONPATH  prepended to PYTHONPATH (e.g. a folder holding ml_collections, diffusers,
+#                   traker when they are not installed).
+#   PIN_PYTHONPATH  a folder with pinned flax / optax / orbax-checkpoint, tried only when the
+#                   smoke check fails with the installed ones.
+#   BUDGET_S        total seconds for the whole suite (default 530).
+#   FEATURIZE_ARGS  extra arguments of featurize.py; TORCH_DEVICE its traker device (cuda).
+set -u -o pipefail
+out=${1:?usage: gpu_suite.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+py=${PYTHON:-python3}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export PYTHONPATH="$repo${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+start=$(date +%s)
+deadline=$((start + ${BUDGET_S:-530}))
+work=$(mktemp -d)
+
+# step NAME CAP_S LOG CMD...: runs CMD under min(CAP_S, time left), tee'd to LOG, and logs wall time.
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$((deadline - $(date +%s)))
+  local lim=$((cap < left ? cap : left))
+  if [ "$lim" -le 5 ]; then echo "## $name: skipped, budget spent" | tee -a "$log"; return 124; fi
+  echo "## $name (limit ${lim} s): $*" | tee -a "$log"
+  local t0=$(date +%s)
+  timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$log"
+  local rc=$?
+  echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$log"
+  return $rc
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  echo "cpus: $(nproc)"; git -C "$repo" rev-parse --short HEAD 2>/dev/null || true
+  $py -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+} 2>&1 | tee "$out/env.txt"
+
+if ! step smoke 150 "$out/env.txt" $py benchmarks/gpu_smoke.py && [ -n "${PIN_PYTHONPATH:-}" ]; then
+  export PYTHONPATH="$PIN_PYTHONPATH:$PYTHONPATH"
+  step smoke-pinned 150 "$out/env.txt" $py benchmarks/gpu_smoke.py
+fi
+
+step featurize 280 "$out/featurize.txt" $py benchmarks/featurize.py --torch-device "${TORCH_DEVICE:-cuda}" \
+  --batches 10 --proj-batch 0 --skip-factored-table --dir "$work/featurize" ${FEATURIZE_ARGS:-}
+
+step demo 400 "$out/demo.txt" $py -m jaxattrib.cli demo --run-dir "$work/demo" --no-progress
+for f in attribution.json cgi_dm.json; do
+  [ -f "$work/demo/results/$f" ] && cp "$work/demo/results/$f" "$out/demo_$f"
+done
+echo "## suite: $(( $(date +%s) - start )) s" | tee -a "$out/env.txt"
