@@ -30,8 +30,10 @@ Options:
   Tables: ``tables/variants_k<K>.md``.
 * ``--lambda-curve``: a diagnostic, never a way to pick λ (λ is still chosen on the
   validation rows): every row's test P@10 ID / OOD (95% CIs), validation P@10 and the ridge's
-  effective dimension at every ratio of ``attribution.lambda_ratios``;
-  ``tables/lambda_curve[_k<K>].{md,json}``.
+  effective dimension at every ratio of ``attribution.lambda_ratios`` (or ``--curve-ratios``),
+  and what the leading directions of ``ΦᵀΦ`` encode; ``tables/lambda_curve[_k<K>].{md,json}``.
+  (λ = r · 0.1 · mean diag ΦᵀΦ = r · 0.1 · ||Φ||²_F / k while ΦΦᵀ barely depends on k, so
+  the same ``r`` is a 16× smaller λ at k = 32768 than at 2048: compare curves by d_eff.)
 
     python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak
     python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak_v2 --variants "" \\
@@ -69,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--lambda-curve", action="store_true",
                     help="also every row's test P@10 ID / OOD at every λ ratio (diagnostic; "
                          "λ is still chosen on the validation rows)")
+    ap.add_argument("--curve-ratios", default="",
+                    help="comma-separated λ ratios of the curve (default: the run's "
+                         "attribution.lambda_ratios, the grid validation chooses from)")
     args = ap.parse_args(argv)
     import ml_collections
 
@@ -232,11 +237,16 @@ def main(argv=None):
     print(md)
     if args.lambda_curve:
         k10 = config.eval.topk
-        curve_md, curve_json = [], {}
+        ratios = ([float(r) for r in args.curve_ratios.split(",") if r.strip()]
+                  or config.attribution.lambda_ratios)
+        curve_md, curve_json, lead = [], {}, []
         for name, (Phi, phi, scorer) in rows.items():
-            curve = cb.lambda_curve(phi, Phi, rel, val, plan["row_split"],
-                                    config.attribution.lambda_ratios, scorer=scorer, k=k10,
+            curve = cb.lambda_curve(phi, Phi, rel, val, plan["row_split"], ratios,
+                                    scorer=scorer, k=k10,
                                     n_bootstrap=config.eval.n_bootstrap, seed=config.seed)
+            lead += [{"features": name, **{c: (f"{v:.3f}" if isinstance(v, float) else v)
+                                           for c, v in d.items()}}
+                     for d in cb.leading_directions(Phi, train["captions"], n=5)]
             curve_json[name] = [{"ratio": c["ratio"], "val_precision": c["val_precision"],
                                  "d_eff": c["d_eff"],
                                  **{f"{sp}_{f}": getattr(c[sp]["precision"], f)
@@ -254,10 +264,14 @@ def main(argv=None):
                 f"per λ ratio, k = {K}, {solver} solve; d_eff = Σ σ²/(σ²+λ) over ΦΦᵀ "
                 f"(N = {len(train['images'])})\n\n"
                 + "\n\n".join(f"{c['features']} (val chose {c['chosen (val)']})\n\n{c['table']}"
-                              for c in curve_md) + "\n")
+                              for c in curve_md)
+                + "\n\nLeading directions of ΦᵀΦ (the first a small λ whitens): share of the "
+                  "trace and η² of each concept over the training images\n\n"
+                + markdown_table(lead) + "\n")
         (run / "tables" / f"lambda_curve{suffix}.md").write_text(text)
         (run / "tables" / f"lambda_curve{suffix}.json").write_text(json.dumps(
-            {"k": K, "solver": solver, "curves": curve_json}, indent=2))
+            {"k": K, "solver": solver, "curves": curve_json, "leading_directions": lead},
+            indent=2))
         print(text)
     print(f"wall time {time.time() - t0:.0f} s")
 

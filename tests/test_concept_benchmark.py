@@ -126,6 +126,23 @@ def test_lambda_curve_agrees_with_the_validation_choice_and_the_test_table():
     assert all(a > b for a, b in zip(d, d[1:]))
 
 
+def test_leading_directions_name_the_concept_that_dominates():
+    caps = [f"a {c} {s} on a {b} background" for b in ("black", "white") for c in ("red", "blue")
+            for s in ("circle", "star") for _ in range(2)]  # 16 images
+    bg = np.array([1.0 if "black" in c else -1.0 for c in caps])
+    shape = np.array([1.0 if "star" in c else -1.0 for c in caps])
+    rng = np.random.default_rng(0)
+    # features: a strong background direction, a weaker shape direction, small noise
+    Phi = (10 * bg[:, None] * rng.standard_normal(40) + 2 * shape[:, None]
+           * rng.standard_normal(40) + 0.01 * rng.standard_normal((16, 40)))
+    d = cb.leading_directions(Phi, caps, n=2)
+    assert d[0]["η² background"] > 0.99 and d[0]["η² shape"] < 0.01
+    assert d[1]["η² shape"] > 0.99 and d[1]["η² background"] < 0.01
+    assert d[0]["η² color"] < 0.01
+    assert d[0]["share of trace"] > d[1]["share of trace"] > 0
+    assert sum(r["share of trace"] for r in d) <= 1.0 + 1e-12
+
+
 def test_feature_settings_guard_refuses_other_settings(tmp_path):
     folder = tmp_path / "k32768" / "concept-trak"
     want = {"k": 32768, "projector": {"kind": "sjlt", "key": [0, 0]}, "record_step": 4000}

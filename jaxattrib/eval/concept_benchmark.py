@@ -242,6 +242,27 @@ def lambda_curve(phi, Phi, relevant, val, split, ratios, *, scorer, k: int = 10,
     return rows
 
 
+def leading_directions(Phi: np.ndarray, train_captions: Sequence[str], n: int = 3) -> list[dict]:
+    """What the dominant directions of ``ΦᵀΦ`` encode: for each of the ``n`` leading left
+    singular vectors ``u_j [N]`` of ``Φ [N, k]`` (the directions a small λ whitens first), its
+    share of the trace ``σ_j² / Σ σ²`` and, per concept kind, η² = between-group / total
+    variance of ``u_j``'s entries grouped by the training captions' value (1 = ``u_j`` is a
+    function of that concept alone, ≈ 0 = unrelated)."""
+    from jaxattrib.data.synthetic import parse_caption
+    U, S, _ = np.linalg.svd(np.asarray(Phi, np.float64), full_matrices=False)
+    parsed = [parse_caption(str(c)) for c in train_captions]
+    rows = []
+    for j in range(min(n, len(S))):
+        u = U[:, j] - U[:, j].mean()
+        row = {"direction": j + 1, "share of trace": float(S[j] ** 2 / np.sum(S ** 2))}
+        for kind in ("background", "color", "shape"):
+            v = np.array([p[kind] for p in parsed])
+            between = sum(np.sum(v == g) * u[v == g].mean() ** 2 for g in np.unique(v))
+            row[f"η² {kind}"] = float(between / max(np.sum(u ** 2), 1e-300))
+        rows.append(row)
+    return rows
+
+
 def check_feature_settings(folder: Path, settings: dict) -> None:
     """Guards a folder of plain ``.npy`` feature files: the first call records ``settings``
     (JSON-able: projection, k, seeds, model step, data fingerprints, …) in
@@ -668,6 +689,7 @@ def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False)
 
 
 __all__ = ["check_feature_settings", "concept_ground_truth", "concept_query",
-           "concept_trak_config", "effective_dimension", "lambda_curve", "method_rows",
+           "concept_trak_config", "effective_dimension", "lambda_curve", "leading_directions",
+           "method_rows",
            "neighbour_purity", "parse_combo", "query_plan", "run_concept_benchmark",
            "split_metrics", "verified_rows"]
