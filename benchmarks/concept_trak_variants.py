@@ -17,6 +17,9 @@ method; new features go to ``RUN_DIR/features/concept-trak-variants/``. Writes
 Options:
 
 * ``--baselines``: also the D-TRAK and TRAK rows (the run's feature stores).
+* ``--project-out N``: also every row with the ``N`` leading directions of its training
+  features' ``ΦᵀΦ`` removed from Φ and φ (:func:`~jaxattrib.eval.concept_benchmark.
+  project_out_leading`; found on the training side only), λ chosen on validation as usual.
 * ``--k K``: every feature set at projection dimension ``K`` instead of the run's
   ``attribution.k`` (same model, generations, rows, validation rule and λ grid). Nothing
   of the run's features is reused: Concept-TRAK's full method and the chosen variants are
@@ -71,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--lambda-curve", action="store_true",
                     help="also every row's test P@10 ID / OOD at every λ ratio (diagnostic; "
                          "λ is still chosen on the validation rows)")
+    ap.add_argument("--project-out", type=int, default=0,
+                    help="also every row with the N leading directions of its training "
+                         "features' ΦᵀΦ removed from both sides (the rest not whitened)")
     ap.add_argument("--curve-ratios", default="",
                     help="comma-separated λ ratios of the curve (default: the run's "
                          "attribution.lambda_ratios, the grid validation chooses from)")
@@ -206,6 +212,10 @@ def main(argv=None):
                   f"{time.time() - t:.0f} s", flush=True)
             rows[cb.METHOD_LABEL[m]] = (Phi, phi[plan["row_image"]],
                                         cb._trak_family_scorer if same_k else ct_scorer)
+    if args.project_out:
+        for name, (Phi, phi, scorer) in list(rows.items()):
+            rows[f"{name}, top {args.project_out} directions removed"] = (
+                *cb.project_out_leading(Phi, phi, args.project_out), scorer)
     scores, chosen = {}, {}
     for name, (Phi, phi, scorer) in rows.items():
         s, sweep = cb._choose_and_score(phi, Phi, rel, val, config.attribution.lambda_ratios,
@@ -239,14 +249,16 @@ def main(argv=None):
         k10 = config.eval.topk
         ratios = ([float(r) for r in args.curve_ratios.split(",") if r.strip()]
                   or config.attribution.lambda_ratios)
-        curve_md, curve_json, lead = [], {}, []
+        curve_md, curve_json, lead, seen = [], {}, [], set()
         for name, (Phi, phi, scorer) in rows.items():
             curve = cb.lambda_curve(phi, Phi, rel, val, plan["row_split"], ratios,
                                     scorer=scorer, k=k10,
                                     n_bootstrap=config.eval.n_bootstrap, seed=config.seed)
-            lead += [{"features": name, **{c: (f"{v:.3f}" if isinstance(v, float) else v)
-                                           for c, v in d.items()}}
-                     for d in cb.leading_directions(Phi, train["captions"], n=5)]
+            if id(Phi) not in seen:  # variants sharing the training side: listed once
+                seen.add(id(Phi))
+                lead += [{"features": name, **{c: (f"{v:.3f}" if isinstance(v, float) else v)
+                                               for c, v in d.items()}}
+                         for d in cb.leading_directions(Phi, train["captions"], n=5)]
             curve_json[name] = [{"ratio": c["ratio"], "val_precision": c["val_precision"],
                                  "d_eff": c["d_eff"],
                                  **{f"{sp}_{f}": getattr(c[sp]["precision"], f)

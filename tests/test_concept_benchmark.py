@@ -143,6 +143,26 @@ def test_leading_directions_name_the_concept_that_dominates():
     assert sum(r["share of trace"] for r in d) <= 1.0 + 1e-12
 
 
+def test_project_out_leading_removes_the_dominant_training_directions_only():
+    rng = np.random.default_rng(0)
+    N, k = 12, 30
+    V = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    sv = np.array([50.0, 20.0] + [1.0] * (N - 2))  # two dominant directions
+    Phi = np.diag(sv) @ V[:, :N].T  # singular values sv, right singular vectors V[:, :N]
+    phi = rng.standard_normal((4, k))
+    P2, q2 = cb.project_out_leading(Phi, phi, 2)
+    np.testing.assert_allclose(P2 @ V[:, :2], 0, atol=1e-10)  # the two directions are gone
+    np.testing.assert_allclose(q2 @ V[:, :2], 0, atol=1e-10)
+    # everything else is untouched (not whitened): the remaining spectrum is Φ's
+    np.testing.assert_allclose(np.linalg.svd(P2, compute_uv=False)[:N - 2], sv[2:], rtol=1e-10)
+    np.testing.assert_allclose(q2 @ V[:, 2:], phi @ V[:, 2:], atol=1e-10)
+    P0, q0 = cb.project_out_leading(Phi, phi, 0)
+    np.testing.assert_allclose(P0, Phi)
+    np.testing.assert_allclose(q0, phi)
+    with pytest.raises(ValueError, match="n=12"):
+        cb.project_out_leading(Phi, phi, 12)
+
+
 def test_feature_settings_guard_refuses_other_settings(tmp_path):
     folder = tmp_path / "k32768" / "concept-trak"
     want = {"k": 32768, "projector": {"kind": "sjlt", "key": [0, 0]}, "record_step": 4000}

@@ -263,6 +263,19 @@ def leading_directions(Phi: np.ndarray, train_captions: Sequence[str], n: int = 
     return rows
 
 
+def project_out_leading(Phi: np.ndarray, phi: np.ndarray, n: int):
+    """``(Φ P, φ P)`` with ``P = I − V_n V_nᵀ``, ``V_n [k, n]`` the leading right singular
+    vectors of the *training* features ``Φ [N, k]`` (queries ``φ [R, k]`` never enter): the
+    ``n`` dominant directions of ``ΦᵀΦ`` removed from both sides, the rest left unwhitened.
+    Returns float64 arrays of the input shapes."""
+    P = np.asarray(Phi, np.float64)
+    q = np.asarray(phi, np.float64)
+    if not 0 <= n < min(P.shape):
+        raise ValueError(f"n={n}: expected 0 <= n < min(N, k) = {min(P.shape)}")
+    V = np.linalg.svd(P, full_matrices=False)[2][:n].T  # [k, n]
+    return P - (P @ V) @ V.T, q - (q @ V) @ V.T
+
+
 def check_feature_settings(folder: Path, settings: dict) -> None:
     """Guards a folder of plain ``.npy`` feature files: the first call records ``settings``
     (JSON-able: projection, k, seeds, model step, data fingerprints, …) in
@@ -690,6 +703,6 @@ def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False)
 
 __all__ = ["check_feature_settings", "concept_ground_truth", "concept_query",
            "concept_trak_config", "effective_dimension", "lambda_curve", "leading_directions",
-           "method_rows",
+           "method_rows", "project_out_leading",
            "neighbour_purity", "parse_combo", "query_plan", "run_concept_benchmark",
            "split_metrics", "verified_rows"]
