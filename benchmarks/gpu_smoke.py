@@ -1,7 +1,7 @@
 """Seconds-long check that this environment runs jaxattrib's core on its default JAX backend:
 versions, a tiny UNet's per-example projected gradients under ``jit(vmap(grad))`` compared with
-the same computation on the CPU backend, and an orbax trajectory-record save / restore round
-trip. Exit status 0 = usable. Used by ``benchmarks/gpu_suite.sh`` to choose between the
+the same computation on the CPU backend (at the default matmul precision — TF32 on recent GPUs —
+and at ``'highest'``), and an orbax trajectory-record save / restore round trip. Exit status 0 = usable. Used by ``benchmarks/gpu_suite.sh`` to choose between the
 installed flax / optax / orbax and pinned ones.
 
     python benchmarks/gpu_smoke.py
@@ -53,6 +53,11 @@ def main() -> int:
         ref = grads_lib.projected_grads(fn_cpu, ex, key, start=0, microbatch=8)
     rel = float(np.max(np.abs(feats - ref)) / np.max(np.abs(ref)))
     print(f"projected per-example gradients [8, 64]: max |default − cpu| / max |cpu| = {rel:.1e}")
+    with jax.default_matmul_precision("highest"):  # float32 products (no TF32 / bf16 passes)
+        fn_hi = grads_lib.make_feature_fn(out_fn, params, proj)
+        hi = grads_lib.projected_grads(fn_hi, ex, key, start=0, microbatch=8)
+    rel_hi = float(np.max(np.abs(hi - ref)) / np.max(np.abs(ref)))
+    print(f"  with jax.default_matmul_precision('highest'): {rel_hi:.1e}")
     with tempfile.TemporaryDirectory() as tmp:
         rec = TrajectoryRecord.create(tmp + "/rec", {"smoke": 1})
         rec.save(0, {"step": 0, "params": {}}, base=params)
