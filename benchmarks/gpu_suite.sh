@@ -8,7 +8,7 @@
 #
 # Environment (all optional):
 #   PYTHON          interpreter (default python3); it needs a CUDA jaxlib and torch with CUDA.
-#   EXTRA_PYTHONPATH  prepended to PYTHONPATH (e.g. a folder holding ml_collections, diffusers,
+#   EXTRA_PYTHONPATH  added to PYTHONPATH after the repository (e.g. a folder holding ml_collections, diffusers,
 #                   traker when they are not installed).
 #   PIN_PYTHONPATH  a folder with pinned flax / optax / orbax-checkpoint, tried only when the
 #                   smoke check fails with the installed ones.
@@ -18,7 +18,7 @@
 #
 # What the steps cost on an H200 host (16 cores; BENCHMARKS.md, 2026-11-26): smoke 120 s (it
 # compiles the same program for the GPU and for the CPU reference); featurize about 20-65 s per
-# row, almost all of it XLA compilation (8 rows: ~7 min); the demo > 2 min (fine-tuning and
+# row, almost all of it XLA compilation (7 rows: ~6-7 min); the demo > 2 min (fine-tuning and
 # generation alone 85 s). A 15-minute device lease holds the probe plus one of featurize / demo.
 set -u -o pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR}
