@@ -18,20 +18,97 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Data attribution and copyright authentication for diffusion models "
                        "(JAX).")
 
+COMPILE_CACHE_ENV = "JAXATTRIB_COMPILE_CACHE"
+_OFF = ("off", "0", "false", "no", "none")
+
 
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
+def default_compile_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxattrib/xla``, else ``~/.cache/jaxattrib/xla``."""
+    import os
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "jaxattrib" / "xla"
+
+
+def resolve_compile_cache(option: Optional[str]) -> Optional[Path]:
+    """The persistent compilation cache directory a command uses, or None (off).
+
+    ``option`` (``--compile-cache``) wins over the environment variable
+    ``JAXATTRIB_COMPILE_CACHE``; either may be a directory or ``off`` (also ``0``, ``false``,
+    ``no``, ``none``); neither set (or the variable empty) gives
+    :func:`default_compile_cache_dir`. Reads no JAX state."""
+    import os
+    value = option if option is not None else os.environ.get(COMPILE_CACHE_ENV) or None
+    if value is None:
+        return default_compile_cache_dir()
+    if value.strip().lower() in _OFF:
+        return None
+    return Path(value).expanduser()
+
+
+def _use_compile_cache(ctx: typer.Context) -> None:
+    """Points JAX's persistent compilation cache at the directory the top-level options chose
+    (``ctx.obj['compile_cache']``) before the command's first compilation, and says where on
+    stderr. Off leaves it at JAX's own setting (``JAX_COMPILATION_CACHE_DIR``, else none).
+
+    Every program is cached (JAX's default keeps only those that took >= 1 s to compile; the
+    many shorter compilations of a short command add up);
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` in the environment overrides that. Entries are keyed by the program, the jax/jaxlib
+    version, backend, devices and XLA flags, so a stale entry is never used; the directory is
+    not size-bounded (delete it to reclaim space)."""
+    import os
+    cache = (ctx.find_root().obj or {}).get("compile_cache")
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    if cache is None:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+    else:
+        path = str(cache.resolve())
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _fail(f"--compile-cache / {COMPILE_CACHE_ENV}: cannot create {path} ({e}); give a "
+                  f"writable directory or 'off'")
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        typer.echo(f"XLA compilation cache: {path} (--compile-cache off to disable)", err=True)
+    if (jax.config.values["jax_compilation_cache_dir"] or None) != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        cc.reset_cache()  # a process that already compiled reopens the cache at the new path
+
+
+@app.callback()
+def _main(ctx: typer.Context,
+          compile_cache: Optional[str] = typer.Option(
+              None, "--compile-cache", metavar="DIR|off",
+              help=f"Persistent XLA compilation cache: a later command reloads compiled "
+                   f"programs instead of recompiling them (most of a short command's time). "
+                   f"Default: ${COMPILE_CACHE_ENV}, else $XDG_CACHE_HOME/jaxattrib/xla "
+                   f"(~/.cache/jaxattrib/xla). 'off' disables it. Goes before the command: "
+                   f"jaxattrib --compile-cache DIR demo."),
+          no_compile_cache: bool = typer.Option(False, "--no-compile-cache",
+                                                help="Same as --compile-cache off.")):
+    """Data attribution and copyright authentication for diffusion models (JAX)."""
+    ctx.obj = {"compile_cache": None if no_compile_cache
+               else resolve_compile_cache(compile_cache)}
+
+
 @app.command()
-def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (reused)."),
+def demo(ctx: typer.Context,
+         run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (reused)."),
          config: str = typer.Option("demo", help="Config file or packaged config name."),
          set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
          fresh: bool = typer.Option(False, help="Delete the run directory first."),
          no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
+    _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.demo import run_demo
@@ -48,7 +125,8 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (re
 
 
 @app.command()
-def train(config: str = typer.Argument(..., help="Config file or packaged name "
+def train(ctx: typer.Context,
+          config: str = typer.Argument(..., help="Config file or packaged name "
                                                  "(e.g. finetune_folder)."),
           run_dir: Path = typer.Option(Path("runs/train"), help="Run directory (resumable)."),
           set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
@@ -60,6 +138,7 @@ def train(config: str = typer.Argument(..., help="Config file or packaged name "
     prior_loss_weight * class; on a synthetic held-out concept it also classifies generations
     of the fine-tuned and the base model (RUN_DIR/results/dreambooth.json).
     Rerunning the same command resumes from the record's last checkpoint."""
+    _use_compile_cache(ctx)
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.data.dataset import DataError
     from jaxattrib.models.convert import CheckpointError
@@ -82,7 +161,8 @@ def train(config: str = typer.Argument(..., help="Config file or packaged name "
 
 
 @app.command()
-def attribute(run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
+def attribute(ctx: typer.Context,
+              run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
                                                      "(from `jaxattrib generate`)."),
               method: Optional[str] = typer.Option(None, help="trak | dtrak | journey-trak | "
@@ -106,6 +186,7 @@ def attribute(run_dir: Path = typer.Argument(..., help="Run directory from `jaxa
 
     Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
     attn2, k=4096), else the defaults in brackets."""
+    _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
     from jaxattrib.workflow import attribute_run, attribution_defaults
@@ -144,7 +225,8 @@ def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh:
 
 
 @app.command("cgi-dm")
-def cgi_dm(config: str = typer.Argument("cgi_dm", help="Config file or packaged name "
+def cgi_dm(ctx: typer.Context,
+           config: str = typer.Argument("cgi_dm", help="Config file or packaged name "
                                                        "(see jaxattrib/configs/cgi_dm.py)."),
            run_dir: Path = typer.Option(Path("runs/cgi_dm"), help="Run directory (resumable)."),
            set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
@@ -154,6 +236,7 @@ def cgi_dm(config: str = typer.Argument("cgi_dm", help="Config file or packaged 
     model.pretrained? Threshold calibrated on data.reference (known non-members); writes
     RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
     Recoveries are cached per batch: rerunning resumes."""
+    _use_compile_cache(ctx)
     from jaxattrib.authentication import run_cgi_dm
     s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress)
     typer.echo("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
@@ -162,7 +245,8 @@ def cgi_dm(config: str = typer.Argument("cgi_dm", help="Config file or packaged 
 
 
 @app.command("source-model")
-def source_model(config: str = typer.Argument("source_model", help="Config file or packaged "
+def source_model(ctx: typer.Context,
+                 config: str = typer.Argument("source_model", help="Config file or packaged "
                                                                    "name (source_model)."),
                  run_dir: Path = typer.Option(Path("runs/source_model"),
                                               help="Run directory (resumable)."),
@@ -173,6 +257,7 @@ def source_model(config: str = typer.Argument("source_model", help="Config file 
     """Source-model attribution: were model.suspects trained on model.source's generations?
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
     model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
+    _use_compile_cache(ctx)
     from jaxattrib.provenance import run_source_model
     res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress)
     for r in res["models"]:
@@ -183,7 +268,8 @@ def source_model(config: str = typer.Argument("source_model", help="Config file 
 
 
 @app.command()
-def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+def generate(ctx: typer.Context,
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
              out: Path = typer.Option(Path("runs/generate"), help="Output folder for PNGs."),
              model: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline "
                                                         "folder (safetensors)."),
@@ -198,6 +284,7 @@ def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Promp
                                                          "(x_t and x̂0 per step) as .npz."),
              allow_pickle: bool = typer.Option(False, help="Allow pickle weights (unsafe).")):
     """Generate images with a pipeline (the embedded base model by default)."""
+    _use_compile_cache(ctx)
     import jax
     import numpy as np
     from jaxattrib.generate import generate as gen, save_images
@@ -227,7 +314,8 @@ def generate(prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Promp
 
 
 @app.command("concept-query")
-def concept_query(run_dir: Path = typer.Argument(..., help="A finished Concept-TRAK benchmark "
+def concept_query(ctx: typer.Context,
+                  run_dir: Path = typer.Argument(..., help="A finished Concept-TRAK benchmark "
                                                            "run (benchmarks/concept_trak.py)."),
                   prompt: str = typer.Option(..., "--prompt", "-p", help="The query's prompt."),
                   concept: List[str] = typer.Option(..., "--concept", "-c",
@@ -241,6 +329,7 @@ def concept_query(run_dir: Path = typer.Argument(..., help="A finished Concept-T
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
     is an error. Uses the run's fine-tuned model, cached training features and chosen λ."""
+    _use_compile_cache(ctx)
     import numpy as np
     from jaxattrib.config import ConfigError
     from jaxattrib.eval.concept_benchmark import concept_query as run_query
@@ -287,8 +376,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with result
 
 
 @app.command()
-def info(model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")):
+def info(ctx: typer.Context,
+         model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")):
     """Load a model (checks every tensor) and print its components and sizes."""
+    _use_compile_cache(ctx)
     import jax
     from jaxattrib.models.convert import CheckpointError
     try:

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache is on by default under the user's cache directory;
+# tests (which run the CLI in-process) never write there. test_app.py's compile-cache test
+# turns it on explicitly in tmp directories.
+os.environ["JAXATTRIB_COMPILE_CACHE"] = "off"
 
 from pathlib import Path  # noqa: E402
 
