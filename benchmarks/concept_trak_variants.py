@@ -31,6 +31,21 @@ Options:
   the same ridge scores; at k = 32768 the ``k × k`` float64 kernel would be 8 GiB); at the
   run's ``k`` the benchmark's own primal path, so those rows reproduce ``scores/*.npy``.
   Tables: ``tables/variants_k<K>.md``.
+* ``--per-timestep``: where on the query side the concept signal is. The query feature is
+  ``Σ_t normalize(∇_θ L_concept(x_t, t))`` over the 10 inverted states; each state's projected
+  gradient is scored *alone* against the unchanged training side (λ chosen on the validation
+  rows per timestep), with the concept direction's norm ``‖ε(c) − ε(c⁻)‖`` and the
+  unnormalized gradient norm per timestep (:func:`~jaxattrib.attribution.concept_trak.
+  per_timestep_query_features`); the same per timestep for a plain DSM query side. Then one
+  [design] alternative chosen on the validation rows only: the query-side timestep weighting
+  with the best validation P@10 (its λ chosen jointly) among a family fixed in advance —
+  the benchmark's normalized sum, the unnormalized sum, the normalized gradients weighted by
+  ``‖ε(c) − ε(c⁻)‖``, and the normalized sum over each prefix ``t ≤ t_m`` / suffix
+  ``t ≥ t_m`` of the timesteps (ties: the first, i.e. the benchmark) — reported on the test
+  rows with a paired bootstrap CI against the benchmark. The sums of the per-timestep
+  gradients are checked against the run's cached query features. Per-timestep features go to
+  ``RUN_DIR/features/concept-trak-variants/per_timestep_{concept,dsm}.npz``; table:
+  ``tables/per_timestep[_k<K>].md``.
 * ``--lambda-curve``: a diagnostic, never a way to pick λ (λ is still chosen on the
   validation rows): every row's test P@10 ID / OOD (95% CIs), validation P@10 and the ridge's
   effective dimension at every ratio of ``attribution.lambda_ratios`` (or ``--curve-ratios``),
@@ -43,6 +58,8 @@ Options:
         --baselines --lambda-curve                   # k = 2048 (the run's), cached features
     python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak_v2 --variants "" \\
         --baselines --lambda-curve --k 32768
+    python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak_v2 --variants "" \\
+        --per-timestep
 """
 
 from __future__ import annotations
@@ -80,6 +97,10 @@ def main(argv=None):
     ap.add_argument("--curve-ratios", default="",
                     help="comma-separated λ ratios of the curve (default: the run's "
                          "attribution.lambda_ratios, the grid validation chooses from)")
+    ap.add_argument("--per-timestep", action="store_true",
+                    help="also score each inverted state's query gradient alone (concept loss "
+                         "and DSM), the norms per timestep, and a query-side timestep weighting "
+                         "chosen on the validation rows (tables/per_timestep.md)")
     args = ap.parse_args(argv)
     import ml_collections
 
@@ -245,6 +266,42 @@ def main(argv=None):
     (run / "tables").mkdir(exist_ok=True)
     (run / "tables" / f"variants{suffix}.md").write_text(md)
     print(md)
+    if args.per_timestep:
+        pt_dir = guard(feat_root / "concept-trak-variants")
+
+        def per_t(name, cfg, neg_ctx):
+            path = pt_dir / f"{name}.npz"
+            if not path.exists():
+                print(f"[{time.strftime('%H:%M:%S')}] computing {path}", flush=True)
+                t = time.time()
+                d = ct.per_timestep_query_features(model_fn, params, sched, img, ctx_q, neg_ctx,
+                                                   cfg, proj, cache=cache)
+                np.savez(path, **d)
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {time.time() - t:.0f} s",
+                      flush=True)
+            return dict(np.load(path))
+
+        concept = per_t("per_timestep_concept", base_cfg, encode(negs))
+        dsm = per_t("per_timestep_dsm", dataclasses.replace(base_cfg, concept_loss=False), None)
+        refs = {"concept, normalized": (concept, True, phi_full)}
+        if same_k:
+            refs["concept, unnormalized"] = (concept, False, np.concatenate(
+                [np.load(run / "features" / "concept-trak" / f"{s}_cl1_inv1_norm0.npy")
+                 for s in ("query", "val")])[np.argsort(np.r_[np.flatnonzero(~val),
+                                                               np.flatnonzero(val)])])
+        if (feat_root / "concept-trak-variants" / "query_dsm.npy").exists():
+            refs["DSM, normalized"] = (dsm, True, np.load(
+                feat_root / "concept-trak-variants" / "query_dsm.npy"))
+        for name, (d, norm, ref) in refs.items():
+            w = 1.0 / d["grad_norm"][..., None] if norm else 1.0
+            got = np.sum(d["grads"] * w, axis=1)
+            print(f"check: Σ_t per-timestep gradients ({name}) vs the cached query features: "
+                  f"max |Δ| / max |φ| = {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
+        text = per_timestep_report(concept, dsm, Phi_full, rel, val, plan, verified, config,
+                                   ct_scorer, K, solver)
+        (run / "tables").mkdir(exist_ok=True)
+        (run / "tables" / f"per_timestep{suffix}.md").write_text(text)
+        print(text)
     if args.lambda_curve:
         k10 = config.eval.topk
         ratios = ([float(r) for r in args.curve_ratios.split(",") if r.strip()]
@@ -286,6 +343,111 @@ def main(argv=None):
             indent=2))
         print(text)
     print(f"wall time {time.time() - t0:.0f} s")
+
+
+def timestep_weightings(concept: dict) -> dict:
+    """The query-side weighting family of ``--per-timestep`` (fixed before any result): name →
+    query rows ``[R, k]`` from the per-timestep gradients ``grads [R, K, k]``, ``grad_norm`` and
+    ``concept_norm [R, K]``. The first entry is the benchmark's feature (ties go to it)."""
+    G, gn, cn = concept["grads"], concept["grad_norm"], concept["concept_norm"]
+    ts = concept["ts"][0]
+    unit = G / gn[..., None]
+    out = {"normalized sum (benchmark)": unit.sum(1), "unnormalized sum": G.sum(1),
+           "normalized, weighted by ‖ε(c) − ε(c⁻)‖": (unit * cn[..., None]).sum(1)}
+    for m in range(len(ts)):
+        if m > 0:
+            out[f"normalized sum over t ≤ {ts[len(ts) - 1 - m]}"] = unit[:, :len(ts) - m].sum(1)
+            out[f"normalized sum over t ≥ {ts[m]}"] = unit[:, m:].sum(1)
+    return out
+
+
+def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, scorer, K, solver):
+    """``--per-timestep``'s tables (markdown): every timestep alone (concept loss, DSM), the
+    norms per timestep, and the validation-chosen weighting against the benchmark."""
+    from jaxattrib.eval import concept_benchmark as cb
+    from jaxattrib.eval.benchmarks import markdown_table
+    from jaxattrib.eval.metrics import bootstrap_ci, precision_at_k
+    k10, ratios = config.eval.topk, config.attribution.lambda_ratios
+    split, kinds = plan["row_split"], plan["row_kind"]
+    test = ~val
+    V3 = np.linalg.svd(np.asarray(Phi, np.float64), full_matrices=False)[2][:3].T  # [k, 3]
+
+    def evaluate(rows):
+        scores, chosen, valp = {}, {}, {}
+        for name, phi in rows.items():
+            s, sweep = cb._choose_and_score(phi, Phi, rel, val, ratios, k=k10, scorer=scorer)
+            scores[name], chosen[name] = s, f"{sweep['chosen']:g}"
+            valp[name] = max(r["val_precision_at_k"] for r in sweep["sweep"])
+        _, raw = cb.method_rows(scores, rel, test, split, verified, chosen, k=k10,
+                                n_bootstrap=config.eval.n_bootstrap, seed=config.seed,
+                                kinds=kinds)
+        return scores, chosen, valp, raw
+
+    def cells(raw, name):
+        m = raw[name]
+        out = {f"test P@{k10} ID": cb._fmt(m["id"]["precision"]),
+               f"test P@{k10} OOD": cb._fmt(m["ood"]["precision"])}
+        for sp in ("id", "ood"):
+            for kind in config.eval.concepts:
+                out[f"{sp.upper()} {kind}"] = f"{m[f'{sp}_{kind}']['precision'].estimate:.3f}"
+        return out
+
+    def top3_share(phi):
+        q = np.asarray(phi, np.float64)
+        return float(np.mean(np.sum((q @ V3) ** 2, 1) / np.maximum(np.sum(q * q, 1), 1e-300)))
+
+    ts = concept["ts"][0]
+    full = (concept["grads"] / concept["grad_norm"][..., None]).sum(1)  # the benchmark's φ
+    full = full / np.linalg.norm(full, axis=1, keepdims=True)
+    tables = []
+    for label, d in (("concept loss (Concept-TRAK's query side)", concept),
+                     ("DSM at the inverted states (no concept loss)", dsm)):
+        unit = d["grads"] / d["grad_norm"][..., None]
+        rows = {f"t = {t}": d["grads"][:, j] for j, t in enumerate(ts)}
+        rows["all (normalized sum)"] = unit.sum(1)
+        _, chosen, valp, raw = evaluate(rows)
+        lines = []
+        for j, name in enumerate(rows):
+            line = {"timestep": name, f"val P@{k10}": f"{valp[name]:.3f}", **cells(raw, name),
+                    "λ ratio (val)": chosen[name]}
+            sel = {kind: kinds == kind for kind in config.eval.concepts}
+            if label.startswith("concept"):
+                line.update({f"‖ε(c)−ε(c⁻)‖ {kind}": (
+                    f"{np.mean(d['concept_norm'][m, j]):.3g}" if j < len(ts) else "")
+                    for kind, m in sel.items()})
+            line.update({f"‖∇θ‖ {kind}": (f"{np.mean(d['grad_norm'][m, j]):.3g}"
+                                           if j < len(ts) else "") for kind, m in sel.items()})
+            line["cos to Concept-TRAK φ"] = (
+                f"{np.mean(np.sum(unit[:, j] * full, 1)):.3f}" if j < len(ts) else "")
+            line["top-3 training directions' share of ‖φ‖²"] = f"{top3_share(rows[name]):.3f}"
+            lines.append(line)
+        tables.append(f"{label}: each timestep's projected query gradient alone (norm means "
+                      f"over all {len(val)} rows)\n\n" + markdown_table(lines))
+
+    fam = timestep_weightings(concept)
+    scores, chosen, valp, raw = evaluate(fam)
+    best = max(fam, key=lambda n: valp[n])  # max returns the first maximum
+    fam_lines = [{"query-side weighting": n + (" ← chosen on val" if n == best else ""),
+                  f"val P@{k10}": f"{valp[n]:.3f}", **cells(raw, n), "λ ratio (val)": chosen[n]}
+                 for n in fam]
+    bench = "normalized sum (benchmark)"
+    p_b = precision_at_k(scores[bench], rel, k10)
+    p_c = precision_at_k(scores[best], rel, k10)
+    paired = []
+    for sp in ("id", "ood"):
+        sel = test & (split == sp)
+        ci = bootstrap_ci(p_c[sel] - p_b[sel], np.nanmean, n=config.eval.n_bootstrap,
+                          seed=config.seed)
+        paired.append(f"{sp.upper()} {ci.estimate:+.3f} [{ci.low:+.2f}, {ci.high:+.2f}]")
+    text = (f"Concept-TRAK query side per timestep (k = {K}, {solver} solve; training side "
+            f"unchanged; λ chosen on the validation rows for every row)\n\n"
+            + "\n\n".join(tables)
+            + "\n\nQuery-side timestep weighting, chosen on the validation rows only (the "
+              "test columns of the other rows are diagnostics)\n\n"
+            + markdown_table(fam_lines)
+            + f"\n\nChosen on val: {best}; test P@{k10} minus the benchmark's, paired "
+              f"(95% bootstrap CI over test rows): {', '.join(paired)}\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -225,6 +225,49 @@ def test_summed_grads_equal_sum_of_normalized_per_timestep_grads():
         assert np.linalg.norm(got - sum(gs)) > 0.1 * np.linalg.norm(got)
 
 
+def test_per_timestep_query_features_are_the_summands_of_the_query_features():
+    """By construction: Σ_t grads / grad_norm = the (normalized) query features (projection is
+    linear); grad_norm = ‖∇_θ L_concept(x_t, t)‖ and concept_norm = ‖ε(c) − ε(c⁻)‖ at each
+    pair, computed explicitly."""
+    sched = make_schedule()
+    cfg_u, params, model_fn = _unet()
+    enc = _word_encoder()
+    x0 = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (3, 8, 8, 3), minval=-1,
+                                       maxval=1))
+    ctx, neg = enc(["a red circle", "a blue star", "a red star"]), enc(["a circle", "a star",
+                                                                          "a red"])
+    cfg = ct.ConceptTRAKConfig(ddim_inversion=False, num_timesteps=3, proj_dim=32,
+                               microbatch=2)
+    proj = ct.make_concept_projector(params, cfg)
+    cache: dict = {}
+    out = ct.per_timestep_query_features(model_fn, params, sched, x0, ctx, neg, cfg, proj,
+                                         cache=cache)
+    G, gn, cn, ts = out["grads"], out["grad_norm"], out["concept_norm"], out["ts"]
+    assert G.shape == (3, 3, 32) and gn.shape == cn.shape == ts.shape == (3, 3)
+    np.testing.assert_array_equal(ts, [[333, 666, 999]] * 3)
+    ref = ct.query_features(model_fn, params, sched, x0, ctx, neg, cfg, proj, cache=cache)
+    np.testing.assert_allclose(np.sum(G / gn[..., None], 1), ref, rtol=1e-4,
+                               atol=1e-5 * np.abs(ref).max())
+    # the norms, explicitly at the same (x_t, t) pairs
+    xts, _, _ = ct.timestep_pairs(model_fn, params, sched, jnp.asarray(x0), ctx, cfg)
+
+    @jax.jit
+    def norms(x, t, c, n):
+        g = _grad_attn2(lambda p: ct.concept_loss(model_fn, p, sched, x, t, c, n)[0], params)
+        d = model_fn(params, x, t, c) - model_fn(params, x, t, n)
+        return (jnp.sqrt(sum(jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(g))),
+                jnp.sqrt(jnp.sum(d ** 2)))
+
+    for i in range(3):
+        for j in range(3):
+            got = norms(xts[i:i + 1, j], jnp.asarray(ts[i:i + 1, j]), ctx[i:i + 1],
+                        neg[i:i + 1])
+            np.testing.assert_allclose((gn[i, j], cn[i, j]), got, rtol=1e-4)
+    assert len(np.unique(np.round(gn / gn.max(), 4))) == 9  # distinct: normalizing matters
+    with pytest.raises(ValueError, match="needs neg_contexts"):
+        ct.per_timestep_query_features(model_fn, params, sched, x0, ctx, None, cfg, proj)
+
+
 # ----------------------------------------------------------------------------- (x_t, t) pairs
 
 

@@ -325,11 +325,15 @@ def timestep_pairs(model_fn: ModelFn, params, sched: Schedule, x0, ctx,
 # ----------------------------------------------------------------------------- features
 
 
+def per_timestep_norms(grads) -> jnp.ndarray:
+    """``[K]``: the global L2 norm of each ``[K, ...]`` slice of the tree."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    return jnp.sqrt(sum(jnp.sum(jnp.reshape(l, (l.shape[0], -1)) ** 2, axis=1) for l in leaves))
+
+
 def normalize_per_timestep(grads):
     """Each ``[K, ...]`` slice of the tree scaled to unit global L2 norm (zero slices kept)."""
-    leaves = jax.tree_util.tree_leaves(grads)
-    sq = sum(jnp.sum(jnp.reshape(l, (l.shape[0], -1)) ** 2, axis=1) for l in leaves)
-    norm = jnp.sqrt(sq)
+    norm = per_timestep_norms(grads)
     inv = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
     return jax.tree_util.tree_map(
         lambda l: l * inv.reshape((-1,) + (1,) * (l.ndim - 1)).astype(l.dtype), grads)
@@ -352,9 +356,10 @@ def _side_loss(side: str, model_fn, sched, config):
     return loss
 
 
-def summed_grads(side: str, model_fn: ModelFn, sched: Schedule, config: ConceptTRAKConfig,
-                 trainable, frozen, ex):
-    """One example's feature before projection: Σ_t (normalized) ∇_θ loss_t (trainable tree).
+def per_timestep_grads(side: str, model_fn: ModelFn, sched: Schedule,
+                       config: ConceptTRAKConfig, trainable, frozen, ex):
+    """One example's ∇_θ loss_t at each of its ``K`` (x_t, t) pairs, unnormalized: the
+    trainable tree with a leading ``[K]`` axis (the summands of :func:`summed_grads`).
 
     ``ex``: dict with ``x0 [H,W,C]``, ``ctx [L,D]``, (query) ``ctx_neg [L,D]``, ``xts [K,H,W,C]``,
     ``ts [K]``, ``noise [K,H,W,C]``. ``side``: ``'train'`` or ``'query'``.
@@ -383,6 +388,16 @@ def summed_grads(side: str, model_fn: ModelFn, sched: Schedule, config: ConceptT
     else:
         grads = jax.vmap(lambda x, t, n, g: jax.grad(one_t)(trainable, x, t, n, g))(
             ex["xts"], ex["ts"], ex["noise"], gs)
+    return grads
+
+
+def summed_grads(side: str, model_fn: ModelFn, sched: Schedule, config: ConceptTRAKConfig,
+                 trainable, frozen, ex):
+    """One example's feature before projection: Σ_t (normalized) ∇_θ loss_t (trainable tree).
+
+    ``ex`` and ``side``: as :func:`per_timestep_grads`.
+    """
+    grads = per_timestep_grads(side, model_fn, sched, config, trainable, frozen, ex)
     if config.normalize:
         grads = normalize_per_timestep(grads)
     return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
@@ -472,6 +487,67 @@ def query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
     projector = projector or make_concept_projector(params, config)
     return _features("query", model_fn, params, sched, images, contexts, neg_contexts, config,
                      projector, cache)
+
+
+def per_timestep_query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
+                                neg_contexts, config: ConceptTRAKConfig, projector=None, *,
+                                cache: dict | None = None) -> dict:
+    """The query side one (x_t, t) pair at a time: what :func:`query_features` normalizes and
+    sums (a diagnostic; ``config.normalize`` is ignored).
+
+    Returns numpy arrays for ``Q`` queries and ``K`` pairs each:
+
+    * ``grads [Q, K, k]``: the projected, *unnormalized* ∇_θ loss_t (concept loss, or DSM with
+      ``config.concept_loss`` off). By linearity of the projection, ``query_features`` is
+      ``Σ_t grads[:, t] / grad_norm[:, t]`` with normalization and ``Σ_t grads[:, t]`` without.
+    * ``grad_norm [Q, K]``: ``‖∇_θ loss_t‖₂`` over the selected parameters (before projection;
+      what the per-timestep normalization divides by).
+    * ``concept_norm [Q, K]``: ``‖ε_θ(x_t; c) − ε_θ(x_t; c⁻)‖₂`` over ``H·W·C`` (the concept
+      direction; the concept loss' gradient is ``−(2 λ_c / D) Σ (ε_c − ε_c⁻) · ∂ε_c/∂θ``);
+      NaN with the concept loss off.
+    * ``ts [Q, K]`` int32: the timesteps.
+
+    ``neg_contexts`` (c⁻) is required with the concept loss on and unused otherwise.
+    """
+    if neg_contexts is None:
+        if config.concept_loss:
+            raise ValueError("per_timestep_query_features: the concept loss needs neg_contexts "
+                             "(the c⁻ contexts)")
+        neg_contexts = contexts  # unused by the DSM loss
+    projector = projector or make_concept_projector(params, config)
+    cache = {} if cache is None else cache
+    split = select_params(params, config.param_spec)
+    fkey = ("per-timestep", config.concept_loss, config.concept_scale, str(config.param_spec),
+            id(projector))
+    if fkey not in cache:
+        @jax.jit
+        def feats(trainable, frozen, examples):
+            def one(ex):
+                g = per_timestep_grads("query", model_fn, sched, config, trainable, frozen, ex)
+                gn = per_timestep_norms(g)
+                if config.concept_loss:
+                    full = merge_params(trainable, frozen)
+                    K = ex["ts"].shape[0]
+                    eps = lambda c: model_fn(  # noqa: E731
+                        full, ex["xts"], ex["ts"], jnp.broadcast_to(c[None], (K,) + c.shape))
+                    cn = jnp.sqrt(jnp.sum((eps(ex["ctx"]) - eps(ex["ctx_neg"])) ** 2,
+                                          axis=_AXES))
+                else:
+                    cn = jnp.full_like(gn, jnp.nan)
+                return g, gn, cn
+
+            g, gn, cn = jax.vmap(one)(examples)
+            p = projector.project(g, batch_dims=2).astype(jnp.float32)  # [B, K, k]
+            # packed as [B, K, k + 2] so that projected_grads batches it like any feature
+            return jnp.concatenate([p, gn[..., None].astype(jnp.float32),
+                                    cn[..., None].astype(jnp.float32)], axis=-1)
+
+        cache[fkey] = lambda ex, keys: feats(split.trainable, split.frozen, ex)
+    ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
+                        batch=config.microbatch, cache=cache)
+    packed = projected_grads(cache[fkey], ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
+    return {"grads": packed[..., :-2], "grad_norm": packed[..., -2],
+            "concept_norm": packed[..., -1], "ts": np.asarray(ex["ts"])}
 
 
 # ----------------------------------------------------------------------------- scoring, λ
@@ -704,7 +780,8 @@ __all__ = [
     "choose_lambda_ratio", "clip_encoder", "concept_loss", "concept_queries",
     "concept_relevance", "concept_trak_scores", "fixed_timesteps", "has_concept",
     "implied_noise", "lambda_from_ratio", "make_concept_projector", "make_side_feature_fn",
-    "normalize_per_timestep", "query_features", "reconstruction_guidance", "remove_concept",
+    "normalize_per_timestep", "per_timestep_grads", "per_timestep_norms",
+    "per_timestep_query_features", "query_features", "reconstruction_guidance", "remove_concept",
     "scores_from_features", "summed_grads", "timestep_pairs", "train_features",
     "training_loss", "unet_model_fn",
 ]
