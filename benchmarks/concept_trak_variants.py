@@ -298,7 +298,8 @@ def main(argv=None):
             print(f"check: Σ_t per-timestep gradients ({name}) vs the cached query features: "
                   f"max |Δ| / max |φ| = {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
         text = per_timestep_report(concept, dsm, Phi_full, rel, val, plan, verified, config,
-                                   ct_scorer, K, solver)
+                                   K, solver, train["captions"], queries["prompts"],
+                                   args.project_out)
         (run / "tables").mkdir(exist_ok=True)
         (run / "tables" / f"per_timestep{suffix}.md").write_text(text)
         print(text)
@@ -361,9 +362,15 @@ def timestep_weightings(concept: dict) -> dict:
     return out
 
 
-def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, scorer, K, solver):
+def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, K, solver,
+                        train_captions, query_prompts, project_out=0):
     """``--per-timestep``'s tables (markdown): every timestep alone (concept loss, DSM), the
-    norms per timestep, and the validation-chosen weighting against the benchmark."""
+    norms per timestep, and the validation-chosen weighting against the benchmark; with
+    ``project_out`` also the concept-loss timesteps with the training side's leading
+    ``project_out`` directions removed from both sides."""
+    from jaxattrib.attribution.concept_trak import lambda_from_ratio, scores_from_features
+    from jaxattrib.attribution.trak import score, trak_kernel_inverse
+    from jaxattrib.data.synthetic import parse_caption
     from jaxattrib.eval import concept_benchmark as cb
     from jaxattrib.eval.benchmarks import markdown_table
     from jaxattrib.eval.metrics import bootstrap_ci, precision_at_k
@@ -371,8 +378,21 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, sco
     split, kinds = plan["row_split"], plan["row_kind"]
     test = ~val
     V3 = np.linalg.svd(np.asarray(Phi, np.float64), full_matrices=False)[2][:3].T  # [k, 3]
+    bg = cb.concept_ground_truth(train_captions, ["background"] * len(val), [
+        parse_caption(str(query_prompts[i]))["background"] for i in plan["row_image"]])
+    kinvs: dict = {}
 
-    def evaluate(rows):
+    def scorer(q, P, r):
+        # scores_from_features (the benchmark's path), the k x k inverse kept per (Φ, ratio):
+        # every row here shares one training side
+        if solver != "primal":
+            return scores_from_features(q, P, r, solver=solver)
+        key = (id(P), r)
+        if key not in kinvs:
+            kinvs[key] = (P, trak_kernel_inverse(P, lambda_from_ratio(P, r)))
+        return np.asarray(score(q, P, kinvs[key][1], dtype=np.float64)).T
+
+    def evaluate(rows, Phi=Phi):
         scores, chosen, valp = {}, {}, {}
         for name, phi in rows.items():
             s, sweep = cb._choose_and_score(phi, Phi, rel, val, ratios, k=k10, scorer=scorer)
@@ -383,13 +403,16 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, sco
                                 kinds=kinds)
         return scores, chosen, valp, raw
 
-    def cells(raw, name):
+    def cells(raw, name, scores):
         m = raw[name]
         out = {f"test P@{k10} ID": cb._fmt(m["id"]["precision"]),
                f"test P@{k10} OOD": cb._fmt(m["ood"]["precision"])}
         for sp in ("id", "ood"):
             for kind in config.eval.concepts:
                 out[f"{sp.upper()} {kind}"] = f"{m[f'{sp}_{kind}']['precision'].estimate:.3f}"
+        # how much of the top 10 shares the generation's background (chance 1/3)
+        out["top-10 same background"] = (
+            f"{np.nanmean(precision_at_k(scores[name][test], bg[test], k10)):.3f}")
         return out
 
     def top3_share(phi):
@@ -405,10 +428,11 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, sco
         unit = d["grads"] / d["grad_norm"][..., None]
         rows = {f"t = {t}": d["grads"][:, j] for j, t in enumerate(ts)}
         rows["all (normalized sum)"] = unit.sum(1)
-        _, chosen, valp, raw = evaluate(rows)
+        sc, chosen, valp, raw = evaluate(rows)
         lines = []
         for j, name in enumerate(rows):
-            line = {"timestep": name, f"val P@{k10}": f"{valp[name]:.3f}", **cells(raw, name),
+            line = {"timestep": name, f"val P@{k10}": f"{valp[name]:.3f}",
+                    **cells(raw, name, sc),
                     "λ ratio (val)": chosen[name]}
             sel = {kind: kinds == kind for kind in config.eval.concepts}
             if label.startswith("concept"):
@@ -428,8 +452,8 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, sco
     scores, chosen, valp, raw = evaluate(fam)
     best = max(fam, key=lambda n: valp[n])  # max returns the first maximum
     fam_lines = [{"query-side weighting": n + (" ← chosen on val" if n == best else ""),
-                  f"val P@{k10}": f"{valp[n]:.3f}", **cells(raw, n), "λ ratio (val)": chosen[n]}
-                 for n in fam]
+                  f"val P@{k10}": f"{valp[n]:.3f}", **cells(raw, n, scores),
+                  "λ ratio (val)": chosen[n]} for n in fam]
     bench = "normalized sum (benchmark)"
     p_b = precision_at_k(scores[bench], rel, k10)
     p_c = precision_at_k(scores[best], rel, k10)
@@ -439,6 +463,17 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, sco
         ci = bootstrap_ci(p_c[sel] - p_b[sel], np.nanmean, n=config.eval.n_bootstrap,
                           seed=config.seed)
         paired.append(f"{sp.upper()} {ci.estimate:+.3f} [{ci.low:+.2f}, {ci.high:+.2f}]")
+    if project_out:
+        rows = {f"t = {t}": concept["grads"][:, j] for j, t in enumerate(ts)}
+        rows.update({n: fam[n] for n in ("normalized sum (benchmark)", "unnormalized sum")})
+        P_out = cb.project_out_leading(Phi, np.zeros((1, Phi.shape[1])), project_out)[0]
+        rows = {n: cb.project_out_leading(Phi, q, project_out)[1] for n, q in rows.items()}
+        sc, chosen_o, valp_o, raw_o = evaluate(rows, Phi=P_out)
+        tables.append(
+            f"concept loss with the top {project_out} directions of the training features "
+            f"removed from both sides (as --project-out)\n\n" + markdown_table([
+                {"timestep": n, f"val P@{k10}": f"{valp_o[n]:.3f}", **cells(raw_o, n, sc),
+                 "λ ratio (val)": chosen_o[n]} for n in rows]))
     text = (f"Concept-TRAK query side per timestep (k = {K}, {solver} solve; training side "
             f"unchanged; λ chosen on the validation rows for every row)\n\n"
             + "\n\n".join(tables)
