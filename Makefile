@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The CLI keeps compiled XLA programs in $XDG_CACHE_HOME/jaxattrib/xla (~/.cache/...), so a
+# second `make demo` (or a demo in another run dir) skips compilation; see README.
 demo: venv
 	$(VENV)/bin/jaxattrib demo
 

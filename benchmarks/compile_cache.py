@@ -4,7 +4,8 @@ Each command runs in a fresh process (``python -m jaxattrib.cli``), three times 
 
 * ``off``: ``--compile-cache off`` (every program compiled, nothing written);
 * ``cold``: ``--compile-cache DIR`` with an empty ``DIR`` (compiles and writes the entries);
-* ``warm``: the same ``DIR`` again (reloads the entries instead of compiling).
+* ``warm``: the same ``DIR`` again (reloads the entries instead of compiling); ``--repeats R``
+  runs it R times and reports the median (every time is printed).
 
 ``--jax-threshold`` adds ``cold≥1s`` / ``warm≥1s`` rows with a second empty cache and JAX's own
 default threshold (only programs that took >= 1 s to compile are cached,
@@ -36,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROMPT = "a purple star on a black background"
 
 
@@ -61,7 +64,7 @@ def _size(d: Path) -> tuple:
     return len(files), sum(p.stat().st_size for p in files) / 2**20
 
 
-def measure(name: str, args_for, tmp: Path, jax_threshold: bool) -> list:
+def measure(name: str, args_for, tmp: Path, jax_threshold: bool, repeats: int = 1) -> list:
     """Rows ``(command, setting, seconds, ratio to off, entries, MiB)``; ``args_for(row)`` gives
     the command's arguments for that row."""
     rows = []
@@ -73,11 +76,16 @@ def measure(name: str, args_for, tmp: Path, jax_threshold: bool) -> list:
         settings.append(("cold≥1s", "warm≥1s", tmp / f"cc1_{name}",
                          {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}))
     for cold, warm, d, env in settings:
-        for label in (cold, warm):
-            t = _run(["--compile-cache", str(d)], args_for(label), env)
+        for label, times in ((cold, 1), (warm, repeats)):
+            ts = []
+            for i in range(times):
+                ts.append(_run(["--compile-cache", str(d)], args_for(f"{label}{i or ''}"), env))
+                print(f"{name} {label}: {ts[-1]:.1f} s", flush=True)
+            t = float(np.median(ts))
             n, mib = _size(d)
-            rows.append((name, label, t, t / t_off, n, f"{mib:.1f}"))
-            print(f"{name} {label}: {t:.1f} s ({n} entries, {mib:.1f} MiB)", flush=True)
+            rows.append((name, label + (f" (median of {times})" if times > 1 else ""), t,
+                         t / t_off, n, f"{mib:.1f}"))
+            print(f"  {n} entries, {mib:.1f} MiB", flush=True)
     return rows
 
 
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true", help="Also time `jaxattrib demo`.")
     ap.add_argument("--jax-threshold", action="store_true",
                     help="Also rows with JAX's default 1 s caching threshold.")
+    ap.add_argument("--repeats", type=int, default=1, help="Warm runs per cache (median).")
     ap.add_argument("--tmp", type=Path, default=None,
                     help="Folder for caches and demo run dirs (default: a new temporary one).")
     a = ap.parse_args()
@@ -98,7 +107,7 @@ def main() -> None:
         before = _snapshot(a.concept_run)
         q = ["concept-query", str(a.concept_run), "-p", PROMPT, "-c", "purple", "-c", "star",
              "--seed", "0", "--topk", "5"]
-        rows += measure("concept-query", lambda row: q, tmp, a.jax_threshold)
+        rows += measure("concept-query", lambda row: q, tmp, a.jax_threshold, a.repeats)
         changed = [k for k, v in _snapshot(a.concept_run).items() if before.get(k) != v]
         print(f"files changed in {a.concept_run}: {changed or 'none'}", flush=True)
     else:
@@ -106,7 +115,7 @@ def main() -> None:
     if a.demo:
         run_dir = lambda row: str(tmp / f"demo_{row.replace('≥', 'ge')}")  # noqa: E731
         rows += measure("demo", lambda row: ["demo", "--run-dir", run_dir(row), "--no-progress"],
-                        tmp, a.jax_threshold)
+                        tmp, a.jax_threshold, a.repeats)
     print(f"\nload after: {os.getloadavg()}")
     print("| command | cache | wall s | ratio to off | entries | MiB |\n|---|---|---|---|---|---|")
     for c, s, t, r, n, mib in rows:
