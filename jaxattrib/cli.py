@@ -88,7 +88,7 @@ def _main(ctx: typer.Context,
           compile_cache: Optional[str] = typer.Option(
               None, "--compile-cache", metavar="DIR|off",
               help=f"Persistent XLA compilation cache: a later command reloads compiled "
-                   f"programs instead of recompiling them (most of a short command's time). "
+                   f"programs instead of recompiling them (about half of a short command's time). "
                    f"Default: ${COMPILE_CACHE_ENV}, else $XDG_CACHE_HOME/jaxattrib/xla "
                    f"(~/.cache/jaxattrib/xla). 'off' disables it. Goes before the command: "
                    f"jaxattrib --compile-cache DIR demo."),
