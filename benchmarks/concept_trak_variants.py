@@ -159,13 +159,14 @@ def main(argv=None):
     val = plan["row_val"]
     cache: dict = {}
     ct_scorer = lambda q, P, r: ct.scores_from_features(q, P, r, solver=solver)  # noqa: E731
+    proj = ct.make_concept_projector(params, base_cfg)
 
     def guard(folder):
         # features of another k live in plain .npy files: record what they were computed
         # with, and refuse to reuse them under other settings
         if not same_k:
             cb.check_feature_settings(folder, {
-                "k": K, "projector": ct.make_concept_projector(params, base_cfg).meta(),
+                "k": K, "projector": proj.meta(),
                 "concept_trak": {f: str(v) for f, v in dataclasses.asdict(base_cfg).items()
                                  if f not in ("microbatch", "lam_ratio")},
                 "record_step": int(step), "train": _fingerprint_of(train["images"]),
@@ -185,7 +186,6 @@ def main(argv=None):
 
     # name -> (Phi [N, k], phi rows [R, k], scorer)
     rows: dict = {}
-    proj = ct.make_concept_projector(params, base_cfg)
     if same_k:
         cached = run / "features" / "concept-trak"
         # the benchmark stored test and validation rows separately (ablation_table)
@@ -466,8 +466,9 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, K, 
     if project_out:
         rows = {f"t = {t}": concept["grads"][:, j] for j, t in enumerate(ts)}
         rows.update({n: fam[n] for n in ("normalized sum (benchmark)", "unnormalized sum")})
-        P_out = cb.project_out_leading(Phi, np.zeros((1, Phi.shape[1])), project_out)[0]
-        rows = {n: cb.project_out_leading(Phi, q, project_out)[1] for n, q in rows.items()}
+        # one SVD of the training side for every row: project all rows at once, then split
+        P_out, Q = cb.project_out_leading(Phi, np.concatenate(list(rows.values())), project_out)
+        rows = dict(zip(rows, np.split(Q, len(rows))))
         sc, chosen_o, valp_o, raw_o = evaluate(rows, Phi=P_out)
         tables.append(
             f"concept loss with the top {project_out} directions of the training features "

@@ -295,8 +295,8 @@ def check_feature_settings(folder: Path, settings: dict) -> None:
     if folder.exists() and any(folder.glob("*.npy")):
         raise ConfigError(f"{folder}: holds features but no settings.json; their settings "
                           f"are unknown, use another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(want, indent=2, sort_keys=True))
+    from jaxattrib.fileio import atomic_write_text
+    atomic_write_text(path, json.dumps(want, indent=2, sort_keys=True))  # creates the folder
 
 
 def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params, sched,
