@@ -613,7 +613,6 @@ def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp
     assert bad.exit_code == 2 and "key_samples.n=9: only 3" in bad.output
 
 
-
 def test_compile_cache_directory_resolution(tmp_path, monkeypatch):
     from jaxattrib.cli import resolve_compile_cache
     monkeypatch.delenv("JAXATTRIB_COMPILE_CACHE", raising=False)
