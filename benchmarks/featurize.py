@@ -457,7 +457,9 @@ def main(argv=None) -> int:
                 print(f"## {nm} failed:\n{err}", file=sys.stderr)
             else:
                 res["eps"] = res["examples"] / res["wall"]
-                print(f"# {nm}: {res['eps']:.2f} examples/s, warm-up {res['warm']:.1f} s")
+                gpu = (f", GPU peak {res['gpu_peak']:.0f} MiB"
+                       if res.get("gpu_peak") is not None else "")
+                print(f"# {nm}: {res['eps']:.2f} examples/s, warm-up {res['warm']:.1f} s{gpu}")
             rows.append((nm, res))
         return rows
 
