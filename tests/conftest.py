@@ -22,3 +22,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_pipeline(tmp_path_factory) -> Path:
+    """A tiny latent SD pipeline (VAE + UNet + CLIP + tokenizer) written by diffusers/
+    transformers, 16-px images, 8x8x4 latents (``tests/tiny.py``). Shared: copy before
+    modifying."""
+    pytest.importorskip("diffusers")
+    from tiny import make_latent_pipeline
+    return make_latent_pipeline(tmp_path_factory.mktemp("tiny_latent"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_pipeline(tmp_path_factory) -> Path:
+    """A tiny pixel-space pipeline (no VAE), 8-px images (``tests/tiny.py``). Shared: copy
+    before modifying."""
+    from tiny import make_pixel_pipeline
+    return make_pixel_pipeline(tmp_path_factory.mktemp("tiny_pixel"))
