@@ -29,7 +29,8 @@ to ``k``):
   fresh noise per example) for train *and* targets — LDS targets are final images, not
   trajectory steps, so the per-step target feature does not apply;
 * ``tracin``: ``Σ_c η_c ⟨g_c(z), g_c(z')⟩`` over the full model's checkpoints
-  ``tracin_checkpoints`` (DSM-loss features at each, η_c = learning rate);
+  ``tracin_checkpoints`` (DSM-loss features at each, η_c = the learning rate of the update
+  that produced checkpoint c, from the schedule);
 * ``pixel``: cosine similarity of pixels; ``random``: standard-normal scores.
 
 [design] λ (as a ratio of mean(diag ΦᵀΦ)) *and the sign* of every method's scores are chosen
@@ -132,10 +133,11 @@ def unet_apply(ucfg, params, x_t, t, ctx):
 # ----------------------------------------------------------------------------- training
 
 
-def make_optimizer(tcfg):
-    """AdamW, linear warm-up, then the learning rate held (``schedule = 'constant'``, the
-    default) or cosine-decayed to 0 at ``steps`` (``'cosine'``: the final iterate carries much
-    less of the last batches' noise, so models of one subset agree better across seeds)."""
+def lr_schedule(tcfg):
+    """The learning rate of update ``i`` (0-based, optax's count): linear warm-up, then held
+    (``schedule = 'constant'``, the default) or cosine-decayed to 0 at ``steps`` (``'cosine'``:
+    the final iterate carries much less of the last batches' noise, so models of one subset
+    agree better across seeds)."""
     after = tcfg.get("schedule", "constant")
     if after == "constant":
         tail = optax.constant_schedule(tcfg.learning_rate)
@@ -144,9 +146,23 @@ def make_optimizer(tcfg):
                                            max(tcfg.steps - tcfg.warmup_steps, 1))
     else:
         raise ValueError(f"configs/lds.py: schedule={after!r}: expected 'constant' or 'cosine'")
-    lr = optax.join_schedules([optax.linear_schedule(0.0, tcfg.learning_rate, tcfg.warmup_steps),
-                               tail], [tcfg.warmup_steps])
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-4))
+    return optax.join_schedules([optax.linear_schedule(0.0, tcfg.learning_rate, tcfg.warmup_steps),
+                                 tail], [tcfg.warmup_steps])
+
+
+def make_optimizer(tcfg):
+    """AdamW with :func:`lr_schedule`, gradients clipped to global norm 1."""
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(lr_schedule(tcfg), weight_decay=1e-4))
+
+
+def checkpoint_lrs(tcfg, steps) -> list[float]:
+    """TracIn's η_c per checkpoint: the learning rate of the update that produced checkpoint
+    ``s`` (the ``s``-th update, optax count ``s - 1``), as ``workflow.attribute_run`` reads it
+    from the record (``step_info(s - 1)['lr']``). [paper] TracIn weights each checkpoint by its
+    learning rate; under ``schedule = 'cosine'`` the last checkpoints weigh ~0."""
+    sched = lr_schedule(tcfg)
+    return [float(sched(int(s) - 1)) for s in steps]
 
 
 @functools.partial(jax.jit, static_argnames=("ucfg", "opt"), donate_argnums=(0, 1))
@@ -397,7 +413,7 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
             tr = {s: features("trak", ckpts[s], "train", f"step{s}") for s in ck_steps}
             qs = {sp: [features("trak", ckpts[s], sp, f"step{s}") for s in ck_steps]
                   for sp in splits}
-            lr = [cfg.train.learning_rate] * len(ck_steps)
+            lr = checkpoint_lrs(cfg.train, ck_steps)
             cands = {"tracin": lambda sp: np.asarray(trak_lib.tracin_scores(
                 [tr[s] for s in ck_steps], qs[sp], lr, dtype=np.float64)).T}
         elif method == "pixel":

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxattrib import parallel
@@ -225,6 +226,31 @@ def test_benchmark_cosine_schedule_ends_training_with_no_step():
     bad.train.schedule = "linear"
     with pytest.raises(ValueError, match="schedule='linear'"):
         bench.make_optimizer(bad.train)
+
+
+def test_benchmark_tracin_weights_each_checkpoint_by_its_learning_rate():
+    """TracIn's η_c in benchmarks/lds.py is the learning rate of the update that produced
+    checkpoint c (issue #19: it was the peak rate, so under the cosine decay of 'finetune' the
+    last checkpoint weighed 1 instead of ~0). By construction: plain SGD on a unit gradient with
+    the same schedule moves by exactly η at each update."""
+    from jaxattrib.config import load_config
+    bench, root = _benchmark_module()
+    cfg = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune",
+                      ["train.steps=40", "train.warmup_steps=5"])
+    steps = (3, 5, 20, 40)
+    got = bench.checkpoint_lrs(cfg.train, steps)
+    opt = optax.sgd(bench.lr_schedule(cfg.train))
+    p, st, moves = {"w": jnp.zeros(())}, None, {}
+    st = opt.init(p)
+    for s in range(1, cfg.train.steps + 1):
+        upd, st = opt.update({"w": jnp.ones(())}, st, p)
+        moves[s] = -float(upd["w"])
+    np.testing.assert_allclose(got, [moves[s] for s in steps], rtol=1e-6)
+    lr = cfg.train.learning_rate
+    assert got[0] < lr and got[-1] < 1e-2 * lr   # warm-up, then decayed to ~0
+    const = load_config(str(root / "jaxattrib" / "configs" / "lds.py") + ":finetune",
+                        ["train.steps=40", "train.warmup_steps=5", "train.schedule='constant'"])
+    np.testing.assert_allclose(bench.checkpoint_lrs(const.train, (20, 40)), [lr, lr], rtol=1e-6)
 
 
 @pytest.mark.slow
