@@ -83,6 +83,13 @@ def _use_compile_cache(ctx: typer.Context) -> None:
         cc.reset_cache()  # a process that already compiled reopens the cache at the new path
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from jaxattrib import __version__
+        typer.echo(f"jaxattrib {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(ctx: typer.Context,
           compile_cache: Optional[str] = typer.Option(
@@ -93,7 +100,10 @@ def _main(ctx: typer.Context,
                    f"(~/.cache/jaxattrib/xla). 'off' disables it. Goes before the command: "
                    f"jaxattrib --compile-cache DIR demo."),
           no_compile_cache: bool = typer.Option(False, "--no-compile-cache",
-                                                help="Same as --compile-cache off.")):
+                                                help="Same as --compile-cache off."),
+          version: bool = typer.Option(False, "--version", is_eager=True,
+                                       callback=_print_version,
+                                       help="Print the jaxattrib version and exit.")):
     """Data attribution and copyright authentication for diffusion models (JAX)."""
     ctx.obj = {"compile_cache": None if no_compile_cache
                else resolve_compile_cache(compile_cache)}
