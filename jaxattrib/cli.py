@@ -191,6 +191,14 @@ def attribute(ctx: typer.Context,
                                                                   "[8]."),
               journey_step: Optional[int] = typer.Option(None, help="Journey-TRAK: sampling "
                                                                     "step to attribute."),
+              precision: Optional[str] = typer.Option(None, help="UNet compute dtype: float32 "
+                                                                 "| bfloat16 [float32]."),
+              remat: Optional[str] = typer.Option(None, help="Rematerialize each UNet block: "
+                                                             "none | full | dots_saveable | "
+                                                             "nothing_saveable [none]."),
+              matmul_precision: Optional[str] = typer.Option(
+                  None, help="float32 matmuls: default (TF32 on GPU) | tensorfloat32 | "
+                             "highest [default]."),
               no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """Attribute query images to a run's training data (resumable feature stores).
 
@@ -202,7 +210,8 @@ def attribute(ctx: typer.Context,
     from jaxattrib.workflow import attribute_run, attribution_defaults
     given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
              "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
-             "microbatch": microbatch}
+             "microbatch": microbatch, "precision": precision, "remat": remat,
+             "matmul_precision": matmul_precision}
     opts = attribution_defaults(run_dir)
     opts.update({name: v for name, v in given.items() if v is not None})
     try:

@@ -50,9 +50,6 @@ def load_training_data(config):
     return ds
 
 
-_PRECISIONS = ("float32",)
-
-
 def _field(config, dotted: str, default=None):
     node = config
     for part in dotted.split("."):
@@ -67,7 +64,8 @@ def check_train_config(config, source: str = "config") -> None:
     anything is loaded; raises :class:`ConfigError` naming the field and what was expected.
 
     Optional fields (``finetune.warmup_steps``, ``lora_alpha``, ``lora_target``, ``precision``,
-    ``model_prediction_type``, ``attribution.*``) are checked when present.
+    ``remat``, ``matmul_precision``, ``model_prediction_type``, ``attribution.*``) are checked
+    when present.
     """
     import re
 
@@ -107,10 +105,8 @@ def check_train_config(config, source: str = "config") -> None:
             re.compile(f.lora_target)
         except re.error as e:
             bad("finetune.lora_target", f.lora_target, f"a regular expression ({e})")
-    prec = _field(f, "precision", "float32")
-    if prec not in _PRECISIONS:
-        raise ConfigError(f"{source}: finetune.precision={prec!r}: only {_PRECISIONS} is "
-                          f"supported (the training step has no mixed-precision path yet)")
+    from jaxattrib import precision
+    precision.check_fields(f, f"{source}: finetune")
     pt = _field(config, "model_prediction_type")
     if pt is not None and pt not in ("epsilon", "v_prediction", "sample"):
         bad("model_prediction_type", pt, "'epsilon', 'v_prediction' or 'sample'")
@@ -137,6 +133,8 @@ def check_attribution_fields(a, where: str = "attribution") -> None:
     for name, ok, expected in checks:
         if name in a and not ok(a[name]):
             raise ConfigError(f"{where}.{name}={a[name]!r}: expected {expected}")
+    from jaxattrib import precision
+    precision.check_fields(a, where)
     spec = a["params"] if "params" in a else "all"
     if spec != "all":
         try:
@@ -176,7 +174,12 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
     current = json.loads(config.to_json())
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != current:
+    from jaxattrib import precision
+    # run directories made before finetune/attribution.{precision,remat,matmul_precision}
+    # existed did what their defaults do
+    if cfg_path.exists() and precision.fill_added(
+            json.loads(cfg_path.read_text()),
+            precision.added_defaults("finetune", "attribution")) != current:
         raise ConfigError(f"{cfg_path}: run directory was made with another config; use a new "
                           f"--run-dir")
     writer = jax.process_index() == 0
@@ -198,8 +201,10 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         tmp.replace(data_path)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
+    prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
     loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
-                                  train_text_encoder=f.train_text_encoder)
+                                  train_text_encoder=f.train_text_encoder,
+                                  precision=prec["precision"], remat=prec["remat"])
     ids = pipe.tokenizer(list(ds.captions), max_length=pipe.text_config.max_position_embeddings)
     images = np.asarray(ds.images)
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
@@ -208,7 +213,8 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
                      warmup_steps=_field(f, "warmup_steps", 0),
                      lora_alpha=float(_field(f, "lora_alpha", 4.0)),
                      lora_target=_field(f, "lora_target",
-                                        f"{UNET_ATTENTION_TARGET}|{TEXT_ATTENTION_TARGET}"))
+                                        f"{UNET_ATTENTION_TARGET}|{TEXT_ATTENTION_TARGET}"),
+                     **prec)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
     if pipe.vae_params is not None:
         params["vae"] = pipe.vae_params
@@ -243,7 +249,8 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
 
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
                       "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
-                      "microbatch": 8}
+                      "microbatch": 8, "precision": "float32", "remat": "none",
+                      "matmul_precision": "default"}
 
 
 def attribution_defaults(run_dir: str | Path) -> dict:
@@ -261,13 +268,16 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                   k: int = 2048, params: str = "attn", num_timesteps: int = 10,
                   lam_ratio: float = 1.0, topk: int = 10, journey_step: int | None = None,
                   projection: str = "rademacher", microbatch: int = 8,
-                  progress: bool = True) -> np.ndarray:
+                  precision: str = "float32", remat: str = "none",
+                  matmul_precision: str = "default", progress: bool = True) -> np.ndarray:
     """Scores ``[Q, N]`` of the run's training images for the query images; see module doc.
 
     ``method``: 'trak' | 'dtrak' | 'journey-trak' | 'tracin'. TRAK/D-TRAK/Journey use the
     latest checkpoint; TracIn sums over every checkpoint of the record with its learning rate.
     ``journey_step``: for Journey-TRAK, the sampling step of ``queries/trajectory.npz`` whose
-    x̂0 is attributed (default: the last step, i.e. the final image).
+    x̂0 is attributed (default: the last step, i.e. the final image). ``precision`` /
+    ``remat`` / ``matmul_precision``: see :class:`~jaxattrib.attribution.diffusion_trak.
+    AttributionConfig` and docs/precision.md.
     """
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.attribution import trak as trak_lib
@@ -291,10 +301,13 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     steps = record.steps()
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
-                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
-                             "attribute")
+                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk,
+                              "precision": precision, "remat": remat,
+                              "matmul_precision": matmul_precision}, "attribute")
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
-                              projection=projection, microbatch=microbatch)
+                              projection=projection, microbatch=microbatch,
+                              precision=precision, remat=remat,
+                              matmul_precision=matmul_precision)
     train_ex = {"x0": data["images"], "ctx": np.asarray(pipe.encode_prompts(list(data["captions"])))}
     query_ex = {"x0": q_images, "ctx": np.asarray(pipe.encode_prompts(q_prompts))}
     fp_train = str(record.manifest.get("dataset", {}).get("fingerprint", "")) or \

@@ -72,6 +72,13 @@ class AttributionConfig:
     (0 = ``microbatch``; see ``trak.featurize``: each P block is generated once for that many
     examples, whose ``proj_batch × p`` float32 gradients are held at once).
     journey_resamples: R re-noisings of a trajectory target.
+    precision: 'float32' | 'bfloat16' — UNet compute dtype of the forward/backward; the
+    parameters, per-example gradients (w.r.t. the float32 parameters), the projection and
+    the features stay float32. remat: UNet block rematerialization ('none' | 'full' | a
+    ``jax.checkpoint_policies`` name); it changes memory, not features. matmul_precision:
+    'default' | 'tensorfloat32' | 'highest' (``jax.default_matmul_precision`` around the
+    jitted featurization). See :mod:`jaxattrib.precision` and docs/precision.md; the three go
+    into the feature stores' metadata only when not the default.
     """
 
     method: str = "dtrak"
@@ -86,10 +93,20 @@ class AttributionConfig:
     microbatch: int = 8
     journey_resamples: int = 8
     proj_batch: int = 0
+    precision: str = "float32"
+    remat: str = "none"
+    matmul_precision: str = "default"
 
     def __post_init__(self):
+        from jaxattrib import precision as prec
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.precision not in prec.PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {prec.PRECISIONS}")
+        object.__setattr__(self, "remat", prec.remat_name(self.remat))
+        if self.matmul_precision not in prec.MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision={self.matmul_precision!r}: expected one of "
+                             f"{prec.MATMUL_PRECISIONS}")
 
     @property
     def output_name(self) -> str:
@@ -110,10 +127,14 @@ def timesteps_for(config: AttributionConfig, T: int, key=None) -> np.ndarray:
                      f"'cumulative' or 'random'")
 
 
-def _eps_fn(unet_config, params):
+def _eps_fn(unet_config, params, config: AttributionConfig | None = None):
+    """The UNet as ``eps_fn(x_t, t, ctx)``, computing in ``config.precision`` with
+    ``config.remat``; its output is cast to float32 (output functions run in float32)."""
     from jaxattrib.models.unet import UNet2DConditionModel
-    model = UNet2DConditionModel(unet_config)
-    return lambda x_t, t, ctx: model.apply({"params": params}, x_t, t, ctx)
+    from jaxattrib.precision import unet_kwargs
+    kw = {} if config is None else unet_kwargs(config.precision, config.remat)
+    model = UNet2DConditionModel(unet_config, **kw)
+    return lambda x_t, t, ctx: model.apply({"params": params}, x_t, t, ctx).astype(jnp.float32)
 
 
 _CACHE_SIZE = 16
@@ -158,15 +179,15 @@ def _train_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
         def out_fn(params, ex, key):
             ts = jax.random.randint(jax.random.fold_in(key, 0), (K,), 0, T)
             noise = jax.random.normal(jax.random.fold_in(key, 1), (K,) + ex["x0"].shape)
-            return losses.averaged_output("loss", _eps_fn(unet_config, params), sched,
+            return losses.averaged_output("loss", _eps_fn(unet_config, params, config), sched,
                                           ex["x0"], ex["ctx"], ts, noise=noise)
         return out_fn
     ts = jnp.asarray(timesteps_for(config, T))
 
     def out_fn(params, ex, key):
         del key  # D-TRAK / TRAK: fixed noise per (seed, t), shared by all examples
-        return losses.averaged_output(config.output_name, _eps_fn(unet_config, params), sched,
-                                      ex["x0"], ex["ctx"], ts, config.noise_seed)
+        return losses.averaged_output(config.output_name, _eps_fn(unet_config, params, config),
+                                      sched, ex["x0"], ex["ctx"], ts, config.noise_seed)
     return out_fn
 
 
@@ -183,8 +204,8 @@ def _journey_target_out_fn(unet_config, sched: Schedule, config: AttributionConf
     def out_fn(params, ex, key):
         ts = jnp.full((R,), ex["t"], jnp.int32)
         noise = jax.random.normal(key, (R,) + ex["x0"].shape)
-        return losses.averaged_output("loss", _eps_fn(unet_config, params), sched, ex["x0"],
-                                      ex["ctx"], ts, noise=noise)
+        return losses.averaged_output("loss", _eps_fn(unet_config, params, config), sched,
+                                      ex["x0"], ex["ctx"], ts, noise=noise)
     return out_fn
 
 
@@ -218,6 +239,7 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
     same ``out_fn`` object, config and parameter shapes reuse one compiled feature function
     (see the module docstring).
     """
+    from jaxattrib import precision as prec
     projector = _projector(unet_params, config)
     n = trak_lib._num_examples(examples)
     meta = store_lib.feature_meta(
@@ -228,7 +250,8 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
         checkpoint_steps=None if step is None else [int(step)],
         extra={"method": config.method, "role": role, "params": config.params,
                "num_timesteps": config.num_timesteps, "noise_seed": config.noise_seed,
-               "key_seed": key_seed, "journey_resamples": config.journey_resamples})
+               "key_seed": key_seed, "journey_resamples": config.journey_resamples,
+               **prec.non_default(config)})
     st = store_lib.ChunkedArray.open(folder, n_rows=n, n_cols=config.k,
                                      chunk_size=min(chunk_size, max(n, 1)), meta=meta)
     proj_batch = config.proj_batch or None
@@ -240,11 +263,12 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
     # the entry keeps out_fn alive, so its id cannot be reused by another function meanwhile
     _, fn = _lru(_FEATURE_FNS, cache_key, lambda: (out_fn, params_feature_fn(
         out_fn, projector, spec=config.params, grad_batch=grad_batch)))
-    trak_lib.featurize(out_fn, unet_params, examples, projector, st,
-                       microbatch=config.microbatch, mesh=mesh, progress=progress,
-                       key=jax.random.PRNGKey(key_seed), spec=config.params,
-                       proj_batch=proj_batch,
-                       feature_fn=lambda ex, keys: fn(unet_params, ex, keys))
+    with prec.matmul_precision(config.matmul_precision):  # traced (and cached) under it
+        trak_lib.featurize(out_fn, unet_params, examples, projector, st,
+                           microbatch=config.microbatch, mesh=mesh, progress=progress,
+                           key=jax.random.PRNGKey(key_seed), spec=config.params,
+                           proj_batch=proj_batch,
+                           feature_fn=lambda ex, keys: fn(unet_params, ex, keys))
     return st.read_all()
 
 

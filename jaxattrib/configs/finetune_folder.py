@@ -8,6 +8,10 @@ captions from captions.jsonl / prompt.txt / a template), 'digits' (scikit-learn'
 model: 'embedded' (the shipped base model) or a diffusers pipeline folder (safetensors).
 The run directory receives data/train.npz, the trajectory record and config.json; attribute
 with ``jaxattrib attribute RUN_DIR --queries ...``.
+finetune.precision: 'float32' | 'bfloat16' (UNet compute dtype; float32 master weights and
+AdamW state either way); finetune.remat: 'none' | 'full' | 'dots_saveable' |
+'nothing_saveable' | ... (activation checkpointing per UNet block); finetune.matmul_precision:
+'default' (TF32 on Ampere/Hopper GPUs) | 'tensorfloat32' | 'highest'. See docs/precision.md.
 """
 
 import ml_collections
@@ -32,4 +36,7 @@ def get_config(arg=None):
     c.finetune.mode = "full"          # 'full' | 'lora'
     c.finetune.lora_rank = 4
     c.finetune.train_text_encoder = False
+    c.finetune.precision = "float32"  # 'float32' | 'bfloat16' (docs/precision.md)
+    c.finetune.remat = "none"         # 'none' | 'full' | a jax.checkpoint_policies name
+    c.finetune.matmul_precision = "default"  # 'default' | 'tensorfloat32' | 'highest'
     return c

@@ -37,13 +37,18 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
   (the record's checkpoints: D-TRAK uses the last, TracIn all), ``mode`` ('lora' | 'full'),
   ``lora_rank``, ``lora_alpha``, ``lora_target`` (regex over '/'-joined parameter paths; the
   default is the UNet attention projections ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
-* ``finetune.precision``: only 'float32' — the training step has no mixed-precision path yet
-  (the UNet port computes in float32); other values are refused rather than ignored.
+* ``finetune.precision``: 'float32' | 'bfloat16' (the UNet computes in bfloat16 from float32
+  master weights; AdamW state float32). ``finetune.remat``: 'none' | 'full' | a
+  ``jax.checkpoint_policies`` name ('dots_saveable', 'nothing_saveable', ...): activation
+  checkpointing per UNet block. ``finetune.matmul_precision``: 'default' (TF32 on
+  Ampere/Hopper GPUs) | 'tensorfloat32' | 'highest'. See docs/precision.md.
 * ``attribution.*``: the defaults of ``jaxattrib attribute`` on this run: ``method``,
   ``params`` (regex over UNet parameter paths; 'attn2' = cross-attention, as Concept-TRAK and
   the D-TRAK customization experiments), projection dimension ``k``, ``projection`` ('sjlt'
   needs no dense p×k block), timesteps ``num_timesteps`` of the output function, ``lam_ratio``
-  (λ = ratio · mean diag ΦᵀΦ), ``microbatch`` (examples per jitted gradient call) and ``topk``.
+  (λ = ratio · mean diag ΦᵀΦ), ``microbatch`` (examples per jitted gradient call) and ``topk``;
+  ``precision`` / ``remat`` / ``matmul_precision`` as for ``finetune`` (bfloat16 forward and
+  backward; gradients, projection and features float32).
   [design] With LoRA the gradients are taken w.r.t. the *merged* attn2 weights of the
   checkpoint (what the record stores), not the LoRA factors.
 """
@@ -78,7 +83,9 @@ def get_config(arg=None):
     c.finetune.lora_alpha = 4.0
     c.finetune.lora_target = r"(^|/)attn[12]/(to_q|to_k|to_v|to_out(_0|/0)?)/kernel$"
     c.finetune.train_text_encoder = False
-    c.finetune.precision = "float32"
+    c.finetune.precision = "float32"      # 'float32' | 'bfloat16'
+    c.finetune.remat = "none"             # 'none' | 'full' | 'dots_saveable' | ...
+    c.finetune.matmul_precision = "default"  # 'default' | 'tensorfloat32' | 'highest'
 
     c.attribution = ml_collections.ConfigDict()
     c.attribution.method = "dtrak"
@@ -89,6 +96,9 @@ def get_config(arg=None):
     c.attribution.lam_ratio = 1.0
     c.attribution.microbatch = 4
     c.attribution.topk = 10
+    c.attribution.precision = "float32"
+    c.attribution.remat = "none"
+    c.attribution.matmul_precision = "default"
     if arg not in (None, ""):
         raise ValueError(f"sd15_lora: unknown variant {arg!r} (the config takes no argument)")
     return c

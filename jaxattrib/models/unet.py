@@ -21,7 +21,14 @@ Our design ([design]):
   transformer_blocks_0/attn2/to_q/kernel``); the state-dict mapping is therefore generic
   (:func:`jaxattrib.models.layers.flax_path_to_torch_key`) and exactly invertible
   (:func:`save_pretrained`).
-* ``remat=True`` wraps every down/mid/up block in ``nn.remat`` (activation checkpointing).
+* ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed precision); parameters are float32
+  whatever ``dtype`` is (Flax casts them per layer), so the parameter tree, and loading
+  diffusers weights, do not depend on it.
+* ``remat`` wraps every down/mid/up block in ``nn.remat`` (activation checkpointing):
+  ``False``/``'none'`` off, ``True``/``'full'`` save only block inputs, or a
+  ``jax.checkpoint_policies`` name (``'dots_saveable'``, ``'nothing_saveable'``, ...; see
+  :mod:`jaxattrib.precision`). ``nn.remat`` keeps the wrapped module's scope, so the parameter
+  names are the same with and without it.
 * Options outside the supported subset are refused by :meth:`UNetConfig.from_diffusers` with an
   error naming the key and value, never silently ignored.
 """
@@ -44,6 +51,7 @@ from jaxattrib.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedd
                                      Transformer2DModel, Upsample2D, conv,
                                      get_timestep_embedding, group_norm, params_from_torch,
                                      params_to_torch)
+from jaxattrib.precision import checkpoint_policy
 
 Dtype = Any
 
@@ -340,7 +348,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False   # False/'none' | True/'full' | a jax.checkpoint_policies name
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None):
@@ -358,9 +366,11 @@ class UNet2DConditionModel(nn.Module):
                                       (encoder_hidden_states.shape[-1],) * n)):
             raise ValueError(f"encoder_hidden_states last dim {encoder_hidden_states.shape[-1]} "
                              f"!= cross_attention_dim {cfg.cross_attention_dim}")
-        if self.remat:  # upsample_size (arg 5, counting self) is a static shape
-            Down, Mid = nn.remat(CrossAttnDownBlock2D), nn.remat(UNetMidBlock2DCrossAttn)
-            Up = nn.remat(CrossAttnUpBlock2D, static_argnums=(5,))
+        use_remat, policy = checkpoint_policy(self.remat)
+        if use_remat:  # upsample_size (arg 5, counting self) is a static shape
+            Down = nn.remat(CrossAttnDownBlock2D, policy=policy)
+            Mid = nn.remat(UNetMidBlock2DCrossAttn, policy=policy)
+            Up = nn.remat(CrossAttnUpBlock2D, static_argnums=(5,), policy=policy)
         else:
             Down, Mid, Up = CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D
 

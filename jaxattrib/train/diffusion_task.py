@@ -23,6 +23,12 @@ preservation weights the class-prior examples by ``prior_loss_weight``.
   pixels directly (``in_channels == 3``). Without a ``text_config`` the batch must carry
   ``encoder_hidden_states [B, L, D]``.
 * No caption dropout for classifier-free guidance (add empty-caption examples to the data).
+* Mixed precision (``precision='bfloat16'``): the UNet computes in bfloat16 (activations and
+  matmul/conv operands) from the float32 parameters, which Flax casts per layer, so gradients
+  (and hence the trainer's master weights and AdamW state) stay float32; the UNet output is
+  cast to float32 before the loss. The VAE encoder and the text encoder stay float32 (frozen
+  in the usual configs; small next to the UNet's forward + backward). ``remat`` checkpoints
+  each UNet block (:mod:`jaxattrib.precision`).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def example_noise(key: jax.Array, batch_size: int, shape, dtype=jnp.float32) -> 
 def make_diffusion_loss(unet_config, text_config, schedule, vae_config=None,
                         train_text_encoder: bool = False, prior_loss_weight: float = 1.0,
                         text_layer: str = "last",
-                        sample_posterior: bool = True) -> Callable[..., jax.Array]:
+                        sample_posterior: bool = True, precision: str = "float32",
+                        remat: bool | str = "none") -> Callable[..., jax.Array]:
     """``loss_fn(params, batch, key) -> per-example loss [B]`` for :func:`finetune.finetune`.
 
     Args:
@@ -68,17 +75,23 @@ def make_diffusion_loss(unet_config, text_config, schedule, vae_config=None,
       prior_loss_weight: weight of examples with ``batch['is_prior']`` true.
       text_layer: ``'last'`` or ``'penultimate'`` (clip skip) hidden states.
       sample_posterior: VAE posterior sample (diffusers' ``latent_dist.sample()``) or mean.
+      precision: UNet compute dtype, 'float32' | 'bfloat16' (parameters stay float32).
+      remat: UNet block rematerialization, 'none' | 'full' | a ``jax.checkpoint_policies``
+        name (see :mod:`jaxattrib.precision`).
 
     ``params``: ``{'unet': ..., 'text_encoder': ... (if text_config), 'vae': ... (if
     vae_config)}``. ``batch``: ``images [B, H, W, 3]`` in [-1, 1] (NHWC), ``input_ids [B, L]``
     int32, optional ``is_prior [B]`` bool. The returned function has an attribute
-    ``describe_step(key, batch_size) -> {'timesteps': int32 [B]}`` for the record.
+    ``describe_step(key, batch_size) -> {'timesteps': int32 [B]}`` for the record, and
+    ``precision`` / ``remat`` (checked against the ``TrainConfig`` by ``finetune``).
     """
     from jaxattrib.diffusion.losses import dsm_loss
     from jaxattrib.diffusion.schedule import add_noise
     from jaxattrib.models.unet import UNet2DConditionModel
+    from jaxattrib.precision import unet_kwargs
 
-    unet = UNet2DConditionModel(unet_config)
+    unet_kw = unet_kwargs(precision, remat)
+    unet = UNet2DConditionModel(unet_config, **unet_kw)
     T = schedule.num_train_timesteps
 
     def latents(params, images, keys):
@@ -118,4 +131,5 @@ def make_diffusion_loss(unet_config, text_config, schedule, vae_config=None,
         return {"timesteps": example_timesteps(key, batch_size, T)}
 
     loss_fn.describe_step = describe_step
+    loss_fn.precision, loss_fn.remat = precision, unet_kw["remat"]
     return loss_fn

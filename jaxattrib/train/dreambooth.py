@@ -75,7 +75,7 @@ def make_dreambooth_loss(unet_config, text_config, schedule, prior_loss_weight: 
       unet_config, text_config, schedule: as :func:`make_diffusion_loss`.
       prior_loss_weight: λ_prior (0 = plain fine-tuning on the instance images).
       **kwargs: passed to :func:`make_diffusion_loss` (``vae_config``, ``train_text_encoder``,
-        ``text_layer``, ``sample_posterior``).
+        ``text_layer``, ``sample_posterior``, ``precision``, ``remat``).
 
     ``batch``: ``images [B, H, W, 3]`` in [-1, 1] and ``input_ids [B, L]`` of the instance
     examples, ``class_images`` / ``class_input_ids`` of the same shapes for the class examples
@@ -98,6 +98,7 @@ def make_dreambooth_loss(unet_config, text_config, schedule, prior_loss_weight: 
                  for k in PAIRED_KEYS if k in batch}
         per = inner(params, joint, key)
         return per[:b] + lam * per[b:]
+    loss_fn.precision, loss_fn.remat = inner.precision, inner.remat
 
     def describe_step(key: jax.Array, batch_size: int) -> dict:
         return {"timesteps": example_timesteps(key, 2 * batch_size, T)}
@@ -249,9 +250,14 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from jaxattrib.demo import _check_config, _save_npz
     from jaxattrib.workflow import _load_model
 
+    from jaxattrib import precision
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    # finetune.precision/remat/matmul_precision: checked before anything is loaded; run
+    # directories made before they existed read them as the defaults (what they did)
+    precision.check_fields(config.finetune, "finetune")
+    _check_config(run_dir, config, added=precision.added_defaults("finetune"))
     d, f, e = config.dreambooth, config.finetune, config.evaluate
+    prec = {k: f.get(k, v) for k, v in precision.DEFAULTS.items()}
     pipe = _load_model(config.model)
     size = pipe.unet_config.sample_size * (1 if pipe.vae_config is None else
                                            2 ** (len(pipe.vae_config.block_out_channels) - 1))
@@ -316,11 +322,13 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
                                    prior_loss_weight=d.prior_loss_weight,
                                    vae_config=pipe.vae_config,
-                                   train_text_encoder=f.train_text_encoder)
+                                   train_text_encoder=f.train_text_encoder,
+                                   precision=prec["precision"], remat=prec["remat"])
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
                      schedule=f.schedule, weight_decay=0.0, seed=config.seed,
                      checkpoint_every=f.checkpoint_every, mode=f.mode, lora_rank=f.lora_rank,
-                     lora_alpha=float(f.lora_rank), train_text_encoder=f.train_text_encoder)
+                     lora_alpha=float(f.lora_rank), train_text_encoder=f.train_text_encoder,
+                     **prec)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
     if pipe.vae_params is not None:
         params["vae"] = pipe.vae_params

@@ -67,6 +67,14 @@ class TrainConfig:
     step are always saved. mode: 'full' | 'lora'. lora_rank / lora_alpha / lora_target (regex
     over '/'-joined parameter paths). train_text_encoder: also train ``params['text_encoder']``.
     log_every: progress-bar loss refresh interval (forces a device sync).
+    precision: 'float32' | 'bfloat16' — compute dtype of the loss (the ``loss_fn`` must be
+    built with the same, e.g. ``make_diffusion_loss(..., precision=...)``; checked when it
+    carries a ``precision`` attribute). Trained parameters ("master weights") and the AdamW
+    state are float32 in both cases. remat: UNet block rematerialization of the ``loss_fn``
+    (see :mod:`jaxattrib.precision`; checked likewise). matmul_precision: 'default' |
+    'tensorfloat32' | 'highest', applied with ``jax.default_matmul_precision`` around the
+    jitted step. The three go into the manifest only when not the default, so records made
+    before they existed still resume.
     """
 
     steps: int = 100
@@ -89,8 +97,19 @@ class TrainConfig:
     lora_target: str = f"{lora_lib.UNET_ATTENTION_TARGET}|{lora_lib.TEXT_ATTENTION_TARGET}"
     train_text_encoder: bool = False
     log_every: int = 10
+    precision: str = "float32"
+    remat: str = "none"
+    matmul_precision: str = "default"
 
     def __post_init__(self):
+        from jaxattrib import precision as prec
+        if self.precision not in prec.PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {prec.PRECISIONS}, got "
+                             f"{self.precision!r}")
+        object.__setattr__(self, "remat", prec.remat_name(self.remat))
+        if self.matmul_precision not in prec.MATMUL_PRECISIONS:
+            raise ValueError(f"TrainConfig.matmul_precision must be one of "
+                             f"{prec.MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         if self.mode not in ("full", "lora"):
             raise ValueError(f"TrainConfig.mode must be 'full' or 'lora', got {self.mode!r}")
         if self.schedule not in ("constant", "cosine", "linear"):
@@ -103,8 +122,14 @@ class TrainConfig:
                            tuple(sorted(int(s) for s in self.checkpoint_steps)))
 
     def to_dict(self) -> dict:
+        """JSON-able fields; ``precision``/``remat``/``matmul_precision`` only when not the
+        default (manifests of records made before they existed keep matching)."""
+        from jaxattrib import precision as prec
         d = dataclasses.asdict(self)
         d["checkpoint_steps"] = list(self.checkpoint_steps)
+        for k in prec.DEFAULTS:
+            d.pop(k)
+        d.update(prec.non_default(self))
         return d
 
     @classmethod
@@ -266,6 +291,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         return step + 1, trainable, opt_state, {"loss": loss,
                                                 "grad_norm": optax.global_norm(grads)}
 
+    from jaxattrib import precision as prec
     rep = parallel.replicated_sharding(mesh)
     # step, trainable params and optimizer state are donated (updated in place); the frozen
     # params are not, so arrays the caller still holds are never invalidated.
@@ -274,8 +300,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                      out_shardings=rep, donate_argnums=(0, 1, 2))
 
     def train_step(state: TrainState, batch, key):
-        step, params, opt_state, metrics = jitted(state.step, state.params, state.opt_state,
-                                                  state.frozen, batch, key)
+        with prec.matmul_precision(config.matmul_precision):  # traced (and cached) under it
+            step, params, opt_state, metrics = jitted(state.step, state.params,
+                                                      state.opt_state, state.frozen, batch, key)
         return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -344,6 +371,11 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
     if config.batch_size % n_data:
         raise ValueError(f"global batch size {config.batch_size} is not divisible by the "
                          f"{n_data} devices of the mesh's data axis")
+    for name in ("precision", "remat"):
+        have = getattr(loss_fn, name, None)
+        if have is not None and have != getattr(config, name):
+            raise ValueError(f"TrainConfig.{name}={getattr(config, name)!r} but loss_fn was "
+                             f"built with {name}={have!r}")
     describe_step = describe_step or getattr(loss_fn, "describe_step", None)
     if describe_step is not None:
         describe_step = jax.jit(describe_step, static_argnums=1)
