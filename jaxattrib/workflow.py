@@ -284,6 +284,9 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.report.html import write_result
     from jaxattrib.train.record import TrajectoryRecord
+    from jaxattrib import precision as prec
+    prec.check_fields({"precision": precision, "remat": remat,
+                       "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
@@ -301,9 +304,8 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     steps = record.steps()
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
-                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk,
-                              "precision": precision, "remat": remat,
-                              "matmul_precision": matmul_precision}, "attribute")
+                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
+                             "attribute")
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
