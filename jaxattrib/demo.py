@@ -220,6 +220,7 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     from jaxattrib.generate import generate, save_images
     plan = demo_query_plan(config, held) if plan is None else plan
     prompts = [str(p) for p in plan["prompts"]]
+    _log(f"generating {len(prompts)} queries")
     g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
                  num_inference_steps=config.generate.num_inference_steps,
                  guidance_scale=config.generate.guidance_scale)
