@@ -151,15 +151,20 @@ def kill_in_stage(argv, run_dir: Path, stage: Stage, duration: float, seed: int,
 def chained_faults(argv, run_dir: Path, stages: Sequence[Stage], durations: dict[str, float],
                    seed: int, log_dir: Path, env, timeout: float = 900) -> list[Fault]:
     """One SIGKILL at a random point of each stage in order (a stage the previous attempts
-    already finished is skipped), then a final run to completion. Returns the faults."""
+    already finished is skipped: listed with ``killed=False``), then a final run to
+    completion. Returns one :class:`Fault` per stage."""
     faults = []
     rng = random.Random(seed)
     for i, stage in enumerate(stages):
+        stage_seed = rng.randrange(2 ** 31)
         if stage.finished("", run_dir):
-            continue
-        f = kill_in_stage(argv, run_dir, stage, durations.get(stage.name, 1.0),
-                          rng.randrange(2 ** 31), log_dir / f"attempt_{i:02d}_{stage.name}.log",
-                          env, timeout=timeout)
+            f = Fault(stage.name, stage_seed, 0.0, 0.0, False, False, "(skipped: finished by an "
+                      "earlier attempt)")
+            print(f"fault: {f}", flush=True)
+        else:
+            f = kill_in_stage(argv, run_dir, stage, durations.get(stage.name, 1.0), stage_seed,
+                              log_dir / f"attempt_{i:02d}_{stage.name}.log", env,
+                              timeout=timeout)
         faults.append(f)
     run_to_completion(argv, run_dir, log_dir / "final.log", env, timeout=timeout)
     return faults

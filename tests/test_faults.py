@@ -8,6 +8,10 @@ queries), scoring, MONTRAGE and CGI-DM in one run directory; ``jaxattrib source-
 tiny pixel pipeline covers source-model attribution. The reference runs are shared per module.
 The random points come from ``FAULT_SEED`` (default: a fresh seed, printed) — rerun a failure
 with ``FAULT_SEED=<seed>``.
+
+Cost: the demo tests need a cold and a warm reference demo plus the chained and corrupted
+reruns, about 6 min of CPU on 2 cores (compilation dominates), so they are ``slow``; the
+source-model chain stays in the fast suite (docs/integrity.md).
 """
 
 import os
@@ -134,6 +138,7 @@ def _check_chain(reference, stages, seed, tmp_path, env):
     return got
 
 
+@pytest.mark.slow
 def test_demo_stages_resume_bit_identically_after_sigkill(demo_reference, tmp_path, env):
     """One random SIGKILL in each demo stage (fine-tune, generate, featurize train / queries,
     scoring, MONTRAGE, CGI-DM), chained; the finished run equals the uninterrupted one bit for
@@ -161,6 +166,7 @@ def _flip(path, offset=-2):
     path.write_bytes(bytes(b))
 
 
+@pytest.mark.slow
 def test_corrupt_chunk_is_recomputed_and_corrupt_checkpoint_is_a_clear_error(
         demo_reference, tmp_path, env):
     """Flip a byte in a feature chunk: the rerun recomputes it (notice) and every result is
