@@ -30,7 +30,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxattrib import integrity
 from jaxattrib.config import ConfigError
+from jaxattrib.fileio import atomic_write_bytes
 
 SIMILARITIES = ("ssim", "psnr")
 
@@ -101,10 +103,10 @@ def _check_inputs(run_dir: Path, fingerprints: dict) -> None:
 def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, cache: Path, *,
                    encode=None, decode=None, batch_size: int = 8, progress: bool = True) -> dict:
     """:func:`~jaxattrib.attribution.cgi_dm.recover` of ``images [N,H,W,C]`` batch by batch,
-    each batch cached as ``cache/<name>_<lo>.npz`` (reused on rerun). Same result as one call."""
-    from jaxattrib.attribution.cgi_dm import recover
-    from jaxattrib.fileio import atomic_write_bytes
+    each batch cached as ``cache/<name>_<lo>.npz`` with a checksum sidecar (reused on rerun;
+    a corrupt batch is recomputed with a notice). Same result as one call."""
     import io
+    from jaxattrib.attribution.cgi_dm import recover
     n = len(images)
     parts = []
     starts = range(0, n, batch_size)
@@ -115,15 +117,16 @@ def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, ca
     for lo in starts:
         hi = min(n, lo + batch_size)
         path = cache / f"{name}_{lo:06d}.npz"
-        if path.is_file():
-            parts.append(dict(np.load(path)))
+        blob = integrity.read_checked(path, what="CGI-DM batch")
+        if blob is not None:
+            parts.append(dict(np.load(io.BytesIO(blob))))
         else:
             r = recover(images[lo:hi], eps_pre, eps_ft, sched, cgi, key,
                         cond=None if cond is None else cond[lo:hi], encode=encode,
                         decode=decode, batch_size=batch_size, index_offset=lo)
             buf = io.BytesIO()
             np.savez(buf, **r)
-            atomic_write_bytes(path, buf.getvalue())
+            integrity.write_checked(path, buf.getvalue())
             parts.append(r)
         if bar is not None:
             bar.update(hi - lo)
@@ -235,7 +238,7 @@ def report(run_dir: Path, config, out: dict, rec: dict, models: dict) -> dict:
                         "TPR@10%FPR": tpr_at_fpr(s[known], y, 0.10),
                         "accuracy at threshold": accuracy_at_threshold(s[known], y, thr)})
         (run_dir / "results").mkdir(parents=True, exist_ok=True)
-        (run_dir / "results" / "cgi_dm_roc.png").write_bytes(
+        atomic_write_bytes(run_dir / "results" / "cgi_dm_roc.png",
             roc_curve_png({f"CGI-DM ({config.similarity})": (fpr, tpr)},
                           title="CGI-DM: labelled candidates (member/ vs non_member/)"))
         images.append({"path": "results/cgi_dm_roc.png", "caption": "ROC curve"})

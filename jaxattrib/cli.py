@@ -325,8 +325,12 @@ def generate(ctx: typer.Context,
                 num_inference_steps=steps, guidance_scale=guidance, return_trajectory=trajectory)
         paths = save_images(out, np.clip(np.asarray(g.images), -1, 1), prompts)
         if trajectory:
-            np.savez(out / "trajectory.npz", timesteps=np.asarray(g.trajectory.timesteps),
+            import io
+            from jaxattrib.fileio import atomic_write_bytes
+            buf = io.BytesIO()
+            np.savez(buf, timesteps=np.asarray(g.trajectory.timesteps),
                      xs=np.asarray(g.trajectory.xs), x0_preds=np.asarray(g.trajectory.x0_preds))
+            atomic_write_bytes(out / "trajectory.npz", buf.getvalue())
         typer.echo(f"wrote {len(paths)} images to {out}")
     except CheckpointError as e:
         _fail(str(e))

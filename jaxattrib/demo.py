@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_text
 
 
 # Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
@@ -67,14 +68,14 @@ def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
                               f"{diff} differ); use a new --run-dir or pass --fresh")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- stages
@@ -219,6 +220,7 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     from jaxattrib.generate import generate, save_images
     plan = demo_query_plan(config, held) if plan is None else plan
     prompts = [str(p) for p in plan["prompts"]]
+    _log(f"generating {len(prompts)} queries")
     g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
                  num_inference_steps=config.generate.num_inference_steps,
                  guidance_scale=config.generate.guidance_scale)
@@ -298,7 +300,7 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
         for stale in (run_dir / "scores").rglob("*.npy"):
             stale.unlink()
         version.parent.mkdir(parents=True, exist_ok=True)
-        version.write_text(SCORES_VERSION + "\n")
+        atomic_write_text(version, SCORES_VERSION + "\n")
     for method in config.attribution.methods:
         folders = {name: run_dir / "scores" / name if name else run_dir / "scores"
                    for name in variants}
@@ -317,11 +319,11 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
             if len(labels) > 1:
                 sweep = [variant.val_map(cands[label]) for label in labels]
                 best = labels[int(np.argmax(sweep))]
-                (folders[name] / f"{method}_lambda.json").write_text(json.dumps(
+                atomic_write_text(folders[name] / f"{method}_lambda.json", json.dumps(
                     {"split": "validation queries", **sweep_meta, "candidates": labels,
                      "val_mAP": sweep, "chosen": best}, indent=2))
             s = np.asarray(cands[best], np.float32)
-            np.save(folders[name] / f"{method}.npy", s)
+            atomic_save_npy(folders[name] / f"{method}.npy", s)
             out[name][method] = s
     return out
 
@@ -468,8 +470,7 @@ def cgi_dm_report(run_dir: Path, cg: dict) -> dict:
     thr = float(cg["threshold"])
     rows[0]["accuracy at calibrated threshold"] = accuracy_at_threshold(cg["scores"], labels, thr)
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    (run_dir / "results" / "cgi_dm_roc.png").write_bytes(
-        roc_curve_png(curves, title="CGI-DM: fine-tuning members vs hold-outs"))
+    atomic_write_bytes(run_dir / "results" / "cgi_dm_roc.png", roc_curve_png(curves, title="CGI-DM: fine-tuning members vs hold-outs"))
     n = min(8, len(labels))
     pick = np.r_[np.flatnonzero(labels)[: n // 2], np.flatnonzero(~labels)[: n - n // 2]]
     trip = np.stack([cg["original"][pick], cg["masked"][pick], cg["recovered"][pick]], 1)

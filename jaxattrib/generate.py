@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattrib.diffusion import sampling
+from jaxattrib.fileio import atomic_write_text
 from jaxattrib.diffusion.schedule import Schedule, schedule_from_diffusers_config
 
 
@@ -134,5 +135,5 @@ def save_images(folder: str | os.PathLike, images, prompts: Sequence[str],
         p = folder / f"{prefix}_{i:04d}.png"
         save_png(p, img)
         paths.append(p)
-    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    atomic_write_text(folder / "prompts.txt", "\n".join(prompts) + "\n")
     return paths

@@ -133,7 +133,10 @@ def select_keys(config, pipe, source_params, prompts, gen_fn, reference_fn, cach
 def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) source-model attribution; writes the report; returns the results."""
     from jaxattrib.attribution import source_model as sm
-    from jaxattrib.demo import _check_config, _save_npz
+    import io
+
+    from jaxattrib import integrity
+    from jaxattrib.demo import _check_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.workflow import _load_model, load_unet
 
@@ -167,13 +170,18 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
         bar = tqdm(total=len(models), desc="source-model: generate key samples", unit="model",
                    dynamic_ncols=True)
     for role, i, spec, _ in models:
+        # each model's generations: a checksummed cache (a corrupt one is regenerated)
         path = cache / f"gen_{role}_{i}.npz"
-        if path.is_file() and str(np.load(path)["spec"]) == spec:
-            images[(role, i)] = np.load(path)["images"]
+        blob = integrity.read_checked(path, what="source-model generations")
+        got = None if blob is None else dict(np.load(io.BytesIO(blob)))
+        if got is not None and str(got["spec"]) == spec:
+            images[(role, i)] = got["images"]
         else:
             imgs = np.asarray(sm.query(gen_fn(loaded[(role, i)][0]), keys["prompts"],
                                        list(q.seeds)), np.float32)
-            _save_npz(path, images=imgs, spec=np.array(spec))
+            buf = io.BytesIO()
+            np.savez(buf, images=imgs, spec=np.array(spec))
+            integrity.write_checked(path, buf.getvalue())
             images[(role, i)] = imgs
         if bar is not None:
             bar.update(1)

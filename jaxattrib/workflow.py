@@ -195,10 +195,11 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
                           f"images; set --set data.size={want}")
     data_path = run_dir / "data" / "train.npz"
     if writer and not data_path.exists():
-        data_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = data_path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=ds.images, captions=np.array(ds.captions), ids=np.array(ds.ids))
-        tmp.replace(data_path)
+        import io
+        from jaxattrib.fileio import atomic_write_bytes
+        buf = io.BytesIO()
+        np.savez(buf, images=ds.images, captions=np.array(ds.captions), ids=np.array(ds.ids))
+        atomic_write_bytes(data_path, buf.getvalue())
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
     prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
@@ -346,8 +347,8 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
         lam = dt.relative_lambdas(Phis[0], [lam_ratio])[0]
         scores = dt.scores_from_features(phis[0], Phis[0], lam)
     out = run_dir / "scores" / f"{method}_{qname}.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, scores.astype(np.float32))
+    from jaxattrib.fileio import atomic_save_npy
+    atomic_save_npy(out, scores.astype(np.float32))
     top = np.argsort(-scores, axis=1, kind="stable")[:, :topk]
     rows = [{"query": i, "prompt": q_prompts[i],
              "top": ", ".join(str(data["ids"][j]) for j in top[i])} for i in range(len(q_prompts))]

@@ -136,3 +136,73 @@ def test_dataset_fingerprint_changes_with_content():
     assert dataset_fingerprint(y) != f
     assert dataset_fingerprint({**x, "images": x["images"].astype(np.float64)}) != f
     assert dataset_fingerprint(["a.png", "b.png"]) != dataset_fingerprint(["b.png", "a.png"])
+
+
+def _flip_byte(path, offset=-2):
+    b = bytearray(path.read_bytes())
+    b[offset] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_naming_the_step(tmp_path):
+    from jaxattrib import integrity
+    from jaxattrib.models.convert import CheckpointError
+    from jaxattrib.train.record import CorruptCheckpointError
+    base = _params()
+    d = tmp_path / "r"
+    rec = TrajectoryRecord.create(d, _manifest())
+    rec.save(0, _state({"unet": base["unet"]}, 0), base=base)
+    for s in (1, 2):
+        rec.save(s, _state(jax.tree.map(lambda x: x + s, {"unet": base["unet"]}), s))
+    rec.close()
+    listed = json.loads((d / "checksums" / "1.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.relative_to(d / "checkpoints" / "1").as_posix()
+                                    for p in (d / "checkpoints" / "1").rglob("*") if p.is_file())
+    r = TrajectoryRecord.open(d)
+    assert r.verify_step(1)
+    want = r.load_train_state(1)["params"]
+    _flip_byte(_largest_file(d / "checkpoints" / "1" / "train"))
+    integrity._verified.clear()                         # as a new process would
+    with pytest.raises(CorruptCheckpointError) as err:
+        r.load_train_state(1)
+    msg = str(err.value)
+    assert "step 1 is corrupt" in msg and "checkpoints/1" in msg
+    assert "resumes from checkpoint 0" in msg and "[1, 2]" in msg
+    assert isinstance(err.value, CheckpointError) and isinstance(err.value, RecordError)
+    r.load_train_state(2)                               # other steps still load
+    # recovery as the message says: delete steps 1.. and re-save them (as a resumed run does)
+    import shutil
+    for s in (1, 2):
+        shutil.rmtree(d / "checkpoints" / str(s))
+    rec = TrajectoryRecord.create(d, _manifest())
+    assert rec.steps() == [0]
+    rec.save(1, _state(jax.tree.map(lambda x: x + 1, {"unet": base["unet"]}), 1))
+    rec.close()
+    got = TrajectoryRecord.open(d).load_train_state(1)["params"]
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # a corrupt step 0 names the record directory as the way out
+    _flip_byte(_largest_file(d / "checkpoints" / "0" / "base"))
+    integrity._verified.clear()
+    with pytest.raises(CorruptCheckpointError, match="step 0 .*delete the record directory"):
+        TrajectoryRecord.open(d).load(1)
+
+
+def test_record_without_checksums_loads_and_reopening_fills_them(tmp_path, capfd):
+    import shutil
+    base = _params()
+    d = tmp_path / "r"
+    rec = TrajectoryRecord.create(d, _manifest())
+    rec.save(0, _state({"unet": base["unet"]}, 0), base=base)
+    rec.close()
+    shutil.rmtree(d / "checksums")                      # a record from before checksums
+    r = TrajectoryRecord.open(d)
+    assert not r.verify_step(0)
+    r.load(0)
+    r.load(0)
+    assert capfd.readouterr().err.count("loaded unverified") == 1   # one notice per record
+    TrajectoryRecord.create(d, _manifest()).close()     # reopening for writing fills them in
+    assert TrajectoryRecord.open(d).verify_step(0)

@@ -84,8 +84,9 @@ def make_latent_pipeline(root, *, image_size: int = 16, prediction_type: str = "
 
 
 def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
-                        name: str = "pixel_pipe") -> Path:
-    """Writes a tiny random pixel-space pipeline (no VAE) with our own writer; returns it."""
+                        name: str = "pixel_pipe", extra: dict | None = None) -> Path:
+    """Writes a tiny random pixel-space pipeline (no VAE) with our own writer; returns it.
+    ``extra``: the ``jaxattrib_base.json`` to write (default ``{"note": "test"}``)."""
     import jax
 
     from jaxattrib import base_model as bm
@@ -108,4 +109,14 @@ def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
     up = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(key, a.shape), up)
     tp = clip_text.init_params(t, jax.random.fold_in(key, 1))
     return bm.save_pipeline(root / name, u, up, t, tp, tok, bm.SCHEDULER_CONFIG,
-                            {"note": "test"})
+                            {"note": "test"} if extra is None else extra)
+
+
+def make_pixel_base_model(root, *, name: str = "pixel_base") -> Path:
+    """A tiny pixel pipeline standing in for the embedded base model (``demo --set
+    base_model=...``): 16-px images and the embedded model's ``jaxattrib_base.json`` (data spec,
+    held-out concepts), random weights, so a whole demo runs in seconds of compute."""
+    from jaxattrib import base_model as bm
+    info = bm.base_model_info()
+    return make_pixel_pipeline(root, image_size=int(info["data_spec"]["size"]),
+                               name=name, extra=info)

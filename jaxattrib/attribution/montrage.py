@@ -113,7 +113,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxattrib import parallel
+from jaxattrib import integrity, parallel
 from jaxattrib.attribution.similarity import pool_taps
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
@@ -403,7 +403,9 @@ def _fingerprint(*arrays) -> str:
 
 class TrajectoryCache:
     """A directory of per-checkpoint representation arrays (``step_<k>.npz`` with ``train``
-    and ``query``) and a ``meta.json`` describing how they were made; writes are atomic.
+    and ``query``) and a ``meta.json`` describing how they were made; writes are atomic and
+    each step file has a checksum sidecar (``step_<k>.npz.sha256``): a step whose bytes do not
+    match is dropped with a notice (:meth:`has` is false) and recomputed.
 
     Opening a directory whose ``meta.json`` differs raises :class:`MontrageCacheError` naming
     the first differing field; nothing is written then.
@@ -434,11 +436,15 @@ class TrajectoryCache:
         return sorted(int(p.stem[5:]) for p in self.directory.glob("step_*.npz"))
 
     def has(self, step: int) -> bool:
-        return self._path(step).exists()
+        return integrity.read_checked(self._path(step), what="MONTRAGE step") is not None
 
     def load(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        blob = integrity.read_checked(self._path(step), what="MONTRAGE step")
+        if blob is None:
+            raise MontrageCacheError(f"{self._path(step)}: missing or corrupt; rerun to "
+                                     f"recompute it")
         try:
-            with np.load(self._path(step)) as z:
+            with np.load(io.BytesIO(blob)) as z:
                 return z["train"], z["query"]
         except (OSError, KeyError, ValueError) as e:
             raise MontrageCacheError(f"{self._path(step)}: unreadable ({e})") from e
@@ -446,7 +452,7 @@ class TrajectoryCache:
     def save(self, step: int, train: np.ndarray, query: np.ndarray) -> None:
         buf = io.BytesIO()
         np.savez(buf, train=np.asarray(train, np.float32), query=np.asarray(query, np.float32))
-        _atomic_write(self._path(step), buf.getvalue())
+        integrity.write_checked(self._path(step), buf.getvalue())
 
 
 def _cache_meta(spec: RepresentationSpec, unet_config, schedule: Schedule, train_images,

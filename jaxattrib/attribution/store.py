@@ -5,11 +5,16 @@ Our design [design] (TRAK's library keeps features in memory-mapped ``.mmap`` fi
 
 ``folder/meta.json``         shape, dtype, chunk size and the caller's metadata (validated on reopen)
 ``folder/chunk_00000.npy``   rows ``[0, chunk_size)``; written to a temp file then ``os.replace``
-``folder/chunk_00000.done``  done flag, created after the chunk file is in place
-``folder/all.npy``           optional consolidated copy for memory-mapped reads (built on demand)
+``folder/chunk_00000.done``  done flag, created after the chunk file is in place; it holds
+                             ``sha256 <hex>`` of the chunk file's bytes (empty in stores
+                             written before checksums: such chunks are read unverified)
+``folder/all.npy``           optional consolidated copy for memory-mapped reads (built on demand;
+                             ``all.npy.sha256`` beside it)
 
-A chunk counts as done only when both its ``.npy`` and ``.done`` exist, so a chunk interrupted at
-any point is recomputed. Reopening a folder with different metadata raises
+A chunk counts as done only when both its ``.npy`` and ``.done`` exist and the file's SHA-256
+matches the flag's (checked once per process, see :mod:`jaxattrib.integrity`), so a chunk
+interrupted at any point, or corrupted on disk, is recomputed (a corrupt one with a notice on
+stderr). Reopening a folder with different metadata raises
 :class:`StoreMismatchError` listing every mismatched field with stored and requested values.
 
 Suggested layout of a feature root (see :func:`feature_meta`): ``root/train`` for training
@@ -19,6 +24,7 @@ features (reused across query sets), ``root/queries/<name>`` and ``root/scores/<
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -27,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from jaxattrib import integrity
 from jaxattrib.fileio import atomic_save_npy as _atomic_save_npy, atomic_write_bytes  # noqa: F401
 
 FORMAT = "jaxattrib.chunked_array.v1"
@@ -151,8 +158,29 @@ class ChunkedArray:
 
     # -- state ------------------------------------------------------------------------------
     def is_done(self, i: int) -> bool:
+        """Chunk ``i`` is written and intact. A chunk whose bytes do not match its recorded
+        SHA-256 is marked not done (its flag removed, a notice printed) so it is recomputed."""
         data, flag = self._paths(i)
-        return data.exists() and flag.exists()
+        if not (data.exists() and flag.exists()):
+            return False
+        return self._verify(i)
+
+    def _verify(self, i: int) -> bool:
+        data, flag = self._paths(i)
+        try:
+            want = integrity.parse_digest(flag.read_bytes())
+            if want is None:       # a store from before checksums: unverified
+                return True
+            got = integrity.sha256_file(data)
+        except FileNotFoundError:
+            return False
+        if got == want:
+            return True
+        integrity.notice(f"{data}: checksum mismatch (stored sha256 {want[:12]}…, file has "
+                         f"{got[:12]}…); chunk {i} is corrupt and will be recomputed")
+        flag.unlink(missing_ok=True)
+        (self.folder / "all.npy").unlink(missing_ok=True)
+        return False
 
     def missing_chunks(self) -> list[int]:
         return [i for i in range(self.n_chunks) if not self.is_done(i)]
@@ -170,13 +198,21 @@ class ChunkedArray:
                              f"{(stop - start, self.n_cols)}, got {arr.shape}")
         data, flag = self._paths(i)
         flag.unlink(missing_ok=True)
-        _atomic_save_npy(data, arr.astype(self.dtype, copy=False))
-        atomic_write_bytes(flag, b"")
+        buf = io.BytesIO()
+        np.save(buf, arr.astype(self.dtype, copy=False))
+        blob = buf.getvalue()
+        atomic_write_bytes(data, blob)
+        digest = integrity.sha256_bytes(blob)
+        integrity.remember(data, digest)
+        atomic_write_bytes(flag, integrity.format_digest(digest))
         (self.folder / "all.npy").unlink(missing_ok=True)  # stale consolidated copy
 
     def read_chunk(self, i: int, *, mmap: bool = False) -> np.ndarray:
+        """Chunk ``i``, checksum-verified; raises ``FileNotFoundError`` if it is not written or
+        was found corrupt (then it is marked for recomputation: rerun the command)."""
         if not self.is_done(i):
-            raise FileNotFoundError(f"{self.folder}: chunk {i} has not been written")
+            raise FileNotFoundError(f"{self.folder}: chunk {i} has not been written (or was "
+                                    f"corrupt and is now marked for recomputation; rerun)")
         arr = np.load(self._paths(i)[0], mmap_mode="r" if mmap else None)
         start, stop = self.chunk_range(i)
         if arr.shape != (stop - start, self.n_cols) or arr.dtype != self.dtype:
@@ -213,7 +249,17 @@ class ChunkedArray:
                 return np.empty((0, self.n_cols), self.dtype)
             return np.concatenate([self.read_chunk(i) for i in range(self.n_chunks)], 0)
         path = self.folder / "all.npy"
+        side = integrity.sidecar(path)
+        if path.exists():
+            # A consolidated copy is trusted only with a matching checksum; otherwise (corrupt,
+            # or killed before its checksum was written) it is rebuilt from the chunks.
+            want = integrity.parse_digest(side.read_bytes()) if side.exists() else None
+            if want is None or integrity.sha256_file(path) != want:
+                if want is not None:
+                    integrity.notice(f"{path}: checksum mismatch; rebuilt from the chunks")
+                path.unlink()
         if not path.exists():
+            side.unlink(missing_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".all.npy.", suffix=".tmp")
             os.close(fd)
             try:
@@ -223,7 +269,10 @@ class ChunkedArray:
                     out[start:start + rows.shape[0]] = rows
                 out.flush()
                 del out
+                digest = integrity.sha256_file(tmp)
                 os.replace(tmp, path)
+                integrity.remember(path, digest)
+                atomic_write_bytes(side, integrity.format_digest(digest))
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)

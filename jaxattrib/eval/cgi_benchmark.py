@@ -495,7 +495,8 @@ def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
     from jaxattrib.report.plots import roc_curve_png
     s = np.r_[sc["member_test"], sc["holdout_test"]]
     f, t, _ = roc_curve(s, y_test)
-    (run_dir / "results" / "cgi_bench_roc.png").write_bytes(
+    from jaxattrib.fileio import atomic_write_bytes
+    atomic_write_bytes(run_dir / "results" / "cgi_bench_roc.png",
         roc_curve_png({summary["test"][0]["method"]: (f, t)}, title="CGI-DM test half"))
     images.append({"path": "results/cgi_bench_roc.png", "caption": "ROC (test half)"})
     write_result(run_dir, "cgi_bench", f"CGI-DM benchmark ({config.source})", order=1,

@@ -251,7 +251,9 @@ def _check_manifest(run_dir: Path, masks: np.ndarray, seeds: Sequence[int],
             "masks_sha256": masks_fingerprint(masks), "seeds": [int(s) for s in seeds],
             "fingerprint": str(fingerprint)}
     if check_settings(run_dir / MANIFEST, want):
-        np.save(run_dir / "masks.npy", masks)
+        buf = io.BytesIO()
+        np.save(buf, masks)
+        _atomic_write(run_dir / "masks.npy", buf.getvalue())
 
 
 def retrain_subsets(train_fn: Callable[[np.ndarray, int], Any], masks: np.ndarray,

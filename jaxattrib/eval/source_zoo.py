@@ -424,7 +424,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     conf_vs_rho = {m: [float(np.mean([r[m] for r in rows if r["rho"] == rho]))
                        for rho in rhos_sorted] for m in INSTANCE_METHODS}
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    (run_dir / "plots" / "conf_vs_rho.png").write_bytes(line_plot_png(
+    from jaxattrib.fileio import atomic_write_bytes
+    atomic_write_bytes(run_dir / "plots" / "conf_vs_rho.png", line_plot_png(
         rhos_sorted, {METHOD_LABELS[m].split(", ")[1]: v for m, v in conf_vs_rho.items()},
         xlabel="rho (generated fraction of the suspect's training set)",
         ylabel=f"mean conf (hit rate, d < {delta0:.3g}"

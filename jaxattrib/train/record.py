@@ -26,6 +26,13 @@ attribute. A record directory holds::
   is unlimited and saving an existing step is refused.
 * Opening an existing record with a different manifest raises :class:`RecordMismatchError`
   naming the first differing field, before anything is written.
+* Integrity (docs/integrity.md): ``checksums/<k>.json`` lists the SHA-256 of every file of
+  checkpoint ``k`` (written by process 0 once orbax has finalized the step: after the next
+  save, :meth:`TrajectoryRecord.wait` / ``close``, and on reopening for writing, which fills in
+  the checksums of steps finalized by a killed run). Loading a checkpoint verifies its files
+  (once per process per file) and raises :class:`CorruptCheckpointError` naming the step, the
+  file and how to recover. A checkpoint without checksums (a record from before checksums) is
+  loaded unverified, with one notice per record and process.
 """
 
 from __future__ import annotations
@@ -38,12 +45,16 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from jaxattrib import integrity
 from jaxattrib.fileio import atomic_write_text as _atomic_write_text
+from jaxattrib.models.convert import CheckpointError
 
 MANIFEST = "manifest.json"
 STEPS = "steps.jsonl"
 CHECKPOINTS = "checkpoints"
+CHECKSUMS = "checksums"
 FORMAT = "jaxattrib.trajectory_record/1"
+CHECKSUM_FORMAT = "jaxattrib.checkpoint_checksums/1"
 
 
 class RecordError(RuntimeError):
@@ -52,6 +63,12 @@ class RecordError(RuntimeError):
 
 class RecordMismatchError(RecordError):
     """An existing record's manifest differs from the requested one (field named)."""
+
+
+class CorruptCheckpointError(RecordError, CheckpointError):
+    """A checkpoint's files do not match the checksums recorded when it was written (the
+    message names the step, the file and how to recover). Both a :class:`RecordError` and a
+    ``models.convert.CheckpointError``, so every command reports it as a user error (exit 2)."""
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -172,7 +189,9 @@ class TrajectoryRecord:
             if jax.process_index() == 0:
                 directory.mkdir(parents=True, exist_ok=True)
                 _atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
-        return cls(directory, manifest, read_only=False)
+        rec = cls(directory, manifest, read_only=False)
+        rec._write_missing_checksums()   # steps finalized by a run killed before their checksums
+        return rec
 
     @classmethod
     def open(cls, directory: str | os.PathLike,
@@ -226,18 +245,100 @@ class TrajectoryRecord:
         items = {"train": self._ocp.args.StandardSave(dict(train_state))}
         if base is not None:
             items["base"] = self._ocp.args.StandardSave(base)
+        if jax.process_index() == 0:   # a stale list (the step was deleted to recover)
+            self._checksum_path(step).unlink(missing_ok=True)
         if not self._manager.save(step, args=self._ocp.args.Composite(**items), force=True):
             raise RecordError(f"{self.directory}: orbax did not save step {step}")
+        # orbax finishes the previous (asynchronous) save before starting this one
+        self._write_missing_checksums(below=step)
 
     def wait(self) -> None:
-        """Blocks until pending (asynchronous) checkpoint writes are finalized."""
+        """Blocks until pending (asynchronous) checkpoint writes are finalized (and their
+        checksums written)."""
         self._manager.wait_until_finished()
+        self._write_missing_checksums()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        self._write_missing_checksums()
         self._manager.close()
 
+    # ------------------------------------------------------------------ integrity
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / CHECKPOINTS / str(step)
+
+    def _checksum_path(self, step: int) -> Path:
+        return self.directory / CHECKSUMS / f"{step}.json"
+
+    def _hash_step(self, step: int) -> dict[str, str]:
+        root = self._step_dir(step)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return {p.relative_to(root).as_posix(): integrity.sha256_file(p) for p in files}
+
+    def _write_missing_checksums(self, below: int | None = None) -> None:
+        """Writes ``checksums/<k>.json`` for finalized steps (``< below``) that lack one."""
+        if self.read_only or jax.process_index() != 0:
+            return
+        for step in sorted(self._manager.all_steps()):
+            if below is not None and step >= below:
+                continue
+            path = self._checksum_path(step)
+            if path.exists() or not self._step_dir(step).is_dir():
+                continue
+            doc = {"format": CHECKSUM_FORMAT, "step": int(step), "algorithm": "sha256",
+                   "files": self._hash_step(step)}
+            _atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
+
+    def verify_step(self, step: int) -> bool:
+        """Checks checkpoint ``step``'s files against ``checksums/<step>.json``.
+
+        Returns ``True`` if verified, ``False`` if the step has no checksums (a record from
+        before checksums, or a run killed before they were written: loaded unverified, one
+        notice per record). Raises :class:`CorruptCheckpointError` on any difference.
+        """
+        path = self._checksum_path(step)
+        if not path.is_file():
+            integrity.notice(f"{self.directory}: checkpoint {step} has no checksums (written "
+                             f"before checkpoints were checksummed); loaded unverified",
+                             once_key=f"record-unverified:{self.directory}")
+            return False
+        try:
+            want = json.loads(path.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise self._corrupt(step, f"{path} is unreadable ({e})") from e
+        root = self._step_dir(step)
+        for rel, digest in sorted(want.items()):
+            f = root / rel
+            if not f.is_file():
+                raise self._corrupt(step, f"file {rel} is missing")
+            got = integrity.sha256_file(f)
+            if got != digest:
+                raise self._corrupt(step, f"file {rel} has sha256 {got[:12]}…, recorded "
+                                          f"{digest[:12]}…")
+        extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and p.relative_to(root).as_posix() not in want)
+        if extra:
+            raise self._corrupt(step, f"unexpected file(s) {extra[:3]}")
+        return True
+
+    def _corrupt(self, step: int, what: str) -> CorruptCheckpointError:
+        steps = self.steps()
+        later = [s for s in steps if s >= step]
+        earlier = [s for s in steps if s < step]
+        if earlier:
+            how = (f"delete checkpoint(s) {later} (rm -r " +
+                   " ".join(str(self._step_dir(s)) for s in later) +
+                   f") and rerun the fine-tuning command: it resumes from checkpoint "
+                   f"{earlier[-1]} and rewrites them (deterministically, same result)")
+        else:
+            how = (f"checkpoint 0 holds the base model: delete the record directory "
+                   f"{self.directory} and rerun the fine-tuning command")
+        return CorruptCheckpointError(
+            f"{self._step_dir(step)}: checkpoint of step {step} is corrupt ({what}; it no "
+            f"longer matches {self._checksum_path(step)}). To recover: {how}.")
+
     def _restore(self, step: int, item: str, template: Any) -> Any:
+        self.verify_step(step)
         if template is None:
             # [design] Without a template, restore every array onto this process's first
             # device, whatever topology wrote the record (orbax otherwise tries to rebuild
