@@ -133,11 +133,35 @@ def _batches(n: int, b: int):
 # ------------------------------------------------------------------------------------ torch side
 
 
+def torch_dsm_output(ts, noise, abar):
+    """trak ``AbstractModelOutput`` of the DSM loss ``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)``
+    of one example, one UNet call with batch ``K`` (the same function as :func:`jax_dsm_out_fn`).
+    ``ts [K]`` long, ``noise [K, C, H, W]``, ``abar [K, 1, 1, 1]`` (ᾱ_t), all on the model's
+    device. Also used by ``benchmarks/sd_scale.py``."""
+    import torch
+    from trak.modelout_functions import AbstractModelOutput
+
+    class DSMOutput(AbstractModelOutput):
+        def __init__(self):
+            super().__init__()
+
+        def get_output(self, model, weights, buffers, x0, ctx):
+            K = ts.shape[0]
+            x_t = abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise
+            c = ctx.unsqueeze(0).expand(K, *ctx.shape)
+            out = torch.func.functional_call(model, (weights, buffers), (x_t, ts, c)).sample
+            return ((noise - out) ** 2).mean(dim=(1, 2, 3)).sum() / K
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):
+            return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
+
+    return DSMOutput()
+
+
 def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
     import torch
     from diffusers import UNet2DConditionModel
     from trak import TRAKer
-    from trak.modelout_functions import AbstractModelOutput
     from trak.projectors import BasicProjector, ProjectionType
 
     import warnings
@@ -155,21 +179,7 @@ def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
     abar = torch.from_numpy(d["alphas_cumprod"]).to(dev)[ts].float().view(-1, 1, 1, 1)
     model = UNet2DConditionModel.from_pretrained(root / "unet").eval().to(dev)
 
-    class DSMOutput(AbstractModelOutput):
-        """``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)`` of one example (same as JAX's out_fn)."""
-
-        def __init__(self):
-            super().__init__()
-
-        def get_output(self, model, weights, buffers, x0, ctx):
-            K = ts.shape[0]
-            x_t = abar.sqrt() * x0.unsqueeze(0) + (1 - abar).sqrt() * noise
-            c = ctx.unsqueeze(0).expand(K, *ctx.shape)
-            out = torch.func.functional_call(model, (weights, buffers), (x_t, ts, c)).sample
-            return ((noise - out) ** 2).mean(dim=(1, 2, 3)).sum() / K
-
-        def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
+    DSMOutput = lambda: torch_dsm_output(ts, noise, abar)  # noqa: E731
 
     x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous().to(dev)
     ctx = torch.from_numpy(d["ctx"]).to(dev)
@@ -220,6 +230,24 @@ def _torch_stage(root: Path, args: dict, family: str = "normal") -> dict:
 # ------------------------------------------------------------------------------------ JAX side
 
 
+def jax_dsm_out_fn(model, sched, ts, noise):
+    """``out_fn(params, {'x0' [H,W,C], 'ctx' [L,D]}, key) -> scalar``: the DSM loss of the module
+    docstring with fixed ``ts [K]`` and ``noise [K, H, W, C]``, one ``model.apply`` with batch K.
+    Also used by ``benchmarks/sd_scale.py``."""
+    import jax.numpy as jnp
+    from jaxattrib.diffusion.schedule import add_noise
+
+    K = ts.shape[0]
+
+    def out_fn(params, ex, key):
+        del key  # fixed timesteps and noise, shared by all examples
+        x_t = add_noise(sched, jnp.broadcast_to(ex["x0"], noise.shape), noise, ts)
+        ctx = jnp.broadcast_to(ex["ctx"], (K,) + ex["ctx"].shape)
+        out = model.apply({"params": params}, x_t, ts, ctx)
+        return jnp.sum(jnp.mean((noise - out.astype(noise.dtype)) ** 2, axis=(1, 2, 3))) / K
+    return out_fn
+
+
 def _jax_setup(root: Path, args: dict):
     """``out_fn(params, {'x0','ctx'}, key)``: the DSM loss of the module docstring, one UNet call
     with batch K (as on the torch side). Same function as ``diffusion_trak.make_train_out_fn``
@@ -228,7 +256,7 @@ def _jax_setup(root: Path, args: dict):
     benchmark writes the K-batch form out for every JAX row."""
     import jax
     import jax.numpy as jnp
-    from jaxattrib.diffusion.schedule import add_noise, make_schedule
+    from jaxattrib.diffusion.schedule import make_schedule
     from jaxattrib.models import unet
 
     cfg, params = unet.from_pretrained(root / "unet")
@@ -236,15 +264,7 @@ def _jax_setup(root: Path, args: dict):
     sched = make_schedule()
     d = np.load(root / "data.npz")
     ts, noise = jnp.asarray(d["ts"]), jnp.asarray(d["noise"])
-    K = ts.shape[0]
-
-    def out_fn(params, ex, key):
-        del key  # fixed timesteps and noise, shared by all examples
-        x_t = add_noise(sched, jnp.broadcast_to(ex["x0"], noise.shape), noise, ts)
-        ctx = jnp.broadcast_to(ex["ctx"], (K,) + ex["ctx"].shape)
-        out = model.apply({"params": params}, x_t, ts, ctx)
-        return jnp.sum(jnp.mean((noise - out) ** 2, axis=(1, 2, 3))) / K
-
+    out_fn = jax_dsm_out_fn(model, sched, ts, noise)
     examples = {"x0": d["x0"], "ctx": d["ctx"]}
     return jax, params, out_fn, examples
 

@@ -1,0 +1,750 @@
+"""Stable Diffusion at its real size: LoRA fine-tuning, D-TRAK featurization and their limits,
+jaxattrib vs diffusers + PyTorch (+ peft) and MadryLab's trak, on the CPU or a GPU.
+
+The UNet has the exact SD-1.5 configuration (``--model sd15``: ``UNetConfig()``'s defaults,
+block channels 320/640/1280/1280, 8 heads, conv ``proj_in/out``, 768-d context, 64×64×4
+latents = 512 px) or SD-2.1 768-px (``--model sd21``: v-prediction, 1024-d context, linear
+projections, ``attention_head_dim`` 5/10/20/20, 96×96×4 latents), with random weights: throughput
+depends on shapes, not on knowledge, so nothing is downloaded. ``prepare`` builds the weights
+once with ``diffusers.UNet2DConditionModel(**config)`` (``torch.manual_seed(0)``) and saves them
+as a diffusers folder; every row loads that same folder (JAX: ``unet.from_pretrained``), so both
+frameworks run the same network with the same weights. The text context is ``77 × D`` and the
+latents ``S × S × 4`` (random normal; the numbers do not depend on their values).
+
+Rows (each a fresh spawned process, so its peak RSS is its own; ``--rows`` picks them):
+
+(a) LoRA fine-tuning, one optimizer update of a batch of ``--ft-batch`` examples (DSM loss of
+    the model's prediction type at one random timestep per example, AdamW), rank 4 (alpha 4)
+    on the attention projections ``attn1/attn2 to_q/to_k/to_v/to_out.0``:
+    * ``ft-jax-fp32``, ``ft-jax-fp32-remat``, ``ft-jax-bf16``, ``ft-jax-bf16-remat``: jaxattrib
+      (``lora.lora_init`` / ``lora_merge``, ``finetune.make_optimizer``; the UNet port's
+      ``dtype`` = compute dtype with float32 parameters, ``remat`` = ``nn.remat`` per block).
+    * ``ft-torch-bf16`` (the peer of every ``ft-jax-*`` row): ``UNet2DConditionModel`` + peft
+      ``LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=[to_k, to_q,
+      to_v, to_out.0])`` via ``unet.add_adapter`` — diffusers' ``train_text_to_image_lora.py``
+      recipe: frozen weights cast to bf16, LoRA weights float32, ``torch.autocast(bf16)``,
+      ``torch.optim.AdamW``. ``ft-torch-fp32`` (optional): the same without bf16.
+(b) D-TRAK featurization of the cross-attention parameters (``attn2``: to_q/k/v/out of every
+    transformer block) with the DSM output function ``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)``
+    at ``--K`` fixed timesteps (one UNet call with batch K, ``featurize.jax_dsm_out_fn``),
+    projected to ``--k``, ``--feat-batch`` examples per call:
+    * ``feat-jax-rademacher``, ``feat-jax-sjlt``, ``feat-jax-factored`` (LoGra on the attn2 Dense
+      layers, ``k_in = √k``): ``grads.params_feature_fn``, the engine of ``jaxattrib attribute``.
+    * ``feat-trak`` (the peer of every ``feat-jax-*`` row): ``trak.TRAKer`` on the same diffusers
+      UNet with ``grad_wrt`` = the same attn2 parameters, ``proj_dim = k``, the output function
+      of ``benchmarks/featurize.py`` (``featurize.torch_dsm_output``). On CUDA traker uses its
+      ``CudaProjector`` when ``fast_jl`` imports; the ``projector`` column says what ran (on the
+      CPU: ``BasicProjector``, traker's normal family).
+(c) The limit of (b):
+    * ``limit-jax-grad``: the plain per-example backward ``jit(vmap(grad))`` of the same output
+      function w.r.t. the same attn2 parameters, no projection (the gradients are discarded).
+    * ``limit-jax-fwd``: one forward of the same output function (K timesteps) per example.
+    Featurization rows are reported as a multiple of each (``÷grad``, ``÷fwd``: seconds per
+    example of the row over those of the limit row).
+
+Timing: compile time is EXCLUDED from examples/s. A JAX row lowers and compiles its jitted
+function once (``jit(f).lower(...).compile()``; that plus the first call is the ``warm-up s``
+column) and then times ``--iters`` calls of the compiled executable, each ended by
+``block_until_ready``; torch rows time a first (warm-up) call the same way. ``examples/s`` =
+batch / the median call time. ``--repeats R`` runs the whole row list R times, interleaved
+(row 1, row 2, …, row 1, row 2, …), each time in a fresh process; the table gives the median
+over repeats of each row's examples/s (and the largest peak memory). Peak memory: the process'
+``ru_maxrss`` on the CPU; on a GPU the device peak (JAX ``memory_stats()['peak_bytes_in_use']``,
+torch ``max_memory_allocated``). ``--max-rss-gib`` kills a row whose RSS passes it (the row is
+then reported as not measured, with that reason). FLOPs: XLA's ``cost_analysis()['flops']`` of
+the compiled JAX program per call → achieved TFLOP/s; on a GPU MFU = that / the card's bf16
+dense peak (H100/H200 SXM: 989 TFLOP/s). torch rows have no XLA count (``-``).
+
+    python benchmarks/sd_scale.py --smoke                     # tiny shape, < 2 min on a CPU
+    python benchmarks/sd_scale.py --rows ft-jax-fp32 --iters 2   # one row at SD-1.5 shape
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/sd_scale.py --torch-device cuda
+    python benchmarks/sd_scale.py --model sd21 --rows ft-jax-bf16,ft-torch-bf16
+
+The ``bench`` extra holds the peers (``pip install -e .[test,bench]``: torch, diffusers, peft,
+traker). A torch row whose package is missing is reported as skipped, the JAX rows still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from featurize import (_jax_device_peak_mib, _peak_mib, factored_k_in,  # noqa: E402
+                       jax_dsm_out_fn, torch_dsm_output)
+
+ATTENTION_TARGET = r"(^|/)attn[12]/(to_q|to_k|to_v|to_out(_0|/0)?)/kernel$"  # lora's UNet target
+PEFT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the same layers in diffusers' names
+FEAT_PARAMS = "attn2"
+RANK = 4
+NOISE_SEED = 0
+PROJ_SEED = 0
+ALL_ROWS = ("ft-jax-fp32", "ft-jax-fp32-remat", "ft-jax-bf16", "ft-jax-bf16-remat",
+            "ft-torch-bf16", "feat-jax-rademacher", "feat-jax-sjlt", "feat-jax-factored",
+            "feat-trak", "limit-jax-grad", "limit-jax-fwd")
+OPTIONAL_ROWS = ("ft-torch-fp32",)
+# bf16 dense peak (TFLOP/s) by device kind substring; PCIe H100 first (its name contains H100)
+PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+TORCH_PKGS = {"ft-torch-bf16": ("torch", "diffusers", "peft"),
+              "ft-torch-fp32": ("torch", "diffusers", "peft"),
+              "feat-trak": ("torch", "diffusers", "trak")}
+
+
+# ------------------------------------------------------------------------------------ shapes
+
+
+def unet_config(args: dict):
+    """The ``UNetConfig`` of ``args['model']``: 'sd15', 'sd21' or 'tiny' (the smoke shape)."""
+    from jaxattrib.models.unet import UNetConfig, tiny_config
+    if args["model"] == "sd15":
+        return UNetConfig()  # the defaults are SD-1.5's config.json
+    if args["model"] == "sd21":
+        return UNetConfig(sample_size=96, attention_head_dim=(5, 10, 20, 20),
+                          cross_attention_dim=1024, use_linear_projection=True,
+                          upcast_attention=True)
+    if args["model"] == "tiny":
+        # one cross-attention block: the same code paths, a few seconds of XLA compilation each
+        return tiny_config(block_out_channels=(16,), cross_attention_dim=16, sample_size=8)
+    raise ValueError(f"--model {args['model']!r}: expected sd15, sd21 or tiny")
+
+
+def prediction_type(args: dict) -> str:
+    return "v_prediction" if args["model"] == "sd21" else "epsilon"
+
+
+def make_inputs(cfg, args: dict, n: int) -> dict:
+    """``x0 [n, S, S, 4]`` latents and ``ctx [n, L, D]`` text states (NHWC; numpy float32)."""
+    rng = np.random.default_rng(0)
+    s = cfg.sample_size
+    d = cfg.cross_attention_dim
+    return {"x0": rng.standard_normal((n, s, s, cfg.in_channels)).astype(np.float32),
+            "ctx": rng.standard_normal((n, args["ctx_len"], d)).astype(np.float32)}
+
+
+def fixed_timesteps(args: dict, x_shape) -> tuple[np.ndarray, np.ndarray]:
+    """D-TRAK's ``K`` uniform timesteps and their fixed noise ``[K, H, W, C]`` (numpy)."""
+    from jaxattrib.attribution.diffusion_trak import AttributionConfig, timesteps_for
+    from jaxattrib.diffusion import losses
+    ts = timesteps_for(AttributionConfig(method="trak", num_timesteps=args["K"]), 1000)
+    noise = np.stack([np.asarray(losses.fixed_noise(NOISE_SEED, int(t), x_shape)) for t in ts])
+    return ts, noise
+
+
+def prepare(root: Path, args: dict) -> dict:
+    """Writes ``root/unet`` (diffusers layout, random weights) once; returns parameter counts."""
+    cfg = unet_config(args)
+    folder = root / "unet"
+    if not (folder / "config.json").exists():
+        try:
+            import torch
+            from diffusers import UNet2DConditionModel
+            torch.manual_seed(0)
+            model = UNet2DConditionModel.from_config(cfg.to_diffusers())
+            model.save_pretrained(folder)
+            del model
+        except ImportError:  # no torch here: the JAX rows still run on JAX-initialised weights
+            import jax
+            from jaxattrib.models import unet
+            unet.save_pretrained(folder, cfg, unet.init_params(cfg, jax.random.PRNGKey(0)))
+    from jaxattrib.models import unet
+    shapes = unet.param_shapes(cfg)
+    import jax
+    from jaxattrib.attribution.grads import select_params
+    from jaxattrib.models.lora import lora_targets
+    leaves = jax.tree_util.tree_leaves(shapes)
+    attn2 = jax.tree_util.tree_leaves(select_params(shapes, FEAT_PARAMS).trainable)
+    lora_layers = lora_targets(shapes, ATTENTION_TARGET)
+    return {"p": sum(int(np.prod(a.shape)) for a in leaves),
+            "p_attn2": sum(int(np.prod(a.shape)) for a in attn2),
+            "lora_layers": len(lora_layers)}
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def _hwm_mib() -> float:
+    """The process' peak RSS since the last :func:`_reset_peak` (``VmHWM``), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return _peak_mib()
+
+
+def _reset_peak() -> float:
+    """Frees garbage and restarts the peak-RSS count (``/proc/self/clear_refs`` 5), so that a
+    row's peak is that of its computation with the weights resident, not of the file loader's
+    transient copies. Returns the peak so far (the loading peak), MiB."""
+    import gc
+    gc.collect()
+    before = _hwm_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return before
+
+
+def _block(x):
+    import jax
+    return jax.block_until_ready(x)
+
+
+def _flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 — some backends keep no cost model
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    f = (ca or {}).get("flops")
+    return float(f) if f and f > 0 else None
+
+
+def _time_jax(jitted, args_fn, iters: int, donate_state: bool = False) -> dict:
+    """Compiles ``jitted`` for ``args_fn()`` and times ``iters`` calls (median)."""
+    t0 = time.perf_counter()
+    args = args_fn()
+    compiled = jitted.lower(*args).compile()
+    out = compiled(*args)
+    _block(out)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        if donate_state:  # the train step donates its state: feed the last output back
+            args = (out[0],) + tuple(args[1:])
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        _block(out)
+        times.append(time.perf_counter() - t0)
+    import jax
+    finite = all(bool(np.isfinite(np.asarray(a, np.float32)).all())
+                 for a in jax.tree_util.tree_leaves(out[1] if donate_state else out))
+    return {"warm": warm, "times": times, "flops": _flops(compiled), "finite": finite}
+
+
+# ------------------------------------------------------------------------------------ JAX rows
+
+
+def _jax_load(root: Path, args: dict):
+    import jax
+    from jaxattrib.models import unet
+    cfg, params = unet.from_pretrained(root / "unet")
+    args["_load_peak"] = _reset_peak()
+    return jax, cfg, params
+
+
+def _jax_ft(row: str, root: Path, args: dict) -> dict:
+    """One LoRA AdamW update of ``ft_batch`` examples (see the module docstring)."""
+    jax, cfg, params = _jax_load(root, args)
+    import jax.numpy as jnp
+    import optax
+    from jaxattrib.diffusion.losses import dsm_loss
+    from jaxattrib.diffusion.schedule import add_noise, make_schedule
+    from jaxattrib.models import lora as lora_lib
+    from jaxattrib.models.unet import UNet2DConditionModel
+    from jaxattrib.train.diffusion_task import example_noise, example_timesteps
+    from jaxattrib.train.finetune import TrainConfig, make_optimizer
+
+    dtype = jnp.bfloat16 if "bf16" in row else jnp.float32
+    model = UNet2DConditionModel(cfg, dtype=dtype, remat=row.endswith("remat"))
+    sched = make_schedule(prediction_type=prediction_type(args))
+    tc = TrainConfig(mode="lora", lora_rank=RANK, lora_alpha=float(RANK), batch_size=args["ft_batch"],
+                     lora_target=ATTENTION_TARGET)
+    lora = lora_lib.lora_init(params, jax.random.PRNGKey(1), RANK, target=ATTENTION_TARGET)
+    opt = make_optimizer(tc)
+    b = args["ft_batch"]
+    data = {k: jnp.asarray(v) for k, v in make_inputs(cfg, args, b).items()}
+
+    def loss(lora, base, batch, key):
+        p = lora_lib.lora_merge(base, lora, tc.lora_alpha)
+        x0 = batch["x0"]
+        t = example_timesteps(key, b, sched.num_train_timesteps)
+        noise = example_noise(key, b, x0.shape[1:], x0.dtype)
+        out = model.apply({"params": p}, add_noise(sched, x0, noise, t), t, batch["ctx"])
+        return jnp.mean(dsm_loss(sched, out.astype(jnp.float32), x0, noise, t))
+
+    def step(state, base, batch, key):
+        lora, opt_state = state
+        val, g = jax.value_and_grad(loss)(lora, base, batch, key)
+        upd, opt_state = opt.update(g, opt_state, lora)
+        return (optax.apply_updates(lora, upd), opt_state), val
+
+    jitted = jax.jit(step, donate_argnums=(0,))
+    state = (lora, opt.init(lora))
+    key = jax.random.PRNGKey(2)
+    res = _time_jax(jitted, lambda: (state, params, data, key), args["iters"], donate_state=True)
+    n = lora_lib.lora_param_count(lora)
+    res.update(examples=b, gpu_peak=_jax_device_peak_mib(jax), projector="-", n_trained=n,
+               note=f"{n:,} LoRA params")
+    return res
+
+
+def _jax_feat(row: str, root: Path, args: dict) -> dict:
+    """Featurization (b) and its limits (c) on the attn2 parameters."""
+    jax, cfg, params = _jax_load(root, args)
+    import jax.numpy as jnp
+    from jaxattrib.attribution import grads as grads_lib
+    from jaxattrib.attribution.projection import make_projector
+    from jaxattrib.diffusion.schedule import make_schedule
+    from jaxattrib.models.unet import UNet2DConditionModel
+
+    model = UNet2DConditionModel(cfg, remat=args.get("feat_remat", False))
+    b = args["feat_batch"]
+    data = {k: jnp.asarray(v) for k, v in make_inputs(cfg, args, b).items()}
+    ts, noise = fixed_timesteps(args, data["x0"].shape[1:])
+    out_fn = jax_dsm_out_fn(model, make_schedule(), jnp.asarray(ts), jnp.asarray(noise))
+    keys = grads_lib.example_keys(jax.random.PRNGKey(0), 0, b)
+    split = grads_lib.select_params(params, FEAT_PARAMS)
+    kind = row.rsplit("-", 1)[1]
+    proj = kind
+    if kind == "fwd":
+        jitted = jax.jit(jax.vmap(out_fn, in_axes=(None, 0, 0)))
+        args_fn = lambda: (params, data, keys)  # noqa: E731
+    elif kind == "grad":
+        jitted = jax.jit(grads_lib.per_example_grad_fn(out_fn))
+        args_fn = lambda: (split.trainable, split.frozen, data, keys)  # noqa: E731
+    elif kind == "factored":
+        shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+        projector = make_projector("factored", args["k"], PROJ_SEED, shapes,
+                                   k_in=factored_k_in(args["k"]), layer_filter=FEAT_PARAMS)
+        jitted = grads_lib.params_feature_fn(out_fn, projector).jitted
+        args_fn = lambda: (params, data, keys)  # noqa: E731
+        proj = f"factored {projector.k_in}×{projector.k_out}, {len(projector.layers)} layers"
+    else:
+        shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                        split.trainable)
+        projector = make_projector(kind, args["k"], PROJ_SEED, shapes)
+        jitted = grads_lib.params_feature_fn(out_fn, projector, spec=FEAT_PARAMS).jitted
+        args_fn = lambda: (split.trainable, split.frozen, data, keys)  # noqa: E731
+    res = _time_jax(jitted, args_fn, args["iters"])
+    res.update(examples=b, gpu_peak=_jax_device_peak_mib(jax), projector=proj,
+               n_trained=sum(int(np.prod(a.shape))
+                             for a in jax.tree_util.tree_leaves(split.trainable)))
+    return res
+
+
+# ------------------------------------------------------------------------------------ torch rows
+
+
+def _torch_env(args: dict):
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    dev = args["torch_device"]
+    cuda = dev.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    return torch, dev, cuda, sync
+
+
+def _torch_ft(row: str, root: Path, args: dict) -> dict:
+    """diffusers + peft LoRA step (see the module docstring)."""
+    torch, dev, cuda, sync = _torch_env(args)
+    import warnings
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as dlogging
+    from peft import LoraConfig
+
+    dlogging.set_verbosity_error()
+    bf16 = "bf16" in row
+    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    unet.requires_grad_(False)
+    if bf16:  # diffusers' LoRA scripts: frozen weights in the mixed-precision dtype
+        with warnings.catch_warnings():  # "modules that should be kept in float32: []"
+            warnings.simplefilter("ignore")
+            unet.to(dtype=torch.bfloat16)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                target_modules=PEFT_TARGETS))
+    for p in unet.parameters():  # LoRA weights stay float32 (cast_training_params)
+        if p.requires_grad:
+            p.data = p.data.float()
+    unet.to(dev).train()
+    args["_load_peak"] = _reset_peak()
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lora, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type(args))
+    cfg = unet_config(args)
+    b = args["ft_batch"]
+    d = make_inputs(cfg, args, b)
+    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous().to(dev)
+    ctx = torch.from_numpy(d["ctx"]).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def step():
+        noise = torch.randn(x0.shape, generator=gen, device=dev)
+        t = torch.randint(0, 1000, (b,), generator=gen, device=dev)
+        x_t = sched.add_noise(x0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else \
+            sched.get_velocity(x0, noise, t)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                            enabled=bf16):
+            pred = unet(x_t, t, ctx).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    first = step()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(args["iters"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"warm": warm, "times": times, "flops": None, "finite": bool(np.isfinite(first)),
+            "examples": b, "projector": "-",
+            "gpu_peak": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "n_trained": sum(p.numel() for p in lora),
+            "note": f"{sum(p.numel() for p in lora):,} LoRA params"}
+
+
+def _torch_feat(row: str, root: Path, args: dict) -> dict:
+    """traker featurizing the attn2 parameters (see the module docstring)."""
+    torch, dev, cuda, sync = _torch_env(args)
+    import warnings
+
+    from diffusers import UNet2DConditionModel
+    from trak import TRAKer
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    from jaxattrib.diffusion.schedule import make_schedule
+    cfg = unet_config(args)
+    b = args["feat_batch"]
+    d = make_inputs(cfg, args, b * (args["iters"] + 1))
+    ts_np, noise_np = fixed_timesteps(args, d["x0"].shape[1:])
+    abar_np = np.asarray(make_schedule().alphas_cumprod)[ts_np]
+    ts = torch.from_numpy(ts_np).long().to(dev)
+    noise = torch.from_numpy(noise_np).permute(0, 3, 1, 2).contiguous().to(dev)
+    abar = torch.from_numpy(abar_np).float().to(dev).view(-1, 1, 1, 1)
+    model = UNet2DConditionModel.from_pretrained(root / "unet").eval().to(dev)
+    args["_load_peak"] = _reset_peak()
+    names = [n for n, _ in model.named_parameters() if ".attn2." in n]
+    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous().to(dev)
+    ctx = torch.from_numpy(d["ctx"]).to(dev)
+    n = x0.shape[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        traker = TRAKer(model=model, task=torch_dsm_output(ts, noise, abar), train_set_size=n,
+                        save_dir=tmp, device=dev, use_half_precision=False, proj_dim=args["k"],
+                        projector_seed=PROJ_SEED, logging_level=40, grad_wrt=names)
+        traker.load_checkpoint(model.state_dict(), model_id=0)
+        times, warm = [], None
+        for i in range(args["iters"] + 1):
+            idx = np.arange(i * b, (i + 1) * b)
+            t0 = time.perf_counter()
+            traker.featurize(batch=(x0[idx], ctx[idx]), inds=idx)
+            sync()
+            dt = time.perf_counter() - t0
+            if i == 0:
+                warm = dt
+            else:
+                times.append(dt)
+        feats = np.asarray(traker.saver.current_store["grads"][:b])
+        proj = type(traker.projector).__name__
+    return {"warm": warm, "times": times, "flops": None, "finite": bool(np.isfinite(feats).all()),
+            "examples": b, "projector": proj,
+            "gpu_peak": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "n_trained": int(traker.num_params_for_grad),
+            "note": f"grad_wrt {len(names)} tensors"}
+
+
+def run_row(row: str, root: Path, args: dict) -> dict:
+    if row.startswith("ft-jax"):
+        return _jax_ft(row, root, args)
+    if row.startswith("ft-torch"):
+        return _torch_ft(row, root, args)
+    if row == "feat-trak":
+        return _torch_feat(row, root, args)
+    if row.startswith(("feat-jax", "limit-jax")):
+        return _jax_feat(row, root, args)
+    raise ValueError(f"unknown row {row!r}; rows: {ALL_ROWS + OPTIONAL_ROWS}")
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _child(row: str, root: str, args: dict, queue) -> None:
+    try:
+        res = run_row(row, Path(root), args)
+        res["peak"], res["load_peak"] = _hwm_mib(), args.get("_load_peak")
+        queue.put((res, None))
+    except Exception:  # noqa: BLE001 — reported in the table, the other rows still run
+        queue.put((None, traceback.format_exc()))
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return 0.0
+
+
+def run_stage(row: str, root: Path, args: dict, timeout_s: float, max_rss_gib: float):
+    """``row`` in a fresh spawned process; ``(result, None)`` or ``(None, reason)``. The
+    process is killed past ``timeout_s`` seconds or ``max_rss_gib`` GiB of RSS."""
+    import queue as queue_mod
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(row, str(root), args, q))
+    p.start()
+    t0, peak = time.monotonic(), 0.0
+    while True:
+        try:
+            res, err = q.get(timeout=0.5)
+            p.join()
+            return res, (err.strip().splitlines()[-1] if err else None), err
+        except queue_mod.Empty:
+            pass
+        peak = max(peak, _rss_gib(p.pid))
+        why = None
+        if not p.is_alive():
+            why = f"process died (exit {p.exitcode}; RSS seen {peak:.1f} GiB)"
+        elif peak > max_rss_gib:
+            why = f"killed: RSS {peak:.1f} GiB > --max-rss-gib {max_rss_gib:g}"
+        elif time.monotonic() - t0 > timeout_s:
+            why = f"killed: over --row-timeout {timeout_s:g} s"
+        if why:
+            if p.is_alive():
+                p.kill()
+            p.join()
+            return None, why, None
+
+
+def run_inline(row: str, root: Path, args: dict):
+    """``row`` in this process (``--in-process``): same return as :func:`run_stage`."""
+    try:
+        res = run_row(row, root, dict(args))
+        res["peak"], res["load_peak"] = _hwm_mib(), None  # includes what earlier rows still hold
+        return res, None, None
+    except Exception:  # noqa: BLE001
+        err = traceback.format_exc()
+        return None, err.strip().splitlines()[-1], err
+
+
+def missing_packages(row: str) -> list[str]:
+    import importlib.util
+    return [m for m in TORCH_PKGS.get(row, ()) if importlib.util.find_spec(m) is None]
+
+
+def peer_of(row: str) -> str | None:
+    if row.startswith("ft-jax"):
+        return "ft-torch-bf16"
+    if row.startswith("feat-jax"):
+        return "feat-trak"
+    return None
+
+
+def summarize(results: dict) -> dict:
+    """Per row: median examples/s over repeats (each repeat's median call), largest peak."""
+    out = {}
+    for row, reps in results.items():
+        ok = [r for r in reps if r.get("times")]
+        if not ok:
+            out[row] = {"error": next((r.get("error") for r in reps if r.get("error")),
+                                      "no result")}
+            continue
+        eps = [r["examples"] / statistics.median(r["times"]) for r in ok]
+        s = dict(ok[0])
+        peaks = [r.get("gpu_peak") if r.get("gpu_peak") is not None else r["peak"] for r in ok]
+        s.update(eps=statistics.median(eps), eps_all=eps, peak_mem=max(peaks),
+                 mem_kind="GPU" if ok[0].get("gpu_peak") is not None else "RSS",
+                 warm=statistics.median(r["warm"] for r in ok),
+                 finite=all(r["finite"] for r in ok), loads=[r.get("load") for r in ok])
+        out[row] = s
+    return out
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    for name, tf in PEAKS:
+        if name.lower() in device_kind.lower():
+            return tf
+    return None
+
+
+def format_table(summary: dict, device_kind: str, gpu: bool) -> list[str]:
+    peak = peak_tflops(device_kind) if gpu else None
+    head = ["row", "examples/s", "s/example", "peak mem MiB", "× peer", "÷grad", "÷fwd",
+            "TFLOP/s", "MFU", "warm-up s", "load", "projector / note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    eps = {r: s["eps"] for r, s in summary.items() if "eps" in s}
+    for row, s in summary.items():
+        if "eps" not in s:
+            lines.append(f"| {row} | not measured: {s['error']} |" + " |" * (len(head) - 2))
+            continue
+        peer = peer_of(row)
+        ratio = f"{s['eps'] / eps[peer]:.2f} ({peer})" if peer in eps else "-"
+        lim = []
+        for ref in ("limit-jax-grad", "limit-jax-fwd"):
+            lim.append(f"{eps[ref] / s['eps']:.2f}" if row.startswith("feat") and ref in eps
+                       else "-")
+        tf = s["flops"] / s["examples"] * s["eps"] / 1e12 if s.get("flops") else None
+        mfu = f"{100 * tf / peak:.1f} %" if tf and peak else "-"
+        note = s.get("projector", "-")
+        if s.get("note"):
+            note = s["note"] if note == "-" else f"{note}; {s['note']}"
+        if not s["finite"]:
+            note += "; NON-FINITE OUTPUT"
+        load = "/".join(f"{x:.1f}" for x in s["loads"] if x is not None) or "-"
+        lines.append("| " + " | ".join([
+            row, f"{s['eps']:.4g}", f"{1 / s['eps']:.3g}", f"{s['peak_mem']:.0f} {s['mem_kind']}",
+            ratio, *lim, f"{tf:.3g}" if tf else "-", mfu, f"{s['warm']:.1f}", load, note]) + " |")
+    return lines
+
+
+def _versions(torch_device: str) -> str:
+    parts = []
+    try:
+        import jax
+        parts.append(f"jax {jax.__version__} ({jax.default_backend()}: "
+                     f"{jax.devices()[0].device_kind})")
+    except Exception as e:  # noqa: BLE001
+        parts.append(f"jax: {e}")
+    for m in ("torch", "diffusers", "peft", "trak"):
+        try:
+            mod = __import__(m)
+            parts.append(f"{m} {getattr(mod, '__version__', '?')}")
+        except ImportError:
+            parts.append(f"{m} missing")
+    return ", ".join(parts)
+
+
+def _device_kind() -> tuple[str, bool]:
+    """Asked in a child process so the driver holds no device memory."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_probe)
+
+
+def _probe():
+    import jax
+    dev = jax.devices()[0]
+    return f"{dev.device_kind}", dev.platform != "cpu"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true",
+                    help="the same code at a tiny shape (model tiny, K 2, k 64, 1 iteration)")
+    ap.add_argument("--model", default="sd15", choices=["sd15", "sd21", "tiny"])
+    ap.add_argument("--rows", default=",".join(ALL_ROWS),
+                    help=f"comma list; also {','.join(OPTIONAL_ROWS)}")
+    ap.add_argument("--ft-batch", type=int, default=1, help="fine-tune global batch")
+    ap.add_argument("--feat-batch", type=int, default=1, help="examples per featurize call")
+    ap.add_argument("--K", type=int, default=10, help="timesteps of the output function")
+    ap.add_argument("--k", type=int, default=4096, help="projection dimension")
+    ap.add_argument("--ctx-len", type=int, default=77)
+    ap.add_argument("--iters", type=int, default=3, help="timed calls per row process")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the rows")
+    ap.add_argument("--feat-remat", action="store_true",
+                    help="remat per UNet block in the featurization / limit rows")
+    ap.add_argument("--torch-device", default="cpu", help="cpu or cuda (the peers' device)")
+    ap.add_argument("--row-timeout", type=float, default=3600, help="seconds per row process")
+    ap.add_argument("--max-rss-gib", type=float, default=1e9, help="kill a row past this RSS")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the rows in this process (no spawn per row; the memory column is "
+                         "then the running peak of the one process) — what --smoke does")
+    ap.add_argument("--dir", help="work folder holding unet/ (default: a temp folder)")
+    ap.add_argument("--out", help="also write the table and raw results (.md and .json)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.model, a.K, a.k, a.ctx_len, a.in_process = "tiny", 2, 64, 8, True
+        a.iters = min(a.iters, 2)
+        # XLA:CPU's LLVM optimisation is most of a tiny program's compile time; the smoke run
+        # checks the code, not its speed (set before JAX is imported: rows run in-process)
+        if "jax" not in sys.modules and "xla_backend_optimization_level" not in os.environ.get(
+                "XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_backend_optimization_level=0").strip()
+    rows = [r for r in a.rows.split(",") if r]
+    bad = [r for r in rows if r not in ALL_ROWS + OPTIONAL_ROWS]
+    if bad:
+        raise SystemExit(f"--rows: unknown {bad}; expected some of {ALL_ROWS + OPTIONAL_ROWS}")
+    args = dict(model=a.model, ft_batch=a.ft_batch, feat_batch=a.feat_batch, K=a.K, k=a.k,
+                ctx_len=a.ctx_len, iters=a.iters, feat_remat=a.feat_remat,
+                torch_device=a.torch_device)
+    sys.stdout.reconfigure(line_buffering=True)
+    tmp = tempfile.TemporaryDirectory(prefix="sd_scale_") if not a.dir else None
+    root = Path(a.dir or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if a.in_process:
+        desc, (kind, gpu) = prepare(root, args), _probe()
+    else:
+        with mp.get_context("spawn").Pool(1) as pool:  # torch / JAX memory stays out of the driver
+            desc = pool.apply(prepare, (root, args))
+        kind, gpu = _device_kind()
+    print(f"# sd_scale {a.model}: p = {desc['p']:,} UNet parameters, attn2 = "
+          f"{desc['p_attn2']:,}, LoRA on {desc['lora_layers']} kernels (rank {RANK}); latents "
+          f"{unet_config(args).sample_size}²×4, context {a.ctx_len}×"
+          f"{unet_config(args).cross_attention_dim}; ft batch {a.ft_batch}, featurize batch "
+          f"{a.feat_batch}, K = {a.K}, k = {a.k}; {a.iters} timed calls per process, "
+          f"{a.repeats} interleaved round(s); compile time excluded (warm-up column); "
+          f"weights written in {time.perf_counter() - t0:.0f} s")
+    print(f"# {_versions(a.torch_device)}; device {kind}; peers on {a.torch_device}; "
+          f"cpu_count {os.cpu_count()}")
+    results: dict[str, list] = {r: [] for r in rows}
+    failures = 0
+    for rep in range(a.repeats):
+        for row in rows:
+            miss = missing_packages(row)
+            if miss:
+                results[row].append({"error": f"skipped: {', '.join(miss)} not installed"})
+                print(f"# {row}: skipped ({', '.join(miss)} not installed)")
+                continue
+            load = os.getloadavg()[0]
+            t1 = time.perf_counter()
+            if a.in_process:
+                res, why, tb = run_inline(row, root, args)
+            else:
+                res, why, tb = run_stage(row, root, args, a.row_timeout, a.max_rss_gib)
+            if res is None:
+                failures += 1
+                results[row].append({"error": why})
+                print(f"# {row} (round {rep + 1}): not measured: {why}")
+                if tb:
+                    print(tb, file=sys.stderr)
+                continue
+            res["load"] = max(load, os.getloadavg()[0])
+            results[row].append(res)
+            med = statistics.median(res["times"])
+            print(f"# {row} (round {rep + 1}): {res['examples'] / med:.4g} examples/s "
+                  f"(median of {len(res['times'])} calls: "
+                  f"{', '.join(f'{t:.2f}' for t in res['times'])} s), warm-up {res['warm']:.1f} s, "
+                  f"peak RSS {res['peak']:.0f} MiB, load {res['load']:.1f}, "
+                  f"{time.perf_counter() - t1:.0f} s in all")
+    summary = summarize(results)
+    table = format_table(summary, kind, gpu)
+    print("\n" + "\n".join(table))
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text("\n".join(table) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(
+            {"args": args, "desc": desc, "device": kind, "results": results}, indent=1,
+            default=str))
+    if tmp is not None:
+        tmp.cleanup()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
