@@ -30,7 +30,8 @@
 #
 # Environment (optional): PYTHON (default python3), BUDGET_S, SITE (install folder, default
 # /tmp/sd_scale_site), WORK (weights folder, default /tmp/sd_scale_work), MODEL (sd15 | sd21),
-# FT_BATCH (default 4), FEAT_BATCH (1), K (10), ITERS (10), EXTRA_ARGS (more sd_scale.py args).
+# FT_BATCH (default 4), FEAT_BATCH (1), K (10), ITERS (10), EXTRA_ARGS (more sd_scale.py args),
+# STEP_S / SMOKE_S (cap of the rows step, default 460 s / of the env smoke step, 150 s).
 set -u -o pipefail
 part=${1:?usage: gpu_sd_scale.sh PART OUT_DIR [--smoke]}
 out=${2:?usage: gpu_sd_scale.sh PART OUT_DIR [--smoke]}
@@ -51,19 +52,7 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && gpu=1
 dev=cpu; [ "$gpu" = 1 ] && dev=cuda
 log="$out/$part.log"
 
-# step NAME CAP_S CMD...: CMD under min(CAP_S, time left), tee'd to the log, wall time logged.
-step() {
-  local name=$1 cap=$2; shift 2
-  local left=$((deadline - $(date +%s)))
-  local lim=$((cap < left ? cap : left))
-  if [ "$lim" -le 5 ]; then echo "## $name: skipped, budget spent" | tee -a "$log"; return 124; fi
-  echo "## $name (limit ${lim} s): $*" | tee -a "$log"
-  local t0=$(date +%s)
-  timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$log"
-  local rc=$?
-  echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$log"
-  return $rc
-}
+source "$repo/benchmarks/gpu_step.sh"  # step NAME CAP_S LOG CMD...
 
 ensure_env() {
   { date -u; echo "part $part, smoke '${smoke}', gpu $gpu, cpus $(nproc)"
@@ -116,10 +105,10 @@ common=(--dir "$work" --torch-device "$dev" --model "${MODEL:-sd15}" --iters "${
         --ft-batch "${FT_BATCH:-4}" --feat-batch "${FEAT_BATCH:-1}" --K "${K:-10}"
         --row-timeout 300)
 [ -n "$smoke" ] && common+=(--smoke --dir "$work/smoke")
-run_rows() { step "$part" 460 $py benchmarks/sd_scale.py "${common[@]}" --rows "$1" \
+run_rows() { step "$part" "${STEP_S:-460}" "$log" $py benchmarks/sd_scale.py "${common[@]}" --rows "$1" \
   --out "$out/table_$part" ${EXTRA_ARGS:-}; }
 case "$part" in
-  env) step smoke 150 $py benchmarks/sd_scale.py --smoke --torch-device "$dev" \
+  env) step smoke "${SMOKE_S:-150}" "$log" $py benchmarks/sd_scale.py --smoke --torch-device "$dev" \
          --dir "$work/smoke" --out "$out/table_smoke" ;;
   ft-bf16) run_rows ft-jax-bf16,ft-jax-bf16-remat,ft-torch-bf16 ;;
   ft-fp32) run_rows ft-jax-fp32,ft-jax-fp32-remat,ft-torch-bf16 ;;

@@ -33,19 +33,7 @@ start=$(date +%s)
 deadline=$((start + ${BUDGET_S:-530}))
 work=$(mktemp -d)
 
-# step NAME CAP_S LOG CMD...: runs CMD under min(CAP_S, time left), tee'd to LOG, and logs wall time.
-step() {
-  local name=$1 cap=$2 log=$3; shift 3
-  local left=$((deadline - $(date +%s)))
-  local lim=$((cap < left ? cap : left))
-  if [ "$lim" -le 5 ]; then echo "## $name: skipped, budget spent" | tee -a "$log"; return 124; fi
-  echo "## $name (limit ${lim} s): $*" | tee -a "$log"
-  local t0=$(date +%s)
-  timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$log"
-  local rc=$?
-  echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$log"
-  return $rc
-}
+source "$repo/benchmarks/gpu_step.sh"  # step NAME CAP_S LOG CMD...
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "cpus: $(nproc)"; git -C "$repo" rev-parse --short HEAD 2>/dev/null || cat "$repo/COMMIT" 2>/dev/null || true

@@ -17,8 +17,10 @@ Rows (each a fresh spawned process, so its peak RSS is its own; ``--rows`` picks
     the model's prediction type at one random timestep per example, AdamW), rank 4 (alpha 4)
     on the attention projections ``attn1/attn2 to_q/to_k/to_v/to_out.0``:
     * ``ft-jax-fp32``, ``ft-jax-fp32-remat``, ``ft-jax-bf16``, ``ft-jax-bf16-remat``: jaxattrib
-      (``lora.lora_init`` / ``lora_merge``, ``finetune.make_optimizer``; the UNet port's
-      ``dtype`` = compute dtype with float32 parameters, ``remat`` = ``nn.remat`` per block).
+      (the trainer's ``diffusion_task.make_diffusion_loss`` on latents + context with
+      ``precision`` 'float32' / 'bfloat16' and ``remat`` 'none' / 'full' — docs/precision.md:
+      bf16 compute, float32 parameters, gradients and AdamW state — ``lora.lora_init`` /
+      ``lora_merge``, ``finetune.make_optimizer``; one jitted value_and_grad + AdamW update).
     * ``ft-torch-bf16`` (the peer of every ``ft-jax-*`` row): ``UNet2DConditionModel`` + peft
       ``LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=[to_k, to_q,
       to_v, to_out.0])`` via ``unet.add_adapter`` — diffusers' ``train_text_to_image_lora.py``
@@ -43,9 +45,10 @@ Rows (each a fresh spawned process, so its peak RSS is its own; ``--rows`` picks
     example of the row over those of the limit row).
 
 Timing: compile time is EXCLUDED from examples/s. A JAX row lowers and compiles its jitted
-function once (``jit(f).lower(...).compile()``; that plus the first call is the ``warm-up s``
-column) and then times ``--iters`` calls of the compiled executable, each ended by
-``block_until_ready``; torch rows time a first (warm-up) call the same way. ``examples/s`` =
+function once (``jit(f).lower(...).compile()``: the ``warm-up s`` column) and then times
+``--iters`` calls of the compiled executable, each ended by ``block_until_ready``; torch rows
+run one untimed warm-up call (first-call setup: the ``warm-up s`` column), then ``--iters``
+timed calls. ``examples/s`` =
 batch / the median call time. ``--repeats R`` runs the whole row list R times, interleaved
 (row 1, row 2, …, row 1, row 2, …), each time in a fresh process; the table gives the median
 over repeats of each row's examples/s (and the largest peak memory). Peak memory: the process'
@@ -213,16 +216,15 @@ def _flops(compiled) -> float | None:
 
 
 def _time_jax(jitted, args_fn, iters: int, donate_state: bool = False) -> dict:
-    """Compiles ``jitted`` for ``args_fn()`` and times ``iters`` calls (median)."""
+    """Compiles ``jitted`` for ``args_fn()`` (timed: ``warm``) and times ``iters`` calls of the
+    compiled executable (no call is left out: compilation is already done)."""
     t0 = time.perf_counter()
     args = args_fn()
     compiled = jitted.lower(*args).compile()
-    out = compiled(*args)
-    _block(out)
     warm = time.perf_counter() - t0
-    times = []
+    times, out = [], None
     for _ in range(iters):
-        if donate_state:  # the train step donates its state: feed the last output back
+        if donate_state and out is not None:  # the step donates its state: feed it back
             args = (out[0],) + tuple(args[1:])
         t0 = time.perf_counter()
         out = compiled(*args)
@@ -250,30 +252,27 @@ def _jax_ft(row: str, root: Path, args: dict) -> dict:
     jax, cfg, params = _jax_load(root, args)
     import jax.numpy as jnp
     import optax
-    from jaxattrib.diffusion.losses import dsm_loss
-    from jaxattrib.diffusion.schedule import add_noise, make_schedule
+    from jaxattrib.diffusion.schedule import make_schedule
     from jaxattrib.models import lora as lora_lib
-    from jaxattrib.models.unet import UNet2DConditionModel
-    from jaxattrib.train.diffusion_task import example_noise, example_timesteps
+    from jaxattrib.train.diffusion_task import make_diffusion_loss
     from jaxattrib.train.finetune import TrainConfig, make_optimizer
 
-    dtype = jnp.bfloat16 if "bf16" in row else jnp.float32
-    model = UNet2DConditionModel(cfg, dtype=dtype, remat=row.endswith("remat"))
+    precision = "bfloat16" if "bf16" in row else "float32"
+    remat = "full" if row.endswith("remat") else "none"
     sched = make_schedule(prediction_type=prediction_type(args))
+    # the trainer's latent-space loss (no VAE / text encoder: the batch holds latents + context)
+    loss_fn = make_diffusion_loss(cfg, None, sched, None, precision=precision, remat=remat)
     tc = TrainConfig(mode="lora", lora_rank=RANK, lora_alpha=float(RANK), batch_size=args["ft_batch"],
-                     lora_target=ATTENTION_TARGET)
+                     lora_target=ATTENTION_TARGET, precision=precision, remat=remat)
     lora = lora_lib.lora_init(params, jax.random.PRNGKey(1), RANK, target=ATTENTION_TARGET)
     opt = make_optimizer(tc)
     b = args["ft_batch"]
-    data = {k: jnp.asarray(v) for k, v in make_inputs(cfg, args, b).items()}
+    d = make_inputs(cfg, args, b)
+    data = {"images": jnp.asarray(d["x0"]), "encoder_hidden_states": jnp.asarray(d["ctx"])}
 
     def loss(lora, base, batch, key):
-        p = lora_lib.lora_merge(base, lora, tc.lora_alpha)
-        x0 = batch["x0"]
-        t = example_timesteps(key, b, sched.num_train_timesteps)
-        noise = example_noise(key, b, x0.shape[1:], x0.dtype)
-        out = model.apply({"params": p}, add_noise(sched, x0, noise, t), t, batch["ctx"])
-        return jnp.mean(dsm_loss(sched, out.astype(jnp.float32), x0, noise, t))
+        unet = lora_lib.lora_merge(base, lora, tc.lora_alpha)
+        return jnp.mean(loss_fn({"unet": unet}, batch, key))
 
     def step(state, base, batch, key):
         lora, opt_state = state
@@ -652,7 +651,7 @@ def main(argv=None) -> int:
     ap.add_argument("--K", type=int, default=10, help="timesteps of the output function")
     ap.add_argument("--k", type=int, default=4096, help="projection dimension")
     ap.add_argument("--ctx-len", type=int, default=77)
-    ap.add_argument("--iters", type=int, default=3, help="timed calls per row process")
+    ap.add_argument("--iters", type=int, default=3, help="timed calls per row process (>= 1)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the rows")
     ap.add_argument("--feat-remat", action="store_true",
                     help="remat per UNet block in the featurization / limit rows")
@@ -665,6 +664,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", help="work folder holding unet/ (default: a temp folder)")
     ap.add_argument("--out", help="also write the table and raw results (.md and .json)")
     a = ap.parse_args(argv)
+    # [measured] on the shared 2-core CPU (load ~17, 2026-12-07) a tiny diffusers UNet's
+    # forward + backward took 6-27 s with torch's 2 OpenMP threads spin-waiting (libgomp's
+    # default) and 0.03-0.8 s with OMP_WAIT_POLICY=passive or 1 thread: set before torch loads
+    # (children inherit it), so the torch peers are not measured in that pathology.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if a.smoke:
         a.model, a.K, a.k, a.ctx_len, a.in_process = "tiny", 2, 64, 8, True
         a.iters = min(a.iters, 2)
@@ -674,6 +678,8 @@ def main(argv=None) -> int:
                 "XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_backend_optimization_level=0").strip()
+    if a.iters < 1:
+        raise SystemExit("--iters must be >= 1")
     rows = [r for r in a.rows.split(",") if r]
     bad = [r for r in rows if r not in ALL_ROWS + OPTIONAL_ROWS]
     if bad:
@@ -698,7 +704,7 @@ def main(argv=None) -> int:
           f"{unet_config(args).cross_attention_dim}; ft batch {a.ft_batch}, featurize batch "
           f"{a.feat_batch}, K = {a.K}, k = {a.k}; {a.iters} timed calls per process, "
           f"{a.repeats} interleaved round(s); compile time excluded (warm-up column); "
-          f"weights written in {time.perf_counter() - t0:.0f} s")
+          f"set-up (weights, shapes) {time.perf_counter() - t0:.0f} s")
     print(f"# {_versions(a.torch_device)}; device {kind}; peers on {a.torch_device}; "
           f"cpu_count {os.cpu_count()}")
     results: dict[str, list] = {r: [] for r in rows}

@@ -28,7 +28,7 @@ def test_sd_scale_smoke(tmp_path):
     out = tmp_path / "table"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sd_scale.py"), "--smoke",
                            "--dir", str(tmp_path / "work"), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = json.loads(out.with_suffix(".json").read_text())
     table = out.with_suffix(".md").read_text()
