@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/sd_scale.py --smoke`` (fast suite; ~2 min on a quiet 2-core CPU).
+"""Smoke test of ``benchmarks/sd_scale.py --smoke`` (fast suite; 11 tiny rows in one process;
+27 min under ``nice -n 19`` at load 17-50 on the shared 2-core CPU, 2026-12-07 — not timed quiet).
 
 No timing assertions. Checks that every row ran (a torch peer row may only be skipped, cleanly,
 when one of its packages is missing), that each produced finite outputs and an XLA FLOP count
