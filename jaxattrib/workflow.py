@@ -11,8 +11,10 @@ by chunk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -156,6 +158,42 @@ def check_pipeline_matches(config, pipe, source: str = "config") -> None:
             f"model_prediction_type={got!r} if the folder is right)")
 
 
+def check_data_size(config, pipe, field: str = "data.size") -> None:
+    """``data.size`` must be the UNet's sample size × the VAE factor (the pixel side the model
+    takes); else one :class:`ConfigError` naming the field and both shapes."""
+    from jaxattrib.diffusion.latents import pixel_shape, sample_shape, vae_factor
+    size = int(config.data.size)
+    want = pixel_shape(pipe.unet_config, pipe.vae_config)
+    if (size, size) != want[:2]:
+        lat = sample_shape(pipe.unet_config)
+        how = (f"the UNet takes {lat[0]}x{lat[1]}x{lat[2]} latents x VAE factor "
+               f"{vae_factor(pipe.vae_config)}" if pipe.is_latent else
+               f"the pixel-space UNet takes {lat[0]}x{lat[1]}x{lat[2]} images")
+        raise ConfigError(f"{field}={size}: images would be {size}x{size}x3 but {pipe.folder} "
+                          f"expects {want[0]}x{want[1]}x3 ({how}); set --set "
+                          f"{field}={want[0]}")
+
+
+def _latent_training_rule(pipe, record_dir: Path, model_info: dict) -> tuple[dict, bool]:
+    """``(model_info for the record manifest, sample_posterior)`` of a fine-tuning run.
+
+    Latent pipelines train on the VAE posterior mean (the rule attribution encodes with, see
+    :mod:`jaxattrib.diffusion.latents`), recorded as ``vae_latents: 'mean'`` with the VAE's
+    fingerprint. A record made before this rule (manifest without ``vae_latents``) resumes as
+    it was made: on posterior samples, with its manifest unchanged. Pixel pipelines: unchanged.
+    """
+    if not pipe.is_latent:
+        return model_info, True
+    manifest = record_dir / "manifest.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text()).get("model", {})
+        if "vae_latents" not in stored:
+            return model_info, True
+    from jaxattrib.diffusion.latents import LATENT_RULE, vae_fingerprint
+    return ({**model_info, "vae_latents": LATENT_RULE,
+             "vae_fingerprint": vae_fingerprint(pipe.vae_config, pipe.vae_params)}, False)
+
+
 def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     """Fine-tunes ``config.model`` on ``config.data`` into ``run_dir`` (resumable).
 
@@ -188,11 +226,8 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         atomic_write_text(cfg_path, json.dumps(current, indent=2, sort_keys=True))
     pipe = _load_model(config.model)
     check_pipeline_matches(config, pipe)
+    check_data_size(config, pipe)
     ds = load_training_data(config)
-    want = model_image_size(pipe)
-    if ds.images.shape[1] != want:
-        raise ConfigError(f"data.size={ds.images.shape[1]}: the model generates {want}x{want} "
-                          f"images; set --set data.size={want}")
     data_path = run_dir / "data" / "train.npz"
     if writer and not data_path.exists():
         import io
@@ -203,9 +238,12 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
     prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
+    model_info, sample_posterior = _latent_training_rule(pipe, run_dir / "record",
+                                                         {"model": str(config.model)})
     loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
                                   train_text_encoder=f.train_text_encoder,
-                                  precision=prec["precision"], remat=prec["remat"])
+                                  precision=prec["precision"], remat=prec["remat"],
+                                  sample_posterior=sample_posterior)
     ids = pipe.tokenizer(list(ds.captions), max_length=pipe.text_config.max_position_embeddings)
     images = np.asarray(ds.images)
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
@@ -226,7 +264,7 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     return finetune(loss_fn, params, len(images),
                     lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc,
                     (run_dir / "record").resolve(), mesh=mesh, progress=progress,
-                    model_info={"model": str(config.model)},
+                    model_info=model_info,
                     dataset_info={"fingerprint": ds.fingerprint(), "ids": list(ds.ids)})
 
 
@@ -265,6 +303,115 @@ def attribution_defaults(run_dir: str | Path) -> dict:
     return out
 
 
+class TrainingExamples(NamedTuple):
+    """A run's training set as the UNet sees it (see :func:`training_examples`).
+
+    ``examples``: ``{'x0': [N, h, w, c] float32 (VAE latents for latent pipelines, pixels
+    otherwise), 'ctx': [N, L, D] text states}``; ``fingerprint``: key of feature stores made
+    from it (data fingerprint, plus the latent rule and VAE fingerprint for latent pipelines);
+    ``ids``, ``captions``: ``[N]``; ``images``: the pixel images ``[N, H, W, 3]`` (for reports)."""
+    examples: dict
+    fingerprint: str
+    ids: np.ndarray
+    captions: np.ndarray
+    images: np.ndarray
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _require_run(run_dir: Path) -> dict:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
+        raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
+                          f"data/train.npz from `jaxattrib train`)")
+    return json.loads(config_path.read_text())
+
+
+def load_run_pipeline(run_dir: str | Path):
+    """The pipeline a run was trained from (``model`` of its ``config.json``)."""
+    return _load_model(_require_run(Path(run_dir)).get("model", "embedded"))
+
+
+def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
+                      batch_size: int = 16) -> TrainingExamples:
+    """The run's training set in the UNet's space, for featurization.
+
+    Pixel pipelines: the images of ``data/train.npz``. Latent pipelines: their VAE latents
+    (posterior mean × scaling factor, :data:`jaxattrib.diffusion.latents.LATENT_RULE`), encoded
+    once into the resumable store ``RUN/latents/train`` keyed by the data and VAE fingerprints
+    (:mod:`jaxattrib.latent_cache`; a store for other data or another VAE is refused), read back
+    on later calls. Errors (wrong image size for the model, refused cache) are
+    :class:`ConfigError`."""
+    from jaxattrib.diffusion import latents as lat
+    from jaxattrib.latent_cache import array_batches, cached_training_latents
+    run_dir = Path(run_dir)
+    _require_run(run_dir)
+    pipe = load_run_pipeline(run_dir) if pipe is None else pipe
+    with np.load(run_dir / "data" / "train.npz") as data:
+        images, captions, ids = data["images"], data["captions"], data["ids"]
+    lat.check_pixel_images(images.shape, pipe.unet_config, pipe.vae_config,
+                           f"{run_dir / 'data' / 'train.npz'} images")
+    manifest = run_dir / "record" / "manifest.json"
+    fp, trained = "", {}
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        fp, trained = str(m.get("dataset", {}).get("fingerprint", "")), m.get("model", {})
+    fp = fp or hashlib.sha256(images.tobytes()).hexdigest()
+    if pipe.is_latent:
+        vfp = lat.vae_fingerprint(pipe.vae_config, pipe.vae_params)
+        if trained.get("vae_fingerprint", vfp) != vfp:
+            raise ConfigError(f"{pipe.folder}/vae: its weights (fingerprint {vfp[:12]}…) are not "
+                              f"those {run_dir} was trained with ({manifest}: vae_fingerprint "
+                              f"{trained['vae_fingerprint'][:12]}…); attribute with the "
+                              f"model folder the run was made from")
+        x0 = cached_training_latents(run_dir, pipe, len(images),
+                                     array_batches(images, batch_size), data_fingerprint=fp,
+                                     vae_fingerprint=vfp, progress=progress)
+        fp = _sha(fp, f"latents={lat.LATENT_RULE}", vfp)
+    else:
+        x0 = images
+    ctx = np.asarray(pipe.encode_prompts(list(captions)))
+    return TrainingExamples({"x0": np.asarray(x0, np.float32), "ctx": ctx}, fp, ids, captions,
+                            images)
+
+
+def feature_dir(run_dir: str | Path, method: str, step: int) -> Path:
+    """Folder of the feature stores of ``method`` at checkpoint ``step`` (``train`` and
+    ``queries_<name>`` inside)."""
+    return Path(run_dir) / "features" / method / f"step_{int(step)}"
+
+
+def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
+                           train: TrainingExamples | None = None, record=None, mesh=None,
+                           progress: bool = True) -> np.ndarray:
+    """Projected gradient features ``[N, k]`` of the run's training set at checkpoint ``step``.
+
+    ``config``: a :class:`jaxattrib.attribution.diffusion_trak.AttributionConfig`. Writes the
+    resumable store ``feature_dir(run_dir, config.method, step) / 'train'`` (chunked; a killed
+    call resumes; a store made with other settings, data or VAE is refused with
+    :class:`~jaxattrib.attribution.store.StoreMismatchError`). ``pipe`` (default: the run's
+    model), ``train`` (default: :func:`training_examples`) and ``record`` (default: the run's
+    record, opened read-only) may be passed to avoid reloading them."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.train.record import TrajectoryRecord
+    run_dir = Path(run_dir)
+    pipe = load_run_pipeline(run_dir) if pipe is None else pipe
+    train = training_examples(run_dir, pipe, progress=progress) if train is None else train
+    record = TrajectoryRecord.open((run_dir / "record").resolve()) if record is None else record
+    if step not in record.steps():
+        raise ConfigError(f"{run_dir / 'record'}: no checkpoint at step {step} (has "
+                          f"{record.steps()})")
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    out_fn = dt.make_train_out_fn(pipe.unet_config, sched, config)
+    return dt.featurize_examples(out_fn, record.load(step)["unet"], train.examples, config,
+                                 feature_dir(run_dir, config.method, step) / "train",
+                                 fingerprint=train.fingerprint, step=step, mesh=mesh,
+                                 progress=progress)
+
+
 def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak", *,
                   k: int = 2048, params: str = "attn", num_timesteps: int = 10,
                   lam_ratio: float = 1.0, topk: int = 10, journey_step: int | None = None,
@@ -279,63 +426,81 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     x̂0 is attributed (default: the last step, i.e. the final image). ``precision`` /
     ``remat`` / ``matmul_precision``: see :class:`~jaxattrib.attribution.diffusion_trak.
     AttributionConfig` and docs/precision.md.
+
+    Latent pipelines: training images come from the run's latent cache
+    (:func:`training_examples`), query PNGs are encoded with the same rule, and Journey-TRAK's
+    trajectory must hold latents (``jaxattrib generate --trajectory`` writes them in the
+    UNet's space). The report section shows each query (for Journey-TRAK the VAE-decoded x̂0 of
+    the attributed step) and its top training images, in pixels.
     """
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.attribution import trak as trak_lib
+    from jaxattrib.diffusion import latents as lat
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.report.html import write_result
     from jaxattrib.train.record import TrajectoryRecord
     from jaxattrib import precision as prec
     prec.check_fields({"precision": precision, "remat": remat,
                        "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
-        raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
-                          f"data/train.npz from `jaxattrib train`)")
-    config = json.loads(config_path.read_text())
-    pipe = _load_model(config.get("model", "embedded"))
-    sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    data = np.load(run_dir / "data" / "train.npz")
-    q_images, q_prompts = read_queries(queries)
-    if q_images.shape[1:] != data["images"].shape[1:]:
-        raise ConfigError(f"{queries}: query images are {q_images.shape[1:]}, training images "
-                          f"{data['images'].shape[1:]}")
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
-    steps = record.steps()
+    _require_run(run_dir)
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
                               "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
                              "attribute")
+    pipe = load_run_pipeline(run_dir)
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    q_images, q_prompts = read_queries(queries)
+    lat.check_pixel_images(q_images.shape, pipe.unet_config, pipe.vae_config,
+                           f"{queries}: query images")
+    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    steps = record.steps()
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
                               matmul_precision=matmul_precision)
-    train_ex = {"x0": data["images"], "ctx": np.asarray(pipe.encode_prompts(list(data["captions"])))}
-    query_ex = {"x0": q_images, "ctx": np.asarray(pipe.encode_prompts(q_prompts))}
-    fp_train = str(record.manifest.get("dataset", {}).get("fingerprint", "")) or \
-        __import__("hashlib").sha256(data["images"].tobytes()).hexdigest()
-    fp_query = __import__("hashlib").sha256(q_images.tobytes()).hexdigest()
+    train = training_examples(run_dir, pipe, progress=progress)
+    q_ctx = np.asarray(pipe.encode_prompts(q_prompts))
+    query_ex = {"x0": lat.encode_images(pipe.vae_config, pipe.vae_params, q_images),
+                "ctx": q_ctx}
+    fp_query = hashlib.sha256(q_images.tobytes()).hexdigest()
+    if pipe.is_latent:
+        fp_query = _sha(fp_query, f"latents={lat.LATENT_RULE}",
+                        lat.vae_fingerprint(pipe.vae_config, pipe.vae_params))
     qname = Path(queries).resolve().name
+    shown = q_images
+    if method == "journey-trak":
+        traj_path = Path(queries) / "trajectory.npz"
+        if not traj_path.is_file():
+            raise ConfigError(f"{traj_path}: missing; Journey-TRAK needs the sampling "
+                              f"trajectory (jaxattrib generate --trajectory)")
+        traj = dict(np.load(traj_path))
+        x0s = traj["x0_preds"]
+        lat.check_model_input(x0s.shape, pipe.unet_config, pipe.vae_config,
+                              f"{traj_path} x0_preds")
+        if x0s.shape[0] != len(q_images):
+            raise ConfigError(f"{traj_path}: x0_preds has {x0s.shape[0]} trajectories for "
+                              f"{len(q_images)} query images")
+        i = x0s.shape[1] - 1 if journey_step is None else journey_step
+        if not -x0s.shape[1] <= i < x0s.shape[1]:
+            raise ConfigError(f"--journey-step={i}: the trajectory has {x0s.shape[1]} steps")
+        tg = {"x0": x0s[:, i], "ctx": q_ctx,
+              "t": np.asarray(traj["timesteps"][:, i] if traj["timesteps"].ndim == 2
+                              else np.full(len(q_images), traj["timesteps"][i]), np.int32)}
+        shown = lat.decode_latents(pipe.vae_config, pipe.vae_params, x0s[:, i])
     use_steps = steps[1:] if method == "tracin" else [steps[-1]]
     Phis, phis, lrs = [], [], []
     for s in use_steps:
+        Phis.append(featurize_training_set(run_dir, ac, s, pipe=pipe, train=train,
+                                           record=record, progress=progress))
         p = record.load(s)["unet"]
-        out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
-        base = run_dir / "features" / method / f"step_{s}"
-        Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
-                                          fingerprint=fp_train, step=s, progress=progress))
+        base = feature_dir(run_dir, method, s)
         if method == "journey-trak":
-            traj = np.load(Path(queries) / "trajectory.npz")
-            i = traj["x0_preds"].shape[1] - 1 if journey_step is None else journey_step
-            tg = {"x0": traj["x0_preds"][:, i], "ctx": query_ex["ctx"],
-                  "t": np.asarray(traj["timesteps"][:, i] if traj["timesteps"].ndim == 2
-                                  else np.full(len(q_images), traj["timesteps"][i]), np.int32)}
             q_fn = dt.make_journey_target_out_fn(pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(q_fn, p, tg, ac, base / f"queries_{qname}_{i}",
                                               fingerprint=fp_query, step=s, role="query",
                                               progress=progress))
         else:
+            out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(out_fn, p, query_ex, ac,
                                               base / f"queries_{qname}", fingerprint=fp_query,
                                               step=s, role="query", progress=progress))
@@ -347,15 +512,40 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
         lam = dt.relative_lambdas(Phis[0], [lam_ratio])[0]
         scores = dt.scores_from_features(phis[0], Phis[0], lam)
     out = run_dir / "scores" / f"{method}_{qname}.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
     from jaxattrib.fileio import atomic_save_npy
     atomic_save_npy(out, scores.astype(np.float32))
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :topk]
-    rows = [{"query": i, "prompt": q_prompts[i],
-             "top": ", ".join(str(data["ids"][j]) for j in top[i])} for i in range(len(q_prompts))]
-    write_result(run_dir, f"attribute_{method}_{qname}", f"{method} attribution of {qname}",
-                 tables=[{"caption": f"top-{topk} training examples per query (checkpoint(s) "
-                          f"{use_steps}, k={k}, params={params!r})", "rows": rows}])
+    _write_attribution_section(run_dir, method, qname, scores, q_prompts, shown, train, topk,
+                               f"checkpoint(s) {use_steps}, k={k}, params={params!r}",
+                               f"decoded x0, step {i}" if method == "journey-trak"
+                               else "query")
     return scores
+
+
+def _write_attribution_section(run_dir: Path, method: str, qname: str, scores: np.ndarray,
+                               prompts, shown: np.ndarray, train: TrainingExamples, topk: int,
+                               settings: str, query_label: str) -> None:
+    """``results/attribute_<method>_<qname>.json``: the top-k table and one image row per query
+    (the query in pixels, then its top training images in pixels, with scores)."""
+    from jaxattrib.report.html import write_result
+    from jaxattrib.report.images import save_png, topk_image
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :topk]
+    rows = [{"query": i, "prompt": prompts[i],
+             "top": ", ".join(str(train.ids[j]) for j in top[i])} for i in range(len(prompts))]
+    name = f"attribute_{method}_{qname}"
+    labels = [str(x) for x in train.ids]
+    grid = np.concatenate([topk_image(np.clip(shown[q], -1, 1), train.images, scores[q],
+                                      k=min(topk, 8), labels=labels,
+                                      query_label=query_label)[0]
+                           for q in range(len(prompts))], axis=0)
+    rel = Path("results") / f"{name}_topk.png"
+    save_png(run_dir / rel, grid)
+    write_result(run_dir, name, f"{method} attribution of {qname}",
+                 tables=[{"caption": f"top-{topk} training examples per query ({settings})",
+                          "rows": rows}],
+                 images=[{"path": rel.as_posix(),
+                          "caption": f"each row: {query_label} (left) and its top "
+                                     f"{min(topk, 8, len(labels))} training images (pixels)"}])
 
 
 # ----------------------------------------------------------------------------- model specs
