@@ -203,7 +203,9 @@ def attribute(ctx: typer.Context,
     """Attribute query images to a run's training data (resumable feature stores).
 
     Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
-    attn2, k=4096), else the defaults in brackets."""
+    attn2, k=4096), else the defaults in brackets. Latent pipelines: the training images are
+    VAE-encoded once (posterior mean) into RUN_DIR/latents/train, the queries with the same
+    rule; Journey-TRAK reads the latent trajectory of `generate --trajectory`."""
     _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError

@@ -177,7 +177,9 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
     from jaxattrib.train.finetune import TrainConfig, finetune
 
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched)
+    # latent base models train on the VAE posterior mean, what attribution encodes with
+    loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
+                                  sample_posterior=not pipe.is_latent)
     ids = pipe.tokenizer(list(train["captions"]),
                          max_length=pipe.text_config.max_position_embeddings)
     images = train["images"]
@@ -186,11 +188,15 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
                      schedule="constant", warmup_steps=0, weight_decay=0.0, seed=config.seed,
                      checkpoint_every=f.checkpoint_every, mode=f.mode, log_every=20)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
+    model_info = {"base_model": base_model_ref(pipe.folder, run_dir / "record")}
+    if pipe.is_latent:
+        from jaxattrib.diffusion.latents import LATENT_RULE
+        params["vae"] = pipe.vae_params
+        model_info["vae_latents"] = LATENT_RULE
     trained, record = finetune(
         loss_fn, params, len(images), lambda idx: {"images": images[idx], "input_ids": ids[idx]},
         tc, (run_dir / "record").resolve(), mesh=parallel.make_mesh(1), progress=progress,
-        model_info={"base_model": base_model_ref(pipe.folder, run_dir / "record")},
-        dataset_info={"ids": [str(i) for i in train["ids"]]})
+        model_info=model_info, dataset_info={"ids": [str(i) for i in train["ids"]]})
     return trained["unet"], record
 
 
@@ -233,8 +239,21 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
 
 
 def _examples(pipe, images, captions) -> dict:
+    """``{'x0', 'ctx'}`` for featurization: for a latent base model ``x0`` are the images' VAE
+    latents (posterior mean, :mod:`jaxattrib.diffusion.latents`), else the pixels."""
+    from jaxattrib.diffusion.latents import encode_images
     ctx = np.asarray(pipe.encode_prompts(list(captions)))
-    return {"x0": np.asarray(images, np.float32), "ctx": ctx}
+    return {"x0": encode_images(pipe.vae_config, pipe.vae_params, images), "ctx": ctx}
+
+
+def _space_fingerprint(pipe, fingerprint: str) -> str:
+    """A feature-store fingerprint of pixel data, keyed also by the VAE for latent models."""
+    if not pipe.is_latent:
+        return fingerprint
+    from jaxattrib.diffusion.latents import LATENT_RULE, vae_fingerprint
+    return _fingerprint_of(np.frombuffer(
+        f"{fingerprint}|latents={LATENT_RULE}|"
+        f"{vae_fingerprint(pipe.vae_config, pipe.vae_params)}".encode(), np.uint8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +311,7 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     train_ex = _examples(pipe, train["images"], train["captions"])
     query_ex = _examples(pipe, queries["images"], queries["prompts"])
+    fingerprint = _space_fingerprint(pipe, fingerprint)
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
     version = run_dir / "scores" / "VERSION"
     # Score files of another scoring version (or of none: made before versions) are recomputed
@@ -347,7 +367,7 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
                                   params=a.params, projection=a.projection,
                                   microbatch=a.microbatch)
         out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
-        q_fp = _fingerprint_of(queries["images"])
+        q_fp = _space_fingerprint(pipe, _fingerprint_of(queries["images"]))
         if method == "tracin":
             cands = {"tracin": _tracin_scores(run_dir, pipe, ac, out_fn, train_ex, query_ex,
                                               fingerprint, q_fp, progress)}
@@ -612,7 +632,17 @@ def open_base_run(run_dir: str | Path, config):
     run_dir = Path(run_dir)
     _check_config(run_dir, config)
     folder = config.base_model or None
-    return run_dir, load_base_model(folder), base_model_info(folder)
+    if folder is not None and not (Path(folder) / "jaxattrib_base.json").is_file():
+        raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "
+                          f"base model pretrained on the synthetic concept set, described by that "
+                          f"file (data_spec, held_out; see jaxattrib/assets/base_model)")
+    pipe = load_base_model(folder)
+    if pipe.is_latent:
+        from jaxattrib.diffusion.latents import check_pixel_images
+        size = int(base_model_info(folder)["data_spec"]["size"])
+        check_pixel_images((size, size, 3), pipe.unet_config, pipe.vae_config,
+                           f"{folder}/jaxattrib_base.json data_spec.size")
+    return run_dir, pipe, base_model_info(folder)
 
 
 def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
@@ -620,6 +650,15 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
     t0 = time.time()
     run_dir, pipe, info = open_base_run(run_dir, config)
     _log(f"base model: {pipe.folder}")
+    if pipe.is_latent:   # the latent ports of these methods live on another branch (issue 17)
+        todo = [m for m in config.attribution.methods
+                if m in ("concept-trak", "montrage", "montrage-final")]
+        todo += ["cgi_dm.enabled"] if config.cgi_dm.enabled else []
+        if todo:
+            raise ConfigError(f"base_model={config.base_model!r} is a latent pipeline; {todo} do "
+                              f"not run on latent models in the demo yet: set "
+                              f"attribution.methods to a subset of ('dtrak', 'trak', 'tracin', "
+                              f"'pixel', 'random') and cgi_dm.enabled=False")
     data = build_data(run_dir, config, info)
     train, holdout = data["train"], data["holdout"]
     _log(f"fine-tuning set: {len(train['images'])} images "

@@ -7,6 +7,10 @@ PNGs with ``prompts.txt``, as written by ``jaxattrib generate``), writing
 ``features/``, ``scores/<method>.npy`` ([Q, N], larger = more attributed), a top-k table and a
 report section. Both are resumable: the record resumes from its last checkpoint, feature stores
 by chunk.
+
+Latent pipelines (docs/latents.md): fine-tuning and attribution both use the VAE posterior mean
+(:mod:`jaxattrib.diffusion.latents`); the training set is encoded once into ``latents/train``
+(:mod:`jaxattrib.latent_cache`, keyed by the data and VAE fingerprints).
 """
 
 from __future__ import annotations

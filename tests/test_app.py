@@ -329,21 +329,23 @@ def _variant_pipeline(src, dst, *, seed=None, noise=0.05, prediction_type=None):
 
 
 @pytest.mark.parametrize("name", ["sd15_lora", "sd21"])
-def test_sd_configs_run_tiny_end_to_end(name, tiny_pipeline_dir, tmp_path):
-    """sd15_lora / sd21 with the model path pointed at a tiny pipeline: LoRA fine-tuning into a
-    record, then `attribute` takes D-TRAK on attn2 with the config's k from the run config."""
+def test_sd_configs_run_tiny_end_to_end(name, tiny_latent_pipeline, tmp_path):
+    """sd15_lora / sd21 with the model path pointed at a tiny *latent* pipeline (VAE + UNet +
+    CLIP, written by diffusers; v-prediction for sd21): LoRA fine-tuning into a record, then
+    `attribute` takes D-TRAK on attn2 with the config's k from the run config."""
     from typer.testing import CliRunner
     from jaxattrib.cli import app
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.workflow import load_unet
-    model = tiny_pipeline_dir if name == "sd15_lora" else _variant_pipeline(
-        tiny_pipeline_dir, tmp_path / "v_pipe", prediction_type="v_prediction")
+    from tiny import make_latent_pipeline
+    model = tiny_latent_pipeline if name == "sd15_lora" else make_latent_pipeline(
+        tmp_path, prediction_type="v_prediction", name="v_pipe")
     data = tmp_path / "db"
-    _write_pngs(data / "dog", 4, 0)
+    _write_pngs(data / "dog", 4, 0, size=16)
     (data / "dog" / "prompt.txt").write_text("a red circle")
     run = tmp_path / "run"
     args = ["train", name, "--run-dir", str(run), "--no-progress", "--set", f"model='{model}'",
-            "--set", f"data.path='{data}'", "--set", "data.size=8",
+            "--set", f"data.path='{data}'", "--set", "data.size=16",
             "--set", "finetune.steps=2", "--set", "finetune.batch_size=4",
             "--set", "finetune.checkpoint_every=1", "--set", "attribution.k=16",
             "--set", "attribution.num_timesteps=2", "--set", "attribution.microbatch=2"]
@@ -354,6 +356,7 @@ def test_sd_configs_run_tiny_end_to_end(name, tiny_pipeline_dir, tmp_path):
     assert manifest["config"]["mode"] == "lora"
     # RUN@0 is exactly the pipeline's UNet (the record's base); RUN@last moved
     pipe = load_pipeline(model)
+    assert pipe.is_latent and manifest["model"]["vae_latents"] == "mean"
     p0, _ = load_unet(f"{run}@0", pipe)
     p2, _ = load_unet(str(run), pipe)
     for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(pipe.unet_params)):
@@ -361,9 +364,7 @@ def test_sd_configs_run_tiny_end_to_end(name, tiny_pipeline_dir, tmp_path):
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
              zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(p0))]
     assert max(moved) > 0
-    if name == "sd21":
-        return               # attribution does not depend on the prediction type; sd15 covers it
-    q = _write_pngs(tmp_path / "q", 2, 5)
+    q = _write_pngs(tmp_path / "q", 2, 5, size=16)
     (q / "prompts.txt").write_text("a red circle\na blue square\n")
     r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(q), "--no-progress"])
     assert r.exit_code == 0, r.output

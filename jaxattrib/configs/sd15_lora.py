@@ -30,8 +30,9 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
   the data mesh (0 = every global device; the global batch must divide by it).
 * ``data.source``: 'folder' (or 'synthetic' / 'digits' for smoke tests); ``data.path``: the
   folder; ``data.subjects``: sub-folders to use (empty = all); ``data.size``: image side, must
-  equal the UNet sample size × the VAE factor (512 for SD-1.5); ``data.max_examples``: random
-  subset (0 = all).
+  equal the UNet sample size × the VAE factor (512 for SD-1.5; another size is refused naming
+  both shapes); ``data.max_examples``: random subset (0 = all). The images are VAE-encoded to the
+  posterior mean for fine-tuning and for attribution alike (docs/latents.md).
 * ``finetune.*``: optimizer updates (``steps``), *global* ``batch_size``, ``learning_rate``,
   ``schedule`` ('constant' | 'cosine' | 'linear') after ``warmup_steps``, ``checkpoint_every``
   (the record's checkpoints: D-TRAK uses the last, TracIn all), ``mode`` ('lora' | 'full'),
