@@ -18,6 +18,14 @@ global index), so a resumed run equals an uninterrupted one. The candidate and r
 get ``split(key(seed), 3)[0]`` and ``[1]``, as :func:`~jaxattrib.attribution.cgi_dm.
 authenticate` does for queries and hold-outs. SSIM uses the largest odd window <= 11 that
 fits the image (11 for any real SD resolution; 7 for 8-px test images).
+
+Latent pipelines: PGD runs on the VAE latent, as the authors' code (Revelio ``Extractor.py``
+attacks ``vae.encode(x).latent_dist.sample() * scaling_factor``) [code]; images are encoded once
+per role with a posterior sample per image from ``fold_in(fold_in(split(key(seed), 3)[2], set),
+image index)`` (``data.vae_posterior='sample'``, the code's and fine-tuning's choice; 'mean'
+for the posterior mean); the masked start and the recovery are decoded to pixels for the
+similarity and the report (docs/latent_methods.md). ``data.size`` must be the UNet's sample
+size × the VAE factor (:func:`jaxattrib.models.latent_io.check_image_size`).
 """
 
 from __future__ import annotations

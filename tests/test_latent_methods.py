@@ -210,3 +210,182 @@ def test_cli_cgi_dm_on_latent_pipeline(tiny_latent_pipeline, finetuned, tmp_path
             vp, vc, x[i:i + 1])))
         assert np.abs(np.asarray(decode_latents(vp, vc, mean))[0] - rec["masked"][i]).max() \
             > 1e-4   # not the posterior mean
+
+
+# ----------------------------------------------------------------------------- concept-query
+
+
+def _concept_run(root, pipe_dir, latent_pipe):
+    """A Concept-TRAK run directory as ``concept-query`` reads it (config.json, data/train.npz,
+    record/ with the pipeline's UNet as its only checkpoint), on the tiny latent pipeline."""
+    from jaxattrib.config import load_config
+    from jaxattrib.train.record import TrajectoryRecord
+    cfg = load_config("concept_trak:smoke", [f"base_model={pipe_dir}", "attribution.k=32",
+                                             "attribution.microbatch=4"])
+    run = root / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    captions = ["a red circle on a black background", "a blue circle on a white background",
+                "a red square on a gray background", "a green star on a black background"]
+    ids = [f"synthetic/{i:03d}" for i in range(4)]
+    np.savez(run / "data" / "train.npz", images=_smooth_images(4, 20),
+             captions=np.array(captions), ids=np.array(ids))
+    rec = TrajectoryRecord.create(run / "record", {"config": {"mode": "full"}})
+    unet = {"unet": latent_pipe.unet_params}
+    rec.save(0, {"step": jnp.asarray(0), "params": unet,
+                 "opt_state": {"count": jnp.zeros((), jnp.int32)}}, base=unet)
+    rec.close()
+    return run, cfg, captions, ids
+
+
+def test_cli_concept_query_on_latent_pipeline_equals_by_hand(tiny_latent_pipeline, latent_pipe,
+                                                              tmp_path, monkeypatch):
+    from jaxattrib.attribution import concept_trak as ct
+    from jaxattrib.models.vae import encode_latents
+    run, cfg, captions, ids = _concept_run(tmp_path, tiny_latent_pipeline, latent_pipe)
+    query = _smooth_images(1, 21)
+    _write_pngs(tmp_path / "q", query)
+    q_png = tmp_path / "q" / "00.png"
+    prompt = "a red circle on a black background"
+    seen = {}
+    real = ct.attribute_concepts
+
+    def spy(unet_config, unet_params, encode, train_images, *args, **kwargs):
+        seen["train"], seen["query"] = np.asarray(train_images), np.asarray(args[1])
+        seen["out"] = real(unet_config, unet_params, encode, train_images, *args, **kwargs)
+        return seen["out"]
+    monkeypatch.setattr(ct, "attribute_concepts", spy)
+    r = _cli(["concept-query", str(run), "--prompt", prompt, "--concept", "red",
+              "--concept", "circle", "--image", str(q_png), "--topk", "4"])
+    assert r.exit_code == 0, r.output
+    assert ("query image as model input: VAE latents [8, 8, 4]: one posterior sample per "
+            "image, key fold_in(fold_in(PRNGKey(0), 1), image index)") in r.output
+    got = {}
+    concept = None
+    for line in r.output.splitlines():
+        if line.startswith("concept "):
+            concept = line.split("'")[1]
+            got[concept] = {}
+        elif concept and line.strip()[:1].isdigit():
+            rank, score, id_ = line.split()[:3]
+            got[concept][id_] = float(score)
+    assert list(got) == ["red", "circle"]
+    assert all(sorted(v) == sorted(ids) for v in got.values())     # a ranking [N] per concept
+    # by hand: every image VAE-encoded once, a posterior sample from its recorded key; the
+    # inversion and the gradients got exactly those latents
+    vp, vc = latent_pipe.vae_params, latent_pipe.vae_config
+    train = np.load(run / "data" / "train.npz")["images"]
+    k_tr = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    z_tr = np.concatenate([np.asarray(encode_latents(vp, vc, train[i:i + 1],
+                                                     jax.random.fold_in(k_tr, i)))
+                           for i in range(4)])
+    x_q = np.asarray(Image.open(q_png), np.float32)[None] / 127.5 - 1.0
+    z_q = np.asarray(encode_latents(vp, vc, x_q, jax.random.fold_in(
+        jax.random.fold_in(jax.random.PRNGKey(0), 1), 0)))[0]
+    np.testing.assert_allclose(seen["train"], z_tr, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(seen["query"], z_q, rtol=1e-5, atol=1e-6)
+    qs, s = seen["out"]
+    assert [q.concept for q in qs] == ["red", "circle"]
+    assert s.shape == (2, 4) and np.isfinite(s).all() and not np.allclose(s[0], s[1])
+    for row, c in zip(s, ("red", "circle")):   # what is printed is that computation
+        np.testing.assert_allclose([got[c][i] for i in ids], row, rtol=1e-3,
+                                   atol=1e-4 * np.abs(row).max())
+    # a query image of the wrong size: one line naming --image and both shapes, exit 2
+    _write_pngs(tmp_path / "big", _smooth_images(1, 22, size=32))
+    r = _cli(["concept-query", str(run), "--prompt", prompt, "--concept", "red",
+              "--image", str(tmp_path / "big" / "00.png")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert [ln for ln in r.output.splitlines() if ln.strip()] == [
+        "error: --image: got images of shape [1, 32, 32, 3]; the model expects pixel images "
+        "[N, 16, 16, 3] (UNet sample_size 8 x VAE factor 2)"]
+
+
+# ----------------------------------------------------------------------------- source-model
+
+
+@pytest.mark.parametrize("strategy", ["detection", "generation"])
+def test_cli_source_model_on_latent_pipeline(tiny_latent_pipeline, finetuned, strategy,
+                                            tmp_path):
+    from jaxattrib.attribution import source_model as sm
+    innocent = perturbed_copy(tiny_latent_pipeline, tmp_path, seed=2, name="innocent")
+    run = tmp_path / "run"
+    r = _cli(["source-model", "source_model", "--run-dir", str(run), "--no-progress",
+              "--set", f"model.pipeline={tiny_latent_pipeline}",
+              "--set", f"model.suspects=('{finetuned}',)",
+              "--set", f"model.innocent=('{innocent}',)",
+              "--set", f"model.reference={innocent}",
+              "--set", f"key_samples.strategy={strategy}",
+              "--set", "key_samples.prompts=('a red circle', 'a blue square', 'a green star')",
+              "--set", "key_samples.n=2", "--set", "key_samples.detection_seeds=2",
+              "--set", "key_samples.generation_seeds=(0, 1)",
+              "--set", "query.seeds=(0, 1)", "--set", "query.num_inference_steps=2",
+              "--set", "report_keys=2"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "source_model" / "results.json").read_text())
+    assert res["compared"] == ("pixels [16, 16, 3]: generated as latents [8, 8, 4] and "
+                               "VAE-decoded before any distance")
+    keys = res["key_samples"]
+    assert keys["strategy"] == strategy and len(keys["prompts"]) == 2
+    if strategy == "detection":   # Wen et al.'s signal on latent-shaped noise: finite, distinct
+        sig = np.asarray(keys["candidate_scores"]["memorization"])
+        assert sig.shape == (3,) and np.isfinite(sig).all() and np.ptp(sig) > 0
+    else:
+        assert np.isfinite(keys["candidate_scores"]["idiosyncrasy"]).all()
+    src = np.load(run / "source_model" / "gen_source_0.npz")["images"]
+    sus = np.load(run / "source_model" / "gen_suspect_0.npz")["images"]
+    assert src.shape == sus.shape == (2, 2, SIZE, SIZE, 3)    # [seeds, keys] decoded pixels
+    # the decision is the hit rate of the distances between the cached decoded pixels
+    d = np.asarray(sm.instance_distances(src, sus, "rmse"))
+    rows = {row["role"]: row for row in res["models"]}
+    assert np.isfinite([row["conf"] for row in res["models"]]).all()
+    np.testing.assert_allclose(rows["suspect"]["mean distance"], d.mean(), rtol=1e-5)
+    assert rows["suspect"]["conf"] == pytest.approx(float(np.mean(d < res["delta0"])))
+    assert isinstance(rows["suspect"]["flagged"], bool)
+    assert np.isfinite(res["threshold"]) and 0.0 <= res["threshold"] <= 1.0 + 1e-9
+    assert (run / "report.html").is_file() and (run / "results" / "source_model_keys.png").is_file()
+    assert f"{'TRAINED ON SOURCE OUTPUTS' if rows['suspect']['flagged'] else 'not flagged'}" \
+        in r.output
+
+
+# ----------------------------------------------------------------------------- MONTRAGE
+
+
+def test_montrage_on_latents_finds_the_copied_training_image(latent_pipe, tmp_path):
+    """Ground truth by construction: each query is a training image's latent plus a little
+    noise; MONTRAGE (representations of the latent UNet along a two-checkpoint record) ranks
+    that training image first. Pixels are refused (one line)."""
+    from jaxattrib.attribution import montrage as M
+    from jaxattrib.train.record import TrajectoryRecord
+    u = latent_pipe.unet_config
+    pixels = _smooth_images(6, 30)
+    z = latent_io.pipeline_inputs(latent_pipe, pixels, "train", key=jax.random.PRNGKey(5))
+    assert z.shape == (6,) + LAT
+    src = np.array([4, 1, 2])
+    zq = z[src] + 0.05 * np.abs(z).mean() * np.random.default_rng(0).standard_normal(
+        (3,) + LAT).astype(np.float32)
+    ctx = np.asarray(latent_pipe.encode_prompts(["a red circle"] * 6))
+    p0 = latent_pipe.unet_params
+    p1 = jax.tree.map(lambda a: a + 0.01 * jnp.sign(a), p0)
+    rec = TrajectoryRecord.create(tmp_path / "record", {"config": {"mode": "full"}})
+    opt = {"count": jnp.zeros((), jnp.int32)}
+    rec.save(0, {"step": jnp.asarray(0), "params": {"unet": p0}, "opt_state": opt},
+             base={"unet": p0})
+    rec.save(2, {"step": jnp.asarray(2), "params": {"unet": p1}, "opt_state": opt})
+    rec.close()
+    rec = TrajectoryRecord.open(tmp_path / "record")
+    spec = M.RepresentationSpec(batch_size=8)
+    traj = M.representation_trajectory(rec, u, z, ctx, zq, ctx[:3], spec=spec, progress=False,
+                                       cache_dir=tmp_path / "cache")
+    sims = traj.similarities()
+    assert sims.shape == (2, 3, 6) and ((sims >= 0) & (sims <= 1)).all()
+    scores = M.trajectory_scores(traj, "mean")
+    np.testing.assert_array_equal(np.argmax(scores, axis=1), src)
+    np.testing.assert_array_equal(np.argmax(sims[-1], axis=1), src)
+    # the cache resumes with the same arrays; pixels instead of latents are refused
+    again = M.representation_trajectory(rec, u, z, ctx, zq, ctx[:3], spec=spec, progress=False,
+                                        cache_dir=tmp_path / "cache").similarities()
+    np.testing.assert_array_equal(again, sims)
+    with pytest.raises(M.MontrageInputError, match=r"^train images: got shape \[6, 16, 16, 3\]"):
+        M.representation_trajectory(rec, u, pixels, ctx, zq, ctx[:3], spec=spec,
+                                    progress=False)
+    rec.close()
