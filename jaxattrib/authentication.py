@@ -22,7 +22,7 @@ fits the image (11 for any real SD resolution; 7 for 8-px test images).
 Latent pipelines: PGD runs on the VAE latent, as the authors' code (Revelio ``Extractor.py``
 attacks ``vae.encode(x).latent_dist.sample() * scaling_factor``) [code]; images are encoded once
 per role with a posterior sample per image from ``fold_in(fold_in(split(key(seed), 3)[2], set),
-image index)`` (``data.vae_posterior='sample'``, the code's and fine-tuning's choice; 'mean'
+image index)`` (``data.vae_posterior='sample'``, the authors' code's choice; 'mean'
 for the posterior mean); the masked start and the recovery are decoded to pixels for the
 similarity and the report (docs/latent_methods.md). ``data.size`` must be the UNet's sample
 size × the VAE factor (:func:`jaxattrib.models.latent_io.check_image_size`).

@@ -339,8 +339,8 @@ def concept_query(ctx: typer.Context,
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
     is an error. Uses the run's fine-tuned model, cached training features and chosen λ.
-    On a latent pipeline the query image is VAE-encoded once (a posterior sample from a
-    recorded key) and inverted in latent space; it must be the model's pixel size."""
+    On a latent pipeline the query image is VAE-encoded once (the posterior mean) and
+    inverted in latent space; it must be the model's pixel size."""
     _use_compile_cache(ctx)
     import numpy as np
     from jaxattrib.config import ConfigError

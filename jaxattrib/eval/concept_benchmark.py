@@ -374,28 +374,22 @@ def concept_trak_config(config):
                                 proj_seed=config.seed)
 
 
-#: encoding streams of :func:`concept_inputs`: ``fold_in(PRNGKey(config.seed), stream)``
-ENCODE_STREAMS = {"train": 0, "query": 1}
-
-
 def concept_inputs(pipe, images, config, role: str, field: str) -> tuple[np.ndarray, str]:
     """Concept-TRAK's model inputs of pixel ``images [N, H, W, 3]``: the images for a pixel
-    pipeline; for a latent one their VAE latents, encoded **once** with one posterior sample per
-    image (as fine-tuning encodes, :mod:`jaxattrib.train.diffusion_task`) from the recorded key
-    ``fold_in(fold_in(PRNGKey(config.seed), ENCODE_STREAMS[role]), image index)``. So the
-    benchmark's cached training features and a later ``concept-query`` see the same latents.
-    Returns ``(inputs, how)`` (``how`` says what was done, for the output). Shape errors are
-    :class:`~jaxattrib.models.latent_io.ModelInputError` naming ``field``."""
+    pipeline; for a latent one their VAE latents, encoded **once** with the VAE posterior
+    **mean** (deterministic: no key to record). [design] The mean is the project's rule for the
+    latents that are attributed (the ``attribute`` path's training images and queries, and what
+    ``jaxattrib train`` fine-tunes latent pipelines on once the latent-path branch is in; D-TRAK's
+    SD code featurizes ``latent_dist.mode()``); the benchmark's cached training features and a
+    later ``concept-query`` therefore see the same latents. ``role`` ('train' | 'query') is
+    informational. Returns ``(inputs, how)`` (``how`` says what was done, for the output).
+    Shape errors are :class:`~jaxattrib.models.latent_io.ModelInputError` naming ``field``."""
     from jaxattrib.models.latent_io import check_pixel_images, pipeline_inputs
     check_pixel_images(images, pipe.unet_config, pipe.vae_config, field)
     if not pipe.is_latent:
         return np.asarray(images, np.float32), "pixels (no VAE)"
-    import jax
-    stream = ENCODE_STREAMS[role]
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), stream)
-    z = pipeline_inputs(pipe, images, field, key=key)
-    return z, (f"VAE latents {list(z.shape[1:])}: one posterior sample per image, key "
-               f"fold_in(fold_in(PRNGKey({int(config.seed)}), {stream}), image index)")
+    z = pipeline_inputs(pipe, images, field, key=None)
+    return z, f"VAE latents {list(z.shape[1:])}: the VAE posterior mean, encoded once"
 
 
 def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx, queries, plan,
@@ -634,8 +628,8 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     λ ratio are used (ratio 1 if the run has none).
 
     Latent pipelines: the query image (and the training images, when no cached features
-    exist) is VAE-encoded once (:func:`concept_inputs`: a posterior sample from a recorded
-    key, as fine-tuning encodes); the DDIM inversion and the gradients run on the latents.
+    exist) is VAE-encoded once (:func:`concept_inputs`: the posterior mean); the DDIM
+    inversion and the gradients run on the latents.
     An image of the wrong size raises :class:`~jaxattrib.models.latent_io.ModelInputError`
     (a ``ConfigError``) naming ``--image`` and both shapes.
 

@@ -3,18 +3,17 @@
 The methods' numerics take *model inputs* (``x_0`` of the diffusion): pixels ``[N, S, S, 3]`` in
 [-1, 1] for a pixel-space UNet, scaled VAE latents ``[N, s, s, c]`` for a latent one (``s`` =
 the UNet's ``sample_size``, ``c`` its ``in_channels``, ``S = s · f`` with ``f`` the VAE's
-down-sampling factor). This module is the one place that checks which one is given and
+down-sampling factor). This module checks which one is given and
 encodes / decodes between them, for the commands that take images (``cgi-dm``,
 ``source-model``, ``concept-query``) and for MONTRAGE.
 
 * Shape checks raise :class:`ModelInputError` (a :class:`~jaxattrib.config.ConfigError`, so the
   CLI exits 2) on one line naming the field and both shapes.
-* Encoding [design, matching fine-tuning]: :func:`jaxattrib.train.diffusion_task.
-  make_diffusion_loss` encodes with a VAE **posterior sample** (diffusers' ``latent_dist.
-  sample()``, ``sample_posterior=True`` by default), so :func:`encode_images` with a ``key``
-  draws one posterior sample per image from ``fold_in(key, index_offset + i)`` — the same
-  latent whatever the batching, and reproducible from the recorded key. ``key=None`` gives
-  the posterior mean. Each caller states which key it uses (see docs/latent_methods.md).
+* Encoding: each image once. :func:`encode_images` with ``key=None`` gives the posterior
+  mean; with a ``key`` it draws one posterior sample per image ``i`` from ``fold_in(key,
+  index_offset + i)`` — the same latent whatever the batching, reproducible from the recorded
+  key. Each caller states its rule (docs/latent_methods.md): ``concept-query`` the mean (the
+  project's rule for attributed latents), ``cgi-dm`` a sample by default (the authors' code).
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattrib.config import ConfigError
-
-#: :func:`encode_images`' default: one posterior sample per image (as fine-tuning encodes)
-POSTERIOR = "sample"
-
 
 class ModelInputError(ConfigError):
     """Images of the wrong kind or size for a model: pixels where latents are expected, or a
