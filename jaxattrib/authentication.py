@@ -18,6 +18,14 @@ global index), so a resumed run equals an uninterrupted one. The candidate and r
 get ``split(key(seed), 3)[0]`` and ``[1]``, as :func:`~jaxattrib.attribution.cgi_dm.
 authenticate` does for queries and hold-outs. SSIM uses the largest odd window <= 11 that
 fits the image (11 for any real SD resolution; 7 for 8-px test images).
+
+Latent pipelines: PGD runs on the VAE latent, as the authors' code (Revelio ``Extractor.py``
+attacks ``vae.encode(x).latent_dist.sample() * scaling_factor``) [code]; images are encoded once
+per role with a posterior sample per image from ``fold_in(fold_in(split(key(seed), 3)[2], set),
+image index)`` (``data.vae_posterior='sample'``, the authors' code's choice; 'mean'
+for the posterior mean); the masked start and the recovery are decoded to pixels for the
+similarity and the report (docs/latent_methods.md). ``data.size`` must be the UNet's sample
+size × the VAE factor (:func:`jaxattrib.models.latent_io.check_image_size`).
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxattrib import integrity
 from jaxattrib.config import ConfigError
 from jaxattrib.fileio import atomic_write_bytes
+from jaxattrib.models.latent_io import check_image_size
 
 SIMILARITIES = ("ssim", "psnr")
 
@@ -40,7 +50,8 @@ SIMILARITIES = ("ssim", "psnr")
 #: after run directories were made, with the values those runs used (no manifold projection):
 #: a stored config.json without them still resumes (``demo._check_config``'s ``added``)
 CGI_ADDED_FIELDS = {"cgi.project_t": 0, "cgi.project_model": "finetuned",
-                    "cgi.project_every": 1}
+                    "cgi.project_every": 1, "data.vae_posterior": "mean"}
+POSTERIORS = ("sample", "mean")
 
 
 def check_config(config, source: str = "config"):
@@ -55,6 +66,9 @@ def check_config(config, source: str = "config"):
     if not isinstance(config.data.size, int) or config.data.size < 0:
         raise ConfigError(f"{source}: data.size={config.data.size!r}: expected an integer >= 0 "
                           f"(0 = the model's image size)")
+    if config.data.vae_posterior not in POSTERIORS:
+        raise ConfigError(f"{source}: data.vae_posterior={config.data.vae_posterior!r}: "
+                          f"expected one of {POSTERIORS}")
     if config.similarity not in SIMILARITIES:
         raise ConfigError(f"{source}: similarity={config.similarity!r}: expected one of "
                           f"{SIMILARITIES}")
@@ -101,10 +115,12 @@ def _check_inputs(run_dir: Path, fingerprints: dict) -> None:
 
 
 def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, cache: Path, *,
-                   encode=None, decode=None, batch_size: int = 8, progress: bool = True) -> dict:
+                   encode=None, decode=None, batch_size: int = 8, progress: bool = True,
+                   encode_key=None) -> dict:
     """:func:`~jaxattrib.attribution.cgi_dm.recover` of ``images [N,H,W,C]`` batch by batch,
     each batch cached as ``cache/<name>_<lo>.npz`` with a checksum sidecar (reused on rerun;
-    a corrupt batch is recomputed with a notice). Same result as one call."""
+    a corrupt batch is recomputed with a notice). Same result as one call
+    (``encode_key``: per-image posterior samples, see ``recover``)."""
     import io
     from jaxattrib.attribution.cgi_dm import recover
     n = len(images)
@@ -123,7 +139,8 @@ def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, ca
         else:
             r = recover(images[lo:hi], eps_pre, eps_ft, sched, cgi, key,
                         cond=None if cond is None else cond[lo:hi], encode=encode,
-                        decode=decode, batch_size=batch_size, index_offset=lo)
+                        decode=decode, batch_size=batch_size, index_offset=lo,
+                        encode_key=encode_key)
             buf = io.BytesIO()
             np.savez(buf, **r)
             integrity.write_checked(path, buf.getvalue())
@@ -156,9 +173,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     p_pre, d_pre = load_unet(config.model.pretrained, pipe, "model.pretrained")
     p_ft, d_ft = load_unet(config.model.finetuned, pipe, "model.finetuned")
     size = config.data.size or model_image_size(pipe)
-    if size != model_image_size(pipe):
-        raise ConfigError(f"data.size={size}: the model works on {model_image_size(pipe)} px "
-                          f"images (set 0 to use it)")
+    check_image_size(size, pipe.unet_config, pipe.vae_config, "data.size")
     cand = image_folder(config.data.candidates, size, "data.candidates",
                         default_caption=config.data.caption, labelled=True)
     ref = image_folder(config.data.reference, size, "data.reference",
@@ -173,20 +188,29 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
     eps_pre, eps_ft = Partial(apply, p_pre), Partial(apply, p_ft)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    # [code] PGD runs on the VAE latent (see attribution/cgi_dm.py); the VAE only encodes the
+    # images and decodes the masked start and the recovery for the similarity and the report
     encode = decode = None
+    k_cand, k_ref, k_enc = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    sample = pipe.is_latent and config.data.vae_posterior == "sample"
     if pipe.is_latent:
-        from jaxattrib.models.vae import decode_latents, encode_latents
-        encode = jax.jit(lambda x: encode_latents(pipe.vae_params, pipe.vae_config, x, None))
-        decode = jax.jit(lambda z: decode_latents(pipe.vae_params, pipe.vae_config, z))
+        from jaxattrib.models.latent_io import jitted_encoder
+        from jaxattrib.models.vae import decode_latents
+        enc = jitted_encoder(pipe.vae_config, sample)
+        vp = pipe.vae_params
+        encode = ((lambda x, keys: enc(vp, x, keys)) if sample
+                  else (lambda x: enc(vp, x, jnp.zeros((x.shape[0], 2), jnp.uint32))))
+        decode = jax.jit(lambda z: decode_latents(vp, pipe.vae_config, z))
     ctx = lambda caps: np.asarray(pipe.encode_prompts(list(caps)))  # noqa: E731
-    k_cand, k_ref, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     common = dict(encode=encode, decode=decode, batch_size=config.batch_size,
                   progress=progress)
     cache = run_dir / "cgi_dm"
     rc = recover_cached("candidates", cand["images"], ctx(cand["captions"]), eps_pre, eps_ft,
-                        sched, cgi, k_cand, cache, **common)
+                        sched, cgi, k_cand, cache,
+                        encode_key=jax.random.fold_in(k_enc, 0) if sample else None, **common)
     rr = recover_cached("reference", ref["images"], ctx(ref["captions"]), eps_pre, eps_ft,
-                        sched, cgi, k_ref, cache, **common)
+                        sched, cgi, k_ref, cache,
+                        encode_key=jax.random.fold_in(k_enc, 1) if sample else None, **common)
     sim = simlib.get_similarity(config.similarity, data_range=2.0)
     if config.similarity == "ssim":      # [design] the largest odd window <= 11 that fits
         win = min(11, size)
@@ -211,14 +235,23 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
            "reference_scores": s_ref, "ids": cand["ids"]}
     from jaxattrib.demo import _save_npz
     _save_npz(cache / "scores.npz", **out)
-    summary = report(run_dir, config, out, rc, {"pretrained": d_pre, "finetuned": d_ft})
+    space = ("pixels (no VAE)" if not pipe.is_latent else
+             f"VAE latents {list(rc['mask'].shape[1:])} of {size} px images; "
+             + ("VAE posterior sample per image, key fold_in(fold_in(split(PRNGKey(seed), 3)"
+                "[2], set), image index), set 0 = candidates, 1 = reference" if sample
+                else "VAE posterior mean"))
+    summary = report(run_dir, config, out, rc, {"pretrained": d_pre, "finetuned": d_ft},
+                     space=space)
     from jaxattrib.report.html import render_run_report
     render_run_report(run_dir, title="jaxattrib CGI-DM authentication")
     return summary
 
 
-def report(run_dir: Path, config, out: dict, rec: dict, models: dict) -> dict:
-    """Writes the ``cgi_dm_*`` report sections; returns the summary metrics."""
+def report(run_dir: Path, config, out: dict, rec: dict, models: dict,
+           space: str = "") -> dict:
+    """Writes the ``cgi_dm_*`` report sections; returns the summary metrics. ``rec``'s
+    ``original`` / ``masked`` / ``recovered`` are pixel images (decoded for a latent model);
+    ``space`` says where PGD ran (shown in the report)."""
     from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
     from jaxattrib.report.html import write_result
     from jaxattrib.report.images import image_grid, save_png
@@ -229,6 +262,8 @@ def report(run_dir: Path, config, out: dict, rec: dict, models: dict) -> dict:
                "threshold": thr, "flagged as used": int(dec.sum()),
                "calibration": f"{config.calibration.target} "
                               f"(fpr={config.calibration.fpr:g}) on the reference set"}
+    if space:
+        summary["PGD on"] = space.split(" of ")[0]
     known = labels >= 0
     images = []
     if known.any() and len(np.unique(labels[known])) == 2:
@@ -262,7 +297,9 @@ def report(run_dir: Path, config, out: dict, rec: dict, models: dict) -> dict:
     write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=1,
                  metrics=summary,
                  text=(f"Pretrained: {models['pretrained']}. Fine-tuned: {models['finetuned']}. "
-                       f"{config.cgi.num_steps} PGD steps, mask {config.cgi.mask_kind!r}. "
+                       f"{config.cgi.num_steps} PGD steps, mask {config.cgi.mask_kind!r}"
+                       f"{f', PGD on {space}' if space else ''}. The masked and recovered "
+                       "images are decoded to pixels. "
                        "A candidate is flagged when the similarity of its recovery is at least "
                        "the threshold calibrated on the reference (non-member) images; p-values "
                        "are empirical against the reference scores."),

@@ -353,7 +353,9 @@ def concept_query(ctx: typer.Context,
                   topk: int = typer.Option(10, help="Training images to list per concept.")):
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
-    is an error. Uses the run's fine-tuned model, cached training features and chosen λ."""
+    is an error. Uses the run's fine-tuned model, cached training features and chosen λ.
+    On a latent pipeline the query image is VAE-encoded once (the posterior mean) and
+    inverted in latent space; it must be the model's pixel size."""
     _use_compile_cache(ctx)
     import numpy as np
     from jaxattrib.config import ConfigError
@@ -368,6 +370,7 @@ def concept_query(ctx: typer.Context,
         res = run_query(run_dir, prompt, concept, seed=seed, image=img, topk=topk)
     except (ConfigError, ValueError) as e:
         _fail(str(e))
+    typer.echo(f"query image as model input: {res['encoding']}")
     for q in res["queries"]:
         typer.echo(f"concept {q['concept']!r} (c⁻ = {q['negative']!r}):")
         for t in q["top"]:

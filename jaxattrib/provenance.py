@@ -9,6 +9,12 @@ queries, instance ``conf``, calibration on innocent models). The run directory::
     source_model/gen_<role>_<i>.npz  key-prompt generations per model [S, N, H, W, C]: cached
     source_model/results.json      conf, distances, decision per model; the threshold
     results/source_model*.json, *.png  report sections; report.html
+
+Latent pipelines [design]: Strategy 1 (detection) runs the source's UNet on noise of the latent
+shape (it needs no images, so nothing is encoded); every generation (Strategy 2's and the
+same-seed queries) is sampled in latent space and VAE-decoded to pixels by
+:func:`jaxattrib.generate.generate` before any distance, and the cached ``gen_*.npz`` hold those
+pixels (checked: pixel images of the model's size). ``results.json``'s ``compared`` says so.
 """
 
 from __future__ import annotations
@@ -138,6 +144,8 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     from jaxattrib import integrity
     from jaxattrib.demo import _check_config
     from jaxattrib.fileio import atomic_write_text
+    from jaxattrib.generate import latent_shape
+    from jaxattrib.models.latent_io import check_pixel_images
     from jaxattrib.workflow import _load_model, load_unet
 
     check_config(config)
@@ -169,7 +177,7 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
         from tqdm.auto import tqdm
         bar = tqdm(total=len(models), desc="source-model: generate key samples", unit="model",
                    dynamic_ncols=True)
-    for role, i, spec, _ in models:
+    for role, i, spec, field in models:
         # each model's generations: a checksummed cache (a corrupt one is regenerated)
         path = cache / f"gen_{role}_{i}.npz"
         blob = integrity.read_checked(path, what="source-model generations")
@@ -179,6 +187,10 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
         else:
             imgs = np.asarray(sm.query(gen_fn(loaded[(role, i)][0]), keys["prompts"],
                                        list(q.seeds)), np.float32)
+            # distances compare pixels: a latent model's generations are VAE-decoded
+            # (jaxattrib.generate), never compared as latents
+            check_pixel_images(imgs.reshape((-1,) + imgs.shape[2:]), pipe.unet_config,
+                               pipe.vae_config, f"generations of {field}")
             buf = io.BytesIO()
             np.savez(buf, images=imgs, spec=np.array(spec))
             integrity.write_checked(path, buf.getvalue())
@@ -208,7 +220,11 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
         thr, how = float(d.threshold), "decision.threshold (no innocent models given)"
     for r in rows:
         r["flagged"] = bool(r["conf"] >= thr)      # trained on the source's generations
-    result = {"threshold": thr, "threshold_from": how, "delta0": delta0,
+    px = list(src.shape[2:])
+    space = (f"pixels {px} (pixel-space model)" if not pipe.is_latent else
+             f"pixels {px}: generated as latents {list(latent_shape(pipe, 1)[1:])} and "
+             f"VAE-decoded before any distance")
+    result = {"threshold": thr, "threshold_from": how, "delta0": delta0, "compared": space,
               "delta0_from": (f"calibrated: innocent hit rate {d.innocent_hit_rate:g} on the "
                               f"innocent models" if d.delta0 == "calibrated"
                               else "decision.delta0"),
@@ -235,6 +251,7 @@ def report(run_dir: Path, config, result: dict, images: dict, models: list) -> N
                           "delta0": result.get("delta0", d.delta0),
                           "delta0 from": result.get("delta0_from", "decision.delta0"),
                           "metric": d.metric,
+                          "compared": result.get("compared", "pixels"),
                           "seeds": list(config.query.seeds), "threshold": result["threshold"],
                           "threshold from": result["threshold_from"]},
                  text=("conf = fraction of (key sample, seed) pairs where the suspect's generation "

@@ -438,5 +438,7 @@ def test_cli_refuses_mismatched_models_and_wrong_size(two_pipelines, tmp_path):
     cfg = load_config("cgi_dm", [f"model.pipeline='{pre}'", f"model.finetuned='{pre}'",
                                  f"data.candidates='{tmp_path / 'c'}'",
                                  f"data.reference='{tmp_path / 'r'}'", "data.size=16"])
-    with pytest.raises(ConfigError, match="data.size=16: the model works on 8 px"):
+    with pytest.raises(ConfigError, match=r"data.size=16: images would be \[16, 16, 3\]; the "
+                                          r"model works on \[8, 8, 3\] images \(UNet sample_size "
+                                          r"8, pixel space\); set data.size=8 or 0"):
         run_cgi_dm(cfg, tmp_path / "run", progress=False)

@@ -120,3 +120,22 @@ def make_pixel_base_model(root, *, name: str = "pixel_base") -> Path:
     info = bm.base_model_info()
     return make_pixel_pipeline(root, image_size=int(info["data_spec"]["size"]),
                                name=name, extra=info)
+
+
+def perturbed_copy(pipeline, root, *, seed: int = 1, scale: float = 0.02,
+                   name: str = "perturbed") -> Path:
+    """A copy of a pipeline folder whose UNet weights get ``scale`` x N(0, 1) noise (seeded):
+    a stand-in for a fine-tuned (or another) model with the same architecture. Returns it."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    out = Path(root) / name
+    shutil.copytree(pipeline, out)
+    path = out / "unet" / "diffusion_pytorch_model.safetensors"
+    rng = np.random.default_rng(seed)
+    tensors = {k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype)
+               for k, v in load_file(path).items()}
+    save_file(tensors, path)
+    return out

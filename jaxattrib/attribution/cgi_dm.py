@@ -8,6 +8,12 @@ What follows the paper / the authors' code (Nicholas0228/Revelio):
   grid); in each block the top-left and bottom-right ``block/2 × block/2`` cells are kept (a
   checkerboard keeping 50 %), identical for all channels [code].
 * ``z_init = encode(decode(M ⊙ z0))``; every evaluation uses ``z = M ⊙ z0 + (1 − M) ⊙ z_var``.
+* Where PGD runs: on the **VAE latent**, not on pixels through the encoder [code]. In the
+  authors' ``Extractor.py`` the attack's input is ``latents = vae.encode(lowpass image)
+  .latent_dist.sample() * scaling_factor`` and ``L2PGDAttack`` perturbs it directly; the VAE
+  decoder is used only to make the masked start image and to decode the recovered latent. Both
+  encodings (``z0`` and the re-encoding of ``z_init``) are posterior *samples* [code]; with
+  ``recover(..., encode_key=...)`` we draw them from recorded per-image keys.
 * Maximise ``J(z) = E_{t,ε}[ ||ε_θ(z_t, t, c) − ε||² − ||ε_θ'(z_t, t, c) − ε||² ]`` by L2-PGD:
   ball of radius 70 around ``z_init``, step 2.0, 1000 steps, gradient normalised by its L2 norm,
   values clamped to [−100, 100], one ``t ~ U{1..999}`` per step [code].
@@ -602,12 +608,19 @@ def _identity(x):
 def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config: CGIDMConfig,
             key: jax.Array, *, cond: Any = None, encode: Callable | None = None,
             decode: Callable | None = None, batch_size: int = 8, mesh: Any = None,
-            index_offset: int = 0) -> dict:
+            index_offset: int = 0, encode_key: jax.Array | None = None) -> dict:
     """Masks, inverts and decodes a set of images in batches.
 
     Args:
       images: ``[N, H, W, C]`` pixels in [-1, 1].
       encode / decode: pixel ↔ model-space maps (VAE × scaling factor); identity if None.
+        PGD runs on the model-space latents (as the authors' code: the L2 attack perturbs the
+        SD latent, the VAE is only used to encode and decode) [code].
+      encode_key: if given, ``encode`` is called as ``encode(x[B], keys[B, 2])`` and draws a
+        VAE posterior sample per image, as the authors' code (``latent_dist.sample()``) and
+        fine-tuning do: ``z0`` from ``fold_in(encode_key, i)`` and the re-encoding of
+        ``z_init`` from ``fold_in(fold_in(encode_key, i), 1)``, ``i`` the global image index
+        (so batching does not change them). None: ``encode(x)`` (e.g. the posterior mean).
       batch_size: images per PGD batch (a multiple of the mesh size when sharding); every batch,
         the last one included, is padded to this size so the PGD loop compiles once.
       index_offset: global index of ``images[0]`` (for the per-image keys).
@@ -630,9 +643,16 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
         x = _pad_rows(images[lo:hi], bs)
         c = jax.tree_util.tree_map(lambda a: _pad_rows(a, bs) if np.shape(a)[:1] == (hi - lo,)
                                    else a, _slice_cond(cond, lo, hi, n))
-        z0 = enc(x)
+        enc_re = encode
+        if encode_key is not None:
+            ik = image_keys(encode_key, bs, index_offset + lo)
+            ik_re = jax.vmap(lambda k: jax.random.fold_in(k, 1))(ik)
+            z0 = encode(x, ik)
+            enc_re = functools.partial(_with_keys, encode, ik_re)
+        else:
+            z0 = enc(x)
         mask = batch_masks(config, z0.shape, k_mask, index_offset + lo)
-        z_init = initial_latent(z0, mask, config, encode, decode)
+        z_init = initial_latent(z0, mask, config, enc_re, decode)
         z_rec, trace = pgd_invert(eps_pre, eps_ft, sched, z0, mask, c, config, k_pgd,
                                   z_init=z_init, index_offset=index_offset + lo, mesh=mesh,
                                   return_trace=True)
@@ -645,6 +665,10 @@ def recover(images: Any, eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, config:
     cat = {k: np.concatenate(v, axis=0) for k, v in out.items() if k != "trace"}
     cat["trace"] = np.concatenate(out["trace"], axis=1)
     return cat
+
+
+def _with_keys(encode, keys, x):
+    return encode(x, keys)
 
 
 def _pad_rows(a, n):

@@ -29,6 +29,11 @@ Ours [design]:
   concatenated (:func:`pooled_representations`); :func:`extract_representations`
   L2-normalises the concatenation. The raw pooled features are what is stored, so that
   per-tap similarities can be formed later (each tap normalised on its own).
+* Latent models: the representation is taken on the UNet's model inputs, i.e. the VAE
+  latents (encoded once by the caller, e.g. :func:`jaxattrib.models.latent_io.pipeline_inputs`
+  with a recorded key); pixel images given to a latent UNet, or inputs whose size is not the
+  UNet's ``sample_size``, raise :class:`MontrageInputError` (a ``ConfigError``) naming both
+  shapes.
 * Aggregation of the per-checkpoint similarities ``sims[s, q, i]`` into scores ``[Q, N]``
   (:func:`aggregate`):
 
@@ -118,6 +123,7 @@ from jaxattrib.attribution.similarity import pool_taps
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
 from jaxattrib.fileio import atomic_write_bytes as _atomic_write
+from jaxattrib.models.latent_io import ModelInputError, check_model_inputs
 
 DEFAULT_TAPS = ("mid", "up_0")
 META = "meta.json"
@@ -126,6 +132,11 @@ FORMAT = "jaxattrib.montrage_cache/1"
 
 class MontrageError(ValueError):
     """Bad input to a MONTRAGE function (the message names the argument and expectation)."""
+
+
+class MontrageInputError(MontrageError, ModelInputError):
+    """Images that are not the UNet's model inputs (e.g. pixels given to a latent model); also a
+    :class:`~jaxattrib.config.ConfigError`, so the CLI exits 2 with its one-line message."""
 
 
 class MontrageCacheError(MontrageError):
@@ -166,11 +177,14 @@ def _cross_dim(unet_config) -> int:
     return int(d[0] if isinstance(d, (tuple, list)) else d)
 
 
-def _check_images(images, ctx, unet_config, name: str):
+def _check_images(images, ctx, unet_config, name: str, vae_config=None):
+    """Model inputs ``[N, h, w, c]`` (the UNet's sample size and channels: VAE latents for a
+    latent model, never its pixels) and ``ctx``; :class:`MontrageInputError` otherwise."""
     images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[-1] != unet_config.in_channels:
-        raise MontrageError(f"{name}: expected images [N, H, W, {unet_config.in_channels}] "
-                            f"(NHWC model inputs), got shape {images.shape}")
+    try:
+        check_model_inputs(images, unet_config, f"{name} images", vae_config)
+    except ModelInputError as e:
+        raise MontrageInputError(str(e)) from None
     if ctx is None:
         ctx = np.zeros((images.shape[0], 1, _cross_dim(unet_config)), np.float32)
     ctx = np.asarray(ctx, np.float32)

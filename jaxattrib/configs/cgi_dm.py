@@ -27,7 +27,13 @@ Fields (validated by :func:`jaxattrib.authentication.check_config`; errors name 
   in its ``member/`` and ``non_member/`` sub-folders are labelled (then AUC / TPR@FPR and the
   ROC are reported). ``data.reference``: folder of known non-members for calibration
   (required). Captions: ``prompts.txt`` / ``captions.jsonl`` in the folder, else
-  ``data.caption`` for every image. ``data.size``: image side (0 = the model's).
+  ``data.caption`` for every image. ``data.size``: image side (0 = the model's; otherwise it
+  must equal the UNet's sample size × the VAE factor, else a one-line error gives both shapes).
+* ``data.vae_posterior`` (latent pipelines): 'sample' (default) encodes each image with one VAE
+  posterior sample from a recorded per-image key, as the authors' code (``latent_dist.
+  sample()``) and fine-tuning do; 'mean' uses the posterior mean (what run directories made
+  before this field did). PGD runs on the VAE latent [code]; the report's masked and recovered
+  images are decoded to pixels.
 * ``cgi.*``: :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` (mask_kind, block, keep_rate,
   blur_sigma, eps_radius, step_size, num_steps, clamp, t_min, t_max, n_noise, scale; the
   defaults are the authors' for SD's 4×64×64 latent, scaled to smaller latents by
@@ -67,6 +73,7 @@ def get_config(arg=None):
     c.data.reference = ""
     c.data.caption = ""
     c.data.size = 0
+    c.data.vae_posterior = "sample"   # latent pipelines: 'sample' (the authors' code) or 'mean'
 
     c.cgi = ml_collections.ConfigDict()
     c.cgi.mask_kind = "checkerboard"

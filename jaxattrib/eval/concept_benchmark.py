@@ -374,18 +374,41 @@ def concept_trak_config(config):
                                 proj_seed=config.seed)
 
 
+def concept_inputs(pipe, images, config, role: str, field: str) -> tuple[np.ndarray, str]:
+    """Concept-TRAK's model inputs of pixel ``images [N, H, W, 3]``: the images for a pixel
+    pipeline; for a latent one their VAE latents, encoded **once** with the VAE posterior
+    **mean** (deterministic: no key to record). [design] The mean is the project's rule for the
+    latents that are attributed (the ``attribute`` path's training images and queries, and what
+    ``jaxattrib train`` fine-tunes latent pipelines on once the latent-path branch is in; D-TRAK's
+    SD code featurizes ``latent_dist.mode()``); the benchmark's cached training features and a
+    later ``concept-query`` therefore see the same latents. ``role`` ('train' | 'query') is
+    informational. Returns ``(inputs, how)`` (``how`` says what was done, for the output).
+    Shape errors are :class:`~jaxattrib.models.latent_io.ModelInputError` naming ``field``."""
+    from jaxattrib.models.latent_io import check_pixel_images, pipeline_inputs
+    check_pixel_images(images, pipe.unet_config, pipe.vae_config, field)
+    if not pipe.is_latent:
+        return np.asarray(images, np.float32), "pixels (no VAE)"
+    z = pipeline_inputs(pipe, images, field, key=None)
+    return z, f"VAE latents {list(z.shape[1:])}: the VAE posterior mean, encoded once"
+
+
 def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx, queries, plan,
               relevant, settings):
-    """:func:`concept_trak.ablation_table` rows on the test rows, λ chosen on the val rows."""
+    """:func:`concept_trak.ablation_table` rows on the test rows, λ chosen on the val rows
+    (on VAE latents for a latent pipeline, :func:`concept_inputs`)."""
     from jaxattrib.attribution import concept_trak as ct
     val = plan["row_val"]
-    img = queries["images"][plan["row_image"]]
+    q_in, _ = concept_inputs(pipe, queries["images"], config, "query",
+                             f"{run_dir}/generations/queries.npz")
+    img = q_in[plan["row_image"]]
+    train_in, _ = concept_inputs(pipe, train["images"], config, "train",
+                                 f"{run_dir}/data/train.npz")
     prompts = [str(queries["prompts"][i]) for i in plan["row_image"]]
     concepts = [str(c) for c in plan["row_concept"]]
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
     pick = lambda seq, m: [x for x, keep in zip(seq, m) if keep]  # noqa: E731
     rows = ct.ablation_table(
-        pipe.unet_config, unet_params, encode, train["images"], list(train["captions"]),
+        pipe.unet_config, unet_params, encode, train_in, list(train["captions"]),
         img[~val], pick(prompts, ~val), pick(concepts, ~val), concept_trak_config(config),
         sched, k=config.eval.topk, val_images=img[val], val_prompts=pick(prompts, val),
         val_concepts=pick(concepts, val), ratios=config.attribution.lambda_ratios,
@@ -604,8 +627,15 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     (before any model is loaded). The run's cached training features and validation-chosen
     λ ratio are used (ratio 1 if the run has none).
 
-    Returns ``{'image', 'queries': [{'concept', 'negative', 'scores' [N], 'top': [{'rank',
-    'id', 'caption', 'score'}]}]}``.
+    Latent pipelines: the query image (and the training images, when no cached features
+    exist) is VAE-encoded once (:func:`concept_inputs`: the posterior mean); the DDIM
+    inversion and the gradients run on the latents.
+    An image of the wrong size raises :class:`~jaxattrib.models.latent_io.ModelInputError`
+    (a ``ConfigError``) naming ``--image`` and both shapes.
+
+    Returns ``{'image', 'encoding', 'queries': [{'concept', 'negative', 'scores' [N], 'top':
+    [{'rank', 'id', 'caption', 'score'}]}]}`` (``encoding`` says how the query became a model
+    input).
     """
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.base_model import load_base_model
@@ -635,15 +665,21 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
                      num_inference_steps=config.generate.num_inference_steps,
                      guidance_scale=config.generate.guidance_scale)
         image = np.clip(np.asarray(g.images[0]), -1, 1).astype(np.float32)
+    q_in, how = concept_inputs(pipe, np.asarray(image, np.float32)[None], config, "query",
+                               "--image" if seed is None else "the generated query")
     cfg = concept_trak_config(config)
     lam = run_dir / "scores" / "concept-trak_lambda.json"
     if lam.exists():
         cfg = dataclasses.replace(cfg, lam_ratio=float(json.loads(lam.read_text())["chosen"]))
     cached = run_dir / "features" / "concept-trak" / "train_tl1_inv1_norm1.npy"
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
+    train_in = None
+    if not cached.exists():
+        train_in, _ = concept_inputs(pipe, train["images"], config, "train",
+                                     f"{run_dir / 'data' / 'train.npz'} images")
     qs, scores = ct.attribute_concepts(
-        pipe.unet_config, unet_params, encode, train["images"], list(train["captions"]),
-        image, prompt, [q.concept for q in queries], cfg,
+        pipe.unet_config, unet_params, encode, train_in, list(train["captions"]),
+        q_in[0], prompt, [q.concept for q in queries], cfg,
         schedule_from_diffusers_config(pipe.scheduler_config),
         Phi_train=np.load(cached) if cached.exists() else None)
     out = []
@@ -653,7 +689,7 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
                     "top": [{"rank": r + 1, "id": str(train["ids"][i]),
                              "caption": str(train["captions"][i]), "score": float(s[i])}
                             for r, i in enumerate(order)]})
-    return {"image": np.asarray(image), "queries": out}
+    return {"image": np.asarray(image), "encoding": how, "queries": out}
 
 
 def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False) -> None:
