@@ -20,8 +20,10 @@ from jaxattrib.models import unet
 # relative error <= 0.035; asserted with margin
 BF16_MIN_COSINE = 0.995
 BF16_MAX_REL_ERR = 0.1
+# measured: over 8 AdamW updates (lr 1e-3) the bf16 loss is within 0.0012 (relative) of the
+# fp32 one at every step; asserted < 0.02
 FT_STEPS = 8
-FT_MAX_REL_DIFF = 10.0
+FT_MAX_REL_DIFF = 0.02
 
 # one CrossAttn down block, the mid block, one CrossAttn up block; 8x8x4 latents (a small graph:
 # the featurization compiles dominate these tests' time)
