@@ -161,9 +161,23 @@ def acquire(run_dir: str | os.PathLike, command: str) -> RunLock:
                                f"only one command may write a run directory at a time: wait "
                                f"for it to finish, or use another --run-dir") from None
         except OSError as e:
-            os.close(fd)
-            raise RunLockError(f"run directory {run_dir}: the lock file {path} cannot be "
-                               f"locked ({e.strerror})") from e
+            import errno
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise RunLockError(f"run directory {run_dir}: the lock file {path} cannot be "
+                                   f"locked ({e.strerror})") from e
+            # a file system without flock (some network mounts): the lock file's content
+            # alone decides, checked below like a stale lock [design]
+            _notice(f"{path}: this file system does not support flock ({e.strerror}); the "
+                    f"lock relies on the file's content alone")
+            holder = _read(fd)
+            if holder.get("pid") is not None and (holder.get("host") != host or _pid_alive(
+                    int(holder["pid"]), holder.get("pid_start"))) and \
+                    int(holder["pid"]) != os.getpid():
+                os.close(fd)
+                raise RunLockError(f"run directory {run_dir} is in use by {describe(holder)}; "
+                                   f"if that process is no longer running, delete {path} and "
+                                   f"rerun") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -481,13 +481,13 @@ DISK_CASES = [
 
 @pytest.mark.parametrize("code,expect", bad_input_cases(MOD, "test_disk_errors_are_clear",
                                                         DISK_CASES))
-def test_disk_errors_are_clear(code, expect, tmp_path, monkeypatch, tiny_pixel_pipeline):
+def test_disk_errors_are_clear(code, expect, tmp_path, monkeypatch, no_models):
     import jaxattrib.fileio
 
     def failing(path, data):
         raise OSError(code, os.strerror(code), str(path))
     monkeypatch.setattr(jaxattrib.fileio, "atomic_write_bytes", failing)
-    r = _cli(*_train_args(tmp_path, tiny_pixel_pipeline))
+    r = _cli(*_train_args(tmp_path, "embedded"))
     _clean(r)
     assert expect in r.output and "config.json" in r.output
     assert not (tmp_path / "run" / ".jaxattrib.lock").exists()          # lock released
@@ -548,13 +548,13 @@ def test_unexpected_error_without_run_dir_goes_to_a_temp_dir(monkeypatch):
 
 @bad_input("An OS error that is not the user's (e.g. EIO from the disk)",
            "Treated as unexpected: exit 1, one line, traceback saved")
-def test_unexpected_os_error_is_not_hidden(tmp_path, monkeypatch, tiny_pixel_pipeline):
+def test_unexpected_os_error_is_not_hidden(tmp_path, monkeypatch, no_models):
     import jaxattrib.fileio
 
     def failing(path, data):
         raise OSError(errno.EIO, "Input/output error", str(path))
     monkeypatch.setattr(jaxattrib.fileio, "atomic_write_bytes", failing)
-    r = _cli(*_train_args(tmp_path, tiny_pixel_pipeline))
+    r = _cli(*_train_args(tmp_path, "embedded"))
     _clean(r, code=1)
     assert "unexpected OSError" in r.output
 

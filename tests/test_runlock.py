@@ -202,3 +202,28 @@ def test_two_processes_racing_on_one_run_dir(tmp_path, tiny_pixel_pipeline):
     for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not (run / runlock.LOCK_NAME).exists()
+
+
+def test_file_system_without_flock_falls_back_to_the_lock_content(tmp_path, monkeypatch,
+                                                                   capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    with runlock.acquire(run, "first") as lock:
+        assert "does not support flock" in capsys.readouterr().err
+        other = subprocess.run(
+            [sys.executable, "-c", "import fcntl, errno, sys\n"
+             "def f(fd, op): raise OSError(errno.ENOLCK, 'No locks available')\n"
+             "fcntl.flock = f\nfrom jaxattrib.runlock import acquire, RunLockError\n"
+             "try:\n    acquire(sys.argv[1], 'second')\nexcept RunLockError as e:\n"
+             "    print(e); sys.exit(2)\n", str(run)], env=_env(), capture_output=True,
+            text=True, timeout=60)
+        assert other.returncode == 2 and f"in use by pid {lock.info['pid']}" in other.stdout
+    (run / runlock.LOCK_NAME).write_text(json.dumps(
+        {"pid": _dead_pid(), "host": socket.gethostname(), "command": "x", "started": "t"}))
+    runlock.acquire(run, "third").release()
+    assert "recovered a stale lock" in capsys.readouterr().err
