@@ -80,8 +80,8 @@ def save_traceback(run_dir: Optional[Path]) -> Path:
     import tempfile
     import time
     import traceback
-    text = (f"jaxattrib {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
-            f"\n\n{traceback.format_exc()}")
+    when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    text = f"jaxattrib {' '.join(sys.argv[1:])}\n{when}\n\n{traceback.format_exc()}"
     name = f"traceback-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}.txt"
     if run_dir is not None and Path(run_dir).is_dir():
         try:
@@ -244,7 +244,7 @@ def demo(ctx: typer.Context,
          run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (reused)."),
          config: str = typer.Option("demo", help="Config file or packaged config name."),
          set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
-         fresh: bool = typer.Option(False, help="Delete the run directory first."),
+         fresh: bool = typer.Option(False, help="Empty the run directory first."),
          no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
@@ -387,7 +387,7 @@ def cgi_dm(ctx: typer.Context,
                                                        "(see jaxattrib/configs/cgi_dm.py)."),
            run_dir: Path = typer.Option(Path("runs/cgi_dm"), help="Run directory (resumable)."),
            set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
-           fresh: bool = typer.Option(False, help="Delete the run directory first."),
+           fresh: bool = typer.Option(False, help="Empty the run directory first."),
            no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """CGI-DM: was each candidate image used to fine-tune model.finetuned from
     model.pretrained? Threshold calibrated on data.reference (known non-members); writes
@@ -411,7 +411,7 @@ def source_model(ctx: typer.Context,
                                               help="Run directory (resumable)."),
                  set_: List[str] = typer.Option([], "--set",
                                                 help="Override: key=value (repeatable)."),
-                 fresh: bool = typer.Option(False, help="Delete the run directory first."),
+                 fresh: bool = typer.Option(False, help="Empty the run directory first."),
                  no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """Source-model attribution: were model.suspects trained on model.source's generations?
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from

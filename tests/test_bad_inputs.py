@@ -394,7 +394,8 @@ def test_failed_run_does_not_block_a_corrected_retry(tiny_pixel_pipeline, tmp_pa
         _png(good / f"{i}.png", seed=i)
         _png(bad / f"{i}.png", seed=i)
     _truncate(bad / "3.png")
-    args = [*TRAIN[:3], tmp_path / "run", "--no-progress", "--set", f"model='{tiny_pixel_pipeline}'",
+    args = [*TRAIN[:3], tmp_path / "run", "--no-progress",
+            "--set", f"model='{tiny_pixel_pipeline}'",
             "--set", "data.source=folder", "--set", "data.size=8", "--set", "finetune.steps=1",
             "--set", "finetune.batch_size=2", "--set", "finetune.checkpoint_every=1"]
     r = _cli(*args, "--set", f"data.path='{bad.parent}'")
