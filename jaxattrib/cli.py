@@ -118,6 +118,10 @@ def guarded(name: str, *, run_dir: Optional[str] = None, lock: bool = False):
             except (typer.Exit, typer.Abort, click.exceptions.ClickException):
                 raise
             except Exception as e:  # noqa: BLE001 — the safety net
+                from jaxattrib.config import ConfigError
+                from jaxattrib.runlock import RunLockError
+                if isinstance(e, (ConfigError, RunLockError)):   # without importing JAX
+                    _fail(str(e))
                 if isinstance(e, expected_errors()):
                     _fail(str(e))
                 if isinstance(e, OSError) and _os_error_message(e) is not None:

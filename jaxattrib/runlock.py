@@ -156,6 +156,11 @@ def acquire(run_dir: str | os.PathLike, command: str) -> RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read(fd)
+            for _ in range(20):        # the holder writes its details right after locking
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _read(fd)
             os.close(fd)
             raise RunLockError(f"run directory {run_dir} is in use by {describe(holder)}; "
                                f"only one command may write a run directory at a time: wait "
