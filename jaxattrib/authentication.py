@@ -167,6 +167,12 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     from jaxattrib.workflow import _load_model, image_folder, load_unet, model_image_size
 
     cgi = check_config(config)
+    for field in ("data.candidates", "data.reference"):   # before any model is loaded
+        sec, name = field.split(".")
+        folder = Path(str(config[sec][name])).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{field}={str(config[sec][name])!r}: expected an existing image "
+                              f"folder")
     run_dir = Path(run_dir)
     _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
     pipe = _load_model(config.model.pipeline)

@@ -7,8 +7,9 @@ calls pure functions, and writes files. ``jaxattrib COMMAND --help`` documents e
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,6 +26,138 @@ _OFF = ("off", "0", "false", "no", "none")
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+# ----------------------------------------------------------------------------- safety net
+
+def expected_errors() -> tuple:
+    """The error classes a user's input causes: the CLI prints their message and exits 2."""
+    from jaxattrib.attribution.cgi_dm import CGIDMError
+    from jaxattrib.attribution.montrage import MontrageError
+    from jaxattrib.attribution.source_model import SourceModelError
+    from jaxattrib.attribution.store import StoreMismatchError
+    from jaxattrib.config import ConfigError
+    from jaxattrib.data.dataset import DataError
+    from jaxattrib.models.convert import CheckpointError
+    from jaxattrib.report.html import ReportError
+    from jaxattrib.runlock import RunLockError
+    from jaxattrib.train.finetune import NonFiniteLossError
+    from jaxattrib.train.record import RecordError
+    return (ConfigError, CheckpointError, DataError, RecordError, StoreMismatchError,
+            CGIDMError, SourceModelError, MontrageError, ReportError, RunLockError,
+            NonFiniteLossError)
+
+
+#: OS errors a user's environment causes (full disk, permissions, a file where a folder is
+#: expected, a missing path): one line naming the file, exit 2
+_USER_ERRNOS = {"ENOSPC": "no space left on the device: free some space and rerun (finished "
+                          "stages are kept; the run resumes)",
+                "EDQUOT": "disk quota exceeded: free some space and rerun (finished stages are "
+                          "kept; the run resumes)",
+                "EROFS": "read-only file system: give a writable --run-dir / output folder",
+                "EACCES": "permission denied: give a writable --run-dir / output folder, or fix "
+                          "the permissions",
+                "EPERM": "operation not permitted: check the folder's permissions",
+                "ENOTDIR": "a path component is a file, not a folder",
+                "EISDIR": "a folder where a file was expected",
+                "EEXIST": "a file is in the way of a folder that must be created",
+                "ENOENT": "no such file or folder"}
+
+
+def _os_error_message(e: OSError) -> str | None:
+    import errno
+    name = errno.errorcode.get(e.errno or 0)
+    if name not in _USER_ERRNOS:
+        return None
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{where + ': ' if where else ''}{_USER_ERRNOS[name]} ({e.strerror or e})"
+
+
+def save_traceback(run_dir: Optional[Path]) -> Path:
+    """Writes the current exception's traceback to ``RUN_DIR/errors/traceback-TIME-PID.txt``
+    (a new temp folder when there is no usable run directory); returns the file."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    text = f"jaxattrib {' '.join(sys.argv[1:])}\n{when}\n\n{traceback.format_exc()}"
+    name = f"traceback-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}.txt"
+    if run_dir is not None and Path(run_dir).is_dir():
+        try:
+            from jaxattrib.fileio import atomic_write_text
+            return atomic_write_text(Path(run_dir) / "errors" / name, text)
+        except OSError:
+            pass
+    path = Path(tempfile.mkdtemp(prefix="jaxattrib-error-")) / name
+    path.write_text(text)
+    return path
+
+
+def guarded(name: str, *, run_dir: Optional[str] = None, lock: bool = False):
+    """Decorates a command: the top-level safety net, and the run directory's writer lock.
+
+    ``run_dir``: the name of the command's parameter holding its run directory / output folder
+    (where an unexpected error's traceback is saved); ``lock``: take that folder's writer lock
+    (:mod:`jaxattrib.runlock`) before the command does anything, released when it ends.
+    Expected errors (:func:`expected_errors`, and user-caused OS errors: full disk, read-only,
+    permissions, a file in the way) print one line and exit 2; any other exception prints one
+    line plus the path of its saved traceback and exits 1."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            import click
+            folder = kwargs.get(run_dir) if run_dir else None
+            held = None
+            made = folder is not None and not Path(folder).exists()
+            try:
+                if lock and folder is not None:
+                    from jaxattrib.runlock import acquire
+                    held = acquire(folder, _command_line(name))
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+                raise
+            except Exception as e:  # noqa: BLE001 — the safety net
+                from jaxattrib.config import ConfigError
+                from jaxattrib.runlock import RunLockError
+                if isinstance(e, (ConfigError, RunLockError)):   # without importing JAX
+                    _fail(str(e))
+                if isinstance(e, expected_errors()):
+                    _fail(str(e))
+                if isinstance(e, OSError) and _os_error_message(e) is not None:
+                    _fail(_os_error_message(e))
+                path = save_traceback(folder)
+                typer.secho(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug? the "
+                            f"traceback is saved in {path})", fg=typer.colors.RED, err=True)
+                raise typer.Exit(1)
+            finally:
+                if held is not None:
+                    held.release()
+                if made and held is not None:   # a folder this command made and left empty
+                    try:
+                        Path(folder).rmdir()
+                    except OSError:
+                        pass
+        return wrapper
+    return deco
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _command_line(name: str) -> str:
+    argv = sys.argv
+    if argv and Path(argv[0]).name in ("jaxattrib", "cli.py", "__main__.py"):
+        return " ".join(["jaxattrib", *argv[1:]])
+    return f"jaxattrib {name}"
+
+
+def _fresh(run_dir: Path) -> None:
+    """``--fresh``: empties the run directory, keeping the writer lock this command holds."""
+    from jaxattrib.runlock import clear_run_dir
+    clear_run_dir(run_dir)
 
 
 def default_compile_cache_dir() -> Path:
@@ -110,11 +243,12 @@ def _main(ctx: typer.Context,
 
 
 @app.command()
+@guarded("demo", run_dir="run_dir", lock=True)
 def demo(ctx: typer.Context,
          run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (reused)."),
          config: str = typer.Option("demo", help="Config file or packaged config name."),
          set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
-         fresh: bool = typer.Option(False, help="Delete the run directory first."),
+         fresh: bool = typer.Option(False, help="Empty the run directory first."),
          no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
@@ -125,8 +259,10 @@ def demo(ctx: typer.Context,
     from jaxattrib.models.convert import CheckpointError
     try:
         cfg = load_config(config, set_)
-        if fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if fresh:
+            from jaxattrib.demo import check_demo_config
+            check_demo_config(cfg)           # a bad config deletes nothing
+            _fresh(run_dir)
         run_demo(cfg, run_dir, progress=not no_progress)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
@@ -135,6 +271,7 @@ def demo(ctx: typer.Context,
 
 
 @app.command()
+@guarded("train", run_dir="run_dir", lock=True)
 def train(ctx: typer.Context,
           config: str = typer.Argument(..., help="Config file or packaged name "
                                                  "(e.g. finetune_folder)."),
@@ -171,6 +308,7 @@ def train(ctx: typer.Context,
 
 
 @app.command()
+@guarded("attribute", run_dir="run_dir", lock=True)
 def attribute(ctx: typer.Context,
               run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
@@ -226,9 +364,10 @@ def attribute(ctx: typer.Context,
 
 
 def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh: bool,
-                        progress: bool):
+                        progress: bool, check=None):
     """Loads CONFIG with overrides and calls ``run(config, run_dir, progress)``; user errors
-    (config, data, checkpoints, incompatible models) exit 2 with the message."""
+    (config, data, checkpoints, incompatible models) exit 2 with the message. ``check``:
+    the command's config check, run before ``--fresh`` deletes anything."""
     from jaxattrib.attribution.cgi_dm import CGIDMError
     from jaxattrib.attribution.source_model import SourceModelError
     from jaxattrib.config import ConfigError, load_config
@@ -237,8 +376,10 @@ def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh:
     from jaxattrib.train.record import RecordError
     try:
         cfg = load_config(config, set_)
-        if fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if fresh:
+            if check is not None:
+                check(cfg)                   # a bad config deletes nothing
+            _fresh(run_dir)
         return run(cfg, run_dir, progress=progress)
     except (ConfigError, DataError, CheckpointError, RecordError, CGIDMError,
             SourceModelError) as e:
@@ -246,26 +387,29 @@ def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh:
 
 
 @app.command("cgi-dm")
+@guarded("cgi-dm", run_dir="run_dir", lock=True)
 def cgi_dm(ctx: typer.Context,
            config: str = typer.Argument("cgi_dm", help="Config file or packaged name "
                                                        "(see jaxattrib/configs/cgi_dm.py)."),
            run_dir: Path = typer.Option(Path("runs/cgi_dm"), help="Run directory (resumable)."),
            set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
-           fresh: bool = typer.Option(False, help="Delete the run directory first."),
+           fresh: bool = typer.Option(False, help="Empty the run directory first."),
            no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """CGI-DM: was each candidate image used to fine-tune model.finetuned from
     model.pretrained? Threshold calibrated on data.reference (known non-members); writes
     RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
     Recoveries are cached per batch: rerunning resumes."""
     _use_compile_cache(ctx)
-    from jaxattrib.authentication import run_cgi_dm
-    s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress)
+    from jaxattrib.authentication import check_config, run_cgi_dm
+    s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress,
+                            check_config)
     typer.echo("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in s.items()))
     typer.echo(f"report: {run_dir / 'report.html'}")
 
 
 @app.command("source-model")
+@guarded("source-model", run_dir="run_dir", lock=True)
 def source_model(ctx: typer.Context,
                  config: str = typer.Argument("source_model", help="Config file or packaged "
                                                                    "name (source_model)."),
@@ -273,14 +417,15 @@ def source_model(ctx: typer.Context,
                                               help="Run directory (resumable)."),
                  set_: List[str] = typer.Option([], "--set",
                                                 help="Override: key=value (repeatable)."),
-                 fresh: bool = typer.Option(False, help="Delete the run directory first."),
+                 fresh: bool = typer.Option(False, help="Empty the run directory first."),
                  no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """Source-model attribution: were model.suspects trained on model.source's generations?
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
     model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
     _use_compile_cache(ctx)
-    from jaxattrib.provenance import run_source_model
-    res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress)
+    from jaxattrib.provenance import check_config, run_source_model
+    res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress,
+                              check_config)
     for r in res["models"]:
         typer.echo(f"{r['role']} {r['model']}: conf={r['conf']:.3f} -> "
                    f"{'TRAINED ON SOURCE OUTPUTS' if r['flagged'] else 'not flagged'}")
@@ -289,6 +434,7 @@ def source_model(ctx: typer.Context,
 
 
 @app.command()
+@guarded("generate", run_dir="out", lock=True)
 def generate(ctx: typer.Context,
              prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
              out: Path = typer.Option(Path("runs/generate"), help="Output folder for PNGs."),
@@ -319,9 +465,20 @@ def generate(ctx: typer.Context,
             s = rec.latest_step() if step is None else step
             loaded = rec.load(s)
             unet_params = loaded["unet"]
+            from jaxattrib.attribution.cgi_dm import IncompatibleModelsError, check_compatible
+            try:
+                check_compatible(pipe.unet_params, unet_params)
+            except IncompatibleModelsError as e:
+                _fail(f"--record {record} (step {s}) is from another model: its UNet does not "
+                      f"fit --model {model}'s ({str(e).split(': ', 1)[-1]}); give the model "
+                      f"the record was trained from")
             if "text_encoder" in loaded:  # trained when finetune.train_text_encoder (DreamBooth)
                 import dataclasses
                 pipe = dataclasses.replace(pipe, text_params=loaded["text_encoder"])
+        for i, p in enumerate(prompt):
+            if not p.strip():
+                typer.echo(f"notice: --prompt #{i + 1} is empty: its images are generated "
+                           f"unconditionally (no text guidance)", err=True)
         prompts = [p for p in prompt for _ in range(num)]
         g = gen(pipe, prompts, jax.random.PRNGKey(seed), unet_params=unet_params,
                 num_inference_steps=steps, guidance_scale=guidance, return_trajectory=trajectory)
@@ -339,6 +496,7 @@ def generate(ctx: typer.Context,
 
 
 @app.command("concept-query")
+@guarded("concept-query", run_dir="run_dir", lock=True)
 def concept_query(ctx: typer.Context,
                   run_dir: Path = typer.Argument(..., help="A finished Concept-TRAK benchmark "
                                                            "run (benchmarks/concept_trak.py)."),
@@ -386,6 +544,7 @@ def _load_model(model: str, allow_pickle: bool = False):
 
 
 @app.command()
+@guarded("report", run_dir="run_dir")
 def report(run_dir: Path = typer.Argument(..., help="A run directory with results/*.json."),
            screenshot: Optional[Path] = typer.Option(None, help="Also render a PNG screenshot "
                                                                 "with headless Chromium.")):
@@ -404,6 +563,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with result
 
 
 @app.command()
+@guarded("info")
 def info(ctx: typer.Context,
          model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")):
     """Load a model (checks every tensor) and print its components and sizes."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,10 +52,22 @@ def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
     directories were made; a stored config without one is read with ``value`` (what such runs
     did), so they still resume.
     """
+    from jaxattrib.runlock import has_results
+    from jaxattrib.workflow import read_run_config
     path = run_dir / "config.json"
     current = json.loads(config.to_json())
+    if path.exists() and not has_results(run_dir):
+        # a run that failed before computing anything does not block a corrected retry
+        try:
+            same = read_run_config(path) == current
+        except ConfigError:
+            same = False
+        if not same:
+            print(f"notice: {path}: nothing was computed in this run directory yet; its "
+                  f"config is replaced by the new one", file=sys.stderr, flush=True)
+        path.unlink()
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = read_run_config(path)
         for dotted, value in (added or {}).items():
             *sections, name = dotted.split(".")
             node = stored
@@ -69,6 +82,60 @@ def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+DEMO_METHODS = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final",
+                "pixel", "random")
+
+
+def check_demo_config(config, source: str = "demo config") -> None:
+    """Checks every field of a ``demo``-layout config before anything is loaded or computed;
+    raises :class:`ConfigError` naming the field and what was expected."""
+    from jaxattrib.workflow import _field
+
+    def need(field, ok, expected):
+        v = _field(config, field)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{source}: {field}={v!r}: expected {expected}")
+
+    def int_at_least(lo):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def number(lo, hi=float("inf"), open_lo=True):
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and \
+            np.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi
+
+    for field, lo in (("seed", 0), ("data.exemplars_per_concept", 1),
+                      ("data.holdouts_per_concept", 0), ("data.distractors", 0),
+                      ("data.per_combination", 1), ("finetune.steps", 0),
+                      ("finetune.batch_size", 1), ("finetune.checkpoint_every", 0),
+                      ("generate.per_concept", 2), ("generate.num_inference_steps", 1),
+                      ("attribution.k", 1), ("attribution.num_timesteps", 1),
+                      ("attribution.microbatch", 1), ("attribution.topk", 1),
+                      ("attribution.concept_inversion_steps", 0), ("cgi_dm.num_steps", 1),
+                      ("cgi_dm.batch_size", 1), ("report.show_queries", 0)):
+        need(field, int_at_least(lo), f"an integer >= {lo}")
+    need("finetune.learning_rate", number(0.0), "a positive finite number")
+    need("finetune.mode", lambda v: v in ("full", "lora"), "'full' or 'lora'")
+    need("generate.guidance_scale", number(0.0, open_lo=False), "a finite number >= 0")
+    need("attribution.methods", lambda v: len(v) > 0 and all(m in DEMO_METHODS for m in v),
+         f"a non-empty tuple of {DEMO_METHODS}")
+    need("attribution.lambda_ratios", lambda v: len(v) > 0 and all(number(0.0)(r) for r in v),
+         "a non-empty tuple of positive numbers")
+    from jaxattrib.workflow import check_attribution_fields
+    a = {k: v for k, v in (config.attribution.to_dict() if "attribution" in config else {}
+                           ).items() if k in ("params", "projection")}
+    check_attribution_fields(a, f"{source}: attribution")
+    need("cgi_dm.t_min", int_at_least(0), "an integer >= 0")
+    need("cgi_dm.t_max", int_at_least(1), "an integer >= 1")
+    if _field(config, "cgi_dm.t_min", 0) >= _field(config, "cgi_dm.t_max", 1):
+        raise ConfigError(f"{source}: cgi_dm.t_min={config.cgi_dm.t_min} >= cgi_dm.t_max="
+                          f"{config.cgi_dm.t_max}: expected t_min < t_max")
+    need("cgi_dm.calibration_fpr", number(0.0, 1.0, open_lo=False), "a number in [0, 1]")
+    if _field(config, "cgi_dm.enabled") and _field(config, "data.holdouts_per_concept") == 0:
+        raise ConfigError(f"{source}: data.holdouts_per_concept=0 but cgi_dm.enabled: CGI-DM "
+                          f"calibrates on hold-outs (set cgi_dm.enabled=False or give "
+                          f"hold-outs)")
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -648,6 +715,7 @@ def open_base_run(run_dir: str | Path, config):
 def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
     """Runs (or resumes) the demo; returns the per-method test metrics."""
     t0 = time.time()
+    check_demo_config(config)
     run_dir, pipe, info = open_base_run(run_dir, config)
     _log(f"base model: {pipe.folder}")
     if pipe.is_latent:   # the latent ports of these methods live on another branch (issue 17)

@@ -407,8 +407,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     start_distributed(args.distributed, ids)
     import jax
-    mesh = make_launch_mesh(config)
     me = jax.process_index()
+    lock = None
+    if me == 0:   # one writer per run directory: taken once, by process 0, for the whole launch
+        from jaxattrib.runlock import RunLockError, acquire
+        try:
+            lock = acquire(paths(config)["out_dir"],
+                           " ".join(["python -m jaxattrib.launch", *(argv or sys.argv[1:])]))
+        except RunLockError as e:
+            print(f"jaxattrib.launch: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _run(args, config, me)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, config, me: int) -> int:
+    import jax
+    mesh = make_launch_mesh(config)
     if me == 0:
         print(f"jaxattrib.launch {args.command}: {jax.process_count()} process(es), "
               f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}", flush=True)

@@ -80,16 +80,32 @@ def check_config(config, source: str = "config") -> None:
         bad("query.num_inference_steps", q.num_inference_steps, "a positive integer")
     if not isinstance(config.report_keys, int) or config.report_keys < 0:
         bad("report_keys", config.report_keys, "an integer >= 0")
+    candidate_prompts(config, source)   # counts known before any model is loaded
 
 
-def candidate_prompts(config) -> list[str]:
-    """``key_samples.prompts`` followed by the lines of ``key_samples.prompts_file``."""
-    prompts = [str(p) for p in config.key_samples.prompts]
-    if config.key_samples.prompts_file:
-        prompts += [ln.strip() for ln in Path(config.key_samples.prompts_file).read_text()
-                    .splitlines() if ln.strip()]
-    if config.key_samples.n > len(prompts):
-        raise ConfigError(f"key_samples.n={config.key_samples.n}: only {len(prompts)} candidate "
+def candidate_prompts(config, source: str = "config") -> list[str]:
+    """``key_samples.prompts`` followed by the lines of ``key_samples.prompts_file`` (blank
+    lines skipped). An empty prompt in ``key_samples.prompts``, a prompts file with no prompt,
+    or fewer prompts than ``key_samples.n`` is a :class:`ConfigError`."""
+    k = config.key_samples
+    prompts = [str(p) for p in k.prompts]
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ConfigError(f"{source}: key_samples.prompts[{empty[0]}] is empty: expected a "
+                          f"non-empty prompt")
+    if k.prompts_file:
+        try:
+            text = Path(k.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: key_samples.prompts_file={k.prompts_file!r}: cannot be "
+                              f"read as UTF-8 text ({e})") from e
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise ConfigError(f"{source}: key_samples.prompts_file={k.prompts_file!r} has no "
+                              f"prompts (expected one prompt per line)")
+        prompts += lines
+    if k.n > len(prompts):
+        raise ConfigError(f"{source}: key_samples.n={k.n}: only {len(prompts)} candidate "
                           f"prompts")
     return prompts
 

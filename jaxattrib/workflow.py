@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -198,6 +199,21 @@ def _latent_training_rule(pipe, record_dir: Path, model_info: dict) -> tuple[dic
              "vae_fingerprint": vae_fingerprint(pipe.vae_config, pipe.vae_params)}, False)
 
 
+def read_run_config(path: str | Path) -> dict:
+    """A run directory's ``config.json``; unreadable or not a JSON object: :class:`ConfigError`
+    saying how to recover."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); this run directory's config is damaged: "
+                          f"use a new --run-dir, or --fresh to start over") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object (the run's config); use a new "
+                          f"--run-dir, or --fresh to start over")
+    return data
+
+
 def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     """Fine-tunes ``config.model`` on ``config.data`` into ``run_dir`` (resumable).
 
@@ -220,18 +236,22 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     # run directories made before finetune/attribution.{precision,remat,matmul_precision}
     # existed did what their defaults do
     if cfg_path.exists() and precision.fill_added(
-            json.loads(cfg_path.read_text()),
+            read_run_config(cfg_path),
             precision.added_defaults("finetune", "attribution")) != current:
-        raise ConfigError(f"{cfg_path}: run directory was made with another config; use a new "
-                          f"--run-dir")
+        from jaxattrib.runlock import has_results
+        if has_results(run_dir):
+            raise ConfigError(f"{cfg_path}: run directory was made with another config; use "
+                              f"a new --run-dir")
+        print(f"notice: {cfg_path}: nothing was computed in this run directory yet; its "
+              f"config is replaced by the new one", file=sys.stderr, flush=True)
     writer = jax.process_index() == 0
     if writer:
         from jaxattrib.fileio import atomic_write_text
         atomic_write_text(cfg_path, json.dumps(current, indent=2, sort_keys=True))
+    ds = load_training_data(config)     # reads and checks every image before the model loads
     pipe = _load_model(config.model)
     check_pipeline_matches(config, pipe)
     check_data_size(config, pipe)
-    ds = load_training_data(config)
     data_path = run_dir / "data" / "train.npz"
     if writer and not data_path.exists():
         import io
@@ -276,18 +296,39 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     """PNG images (sorted by name) and ``prompts.txt`` lines of a ``jaxattrib generate`` folder."""
     from PIL import Image
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: a file, not a folder of query PNGs + prompts.txt")
     paths = sorted(folder.glob("*.png"))
     if not paths:
         raise ConfigError(f"{folder}: no PNG query images")
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() !=
+                    ".png" and p.name not in ("prompts.txt", "trajectory.npz"))
+    if others:
+        print(f"notice: {folder}: using the {len(paths)} PNG files; ignoring "
+              f"{len(others)} other file(s): {', '.join(others[:5])}"
+              f"{' ...' if len(others) > 5 else ''}", file=sys.stderr, flush=True)
     prompts_file = folder / "prompts.txt"
     if not prompts_file.is_file():
         raise ConfigError(f"{prompts_file}: missing; expected one prompt per image")
     prompts = [p for p in prompts_file.read_text().splitlines() if p.strip()]
+    if not prompts:
+        raise ConfigError(f"{prompts_file}: empty; expected one prompt per image "
+                          f"({len(paths)} lines)")
     if len(prompts) != len(paths):
         raise ConfigError(f"{prompts_file}: {len(prompts)} prompts for {len(paths)} images")
-    imgs = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1.0
-                     for p in paths])
-    return imgs, prompts
+    imgs = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                imgs.append(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: not a readable PNG image ({e}); replace or remove it "
+                              f"(and its line in prompts.txt)") from e
+    shapes = sorted({im.shape for im in imgs})
+    if len(shapes) > 1:
+        raise ConfigError(f"{folder}: query images of different sizes {shapes}: expected one "
+                          f"size (the training images')")
+    return np.stack(imgs), prompts
 
 
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
@@ -302,7 +343,7 @@ def attribution_defaults(run_dir: str | Path) -> dict:
     out = dict(ATTRIBUTE_DEFAULTS)
     path = Path(run_dir) / "config.json"
     if path.is_file():
-        sec = json.loads(path.read_text()).get("attribution") or {}
+        sec = read_run_config(path).get("attribution") or {}
         out.update({k: v for k, v in sec.items() if k in out})
     return out
 
@@ -330,7 +371,7 @@ def _require_run(run_dir: Path) -> dict:
     if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
         raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
                           f"data/train.npz from `jaxattrib train`)")
-    return json.loads(config_path.read_text())
+    return read_run_config(config_path)
 
 
 def load_run_pipeline(run_dir: str | Path):
@@ -446,18 +487,24 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     prec.check_fields({"precision": precision, "remat": remat,
                        "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
-    _require_run(run_dir)
+    config = _require_run(run_dir)
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
                               "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
                              "attribute")
-    pipe = load_run_pipeline(run_dir)
-    sched = schedule_from_diffusers_config(pipe.scheduler_config)
     q_images, q_prompts = read_queries(queries)
-    lat.check_pixel_images(q_images.shape, pipe.unet_config, pipe.vae_config,
-                           f"{queries}: query images")
+    if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
+        raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs the "
+                          f"sampling trajectory (`jaxattrib generate --trajectory`)")
     record = TrajectoryRecord.open((run_dir / "record").resolve())
     steps = record.steps()
+    if not steps:
+        raise ConfigError(f"{run_dir / 'record'}: no checkpoint yet; run `jaxattrib train` "
+                          f"first")
+    pipe = _load_model(config.get("model", "embedded"))
+    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    lat.check_pixel_images(q_images.shape, pipe.unet_config, pipe.vae_config,
+                           f"{queries}: query images")
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
@@ -633,7 +680,8 @@ def image_folder(folder: str | Path, size: int, field: str, *, default_caption: 
     [N] str, 'labels': [N] int8}``; errors are :class:`ConfigError` naming ``field``.
     """
     from jaxattrib.data.dataset import DataError
-    from jaxattrib.data.folder import IMAGE_EXTENSIONS, load_image, read_captions_jsonl
+    from jaxattrib.data.folder import (IMAGE_EXTENSIONS, load_image, notice_ignored_files,
+                                       read_captions_jsonl)
     root = Path(folder).expanduser()
     if not str(folder) or not root.is_dir():
         raise ConfigError(f"{field}={str(folder)!r}: expected an existing image folder")
@@ -646,6 +694,8 @@ def image_folder(folder: str | Path, size: int, field: str, *, default_caption: 
     for d, lab in groups:
         if d.is_dir():
             found = images_in(d)
+            notice_ignored_files(d, len(found), ("prompts.txt", "captions.jsonl",
+                                                 "trajectory.npz"))
             paths += found
             labels += [lab] * len(found)
     if not paths:

@@ -257,6 +257,8 @@ def test_demo_refuses_run_dir_with_other_config(tmp_path):
     c = load_config("demo")
     _check_config(tmp_path, c)
     _check_config(tmp_path, c)  # same config: fine
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.npz").write_bytes(b"x")  # something computed
     with pytest.raises(ConfigError, match="finetune"):
         _check_config(tmp_path, apply_overrides(c, ["finetune.steps=1"]))
 
@@ -608,10 +610,12 @@ def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp
     r = CliRunner().invoke(app, args)                    # resumes: nothing regenerated
     assert r.exit_code == 0, r.output
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*")}
-    bad = CliRunner().invoke(app, args + ["--set", "key_samples.n=9"])
+    for more in ([], ["--fresh"]):   # checked first: refused before anything is deleted
+        bad = CliRunner().invoke(app, args + more + ["--set", "key_samples.n=9"])
+        assert bad.exit_code == 2 and "key_samples.n=9: only 3" in bad.output
+        assert (run / "source_model" / "results.json").is_file()
+    bad = CliRunner().invoke(app, args + ["--set", "key_samples.n=1"])
     assert bad.exit_code == 2 and "another config" in bad.output
-    bad = CliRunner().invoke(app, args + ["--fresh", "--set", "key_samples.n=9"])
-    assert bad.exit_code == 2 and "key_samples.n=9: only 3" in bad.output
 
 
 def test_compile_cache_directory_resolution(tmp_path, monkeypatch):

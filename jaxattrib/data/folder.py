@@ -128,6 +128,20 @@ def _images_in(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def notice_ignored_files(folder: Path, used: int, known: Sequence[str] = ()) -> list[str]:
+    """Prints a notice naming the files of ``folder`` that are not images (by extension) and
+    so are ignored, besides ``known`` metadata files and hidden files; returns their names."""
+    import sys
+    ignored = sorted(p.name for p in folder.iterdir()
+                     if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                     and not p.name.startswith(".") and p.name not in known)
+    if ignored:
+        print(f"notice: {folder}: using {used} image file(s); ignoring {len(ignored)} "
+              f"non-image file(s): {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}",
+              file=sys.stderr, flush=True)
+    return ignored
+
+
 def load_folder(root: str | os.PathLike, size: int = 64, *,
                 subjects: Sequence[str] | None = None,
                 caption_template: str | None = None,
@@ -194,6 +208,7 @@ def load_folder(root: str | os.PathLike, size: int = 64, *,
         fallback = caption_template.format(subject=pretty, class_name=class_name,
                                            token=instance_token)
         files = _images_in(folder)
+        notice_ignored_files(folder, len(files), (CAPTIONS_FILE, PROMPT_FILE, CLASSES_FILE))
         if max_per_subject is not None:
             files = files[:max_per_subject]
         for path in files:

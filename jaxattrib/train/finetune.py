@@ -308,6 +308,31 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return train_step
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf: the stage stopped; the record keeps its
+    last good checkpoint (every checkpoint it holds was saved from finite steps)."""
+
+
+def _check_finite(pending: list, record: TrajectoryRecord, last_good: int) -> None:
+    """Raises :class:`NonFiniteLossError` if any ``(step, metrics)`` in ``pending`` has a
+    non-finite loss or gradient norm (one device sync for the lot); the step log is cut back
+    to ``last_good`` so the record stays consistent with its checkpoints."""
+    if not pending:
+        return
+    values = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, values):
+        bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+        if bad:
+            record.truncate_steps(last_good)
+            what = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteLossError(
+                f"finetune: {what} at update step {s} (not finite): the stage stopped; the "
+                f"record {record.directory} keeps its last good checkpoint, step {last_good}. "
+                f"Fix the cause (e.g. a lower finetune.learning_rate, or bad pixels in the data) "
+                f"and rerun in a new run directory (or with --fresh)")
+    pending.clear()
+
+
 def _should_save(k: int, config: TrainConfig) -> bool:
     return (k == config.steps or k in config.checkpoint_steps
             or (config.checkpoint_every > 0 and k % config.checkpoint_every == 0))
@@ -421,6 +446,7 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         if on_checkpoint is not None:
             on_checkpoint(step, compose_params(state.params, state.frozen, config))
 
+    pending, last_good = [], start   # metrics not yet checked for NaN/inf; last checkpoint
     try:
         if announce_start:
             announce(0)
@@ -436,8 +462,12 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
                 info.update({k: np.asarray(v) for k, v in
                              describe_step(key, config.batch_size).items()})
             record.append_step(info)
+            pending.append((s, metrics))
+            if _should_save(s + 1, config) or len(pending) >= max(config.log_every, 1):
+                _check_finite(pending, record, last_good)   # NaN/inf: stop, keep last good
             if _should_save(s + 1, config):
                 record.save(s + 1, state.checkpoint())
+                last_good = s + 1
                 announce(s + 1)
             if bar is not None:
                 bar.update(1)
