@@ -191,6 +191,7 @@ def test_latent_shape_errors_name_the_field_and_both_shapes(tiny_latent_pipeline
     assert "8x8x4 latents" in r.output and not (tmp_path / "run" / "record").exists()
 
 
+@pytest.mark.slow  # ~4-12 min on 2 cores: a whole demo; the attribute path is covered above
 def test_demo_runs_on_a_latent_base_model(tiny_latent_pipeline, tmp_path):
     """`jaxattrib demo --set base_model=LATENT_PIPE`: fine-tunes through the VAE, generates,
     attributes (D-TRAK, TRAK, TracIn on latents) and writes the report; methods not yet ported
