@@ -509,9 +509,11 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     q_images, q_prompts = read_queries(queries)
     train_shape = _npz_shape(run_dir / "data" / "train.npz", "images")
     if train_shape is not None and q_images.shape[1:] != train_shape[1:]:
-        raise ConfigError(f"{queries}: query images are {q_images.shape[1:]}, training images "
-                          f"{train_shape[1:]} (H, W, C): generate the queries with the run's "
-                          f"model, or resize them")
+        hw = "x".join
+        raise ConfigError(f"{queries}: query images are {q_images.shape[1:]} "
+                          f"({hw(map(str, q_images.shape[1:]))}), training images "
+                          f"{train_shape[1:]} ({hw(map(str, train_shape[1:]))}) (H, W, C): "
+                          f"generate the queries with the run's model, or resize them")
     if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
         raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs the "
                           f"sampling trajectory (`jaxattrib generate --trajectory`)")

@@ -359,7 +359,10 @@ def test_record_from_another_model(tiny_latent_pipeline, pixel_record, tmp_path)
 def test_config_from_an_older_version_resumes(tmp_path):
     from jaxattrib.authentication import CGI_ADDED_FIELDS
     from jaxattrib.demo import _check_config
-    c = load_config("cgi_dm", ["model.finetuned=x", "data.candidates=c", "data.reference=r"])
+    # an old run used the mean (CGI_ADDED_FIELDS); resuming it states that value, since the
+    # current default ('sample') would be another config
+    c = load_config("cgi_dm", ["model.finetuned=x", "data.candidates=c", "data.reference=r",
+                               "data.vae_posterior=mean"])
     old = json.loads(c.to_json())
     for dotted in CGI_ADDED_FIELDS:
         sec, name = dotted.split(".")
