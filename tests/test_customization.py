@@ -139,6 +139,8 @@ def test_benchmark_tables_oracle_and_variant_specific_rankings():
 class _FakePipe:
     """Just enough of a Pipeline for attribute_variants with precomputed candidates."""
     scheduler_config = bm.SCHEDULER_CONFIG
+    vae_config = vae_params = None     # pixel space
+    is_latent = False
 
     def encode_prompts(self, prompts):
         return np.zeros((len(prompts), 2, 4), np.float32)

@@ -190,6 +190,8 @@ def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatc
 class _Pipe:
     """Just enough of a Pipeline for the script's glue: a deterministic text encoder."""
     scheduler_config = bm.SCHEDULER_CONFIG
+    vae_config = vae_params = None     # pixel space
+    is_latent = False
 
     def encode_prompts(self, prompts):
         return np.stack([np.random.default_rng(abs(hash(p)) % 2**32).standard_normal((2, 4))

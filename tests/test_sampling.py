@@ -83,8 +83,11 @@ def test_ddim_trajectory_matches_diffusers(kw, eta):
         if eta:
             noise = nchw(jax.random.normal(jax.random.fold_in(key, i + 1), SHAPE))
         out = ref.step(fake_torch(x, t), t, x, eta=eta, variance_noise=noise)
+        # x̂0 = (x_t − √(1−ᾱ) ε) / √ᾱ divides by the small √ᾱ of large t, amplifying float32
+        # rounding of x_t: 1e-5 was at the edge (one element in 180 off by 1.6e-5, seen once on
+        # 2026-12-07 with sampling.py unchanged)
         np.testing.assert_allclose(np.asarray(traj.x0_preds[i]), nhwc(out.pred_original_sample),
-                                   atol=1e-5, rtol=1e-5)
+                                   atol=1e-4, rtol=1e-4)
         x = out.prev_sample
     np.testing.assert_allclose(np.asarray(x0), nhwc(x), atol=1e-5, rtol=1e-5)
 
@@ -113,8 +116,11 @@ def test_ddpm_trajectory_matches_diffusers(kw, monkeypatch):
         np.testing.assert_allclose(np.asarray(traj.xs[i]), nhwc(x), atol=1e-5, rtol=1e-5)
         current["noise"] = nchw(jax.random.normal(jax.random.fold_in(key, i + 1), SHAPE))
         out = ref.step(fake_torch(x, t), t, x)
+        # x̂0 = (x_t − √(1−ᾱ) ε) / √ᾱ divides by the small √ᾱ of large t, amplifying float32
+        # rounding of x_t: 1e-5 was at the edge (one element in 180 off by 1.6e-5, seen once on
+        # 2026-12-07 with sampling.py unchanged)
         np.testing.assert_allclose(np.asarray(traj.x0_preds[i]), nhwc(out.pred_original_sample),
-                                   atol=1e-5, rtol=1e-5)
+                                   atol=1e-4, rtol=1e-4)
         x = out.prev_sample
     np.testing.assert_allclose(np.asarray(x0), nhwc(x), atol=1e-5, rtol=1e-5)
 
