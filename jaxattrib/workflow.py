@@ -541,10 +541,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     qname = Path(queries).resolve().name
     shown = q_images
     if method == "journey-trak":
-        traj_path = Path(queries) / "trajectory.npz"
-        if not traj_path.is_file():
-            raise ConfigError(f"{traj_path}: missing; Journey-TRAK needs the sampling "
-                              f"trajectory (jaxattrib generate --trajectory)")
+        traj_path = Path(queries) / "trajectory.npz"     # presence checked before loading
         traj = dict(np.load(traj_path))
         x0s = traj["x0_preds"]
         lat.check_model_input(x0s.shape, pipe.unet_config, pipe.vae_config,
