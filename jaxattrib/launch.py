@@ -2,8 +2,9 @@
 
 ``CMD`` is ``featurize`` (TRAK features of the training set into a resumable store),
 ``train`` (fine-tuning with a trajectory record) or ``attribute`` (a pipeline fine-tuning run's
-attribution: :func:`jaxattrib.workflow.attribute_run` on every process). ``CONFIG`` is an ml_collections config
-(``path.py``, ``path.py:arg`` or a packaged name such as ``featurize_digits``; see
+attribution: :func:`jaxattrib.workflow.attribute_run` on every process). ``CONFIG`` is an
+ml_collections config (``path.py``, ``path.py:arg`` or a packaged name such as
+``featurize_digits``; see
 :mod:`jaxattrib.config`), ``--set key=value`` overrides fields, ``--dry-run`` validates the
 config (loads it, checks the required fields and values, resolves paths, builds the dataset
 arrays with numpy) and prints the plan without touching any accelerator or starting
