@@ -204,9 +204,12 @@ def test_attribute_on_two_processes_resumes_after_kill_and_equals_one(tiny_laten
     8x8x4 latents). `launch/local.sh attribute` on
     2 processes x 2 CPU devices, chunks of 2 rows (4 train chunks, dealt 0,2 / 1,3): process 1
     is SIGKILLed while writing its 2nd chunk (its .npy in place, no .done), local.sh stops
-    process 0 and exits 137. The rerun on 2 processes completes; features of every store and
-    the scores are bit-identical to an uninterrupted 1-process run on 2 devices, and each
-    process logged its own share to run/logs."""
+    process 0 and exits 137. The rerun on 2 processes completes; the latent cache is
+    bit-identical to an uninterrupted in-process run on 2 devices, features and scores equal to
+    1e-6 (observed 2026-12-07: max 1.0e-7 on features of size ~0.2, in every chunk, the
+    process-0-only query store included, so the float rounding comes from compiling in this
+    8-device pytest process vs a 2-device subprocess, not from the split; the digits test above
+    is bit-identical), and each process logged its own share to run/logs."""
     from jaxattrib.config import load_config
     from jaxattrib.workflow import attribute_run, train_run
 
@@ -246,14 +249,17 @@ def test_attribute_on_two_processes_resumes_after_kill_and_equals_one(tiny_laten
                          mesh=parallel.make_mesh(2))
     got = np.load(mh / "scores" / "dtrak_q.npy")
     assert got.shape == (2, 8) and np.abs(want).max() > 0
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     for name in ("features/dtrak/step_2/train", "features/dtrak/step_2/queries_q",
                  "latents/train"):
         a, b = (r / name for r in (ref, mh))
         assert (b / "meta.json").read_text() == (a / "meta.json").read_text()
         assert sorted(f.name for f in b.glob("*")) == sorted(f.name for f in a.glob("*"))
         for f in a.glob("chunk_*.npy"):
-            np.testing.assert_array_equal(np.load(b / f.name), np.load(f))
+            if name == "latents/train":
+                np.testing.assert_array_equal(np.load(b / f.name), np.load(f))
+            else:
+                np.testing.assert_allclose(np.load(b / f.name), np.load(f), rtol=0, atol=1e-6)
 
     # each process logged its share: first launch (2 chunks each), rerun (what was missing)
     for p, name in ((0, "attribute.log"), (1, "attribute.process1.log")):
