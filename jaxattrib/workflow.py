@@ -504,7 +504,10 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     """
     import jax
 
+    from jaxattrib import precision as prec
     from jaxattrib.progress import StageLog
+    prec.check_fields({"precision": precision, "remat": remat,
+                       "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
     _require_run(run_dir)
     with StageLog(run_dir, "attribute") as log:
@@ -531,9 +534,6 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     from jaxattrib.diffusion import latents as lat
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord
-    from jaxattrib import precision as prec
-    prec.check_fields({"precision": precision, "remat": remat,
-                       "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
     config = _require_run(run_dir)
     check_attribution_fields({"method": method, "k": k, "params": params,
