@@ -337,13 +337,18 @@ def attribute(ctx: typer.Context,
               matmul_precision: Optional[str] = typer.Option(
                   None, help="float32 matmuls: default (TF32 on GPU) | tensorfloat32 | "
                              "highest [default]."),
+              chunk_size: Optional[int] = typer.Option(None, help="Rows per feature-store "
+                                                                  "chunk (unit of resumption) "
+                                                                  "[64]."),
               no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """Attribute query images to a run's training data (resumable feature stores).
 
     Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
     attn2, k=4096), else the defaults in brackets. Latent pipelines: the training images are
     VAE-encoded once (posterior mean) into RUN_DIR/latents/train, the queries with the same
-    rule; Journey-TRAK reads the latent trajectory of `generate --trajectory`."""
+    rule; Journey-TRAK reads the latent trajectory of `generate --trajectory`. Progress (per
+    microbatch, rate, ETA) is also logged to RUN_DIR/logs/attribute.log. On several hosts:
+    `python -m jaxattrib.launch attribute CONFIG` (docs/scaling.md)."""
     _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
@@ -351,7 +356,7 @@ def attribute(ctx: typer.Context,
     given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
              "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
              "microbatch": microbatch, "precision": precision, "remat": remat,
-             "matmul_precision": matmul_precision}
+             "matmul_precision": matmul_precision, "chunk_size": chunk_size}
     opts = attribution_defaults(run_dir)
     opts.update({name: v for name, v in given.items() if v is not None})
     try:

@@ -75,7 +75,8 @@ def array_batches(images, batch_size: int = 16) -> Iterator[tuple[int, np.ndarra
 
 def fill_latent_store(st: store_lib.ChunkedArray, batches: Iterable[tuple[int, np.ndarray]],
                       encode: Callable[[np.ndarray], np.ndarray], *, progress: bool = True,
-                      desc: str = "VAE-encode") -> store_lib.ChunkedArray:
+                      desc: str = "VAE-encode",
+                      chunks: Iterable[int] | None = None) -> store_lib.ChunkedArray:
     """Encodes the rows of the store's missing chunks from ``batches`` and writes them.
 
     ``batches``: ``(start_row, images [b, H, W, 3])`` in any order; batches whose rows all lie
@@ -83,8 +84,11 @@ def fill_latent_store(st: store_lib.ChunkedArray, batches: Iterable[tuple[int, n
     complete). ``encode``: ``images -> latents [b, h, w, c]`` (e.g. ``lambda x:
     encode_images(vae_config, vae_params, x)``). A chunk is written (atomically) as soon as all
     its rows have arrived. Progress: a tqdm bar over rows with rate and ETA. Raises ValueError
-    if the batches end before every chunk is filled."""
+    if the batches end before every chunk is filled. ``chunks``: fill only these of the
+    missing chunks (one process's share on several hosts; default: all)."""
     missing = set(st.missing_chunks())
+    if chunks is not None:
+        missing &= {int(i) for i in chunks}
     if not missing:
         return st
     cs = st.chunk_size
@@ -136,13 +140,27 @@ def cached_training_latents(run_dir, pipe, n: int, batches: Iterable[tuple[int, 
                             *, data_fingerprint: str, vae_fingerprint: str | None = None,
                             progress: bool = True, chunk_size: int = 64) -> np.ndarray:
     """``RUN/latents/train`` filled from ``batches`` (encoded once; later calls read the cache)
-    -> latents ``[n, h, w, c]``."""
+    -> latents ``[n, h, w, c]``.
+
+    On several processes (``jax.distributed``) call it on every process: process 0 creates the
+    store, each process encodes and writes its round-robin share of the missing chunks
+    (:func:`jaxattrib.parallel.my_share`), and all read the whole store after a barrier (the
+    run directory on a shared file system)."""
+    import jax
+
     from jaxattrib.diffusion.latents import encode_images, vae_fingerprint as vfp
+    from jaxattrib.parallel import my_share, on_process0_first
     vf = vfp(pipe.vae_config, pipe.vae_params) if vae_fingerprint is None else vae_fingerprint
-    st = open_latent_store(Path(run_dir) / "latents" / "train", pipe, n,
-                           data_fingerprint=data_fingerprint, vae_fingerprint=vf,
-                           chunk_size=chunk_size)
+    folder = Path(run_dir) / "latents" / "train"
+    st = on_process0_first(lambda: open_latent_store(
+        folder, pipe, n, data_fingerprint=data_fingerprint, vae_fingerprint=vf,
+        chunk_size=chunk_size), f"latent store {folder}")
+    multi = jax.process_count() > 1
     fill_latent_store(st, batches,
                       lambda x: encode_images(pipe.vae_config, pipe.vae_params, x),
-                      progress=progress)
+                      progress=progress and jax.process_index() == 0,
+                      chunks=my_share(st.missing_chunks()) if multi else None)
+    if multi:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"filled latent store {folder}")
     return read_latents(st)

@@ -1,8 +1,10 @@
 """Entry point for single- and multi-host runs: ``python -m jaxattrib.launch CMD CONFIG``.
 
-``CMD`` is ``featurize`` (TRAK features of the training set into a resumable store) or
-``train`` (fine-tuning with a trajectory record). ``CONFIG`` is an ml_collections config
-(``path.py``, ``path.py:arg`` or a packaged name such as ``featurize_digits``; see
+``CMD`` is ``featurize`` (TRAK features of the training set into a resumable store),
+``train`` (fine-tuning with a trajectory record) or ``attribute`` (a pipeline fine-tuning run's
+attribution: :func:`jaxattrib.workflow.attribute_run` on every process). ``CONFIG`` is an
+ml_collections config (``path.py``, ``path.py:arg`` or a packaged name such as
+``featurize_digits``; see
 :mod:`jaxattrib.config`), ``--set key=value`` overrides fields, ``--dry-run`` validates the
 config (loads it, checks the required fields and values, resolves paths, builds the dataset
 arrays with numpy) and prints the plan without touching any accelerator or starting
@@ -14,16 +16,22 @@ Every process of a launch runs the same command line (see ``launch/``). The proc
 mesh over all global devices (or ``config.num_devices`` of them), and runs the command.
 
 [design] Multi-host I/O: every process loads the (small, deterministic) dataset description
-but only reads the rows its devices compute; process 0 alone creates and writes the feature
-store and the training record's files through the library (``trak.featurize`` writes on process
-0 only; orbax coordinates the record's checkpoints). ``out_dir`` should therefore be on a file
-system shared by all hosts (NFS, a GCS mount) or at least process 0's disk.
+but only reads the rows it computes. Featurization: process 0 creates each feature store, the
+missing chunks are dealt round-robin to the processes, and every process computes its chunks
+on its own devices and writes them itself (``trak.featurize``); a killed launch leaves whole
+chunks only and a rerun computes the rest. Training: process 0 writes the run's files, orbax
+coordinates the record's checkpoints. ``out_dir`` must be on a file system shared by all hosts
+(NFS, Lustre, a GCS FUSE mount); featurization checks that every process sees every chunk.
 
 Tasks: ``'digits_mlp'`` (``configs/featurize_digits.py``); adding a task means adding a
 builder to ``_TASKS`` that returns a :class:`Task`. Pipeline fine-tuning configs
 (``configs/sd15_lora.py``, ``sd21.py``: a ``finetune`` section and no ``task``) run ``train``
-through :func:`jaxattrib.workflow.train_run` on the launch mesh; ``featurize`` is not
-implemented for them (attribute their run directory with ``jaxattrib attribute``).
+through :func:`jaxattrib.workflow.train_run` on the launch mesh, and ``attribute`` through
+:func:`jaxattrib.workflow.attribute_run` on the run directory ``out_dir`` (options as
+``jaxattrib attribute`` takes them: the run's ``attribution`` settings, then ``--set
+attribution.X=...``; see :func:`attribute_options`; ``--queries DIR`` scores a query folder on
+process 0, without it only the training features are computed); ``featurize`` is for ``task``
+configs.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import numpy as np
 
 from jaxattrib.config import ConfigError, load_config
 
-COMMANDS = ("featurize", "train")
+COMMANDS = ("featurize", "train", "attribute")
 
 # Required config fields per command (dotted names).
 _COMMON = ("task", "out_dir", "num_devices", "model.seed")
@@ -90,7 +98,8 @@ def paths(config) -> dict[str, Path]:
             if "featurize" in config else out / "features"}
 
 
-def validate(config, command: str, *, source: str = "config") -> dict:
+def validate(config, command: str, *, source: str = "config",
+             overrides: Sequence[str] = ()) -> dict:
     """Checks ``config`` for ``command``; returns the plan (JSON-able). Raises ConfigError.
 
     Uses no JAX device (the dataset is built with numpy only), so it runs before
@@ -99,7 +108,11 @@ def validate(config, command: str, *, source: str = "config") -> dict:
     if command not in COMMANDS:
         raise ConfigError(f"command {command!r}: expected one of {COMMANDS}")
     if is_pipeline_config(config):
-        return _validate_pipeline(config, command, source)
+        return _validate_pipeline(config, command, source, overrides)
+    if command == "attribute":
+        raise ConfigError(f"{source}: 'attribute' needs a pipeline fine-tuning config (a "
+                          f"'finetune' section, e.g. sd15_lora, sd21, finetune_folder); for "
+                          f"task configs use 'featurize'")
     missing = []
     for name in _REQUIRED[command]:
         try:
@@ -161,19 +174,22 @@ def is_pipeline_config(config) -> bool:
     return "task" not in config and "finetune" in config
 
 
-def _validate_pipeline(config, command: str, source: str) -> dict:
+def _validate_pipeline(config, command: str, source: str,
+                       overrides: Sequence[str] = ()) -> dict:
     """Dry-run checks of a pipeline fine-tuning config (numpy only; no model weights read)."""
     from jaxattrib.workflow import check_train_config, load_training_data
     if "dreambooth" in config:
         raise ConfigError(f"{source}: DreamBooth configs (a 'dreambooth' section) are not "
                           f"supported by the launcher; run them with `jaxattrib train`")
-    if command != "train":
-        raise ConfigError(f"{source}: {command!r} is not implemented for pipeline fine-tuning "
-                          f"configs (no 'task' field); attribute their runs with `jaxattrib "
-                          f"attribute RUN_DIR --queries ...` on one host")
+    if command == "featurize":
+        raise ConfigError(f"{source}: 'featurize' is for task configs (a 'task' field); for "
+                          f"pipeline fine-tuning configs use 'attribute' (the training set of "
+                          f"the run in out_dir)")
     for name in ("out_dir", "num_devices"):
         if name not in config:
             raise ConfigError(f"{source}: missing required field {name!r} for a launch")
+    if command == "attribute":
+        return _validate_attribute(config, source, overrides)
     check_train_config(config, source)
     model = str(config.model)
     if model not in ("", "embedded") and not (Path(model).expanduser() /
@@ -193,6 +209,38 @@ def _validate_pipeline(config, command: str, source: str) -> dict:
         raise ConfigError(f"{source}: finetune.batch_size={config.finetune.batch_size} > "
                           f"{plan['n_examples']} examples")
     return plan
+
+
+def attribute_options(config, overrides: Sequence[str] = ()) -> dict:
+    """``attribute_run`` keyword options, as ``jaxattrib attribute RUN`` takes them: the run's
+    own settings (``workflow.attribution_defaults``: ``ATTRIBUTE_DEFAULTS`` updated with the
+    ``attribution`` section of ``out_dir/config.json``), or the config's ``attribution`` section
+    when the run does not exist yet (dry runs); then every ``--set attribution.X=...`` of
+    ``overrides`` on top."""
+    from jaxattrib.workflow import ATTRIBUTE_DEFAULTS, attribution_defaults
+    run = paths(config)["out_dir"]
+    section = config.attribution.to_dict() if "attribution" in config else {}
+    if (run / "config.json").is_file():
+        opts = attribution_defaults(run)
+    else:
+        opts = dict(ATTRIBUTE_DEFAULTS)
+        opts.update({k: v for k, v in section.items() if k in opts})
+    for o in overrides:
+        name = o.split("=", 1)[0].strip()
+        if name.startswith("attribution.") and name[len("attribution."):] in opts:
+            opts[name[len("attribution."):]] = section[name[len("attribution."):]]
+    return opts
+
+
+def _validate_attribute(config, source: str, overrides: Sequence[str] = ()) -> dict:
+    """Dry-run checks of ``attribute`` on a pipeline config (no model or run is loaded)."""
+    from jaxattrib.workflow import check_attribution_fields
+    opts = attribute_options(config, overrides)
+    check_attribution_fields(opts, f"{source}: attribution")
+    out = paths(config)["out_dir"]
+    return {"command": "attribute", "task": "pipeline_attribute", "out_dir": str(out),
+            "run_exists": (out / "config.json").is_file() and (out / "record").is_dir(),
+            "logs": str(out / "logs" / "attribute.log"), **opts}
 
 
 def _num_rows(tree) -> int:
@@ -285,22 +333,28 @@ def _train_config(config):
 
 
 def run_train(config, mesh, *, progress: bool = True):
-    """Fine-tunes the task's model; returns ``(params, TrajectoryRecord)``."""
+    """Fine-tunes the task's model; returns ``(params, TrajectoryRecord)``. Progress lines go
+    to ``out_dir/logs/train.log``."""
+    from jaxattrib.progress import StageLog
     from jaxattrib.train.finetune import finetune
     task = _TASKS[config.task][1](config)
     ex = task.examples
-    return finetune(task.loss_fn, task.init_params, _num_rows(ex),
-                    lambda idx: {k: v[idx] for k, v in ex.items()}, _train_config(config),
-                    paths(config)["record"], mesh=mesh, progress=progress,
-                    model_info=task.info)
+    with StageLog(paths(config)["out_dir"], "train") as log:
+        return finetune(task.loss_fn, task.init_params, _num_rows(ex),
+                        lambda idx: {k: v[idx] for k, v in ex.items()}, _train_config(config),
+                        paths(config)["record"], mesh=mesh, progress=progress,
+                        model_info=task.info, log=log)
 
 
 def run_featurize(config, mesh, *, progress: bool = True):
     """Featurizes the task's examples into ``out_dir/features/<params>``; returns the store.
 
-    Process 0 creates the store (``meta.json``) before the others open it; only process 0
-    writes chunks (see :func:`jaxattrib.attribution.trak.featurize`).
+    Process 0 creates the store (``meta.json``) before the others open it; every process then
+    writes its own share of the chunks (see :func:`jaxattrib.attribution.trak.featurize`).
+    Progress lines go to ``out_dir/logs/featurize.log`` (process p > 0:
+    ``featurize.process<p>.log``).
     """
+    from jaxattrib.progress import StageLog
     import jax
 
     from jaxattrib.attribution import store as store_lib
@@ -339,9 +393,10 @@ def run_featurize(config, mesh, *, progress: bool = True):
     _barrier("jaxattrib.launch: store created")
     if jax.process_index() != 0:
         store = open_store()
-    return trak.featurize(task.out_fn, params, task.examples, projector, store,
-                          microbatch=int(f.microbatch), mesh=mesh, key=int(f.key),
-                          progress=progress)
+    with StageLog(paths(config)["out_dir"], "featurize") as log:
+        return trak.featurize(task.out_fn, params, task.examples, projector, store,
+                              microbatch=int(f.microbatch), mesh=mesh, key=int(f.key),
+                              progress=progress, log=log)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -356,6 +411,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate the config and print the plan; start nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--queries", default=None, metavar="DIR",
+                    help="attribute: query PNGs + prompts.txt (from `jaxattrib generate`) to "
+                         "score on process 0; without it only the training set is featurized")
+    ap.add_argument("--journey-step", type=int, default=None,
+                    help="attribute, method journey-trak: the sampling step to attribute")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="attribute: rows per feature-store chunk, the unit of resumption and "
+                         "of the work dealt to processes (default: attribution.chunk_size if "
+                         "the config has it, else 64)")
     ap.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                     help="auto: jaxattrib.parallel.initialize_distributed() (environment "
                          "detection); on: also call jax.distributed.initialize() when the "
@@ -386,7 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        plan = validate(config, args.command, source=args.config)
+        plan = validate(config, args.command, source=args.config, overrides=args.overrides)
+        if args.command == "attribute" and args.chunk_size is not None:
+            if args.chunk_size < 1:
+                raise ConfigError(f"--chunk-size={args.chunk_size}: expected a positive "
+                                  f"integer")
+            plan["chunk_size"] = args.chunk_size
     except ConfigError as e:
         print(f"jaxattrib.launch: invalid config: {e}", file=sys.stderr)
         return 2
@@ -431,7 +500,23 @@ def _run(args, config, me: int) -> int:
         print(f"jaxattrib.launch {args.command}: {jax.process_count()} process(es), "
               f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}", flush=True)
     progress = not args.no_progress
-    if args.command == "train" and is_pipeline_config(config):
+    if args.command == "attribute":
+        from jaxattrib.attribution.store import StoreMismatchError
+        from jaxattrib.workflow import attribute_run
+        opts = attribute_options(config, args.overrides)
+        if args.chunk_size is not None:
+            opts["chunk_size"] = args.chunk_size
+        try:
+            scores = attribute_run(paths(config)["out_dir"], args.queries, opts.pop("method"),
+                                   journey_step=args.journey_step, progress=progress,
+                                   mesh=mesh, **opts)
+        except (ConfigError, StoreMismatchError) as e:
+            print(f"jaxattrib.launch: process {me}: {e}", file=sys.stderr, flush=True)
+            return 2
+        done = (f"training features in {paths(config)['out_dir'] / 'features'}" if
+                scores is None else f"scores {scores.shape} in "
+                                    f"{paths(config)['out_dir'] / 'scores'}")
+    elif args.command == "train" and is_pipeline_config(config):
         from jaxattrib.workflow import train_run
         _, rec = train_run(config, paths(config)["out_dir"], progress=progress, mesh=mesh)
         done = f"record {rec.directory} steps {rec.steps()}"
@@ -440,7 +525,7 @@ def _run(args, config, me: int) -> int:
         done = f"record {rec.directory} steps {rec.steps()}"
     else:
         store = run_featurize(config, mesh, progress=progress)
-        done = f"store {store.folder} complete={store.complete() if me == 0 else '(process 0)'}"
+        done = f"store {store.folder} complete={store.complete()}"
     print(f"jaxattrib.launch {args.command} done on process {me}: {done}", flush=True)
     return 0
 

@@ -129,6 +129,34 @@ def host_local_to_global(local_batch: Any, mesh: Mesh, axis: str = DATA_AXIS) ->
     return jax.tree.map(one, local_batch)
 
 
+def on_process0_first(open_fn, what: str):
+    """``open_fn()`` on process 0, a barrier, then on the other processes; returns its result
+    on every process. For files one process must create before the others read them (e.g. a
+    store's ``meta.json``). One process: just ``open_fn()``."""
+    if jax.process_count() == 1:
+        return open_fn()
+    from jax.experimental import multihost_utils
+    out = open_fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"created {what}")
+    return open_fn() if out is None else out
+
+
+def my_share(todo: Sequence[int]) -> list[int]:
+    """This process's items of ``todo`` as process 0 sees it (broadcast), dealt round-robin:
+    process ``p`` of ``P`` takes ``todo[p::P]`` (e.g. a store's missing chunks). ``todo``
+    holds distinct non-negative ints. One process: all of ``todo``."""
+    todo = [int(i) for i in todo]
+    if jax.process_count() == 1:
+        return todo
+    from jax.experimental import multihost_utils
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(max(todo, default=-1) + 1)))
+    mask = np.zeros(n, np.int32)
+    if jax.process_index() == 0:
+        mask[todo] = 1
+    mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+    return [int(i) for i in np.nonzero(mask)[0]][jax.process_index()::jax.process_count()]
+
+
 def global_to_host_local(tree: Any) -> Any:
     """Fetches global arrays to numpy on every process (all-gathers sharded leaves)."""
     if jax.process_count() == 1:

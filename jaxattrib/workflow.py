@@ -134,6 +134,7 @@ def check_attribution_fields(a, where: str = "attribution") -> None:
               ("k", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
               ("num_timesteps", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
               ("microbatch", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+              ("chunk_size", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
               ("topk", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
               ("lam_ratio", lambda v: isinstance(v, (int, float)) and v > 0,
                "a positive number"))
@@ -219,6 +220,8 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
 
     ``mesh``: the data mesh (default: every device, or one device when the batch does not
     divide); on several processes only process 0 writes ``config.json`` and ``data/``.
+    Progress (steps, rate, ETA, checkpoints with their loss) is logged to
+    ``run_dir/logs/train.log`` (process p > 0: ``train.process<p>.log``).
     """
     import jax
 
@@ -285,11 +288,16 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         nd = _field(config, "num_devices", 0) or None
         mesh = parallel.make_mesh(nd) if f.batch_size % (nd or len(jax.devices())) == 0 \
             else parallel.make_mesh(1)
-    return finetune(loss_fn, params, len(images),
-                    lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc,
-                    (run_dir / "record").resolve(), mesh=mesh, progress=progress,
-                    model_info=model_info,
-                    dataset_info={"fingerprint": ds.fingerprint(), "ids": list(ds.ids)})
+    from jaxattrib.progress import StageLog
+    with StageLog(run_dir, "train") as log:
+        log(f"{len(images)} examples, steps={f.steps}, batch_size={f.batch_size}, "
+            f"mode={f.mode}, processes={jax.process_count()}, devices={mesh.size}")
+        return finetune(loss_fn, params, len(images),
+                        lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc,
+                        (run_dir / "record").resolve(), mesh=mesh, progress=progress,
+                        model_info=model_info,
+                        dataset_info={"fingerprint": ds.fingerprint(), "ids": list(ds.ids)},
+                        log=log)
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -334,7 +342,7 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
                       "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
                       "microbatch": 8, "precision": "float32", "remat": "none",
-                      "matmul_precision": "default"}
+                      "matmul_precision": "default", "chunk_size": 64}
 
 
 def attribution_defaults(run_dir: str | Path) -> dict:
@@ -444,7 +452,8 @@ def feature_dir(run_dir: str | Path, method: str, step: int) -> Path:
 
 def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
                            train: TrainingExamples | None = None, record=None, mesh=None,
-                           progress: bool = True) -> np.ndarray:
+                           progress: bool = True, chunk_size: int = 64, on_progress=None,
+                           log=None) -> np.ndarray:
     """Projected gradient features ``[N, k]`` of the run's training set at checkpoint ``step``.
 
     ``config``: a :class:`jaxattrib.attribution.diffusion_trak.AttributionConfig`. Writes the
@@ -452,7 +461,9 @@ def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
     call resumes; a store made with other settings, data or VAE is refused with
     :class:`~jaxattrib.attribution.store.StoreMismatchError`). ``pipe`` (default: the run's
     model), ``train`` (default: :func:`training_examples`) and ``record`` (default: the run's
-    record, opened read-only) may be passed to avoid reloading them."""
+    record, opened read-only) may be passed to avoid reloading them. ``mesh``, ``chunk_size``,
+    ``on_progress``, ``log``: see :func:`jaxattrib.attribution.diffusion_trak.featurize_examples`
+    (on several processes, call it on every process: each writes its share of the chunks)."""
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord
@@ -468,7 +479,8 @@ def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
     return dt.featurize_examples(out_fn, record.load(step)["unet"], train.examples, config,
                                  feature_dir(run_dir, config.method, step) / "train",
                                  fingerprint=train.fingerprint, step=step, mesh=mesh,
-                                 progress=progress)
+                                 progress=progress, chunk_size=chunk_size,
+                                 on_progress=on_progress, log=log)
 
 
 def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak", *,
@@ -476,7 +488,8 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                   lam_ratio: float = 1.0, topk: int = 10, journey_step: int | None = None,
                   projection: str = "rademacher", microbatch: int = 8,
                   precision: str = "float32", remat: str = "none",
-                  matmul_precision: str = "default", progress: bool = True) -> np.ndarray:
+                  matmul_precision: str = "default", chunk_size: int = 64,
+                  progress: bool = True, mesh=None, on_progress=None) -> np.ndarray | None:
     """Scores ``[Q, N]`` of the run's training images for the query images; see module doc.
 
     ``method``: 'trak' | 'dtrak' | 'journey-trak' | 'tracin'. TRAK/D-TRAK/Journey use the
@@ -491,32 +504,68 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     trajectory must hold latents (``jaxattrib generate --trajectory`` writes them in the
     UNet's space). The report section shows each query (for Journey-TRAK the VAE-decoded x̂0 of
     the attributed step) and its top training images, in pixels.
+
+    ``queries=None``: only featurize the training set (returns None). ``chunk_size``: rows
+    per store chunk (the unit of resumption and of the work dealt to processes; a store keeps
+    the chunk size it was created with). ``mesh``: devices to featurize on (default: the
+    first device). Multi-process (``python -m jaxattrib.launch attribute``, docs/scaling.md):
+    call on every process with the same arguments; each process computes and writes its share
+    of each store's chunks (latents and features, see
+    :func:`jaxattrib.attribution.trak.featurize`), then process 0 alone scores and writes the
+    results; the other processes return None. Progress (per microbatch, rate, ETA) is logged
+    to ``run_dir/logs/attribute.log`` (process p > 0: ``attribute.process<p>.log``);
+    ``on_progress(n)`` is called after every microbatch of ``n`` examples.
     """
+    import jax
+
+    from jaxattrib import precision as prec
+    from jaxattrib.progress import StageLog
+    prec.check_fields({"precision": precision, "remat": remat,
+                       "matmul_precision": matmul_precision}, "attribute")  # before loading
+    run_dir = Path(run_dir)
+    _require_run(run_dir)
+    with StageLog(run_dir, "attribute") as log:
+        log(f"method={method} k={k} params={params!r} timesteps={num_timesteps} "
+            f"projection={projection} microbatch={microbatch} chunk_size={chunk_size} "
+            f"precision={precision} remat={remat} matmul_precision={matmul_precision} "
+            f"queries={queries} processes={jax.process_count()} "
+            f"devices={1 if mesh is None else mesh.size}")
+        return _attribute_run(run_dir, queries, method, k=k, params=params,
+                              num_timesteps=num_timesteps, lam_ratio=lam_ratio, topk=topk,
+                              journey_step=journey_step, projection=projection,
+                              microbatch=microbatch, precision=precision, remat=remat,
+                              matmul_precision=matmul_precision, chunk_size=chunk_size,
+                              progress=progress, mesh=mesh, on_progress=on_progress, log=log)
+
+
+def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ratio, topk,
+                   journey_step, projection, microbatch, precision, remat, matmul_precision,
+                   chunk_size, progress, mesh, on_progress, log):
+    import jax
+
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.attribution import trak as trak_lib
     from jaxattrib.diffusion import latents as lat
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord
-    from jaxattrib import precision as prec
-    prec.check_fields({"precision": precision, "remat": remat,
-                       "matmul_precision": matmul_precision}, "attribute")  # before loading
     run_dir = Path(run_dir)
     config = _require_run(run_dir)
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
-                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
-                             "attribute")
-    q_images, q_prompts = read_queries(queries)
-    train_shape = _npz_shape(run_dir / "data" / "train.npz", "images")
-    if train_shape is not None and q_images.shape[1:] != train_shape[1:]:
-        hw = "x".join
-        raise ConfigError(f"{queries}: query images are {q_images.shape[1:]} "
-                          f"({hw(map(str, q_images.shape[1:]))}), training images "
-                          f"{train_shape[1:]} ({hw(map(str, train_shape[1:]))}) (H, W, C): "
-                          f"generate the queries with the run's model, or resize them")
-    if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
-        raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs the "
-                          f"sampling trajectory (`jaxattrib generate --trajectory`)")
+                              "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk,
+                              "chunk_size": chunk_size}, "attribute")
+    if queries is not None:
+        q_images, q_prompts = read_queries(queries)
+        train_shape = _npz_shape(run_dir / "data" / "train.npz", "images")
+        if train_shape is not None and q_images.shape[1:] != train_shape[1:]:
+            hw = "x".join
+            raise ConfigError(f"{queries}: query images are {q_images.shape[1:]} "
+                              f"({hw(map(str, q_images.shape[1:]))}), training images "
+                              f"{train_shape[1:]} ({hw(map(str, train_shape[1:]))}) (H, W, C): "
+                              f"generate the queries with the run's model, or resize them")
+        if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
+            raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs "
+                              f"the sampling trajectory (`jaxattrib generate --trajectory`)")
     record = TrajectoryRecord.open((run_dir / "record").resolve())
     steps = record.steps()
     if not steps:
@@ -524,13 +573,23 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                           f"first")
     pipe = _load_model(config.get("model", "embedded"))
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    lat.check_pixel_images(q_images.shape, pipe.unet_config, pipe.vae_config,
-                           f"{queries}: query images")
+    if queries is not None:
+        lat.check_pixel_images(q_images.shape, pipe.unet_config, pipe.vae_config,
+                               f"{queries}: query images")
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
                               matmul_precision=matmul_precision)
     train = training_examples(run_dir, pipe, progress=progress)
+    use_steps = steps[1:] if method == "tracin" else [steps[-1]]
+    fkw = dict(progress=progress, mesh=mesh, on_progress=on_progress, log=log,
+               chunk_size=chunk_size)
+    if queries is None:  # the training features only
+        for s in use_steps:
+            featurize_training_set(run_dir, ac, s, pipe=pipe, train=train, record=record, **fkw)
+        log(f"features of {len(train.ids)} training examples at checkpoint(s) {use_steps} "
+            f"complete")
+        return None
     q_ctx = np.asarray(pipe.encode_prompts(q_prompts))
     query_ex = {"x0": lat.encode_images(pipe.vae_config, pipe.vae_params, q_images),
                 "ctx": q_ctx}
@@ -556,25 +615,28 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
               "t": np.asarray(traj["timesteps"][:, i] if traj["timesteps"].ndim == 2
                               else np.full(len(q_images), traj["timesteps"][i]), np.int32)}
         shown = lat.decode_latents(pipe.vae_config, pipe.vae_params, x0s[:, i])
-    use_steps = steps[1:] if method == "tracin" else [steps[-1]]
     Phis, phis, lrs = [], [], []
     for s in use_steps:
         Phis.append(featurize_training_set(run_dir, ac, s, pipe=pipe, train=train,
-                                           record=record, progress=progress))
+                                           record=record, **fkw))
         p = record.load(s)["unet"]
         base = feature_dir(run_dir, method, s)
         if method == "journey-trak":
             q_fn = dt.make_journey_target_out_fn(pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(q_fn, p, tg, ac, base / f"queries_{qname}_{i}",
                                               fingerprint=fp_query, step=s, role="query",
-                                              progress=progress))
+                                              **fkw))
         else:
             out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(out_fn, p, query_ex, ac,
                                               base / f"queries_{qname}", fingerprint=fp_query,
-                                              step=s, role="query", progress=progress))
+                                              step=s, role="query", **fkw))
         if method == "tracin":
             lrs.append(record.step_info(s - 1)["lr"])
+    if jax.process_index() != 0:  # process 0 scores and writes the results
+        log(f"features at checkpoint(s) {use_steps} complete; process 0 scores")
+        return None
+    log(f"scoring {len(q_prompts)} queries against {len(train.ids)} training examples")
     if method == "tracin":
         scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
     else:
@@ -588,6 +650,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                                f"checkpoint(s) {use_steps}, k={k}, params={params!r}",
                                f"decoded x0, step {i}" if method == "journey-trak"
                                else "query")
+    log(f"scores written to {out}")
     return scores
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the same command on every worker of a Cloud TPU VM pod slice (one process per host):
 #
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh [--dry-run] [featurize|train] CONFIG \
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh [--dry-run] [featurize|train|attribute] CONFIG \
 #       [--set KEY=VALUE ...]
 #
 # = gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=all --command "cd $REMOTE_DIR &&
@@ -13,14 +13,15 @@
 # REMOTE_PYTHON (default: .venv/bin/python inside REMOTE_DIR); PYTHON (local interpreter for
 # the config check, default: the repository's .venv, else python3); GCLOUD (default gcloud).
 # --dry-run validates the config locally and prints the gcloud command without running it.
-# Put out_dir on storage every host can reach (e.g. a GCS FUSE mount); process 0 writes.
+# Put out_dir on storage every host can reach (e.g. a GCS FUSE mount): each process writes
+# its share of the feature-store chunks there (docs/scaling.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/common.sh"
-parse_launch_args "${BASH_SOURCE[0]}" '2,17p' "$@"
+parse_launch_args "${BASH_SOURCE[0]}" '2,18p' "$@"
 if [ ${#POS[@]} -ne 1 ]; then
-  echo "usage: TPU_NAME=... ZONE=... launch/tpu_pod.sh [--dry-run] [featurize|train] CONFIG [--set KEY=VALUE ...]" >&2
+  echo "usage: TPU_NAME=... ZONE=... launch/tpu_pod.sh [--dry-run] [featurize|train|attribute] CONFIG [--set KEY=VALUE ...]" >&2
   exit 2
 fi
 CONFIG="${POS[0]}"

@@ -231,13 +231,18 @@ def _projector(unet_params, config: AttributionConfig):
 def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionConfig,
                        folder: str | Path, *, fingerprint: str, step: int | None = None,
                        role: str = "train", key_seed: int = 0, mesh=None,
-                       progress: bool = True, chunk_size: int = 64) -> np.ndarray:
+                       progress: bool = True, chunk_size: int = 64,
+                       on_progress=None, log=None) -> np.ndarray:
     """Projected gradients ``[n, k]`` of ``out_fn`` for ``examples``, cached in ``folder``.
 
     Resumable (per chunk). Reopening with another config, checkpoint or data set raises
     :class:`~jaxattrib.attribution.store.StoreMismatchError` naming the field. Calls with the
     same ``out_fn`` object, config and parameter shapes reuse one compiled feature function
-    (see the module docstring).
+    (see the module docstring). On several processes (``jax.distributed``) call it on every
+    process: process 0 creates the store, then each process computes and writes its share of
+    the chunks (:func:`~jaxattrib.attribution.trak.featurize`); all return the whole ``[n, k]``
+    (``folder`` on a shared file system). ``on_progress`` / ``log``: see
+    :func:`~jaxattrib.attribution.trak.featurize`.
     """
     from jaxattrib import precision as prec
     projector = _projector(unet_params, config)
@@ -252,10 +257,16 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
                "num_timesteps": config.num_timesteps, "noise_seed": config.noise_seed,
                "key_seed": key_seed, "journey_resamples": config.journey_resamples,
                **prec.non_default(config)})
-    st = store_lib.ChunkedArray.open(folder, n_rows=n, n_cols=config.k,
-                                     chunk_size=min(chunk_size, max(n, 1)), meta=meta)
+    from jaxattrib.parallel import on_process0_first
+    st = on_process0_first(lambda: store_lib.ChunkedArray.open(
+        folder, n_rows=n, n_cols=config.k, chunk_size=min(chunk_size, max(n, 1)), meta=meta),
+        f"feature store {folder}")
     proj_batch = config.proj_batch or None
-    micro, call_batch = trak_lib.batch_sizes(config.microbatch, proj_batch, st.chunk_size, mesh)
+    cmesh = trak_lib.compute_mesh(mesh)
+    micro, call_batch = trak_lib.batch_sizes(config.microbatch, proj_batch, st.chunk_size, cmesh)
+    if cmesh is not None:  # replicated on the devices that compute (not committed elsewhere)
+        from jax.sharding import NamedSharding, PartitionSpec
+        unet_params = jax.device_put(unet_params, NamedSharding(cmesh, PartitionSpec()))
     grad_batch = micro if call_batch > micro else None
     # (other parameter shapes only retrace the same jitted function)
     cache_key = (id(out_fn), json.dumps(store_lib._canonical(projector.meta()), sort_keys=True),
@@ -267,7 +278,7 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
         trak_lib.featurize(out_fn, unet_params, examples, projector, st,
                            microbatch=config.microbatch, mesh=mesh, progress=progress,
                            key=jax.random.PRNGKey(key_seed), spec=config.params,
-                           proj_batch=proj_batch,
+                           proj_batch=proj_batch, on_progress=on_progress, log=log,
                            feature_fn=lambda ex, keys: fn(unet_params, ex, keys))
     return st.read_all()
 

@@ -276,7 +276,8 @@ def _num_examples(tree) -> int:
 
 
 def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
-                    microbatch: int = 32, mesh: Mesh | None = None) -> np.ndarray:
+                    microbatch: int = 32, mesh: Mesh | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Features ``[n, k]`` (numpy) of ``examples`` (pytree, leading axis ``n``).
 
     ``feature_fn``: from :func:`make_feature_fn`. Example ``j`` gets key
@@ -285,7 +286,8 @@ def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
     up to a multiple of that axis' size. On several processes (a mesh over the devices of all
     processes) every process must call this with the same arguments; each one reads only the
     rows of ``examples`` that its own devices hold (``examples`` may be memory-mapped), and
-    every process returns the full ``[n, k]``.
+    every process returns the full ``[n, k]``. ``on_batch(rows)`` is called after each call of
+    ``feature_fn`` with its number of real (unpadded) rows, e.g. to advance a progress bar.
     """
     n = _num_examples(examples)
     if mesh is not None:
@@ -304,6 +306,8 @@ def projected_grads(feature_fn, examples, key: jax.Array, *, start: int = 0,
             with jax.set_mesh(mesh):  # per_example_grad_fn: per-device gradients (shard_map)
                 feats = _to_host(feature_fn(ex, _global_keys(keys, sharding)))
         out.append(feats[: hi - lo])
+        if on_batch is not None:
+            on_batch(hi - lo)
     return np.concatenate(out, 0)
 
 

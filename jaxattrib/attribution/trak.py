@@ -18,11 +18,13 @@ Our design [design]:
   reduced on the fly to the top-k training examples per query (:func:`topk_scores`).
 * The λ sweep (:func:`choose_lambda`) runs on a *validation* split with a caller-supplied metric;
   evaluation targets must never be passed to it.
-* Multi-process featurization (``jax.distributed``, a mesh over the devices of all
-  processes): every process runs :func:`featurize` with the same arguments, computes the
-  microbatch rows of its own devices, and gets the whole chunk back; only process 0 writes
-  store chunks (the list of chunks to compute is taken from process 0, so the other
-  processes need not see the store's files). The store is identical to a single-process one.
+* Multi-process featurization (``jax.distributed``): every process runs :func:`featurize`
+  with the same arguments; the chunks still missing (process 0's view of the store) are dealt
+  round-robin to the processes, and each process computes its own chunks on its own devices
+  (the local part of the mesh; no collective per microbatch), reads only those rows and
+  writes those chunks itself (atomically). A process killed mid-way leaves only whole chunks,
+  so a rerun (with any number of processes) computes the rest. The store folder must be on a
+  file system all processes share. Features do not depend on the number of processes.
 * Output functions (DSM loss, D-TRAK's norms, …) live in ``jaxattrib/diffusion/losses.py``;
   here ``out_fn(params, example, key) -> scalar`` is arbitrary.
 """
@@ -46,7 +48,9 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
               chunk_size: int | None = None, microbatch: int = 32, mesh: Mesh | None = None,
               progress: bool = True, key: jax.Array | int = 0, spec="all",
               remat: bool = False, on_chunk: Callable[[int], None] | None = None,
-              proj_batch: int | None = None, feature_fn=None) -> ChunkedArray:
+              proj_batch: int | None = None, feature_fn=None,
+              on_progress: Callable[[int], None] | None = None,
+              log: Callable[[str], None] | None = None) -> ChunkedArray:
     """Projected per-example gradients of every example into ``store`` (resumable).
 
     Args:
@@ -67,9 +71,15 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
         generated once for ``proj_batch`` examples, whose gradients (``proj_batch × p`` floats,
         e.g. 64 × 793k × 4 B = 0.2 GB) are held together; the features do not depend on it
         (up to float rounding). Worth it for the dense families, whose cost is generating P.
-      mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it.
+      mesh: optional ``Mesh`` with a ``'data'`` axis; microbatches are sharded over it (on
+        several processes: over its devices that belong to this process, see
+        :func:`compute_mesh`).
       key: base key (or int seed); example ``i`` uses ``fold_in(key, i)``.
-      on_chunk: called with the chunk index after it is written (on every process).
+      on_chunk: called with the chunk index after this process wrote it.
+      on_progress: called after every microbatch (every ``feature_fn`` call, i.e. every
+        ``proj_batch`` examples when that is larger) with its number of examples.
+      log: optional ``str -> None`` (e.g. :class:`jaxattrib.progress.StageLog`) for the
+        progress lines (done/total, rate, ETA; at most every 30 s) and the chunk plan.
       feature_fn: optional ``(examples, keys) -> [B, k]`` to use instead of building one with
         :func:`~jaxattrib.attribution.grads.make_feature_fn` (so a caller can reuse one jitted
         function across calls); it must compute what ``make_feature_fn`` would, with
@@ -77,10 +87,12 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
     Returns:
       ``store``, complete (on process 0's file system when several processes run).
 
-    On several processes, call it on every process with the same arguments and a ``mesh``
-    spanning all of them (without one each process computes every row itself); the store's
-    folder must have been opened (created) before, e.g. by process 0 then a barrier. Only
-    process 0 writes chunks, and all processes return after the last chunk is written.
+    On several processes, call it on every process with the same arguments (``mesh`` may span
+    all of them; each process uses its local devices); the store's folder must have been
+    opened (created) before, e.g. by process 0 then a barrier, on a file system all processes
+    share. Process ``p`` of ``P`` computes and writes the missing chunks ``p, p+P, ...`` (of
+    process 0's list), and all processes return after every chunk is written; a process that
+    then cannot see all chunks raises ``FileNotFoundError`` (not a shared folder).
     """
     n = _num_examples(dataset_examples)
     if store.shape != (n, projector.k):
@@ -100,41 +112,56 @@ def featurize(out_fn, params, dataset_examples, projector, store: ChunkedArray, 
                              "the projector's; build the projector on "
                              "select_params(params, spec).trainable")
     key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
+    mesh = compute_mesh(mesh)
     microbatch, call_batch = batch_sizes(microbatch, proj_batch, store.chunk_size, mesh)
     fn = feature_fn or make_feature_fn(
         out_fn, params, projector, spec=spec, remat=remat,
         grad_batch=microbatch if call_batch > microbatch else None)
+    from jaxattrib.parallel import my_share
     multi = jax.process_count() > 1
-    writer = jax.process_index() == 0
+    me, n_proc = jax.process_index(), jax.process_count()
     todo = store.missing_chunks()
-    if multi:  # process 0's view of the store decides, so all processes run the same chunks
-        from jax.experimental import multihost_utils
-        mask = np.zeros(store.n_chunks, np.int32)
-        mask[todo] = 1
-        mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-        todo = [int(i) for i in np.nonzero(mask)[0]]
-    bar = None
-    if progress and todo and writer:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc=f"featurize {store.folder.name}", unit="chunk")
-    for i in todo:
-        start, stop = store.chunk_range(i)
-        # a view (no copy for numpy / memmap leaves): projected_grads reads only the rows of
-        # this process's devices
-        ex = jax.tree_util.tree_map(lambda a: a[start:stop], dataset_examples)
-        feats = projected_grads(fn, ex, key, start=start, microbatch=call_batch, mesh=mesh)
-        if writer:
+    mine = my_share(todo)  # process 0's list decides, so the processes split the same list
+    rows = sum(stop - start for start, stop in map(store.chunk_range, mine))
+    if log is not None:
+        log(f"{store.folder}: {store.n_chunks - len(todo)}/{store.n_chunks} chunks done; "
+            f"process {me}/{n_proc} computes {len(mine)} chunk(s), {rows} examples, "
+            f"{microbatch} per microbatch on {1 if mesh is None else mesh.size} device(s)")
+    from jaxattrib.progress import Progress
+    prog = Progress(rows, f"featurize {store.folder.name}" + (f" [{me}/{n_proc}]" if multi
+                                                              else ""),
+                    "ex", bar=progress and rows > 0 and me == 0, log=log, callback=on_progress)
+    try:
+        for i in mine:
+            start, stop = store.chunk_range(i)
+            # a view (no copy for numpy / memmap leaves): projected_grads reads only these rows
+            ex = jax.tree_util.tree_map(lambda a: a[start:stop], dataset_examples)
+            feats = projected_grads(fn, ex, key, start=start, microbatch=call_batch, mesh=mesh,
+                                    on_batch=prog.update)
             store.write_chunk(i, feats)
-        if bar is not None:
-            bar.update(1)
-        if on_chunk is not None:
-            on_chunk(i)
-    if bar is not None:
-        bar.close()
+            if on_chunk is not None:
+                on_chunk(i)
+    finally:
+        prog.close()
     if multi:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"featurize {store.folder}")
+        missing = store.missing_chunks()
+        if missing:
+            raise FileNotFoundError(
+                f"{store.folder}: process {me} cannot see {len(missing)} chunk(s) the other "
+                f"processes wrote (first {missing[:5]}); put the store on a file system all "
+                f"processes share")
     return store
+
+
+def compute_mesh(mesh: Mesh | None) -> Mesh | None:
+    """The mesh this process featurizes on: ``mesh`` itself on one process, its devices that
+    belong to this process (``mesh.local_mesh``) on several (each process computes its own
+    chunks, see :func:`featurize`)."""
+    if mesh is None or jax.process_count() == 1:
+        return mesh
+    return mesh.local_mesh
 
 
 def batch_sizes(microbatch: int, proj_batch: int | None, chunk_size: int,

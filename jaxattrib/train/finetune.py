@@ -361,6 +361,7 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
              model_info: Mapping | None = None, dataset_info: Mapping | None = None,
              describe_step: Callable | None = None,
              on_checkpoint: Callable[[int, dict], Any] | None = None,
+             log: Callable[[str], None] | None = None,
              ) -> tuple[dict, TrajectoryRecord]:
     """Trains ``init_params`` and writes the trajectory record at ``record_dir``; resumable.
 
@@ -387,6 +388,8 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         training time. An exception in it stops training and propagates after the saved
         checkpoints are finalized (the record stays resumable). On several processes it is
         called on every process with the same global arrays.
+      log: optional ``str -> None`` (e.g. :class:`jaxattrib.progress.StageLog`): steps done,
+        rate and ETA (at most every 30 s) and each checkpoint saved, with its step's loss.
 
     Returns:
       ``(model params after config.steps updates, TrajectoryRecord)``.
@@ -442,6 +445,11 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step",
                    dynamic_ncols=True)
+    prog = None
+    if log is not None:
+        from jaxattrib.progress import Progress
+        prog = Progress(config.steps - start, "finetune", "step", bar=False, log=log)
+
     def announce(step: int) -> None:
         if on_checkpoint is not None:
             on_checkpoint(step, compose_params(state.params, state.frozen, config))
@@ -469,6 +477,11 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
                 record.save(s + 1, state.checkpoint())
                 last_good = s + 1
                 announce(s + 1)
+                if log is not None:
+                    log(f"checkpoint {s + 1} saved (loss {float(metrics['loss']):.6g}, "
+                        f"lr {info['lr']:.3g})")
+            if prog is not None:
+                prog.update(1)
             if bar is not None:
                 bar.update(1)
                 if (s + 1) % max(config.log_every, 1) == 0 or s + 1 == config.steps:
