@@ -1,7 +1,9 @@
 """Run-directory workflows behind ``jaxattrib train`` and ``jaxattrib attribute``.
 
-A *run directory* written by :func:`train_run` holds ``config.json``, ``data/train.npz``
-(images [N,H,W,3] in [-1,1], captions, ids) and the trajectory ``record/``. :func:`attribute_run`
+A *run directory* written by :func:`train_run` holds ``config.json``, ``data/source.json`` (a
+reference to the training data with its fingerprint, not a copy; older runs hold
+``data/train.npz`` instead, see :mod:`jaxattrib.data.run_data`) and the trajectory
+``record/``. :func:`attribute_run`
 featurizes that training set at the record's checkpoints and scores query images (a folder of
 PNGs with ``prompts.txt``, as written by ``jaxattrib generate``), writing
 ``features/``, ``scores/<method>.npy`` ([Q, N], larger = more attributed), a top-k table and a
@@ -25,29 +27,51 @@ def _load_model(model: str):
     return load_base_model() if model in ("", "embedded") else load_pipeline(model)
 
 
+DATA_SOURCES = ("synthetic", "folder", "digits", "tfds")
+# data.* fields added after run directories existed: a stored config.json without them is
+# compared as if it had these values, so such runs keep resuming
+_NEW_DATA_FIELDS = {"name": "", "split": "train", "caption_key": ""}
+
+
 def load_training_data(config):
-    """The configured data set as an :class:`~jaxattrib.data.dataset.ImageDataset`."""
+    """The configured training set as a :class:`~jaxattrib.data.source.DataSource` (pixels
+    are read on demand; ``len()``, ``ids``, ``captions``, ``fingerprint()``, ``read(idx)``).
+
+    ``data.source``: 'synthetic' (the base model's concept spec at ``data.size``, one image per
+    combination, seed = ``config.seed``), 'folder' (``data.path``, ``data.subjects``), 'digits',
+    or 'tfds' (``data.name`` prepared as array_record in ``data.path`` = its ``data_dir``,
+    ``data.split``, captions from ``data.caption_key`` or the class name). ``data.max_examples``
+    keeps a random subset (seed = ``config.seed``) in data set order.
+    """
+    from jaxattrib.data import source as S
     d = config.data
     if d.source == "synthetic":
         from jaxattrib.base_model import data_spec
-        from jaxattrib.data.synthetic import make_synthetic
         import dataclasses
-        ds = make_synthetic(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
-                            seed=config.seed)
+        src = S.SyntheticSource(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
+                                seed=config.seed)
     elif d.source == "folder":
-        from jaxattrib.data.folder import load_folder
         if not d.path:
             raise ConfigError("data.path: required for data.source='folder'")
-        ds = load_folder(d.path, size=d.size, subjects=list(d.subjects) or None)
+        src = S.FolderSource(d.path, d.size, subjects=list(d.subjects) or None)
     elif d.source == "digits":
-        from jaxattrib.data.digits import load_digits
-        ds = load_digits(size=d.size)
+        src = S.DigitsSource(size=d.size)
+    elif d.source == "tfds":
+        name = str(_field(d, "name", "") or "")
+        if not name or not d.path:
+            raise ConfigError("data.source='tfds' needs data.name (the tfds name) and data.path "
+                              "(the data_dir it was prepared in, as array_record)")
+        try:
+            src = S.TfdsSource(name, str(_field(d, "split", "train")), d.path, d.size,
+                               caption_key=str(_field(d, "caption_key", "") or "") or None)
+        except ImportError as e:
+            raise ConfigError(f"data.source='tfds': {e}") from e
     else:
-        raise ConfigError(f"data.source={d.source!r}: expected 'synthetic', 'folder' or 'digits'")
-    if d.max_examples and len(ds) > d.max_examples:
-        idx = np.random.default_rng(config.seed).choice(len(ds), d.max_examples, replace=False)
-        ds = ds.subset(np.sort(idx))
-    return ds
+        raise ConfigError(f"data.source={d.source!r}: expected one of {DATA_SOURCES}")
+    if d.max_examples and len(src) > d.max_examples:
+        idx = np.random.default_rng(config.seed).choice(len(src), d.max_examples, replace=False)
+        src = src.subset(np.sort(idx))
+    return src
 
 
 _PRECISIONS = ("float32",)
@@ -79,8 +103,14 @@ def check_train_config(config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model is empty: set --set model=/path/to/a/local/diffusers"
                           f"/folder (nothing is downloaded)")
     d = config.data
-    if d.source not in ("synthetic", "folder", "digits"):
-        bad("data.source", d.source, "'synthetic', 'folder' or 'digits'")
+    if d.source not in DATA_SOURCES:
+        bad("data.source", d.source, " or ".join(repr(x) for x in DATA_SOURCES))
+    if d.source == "tfds" and not (_field(d, "name", "") and d.path):
+        raise ConfigError(f"{source}: data.source='tfds' needs data.name (a tfds name, e.g. "
+                          f"'mnist') and data.path (the data_dir where it was prepared with "
+                          f"`tfds build NAME --data_dir DIR --file_format=array_record`)")
+    if d.source == "tfds" and not Path(d.path).is_dir():
+        bad("data.path", d.path, "an existing folder (the tfds data_dir)")
     if d.source == "folder" and not d.path:
         raise ConfigError(f"{source}: data.path is empty: required for data.source='folder' "
                           f"(a DreamBooth-layout image folder)")
@@ -176,7 +206,12 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
     current = json.loads(config.to_json())
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != current:
+    stored = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    if isinstance(stored, dict) and isinstance(stored.get("data"), dict):
+        for k, v in _NEW_DATA_FIELDS.items():
+            if k not in stored["data"] and current.get("data", {}).get(k) == v:
+                stored["data"][k] = v
+    if stored is not None and stored != current:
         raise ConfigError(f"{cfg_path}: run directory was made with another config; use a new "
                           f"--run-dir")
     writer = jax.process_index() == 0
@@ -185,23 +220,16 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         atomic_write_text(cfg_path, json.dumps(current, indent=2, sort_keys=True))
     pipe = _load_model(config.model)
     check_pipeline_matches(config, pipe)
-    ds = load_training_data(config)
+    ds, dataset_info = _run_training_data(config, run_dir, writer)
     want = model_image_size(pipe)
-    if ds.images.shape[1] != want:
-        raise ConfigError(f"data.size={ds.images.shape[1]}: the model generates {want}x{want} "
+    if ds.image_shape[0] != want:
+        raise ConfigError(f"data.size={ds.image_shape[0]}: the model generates {want}x{want} "
                           f"images; set --set data.size={want}")
-    data_path = run_dir / "data" / "train.npz"
-    if writer and not data_path.exists():
-        data_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = data_path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=ds.images, captions=np.array(ds.captions), ids=np.array(ds.ids))
-        tmp.replace(data_path)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
     loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
                                   train_text_encoder=f.train_text_encoder)
     ids = pipe.tokenizer(list(ds.captions), max_length=pipe.text_config.max_position_embeddings)
-    images = np.asarray(ds.images)
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
                      schedule=f.schedule, seed=config.seed, checkpoint_every=f.checkpoint_every,
                      mode=f.mode, lora_rank=f.lora_rank, train_text_encoder=f.train_text_encoder,
@@ -216,11 +244,38 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         nd = _field(config, "num_devices", 0) or None
         mesh = parallel.make_mesh(nd) if f.batch_size % (nd or len(jax.devices())) == 0 \
             else parallel.make_mesh(1)
-    return finetune(loss_fn, params, len(images),
-                    lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc,
+    # pixels are read per step (this process's rows only), ahead of the step by grain threads
+    return finetune(loss_fn, params, len(ds),
+                    lambda idx: {"images": ds.read(idx), "input_ids": ids[idx]}, tc,
                     (run_dir / "record").resolve(), mesh=mesh, progress=progress,
-                    model_info={"model": str(config.model)},
-                    dataset_info={"fingerprint": ds.fingerprint(), "ids": list(ds.ids)})
+                    model_info={"model": str(config.model)}, dataset_info=dataset_info,
+                    prefetch=2)
+
+
+def _run_training_data(config, run_dir: Path, writer: bool):
+    """The run's training source and the manifest's ``dataset`` entry.
+
+    A run directory holding ``data/train.npz`` (made before data were referenced) trains on
+    that copy, with the manifest entry it always had. Otherwise the configured source is
+    referenced in ``data/source.json`` (written once, by process 0); on resume its fingerprint
+    must equal the recorded one (:class:`~jaxattrib.data.run_data.DataChangedError` naming the
+    data's path otherwise).
+    """
+    from jaxattrib.data import run_data
+    from jaxattrib.data.source import NpzSource
+    legacy = run_dir / run_data.LEGACY_FILE
+    if legacy.is_file():
+        ds = NpzSource(legacy)
+        return ds, {"fingerprint": ds.fingerprint(), "ids": list(ds.ids)}
+    ds = load_training_data(config)
+    ref = run_dir / run_data.SOURCE_FILE
+    if ref.is_file():
+        run_data.check_same_data(run_data.read_run_data_ref(run_dir), ds, ref)
+    elif writer:
+        run_data.write_run_data(run_dir, ds)
+    return ds, {"fingerprint": ds.fingerprint(), "ids": list(ds.ids),
+                "reference": run_data.SOURCE_FILE.as_posix(), "kind": ds.kind,
+                "order": "steps.jsonl 'indices' of each update index these ids"}
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -239,6 +294,37 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     imgs = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1.0
                      for p in paths])
     return imgs, prompts
+
+
+class PromptRows:
+    """Lazy ``[N, L, D]`` float32 text-encoder states of ``captions``: ``a[lo:hi]`` encodes
+    those captions only (``pipe.encode_prompts``), so a featurization chunk never needs the
+    whole set's states (``N × 77 × 768`` floats at SD-1.5 size)."""
+
+    def __init__(self, pipe, captions):
+        self.pipe, self.captions = pipe, list(captions)
+        first = np.asarray(pipe.encode_prompts(self.captions[:1]))
+        self.shape = (len(self.captions), *first.shape[1:])
+        self.dtype, self.ndim = first.dtype, first.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            caps = self.captions[key]
+        else:
+            caps = [self.captions[int(i)] for i in np.asarray(key).reshape(-1)]
+        if not caps:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return np.asarray(self.pipe.encode_prompts(caps))
+
+
+def training_examples(pipe, source) -> dict:
+    """Featurization inputs of a training source, both lazy: ``{'x0': source.images`` (an
+    :class:`~jaxattrib.data.source.ImageRows` ``[N, H, W, 3]``), ``'ctx':`` :class:`PromptRows`
+    ``[N, L, D]}``; ``trak.featurize`` reads one chunk of rows at a time."""
+    return {"x0": source.images, "ctx": PromptRows(pipe, source.captions)}
 
 
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
@@ -274,19 +360,20 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.report.html import write_result
     from jaxattrib.train.record import TrajectoryRecord
+    from jaxattrib.data.run_data import has_run_data, open_run_data
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
-    if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
+    if not config_path.is_file() or not has_run_data(run_dir):
         raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
-                          f"data/train.npz from `jaxattrib train`)")
+                          f"data/source.json or data/train.npz from `jaxattrib train`)")
     config = json.loads(config_path.read_text())
     pipe = _load_model(config.get("model", "embedded"))
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    data = np.load(run_dir / "data" / "train.npz")
+    data = open_run_data(run_dir)  # pixels are read per featurization chunk
     q_images, q_prompts = read_queries(queries)
-    if q_images.shape[1:] != data["images"].shape[1:]:
+    if q_images.shape[1:] != data.image_shape:
         raise ConfigError(f"{queries}: query images are {q_images.shape[1:]}, training images "
-                          f"{data['images'].shape[1:]}")
+                          f"{data.image_shape}")
     record = TrajectoryRecord.open((run_dir / "record").resolve())
     steps = record.steps()
     check_attribution_fields({"method": method, "k": k, "params": params,
@@ -295,10 +382,10 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                              "attribute")
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch)
-    train_ex = {"x0": data["images"], "ctx": np.asarray(pipe.encode_prompts(list(data["captions"])))}
+    train_ex = training_examples(pipe, data)
     query_ex = {"x0": q_images, "ctx": np.asarray(pipe.encode_prompts(q_prompts))}
     fp_train = str(record.manifest.get("dataset", {}).get("fingerprint", "")) or \
-        __import__("hashlib").sha256(data["images"].tobytes()).hexdigest()
+        data.fingerprint()
     fp_query = __import__("hashlib").sha256(q_images.tobytes()).hexdigest()
     qname = Path(queries).resolve().name
     use_steps = steps[1:] if method == "tracin" else [steps[-1]]
@@ -335,7 +422,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
     np.save(out, scores.astype(np.float32))
     top = np.argsort(-scores, axis=1, kind="stable")[:, :topk]
     rows = [{"query": i, "prompt": q_prompts[i],
-             "top": ", ".join(str(data["ids"][j]) for j in top[i])} for i in range(len(q_prompts))]
+             "top": ", ".join(str(data.ids[j]) for j in top[i])} for i in range(len(q_prompts))]
     write_result(run_dir, f"attribute_{method}_{qname}", f"{method} attribution of {qname}",
                  tables=[{"caption": f"top-{topk} training examples per query (checkpoint(s) "
                           f"{use_steps}, k={k}, params={params!r})", "rows": rows}])
