@@ -2,12 +2,12 @@
 
 Each row is a fresh spawned process that builds a :class:`~jaxattrib.data.source.SyntheticSource`
 of N 64-px images (the synthetic concept set, rendered per example when read; ``per_combination``
-raised until N is reached), loads the tests' tiny random pixel-space pipeline (``tests/tiny.py``
+raised until N is reached, ``supersample=1`` to keep rendering cheap), loads the tests' tiny random pixel-space pipeline (``tests/tiny.py``
 ``make_pixel_pipeline``: a 2-level UNet with 8/16 channels, here at 64 px, a 1-layer CLIP;
 written once to a temp folder), and featurizes every training
 example with ``diffusion_trak.featurize_examples`` on ``workflow.training_examples`` (the inputs
 ``jaxattrib attribute`` uses: lazy image rows and lazy prompt states), D-TRAK output, 1 timestep,
-``k`` = 64, microbatch 16, store chunks of 64 rows.
+``k`` = 64, microbatch 16, store chunks of 64 rows. Progress (chunks) goes to stderr.
 
 Columns: ``peak RSS`` = the process' ``ru_maxrss``; ``setup RSS`` = RSS after imports, model
 load and opening the source (before featurization); ``features`` = the ``[N, k]`` float32 result
@@ -63,7 +63,8 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, queue) -> 
     from jaxattrib.workflow import training_examples
     spec = data_spec()
     per = -(-n // len(spec.combinations()))
-    src = SyntheticSource(dataclasses.replace(spec, size=size, per_combination=per), seed=0)
+    src = SyntheticSource(dataclasses.replace(spec, size=size, per_combination=per,
+                                              supersample=1), seed=0)
     src = src.subset(range(n))
     if in_memory:
         src = MemorySource(src.to_dataset())
@@ -75,10 +76,10 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, queue) -> 
     jax.block_until_ready(pipe.unet_params)
     setup = _rss_mib()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as store:
+    with tempfile.TemporaryDirectory() as store:   # tqdm progress (chunks) on stderr
         feats = dt.featurize_examples(out_fn, pipe.unet_params, training_examples(pipe, src),
                                       ac, Path(store) / "f", fingerprint=src.fingerprint(),
-                                      step=0, progress=False, chunk_size=64)
+                                      step=0, progress=True, chunk_size=64)
     dt_s = time.perf_counter() - t0
     queue.put({"n": n, "mode": "in-memory" if in_memory else "streamed",
                "setup": setup, "peak": _peak_mib(), "features_mib": feats.nbytes / 2**20,

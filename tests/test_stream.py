@@ -94,7 +94,7 @@ def test_iter_batches_shards_cover_every_index_once_in_order(tmp_path):
 # ----------------------------------------------------------------------------- run directories
 
 def _config(pipe, **data):
-    sets = [f"model='{pipe}'", "data.size=8", "data.max_examples=0", "finetune.steps=3",
+    sets = [f"model='{pipe}'", "data.size=8", "data.max_examples=0", "finetune.steps=2",
             "finetune.batch_size=4", "finetune.checkpoint_every=1"]
     sets += [f"data.{k}={v!r}" if isinstance(v, str) else f"data.{k}={v}"
              for k, v in data.items()]
@@ -155,7 +155,7 @@ def test_run_dir_holds_no_pixels_streams_bit_exact_and_old_runs_resume(tiny_pixe
     p_old, log_old = _final(old)
     assert log_stream == log_old                 # same examples, keys, lrs at every step
     _assert_same_tree(p_stream, p_old)           # streamed == in memory, bit for bit
-    shutil.rmtree(old / "record" / "checkpoints" / "3")   # resume the old run from step 2
+    shutil.rmtree(old / "record" / "checkpoints" / "2")   # resume the old run from step 1
     train_run(cfg, old, progress=False)[1].close()
     p_again, log_again = _final(old)
     assert log_again == log_old
@@ -218,7 +218,7 @@ def test_cli_tfds_source_end_to_end(tiny_pixel_pipeline, tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "changed since this run was made" in r.output, r.output
     assert str(data_dir.resolve()) in r.output.replace("\n", "")
-    bad = CliRunner().invoke(app, args[:6] + ["--set", "data.source=tfds", "--set",
+    bad = CliRunner().invoke(app, args[:5] + ["--set", "data.source=tfds", "--set",
                                               f"data.path='{data_dir}'"])
     assert bad.exit_code == 2 and "data.name" in bad.output
 
