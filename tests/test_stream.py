@@ -75,6 +75,28 @@ def test_fingerprint_changes_when_the_data_change(tmp_path):
     assert S.DigitsSource(8).fingerprint() != S.DigitsSource(8, resample="bilinear").fingerprint()
 
 
+def test_tfds_source_streams_an_array_record_set_built_here(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from tiny import make_tiny_tfds
+    from jaxattrib.data.tfds_source import load_tfds
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 9, 12, 3), dtype=np.uint8)
+    caps = [f"a red circle {i}" for i in range(5)]
+    name = make_tiny_tfds(tmp_path / "a", images, caps)
+    src = S.TfdsSource(name, "train", tmp_path / "a", 8, caption_key="caption")
+    ds = load_tfds(name, "train", tmp_path / "a", 8, caption_key="caption")
+    assert src.ids == ds.ids and src.captions == ds.captions and sorted(src.captions) == caps
+    np.testing.assert_array_equal(src.read([4, 0, 2]), ds.images[[4, 0, 2]])
+    assert S.open_source(json.loads(json.dumps(src.describe()))).fingerprint() == \
+        src.fingerprint()
+    images[2, 0, 0, 1] ^= 1                                  # one bit of one stored image
+    make_tiny_tfds(tmp_path / "b", images, caps)
+    assert S.TfdsSource(name, "train", tmp_path / "b", 8,
+                        caption_key="caption").fingerprint() != src.fingerprint()
+    with pytest.raises(DataError, match="not found|not prepared"):
+        S.TfdsSource("no_such_set", "train", tmp_path / "a", 8)
+
+
 def test_iter_batches_shards_cover_every_index_once_in_order(tmp_path):
     from jaxattrib.data.synthetic import SyntheticConceptSpec
     src = S.SyntheticSource(SyntheticConceptSpec(size=16, per_combination=1), 0)   # 60 examples
@@ -226,7 +248,7 @@ def test_cli_tfds_source_end_to_end(tiny_pixel_pipeline, tmp_path):
 def test_check_train_config_accepts_tfds_and_names_missing_fields(tmp_path):
     from jaxattrib.config import ConfigError
     from jaxattrib.workflow import check_train_config
-    c = load_config("sd15_lora")
+    c = load_config("sd15_lora", [f"model={tmp_path}"])
     check_train_config(apply_overrides(c, ["data.source=tfds", "data.name=mnist",
                                            f"data.path={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.name"):

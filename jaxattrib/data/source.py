@@ -424,7 +424,8 @@ class TfdsSource(DataSource):
             names_d = {self.label_key: tuple(names) if names else
                        tuple(str(k) for k in range(int(arr.max()) + 1))}
         self._init_meta(ids, captions, lab_d, names_d, (self.size, self.size, 3))
-        h.update(json.dumps(self._args(), sort_keys=True).encode())
+        where = {k: v for k, v in self._args().items() if k != "data_dir"}  # content, not place
+        h.update(json.dumps(where, sort_keys=True).encode())
         _hash_strings(h, self.ids, self.captions)
         self._fp = h.hexdigest()
 
