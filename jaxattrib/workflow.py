@@ -343,11 +343,27 @@ def _run_training_data(config, run_dir: Path, writer: bool):
     ref = run_dir / run_data.SOURCE_FILE
     if ref.is_file():
         run_data.check_same_data(run_data.read_run_data_ref(run_dir), ds, ref)
-    elif writer:
-        run_data.write_run_data(run_dir, ds)
+    else:
+        _check_images_readable(ds)
+        if writer:
+            run_data.write_run_data(run_dir, ds)
     return ds, {"fingerprint": ds.fingerprint(), "ids": list(ds.ids),
                 "reference": run_data.SOURCE_FILE.as_posix(), "kind": ds.kind,
                 "order": "steps.jsonl 'indices' of each update index these ids"}
+
+
+def _check_images_readable(ds) -> None:
+    """Decodes every image of a folder-backed source once (streamed in batches, nothing kept),
+    so a bad file stops ``train`` with :class:`~jaxattrib.data.dataset.DataError` naming it
+    before the model loads, not mid-run. Done when a run directory first references its data;
+    on resume the fingerprint (file bytes) proves the files are the ones checked. Other kinds
+    (synthetic, digits, tfds) are generated or were validated when they were prepared."""
+    from jaxattrib.data.source import iter_batches
+    root = ds.parent if ds.kind == "subset" else ds
+    if root.kind != "folder":
+        return
+    for _ in iter_batches(ds, 32, num_threads=0):
+        pass
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -470,7 +486,7 @@ def load_run_pipeline(run_dir: str | Path):
 
 
 def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
-                      batch_size: int = 16) -> TrainingExamples:
+                      batch_size: int = 16, data=None) -> TrainingExamples:
     """The run's training set in the UNet's space, for featurization.
 
     The training data is the source ``data/source.json`` references (its fingerprint checked,
@@ -483,7 +499,9 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     on later calls; the store is filled from the source's batches (:func:`~jaxattrib.data.source.
     iter_batches`), never the whole pixel set at once. Text states are encoded per chunk
     (:class:`PromptRows`); ``images`` is lazy (:class:`~jaxattrib.data.source.ImageRows`).
-    Errors (wrong image size for the model, refused cache) are :class:`ConfigError`."""
+    ``data``: the run's source when already opened (:func:`~jaxattrib.data.run_data.
+    open_run_data`). Errors (wrong image size for the model, refused cache) are
+    :class:`ConfigError`."""
     from jaxattrib.diffusion import latents as lat
     from jaxattrib.data.run_data import LEGACY_FILE, SOURCE_FILE, open_run_data
     from jaxattrib.data.source import iter_batches
@@ -491,7 +509,7 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     run_dir = Path(run_dir)
     _require_run(run_dir)
     pipe = load_run_pipeline(run_dir) if pipe is None else pipe
-    data = open_run_data(run_dir)   # pixels are read per chunk, not here
+    data = open_run_data(run_dir) if data is None else data   # pixels are read per chunk
     images, captions, ids = data.images, np.asarray(data.captions), np.asarray(data.ids)
     where = LEGACY_FILE if (run_dir / LEGACY_FILE).is_file() else SOURCE_FILE
     lat.check_pixel_images((len(data), *data.image_shape), pipe.unet_config, pipe.vae_config,
@@ -593,6 +611,11 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                               "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk},
                              "attribute")
     q_images, q_prompts = read_queries(queries)
+    from jaxattrib.data.run_data import open_run_data
+    data = open_run_data(run_dir)   # reference and fingerprint checked; pixels read per chunk
+    if q_images.shape[1:] != data.image_shape:
+        raise ConfigError(f"{queries}: query images are {q_images.shape[1:]}, training images "
+                          f"{data.image_shape}")
     if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
         raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs the "
                           f"sampling trajectory (`jaxattrib generate --trajectory`)")
@@ -609,7 +632,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
                               matmul_precision=matmul_precision)
-    train = training_examples(run_dir, pipe, progress=progress)
+    train = training_examples(run_dir, pipe, progress=progress, data=data)
     q_ctx = np.asarray(pipe.encode_prompts(q_prompts))
     query_ex = {"x0": lat.encode_images(pipe.vae_config, pipe.vae_params, q_images),
                 "ctx": q_ctx}
