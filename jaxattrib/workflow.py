@@ -1,7 +1,9 @@
 """Run-directory workflows behind ``jaxattrib train`` and ``jaxattrib attribute``.
 
-A *run directory* written by :func:`train_run` holds ``config.json``, ``data/train.npz``
-(images [N,H,W,3] in [-1,1], captions, ids) and the trajectory ``record/``. :func:`attribute_run`
+A *run directory* written by :func:`train_run` holds ``config.json``, ``data/source.json`` (a
+reference to the training data with its fingerprint, not a copy; older runs hold
+``data/train.npz`` instead, see :mod:`jaxattrib.data.run_data`) and the trajectory
+``record/``. :func:`attribute_run`
 featurizes that training set at the record's checkpoints and scores query images (a folder of
 PNGs with ``prompts.txt``, as written by ``jaxattrib generate``), writing
 ``features/``, ``scores/<method>.npy`` ([Q, N], larger = more attributed), a top-k table and a
@@ -32,29 +34,51 @@ def _load_model(model: str):
     return load_base_model() if model in ("", "embedded") else load_pipeline(model)
 
 
+DATA_SOURCES = ("synthetic", "folder", "digits", "tfds")
+# data.* fields added after run directories existed: a stored config.json without them is
+# compared as if it had these values, so such runs keep resuming
+_NEW_DATA_FIELDS = {"name": "", "split": "train", "caption_key": ""}
+
+
 def load_training_data(config):
-    """The configured data set as an :class:`~jaxattrib.data.dataset.ImageDataset`."""
+    """The configured training set as a :class:`~jaxattrib.data.source.DataSource` (pixels
+    are read on demand; ``len()``, ``ids``, ``captions``, ``fingerprint()``, ``read(idx)``).
+
+    ``data.source``: 'synthetic' (the base model's concept spec at ``data.size``, one image per
+    combination, seed = ``config.seed``), 'folder' (``data.path``, ``data.subjects``), 'digits',
+    or 'tfds' (``data.name`` prepared as array_record in ``data.path`` = its ``data_dir``,
+    ``data.split``, captions from ``data.caption_key`` or the class name). ``data.max_examples``
+    keeps a random subset (seed = ``config.seed``) in data set order.
+    """
+    from jaxattrib.data import source as S
     d = config.data
     if d.source == "synthetic":
         from jaxattrib.base_model import data_spec
-        from jaxattrib.data.synthetic import make_synthetic
         import dataclasses
-        ds = make_synthetic(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
-                            seed=config.seed)
+        src = S.SyntheticSource(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
+                                seed=config.seed)
     elif d.source == "folder":
-        from jaxattrib.data.folder import load_folder
         if not d.path:
             raise ConfigError("data.path: required for data.source='folder'")
-        ds = load_folder(d.path, size=d.size, subjects=list(d.subjects) or None)
+        src = S.FolderSource(d.path, d.size, subjects=list(d.subjects) or None)
     elif d.source == "digits":
-        from jaxattrib.data.digits import load_digits
-        ds = load_digits(size=d.size)
+        src = S.DigitsSource(size=d.size)
+    elif d.source == "tfds":
+        name = str(_field(d, "name", "") or "")
+        if not name or not d.path:
+            raise ConfigError("data.source='tfds' needs data.name (the tfds name) and data.path "
+                              "(the data_dir it was prepared in, as array_record)")
+        try:
+            src = S.TfdsSource(name, str(_field(d, "split", "train")), d.path, d.size,
+                               caption_key=str(_field(d, "caption_key", "") or "") or None)
+        except ImportError as e:
+            raise ConfigError(f"data.source='tfds': {e}") from e
     else:
-        raise ConfigError(f"data.source={d.source!r}: expected 'synthetic', 'folder' or 'digits'")
-    if d.max_examples and len(ds) > d.max_examples:
-        idx = np.random.default_rng(config.seed).choice(len(ds), d.max_examples, replace=False)
-        ds = ds.subset(np.sort(idx))
-    return ds
+        raise ConfigError(f"data.source={d.source!r}: expected one of {DATA_SOURCES}")
+    if d.max_examples and len(src) > d.max_examples:
+        idx = np.random.default_rng(config.seed).choice(len(src), d.max_examples, replace=False)
+        src = src.subset(np.sort(idx))
+    return src
 
 
 def _field(config, dotted: str, default=None):
@@ -84,8 +108,14 @@ def check_train_config(config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model is empty: set --set model=/path/to/a/local/diffusers"
                           f"/folder (nothing is downloaded)")
     d = config.data
-    if d.source not in ("synthetic", "folder", "digits"):
-        bad("data.source", d.source, "'synthetic', 'folder' or 'digits'")
+    if d.source not in DATA_SOURCES:
+        bad("data.source", d.source, " or ".join(repr(x) for x in DATA_SOURCES))
+    if d.source == "tfds" and not (_field(d, "name", "") and d.path):
+        raise ConfigError(f"{source}: data.source='tfds' needs data.name (a tfds name, e.g. "
+                          f"'mnist') and data.path (the data_dir where it was prepared with "
+                          f"`tfds build NAME --data_dir DIR --file_format=array_record`)")
+    if d.source == "tfds" and not Path(d.path).is_dir():
+        bad("data.path", d.path, "an existing folder (the tfds data_dir)")
     if d.source == "folder" and not d.path:
         raise ConfigError(f"{source}: data.path is empty: required for data.source='folder' "
                           f"(a DreamBooth-layout image folder)")
@@ -236,32 +266,35 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     cfg_path = run_dir / "config.json"
     current = json.loads(config.to_json())
     from jaxattrib import precision
+    stored = read_run_config(cfg_path) if cfg_path.exists() else None
+    if isinstance(stored.get("data") if stored else None, dict):
+        # run directories made before data.{name,split,caption_key} existed (data.source='tfds')
+        for k, v in _NEW_DATA_FIELDS.items():
+            if k not in stored["data"] and current.get("data", {}).get(k) == v:
+                stored["data"][k] = v
     # run directories made before finetune/attribution.{precision,remat,matmul_precision}
     # existed did what their defaults do
-    if cfg_path.exists() and precision.fill_added(
-            read_run_config(cfg_path),
-            precision.added_defaults("finetune", "attribution")) != current:
+    if stored is not None and precision.fill_added(
+            stored, precision.added_defaults("finetune", "attribution")) != current:
         from jaxattrib.runlock import has_results
         if has_results(run_dir):
             raise ConfigError(f"{cfg_path}: run directory was made with another config; use "
                               f"a new --run-dir")
         print(f"notice: {cfg_path}: nothing was computed in this run directory yet; its "
               f"config is replaced by the new one", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:    # the old config's data reference goes with it
+            from jaxattrib.data import run_data
+            for stale in (run_data.SOURCE_FILE, run_data.LEGACY_FILE):
+                (run_dir / stale).unlink(missing_ok=True)
     writer = jax.process_index() == 0
     if writer:
         from jaxattrib.fileio import atomic_write_text
         atomic_write_text(cfg_path, json.dumps(current, indent=2, sort_keys=True))
-    ds = load_training_data(config)     # reads and checks every image before the model loads
+    # opens and checks the training data (legacy runs: data/train.npz) before the model loads
+    ds, dataset_info = _run_training_data(config, run_dir, writer)
     pipe = _load_model(config.model)
     check_pipeline_matches(config, pipe)
     check_data_size(config, pipe)
-    data_path = run_dir / "data" / "train.npz"
-    if writer and not data_path.exists():
-        import io
-        from jaxattrib.fileio import atomic_write_bytes
-        buf = io.BytesIO()
-        np.savez(buf, images=ds.images, captions=np.array(ds.captions), ids=np.array(ds.ids))
-        atomic_write_bytes(data_path, buf.getvalue())
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
     prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
@@ -272,7 +305,6 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
                                   precision=prec["precision"], remat=prec["remat"],
                                   sample_posterior=sample_posterior)
     ids = pipe.tokenizer(list(ds.captions), max_length=pipe.text_config.max_position_embeddings)
-    images = np.asarray(ds.images)
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
                      schedule=f.schedule, seed=config.seed, checkpoint_every=f.checkpoint_every,
                      mode=f.mode, lora_rank=f.lora_rank, train_text_encoder=f.train_text_encoder,
@@ -290,14 +322,55 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
             else parallel.make_mesh(1)
     from jaxattrib.progress import StageLog
     with StageLog(run_dir, "train") as log:
-        log(f"{len(images)} examples, steps={f.steps}, batch_size={f.batch_size}, "
+        log(f"{len(ds)} examples, steps={f.steps}, batch_size={f.batch_size}, "
             f"mode={f.mode}, processes={jax.process_count()}, devices={mesh.size}")
-        return finetune(loss_fn, params, len(images),
-                        lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc,
+        # pixels are read per step (this process's rows only), ahead of the step by grain threads
+        return finetune(loss_fn, params, len(ds),
+                        lambda idx: {"images": ds.read(idx), "input_ids": ids[idx]}, tc,
                         (run_dir / "record").resolve(), mesh=mesh, progress=progress,
-                        model_info=model_info,
-                        dataset_info={"fingerprint": ds.fingerprint(), "ids": list(ds.ids)},
-                        log=log)
+                        model_info=model_info, dataset_info=dataset_info, prefetch=2, log=log)
+
+
+def _run_training_data(config, run_dir: Path, writer: bool):
+    """The run's training source and the manifest's ``dataset`` entry.
+
+    A run directory holding ``data/train.npz`` (made before data were referenced) trains on
+    that copy, with the manifest entry it always had. Otherwise the configured source is
+    referenced in ``data/source.json`` (written once, by process 0); on resume its fingerprint
+    must equal the recorded one (:class:`~jaxattrib.data.run_data.DataChangedError` naming the
+    data's path otherwise).
+    """
+    from jaxattrib.data import run_data
+    from jaxattrib.data.source import NpzSource
+    legacy = run_dir / run_data.LEGACY_FILE
+    if legacy.is_file():
+        ds = NpzSource(legacy)
+        return ds, {"fingerprint": ds.fingerprint(), "ids": list(ds.ids)}
+    ds = load_training_data(config)
+    ref = run_dir / run_data.SOURCE_FILE
+    if ref.is_file():
+        run_data.check_same_data(run_data.read_run_data_ref(run_dir), ds, ref)
+    else:
+        _check_images_readable(ds)
+        if writer:
+            run_data.write_run_data(run_dir, ds)
+    return ds, {"fingerprint": ds.fingerprint(), "ids": list(ds.ids),
+                "reference": run_data.SOURCE_FILE.as_posix(), "kind": ds.kind,
+                "order": "steps.jsonl 'indices' of each update index these ids"}
+
+
+def _check_images_readable(ds) -> None:
+    """Decodes every image of a folder-backed source once (streamed in batches, nothing kept),
+    so a bad file stops ``train`` with :class:`~jaxattrib.data.dataset.DataError` naming it
+    before the model loads, not mid-run. Done when a run directory first references its data;
+    on resume the fingerprint (file bytes) proves the files are the ones checked. Other kinds
+    (synthetic, digits, tfds) are generated or were validated when they were prepared."""
+    from jaxattrib.data.source import iter_batches
+    root = ds.parent if ds.kind == "subset" else ds
+    if root.kind != "folder":
+        return
+    for _ in iter_batches(ds, 32, num_threads=0):
+        pass
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -339,6 +412,37 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     return np.stack(imgs), prompts
 
 
+class PromptRows:
+    """Lazy ``[N, L, D]`` float32 text-encoder states of ``captions``: ``a[lo:hi]`` encodes
+    those captions only (``pipe.encode_prompts``), so a featurization chunk never needs the
+    whole set's states (``N × 77 × 768`` floats at SD-1.5 size)."""
+
+    def __init__(self, pipe, captions):
+        self.pipe, self.captions = pipe, list(captions)
+        first = np.asarray(pipe.encode_prompts(self.captions[:1]))
+        self.shape = (len(self.captions), *first.shape[1:])
+        self.dtype, self.ndim = first.dtype, first.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            caps = self.captions[key]
+        else:
+            caps = [self.captions[int(i)] for i in np.asarray(key).reshape(-1)]
+        if not caps:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return np.asarray(self.pipe.encode_prompts(caps))
+
+
+def source_examples(pipe, source) -> dict:
+    """Featurization inputs of a training source, both lazy: ``{'x0': source.images`` (an
+    :class:`~jaxattrib.data.source.ImageRows` ``[N, H, W, 3]``), ``'ctx':`` :class:`PromptRows`
+    ``[N, L, D]}``; ``trak.featurize`` reads one chunk of rows at a time."""
+    return {"x0": source.images, "ctx": PromptRows(pipe, source.captions)}
+
+
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
                       "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
                       "microbatch": 8, "precision": "float32", "remat": "none",
@@ -376,9 +480,10 @@ def _sha(*parts: str) -> str:
 
 def _require_run(run_dir: Path) -> dict:
     config_path = run_dir / "config.json"
-    if not config_path.is_file() or not (run_dir / "data" / "train.npz").is_file():
+    from jaxattrib.data.run_data import has_run_data
+    if not config_path.is_file() or not has_run_data(run_dir):
         raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
-                          f"data/train.npz from `jaxattrib train`)")
+                          f"data/source.json or data/train.npz from `jaxattrib train`)")
     return read_run_config(config_path)
 
 
@@ -402,30 +507,40 @@ def load_run_pipeline(run_dir: str | Path):
 
 
 def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
-                      batch_size: int = 16) -> TrainingExamples:
+                      batch_size: int = 16, data=None) -> TrainingExamples:
     """The run's training set in the UNet's space, for featurization.
 
-    Pixel pipelines: the images of ``data/train.npz``. Latent pipelines: their VAE latents
+    The training data is the source ``data/source.json`` references (its fingerprint checked,
+    :class:`~jaxattrib.data.run_data.DataChangedError` naming the path when it changed), or the
+    copy ``data/train.npz`` of older runs. Pixel pipelines: its images, read lazily per
+    featurization chunk. Latent pipelines: their VAE latents
     (posterior mean × scaling factor, :data:`jaxattrib.diffusion.latents.LATENT_RULE`), encoded
     once into the resumable store ``RUN/latents/train`` keyed by the data and VAE fingerprints
     (:mod:`jaxattrib.latent_cache`; a store for other data or another VAE is refused), read back
-    on later calls. Errors (wrong image size for the model, refused cache) are
+    on later calls; the store is filled from the source's batches (:func:`~jaxattrib.data.source.
+    iter_batches`), never the whole pixel set at once. Text states are encoded per chunk
+    (:class:`PromptRows`); ``images`` is lazy (:class:`~jaxattrib.data.source.ImageRows`).
+    ``data``: the run's source when already opened (:func:`~jaxattrib.data.run_data.
+    open_run_data`). Errors (wrong image size for the model, refused cache) are
     :class:`ConfigError`."""
     from jaxattrib.diffusion import latents as lat
-    from jaxattrib.latent_cache import array_batches, cached_training_latents
+    from jaxattrib.data.run_data import LEGACY_FILE, SOURCE_FILE, open_run_data
+    from jaxattrib.data.source import iter_batches
+    from jaxattrib.latent_cache import cached_training_latents
     run_dir = Path(run_dir)
     _require_run(run_dir)
     pipe = load_run_pipeline(run_dir) if pipe is None else pipe
-    with np.load(run_dir / "data" / "train.npz") as data:
-        images, captions, ids = data["images"], data["captions"], data["ids"]
-    lat.check_pixel_images(images.shape, pipe.unet_config, pipe.vae_config,
-                           f"{run_dir / 'data' / 'train.npz'} images")
+    data = open_run_data(run_dir) if data is None else data   # pixels are read per chunk
+    images, captions, ids = data.images, np.asarray(data.captions), np.asarray(data.ids)
+    where = LEGACY_FILE if (run_dir / LEGACY_FILE).is_file() else SOURCE_FILE
+    lat.check_pixel_images((len(data), *data.image_shape), pipe.unet_config, pipe.vae_config,
+                           f"{run_dir / where} images")
     manifest = run_dir / "record" / "manifest.json"
     fp, trained = "", {}
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         fp, trained = str(m.get("dataset", {}).get("fingerprint", "")), m.get("model", {})
-    fp = fp or hashlib.sha256(images.tobytes()).hexdigest()
+    fp = fp or data.fingerprint()
     if pipe.is_latent:
         vfp = lat.vae_fingerprint(pipe.vae_config, pipe.vae_params)
         if trained.get("vae_fingerprint", vfp) != vfp:
@@ -433,14 +548,16 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
                               f"those {run_dir} was trained with ({manifest}: vae_fingerprint "
                               f"{trained['vae_fingerprint'][:12]}…); attribute with the "
                               f"model folder the run was made from")
-        x0 = cached_training_latents(run_dir, pipe, len(images),
-                                     array_batches(images, batch_size), data_fingerprint=fp,
-                                     vae_fingerprint=vfp, progress=progress)
+        batches = ((int(lo), b["images"]) for lo, b in zip(
+            range(0, len(data), batch_size), iter_batches(data, batch_size)))
+        x0 = np.asarray(cached_training_latents(run_dir, pipe, len(data), batches,
+                                                data_fingerprint=fp,
+                                                vae_fingerprint=vfp, progress=progress),
+                        np.float32)
         fp = _sha(fp, f"latents={lat.LATENT_RULE}", vfp)
     else:
         x0 = images
-    ctx = np.asarray(pipe.encode_prompts(list(captions)))
-    return TrainingExamples({"x0": np.asarray(x0, np.float32), "ctx": ctx}, fp, ids, captions,
+    return TrainingExamples({"x0": x0, "ctx": PromptRows(pipe, captions)}, fp, ids, captions,
                             images)
 
 
@@ -554,15 +671,17 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
                               "num_timesteps": num_timesteps, "projection": projection,
                               "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk,
                               "chunk_size": chunk_size}, "attribute")
+    from jaxattrib.data.run_data import open_run_data
+    data = open_run_data(run_dir)   # reference and fingerprint checked; pixels read per chunk
     if queries is not None:
         q_images, q_prompts = read_queries(queries)
-        train_shape = _npz_shape(run_dir / "data" / "train.npz", "images")
-        if train_shape is not None and q_images.shape[1:] != train_shape[1:]:
+        if q_images.shape[1:] != tuple(data.image_shape):
             hw = "x".join
             raise ConfigError(f"{queries}: query images are {q_images.shape[1:]} "
                               f"({hw(map(str, q_images.shape[1:]))}), training images "
-                              f"{train_shape[1:]} ({hw(map(str, train_shape[1:]))}) (H, W, C): "
-                              f"generate the queries with the run's model, or resize them")
+                              f"{tuple(data.image_shape)} ({hw(map(str, data.image_shape))}) "
+                              f"(H, W, C): generate the queries with the run's model, or resize "
+                              f"them")
         if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
             raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs "
                               f"the sampling trajectory (`jaxattrib generate --trajectory`)")
@@ -580,7 +699,7 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
                               matmul_precision=matmul_precision)
-    train = training_examples(run_dir, pipe, progress=progress)
+    train = training_examples(run_dir, pipe, progress=progress, data=data)
     use_steps = steps[1:] if method == "tracin" else [steps[-1]]
     fkw = dict(progress=progress, mesh=mesh, on_progress=on_progress, log=log,
                chunk_size=chunk_size)
@@ -666,10 +785,14 @@ def _write_attribution_section(run_dir: Path, method: str, qname: str, scores: n
              "top": ", ".join(str(train.ids[j]) for j in top[i])} for i in range(len(prompts))]
     name = f"attribute_{method}_{qname}"
     labels = [str(x) for x in train.ids]
-    grid = np.concatenate([topk_image(np.clip(shown[q], -1, 1), train.images, scores[q],
-                                      k=min(topk, 8), labels=labels,
-                                      query_label=query_label)[0]
-                           for q in range(len(prompts))], axis=0)
+    kk = min(topk, 8, len(labels))
+
+    def row(q):   # reads only this query's top training images (train.images may be lazy)
+        sel = np.sort(top[q, :kk])
+        return topk_image(np.clip(shown[q], -1, 1), np.asarray(train.images[sel]),
+                          scores[q][sel], k=kk, labels=[labels[j] for j in sel],
+                          query_label=query_label)[0]
+    grid = np.concatenate([row(q) for q in range(len(prompts))], axis=0)
     rel = Path("results") / f"{name}_topk.png"
     save_png(run_dir / rel, grid)
     write_result(run_dir, name, f"{method} attribution of {qname}",

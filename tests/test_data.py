@@ -446,8 +446,8 @@ def test_digits_resampling_matches_jax_image_resize(method, size):
 
 # ----------------------------------------------------------------------------- tfds
 
-TFDS_SKIP = ("tensorflow-datasets is not installed: it is the optional extra "
-             "`pip install -e '.[tfds]'`, which `make test` / CI leave out")
+TFDS_SKIP = ("tensorflow-datasets is not installed: it is in the test extra "
+             "(`pip install -e '.[test]'`, what scripts/bootstrap.sh and CI install)")
 
 
 def test_tfds_missing_package_says_how_to_install(monkeypatch):

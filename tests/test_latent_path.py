@@ -87,8 +87,10 @@ def test_latent_pipeline_train_generate_attribute_report(tiny_latent_pipeline, t
 
     # ground truth by construction: encode by hand with the VAE port, call the pixel-free core
     pipe = load_pipeline(model)
-    with np.load(run / "data" / "train.npz") as d:
-        images, captions = d["images"], list(d["captions"])
+    from jaxattrib.data.run_data import open_run_data
+    assert not (run / "data" / "train.npz").exists()   # data/source.json refers to the data
+    d = open_run_data(run)
+    images, captions = d.read(np.arange(len(d))), list(d.captions)
     z = np.asarray(encode_latents(pipe.vae_params, pipe.vae_config, images, None))
     cached = np.load(run / "latents" / "train" / "chunk_00000.npy").reshape(z.shape)
     np.testing.assert_allclose(cached, z, rtol=1e-5, atol=1e-6)

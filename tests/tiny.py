@@ -139,3 +139,37 @@ def perturbed_copy(pipeline, root, *, seed: int = 1, scale: float = 0.02,
                for k, v in load_file(path).items()}
     save_file(tensors, path)
     return out
+
+
+def make_tiny_tfds(data_dir, images, captions, *, labels=None, label_names=("a", "b")) -> str:
+    """Prepares a tiny tfds data set in ``data_dir`` as array_record (no TensorFlow, nothing
+    downloaded): ``images`` uint8 ``[N, H, W, 3]`` stored PNG-encoded (``tfds.features.Image``),
+    ``captions`` as the text feature ``caption``, ``labels`` (default ``i % 2``) as a
+    ``ClassLabel`` named ``label_names``. Returns its tfds name, ``'jaxattrib_stream_images'``
+    (read it with ``tfds.builder(name, data_dir=data_dir)``)."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    images = np.asarray(images, np.uint8)
+    labels = [i % 2 for i in range(len(images))] if labels is None else list(labels)
+
+    class JaxattribStreamImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "caption": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=list(label_names))}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (im, cap, lab) in enumerate(zip(images, captions, labels)):
+                yield i, {"image": Image.fromarray(im), "caption": cap, "label": int(lab)}
+
+    JaxattribStreamImages(data_dir=str(data_dir), file_format="array_record") \
+        .download_and_prepare()
+    return "jaxattrib_stream_images"

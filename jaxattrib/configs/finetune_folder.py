@@ -4,9 +4,11 @@
 --set data.path=../shared/data/dreambooth --set data.subjects="['dog','cat']"``
 
 data.source: 'synthetic' (the package's concept set), 'folder' (one sub-folder per subject,
-captions from captions.jsonl / prompt.txt / a template), 'digits' (scikit-learn's digits).
+captions from captions.jsonl / prompt.txt / a template), 'digits' (scikit-learn's digits),
+'tfds' (data.name prepared as array_record in data_dir data.path; see docs/data.md).
 model: 'embedded' (the shipped base model) or a diffusers pipeline folder (safetensors).
-The run directory receives data/train.npz, the trajectory record and config.json; attribute
+The run directory receives data/source.json (a fingerprinted reference to the data, no pixel
+copy), the trajectory record and config.json; attribute
 with ``jaxattrib attribute RUN_DIR --queries ...``.
 finetune.precision: 'float32' | 'bfloat16' (UNet compute dtype; float32 master weights and
 AdamW state either way); finetune.remat: 'none' | 'full' | 'dots_saveable' |
@@ -27,6 +29,9 @@ def get_config(arg=None):
     c.data.subjects = ()
     c.data.size = 16                  # must equal the UNet's sample size (x VAE factor)
     c.data.max_examples = 64
+    c.data.name = ""                  # data.source='tfds': tfds name (data.path = its data_dir)
+    c.data.split = "train"            # data.source='tfds': split
+    c.data.caption_key = ""           # data.source='tfds': text feature ('' = class name)
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 200
     c.finetune.batch_size = 16

@@ -28,7 +28,9 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
 * ``seed``: data subset and training seed. ``out_dir``: run directory of ``python -m
   jaxattrib.launch train`` (``jaxattrib train`` uses ``--run-dir``). ``num_devices``: devices of
   the data mesh (0 = every global device; the global batch must divide by it).
-* ``data.source``: 'folder' (or 'synthetic' / 'digits' for smoke tests); ``data.path``: the
+* ``data.source``: 'folder', 'tfds' (``data.name`` prepared as array_record in the data_dir
+  ``data.path``, ``data.split``, captions from ``data.caption_key`` or the class name; see
+  docs/data.md) (or 'synthetic' / 'digits' for smoke tests); ``data.path``: the
   folder; ``data.subjects``: sub-folders to use (empty = all); ``data.size``: image side, must
   equal the UNet sample size × the VAE factor (512 for SD-1.5; another size is refused naming
   both shapes); ``data.max_examples``: random subset (0 = all). The images are VAE-encoded to the
@@ -71,6 +73,9 @@ def get_config(arg=None):
     c.data.subjects = ()
     c.data.size = 512
     c.data.max_examples = 0
+    c.data.name = ""                  # data.source='tfds': tfds name (data.path = its data_dir)
+    c.data.split = "train"            # data.source='tfds': split
+    c.data.caption_key = ""           # data.source='tfds': text feature ('' = class name)
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 400

@@ -161,17 +161,7 @@ class ImageDataset:
         Labels and ``meta`` are not part of it: two data sets with the same pixels, captions and
         ids are the same training set for attribution purposes.
         """
-        h = hashlib.sha256()
-        h.update(b"jaxattrib.ImageDataset/v1\0")
-        h.update(repr(tuple(self.images.shape)).encode())
-        h.update(np.ascontiguousarray(self.images, dtype="<f4").tobytes())
-        for field in (self.captions, self.ids):
-            for s in field:
-                b = s.encode("utf-8")
-                h.update(len(b).to_bytes(8, "little"))
-                h.update(b)
-            h.update(b"\1")
-        return h.hexdigest()
+        return pixel_fingerprint(self.images, self.captions, self.ids)
 
     def batches(self, batch_size: int, key_or_seed=None, *, shuffle: bool = True,
                 drop_last: bool = False) -> Iterator[dict[str, Any]]:
@@ -203,6 +193,23 @@ class ImageDataset:
                 "indices": idx,
                 "labels": {k: v[idx] for k, v in self.labels.items()},
             }
+
+
+def pixel_fingerprint(images, captions: Sequence[str], ids: Sequence[str]) -> str:
+    """:meth:`ImageDataset.fingerprint` of ``images [N, H, W, 3]`` (any array-like whose
+    ``[lo:hi]`` slices give float32 rows; hashed in blocks of 256 rows), captions and ids."""
+    h = hashlib.sha256()
+    h.update(b"jaxattrib.ImageDataset/v1\0")
+    h.update(repr(tuple(int(d) for d in images.shape)).encode())
+    for lo in range(0, int(images.shape[0]), 256):
+        h.update(np.ascontiguousarray(images[lo:lo + 256], dtype="<f4").tobytes())
+    for field in (captions, ids):
+        for s in field:
+            b = str(s).encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        h.update(b"\1")
+    return h.hexdigest()
 
 
 def epoch_permutation(n: int, key_or_seed) -> np.ndarray:

@@ -59,10 +59,29 @@ def load_digits(size: int = 32, *, resample: str = "nearest",
     Returns:
       images ``[N, size, size, 3]`` float32 in ``[-1, 1]``; ``labels['digit']``.
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    images, target, index = select_digits(digits, max_per_digit)
+    gray = upsample(images[index] / 16.0, size, resample) * 2.0 - 1.0
+    rgb = np.repeat(np.clip(gray, -1.0, 1.0)[..., None], 3, axis=-1).astype(np.float32)
+    return ImageDataset(
+        images=rgb,
+        captions=tuple(f"a handwritten digit {int(target[i])}" for i in index),
+        labels={"digit": target[index].astype(np.int32)},
+        label_names={"digit": DIGIT_NAMES},
+        ids=tuple(f"digits/{int(i):04d}" for i in index),
+        meta={"source": "sklearn.datasets.load_digits", "size": size, "resample": resample,
+              "digits": None if digits is None else [int(d) for d in digits],
+              "max_per_digit": max_per_digit},
+    )
+
+
+def select_digits(digits: Sequence[int] | None = None, max_per_digit: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's raw digits ``[1797, 8, 8]`` (0..16), their targets ``[1797]`` and the
+    selected positions (see :func:`load_digits`)."""
+    from sklearn.datasets import load_digits as _sk_load_digits
+
     raw = _sk_load_digits()
     images, target = raw.images, np.asarray(raw.target)
     keep = np.ones(len(target), bool)
@@ -81,15 +100,4 @@ def load_digits(size: int = 32, *, resample: str = "nearest",
     if index.size == 0:
         raise DataError(f"digits: nothing selected (digits={digits}, "
                         f"max_per_digit={max_per_digit})")
-    gray = upsample(images[index] / 16.0, size, resample) * 2.0 - 1.0
-    rgb = np.repeat(np.clip(gray, -1.0, 1.0)[..., None], 3, axis=-1).astype(np.float32)
-    return ImageDataset(
-        images=rgb,
-        captions=tuple(f"a handwritten digit {int(target[i])}" for i in index),
-        labels={"digit": target[index].astype(np.int32)},
-        label_names={"digit": DIGIT_NAMES},
-        ids=tuple(f"digits/{int(i):04d}" for i in index),
-        meta={"source": "sklearn.datasets.load_digits", "size": size, "resample": resample,
-              "digits": None if digits is None else [int(d) for d in digits],
-              "max_per_digit": max_per_digit},
-    )
+    return images, target, index

@@ -142,31 +142,15 @@ def notice_ignored_files(folder: Path, used: int, known: Sequence[str] = ()) -> 
     return ignored
 
 
-def load_folder(root: str | os.PathLike, size: int = 64, *,
-                subjects: Sequence[str] | None = None,
-                caption_template: str | None = None,
-                instance_token: str = "sks",
-                min_size: int | None = None,
-                max_per_subject: int | None = None,
-                on_error: str = "raise") -> ImageDataset:
-    """Loads an image folder (DreamBooth layout, see the module docstring).
+def scan_folder(root: str | os.PathLike, *, subjects: Sequence[str] | None = None,
+                caption_template: str | None = None, instance_token: str = "sks",
+                max_per_subject: int | None = None) -> dict:
+    """Lists an image folder without reading any pixels (see the module docstring).
 
-    Args:
-      root: the folder.
-      size: output side in pixels.
-      subjects: subfolder names to load, in this order (default: all, sorted).
-      caption_template: fallback caption; fields ``{subject}``, ``{class_name}``, ``{token}``.
-      instance_token: value of ``{token}`` (DreamBooth's rare identifier).
-      min_size: smallest accepted shorter side in pixels (default ``size``).
-      max_per_subject: keep the first this many images (sorted by name) per subject.
-      on_error: ``'raise'`` (default) or ``'skip'`` bad images.
-
-    Returns:
-      an :class:`ImageDataset` with ``labels['subject']`` (and ``labels['class']``),
-      ids = paths relative to ``root``.
+    Returns ``{'paths': [Path], 'ids': [str], 'captions': [str], 'subject': [int],
+    'class': [int], 'subject_names': tuple, 'class_names': tuple, 'has_classes': bool,
+    'caption_template': str}``, one entry per image file in visiting order.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
@@ -192,9 +176,8 @@ def load_folder(root: str | os.PathLike, size: int = 64, *,
     root_caps = (read_captions_jsonl(root / CAPTIONS_FILE)
                  if (root / CAPTIONS_FILE).is_file() else {})
 
-    subject_names = tuple(folders)
     class_names: list[str] = []
-    images, captions, ids, subj, cls, skipped = [], [], [], [], [], []
+    out = {"paths": [], "ids": [], "captions": [], "subject": [], "class": []}
     for si, (name, folder) in enumerate(folders.items()):
         pretty = name.replace("_", " ")
         class_name = (classes or {}).get(name, pretty)
@@ -213,34 +196,72 @@ def load_folder(root: str | os.PathLike, size: int = 64, *,
             files = files[:max_per_subject]
         for path in files:
             rel = path.relative_to(root).as_posix()
-            try:
-                img = load_image(path, size, min_size)
-            except DataError as e:
-                if on_error == "raise":
-                    raise
-                skipped.append(str(e))
-                continue
-            images.append(img)
-            ids.append(rel)
-            captions.append(root_caps.get(rel) or local_caps.get(path.name) or prompt
-                            or fallback)
-            subj.append(si)
-            cls.append(class_names.index(class_name))
+            out["paths"].append(path)
+            out["ids"].append(rel)
+            out["captions"].append(root_caps.get(rel) or local_caps.get(path.name) or prompt
+                                   or fallback)
+            out["subject"].append(si)
+            out["class"].append(class_names.index(class_name))
+    out.update(subject_names=tuple(folders), class_names=tuple(class_names),
+               has_classes=classes is not None, caption_template=caption_template)
+    return out
+
+
+def load_folder(root: str | os.PathLike, size: int = 64, *,
+                subjects: Sequence[str] | None = None,
+                caption_template: str | None = None,
+                instance_token: str = "sks",
+                min_size: int | None = None,
+                max_per_subject: int | None = None,
+                on_error: str = "raise") -> ImageDataset:
+    """Loads an image folder (DreamBooth layout, see the module docstring).
+
+    Args:
+      root: the folder.
+      size: output side in pixels.
+      subjects: subfolder names to load, in this order (default: all, sorted).
+      caption_template: fallback caption; fields ``{subject}``, ``{class_name}``, ``{token}``.
+      instance_token: value of ``{token}`` (DreamBooth's rare identifier).
+      min_size: smallest accepted shorter side in pixels (default ``size``).
+      max_per_subject: keep the first this many images (sorted by name) per subject.
+      on_error: ``'raise'`` (default) or ``'skip'`` bad images.
+
+    Returns:
+      an :class:`ImageDataset` with ``labels['subject']`` (and ``labels['class']``),
+      ids = paths relative to ``root``. (:class:`jaxattrib.data.source.FolderSource` reads the
+      same folder image by image instead of all at once.)
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
+    root = Path(root)
+    listing = scan_folder(root, subjects=subjects, caption_template=caption_template,
+                          instance_token=instance_token, max_per_subject=max_per_subject)
+    images, keep, skipped = [], [], []
+    for i, path in enumerate(listing["paths"]):
+        try:
+            images.append(load_image(path, size, min_size))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            skipped.append(str(e))
+            continue
+        keep.append(i)
     if skipped:
         warnings.warn(f"load_folder({root}): skipped {len(skipped)} bad image(s): "
                       + "; ".join(skipped), stacklevel=2)
     if not images:
         raise DataError(f"{root}: no readable images (skipped {len(skipped)})")
-    labels = {"subject": np.asarray(subj, np.int32)}
-    label_names = {"subject": subject_names}
-    if classes is not None:
-        labels["class"] = np.asarray(cls, np.int32)
-        label_names["class"] = tuple(class_names)
+    labels = {"subject": np.asarray([listing["subject"][i] for i in keep], np.int32)}
+    label_names = {"subject": listing["subject_names"]}
+    if listing["has_classes"]:
+        labels["class"] = np.asarray([listing["class"][i] for i in keep], np.int32)
+        label_names["class"] = listing["class_names"]
     return ImageDataset(
-        images=np.stack(images), captions=tuple(captions), labels=labels,
-        label_names=label_names, ids=tuple(ids),
+        images=np.stack(images), captions=tuple(listing["captions"][i] for i in keep),
+        labels=labels, label_names=label_names, ids=tuple(listing["ids"][i] for i in keep),
         meta={"source": "folder", "root": str(root), "size": size,
-              "caption_template": caption_template, "instance_token": instance_token,
+              "caption_template": listing["caption_template"],
+              "instance_token": instance_token,
               "min_size": size if min_size is None else min_size,
               "max_per_subject": max_per_subject, "skipped": skipped},
     )

@@ -300,27 +300,10 @@ def make_synthetic(spec: SyntheticConceptSpec = SyntheticConceptSpec(), seed: in
       (indices into the spec's vocabularies), captions from :func:`caption` and ids
       ``synthetic/{color}_{shape}_{background}_{texture}_{k:03d}``.
     """
-    if int(seed) < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    withhold = _check_patterns(spec, withhold, "withhold")
-    only_p = None if only is None else _check_patterns(spec, only, "only")
-    combos = [c for c in spec.combinations()
-              if not _matches(c, withhold) and (only_p is None or _matches(c, only_p))]
-    if not combos:
-        raise DataError(f"synthetic: no combination left (withhold={withhold}, only={only_p})")
-    images, captions, ids = [], [], []
-    labels: dict[str, list[int]] = {k: [] for k in CONCEPTS}
-    for c in combos:
-        name = f"{c['color']}_{c['shape']}_{c['background']}_{c['texture']}"
-        for k in range(spec.per_combination):
-            rng = np.random.default_rng([int(seed), zlib.crc32(name.encode()), k])
-            images.append(render(c["shape"], c["color"], c["background"], c["texture"],
-                                 spec.size, rng, position_jitter=spec.position_jitter,
-                                 scale_range=spec.scale_range, supersample=spec.supersample))
-            captions.append(caption(**c))
-            ids.append(f"synthetic/{name}_{k:03d}")
-            for concept in CONCEPTS:
-                labels[concept].append(spec.vocab(concept).index(c[concept]))
+    plan = synthetic_plan(spec, seed, withhold, only)
+    images = [render_example(spec, seed, c, k) for c, k in plan["examples"]]
+    captions, ids, labels = plan["captions"], plan["ids"], plan["labels"]
+    withhold, only_p = plan["withhold"], plan["only"]
     return ImageDataset(
         images=np.stack(images),
         captions=tuple(captions),
@@ -330,6 +313,46 @@ def make_synthetic(spec: SyntheticConceptSpec = SyntheticConceptSpec(), seed: in
         meta={"source": "synthetic", "seed": int(seed), "size": spec.size,
               "spec": dataclasses.asdict(spec), "withhold": withhold, "only": only_p},
     )
+
+
+def synthetic_plan(spec: SyntheticConceptSpec, seed: int,
+                   withhold: Sequence[Mapping[str, str]] = (),
+                   only: Sequence[Mapping[str, str]] | None = None) -> dict:
+    """What :func:`make_synthetic` generates, without rendering: ``{'examples': [(combination,
+    k)], 'captions', 'ids', 'labels' (concept -> list of int), 'withhold', 'only'}`` (the
+    checked patterns). Render example ``j`` with ``render_example(spec, seed, *examples[j])``."""
+    if int(seed) < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    withhold = _check_patterns(spec, withhold, "withhold")
+    only_p = None if only is None else _check_patterns(spec, only, "only")
+    combos = [c for c in spec.combinations()
+              if not _matches(c, withhold) and (only_p is None or _matches(c, only_p))]
+    if not combos:
+        raise DataError(f"synthetic: no combination left (withhold={withhold}, only={only_p})")
+    examples, captions, ids = [], [], []
+    labels: dict[str, list[int]] = {k: [] for k in CONCEPTS}
+    for c in combos:
+        name = f"{c['color']}_{c['shape']}_{c['background']}_{c['texture']}"
+        for k in range(spec.per_combination):
+            examples.append((c, k))
+            captions.append(caption(**c))
+            ids.append(f"synthetic/{name}_{k:03d}")
+            for concept in CONCEPTS:
+                labels[concept].append(spec.vocab(concept).index(c[concept]))
+    return {"examples": examples, "captions": captions, "ids": ids, "labels": labels,
+            "withhold": withhold, "only": only_p}
+
+
+def render_example(spec: SyntheticConceptSpec, seed: int, combination: Mapping[str, str],
+                   k: int) -> np.ndarray:
+    """Image ``k`` of one combination: float32 ``[size, size, 3]`` in ``[-1, 1]``, drawn from
+    ``default_rng([seed, crc32(name), k])`` (independent of every other example)."""
+    c = combination
+    name = f"{c['color']}_{c['shape']}_{c['background']}_{c['texture']}"
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode()), k])
+    return render(c["shape"], c["color"], c["background"], c["texture"], spec.size, rng,
+                  position_jitter=spec.position_jitter, scale_range=spec.scale_range,
+                  supersample=spec.supersample)
 
 
 def make_withheld(spec: SyntheticConceptSpec, seed: int,

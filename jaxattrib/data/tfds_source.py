@@ -167,6 +167,24 @@ def _class_names(builder, label_key: str | None) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
+def open_builder(tfds, name: str, data_dir: str, image_key: str = "image"):
+    """The prepared tfds builder of ``name`` in ``data_dir`` (nothing is downloaded);
+    :class:`DataError` saying how to prepare it when it is missing or lacks ``image_key``."""
+    data_dir = os.fspath(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except Exception as e:  # DatasetNotFoundError and friends
+        raise DataError(f"tfds data set {name!r} not found in {data_dir}: "
+                        f"{_prepare_hint(name, data_dir)} ({type(e).__name__})") from e
+    if not builder.is_prepared():
+        raise DataError(f"tfds data set {name!r} is not prepared in {data_dir}: "
+                        f"{_prepare_hint(name, data_dir)}")
+    if image_key not in builder.info.features:
+        raise DataError(f"tfds data set {name!r}: no feature {image_key!r}; features are "
+                        f"{sorted(builder.info.features.keys())}")
+    return builder
+
+
 def load_tfds(name: str, split: str, data_dir: str | os.PathLike, size: int, *,
               image_key: str = "image", caption_key: str | None = None,
               label_key: str | None = "label", limit: int | None = None) -> ImageDataset:
@@ -187,17 +205,7 @@ def load_tfds(name: str, split: str, data_dir: str | os.PathLike, size: int, *,
     """
     tfds = _import_tfds()
     data_dir = os.fspath(data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    except Exception as e:  # DatasetNotFoundError and friends
-        raise DataError(f"tfds data set {name!r} not found in {data_dir}: "
-                        f"{_prepare_hint(name, data_dir)} ({type(e).__name__})") from e
-    if not builder.is_prepared():
-        raise DataError(f"tfds data set {name!r} is not prepared in {data_dir}: "
-                        f"{_prepare_hint(name, data_dir)}")
-    if image_key not in builder.info.features:
-        raise DataError(f"tfds data set {name!r}: no feature {image_key!r}; features are "
-                        f"{sorted(builder.info.features.keys())}")
+    builder = open_builder(tfds, name, data_dir, image_key)
     records = _records(tfds, builder, split, name, data_dir)
     return records_to_dataset(records, size=size, source_name=name.split(":")[0], split=split,
                               image_key=image_key, caption_key=caption_key, label_key=label_key,

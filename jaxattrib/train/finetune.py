@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -362,7 +360,7 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
              describe_step: Callable | None = None,
              on_checkpoint: Callable[[int, dict], Any] | None = None,
              log: Callable[[str], None] | None = None,
-             ) -> tuple[dict, TrajectoryRecord]:
+             prefetch: int = 0) -> tuple[dict, TrajectoryRecord]:
     """Trains ``init_params`` and writes the trajectory record at ``record_dir``; resumable.
 
     Args:
@@ -390,6 +388,9 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         called on every process with the same global arrays.
       log: optional ``str -> None`` (e.g. :class:`jaxattrib.progress.StageLog`): steps done,
         rate and ETA (at most every 30 s) and each checkpoint saved, with its step's loss.
+      prefetch: read this many updates' batches ahead (``get_batch`` runs in a grain worker
+        thread, :func:`jaxattrib.data.source.prefetch_map`); 0 = call it in the loop. The
+        batches, hence the trajectory, are the same either way.
 
     Returns:
       ``(model params after config.steps updates, TrajectoryRecord)``.
@@ -454,13 +455,20 @@ def finetune(loss_fn: Callable, init_params: Mapping, dataset_size: int,
         if on_checkpoint is not None:
             on_checkpoint(step, compose_params(state.params, state.frozen, config))
 
+    def local_batch(s: int) -> dict:
+        indices, _ = batch_plan(config.seed, s, dataset_size, config.batch_size)
+        return {k: np.asarray(v) for k, v in get_batch(indices[rows]).items()}
+
+    from jaxattrib.data.source import prefetch_map
+    batches = prefetch_map(local_batch, range(start, config.steps),
+                           num_threads=1 if prefetch > 0 else 0, prefetch=prefetch)
     pending, last_good = [], start   # metrics not yet checked for NaN/inf; last checkpoint
     try:
         if announce_start:
             announce(0)
         for s in range(start, config.steps):
             indices, key = batch_plan(config.seed, s, dataset_size, config.batch_size)
-            local = {k: np.asarray(v) for k, v in get_batch(indices[rows]).items()}
+            local = next(batches)
             batch = parallel.host_local_to_global(local, mesh)
             key = parallel.replicate(key, mesh)
             state, metrics = train_step(state, batch, key)
