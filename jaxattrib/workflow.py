@@ -210,26 +210,6 @@ def check_data_size(config, pipe, field: str = "data.size") -> None:
                           f"{field}={want[0]}")
 
 
-def _latent_training_rule(pipe, record_dir: Path, model_info: dict) -> tuple[dict, bool]:
-    """``(model_info for the record manifest, sample_posterior)`` of a fine-tuning run.
-
-    Latent pipelines train on the VAE posterior mean (the rule attribution encodes with, see
-    :mod:`jaxattrib.diffusion.latents`), recorded as ``vae_latents: 'mean'`` with the VAE's
-    fingerprint. A record made before this rule (manifest without ``vae_latents``) resumes as
-    it was made: on posterior samples, with its manifest unchanged. Pixel pipelines: unchanged.
-    """
-    if not pipe.is_latent:
-        return model_info, True
-    manifest = record_dir / "manifest.json"
-    if manifest.is_file():
-        stored = json.loads(manifest.read_text()).get("model", {})
-        if "vae_latents" not in stored:
-            return model_info, True
-    from jaxattrib.diffusion.latents import LATENT_RULE, vae_fingerprint
-    return ({**model_info, "vae_latents": LATENT_RULE,
-             "vae_fingerprint": vae_fingerprint(pipe.vae_config, pipe.vae_params)}, False)
-
-
 def read_run_config(path: str | Path) -> dict:
     """A run directory's ``config.json``; unreadable or not a JSON object: :class:`ConfigError`
     saying how to recover."""
@@ -298,8 +278,9 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     f = config.finetune
     prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
-    model_info, sample_posterior = _latent_training_rule(pipe, run_dir / "record",
-                                                         {"model": str(config.model)})
+    from jaxattrib.diffusion.latents import training_latent_rule
+    model_info, sample_posterior = training_latent_rule(pipe, run_dir / "record",
+                                                        {"model": str(config.model)})
     loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
                                   train_text_encoder=f.train_text_encoder,
                                   precision=prec["precision"], remat=prec["remat"],

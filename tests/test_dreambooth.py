@@ -212,3 +212,33 @@ def test_dreambooth_teaches_the_base_model_a_held_out_concept(tmp_path, concept)
     assert m["finetuned_color_accuracy"] >= m["base_color_accuracy"] + 0.25, m
     written = json.loads((tmp_path / "run" / "results" / "dreambooth.json").read_text())
     assert written["metrics"] == m
+
+
+def test_dreambooth_on_a_latent_pipeline_trains_on_the_posterior_mean(tmp_path,
+                                                                       tiny_latent_pipeline):
+    """DreamBooth on a VAE pipeline follows the latent rule of `jaxattrib train` (the
+    posterior mean that attribution encodes with, recorded in the manifest with the VAE's
+    fingerprint), so its record is attributed on what it was trained on."""
+    from PIL import Image
+
+    from jaxattrib.config import load_config
+    from jaxattrib.diffusion.latents import vae_fingerprint
+    from jaxattrib.models.pipeline import load_pipeline
+    (tmp_path / "data" / "dog").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
+            tmp_path / "data" / "dog" / f"{i}.png")
+    sets = [f"model='{tiny_latent_pipeline}'", "dreambooth.source='folder'",
+            f"dreambooth.path='{tmp_path / 'data'}'", "dreambooth.subject='dog'",
+            "dreambooth.class_noun='dog'", "dreambooth.instance_prompt='a {identifier} dog'",
+            "dreambooth.class_prompt='a {class_noun}'", "dreambooth.num_instance=2",
+            "dreambooth.num_class_images=2", "dreambooth.class_inference_steps=2",
+            "finetune.steps=1", "finetune.batch_size=2", "finetune.checkpoint_every=1",
+            "evaluate.enabled=False"]
+    db.dreambooth_run(load_config("dreambooth", sets), tmp_path / "run", progress=False)
+    manifest = json.loads((tmp_path / "run" / "record" / "manifest.json").read_text())
+    pipe = load_pipeline(tiny_latent_pipeline)
+    assert manifest["model"]["vae_latents"] == "mean"
+    assert manifest["model"]["vae_fingerprint"] == vae_fingerprint(pipe.vae_config,
+                                                                   pipe.vae_params)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +155,23 @@ def vae_fingerprint(vae_config, vae_params) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{a.shape}|{a.dtype.str}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def training_latent_rule(pipe, record_dir: str | Path, model_info: dict) -> tuple[dict, bool]:
+    """``(model_info for the record manifest, sample_posterior)`` of a fine-tuning run [design].
+
+    Latent pipelines (``pipe.is_latent``) train on the VAE posterior mean, the rule attribution
+    encodes with (:data:`LATENT_RULE`), recorded as ``vae_latents: 'mean'`` with the VAE's
+    fingerprint. A record made before this rule (manifest without ``vae_latents``) resumes as
+    it was made: on posterior samples, with its manifest unchanged. Pixel pipelines: unchanged
+    (``sample_posterior`` is then irrelevant). Used by ``jaxattrib train`` and DreamBooth.
+    """
+    if not pipe.is_latent:
+        return model_info, True
+    manifest = Path(record_dir) / "manifest.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text()).get("model", {})
+        if "vae_latents" not in stored:
+            return model_info, True
+    return ({**model_info, "vae_latents": LATENT_RULE,
+             "vae_fingerprint": vae_fingerprint(pipe.vae_config, pipe.vae_params)}, False)

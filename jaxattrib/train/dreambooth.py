@@ -245,6 +245,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from pathlib import Path
 
     from jaxattrib import parallel
+    from jaxattrib.diffusion.latents import training_latent_rule
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.finetune import TrainConfig, finetune
     from jaxattrib.demo import _check_config, _save_npz
@@ -319,9 +320,11 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         {"images": inst_images, "input_ids": pipe.tokenizer(inst_prompts, max_length=L)},
         {"images": class_images, "input_ids": pipe.tokenizer(class_prompts, max_length=L)})
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    model_info, sample_posterior = training_latent_rule(pipe, run_dir / "record",
+                                                        {"model": str(config.model)})
     loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
                                    prior_loss_weight=d.prior_loss_weight,
-                                   vae_config=pipe.vae_config,
+                                   vae_config=pipe.vae_config, sample_posterior=sample_posterior,
                                    train_text_encoder=f.train_text_encoder,
                                    precision=prec["precision"], remat=prec["remat"])
     tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
@@ -335,7 +338,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
     trained, record = finetune(
         loss_fn, params, n_pairs, get_batch, tc, (run_dir / "record").resolve(), mesh=mesh,
-        progress=progress, model_info={"model": str(config.model)},
+        progress=progress, model_info=model_info,
         dataset_info={"kind": "dreambooth pairs (instance j % n_inst, class j % n_class)",
                       "instance_ids": list(inst_ids), "instance_prompts": inst_prompts,
                       "class_prompts": class_prompts,
