@@ -3,8 +3,10 @@
 Each row is a fresh spawned process that builds a :class:`~jaxattrib.data.source.SyntheticSource`
 of N 64-px images (the synthetic concept set, rendered per example when read; ``per_combination``
 raised until N is reached, ``supersample=1`` to keep rendering cheap), loads the tests' tiny random pixel-space pipeline (``tests/tiny.py``
-``make_pixel_pipeline``: a 2-level UNet with 8/16 channels, here at 64 px, a 1-layer CLIP;
-written once to a temp folder), and featurizes every training
+``make_pixel_pipeline``, a 1-layer CLIP; written once to a temp folder) with a 4-level UNet
+(8/8/16/16 channels, cross-attention only at the 16×16 level: :data:`UNET`; with attention at
+64×64, 4096-token attention maps made a microbatch of 16 need 16 GB and the first attempt was
+OOM-killed), and featurizes every training
 example with ``diffusion_trak.featurize_examples`` on ``workflow.source_examples`` (the inputs
 ``jaxattrib attribute`` uses: lazy image rows and lazy prompt states), D-TRAK output, 1 timestep,
 ``k`` = 64, microbatch 16, store chunks of 64 rows. Progress (chunks) goes to stderr.
@@ -43,14 +45,22 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+UNET = dict(block_out_channels=(8, 8, 16, 16),
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D",
+                              "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+
 def make_pipeline(root: Path, size: int) -> Path:
-    """The tests' tiny random pixel-space pipeline (``tests/tiny.py``) at ``size`` px."""
+    """The tests' tiny random pixel-space pipeline (``tests/tiny.py``) at ``size`` px, UNet
+    :data:`UNET`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import make_pixel_pipeline
-    return make_pixel_pipeline(root, image_size=size)
+    return make_pixel_pipeline(root, image_size=size, unet_overrides=UNET)
 
 
-def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, queue) -> None:
+def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, microbatch: int,
+           queue) -> None:
     import dataclasses
 
     import jax
@@ -71,7 +81,7 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, queue) -> 
     pipe = load_pipeline(pipe_dir)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     ac = dt.AttributionConfig(method="dtrak", k=k, params="all", num_timesteps=1,
-                              microbatch=16)
+                              microbatch=microbatch)
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
     jax.block_until_ready(pipe.unet_params)
     setup = _rss_mib()
@@ -86,11 +96,25 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, queue) -> 
                "time": dt_s, "rate": n / dt_s})
 
 
+def _result(p, q) -> dict:
+    """The row the child puts on ``q``; a child that dies first (e.g. OOM-killed) is an error
+    naming its exit code, not a hang."""
+    import queue
+    while True:
+        try:
+            return q.get(timeout=5)
+        except queue.Empty:
+            if not p.is_alive():
+                raise SystemExit(f"stream_memory: the N-row process died (exit code "
+                                 f"{p.exitcode}; -9 = killed, e.g. out of memory)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="2000,20000", help="comma-separated N")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--microbatch", type=int, default=16)
     ap.add_argument("--in-memory", action="store_true", help="also the materialised rows")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -102,9 +126,9 @@ def main(argv=None) -> int:
             for in_memory in ((False, True) if args.in_memory else (False,)):
                 q = ctx.Queue()
                 p = ctx.Process(target=_stage, args=(n, args.size, str(pipe_dir), in_memory,
-                                                     args.k, q))
+                                                     args.k, args.microbatch, q))
                 p.start()
-                row = q.get()
+                row = _result(p, q)
                 p.join()
                 rows.append(row)
                 print(f"  done: {row}", flush=True)

@@ -84,9 +84,12 @@ def make_latent_pipeline(root, *, image_size: int = 16, prediction_type: str = "
 
 
 def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
-                        name: str = "pixel_pipe", extra: dict | None = None) -> Path:
+                        name: str = "pixel_pipe", extra: dict | None = None,
+                        unet_overrides: dict | None = None) -> Path:
     """Writes a tiny random pixel-space pipeline (no VAE) with our own writer; returns it.
-    ``extra``: the ``jaxattrib_base.json`` to write (default ``{"note": "test"}``)."""
+    ``extra``: the ``jaxattrib_base.json`` to write (default ``{"note": "test"}``).
+    ``unet_overrides``: fields of :func:`jaxattrib.models.unet.tiny_config` to replace (default:
+    2 levels, 8/16 channels, cross-attention at full resolution)."""
     import jax
 
     from jaxattrib import base_model as bm
@@ -101,9 +104,10 @@ def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
                                  max_position_embeddings=8, pad_token_id=None,
                                  bos_token_id=vocab - 2, eos_token_id=vocab - 1,
                                  projection_dim=16)
-    u = unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
-                         sample_size=image_size, in_channels=3, out_channels=3,
-                         attention_head_dim=2)
+    u = unet.tiny_config(**{**dict(block_out_channels=(8, 16), cross_attention_dim=16,
+                                   norm_num_groups=4, sample_size=image_size, in_channels=3,
+                                   out_channels=3, attention_head_dim=2),
+                            **(unet_overrides or {})})
     key = jax.random.PRNGKey(seed)
     up = unet.init_params(u, key)
     up = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(key, a.shape), up)
