@@ -8,6 +8,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests (which run the CLI in-process) never write there. test_app.py's compile-cache test
 # turns it on explicitly in tmp directories.
 os.environ["JAXATTRIB_COMPILE_CACHE"] = "off"
+# One XLA compilation cache for the whole test run (the pytest process, its xdist workers,
+# which inherit this variable, and the CLI subprocesses some tests start): many tests compile
+# the same programs of the same tiny models. A fresh directory per run, so nothing outlives
+# it; JAX only caches programs that took >= 1 s to compile. Set JAX_COMPILATION_CACHE_DIR
+# yourself to keep one between runs, or to '' to compile everything afresh.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxattrib-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 from pathlib import Path  # noqa: E402
 

@@ -9,9 +9,11 @@ tiny pixel pipeline covers source-model attribution. The reference runs are shar
 The random points come from ``FAULT_SEED`` (default: a fresh seed, printed) — rerun a failure
 with ``FAULT_SEED=<seed>``.
 
-Cost: the demo tests need a cold and a warm reference demo plus the chained and corrupted
-reruns, about 6 min of CPU on 2 cores (compilation dominates), so they are ``slow``; the
-source-model chain stays in the fast suite (docs/integrity.md).
+Cost (2026-12-07, 2-core VM at load 4-5): the demo's reference runs (cold, then warm) take
+225 s and its fault chain 90 s; the source-model chain about 130 s. Both chains (one random
+point per stage) are in the fast suite; the five-point repeats and the end-to-end corruption
+test (fast unit twins: tests/test_store.py, tests/test_record.py) are ``slow``
+(docs/integrity.md).
 """
 
 import os
@@ -138,7 +140,6 @@ def _check_chain(reference, stages, seed, tmp_path, env):
     return got
 
 
-@pytest.mark.slow
 def test_demo_stages_resume_bit_identically_after_sigkill(demo_reference, tmp_path, env):
     """One random SIGKILL in each demo stage (fine-tune, generate, featurize train / queries,
     scoring, MONTRAGE, CGI-DM), chained; the finished run equals the uninterrupted one bit for
