@@ -81,7 +81,7 @@ def _check_config(run_dir: Path, config, added: dict | None = None,
         path.unlink()
     if path.exists():
         stored = read_run_config(path)
-        for dotted, value in (added or {}).items():
+        for dotted, value in {**(added or {}), **(adopt or {})}.items():
             *sections, name = dotted.split(".")
             node = stored
             for sec in sections:

@@ -247,3 +247,81 @@ def test_api_fingerprint_is_computed_and_refuses_other_data(tmp_path, toy_unet):
         shape = (2, 2, 2)
     with pytest.raises(ValueError, match=r"examples\['ctx'\] is a Lazy.*fingerprint="):
         dt.data_fingerprint({"x0": a["x0"], "ctx": Lazy()})
+
+
+# ------------------------------------------------------------------------ old run directories
+
+
+def _old_config(c) -> dict:
+    """``c`` as a config.json written before attribution.noise / checkpoints existed."""
+    import json
+    d = json.loads(c.to_json())
+    del d["attribution"]["noise"], d["attribution"]["checkpoints"]
+    return d
+
+
+def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys):
+    """A demo / benchmark run directory with results whose config.json predates the fields
+    resumes with 'shared' noise and one checkpoint (what it was made with), saying so; one
+    without results takes the new defaults; a new one is written with them."""
+    import json
+    from jaxattrib.config import ATTRIBUTION_LEGACY, load_config
+    from jaxattrib.demo import _check_config
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
+    (old / "scores").mkdir()
+    (old / "scores" / "dtrak.npy").write_bytes(b"x")          # something computed
+    c = load_config("demo")
+    assert c.attribution.noise == "per_position" and c.attribution.checkpoints == 1
+    _check_config(old, c, adopt=ATTRIBUTION_LEGACY)
+    assert c.attribution.noise == "shared" and c.attribution.checkpoints == 1
+    assert "attribution.noise='per_position' -> 'shared'" in capsys.readouterr().err
+    # no results yet: the config is replaced, the new defaults stay
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
+    c2 = load_config("demo")
+    _check_config(fresh, c2, adopt=ATTRIBUTION_LEGACY)
+    assert c2.attribution.noise == "per_position"
+    assert json.loads((fresh / "config.json").read_text())["attribution"]["noise"] == \
+        "per_position"
+
+
+def test_attribute_defaults_of_old_and_new_run_dirs(tmp_path):
+    """`jaxattrib attribute` on a run whose config's attribution section predates the fields:
+    'shared' and one checkpoint; a run with the fields: its values; a run without an
+    attribution section: the new defaults (per_position, the method's checkpoints)."""
+    import json
+    from jaxattrib.config import load_config
+    from jaxattrib.workflow import attribution_defaults
+    for name, cfg, want in (
+            ("old", _old_config(load_config("sd15_lora")), ("shared", 1)),
+            ("new", json.loads(load_config("sd15_lora", ["attribution.checkpoints=(2, 4)"])
+                               .to_json()), ("per_position", [2, 4])),
+            ("bare", {"model": "embedded"}, ("per_position", None))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        d = attribution_defaults(tmp_path / name)
+        assert (d["noise"], d["checkpoints"]) == want, name
+
+
+def test_lds_benchmark_legacy_noise(tmp_path):
+    """benchmarks/lds.py: a run directory with features and a config.json without
+    attribution.noise was made with 'shared'; one with the field, or without features, not."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lds_benchmark_faithful",
+                                                  root / "benchmarks" / "lds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "run"
+    (run / "features").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"attribution": {"k": 32}}))
+    assert not bench.legacy_noise(run)                      # no features yet
+    np.save(run / "features" / "trak_final_train.npy", np.zeros((2, 2)))
+    assert bench.legacy_noise(run)
+    (run / "config.json").write_text(json.dumps({"attribution": {"noise": "per_position"}}))
+    assert not bench.legacy_noise(run)

@@ -37,9 +37,10 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
   posterior mean for fine-tuning and for attribution alike (docs/latents.md).
 * ``finetune.*``: optimizer updates (``steps``), *global* ``batch_size``, ``learning_rate``,
   ``schedule`` ('constant' | 'cosine' | 'linear') after ``warmup_steps``, ``checkpoint_every``
-  (the record's checkpoints: D-TRAK uses the last, TracIn all), ``mode`` ('lora' | 'full'),
-  ``lora_rank``, ``lora_alpha``, ``lora_target`` (regex over '/'-joined parameter paths; the
-  default is the UNet attention projections ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
+  (the record's checkpoints: D-TRAK scores the last ``attribution.checkpoints`` of them,
+  TracIn all), ``mode`` ('lora' | 'full'), ``lora_rank``, ``lora_alpha``, ``lora_target``
+  (regex over '/'-joined parameter paths; the default is the UNet attention projections
+  ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
 * ``finetune.precision``: 'float32' | 'bfloat16' (the UNet computes in bfloat16 from float32
   master weights; AdamW state float32). ``finetune.remat``: 'none' | 'full' | a
   ``jax.checkpoint_policies`` name ('dots_saveable', 'nothing_saveable', ...): activation
