@@ -266,13 +266,13 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     # run directories made before finetune/attribution.{precision,remat,matmul_precision}
     # existed did what their defaults do; before attribution.{noise,checkpoints}: shared noise,
     # one checkpoint (kept in the config.json written below, so `attribute` resumes with them)
-    from jaxattrib.config import adopt_legacy
+    from jaxattrib.config import ATTRIBUTION_LEGACY, adopt_legacy
     adopted = adopt_legacy(stored, current) if stored is not None else []
     if adopted:
         print(f"notice: {cfg_path} was made before these attribution fields existed; it keeps "
               f"what it did: {', '.join(adopted)}", file=sys.stderr, flush=True)
-    if stored is not None and precision.fill_added(
-            stored, precision.added_defaults("finetune", "attribution")) != current:
+    added = {**precision.added_defaults("finetune", "attribution"), **ATTRIBUTION_LEGACY}
+    if stored is not None and precision.fill_added(stored, added) != current:
         from jaxattrib.runlock import has_results
         if has_results(run_dir):
             raise ConfigError(f"{cfg_path}: run directory was made with another config; use "

@@ -325,3 +325,35 @@ def test_lds_benchmark_legacy_noise(tmp_path):
     assert bench.legacy_noise(run)
     (run / "config.json").write_text(json.dumps({"attribution": {"noise": "per_position"}}))
     assert not bench.legacy_noise(run)
+
+
+def test_train_run_made_before_the_fields_resumes_and_keeps_shared(tiny_pixel_pipeline,
+                                                                   tmp_path, capsys):
+    """`jaxattrib train` on a run directory whose config.json has an attribution section without
+    noise / checkpoints resumes (no "another config"), and the config.json it rewrites states
+    'shared' and one checkpoint, which `attribute` then uses."""
+    import json
+    import ml_collections
+    from jaxattrib.config import load_config
+    from jaxattrib.workflow import attribution_defaults, train_run
+
+    def config():
+        c = load_config("finetune_folder", [
+            f"model={tiny_pixel_pipeline}", "data.source=digits", "data.size=8",
+            "data.max_examples=4", "finetune.steps=1", "finetune.batch_size=2",
+            "finetune.checkpoint_every=1"])
+        c.attribution = ml_collections.ConfigDict(load_config("sd15_lora").attribution)
+        return c   # (sd15_lora's section: noise='per_position', checkpoints=1)
+    run = tmp_path / "run"
+    train_run(config(), run, progress=False)
+    assert attribution_defaults(run)["noise"] == "per_position"
+    stored = json.loads((run / "config.json").read_text())
+    del stored["attribution"]["noise"], stored["attribution"]["checkpoints"]
+    (run / "config.json").write_text(json.dumps(stored))          # as made before the fields
+    log = (run / "record" / "steps.jsonl").read_text()
+    train_run(config(), run, progress=False)                      # resumes
+    assert (run / "record" / "steps.jsonl").read_text() == log
+    assert "attribution.noise='per_position' -> 'shared'" in capsys.readouterr().err
+    a = json.loads((run / "config.json").read_text())["attribution"]
+    assert (a["noise"], a["checkpoints"]) == ("shared", 1)
+    assert attribution_defaults(run)["noise"] == "shared"
