@@ -43,6 +43,12 @@ a killed run restarts where it stopped. Cached features hold for the attribution
 recorded in ``features/settings.json`` (K, k, projection, parameters, noise seed, projection
 generator version); a rerun with others raises :class:`jaxattrib.eval.lds.LDSRunMismatchError`
 naming the field (features cached before that record existed: see ``--features-generator``).
+``attribution.noise`` (docs/faithful.md): features of a mode other than 'shared' are cached
+under their own names (``trak-per_position_final_train.npy``), so one run directory serves each
+mode; a run directory holding features from before the field keeps 'shared' unless
+``--set attribution.noise=...`` is given. ``attribution.checkpoints`` = M > 1 averages TRAK /
+D-TRAK / Journey-TRAK scores over the last M of the full model's checkpoints
+(``tracin_checkpoints``; the final model for ``train.steps``).
 Outputs:
 ``results/lds.json`` (via :func:`jaxattrib.report.html.write_result`), ``lds_table.md``,
 ``timings.json``.
@@ -362,19 +368,29 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
     ac = cfg.attribution
 
     feature_fns = {}
+    noise = ac.get("noise", "shared")
+    # checkpoint ensembles: the last M of the full model's saved checkpoints (the final model
+    # is the one of step train.steps), or the listed steps
+    ens_steps = dt.ensemble_steps(ac.get("checkpoints", 1),
+                                  sorted(set(ck_steps) | {int(cfg.train.steps)}))
+    ens_params = {s: (full, "final") if s == int(cfg.train.steps) else (ckpts[s], f"step{s}")
+                  for s in ens_steps}
 
     def features(method, params, split, step_tag="final"):
         """Projected gradients ``[n_split, k]``, cached as ``features/{method}_{tag}_{split}.npy``.
         [design] One jitted feature function per method, parameters passed as arguments, so
         every split and checkpoint reuses one compile (``featurize_examples`` compiles per
         call, which costs minutes each on a loaded 2-core machine)."""
-        path = feat_dir / f"{method}_{step_tag}_{split}.npy"
+        # 'shared' noise (and Journey-TRAK, which ignores it): the names features had before
+        # attribution.noise existed; other modes add theirs, so one run dir holds each mode
+        tag = method if noise == "shared" or method == "journey-trak" else f"{method}-{noise}"
+        path = feat_dir / f"{tag}_{step_tag}_{split}.npy"
         if path.is_file():
             return np.load(path)
         acfg = dt.AttributionConfig(method=method, output="square", k=ac.k,
                                     num_timesteps=ac.num_timesteps, projection=ac.projection,
                                     params=ac.params, microbatch=ac.microbatch,
-                                    noise_seed=cfg.seed)
+                                    noise_seed=cfg.seed, noise=noise)
         split_p = select_params(params, ac.params)
         if method not in feature_fns:
             projector = dt._projector(params, acfg)
@@ -382,7 +398,7 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
             feature_fns[method] = jax.jit(
                 lambda tr, fr, ex, keys: projector.project(grad_fn(tr, fr, ex, keys)))
         fn = feature_fns[method]
-        ex = {"x0": data[split]["x0"], "ctx": data[split]["ctx"]}
+        ex = dt.with_index({"x0": data[split]["x0"], "ctx": data[split]["ctx"]})
         key = jax.random.PRNGKey(1000 + (splits.index(split) if split in splits else -1))
         phi = projected_grads(lambda e, k: fn(split_p.trainable, split_p.frozen, e, k), ex, key,
                               microbatch=ac.microbatch, mesh=mesh)
@@ -396,19 +412,19 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
     results, sweeps, chosen = {}, [], {}
     for method in ac.methods:
         tm = time.time()
-        if method in ("trak", "dtrak", "journey-trak"):
-            Phi = features(method, full, "train")
-            phis = {s: features(method, full, s) for s in splits}
-            lams = dt.relative_lambdas(Phi, ac.lambda_ratios)
+        if method in ("trak", "dtrak", "journey-trak"):   # one checkpoint, or an ensemble
+            Phi_m = [features(method, p, "train", tag) for p, tag in ens_params.values()]
+            phi_m = {sp: [features(method, p, sp, tag) for p, tag in ens_params.values()]
+                     for sp in splits}
             cache = {}
 
-            def make(lam, Phi=Phi, phis=phis, cache=cache):
+            def make(r, cache=cache, Phi_m=Phi_m, phi_m=phi_m):
                 def f(split):
-                    if (lam, split) not in cache:
-                        cache[(lam, split)] = dt.scores_from_features(phis[split], Phi, lam)
-                    return cache[(lam, split)]
+                    if (r, split) not in cache:
+                        cache[(r, split)] = dt.ensemble_scores(phi_m[split], Phi_m, r)
+                    return cache[(r, split)]
                 return f
-            cands = {f"lambda_ratio={r:g}": make(lam) for r, lam in zip(ac.lambda_ratios, lams)}
+            cands = {f"lambda_ratio={r:g}": make(r) for r in ac.lambda_ratios}
         elif method == "tracin":
             tr = {s: features("trak", ckpts[s], "train", f"step{s}") for s in ck_steps}
             qs = {sp: [features("trak", ckpts[s], sp, f"step{s}") for s in ck_steps]
@@ -459,6 +475,15 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
                  text=md, order=30)
     log(md)
     return rows
+
+
+def legacy_noise(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds features made before ``attribution.noise`` existed (its last
+    ``config.json`` has no such field): such a run keeps 'shared' unless told otherwise."""
+    prev = run_dir / "config.json"
+    if not any((run_dir / "features").glob("*.npy")) or not prev.is_file():
+        return False
+    return "noise" not in (json.loads(prev.read_text()).get("attribution") or {})
 
 
 def feature_settings(cfg: dict) -> dict:
@@ -575,6 +600,11 @@ def main(argv=None):
         ap.error(str(e))
     cfg = load_config(spec + (f":{setting}" if setting else ""), args.set)
     run_dir = Path(args.run_dir or f"runs/lds{'_' + setting if setting else ''}")
+    if legacy_noise(run_dir) and not any(s.startswith("attribution.noise=") for s in args.set):
+        print(f"notice: {run_dir} holds features made before attribution.noise existed; it "
+              f"keeps noise='shared' (--set attribution.noise=per_position adds that mode's "
+              f"features beside them)", flush=True)
+        cfg.attribution.noise = "shared"
     run(cfg, run_dir, log=lambda m: print(m, flush=True),
         features_generator=args.features_generator)
 

@@ -340,6 +340,15 @@ def attribute(ctx: typer.Context,
               chunk_size: Optional[int] = typer.Option(None, help="Rows per feature-store "
                                                                   "chunk (unit of resumption) "
                                                                   "[64]."),
+              noise: Optional[str] = typer.Option(
+                  None, help="Noise of TRAK / D-TRAK / TracIn features: per_position (D-TRAK's "
+                             "code: each batch position its own, period 52) | per_example | "
+                             "shared (every example the same; runs made before this option) "
+                             "[per_position]."),
+              checkpoints: Optional[str] = typer.Option(
+                  None, help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "
+                             "checkpoints, scores averaged) or steps '100,200,300' [dtrak 1, "
+                             "trak / journey-trak 3]."),
               no_progress: bool = typer.Option(False, help="Hide progress bars.")):
     """Attribute query images to a run's training data (resumable feature stores).
 
@@ -356,7 +365,8 @@ def attribute(ctx: typer.Context,
     given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
              "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
              "microbatch": microbatch, "precision": precision, "remat": remat,
-             "matmul_precision": matmul_precision, "chunk_size": chunk_size}
+             "matmul_precision": matmul_precision, "chunk_size": chunk_size, "noise": noise,
+             "checkpoints": None if checkpoints is None else _parse_checkpoints(checkpoints)}
     opts = attribution_defaults(run_dir)
     opts.update({name: v for name, v in given.items() if v is not None})
     try:
@@ -366,6 +376,19 @@ def attribute(ctx: typer.Context,
         _fail(str(e))
     typer.echo(f"scores [{s.shape[0]} queries x {s.shape[1]} training images] written to "
                f"{run_dir / 'scores'}; `jaxattrib report {run_dir}` renders them")
+
+
+def _parse_checkpoints(text: str):
+    """``--checkpoints``: ``'3'`` -> 3 (the last 3), ``'100,200'`` / ``'300,'`` -> a list of
+    steps; anything else exits 2 naming the option."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        return [int(p) for p in parts if p]
+    except ValueError:
+        _fail(f"--checkpoints={text!r}: expected M (the last M checkpoints) or a comma-separated "
+              f"list of steps, e.g. 3 or 100,200,300")
 
 
 def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh: bool,

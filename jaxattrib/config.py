@@ -83,6 +83,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
             del node[parts[-1]]                # a number or a name: the type may change
             if isinstance(value, int):
                 value = float(value)
+        if key in INT_OR_STEPS_FIELDS and isinstance(value, (int, list, tuple)) \
+                and not isinstance(value, bool):
+            del node[parts[-1]]                # M or a tuple of steps: the type may change
+            value = tuple(value) if isinstance(value, list) else value
         try:
             node[parts[-1]] = value
         except (TypeError, ValueError) as e:
@@ -93,3 +97,31 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
 #: fields that take either a number or a name (e.g. ``decision.delta0=0.15`` or
 #: ``decision.delta0=calibrated``); every other override keeps the field's type
 NUMBER_OR_NAME_FIELDS = ("decision.delta0",)
+#: fields that take an int M (the last M checkpoints) or a tuple of checkpoint steps
+INT_OR_STEPS_FIELDS = ("attribution.checkpoints",)
+
+
+#: ``attribution`` fields added after run directories existed, with what those runs did: D-TRAK
+#: / TRAK noise shared by all examples, and one checkpoint (issue 19). A stored config whose
+#: ``attribution`` section lacks one was made then; :func:`adopt_legacy` keeps it on that value.
+ATTRIBUTION_LEGACY = {"attribution.noise": "shared", "attribution.checkpoints": 1}
+
+
+def adopt_legacy(stored: dict, current, legacy: dict = ATTRIBUTION_LEGACY) -> list[str]:
+    """For each ``'section.field'`` of ``legacy``: where ``stored`` (a run's ``config.json`` as
+    a dict) has the section without the field and ``current`` (dict or ConfigDict, changed in
+    place) has it, sets ``current``'s field to the legacy value, so the run resumes with what
+    it was made with. Returns the dotted names whose current value this changed (for a
+    notice)."""
+    changed = []
+    for dotted, value in legacy.items():
+        *sections, name = dotted.split(".")
+        old, new = stored, current
+        for sec in sections:
+            old = old.get(sec) if isinstance(old, dict) else None
+            new = new[sec] if new is not None and sec in new else None
+        if isinstance(old, dict) and name not in old and new is not None and name in new:
+            if new[name] != value:
+                changed.append(f"{dotted}={new[name]!r} -> {value!r}")
+            new[name] = value
+    return changed

@@ -45,16 +45,29 @@ def _log(msg: str) -> None:
     print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
+def _check_config(run_dir: Path, config, added: dict | None = None,
+                  adopt: dict | None = None) -> None:
     """Refuses a run directory whose ``config.json`` differs from ``config``; writes it if new.
 
     ``added``: ``{'section.field': value}`` for fields added to the config after run
     directories were made; a stored config without one is read with ``value`` (what such runs
-    did), so they still resume.
+    did), so they still resume. ``adopt``: the same for fields whose new default differs from
+    what such runs did (e.g. :data:`jaxattrib.config.ATTRIBUTION_LEGACY`): ``config`` itself
+    (changed in place) takes the stored run's value, with a notice when that changes it.
     """
     from jaxattrib.runlock import has_results
     from jaxattrib.workflow import read_run_config
     path = run_dir / "config.json"
+    if path.exists() and adopt and has_results(run_dir):
+        from jaxattrib.config import adopt_legacy
+        try:
+            changed = adopt_legacy(read_run_config(path), config, adopt)
+        except ConfigError:
+            changed = []   # unreadable: refused below
+        if changed:
+            print(f"notice: {path} was made before these fields existed; the run keeps what it "
+                  f"did: {', '.join(changed)} (use a new --run-dir for the new defaults)",
+                  file=sys.stderr, flush=True)
     current = json.loads(config.to_json())
     if path.exists() and not has_results(run_dir):
         # a run that failed before computing anything does not block a corrected retry
@@ -68,7 +81,7 @@ def _check_config(run_dir: Path, config, added: dict | None = None) -> None:
         path.unlink()
     if path.exists():
         stored = read_run_config(path)
-        for dotted, value in (added or {}).items():
+        for dotted, value in {**(added or {}), **(adopt or {})}.items():
             *sections, name = dotted.split(".")
             node = stored
             for sec in sections:
@@ -432,12 +445,16 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
     elif method in ("trak", "dtrak", "tracin"):
         ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
                                   params=a.params, projection=a.projection,
-                                  microbatch=a.microbatch)
+                                  microbatch=a.microbatch, noise=a.get("noise", "shared"))
         out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
         q_fp = _space_fingerprint(pipe, _fingerprint_of(queries["images"]))
+        ens = a.get("checkpoints", 1)
         if method == "tracin":
             cands = {"tracin": _tracin_scores(run_dir, pipe, ac, out_fn, train_ex, query_ex,
                                               fingerprint, q_fp, progress)}
+        elif ens != 1:
+            cands, meta = _ensemble_candidates(run_dir, a, ac, out_fn, train_ex, query_ex,
+                                               fingerprint, q_fp, progress)
         else:
             feats = run_dir / "features" / method
             Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
@@ -462,6 +479,35 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
     if flip:
         cands.update({f"{label}, sign flipped": -s for label, s in list(cands.items())})
     return cands, meta
+
+
+def _ensemble_candidates(run_dir: Path, a, ac, out_fn, train_ex, query_ex, fingerprint: str,
+                         query_fingerprint: str, progress: bool) -> tuple[dict, dict]:
+    """TRAK / D-TRAK over a checkpoint ensemble (``attribution.checkpoints`` = the last M
+    checkpoints after step 0, or a tuple of steps): per λ ratio, the mean of the checkpoints'
+    scores (:func:`~jaxattrib.attribution.diffusion_trak.ensemble_scores`); features in
+    ``features/<method>/step_<s>/``."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.train.record import TrajectoryRecord
+    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    try:
+        steps = dt.ensemble_steps(tuple(a.checkpoints) if isinstance(a.checkpoints, (list, tuple))
+                                  else a.checkpoints, record.steps(), ac.method)
+    except ValueError as e:
+        record.close()
+        raise ConfigError(f"attribution.{e}") from e
+    Phis, phis = [], []
+    for s in steps:
+        p = record.load(s)["unet"]
+        base = run_dir / "features" / ac.method / f"step_{s}"
+        Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
+                                          fingerprint=fingerprint, step=s, progress=progress))
+        phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
+                                          fingerprint=query_fingerprint, step=s, role="query",
+                                          progress=progress))
+    record.close()
+    return ({f"ratio={r:g}": dt.ensemble_scores(phis, Phis, r) for r in a.lambda_ratios},
+            {"ratios": list(a.lambda_ratios), "checkpoints": steps})
 
 
 def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerprint: str,
@@ -697,7 +743,8 @@ def open_base_run(run_dir: str | Path, config):
     ``info`` being the base model's :func:`~jaxattrib.base_model.base_model_info`."""
     from jaxattrib.base_model import base_model_info, load_base_model
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    from jaxattrib.config import ATTRIBUTION_LEGACY
+    _check_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)
     folder = config.base_model or None
     if folder is not None and not (Path(folder) / "jaxattrib_base.json").is_file():
         raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "

@@ -159,7 +159,18 @@ def check_attribution_fields(a, where: str = "attribution") -> None:
     import re
     from jaxattrib.attribution.diffusion_trak import METHODS
     from jaxattrib.attribution.projection import KINDS
+    from jaxattrib.diffusion.losses import NOISE_MODES
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
     checks = (("method", lambda v: v in METHODS, f"one of {METHODS}"),
+              ("noise", lambda v: v in NOISE_MODES, f"one of {NOISE_MODES}"),
+              ("noise_period", lambda v: is_int(v) and v >= 1, "a positive integer"),
+              ("checkpoints", lambda v: v is None or (is_int(v) and v >= 1) or (
+                  isinstance(v, (list, tuple)) and len(v) > 0 and all(
+                      is_int(s) and s >= 0 for s in v)),
+               "an int M >= 1 (the last M checkpoints) or a non-empty list of steps"),
               ("projection", lambda v: v in KINDS[:3], f"one of {KINDS[:3]}"),
               ("k", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
               ("num_timesteps", lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
@@ -253,9 +264,15 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
             if k not in stored["data"] and current.get("data", {}).get(k) == v:
                 stored["data"][k] = v
     # run directories made before finetune/attribution.{precision,remat,matmul_precision}
-    # existed did what their defaults do
-    if stored is not None and precision.fill_added(
-            stored, precision.added_defaults("finetune", "attribution")) != current:
+    # existed did what their defaults do; before attribution.{noise,checkpoints}: shared noise,
+    # one checkpoint (kept in the config.json written below, so `attribute` resumes with them)
+    from jaxattrib.config import ATTRIBUTION_LEGACY, adopt_legacy
+    adopted = adopt_legacy(stored, current) if stored is not None else []
+    if adopted:
+        print(f"notice: {cfg_path} was made before these attribution fields existed; it keeps "
+              f"what it did: {', '.join(adopted)}", file=sys.stderr, flush=True)
+    added = {**precision.added_defaults("finetune", "attribution"), **ATTRIBUTION_LEGACY}
+    if stored is not None and precision.fill_added(stored, added) != current:
         from jaxattrib.runlock import has_results
         if has_results(run_dir):
             raise ConfigError(f"{cfg_path}: run directory was made with another config; use "
@@ -427,16 +444,28 @@ def source_examples(pipe, source) -> dict:
 ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
                       "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
                       "microbatch": 8, "precision": "float32", "remat": "none",
-                      "matmul_precision": "default", "chunk_size": 64}
+                      "matmul_precision": "default", "chunk_size": 64,
+                      "noise": "per_position", "checkpoints": None}
 
 
 def attribution_defaults(run_dir: str | Path) -> dict:
     """``jaxattrib attribute`` defaults for a run: :data:`ATTRIBUTE_DEFAULTS` updated with the
-    ``attribution`` section of the run's ``config.json`` (e.g. ``sd15_lora``'s attn2 / k)."""
+    ``attribution`` section of the run's ``config.json`` (e.g. ``sd15_lora``'s attn2 / k).
+
+    A run made before ``attribution.noise`` / ``checkpoints`` existed (its config has an
+    ``attribution`` section without them) keeps what it did:
+    :data:`jaxattrib.config.ATTRIBUTION_LEGACY` ('shared' noise, one checkpoint), so its
+    feature stores keep resuming. A run whose config has no ``attribution`` section at all
+    (e.g. ``finetune_folder``) takes the defaults; feature stores it made before with 'shared'
+    noise are then refused with a message that says to pass ``--noise shared``."""
+    from jaxattrib.config import ATTRIBUTION_LEGACY
     out = dict(ATTRIBUTE_DEFAULTS)
     path = Path(run_dir) / "config.json"
     if path.is_file():
         sec = read_run_config(path).get("attribution") or {}
+        if isinstance(sec, dict) and sec:
+            for dotted, value in ATTRIBUTION_LEGACY.items():
+                out[dotted.split(".", 1)[1]] = value   # overridden below when the run has it
         out.update({k: v for k, v in sec.items() if k in out})
     return out
 
@@ -587,11 +616,19 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                   projection: str = "rademacher", microbatch: int = 8,
                   precision: str = "float32", remat: str = "none",
                   matmul_precision: str = "default", chunk_size: int = 64,
+                  noise: str = "per_position", checkpoints=None,
                   progress: bool = True, mesh=None, on_progress=None) -> np.ndarray | None:
     """Scores ``[Q, N]`` of the run's training images for the query images; see module doc.
 
-    ``method``: 'trak' | 'dtrak' | 'journey-trak' | 'tracin'. TRAK/D-TRAK/Journey use the
-    latest checkpoint; TracIn sums over every checkpoint of the record with its learning rate.
+    ``method``: 'trak' | 'dtrak' | 'journey-trak' | 'tracin'. TRAK/D-TRAK/Journey score with a
+    checkpoint ensemble: ``checkpoints`` = an int M (the last M checkpoints after step 0), a
+    list of steps, or None (the method's default, D-TRAK 1, TRAK / Journey-TRAK 3:
+    :data:`~jaxattrib.attribution.diffusion_trak.DEFAULT_CHECKPOINTS`); the scores are the
+    mean of the checkpoints' scores, each with its own features and λ
+    (:func:`~jaxattrib.attribution.diffusion_trak.ensemble_scores`). TracIn sums over every
+    checkpoint of the record with its learning rate (``checkpoints`` unused). ``noise``:
+    'per_position' | 'per_example' | 'shared' (TRAK / D-TRAK / TracIn features; see
+    :class:`~jaxattrib.attribution.diffusion_trak.AttributionConfig`).
     ``journey_step``: for Journey-TRAK, the sampling step of ``queries/trajectory.npz`` whose
     x̂0 is attributed (default: the last step, i.e. the final image). ``precision`` /
     ``remat`` / ``matmul_precision``: see :class:`~jaxattrib.attribution.diffusion_trak.
@@ -626,6 +663,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
         log(f"method={method} k={k} params={params!r} timesteps={num_timesteps} "
             f"projection={projection} microbatch={microbatch} chunk_size={chunk_size} "
             f"precision={precision} remat={remat} matmul_precision={matmul_precision} "
+            f"noise={noise} checkpoints={checkpoints} "
             f"queries={queries} processes={jax.process_count()} "
             f"devices={1 if mesh is None else mesh.size}")
         return _attribute_run(run_dir, queries, method, k=k, params=params,
@@ -633,12 +671,13 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                               journey_step=journey_step, projection=projection,
                               microbatch=microbatch, precision=precision, remat=remat,
                               matmul_precision=matmul_precision, chunk_size=chunk_size,
+                              noise=noise, checkpoints=checkpoints,
                               progress=progress, mesh=mesh, on_progress=on_progress, log=log)
 
 
 def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ratio, topk,
                    journey_step, projection, microbatch, precision, remat, matmul_precision,
-                   chunk_size, progress, mesh, on_progress, log):
+                   chunk_size, noise, checkpoints, progress, mesh, on_progress, log):
     import jax
 
     from jaxattrib.attribution import diffusion_trak as dt
@@ -651,7 +690,8 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     check_attribution_fields({"method": method, "k": k, "params": params,
                               "num_timesteps": num_timesteps, "projection": projection,
                               "microbatch": microbatch, "lam_ratio": lam_ratio, "topk": topk,
-                              "chunk_size": chunk_size}, "attribute")
+                              "chunk_size": chunk_size, "noise": noise,
+                              "checkpoints": checkpoints}, "attribute")
     from jaxattrib.data.run_data import open_run_data
     data = open_run_data(run_dir)   # reference and fingerprint checked; pixels read per chunk
     if queries is not None:
@@ -671,6 +711,13 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     if not steps:
         raise ConfigError(f"{run_dir / 'record'}: no checkpoint yet; run `jaxattrib train` "
                           f"first")
+    if method == "tracin":
+        use_steps = steps[1:]
+    else:
+        try:
+            use_steps = dt.ensemble_steps(checkpoints, steps, method)
+        except ValueError as e:
+            raise ConfigError(f"attribute: {e}") from e
     pipe = _load_model(config.get("model", "embedded"))
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     if queries is not None:
@@ -679,9 +726,8 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     ac = dt.AttributionConfig(method=method, k=k, params=params, num_timesteps=num_timesteps,
                               projection=projection, microbatch=microbatch,
                               precision=precision, remat=remat,
-                              matmul_precision=matmul_precision)
+                              matmul_precision=matmul_precision, noise=noise)
     train = training_examples(run_dir, pipe, progress=progress, data=data)
-    use_steps = steps[1:] if method == "tracin" else [steps[-1]]
     fkw = dict(progress=progress, mesh=mesh, on_progress=on_progress, log=log,
                chunk_size=chunk_size)
     if queries is None:  # the training features only
@@ -739,9 +785,8 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     log(f"scoring {len(q_prompts)} queries against {len(train.ids)} training examples")
     if method == "tracin":
         scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
-    else:
-        lam = dt.relative_lambdas(Phis[0], [lam_ratio])[0]
-        scores = dt.scores_from_features(phis[0], Phis[0], lam)
+    else:  # one checkpoint or the mean over the ensemble's checkpoints
+        scores = dt.ensemble_scores(phis, Phis, lam_ratio)
     out = run_dir / "scores" / f"{method}_{qname}.npy"
     out.parent.mkdir(parents=True, exist_ok=True)
     from jaxattrib.fileio import atomic_save_npy

@@ -194,7 +194,8 @@ def test_unet_features_equal_explicit_projection_float64(method):
                                    projection="gaussian", microbatch=2)
         out_fn = dt.make_train_out_fn(u, sched, cfg)
         rng = np.random.RandomState(0)
-        ex = {"x0": rng.uniform(-1, 1, (3, 8, 8, 3)), "ctx": rng.normal(size=(3, 4, 16))}
+        ex = dt.with_index({"x0": rng.uniform(-1, 1, (3, 8, 8, 3)),
+                            "ctx": rng.normal(size=(3, 4, 16))})   # row index: the noise
         proj = dt._projector(params, cfg)
         got = np.asarray(projected_grads(make_feature_fn(out_fn, params, proj, spec="attn2"),
                                          ex, jax.random.PRNGKey(1), microbatch=2))
@@ -291,6 +292,28 @@ def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):
         assert r.exit_code == 0, r.output
         s = np.load(run / "scores" / f"{method}_q.npy")
         assert s.shape == (2, 8) and np.isfinite(s).all()
+    # a checkpoint ensemble scores the mean of its checkpoints' scores (issue 19)
+    dtrak = ["attribute", str(run), "--queries", str(q), "--method", "dtrak", "--k", "16",
+             "--timesteps", "2", "--no-progress"]
+    single = []
+    for steps in ("1,", "2,"):
+        r = CliRunner().invoke(app, dtrak + ["--checkpoints", steps])
+        assert r.exit_code == 0, r.output
+        single.append(np.load(run / "scores" / "dtrak_q.npy"))
+    r = CliRunner().invoke(app, dtrak + ["--checkpoints", "2"])   # the last 2: steps 1, 2
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(run / "scores" / "dtrak_q.npy"), np.mean(single, 0),
+                               rtol=1e-5, atol=1e-6 * np.abs(single).max())
+    assert not np.allclose(single[0], single[1])
+    r = CliRunner().invoke(app, dtrak + ["--checkpoints", "2,5"])
+    assert r.exit_code == 2 and "no checkpoint at step(s) [5]" in r.output
+    r = CliRunner().invoke(app, dtrak + ["--checkpoints", "last"])
+    assert r.exit_code == 2 and "--checkpoints='last'" in r.output
+    # the stores were made with the default noise (per_position): another mode is refused
+    r = CliRunner().invoke(app, dtrak + ["--noise", "shared"])
+    assert r.exit_code == 2 and "noise='per_position'" in r.output, r.output
+    r = CliRunner().invoke(app, dtrak + ["--noise", "fresh"])
+    assert r.exit_code == 2 and "attribute.noise='fresh'" in r.output, r.output
     r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no PNG query images" in r.output
 

@@ -83,7 +83,7 @@ def test_bf16_really_computes_in_bf16(unet_params):
         fwd = _compute_dtypes(lambda p: m.apply({"params": p}, x, t, ctx), unet_params)
         out_fn = dt.make_train_out_fn(U, sched, dt.AttributionConfig(
             method="dtrak", num_timesteps=2, precision=prec, remat="dots_saveable"))
-        one = jax.tree.map(lambda a: jnp.asarray(a[0]), ex)
+        one = jax.tree.map(lambda a: jnp.asarray(a[0]), dt.with_index(ex))  # row index: noise
         feat_grad = jax.grad(lambda p: out_fn(p, one, key))
         featurize = _compute_dtypes(feat_grad, unet_params)
         loss_fn = make_diffusion_loss(U, None, sched, precision=prec)

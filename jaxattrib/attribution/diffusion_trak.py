@@ -9,7 +9,27 @@ What follows the references (methods.md §1–3):
 * TRAK (DSM): ``f = (1/K) Σ_t ||ε − ε_θ(x_t, t, c)||²`` (``output='loss'``).
 * D-TRAK: ``f = (1/K) Σ_t mean(ε_θ(x_t, t, c)²)`` (``output='square'``; other names of
   :func:`jaxattrib.diffusion.losses.output_function` are accepted), timesteps uniform
-  ``{0, T/K, 2T/K, …}``, noise fixed per (seed, t) and shared by all examples, one checkpoint.
+  ``{0, T/K, 2T/K, …}``, noise fixed per (seed, t) and batch position (``noise='per_position'``,
+  :func:`jaxattrib.diffusion.losses.example_noise`), one checkpoint.
+* Noise of TRAK / D-TRAK (``AttributionConfig.noise``): ``'per_position'`` [code] is D-TRAK's
+  (``set_seeds(e_seed*1000 + t)`` then ``randn_like`` over a batch of 52: each batch position its
+  own noise, repeated across batches), keyed here by the example's row index mod
+  ``noise_period`` (52), so features do not depend on the microbatch size [design];
+  ``'per_example'`` keys it by the row index itself; ``'shared'`` gives every example the same
+  noise at a timestep (what this library did before the field existed; run directories and
+  stores made then keep it). The default follows the reference; the LDS / customization
+  measurement of the three modes is pending (docs/faithful.md). Journey-TRAK's training
+  features always draw fresh noise from the per-example key (its reference) and ignore it.
+  The row index comes from ``examples['index']`` (int ``[n]``), which
+  :func:`featurize_examples` adds as ``arange(n)`` when absent (:func:`with_index`); pass it
+  yourself to key noise by a stable example id instead.
+* Checkpoint ensembles (:func:`ensemble_steps`, :func:`scores_from_features` with lists): the
+  scores of M checkpoints averaged, each with its own features and kernel (methods.md §1–2;
+  ``trak.score``). Defaults (:data:`DEFAULT_CHECKPOINTS`): D-TRAK 1 (its protocol [code]);
+  TRAK and Journey-TRAK the last 3 checkpoints of the record [design]: their references
+  ensemble over every checkpoint or model they saved (Journey-TRAK's scripts: 20), which for
+  a long fine-tuning record multiplies the cost without bound and includes checkpoints next
+  to the base model; the M = 1 vs 3 measurement is pending (docs/faithful.md).
 * Journey-TRAK: training features are the DSM loss at ``K`` random timesteps with fresh noise
   (per example key); the target of sampling step ``t`` is ``x̂0`` at that step re-noised to ``t``
   with ``R`` fresh draws, the DSM-loss gradient averaged over the draws.
@@ -72,6 +92,10 @@ class AttributionConfig:
     (0 = ``microbatch``; see ``trak.featurize``: each P block is generated once for that many
     examples, whose ``proj_batch × p`` float32 gradients are held at once).
     journey_resamples: R re-noisings of a trajectory target.
+    noise: 'per_position' | 'per_example' | 'shared' — the noise of TRAK / D-TRAK features
+    (module doc; :func:`jaxattrib.diffusion.losses.example_noise`); noise_period: positions of
+    'per_position' (D-TRAK's batch size, 52). Both go into the feature stores' metadata only
+    when ``noise`` is not 'shared' (so stores made before the field keep matching).
     precision: 'float32' | 'bfloat16' — UNet compute dtype of the forward/backward; the
     parameters, per-example gradients (w.r.t. the float32 parameters), the projection and
     the features stay float32. remat: UNet block rematerialization ('none' | 'full' | a
@@ -96,11 +120,17 @@ class AttributionConfig:
     precision: str = "float32"
     remat: str = "none"
     matmul_precision: str = "default"
+    noise: str = "per_position"
+    noise_period: int = 52
 
     def __post_init__(self):
         from jaxattrib import precision as prec
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.noise not in losses.NOISE_MODES:
+            raise ValueError(f"noise={self.noise!r}: expected one of {losses.NOISE_MODES}")
+        if not (isinstance(self.noise_period, (int, np.integer)) and self.noise_period >= 1):
+            raise ValueError(f"noise_period={self.noise_period!r}: expected a positive integer")
         if self.precision not in prec.PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: expected one of {prec.PRECISIONS}")
         object.__setattr__(self, "remat", prec.remat_name(self.remat))
@@ -111,6 +141,47 @@ class AttributionConfig:
     @property
     def output_name(self) -> str:
         return self.output if self.method == "dtrak" else "loss"
+
+    def noise_meta(self) -> dict:
+        """The noise fields of the feature stores' metadata: empty for 'shared' (as stores
+        made before the field) and for Journey-TRAK (fresh noise per example key)."""
+        if self.noise == "shared" or self.method == "journey-trak":
+            return {}
+        return {"noise": self.noise, "noise_period": int(self.noise_period)}
+
+
+#: ``attribution.checkpoints`` when not given, per method (module doc).
+DEFAULT_CHECKPOINTS = {"dtrak": 1, "trak": 3, "journey-trak": 3}
+
+
+def ensemble_steps(checkpoints, steps: Sequence[int], method: str = "dtrak") -> list[int]:
+    """The checkpoint steps a TRAK / D-TRAK / Journey-TRAK ensemble scores with.
+
+    ``checkpoints``: None (the method's :data:`DEFAULT_CHECKPOINTS`); an int M (the last M
+    checkpoints of ``steps`` after step 0 — fewer when the record has fewer; step 0 alone
+    when it holds nothing else); or a sequence of steps, each of which must be in ``steps``.
+    Raises ``ValueError`` naming the field otherwise.
+    """
+    steps = sorted(int(s) for s in steps)
+    if not steps:
+        raise ValueError("checkpoints: the record has no checkpoint")
+    if checkpoints is None:
+        checkpoints = DEFAULT_CHECKPOINTS.get(method, 1)
+    if isinstance(checkpoints, (int, np.integer)) and not isinstance(checkpoints, bool):
+        if checkpoints < 1:
+            raise ValueError(f"checkpoints={checkpoints}: expected M >= 1 (the last M "
+                             f"checkpoints) or a list of steps")
+        later = [s for s in steps if s > 0] or steps
+        return later[-int(checkpoints):]
+    if isinstance(checkpoints, (list, tuple)) and checkpoints and all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in checkpoints):
+        missing = [int(s) for s in checkpoints if int(s) not in steps]
+        if missing:
+            raise ValueError(f"checkpoints={list(checkpoints)}: no checkpoint at step(s) "
+                             f"{missing} (the record has {steps})")
+        return sorted(set(int(s) for s in checkpoints))
+    raise ValueError(f"checkpoints={checkpoints!r}: expected an int M (the last M checkpoints) "
+                     f"or a non-empty list of steps")
 
 
 def timesteps_for(config: AttributionConfig, T: int, key=None) -> np.ndarray:
@@ -185,10 +256,41 @@ def _train_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
     ts = jnp.asarray(timesteps_for(config, T))
 
     def out_fn(params, ex, key):
-        del key  # D-TRAK / TRAK: fixed noise per (seed, t), shared by all examples
+        del key  # D-TRAK / TRAK: noise fixed per (seed, t[, row index]), see config.noise
+        noise = None
+        if config.noise != "shared":
+            if "index" not in ex:
+                raise ValueError(f"noise={config.noise!r} needs each example's row index: "
+                                 f"examples['index'] (int [n]); featurize_examples adds it, "
+                                 f"elsewhere use diffusion_trak.with_index(examples)")
+            noise = jax.vmap(lambda t: losses.example_noise(
+                config.noise, config.noise_seed, t, ex["index"], ex["x0"].shape,
+                config.noise_period, ex["x0"].dtype))(ts)
         return losses.averaged_output(config.output_name, _eps_fn(unet_config, params, config),
-                                      sched, ex["x0"], ex["ctx"], ts, config.noise_seed)
+                                      sched, ex["x0"], ex["ctx"], ts, config.noise_seed,
+                                      noise=noise)
     return out_fn
+
+
+def with_index(examples: dict) -> dict:
+    """``examples`` with ``'index': arange(n)`` (int32) added when absent (the row index that
+    keys 'per_example' / 'per_position' noise); a given ``'index'`` is kept."""
+    if "index" in examples:
+        return examples
+    return {**examples, "index": np.arange(trak_lib._num_examples(examples), dtype=np.int32)}
+
+
+def data_fingerprint(examples: dict) -> str:
+    """:func:`~jaxattrib.attribution.store.dataset_fingerprint` of an example dict (sha256 of
+    its arrays' shapes, dtypes and bytes): a feature store's ``dataset_fingerprint`` when the
+    caller gives none. Fields must be arrays in memory (numpy / JAX); lazy rows (e.g.
+    ``workflow.source_examples``) need an explicit fingerprint, since hashing them would read
+    (or encode) the whole data set."""
+    for name, a in examples.items():
+        if not isinstance(a, (np.ndarray, jax.Array, np.generic)):
+            raise ValueError(f"examples[{name!r}] is a {type(a).__name__}, not an array: pass "
+                             f"fingerprint= (a key of this data) to featurize_examples")
+    return store_lib.dataset_fingerprint(examples)
 
 
 def make_journey_target_out_fn(unet_config, sched: Schedule, config: AttributionConfig):
@@ -229,7 +331,8 @@ def _projector(unet_params, config: AttributionConfig):
 
 
 def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionConfig,
-                       folder: str | Path, *, fingerprint: str, step: int | None = None,
+                       folder: str | Path, *, fingerprint: str | None = None,
+                       step: int | None = None,
                        role: str = "train", key_seed: int = 0, mesh=None,
                        progress: bool = True, chunk_size: int = 64,
                        on_progress=None, log=None) -> np.ndarray:
@@ -243,10 +346,23 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
     the chunks (:func:`~jaxattrib.attribution.trak.featurize`); all return the whole ``[n, k]``
     (``folder`` on a shared file system). ``on_progress`` / ``log``: see
     :func:`~jaxattrib.attribution.trak.featurize`.
+
+    ``fingerprint``: the key of this data in the store's metadata. None (default): computed
+    from the arrays themselves (:func:`data_fingerprint`, including ``examples['index']`` when
+    given), so reopening ``folder`` with other examples is refused with a
+    :class:`~jaxattrib.attribution.store.StoreMismatchError` naming ``dataset_fingerprint``
+    instead of returning the old features. An explicit string overrides it (for lazy rows, or
+    a caller that already keys its data, e.g. the run's data reference); it is then trusted.
+    The noise settings, method, role, timesteps, projection and checkpoint are separate
+    metadata fields, so a change of any of them is refused as well.
+    ``examples`` gains ``'index'`` (:func:`with_index`) for the per-example noise modes.
     """
     from jaxattrib import precision as prec
     projector = _projector(unet_params, config)
     n = trak_lib._num_examples(examples)
+    if fingerprint is None:
+        fingerprint = data_fingerprint(examples)
+    examples = with_index(examples)
     meta = store_lib.feature_meta(
         projector_meta=projector.meta(), seed=config.proj_seed, output_fn=config.output_name,
         dataset_fingerprint=fingerprint,
@@ -256,7 +372,7 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
         extra={"method": config.method, "role": role, "params": config.params,
                "num_timesteps": config.num_timesteps, "noise_seed": config.noise_seed,
                "key_seed": key_seed, "journey_resamples": config.journey_resamples,
-               **prec.non_default(config)})
+               **config.noise_meta(), **prec.non_default(config)})
     from jaxattrib.parallel import on_process0_first
     st = on_process0_first(lambda: store_lib.ChunkedArray.open(
         folder, n_rows=n, n_cols=config.k, chunk_size=min(chunk_size, max(n, 1)), meta=meta),
@@ -289,6 +405,20 @@ def scores_from_features(phi_query: np.ndarray | Sequence[np.ndarray],
     """``[n_query, n_train]`` scores (larger = more attributed); lists = ensembles."""
     s = trak_lib.trak_scores(phi_query, Phi_train, lam)
     return sign * np.asarray(s).T
+
+
+def ensemble_scores(phi_query: Sequence[np.ndarray], Phi_train: Sequence[np.ndarray],
+                    lam_ratio: float, sign: float = 1.0) -> np.ndarray:
+    """``[n_query, n_train]`` scores of a checkpoint ensemble: the mean over the M checkpoints
+    of each one's scores with its own ``λ_m = lam_ratio · mean(diag(Φ_mᵀΦ_m))``
+    (:func:`relative_lambdas`), i.e. ``trak.score`` over M models [paper: methods.md §1];
+    M = 1 is the single-checkpoint score."""
+    if len(phi_query) != len(Phi_train) or not len(Phi_train):
+        raise ValueError(f"ensemble: {len(phi_query)} query and {len(Phi_train)} train feature "
+                         f"sets; expected one of each per checkpoint (at least one)")
+    lams = [relative_lambdas(P, [lam_ratio])[0] for P in Phi_train]
+    kinvs = [trak_lib.trak_kernel_inverse(P, lam) for P, lam in zip(Phi_train, lams)]
+    return sign * np.asarray(trak_lib.score(list(phi_query), list(Phi_train), kinvs)).T
 
 
 def relative_lambdas(Phi_train: np.ndarray, ratios: Sequence[float]) -> list[float]:

@@ -49,6 +49,17 @@ class StoreMismatchError(ValueError):
         if "generator" in mismatches:
             lines.insert(0, "  (the features were drawn with another version of the projection "
                             "generator; delete this folder to recompute them)")
+        if "dataset_fingerprint" in mismatches:
+            lines.insert(0, "  (these features were computed for other examples: open another "
+                            "folder for the new examples, or delete this one to recompute)")
+        extra = mismatches.get("extra")
+        if extra is not None and all(isinstance(e, dict) for e in extra):
+            was, now = (e.get("noise", "shared") for e in extra)
+            if was != now:
+                lines.insert(0, f"  (noise: these features were made with noise={was!r} (absent "
+                                f"= 'shared', the only mode before the field existed), the "
+                                f"request is {now!r}: pass noise={was!r} (`--noise {was}`, "
+                                f"attribution.noise) to reuse them, or use another folder)")
         super().__init__(f"{folder}: store metadata differs from the request:\n" + "\n".join(lines))
 
 

@@ -23,6 +23,7 @@ def get_config(arg=None):
     # projection settings
     c = demo.get_config()
     del c["cgi_dm"], c["report"], c.generate["per_concept"], c.attribution["topk"]
+    del c.attribution["checkpoints"]   # scored on the final model only (no ensembles here)
     c.data = ml_collections.ConfigDict()
     c.data.per_combination = 2         # renders per seen (shape, color, background) combination
     # Fine-tuning steps and guidance were chosen on *generation fidelity* only (the pixel

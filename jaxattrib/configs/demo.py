@@ -45,6 +45,8 @@ def get_config(arg=None):
     c.attribution.lambda_ratios = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
     c.attribution.topk = 10
     c.attribution.concept_inversion_steps = 50
+    c.attribution.noise = "per_position"  # TRAK / D-TRAK / TracIn noise (docs/faithful.md)
+    c.attribution.checkpoints = 1         # TRAK / D-TRAK: last M checkpoints or steps, averaged
 
     c.cgi_dm = ml_collections.ConfigDict()
     c.cgi_dm.enabled = True

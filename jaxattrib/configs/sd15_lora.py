@@ -37,9 +37,10 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
   posterior mean for fine-tuning and for attribution alike (docs/latents.md).
 * ``finetune.*``: optimizer updates (``steps``), *global* ``batch_size``, ``learning_rate``,
   ``schedule`` ('constant' | 'cosine' | 'linear') after ``warmup_steps``, ``checkpoint_every``
-  (the record's checkpoints: D-TRAK uses the last, TracIn all), ``mode`` ('lora' | 'full'),
-  ``lora_rank``, ``lora_alpha``, ``lora_target`` (regex over '/'-joined parameter paths; the
-  default is the UNet attention projections ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
+  (the record's checkpoints: D-TRAK scores the last ``attribution.checkpoints`` of them,
+  TracIn all), ``mode`` ('lora' | 'full'), ``lora_rank``, ``lora_alpha``, ``lora_target``
+  (regex over '/'-joined parameter paths; the default is the UNet attention projections
+  ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
 * ``finetune.precision``: 'float32' | 'bfloat16' (the UNet computes in bfloat16 from float32
   master weights; AdamW state float32). ``finetune.remat``: 'none' | 'full' | a
   ``jax.checkpoint_policies`` name ('dots_saveable', 'nothing_saveable', ...): activation
@@ -51,7 +52,11 @@ Fields (validated by :func:`jaxattrib.workflow.check_train_config`; errors name 
   needs no dense p×k block), timesteps ``num_timesteps`` of the output function, ``lam_ratio``
   (λ = ratio · mean diag ΦᵀΦ), ``microbatch`` (examples per jitted gradient call) and ``topk``;
   ``precision`` / ``remat`` / ``matmul_precision`` as for ``finetune`` (bfloat16 forward and
-  backward; gradients, projection and features float32).
+  backward; gradients, projection and features float32). ``noise``: 'per_position' (D-TRAK's
+  code: each batch position its own noise, period 52) | 'per_example' | 'shared' (every example
+  the same; runs made before the field keep it). ``checkpoints``: the last M checkpoints
+  (int) or a tuple of steps whose scores are averaged (D-TRAK's protocol: 1). See
+  docs/faithful.md.
   [design] With LoRA the gradients are taken w.r.t. the *merged* attn2 weights of the
   checkpoint (what the record stores), not the LoRA factors.
 """
@@ -105,6 +110,8 @@ def get_config(arg=None):
     c.attribution.precision = "float32"
     c.attribution.remat = "none"
     c.attribution.matmul_precision = "default"
+    c.attribution.noise = "per_position"  # D-TRAK's code [code]; measurement pending
+    c.attribution.checkpoints = 1         # D-TRAK: one checkpoint [code]
     if arg not in (None, ""):
         raise ValueError(f"sd15_lora: unknown variant {arg!r} (the config takes no argument)")
     return c

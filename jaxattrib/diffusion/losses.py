@@ -18,7 +18,8 @@ velocity or x0):
   [code: ``weights = betas / (2 * alphas * (1 - alphas_cumprod))``] — the ELBO weight of Ho et al.
   with sigma_t^2 = beta_t.
 * Timesteps [code]: 'uniform' = ``range(0, T, T // K)``, 'cumulative' = ``range(0, K)``; noise
-  fixed per timestep and shared by all examples (D-TRAK seeds torch with ``e_seed*1000 + t``).
+  fixed per timestep (D-TRAK seeds torch with ``e_seed*1000 + t`` and draws one batch of 52, so
+  each batch position has its own noise, repeated across batches: :func:`example_noise`).
   Gradients are averaged over the timesteps.
 
 Our design:
@@ -33,6 +34,10 @@ Our design:
   x0_hat so it applies to every prediction type.
 * ``fixed_noise(seed, t, shape)`` = ``normal(fold_in(PRNGKey(seed), t), shape)``: the same
   noise for every example at a given (seed, t) (D-TRAK shares it per batch position only).
+* :func:`example_noise` [design]: the three noise modes of attribution (``'shared'`` =
+  :func:`fixed_noise`; ``'per_example'`` keyed by ``(seed, t, index)``; ``'per_position'`` by
+  ``(seed, t, index mod period)``, D-TRAK's noise per batch position [code]) as pure functions
+  of the example's row index, so a feature does not depend on the batch it is computed in.
 * ``timesteps_uniform`` returns exactly K values ``k * (T // K)``; ``timesteps_random`` draws K
   distinct timesteps, sorted [design].
 """
@@ -158,6 +163,39 @@ def fixed_noise(seed: int, t, shape: Sequence[int], dtype: Any = jnp.float32) ->
     ``t`` may be traced (``fold_in``); ``seed`` a Python int or traced int.
     """
     key = jax.random.fold_in(jax.random.PRNGKey(seed), t)
+    return jax.random.normal(key, tuple(shape), dtype)
+
+
+NOISE_MODES = ("shared", "per_example", "per_position")
+
+
+def example_noise(mode: str, seed, t, index, shape: Sequence[int], period: int = 52,
+                  dtype: Any = jnp.float32) -> jnp.ndarray:
+    """The noise of example ``index`` at timestep ``t`` under noise ``mode`` ``[*shape]``.
+
+    * ``'shared'``: :func:`fixed_noise` ``(seed, t)``, the same for every example (``index``
+      unused).
+    * ``'per_example'``: ``normal(fold_in(fold_in(PRNGKey(seed), t), index))``: every example
+      its own noise, reproducible from ``(seed, t, index)``.
+    * ``'per_position'``: ``'per_example'`` of ``index mod period``. [code] D-TRAK
+      (``CIFAR2/grad_unconditional.py``) reseeds torch with ``e_seed*1000 + t`` before
+      ``randn_like`` over each batch of ``--train_batch_size=52`` (``scripts/run_grad.sh``)
+      examples, so the example at position ``j`` of any batch gets the same noise and
+      positions differ; keying on the global row index ``mod period`` keeps that structure
+      while making the features independent of the microbatch we compute with [design] (the
+      draws themselves are JAX's, not torch's).
+
+    ``t`` and ``index`` may be traced int scalars.
+    """
+    if mode == "shared":
+        return fixed_noise(seed, t, shape, dtype)
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise={mode!r}: expected one of {NOISE_MODES}")
+    if mode == "per_position":
+        if period < 1:
+            raise ValueError(f"noise_period={period}: expected a positive number of positions")
+        index = index % period
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), t), index)
     return jax.random.normal(key, tuple(shape), dtype)
 
 

@@ -308,7 +308,8 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     from jaxattrib.demo import _fingerprint_of
     a = config.attribution
     ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                              params=a.params, projection=a.projection, microbatch=a.microbatch)
+                              params=a.params, projection=a.projection, microbatch=a.microbatch,
+                              noise=a.get("noise", "shared"))
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
     feats = Path(features_dir or run_dir / "features") / method
     Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
