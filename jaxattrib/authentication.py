@@ -36,7 +36,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxattrib import integrity
@@ -196,17 +195,10 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     # [code] PGD runs on the VAE latent (see attribution/cgi_dm.py); the VAE only encodes the
     # images and decodes the masked start and the recovery for the similarity and the report
-    encode = decode = None
+    from jaxattrib.models.latent_io import vae_codec
     k_cand, k_ref, k_enc = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     sample = pipe.is_latent and config.data.vae_posterior == "sample"
-    if pipe.is_latent:
-        from jaxattrib.models.latent_io import jitted_encoder
-        from jaxattrib.models.vae import decode_latents
-        enc = jitted_encoder(pipe.vae_config, sample)
-        vp = pipe.vae_params
-        encode = ((lambda x, keys: enc(vp, x, keys)) if sample
-                  else (lambda x: enc(vp, x, jnp.zeros((x.shape[0], 2), jnp.uint32))))
-        decode = jax.jit(lambda z: decode_latents(vp, pipe.vae_config, z))
+    encode, decode = vae_codec(pipe, sample)
     ctx = lambda caps: np.asarray(pipe.encode_prompts(list(caps)))  # noqa: E731
     common = dict(encode=encode, decode=decode, batch_size=config.batch_size,
                   progress=progress)

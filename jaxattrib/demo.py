@@ -472,7 +472,7 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
                                           progress)}
     elif method == "concept-trak":
         cands = _concept_trak_candidates(config, pipe, unet_params, sched, train, queries,
-                                         train_ex)
+                                         train_ex, query_ex)
         meta = {"ratios": list(a.lambda_ratios)}
     else:
         raise ConfigError(f"attribution.methods: unknown method {method!r}")
@@ -539,6 +539,13 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
     The first half of the hold-outs calibrates the threshold (known non-members); the rest of
     the hold-outs and the members are the evaluation set. Baselines: the plain loss gap between
     the two models without inversion, and the similarity of the masked input alone.
+
+    Latent base models: PGD runs on the VAE latent, as in ``jaxattrib cgi-dm`` and the authors'
+    code [code] (:func:`jaxattrib.models.latent_io.vae_codec`); the images are encoded with
+    the VAE posterior **mean** — what the demo fine-tuned on (``vae_latents: 'mean'``), so a
+    member's ``z0`` is exactly the latent the model was trained on [design]. The similarities
+    and the report's images are on pixels: ``original`` is the image, ``masked`` and
+    ``recovered`` are decoded (``[N, H, W, 3]``).
     """
     path = run_dir / "cgi_dm" / "scores.npz"
     if path.exists():
@@ -547,8 +554,10 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
 
     from jaxattrib.attribution import cgi_dm
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.models.latent_io import vae_codec
     from jaxattrib.models.unet import UNet2DConditionModel
 
+    encode, decode = vae_codec(pipe, sample=False)   # (None, None): a pixel base model
     model = UNet2DConditionModel(pipe.unet_config)
     apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
     eps_pre, eps_ft = Partial(apply, pipe.unet_params), Partial(apply, ft_params)
@@ -570,10 +579,11 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
                               cond=ctx(ev_cap), holdout_cond=ctx(cal_cap), similarity="ssim",
                               image_size=ev_img.shape[1], fpr=c.calibration_fpr,
                               check_params=(pipe.unet_params, ft_params),
-                              batch_size=c.batch_size)
+                              batch_size=c.batch_size, encode=encode, decode=decode)
     gap = cgi_dm.loss_gap_scores(ev_img, eps_pre, eps_ft, sched, key, cond=ctx(ev_cap),
-                                 batch_size=c.batch_size)
-    masked = cgi_dm.masked_similarity_scores(ev_img, cfg, key, batch_size=c.batch_size)
+                                 batch_size=c.batch_size, encode=encode)
+    masked = cgi_dm.masked_similarity_scores(ev_img, cfg, key, batch_size=c.batch_size,
+                                             encode=encode, decode=decode)
     out = {"labels": labels, "scores": np.asarray(res["scores"]),
            "p_values": np.asarray(res["p_values"]), "decisions": np.asarray(res["decisions"]),
            "threshold": np.asarray(res["threshold"]), "loss_gap": np.asarray(gap),
@@ -584,7 +594,9 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
     return out
 
 
-def cgi_dm_report(run_dir: Path, cg: dict) -> dict:
+def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
+    """Writes the ``cgi_dm`` report section (ROC, examples grid of ``cg``'s pixel images);
+    ``space``, if given, says where PGD ran (latent base models). Returns the CGI-DM row."""
     from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
     from jaxattrib.report.html import write_result
     from jaxattrib.report.images import image_grid, save_png
@@ -614,6 +626,8 @@ def cgi_dm_report(run_dir: Path, cg: dict) -> dict:
     grid = image_grid(trip.reshape(-1, *trip.shape[2:]), nrow=6, labels=lab)
     save_png(run_dir / "results" / "cgi_dm_examples.png", grid)
     write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=3,
+                 **({"text": f"PGD on {space}; the masked and recovered images are "
+                             f"VAE-decoded to pixels."} if space else {}),
                  tables=[{"caption": "members (fine-tuning exemplars) vs hold-outs of the same "
                           "concepts; threshold calibrated on a separate half of the hold-outs",
                           "rows": rows}],
@@ -626,7 +640,9 @@ def cgi_dm_report(run_dir: Path, cg: dict) -> dict:
 def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress: bool):
     """MONTRAGE [design, see attribution/montrage.py]: UNet-tap similarities at every
     checkpoint of the record; 'movement' weights checkpoints by how far each training image's
-    representation moved while it was trained on; 'final' is the last checkpoint only."""
+    representation moved while it was trained on; 'final' is the last checkpoint only.
+    ``train_ex`` / ``query_ex``: :func:`_examples` (model inputs: VAE latents, posterior mean,
+    for a latent base model — the same latents at every checkpoint)."""
     from jaxattrib.attribution import montrage
     from jaxattrib.train.record import TrajectoryRecord
     record = TrajectoryRecord.open((run_dir / "record").resolve())
@@ -637,9 +653,15 @@ def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress
     return montrage.trajectory_scores(traj, how, record=record, seen=seen)
 
 
-def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex):
+def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex,
+                             query_ex):
     """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt: one score
-    matrix per λ ratio of ``attribution.lambda_ratios``."""
+    matrix per λ ratio of ``attribution.lambda_ratios``.
+
+    Runs on the model inputs of :func:`_examples` (``train_ex`` / ``query_ex`` ``{'x0',
+    'ctx'}``): the pixels of a pixel base model; for a latent one the VAE latents, encoded once
+    with the posterior mean (the rule of ``concept-query`` and the Concept-TRAK benchmark,
+    docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents."""
     from jaxattrib.attribution import concept_trak as ct
     a = config.attribution
     cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2", proj_kind=a.projection,
@@ -648,8 +670,8 @@ def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, t
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
     _, (Phi, phi) = ct.concept_trak_scores(
-        pipe.unet_config, unet_params, encode, train["images"], list(train["captions"]),
-        queries["images"], list(queries["prompts"]), concepts, cfg, sched,
+        pipe.unet_config, unet_params, encode, train_ex["x0"], list(train["captions"]),
+        query_ex["x0"], list(queries["prompts"]), concepts, cfg, sched,
         train_contexts=train_ex["ctx"], return_features=True)
     return {f"ratio={r:g}": ct.scores_from_features(phi, Phi, r) for r in a.lambda_ratios}
 
@@ -765,15 +787,6 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
     check_demo_config(config)
     run_dir, pipe, info = open_base_run(run_dir, config)
     _log(f"base model: {pipe.folder}")
-    if pipe.is_latent:   # the latent ports of these methods live on another branch (issue 17)
-        todo = [m for m in config.attribution.methods
-                if m in ("concept-trak", "montrage", "montrage-final")]
-        todo += ["cgi_dm.enabled"] if config.cgi_dm.enabled else []
-        if todo:
-            raise ConfigError(f"base_model={config.base_model!r} is a latent pipeline; {todo} do "
-                              f"not run on latent models in the demo yet: set "
-                              f"attribution.methods to a subset of ('dtrak', 'trak', 'tracin', "
-                              f"'pixel', 'random') and cgi_dm.enabled=False")
     data = build_data(run_dir, config, info)
     train, holdout = data["train"], data["holdout"]
     _log(f"fine-tuning set: {len(train['images'])} images "
@@ -789,7 +802,12 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
                              _fingerprint_of(train["images"]), step, progress)
     if config.cgi_dm.enabled:
         cg = cgi_dm_stage(run_dir, config, pipe, unet_params, train, holdout, progress)
-        cg_row = cgi_dm_report(run_dir, cg)
+        space = ""
+        if pipe.is_latent:
+            from jaxattrib.diffusion.latents import sample_shape
+            space = (f"VAE latents {list(sample_shape(pipe.unet_config))} (VAE posterior mean, "
+                     f"as fine-tuned)")
+        cg_row = cgi_dm_report(run_dir, cg, space)
         _log("CGI-DM: " + ", ".join(f"{k}={v:.3f}" for k, v in cg_row.items()
                                      if isinstance(v, float)))
     summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held)

@@ -194,6 +194,26 @@ def pipeline_pixels(pipe, x, *, batch_size: int = 16) -> np.ndarray:
     return decode_images(pipe.vae_params, pipe.vae_config, x, batch_size=batch_size)
 
 
+def vae_codec(pipe, sample: bool = False):
+    """``(encode, decode)`` between pixels and a latent pipeline's model inputs, as
+    :func:`jaxattrib.attribution.cgi_dm.recover` takes them (PGD on the latent [code]); ``(None,
+    None)`` for a pixel pipeline (identity maps).
+
+    ``encode(x[B, H, W, 3]) -> [B, h, w, c]``: the posterior mean; with ``sample``,
+    ``encode(x, keys[B, 2])`` draws one posterior sample per row from its key (pass recover's
+    ``encode_key``). ``decode(z[B, h, w, c]) -> [B, H, W, 3]`` pixels (unclipped). Both jitted.
+    Used by ``jaxattrib cgi-dm`` and the demo's CGI-DM stage."""
+    if pipe.vae_config is None:
+        return None, None
+    from jaxattrib.models.vae import decode_latents
+    enc = jitted_encoder(pipe.vae_config, sample)
+    vp = pipe.vae_params
+    encode = ((lambda x, keys: enc(vp, x, keys)) if sample
+              else (lambda x: enc(vp, x, jnp.zeros((x.shape[0], 2), jnp.uint32))))
+    decode = jax.jit(lambda z: decode_latents(vp, pipe.vae_config, z))
+    return encode, decode
+
+
 def encoding_note(key_desc: str | None) -> str:
     """How inputs were encoded, for reports: ``key_desc`` names the key, None = the mean."""
     return ("VAE posterior mean" if key_desc is None
