@@ -193,30 +193,40 @@ def test_latent_shape_errors_name_the_field_and_both_shapes(tiny_latent_pipeline
     assert "8x8x4 latents" in r.output and not (tmp_path / "run" / "record").exists()
 
 
-@pytest.mark.slow  # ~4-12 min on 2 cores: a whole demo; the attribute path is covered above
+@pytest.mark.slow  # a whole demo with every method and CGI-DM (time in docs/latents.md)
 def test_demo_runs_on_a_latent_base_model(tiny_latent_pipeline, tmp_path):
-    """`jaxattrib demo --set base_model=LATENT_PIPE`: fine-tunes through the VAE, generates,
-    attributes (D-TRAK, TRAK, TracIn on latents) and writes the report; methods not yet ported
-    to latents are refused with the fields to change."""
+    """`jaxattrib demo --set base_model=LATENT_PIPE` runs every method it runs on the pixel base
+    model: fine-tunes through the VAE, generates, attributes (D-TRAK, TRAK, TracIn,
+    Concept-TRAK, MONTRAGE, MONTRAGE-final on latents; pixel similarity), runs CGI-DM (PGD on
+    the latent) and writes the report with images (decoded pixels)."""
     from jaxattrib.base_model import ASSET_DIR
     model = shutil.copytree(tiny_latent_pipeline, tmp_path / "pipe")
     shutil.copy(Path(ASSET_DIR) / "jaxattrib_base.json", model / "jaxattrib_base.json")
     run = tmp_path / "demo"
+    methods = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final", "pixel")
     sets = [f"base_model='{model}'", "data.exemplars_per_concept=2",
             "data.holdouts_per_concept=1", "data.distractors=4", "data.per_combination=1",
             "finetune.steps=2", "finetune.batch_size=4", "finetune.checkpoint_every=1",
             "generate.per_concept=2", "generate.num_inference_steps=2", "attribution.k=16",
             "attribution.num_timesteps=2", "attribution.microbatch=4",
-            "attribution.lambda_ratios=(1.0,)"]
+            "attribution.lambda_ratios=(1.0,)", "attribution.concept_inversion_steps=5",
+            f"attribution.methods={methods!r}", "cgi_dm.enabled=True", "cgi_dm.num_steps=2",
+            "cgi_dm.batch_size=4"]
     args = ["demo", "--run-dir", run, "--no-progress"] + [a for x in sets for a in ("--set", x)]
     r = _cli(*args)
-    assert r.exit_code == 2 and "cgi_dm.enabled" in r.output and "concept-trak" in r.output
-    r = _cli(*args, "--fresh", "--set", "cgi_dm.enabled=False",
-             "--set", "attribution.methods=('dtrak', 'trak', 'tracin', 'pixel')")
     assert r.exit_code == 0, r.output
     manifest = json.loads((run / "record" / "manifest.json").read_text())
     assert manifest["model"]["vae_latents"] == "mean"
-    for m in ("dtrak", "trak", "tracin"):
+    for m in methods:
         s = np.load(run / "scores" / f"{m}.npy")
         assert s.shape == (8, 12) and np.isfinite(s).all(), m
-    assert "<img" in (run / "report.html").read_text()
+    cg = np.load(run / "cgi_dm" / "scores.npz")
+    n_ev = 8 + 2     # 8 members (exemplars) + the second half of the 4 hold-outs
+    assert cg["scores"].shape == (n_ev,) and np.isfinite(cg["scores"]).all()
+    assert cg["recovered"].shape == (n_ev, 16, 16, 3)          # decoded pixels
+    assert cg["labels"].sum() == 8
+    html = (run / "report.html").read_text()
+    assert html.count("<img") >= 4                  # the PNGs below, embedded
+    assert "original | masked | recovered" in html and "VAE-decoded" in html
+    for png in ("generations.png", "cgi_dm_examples.png", "cgi_dm_roc.png"):
+        assert (run / "results" / png).stat().st_size > 0, png
