@@ -497,20 +497,6 @@ def _require_run(run_dir: Path) -> dict:
     return read_run_config(config_path)
 
 
-def _npz_shape(path: Path, key: str) -> tuple | None:
-    """The shape of array ``key`` in an ``.npz`` from its header alone (no pixels read);
-    None when the file or the array is absent."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            return tuple(read(f)[0])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
 def load_run_pipeline(run_dir: str | Path):
     """The pipeline a run was trained from (``model`` of its ``config.json``)."""
     return _load_model(_require_run(Path(run_dir)).get("model", "embedded"))
