@@ -390,7 +390,7 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, K, 
         key = (id(P), r)
         if key not in kinvs:
             kinvs[key] = (P, trak_kernel_inverse(P, lambda_from_ratio(P, r)))
-        return np.asarray(score(q, P, kinvs[key][1], dtype=np.float64)).T
+        return np.asarray(score(q, P, kinvs[key][1], dtype=np.float64))  # [Q, N]
 
     def evaluate(rows, Phi=Phi):
         scores, chosen, valp = {}, {}, {}

@@ -431,7 +431,7 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
                   for sp in splits}
             lr = checkpoint_lrs(cfg.train, ck_steps)
             cands = {"tracin": lambda sp: np.asarray(trak_lib.tracin_scores(
-                [tr[s] for s in ck_steps], qs[sp], lr, dtype=np.float64)).T}
+                qs[sp], [tr[s] for s in ck_steps], lr, dtype=np.float64))}
         elif method == "pixel":
             cands = {"cosine": lambda sp: pixel_scores(data[sp], train_data)}
         elif method == "random":

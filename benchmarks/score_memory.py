@@ -57,7 +57,7 @@ def _stage(name: str, root: str, args: dict, queue) -> None:
         elif name == "score_to_store":
             out = ChunkedArray.open(root / "scores", n_rows=n, n_cols=m,
                                     chunk_size=args["block_train"])
-            trak.score(phi_q, train, kinv, block_query=args["block_query"], out=out)
+            trak.score_to_store(phi_q, train, kinv, out, block_query=args["block_query"])
         elif name == "dense_reference":
             s = train.read_all() @ (phi_q.astype(np.float64) @ kinv).astype(np.float32).T
             assert s.shape == (n, m)

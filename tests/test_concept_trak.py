@@ -368,7 +368,7 @@ def test_switches_off_equal_plain_trak_through_the_engine():
     np.testing.assert_allclose(Phi, Phi_e, rtol=1e-4, atol=1e-5 * np.abs(Phi_e).max())
     np.testing.assert_allclose(phi, phi_e, rtol=1e-4, atol=1e-5 * np.abs(phi_e).max())
     lam = 0.5 * 0.1 * np.mean(np.diag(Phi_e.astype(np.float64).T @ Phi_e))
-    expect = trak.trak_scores(phi_e, Phi_e, lam, dtype=np.float64).T
+    expect = trak.trak_scores(phi_e, Phi_e, lam, dtype=np.float64)
     np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-4 * np.abs(expect).max())
 
 
@@ -387,7 +387,7 @@ def test_lambda_ratio_rule_and_validation_only_choice():
     manual = []
     for r in ratios:
         lam = r * 0.1 * np.mean(np.diag(Phi.T @ Phi))
-        s = trak.trak_scores(phi_val, Phi, lam, dtype=np.float64).T
+        s = trak.trak_scores(phi_val, Phi, lam, dtype=np.float64)
         manual.append(np.mean(precision_at_k(s, rel_val, 10)))
         np.testing.assert_allclose(s, ct.scores_from_features(phi_val, Phi, r), rtol=1e-10)
     np.testing.assert_allclose([r["precision_at_k"] for r in table], manual)

@@ -43,7 +43,7 @@ def test_trak_converges_to_exact_influence_on_linear_regression(tmp_path):
     with jax.enable_x64(True):
         X = rng.randn(n, p) * np.linspace(0.2, 2.0, p)  # anisotropic design
         Xq = rng.randn(n_q, p)
-        exact = X @ np.linalg.solve(X.T @ X, Xq.T)  # [n, n_q]
+        exact = Xq @ np.linalg.solve(X.T @ X, X.T)  # [n_q, n]: scores are [Q, N]
         params = {"w": jnp.asarray(rng.randn(p))}
         errs = {}
         for k in (4, 12, 20, 24, 48):
@@ -192,15 +192,15 @@ def _random_problem(m=1, n=53, n_q=17, k=6, seed=0):
     Phis = [rng.randn(n, k).astype(np.float32) for _ in range(m)]
     qs = [rng.randn(n_q, k).astype(np.float32) for _ in range(m)]
     kinvs = [trak.trak_kernel_inverse(P, 0.1) for P in Phis]
-    dense = np.mean([P.astype(np.float64) @ K @ q.T.astype(np.float64)
-                     for P, K, q in zip(Phis, kinvs, qs)], 0)
+    dense = np.mean([q.astype(np.float64) @ K @ P.T.astype(np.float64)
+                     for P, K, q in zip(Phis, kinvs, qs)], 0)  # [n_q, n]
     return Phis, qs, kinvs, dense
 
 
 def test_blocked_scores_equal_dense_product(tmp_path):
     Phis, qs, kinvs, dense = _random_problem()
     s = trak.score(qs[0], Phis[0], kinvs[0], block_train=7, block_query=5)
-    assert s.shape == (53, 17)
+    assert s.shape == (17, 53)  # [Q, N]
     np.testing.assert_allclose(s, dense, rtol=1e-5, atol=1e-5)
     # from stores, written to a score store, resumable
     tr = ChunkedArray.open(tmp_path / "train", n_rows=53, n_cols=6, chunk_size=10)
@@ -209,12 +209,12 @@ def test_blocked_scores_equal_dense_product(tmp_path):
         tr.write_chunk(i, Phis[0][a:b])
     out = ChunkedArray.open(tmp_path / "scores", n_rows=53, n_cols=17, chunk_size=8)
     out.write_chunk(2, np.full((8, 17), 7.0))  # pretend chunk 2 was done earlier: kept
-    trak.score(qs[0], tr, trak.trak_kernel_inverse(tr, 0.1), block_query=4, out=out)
-    got = out.read_all()
+    trak.score_to_store(qs[0], tr, trak.trak_kernel_inverse(tr, 0.1), out, block_query=4)
+    got = out.read_all()  # train-major [N, Q]
     np.testing.assert_array_equal(got[16:24], 7.0)
     mask = np.ones(53, bool)
     mask[16:24] = False
-    np.testing.assert_allclose(got[mask], dense[mask], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[mask], dense.T[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_ensemble_scores_average_models():
@@ -234,9 +234,9 @@ def test_topk_equals_argsort_of_dense(largest):
     dense = trak.score(qs, Phis, kinvs)
     vals, idx = trak.topk_scores(qs, Phis, kinvs, 10, block_train=13, block_query=4,
                                  largest=largest)
-    order = np.argsort(-dense if largest else dense, axis=0)[:10].T  # [n_q, 10]
+    order = np.argsort(-dense if largest else dense, axis=1)[:, :10]  # [n_q, 10]
     np.testing.assert_array_equal(idx, order)
-    np.testing.assert_allclose(vals, np.take_along_axis(dense.T, order, 1), rtol=1e-6)
+    np.testing.assert_allclose(vals, np.take_along_axis(dense, order, 1), rtol=1e-6)
 
 
 def test_tracin_scores():
@@ -244,11 +244,12 @@ def test_tracin_scores():
     tr = [rng.randn(30, 5), rng.randn(30, 7)]
     q = [rng.randn(4, 5), rng.randn(4, 7)]
     lrs = [0.1, 0.02]
-    expected = 0.1 * tr[0] @ q[0].T + 0.02 * tr[1] @ q[1].T
-    got = trak.tracin_scores(tr, q, lrs, block_train=8, block_query=3, dtype=np.float64)
+    expected = 0.1 * q[0] @ tr[0].T + 0.02 * q[1] @ tr[1].T  # [Q, N]
+    got = trak.tracin_scores(q, tr, lrs, block_train=8, block_query=3, dtype=np.float64)
+    assert got.shape == (4, 30)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     with pytest.raises(ValueError, match="learning rate"):
-        trak.tracin_scores(tr, q, [0.1])
+        trak.tracin_scores(q, tr, [0.1])
 
 
 def test_tracin_on_projected_features_approximates_gradient_inner_products(tmp_path):
@@ -262,9 +263,9 @@ def test_tracin_on_projected_features_approximates_gradient_inner_products(tmp_p
         proj = pj.make_projector("gaussian", 2048, 100 + t, params)
         feats_tr.append(_features(tmp_path, f"tr{t}", X, params, proj))
         feats_q.append(_features(tmp_path, f"q{t}", Xq, params, proj))
-    got = trak.tracin_scores(feats_tr, feats_q, [0.5, 0.25], dtype=np.float64)
-    exact = 0.75 * X.astype(np.float64) @ Xq.T
-    scale = 0.75 * np.outer(np.linalg.norm(X, axis=1), np.linalg.norm(Xq, axis=1))
+    got = trak.tracin_scores(feats_q, feats_tr, [0.5, 0.25], dtype=np.float64)
+    exact = 0.75 * Xq.astype(np.float64) @ X.T  # [Q, N]
+    scale = 0.75 * np.outer(np.linalg.norm(Xq, axis=1), np.linalg.norm(X, axis=1))
     assert (np.abs(got - exact) <= 6 * scale / np.sqrt(2048)).all()
 
 

@@ -580,7 +580,7 @@ def scores_from_features(phi_query, Phi_train, ratio: float, *,
     if solver != "primal":
         raise ValueError(f"solver={solver!r}: expected 'primal' or 'dual'")
     kinv = trak_kernel_inverse(Phi_train, lam)
-    return np.asarray(score(phi_query, Phi_train, kinv, dtype=np.float64)).T
+    return np.asarray(score(phi_query, Phi_train, kinv, dtype=np.float64))  # [Q, N]
 
 
 def choose_lambda_ratio(Phi_train, phi_val, val_relevant, ratios: Sequence[float] =

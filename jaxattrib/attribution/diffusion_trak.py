@@ -402,9 +402,12 @@ def featurize_examples(out_fn, unet_params, examples: dict, config: AttributionC
 def scores_from_features(phi_query: np.ndarray | Sequence[np.ndarray],
                          Phi_train: np.ndarray | Sequence[np.ndarray], lam: float,
                          sign: float = 1.0) -> np.ndarray:
-    """``[n_query, n_train]`` scores (larger = more attributed); lists = ensembles."""
+    """TRAK scores ``[Q, N]`` (queries × training examples; larger = more attributed) with an
+    absolute ``λ``: ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` [paper]. ``phi_query [Q, k]``, ``Phi_train [N, k]``;
+    lists (one per model) = ensembles with a common ``λ`` (:func:`ensemble_scores` gives each
+    checkpoint its own relative ``λ``)."""
     s = trak_lib.trak_scores(phi_query, Phi_train, lam)
-    return sign * np.asarray(s).T
+    return sign * np.asarray(s)
 
 
 def ensemble_scores(phi_query: Sequence[np.ndarray], Phi_train: Sequence[np.ndarray],
@@ -418,7 +421,7 @@ def ensemble_scores(phi_query: Sequence[np.ndarray], Phi_train: Sequence[np.ndar
                          f"sets; expected one of each per checkpoint (at least one)")
     lams = [relative_lambdas(P, [lam_ratio])[0] for P in Phi_train]
     kinvs = [trak_lib.trak_kernel_inverse(P, lam) for P, lam in zip(Phi_train, lams)]
-    return sign * np.asarray(trak_lib.score(list(phi_query), list(Phi_train), kinvs)).T
+    return sign * np.asarray(trak_lib.score(list(phi_query), list(Phi_train), kinvs))
 
 
 def relative_lambdas(Phi_train: np.ndarray, ratios: Sequence[float]) -> list[float]:

@@ -13,9 +13,12 @@ Our design [design]:
 * The ``k×k`` solve is done on host in float64 with numpy/scipy (Cholesky when ``λ > 0``, a
   pseudo-inverse otherwise), without TRAK's fp16 mean-absolute-value rescaling, so scores keep
   their units. ``ΦᵀΦ`` is accumulated over row blocks, so ``Φ`` may be a memory-mapped store.
-* The score matrix is ``[n_train, n_query]``; it is computed in blocks of train rows (and query
-  columns) and either returned (small sizes), written chunk by chunk to a store (resumable), or
-  reduced on the fly to the top-k training examples per query (:func:`topk_scores`).
+* Every public scoring function takes the query side first and returns ``[Q, N]`` (queries ×
+  training examples), as :func:`jaxattrib.attribution.diffusion_trak.scores_from_features`
+  and the method dispatch (:mod:`jaxattrib.attribution.methods`) do. Internally the product is
+  computed in blocks of train rows (and query columns) and either returned (small sizes),
+  written chunk by chunk to a train-major store (:func:`score_to_store`, resumable), or reduced
+  on the fly to the top-k training examples per query (:func:`topk_scores`).
 * The λ sweep (:func:`choose_lambda`) runs on a *validation* split with a caller-supplied metric;
   evaluation targets must never be passed to it.
 * Multi-process featurization (``jax.distributed``): every process runs :func:`featurize`
@@ -231,7 +234,8 @@ def _blocked(train: list, queries: list, weights: list, *, block_train: int,
     """Σ_m w_m · Φ_m[rows] @ Q_mᵀ, block by block (``Q_m`` ``[n_q, k]`` already transformed).
 
     ``reduce(start, block[bt, n_q])`` consumes blocks when given; otherwise writes to ``out``
-    (one store chunk per train block) or returns the dense ``[n_train, n_q]``.
+    (one store chunk per train block, train-major ``[n_train, n_q]``) or returns the dense
+    ``[n_q, n_train]`` (query-major, the public orientation).
     """
     n = _n(train[0])
     n_q = queries[0].shape[0]
@@ -244,7 +248,7 @@ def _blocked(train: list, queries: list, weights: list, *, block_train: int,
         starts = [out.chunk_range(i)[0] for i in out.missing_chunks()]
     else:
         starts = list(range(0, n, block_train))
-    dense = np.empty((n, n_q), dtype) if (out is None and reduce is None) else None
+    dense = np.empty((n_q, n), dtype) if (out is None and reduce is None) else None
     for lo in starts:
         hi = min(lo + block_train, n)
         blk = np.zeros((hi - lo, n_q), dtype)
@@ -258,7 +262,7 @@ def _blocked(train: list, queries: list, weights: list, *, block_train: int,
         elif out is not None:
             out.write_chunk(lo // block_train, blk)
         else:
-            dense[lo:hi] = blk
+            dense[:, lo:hi] = blk.T
     return out if out is not None else dense
 
 
@@ -274,15 +278,34 @@ def _transform_queries(phi_query, kernel_inv, dtype, block: int = 4096) -> np.nd
 
 
 def score(phi_query, Phi_train, kernel_inv, *, block_train: int = 8192,
-          block_query: int = 4096, out: ChunkedArray | None = None, dtype=np.float32):
-    """TRAK scores ``[n_train, n_query]``, averaged over models.
+          block_query: int = 4096, dtype=np.float32) -> np.ndarray:
+    """TRAK scores ``[Q, N]`` (queries × training examples), averaged over models [paper].
 
     Each argument is one array/store or a list with one per model (M models, ensembles):
-    ``phi_query`` ``[n_q, k]``, ``Phi_train`` ``[n, k]``, ``kernel_inv`` ``[k, k]``.
-    ``out=None`` returns the dense matrix; with a ``ChunkedArray`` of shape ``[n, n_q]`` each
-    train block is written as one chunk (resumable; ``block_train`` = the store's chunk size),
-    and the store is returned.
+    ``phi_query`` ``[Q, k]``, ``Phi_train`` ``[N, k]`` (array or :class:`ChunkedArray`),
+    ``kernel_inv`` ``[k, k]`` (:func:`trak_kernel_inverse` of that model's ``Phi_train``).
+    ``score[q, i] = (1/M) Σ_m φ_m(q)ᵀ K_m Φ_m[i]``. Computed in blocks of ``block_train``
+    train rows × ``block_query`` queries; for a matrix too large to hold use
+    :func:`score_to_store` or :func:`topk_scores`.
     """
+    return _score(phi_query, Phi_train, kernel_inv, block_train=block_train,
+                  block_query=block_query, dtype=dtype, out=None)
+
+
+def score_to_store(phi_query, Phi_train, kernel_inv, out: ChunkedArray, *,
+                   block_query: int = 4096, dtype=np.float32) -> ChunkedArray:
+    """:func:`score` written into ``out``, a **train-major** store ``[N, Q]`` [design].
+
+    The store is chunked over training rows (one chunk per ``out.chunk_size`` train rows, so
+    each training feature is read once and a killed call resumes from the missing chunks);
+    its rows are training examples, i.e. ``out.read_all()`` is the transpose of :func:`score`'s
+    ``[Q, N]``. Arguments as :func:`score`; returns ``out``.
+    """
+    return _score(phi_query, Phi_train, kernel_inv, block_train=out.chunk_size,
+                  block_query=block_query, dtype=dtype, out=out)
+
+
+def _score(phi_query, Phi_train, kernel_inv, *, block_train, block_query, dtype, out):
     qs, ts, ks = _as_list(phi_query), _as_list(Phi_train), _as_list(kernel_inv)
     if not len(qs) == len(ts) == len(ks):
         raise ValueError(f"ensemble sizes differ: {len(qs)} query, {len(ts)} train, "
@@ -330,21 +353,26 @@ def topk_scores(phi_query, Phi_train, kernel_inv, topk: int, *, block_train: int
     return sign * np.take_along_axis(best_v, order, 1), np.take_along_axis(best_i, order, 1)
 
 
-def trak_scores(phi_query, Phi_train, lam: float, **kwargs):
-    """Convenience: kernel inverses per model then :func:`score` (same list conventions)."""
+def trak_scores(phi_query, Phi_train, lam: float, **kwargs) -> np.ndarray:
+    """Convenience: kernel inverses per model then :func:`score` (same list conventions);
+    ``[Q, N]``."""
     kinvs = [trak_kernel_inverse(t, lam) for t in _as_list(Phi_train)]
     if not isinstance(Phi_train, (list, tuple)):
         kinvs = kinvs[0]
     return score(phi_query, Phi_train, kinvs, **kwargs)
 
 
-def tracin_scores(train_feats: Sequence, query_feats: Sequence, learning_rates: Sequence[float],
+def tracin_scores(query_feats: Sequence, train_feats: Sequence, learning_rates: Sequence[float],
                   *, block_train: int = 8192, block_query: int = 4096,
-                  out: ChunkedArray | None = None, dtype=np.float32):
-    """TracIn on projected features: ``Σ_t η_t Φ_t φ_t(z)ᵀ`` → ``[n_train, n_query]``.
+                  dtype=np.float32) -> np.ndarray:
+    """TracIn on projected features [paper: Pruthi et al. 2020]: ``Σ_t η_t φ_t(z) Φ_tᵀ`` →
+    ``[Q, N]``.
 
-    ``train_feats[t]`` ``[n, k_t]`` and ``query_feats[t]`` ``[n_q, k_t]`` are the features at
+    ``query_feats[t]`` ``[Q, k_t]`` and ``train_feats[t]`` ``[N, k_t]`` are the features at
     checkpoint ``t`` (same projection within a checkpoint); ``learning_rates[t]`` = ``η_t``.
+    Query side first, as :func:`score`. (The inner product is symmetric: a call with the two
+    sides swapped returns the transpose ``[N, Q]``, which is what callers written before the
+    orientation was unified get, and transpose.)
     """
     if not len(train_feats) == len(query_feats) == len(learning_rates):
         raise ValueError(f"TracIn needs one train/query feature set and one learning rate per "
@@ -352,7 +380,7 @@ def tracin_scores(train_feats: Sequence, query_feats: Sequence, learning_rates: 
                          f"{len(learning_rates)}")
     qs = [np.asarray(_rows(q, 0, _n(q)), dtype) for q in query_feats]
     return _blocked(list(train_feats), qs, [float(lr) for lr in learning_rates],
-                    block_train=block_train, block_query=block_query, dtype=dtype, out=out)
+                    block_train=block_train, block_query=block_query, dtype=dtype, out=None)
 
 
 def choose_lambda(Phi_train, phi_val, lambdas: Sequence[float],
@@ -360,7 +388,7 @@ def choose_lambda(Phi_train, phi_val, lambdas: Sequence[float],
                   **score_kwargs):
     """Sweeps λ on a validation split; returns ``(best_lambda, table)``.
 
-    ``metric_fn(scores [n_train, n_val]) -> float`` (e.g. LDS on the validation targets).
+    ``metric_fn(scores [n_val, n_train]) -> float`` (e.g. LDS on the validation targets).
     ``table``: list of ``{'lambda': λ, 'metric': value}`` in the order of ``lambdas``.
     Pass validation examples only — never the evaluation targets.
     """
