@@ -76,7 +76,7 @@ import optax
 
 from jaxattrib.attribution import diffusion_trak as dt
 from jaxattrib.attribution import projection
-from jaxattrib.attribution import trak as trak_lib
+from jaxattrib.attribution.methods import method_scores
 from jaxattrib.attribution.grads import per_example_grad_fn, projected_grads, select_params
 from jaxattrib.diffusion.losses import dsm_loss, timesteps_uniform
 from jaxattrib.diffusion.sampling import sample
@@ -221,14 +221,6 @@ def train(cfg, ucfg, sched, opt, data, idx, seed, checkpoints=(), init_seed=None
 
 
 # ----------------------------------------------------------------------------- scores
-
-
-def pixel_scores(targets, train):
-    a = targets["x0"].reshape(len(targets["x0"]), -1).astype(np.float64)
-    b = train["x0"].reshape(len(train["x0"]), -1).astype(np.float64)
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
 
 
 def lds_of(scores, masks, actual, sign, cfg):
@@ -421,7 +413,8 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
             def make(r, cache=cache, Phi_m=Phi_m, phi_m=phi_m):
                 def f(split):
                     if (r, split) not in cache:
-                        cache[(r, split)] = dt.ensemble_scores(phi_m[split], Phi_m, r)
+                        cache[(r, split)] = method_scores(method, phi_m[split], Phi_m,
+                                                          lam_ratio=r)
                     return cache[(r, split)]
                 return f
             cands = {f"lambda_ratio={r:g}": make(r) for r in ac.lambda_ratios}
@@ -430,10 +423,12 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
             qs = {sp: [features("trak", ckpts[s], sp, f"step{s}") for s in ck_steps]
                   for sp in splits}
             lr = checkpoint_lrs(cfg.train, ck_steps)
-            cands = {"tracin": lambda sp: np.asarray(trak_lib.tracin_scores(
-                qs[sp], [tr[s] for s in ck_steps], lr, dtype=np.float64))}
+            cands = {"tracin": lambda sp: method_scores(
+                "tracin", qs[sp], [tr[s] for s in ck_steps], learning_rates=lr,
+                dtype=np.float64)}
         elif method == "pixel":
-            cands = {"cosine": lambda sp: pixel_scores(data[sp], train_data)}
+            cands = {"cosine": lambda sp: method_scores("pixel", data[sp]["x0"],
+                                                        train_data["x0"], dtype=np.float64)}
         elif method == "random":
             cands = {"normal": lambda sp: np.random.default_rng(
                 [cfg.seed, splits.index(sp)]).normal(size=(len(data[sp]["y"]), n))}

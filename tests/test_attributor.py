@@ -122,7 +122,10 @@ def test_orientation_by_construction_and_exact_kernel():
 
 def test_registry_names_every_accepted_method():
     from jaxattrib.attribution.diffusion_trak import METHODS as DT_METHODS
-    from jaxattrib.demo import DEMO_METHODS
+    try:
+        from jaxattrib.runs.demo import DEMO_METHODS      # after the runs/ layer
+    except ImportError:
+        from jaxattrib.demo import DEMO_METHODS
     assert set(DEMO_METHODS) | set(DT_METHODS) <= set(M.METHODS)
     assert set(M.gradient_methods()) == set(DT_METHODS)
     with pytest.raises(ValueError, match="expected one of"):

@@ -188,28 +188,31 @@ class Attributor:
         self.train_features, self.train_fingerprint = feats, fp
         return self
 
-    def query_features(self, queries: dict, *,
-                       fingerprint: str | None = None) -> list[np.ndarray]:
-        """Features ``[Q, k]`` of the queries, one per checkpoint (cached in the store under
-        ``queries_<fingerprint[:16]>``)."""
+    def query_features(self, queries: dict, *, fingerprint: str | None = None,
+                       folder: str | None = None) -> list[np.ndarray]:
+        """Features ``[Q, k]`` of the queries, one per checkpoint, cached in the store under
+        ``folder`` (default ``queries_<fingerprint[:16]>``; ``jaxattrib attribute`` names it
+        ``queries_<query folder name>``)."""
         ex = self._inputs(queries, "queries")
         fp = dt.data_fingerprint(ex) if fingerprint is None else fingerprint
+        name = f"queries_{fp[:16]}" if folder is None else folder
         return [dt.featurize_examples(self._query_fn, self._unet(s), ex, self.config,
-                                      self._folder(s) / f"queries_{fp[:16]}", fingerprint=fp,
+                                      self._folder(s) / name, fingerprint=fp,
                                       step=s, role="query", **self._fkw)
                 for s in self.steps]
 
     def score(self, queries: dict, *, fingerprint: str | None = None,
-              lam_ratio: float | None = None) -> np.ndarray:
+              folder: str | None = None, lam_ratio: float | None = None) -> np.ndarray:
         """Scores ``[Q, N]`` (queries × training examples, larger = more attributed).
 
         ``queries``: examples as in the module doc (Journey-TRAK: trajectory targets).
+        ``fingerprint``, ``folder``: see :meth:`query_features`.
         ``lam_ratio``: overrides the constructor's for this call. Needs :meth:`featurize`
         first. The result is also kept as ``self.scores`` (for :meth:`topk`).
         """
         if self.train_features is None:
             raise ValueError("Attributor.score: call featurize(train) first")
-        phis = self.query_features(queries, fingerprint=fingerprint)
+        phis = self.query_features(queries, fingerprint=fingerprint, folder=folder)
         ratio = self.lam_ratio if lam_ratio is None else float(lam_ratio)
         self.scores = methods_lib.method_scores(self.method, phis, self.train_features,
                                                 lam_ratio=ratio,

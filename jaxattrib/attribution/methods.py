@@ -47,7 +47,8 @@ FAMILIES = ("trak", "tracin", "concept-trak", "montrage", "similarity", "random"
 class MethodSpec:
     """How one attribution method is featurized and scored.
 
-    ``name``: the method name (CLI / config). ``family``: one of :data:`FAMILIES` (module doc).
+    ``name``: the method name (CLI / config); ``label``: its name in tables. ``family``: one
+    of :data:`FAMILIES` (module doc).
     ``featurize``, ``score``: one line each on how, for docs and ``--help``. ``output``: the
     output function of the training features (``None``: not a gradient method; ``'config'``:
     ``AttributionConfig.output``, D-TRAK's choice). ``default_checkpoints``: the checkpoint
@@ -58,6 +59,7 @@ class MethodSpec:
     """
 
     name: str
+    label: str
     family: str
     featurize: str
     score: str
@@ -70,30 +72,30 @@ class MethodSpec:
 _TRAK_SCORE = "TRAK kernel φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ, λ = lam_ratio·mean diag(ΦᵀΦ), mean over checkpoints"
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("dtrak", "trak", "projected ∇ of D-TRAK's output (default mean ε_θ²) at K uniform "
+    MethodSpec("dtrak", "D-TRAK", "trak", "projected ∇ of D-TRAK's output (default mean ε_θ²) at K uniform "
                "timesteps, noise per batch position", _TRAK_SCORE, output="config",
                default_checkpoints=DEFAULT_CHECKPOINTS["dtrak"], tunes=("lam_ratio", "sign")),
-    MethodSpec("trak", "trak", "projected ∇ of the DSM loss at K uniform timesteps",
+    MethodSpec("trak", "TRAK", "trak", "projected ∇ of the DSM loss at K uniform timesteps",
                _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["trak"],
                tunes=("lam_ratio", "sign")),
-    MethodSpec("journey-trak", "trak", "train: projected ∇ of the DSM loss at K random "
+    MethodSpec("journey-trak", "Journey-TRAK", "trak", "train: projected ∇ of the DSM loss at K random "
                "timesteps; query: x̂0 of a sampling step re-noised to its t (R draws)",
                _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["journey-trak"],
                query="trajectory",
                tunes=("lam_ratio",)),
-    MethodSpec("tracin", "tracin", "projected ∇ of the DSM loss at every checkpoint after step 0",
+    MethodSpec("tracin", "TracIn", "tracin", "projected ∇ of the DSM loss at every checkpoint after step 0",
                "Σ_s η_s φ_s(q)·Φ_sᵀ (η_s: learning rate of the update that made checkpoint s)",
                output="loss", default_checkpoints="all", tunes=("sign",)),
-    MethodSpec("concept-trak", "concept-trak", "query: projected ∇ of the concept loss; "
+    MethodSpec("concept-trak", "Concept-TRAK", "concept-trak", "query: projected ∇ of the concept loss; "
                "train: projected ∇ of the DSM loss (concept_trak.py)",
                "TRAK kernel with λ = 0.1·ratio·mean diag(ΦᵀΦ)", output="loss",
                tunes=("lam_ratio",)),
-    MethodSpec("montrage", "montrage", "pooled UNet-tap representations at every checkpoint",
+    MethodSpec("montrage", "MONTRAGE (trajectory)", "montrage", "pooled UNet-tap representations at every checkpoint",
                "similarities weighted by each training image's representation movement"),
-    MethodSpec("montrage-final", "montrage", "pooled UNet-tap representations, last "
+    MethodSpec("montrage-final", "MONTRAGE final-only", "montrage", "pooled UNet-tap representations, last "
                "checkpoint", "similarity at the last checkpoint"),
-    MethodSpec("pixel", "similarity", "the flattened inputs", "cosine similarity"),
-    MethodSpec("random", "random", "none", "standard normal scores (a floor)"),
+    MethodSpec("pixel", "pixel similarity", "similarity", "the flattened inputs", "cosine similarity"),
+    MethodSpec("random", "random", "random", "none", "standard normal scores (a floor)"),
 )}
 
 
@@ -181,7 +183,8 @@ def method_scores(method: str, phi_query: Any, Phi_train: Any = None, *,
     * ``'trak'``: ``[Q, k]`` / ``[N, k]`` arrays, or lists of them (one per checkpoint of the
       ensemble); ``lam_ratio`` sets each checkpoint's ``λ``
       (:func:`~jaxattrib.attribution.diffusion_trak.ensemble_scores`).
-    * ``'tracin'``: lists, one per checkpoint, and ``learning_rates`` (one per checkpoint).
+    * ``'tracin'``: lists, one per checkpoint, and ``learning_rates`` (one per checkpoint);
+      ``dtype`` the compute dtype (default float32).
     * ``'concept-trak'``: ``[Q, k]`` / ``[N, k]``; ``lam_ratio`` is Concept-TRAK's ratio.
     * ``'montrage'``: ``phi_query`` is the
       :class:`~jaxattrib.attribution.montrage.RepTrajectory` (both sides inside),
@@ -200,7 +203,8 @@ def method_scores(method: str, phi_query: Any, Phi_train: Any = None, *,
         if learning_rates is None:
             raise ValueError("method='tracin' needs learning_rates (one per checkpoint)")
         return np.asarray(trak_lib.tracin_scores(_as_list(phi_query), _as_list(Phi_train),
-                                                 list(learning_rates)))
+                                                 list(learning_rates),
+                                                 dtype=np.float32 if dtype is None else dtype))
     if family == "concept-trak":
         from jaxattrib.attribution import concept_trak as ct
         return np.asarray(ct.scores_from_features(phi_query, Phi_train, lam_ratio))

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxattrib.attribution.methods import METHODS
 from jaxattrib.config import ConfigError
 
 
@@ -158,10 +159,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-METHOD_NAMES = {"dtrak": "D-TRAK", "trak": "TRAK", "tracin": "TracIn",
-                "concept-trak": "Concept-TRAK", "montrage": "MONTRAGE (trajectory)",
-                "montrage-final": "MONTRAGE final-only", "pixel": "pixel similarity",
-                "random": "random"}
+METHOD_NAMES = {name: spec.label for name, spec in METHODS.items()}  # names in the tables
 
 
 def benchmark_tables(scores: dict, gt: dict, test: np.ndarray, within_ok: np.ndarray,
