@@ -59,7 +59,8 @@ def test_attributor_equals_the_low_level_path(pipe, tmp_path, method):
     np.testing.assert_array_equal(s, want)
     np.testing.assert_array_equal(M.method_scores(method, phi, Phi, lam_ratio=0.5), want)
     # topk = argsort of score, best first
-    idx, vals = att.topk(4)
+    vals, idx = att.topk(4)
+    np.testing.assert_array_equal(att.topk(4).indices, idx)      # named fields
     np.testing.assert_array_equal(idx, np.argsort(-s, axis=1, kind="stable")[:, :4])
     np.testing.assert_array_equal(vals, np.take_along_axis(s, idx, 1))
     assert (np.diff(vals, axis=1) <= 0).all()
@@ -230,10 +231,10 @@ from jaxattrib.models.pipeline import load_pipeline
 
 pipe = load_pipeline(model_folder)                        # a diffusers SD folder
 att = Attributor(pipe, method="dtrak", store="features",  # resumable feature stores
-                 config=AttributionConfig(k=16, params="attn2", num_timesteps=2))
+                 config=AttributionConfig(k=2048, params="attn2"))
 att.featurize({"images": train_images, "captions": train_captions})
 scores = att.score({"images": query_images, "captions": query_prompts})  # [Q, N]
-top_idx, top_scores = att.topk(3)                         # per query, best first
+top = att.topk(3)                         # .scores, .indices [Q, 3], best first
 """
 
 
@@ -246,5 +247,6 @@ def test_readme_snippet_runs(tiny_pixel_pipeline, tmp_path, monkeypatch):
           "query_prompts": queries["captions"]}
     assert len(README_SNIPPET.splitlines()) <= 10
     exec(compile(README_SNIPPET, "README snippet", "exec"), ns)
-    assert ns["scores"].shape == (3, 6) and ns["top_idx"].shape == (3, 3)
+    assert ns["scores"].shape == (3, 6) and ns["top"].indices.shape == (3, 3)
+    np.testing.assert_array_equal(ns["top"].indices, np.argsort(-ns["scores"], 1)[:, :3])
     assert (tmp_path / "features" / "dtrak" / "model" / "train" / "meta.json").is_file()

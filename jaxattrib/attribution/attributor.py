@@ -34,13 +34,21 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from jaxattrib.attribution import diffusion_trak as dt
 from jaxattrib.attribution import methods as methods_lib
 from jaxattrib.attribution.diffusion_trak import AttributionConfig
+
+
+class TopK(NamedTuple):
+    """Each query's most attributed training examples, best first (as ``torch.topk`` and
+    :func:`~jaxattrib.attribution.trak.topk_scores`: values, then indices)."""
+
+    scores: np.ndarray    # [Q, k] float
+    indices: np.ndarray   # [Q, k] int64, rows of the training set
 
 
 class Attributor:
@@ -219,9 +227,9 @@ class Attributor:
                                                 learning_rates=self.learning_rates)
         return self.scores
 
-    def topk(self, k: int, queries: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices [Q, k] int64, scores [Q, k])``: each query's ``k`` most attributed
-        training examples, best first (ties: lower index first, i.e.
+    def topk(self, k: int, queries: dict | None = None) -> TopK:
+        """:class:`TopK` ``(scores [Q, k], indices [Q, k] int64)``: each query's ``k`` most
+        attributed training examples, best first (ties: lower index first, i.e.
         ``np.argsort(-scores, kind='stable')[:, :k]``). Scores ``queries`` first when given,
         else uses the last :meth:`score`."""
         if queries is not None:
@@ -232,7 +240,7 @@ class Attributor:
         if not 1 <= k <= n:
             raise ValueError(f"topk: k={k}, expected 1 ≤ k ≤ N = {n} training examples")
         idx = np.argsort(-self.scores, axis=1, kind="stable")[:, :k].astype(np.int64)
-        return idx, np.take_along_axis(self.scores, idx, 1)
+        return TopK(np.take_along_axis(self.scores, idx, 1), idx)
 
 
-__all__ = ["Attributor", "AttributionConfig"]
+__all__ = ["Attributor", "AttributionConfig", "TopK"]
