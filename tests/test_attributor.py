@@ -250,3 +250,57 @@ def test_readme_snippet_runs(tiny_pixel_pipeline, tmp_path, monkeypatch):
     assert ns["scores"].shape == (3, 6) and ns["top"].indices.shape == (3, 3)
     np.testing.assert_array_equal(ns["top"].indices, np.argsort(-ns["scores"], 1)[:, :3])
     assert (tmp_path / "features" / "dtrak" / "model" / "train" / "meta.json").is_file()
+
+
+def _commands():
+    """(module with training_examples / read_queries / attribute_run, train_run)."""
+    try:
+        from jaxattrib.runs import attribute as A, train as T    # after the runs/ layer
+        return A, T.train_run
+    except ImportError:
+        from jaxattrib import workflow as W
+        return W, W.train_run
+
+
+@pytest.mark.slow
+def test_attributor_over_a_run_directory_reuses_and_reproduces_attribute(tiny_pixel_pipeline,
+                                                                         tmp_path):
+    """``store=RUN/features, record=RUN`` is the layout of ``jaxattrib attribute``: the
+    Attributor reuses its training stores (files untouched) and reproduces its scores exactly,
+    for D-TRAK (1 checkpoint), TRAK (ensemble of 2) and TracIn (the swapped-argument call of
+    the command gives the same [Q, N])."""
+    import hashlib
+
+    from PIL import Image
+
+    from jaxattrib.attribution import Attributor, AttributionConfig
+    from jaxattrib.config import load_config
+    A, train_run = _commands()
+    c = load_config("finetune_folder", [
+        f"model={tiny_pixel_pipeline}", "data.source=digits", "data.size=8",
+        "data.max_examples=4", "finetune.steps=2", "finetune.batch_size=2",
+        "finetune.checkpoint_every=1"])
+    run, q = tmp_path / "run", tmp_path / "q"
+    train_run(c, run, progress=False)
+    q.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(q / f"{i}.png")
+    (q / "prompts.txt").write_text("\n".join(CAPTIONS[:2]) + "\n")
+    pipe = A.load_run_pipeline(run)
+    train = A.training_examples(run, pipe, progress=False)
+    q_images, q_prompts = A.read_queries(q)
+    query_ex = M.model_inputs(pipe, q_images, q_prompts)
+    kw = dict(k=16, params="attn2", num_timesteps=2, projection="rademacher", microbatch=2)
+    for method, ck in (("dtrak", None), ("trak", 2), ("tracin", None)):
+        A.attribute_run(run, q, method, checkpoints=ck, progress=False, **kw)
+        stores = sorted((run / "features" / method).rglob("train/chunk_*.npy"))
+        before = [p.stat().st_mtime_ns for p in stores]
+        att = Attributor(pipe, method=method, config=AttributionConfig(method=method, **kw),
+                         store=run / "features", record=run, checkpoints=ck)
+        att.featurize(train.examples, fingerprint=train.fingerprint)
+        s = att.score(query_ex, fingerprint=hashlib.sha256(q_images.tobytes()).hexdigest(),
+                      folder="queries_q")
+        assert [p.stat().st_mtime_ns for p in stores] == before and stores
+        np.testing.assert_array_equal(s.astype(np.float32),
+                                      np.load(run / "scores" / f"{method}_q.npy"))
