@@ -205,10 +205,10 @@ def test_checkpoint_ensemble_and_tracin_over_a_record(pipe, tmp_path):
     rec = TrajectoryRecord.open(rec_dir)
     for method, kw in (("trak", {"checkpoints": 2}), ("tracin", {})):
         ac = _config(method)
-        att = Attributor(pipe, method=method, config=ac, record=rec_dir,
-                         store=tmp_path / "a", **kw)
-        assert att.steps == [1, 2]
-        s = att.featurize(train).score(queries)
+        with Attributor(pipe, method=method, config=ac, record=rec_dir,
+                        store=tmp_path / "a", **kw) as att:
+            assert att.steps == [1, 2]
+            s = att.featurize(train).score(queries)
         fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
         Phis, phis = [], []
         for st in (1, 2):

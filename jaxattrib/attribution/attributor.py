@@ -120,10 +120,24 @@ class Attributor:
         self.train_fingerprint: str | None = None
         self.scores: np.ndarray | None = None
 
+    def close(self) -> None:
+        """Closes the record if this object opened it (from a path) and removes the temporary
+        store (``store=None``). Also on leaving a ``with Attributor(...) as att:`` block."""
+        if self._owns_record and self._record is not None:
+            self._record.close()
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "Attributor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _open_record(record):
-        if record is None or not isinstance(record, (str, Path)):
+    def _open_record(self, record):
+        self._owns_record = isinstance(record, (str, Path))
+        if not self._owns_record:
             return record
         from jaxattrib.train.record import TrajectoryRecord
         path = Path(record)
