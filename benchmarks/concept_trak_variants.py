@@ -373,7 +373,7 @@ def per_timestep_report(concept, dsm, Phi, rel, val, plan, verified, config, K, 
     from jaxattrib.data.synthetic import parse_caption
     from jaxattrib.eval import concept_benchmark as cb
     from jaxattrib.eval.benchmarks import markdown_table
-    from jaxattrib.eval.metrics import bootstrap_ci, precision_at_k
+    from jaxattrib.metrics import bootstrap_ci, precision_at_k
     k10, ratios = config.eval.topk, config.attribution.lambda_ratios
     split, kinds = plan["row_split"], plan["row_kind"]
     test = ~val

@@ -82,7 +82,7 @@ from jaxattrib.diffusion.losses import dsm_loss, timesteps_uniform
 from jaxattrib.diffusion.sampling import sample
 from jaxattrib.diffusion.schedule import add_noise, make_schedule
 from jaxattrib.eval import lds as lds_lib
-from jaxattrib.eval.metrics import lds
+from jaxattrib.metrics import lds
 from jaxattrib.models.unet import UNet2DConditionModel, init_params, tiny_config
 
 N_CLASSES = 10

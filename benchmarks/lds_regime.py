@@ -156,7 +156,7 @@ def paired_difference(run_dir: Path, a: str = "trak", b: str = "dtrak") -> dict:
     ``benchmarks/lds.py`` chose on the tune split (read from ``results/lds.json``; scores
     recomputed from the cached features and outputs)."""
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.eval.metrics import bootstrap_ci, lds
+    from jaxattrib.metrics import bootstrap_ci, lds
     cfg = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
     chosen = {r["method"]: r for r in
               json.loads((run_dir / "results" / "lds.json").read_text())["tables"][0]["rows"]}

@@ -356,7 +356,7 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
 
     from jaxattrib.attribution import montrage as M
     from jaxattrib.eval import mixed
-    from jaxattrib.eval.metrics import spearman_columns
+    from jaxattrib.metrics import spearman_columns
     sims = traj.similarities(taps)                                   # [S, Q, N]
     mv = traj.movement(taps)
     cands = {f"step {int(st)}" + (" (base model)" if j == 0 else "") +
@@ -417,7 +417,7 @@ def _monitoring(traj, taps, counts, tc, pq, q, val, test, nb, seed):
 
 
 def _auc(x, labels):
-    from jaxattrib.eval.metrics import roc_auc
+    from jaxattrib.metrics import roc_auc
     return float(roc_auc(x, labels))
 
 

@@ -98,7 +98,7 @@ def _rounded(x) -> list:
 
 
 def _metrics(scores, relevant):
-    from jaxattrib.eval.metrics import average_precision, recall_at_k
+    from jaxattrib.metrics import average_precision, recall_at_k
     ap = np.asarray(average_precision(scores, relevant), np.float64)
     return ap, float(np.nanmean(recall_at_k(scores, relevant, K)))
 
@@ -120,7 +120,7 @@ def main() -> None:
 
     from jaxattrib.attribution import montrage as M
     from jaxattrib.base_model import base_model_info, load_base_model
-    from jaxattrib.eval.metrics import bootstrap_ci
+    from jaxattrib.metrics import bootstrap_ci
     from jaxattrib.train.record import TrajectoryRecord
 
     run, out = Path(args.run_dir), Path(args.out)
@@ -203,7 +203,7 @@ def main() -> None:
           ["step"] + mcols)
 
     # 2. how much the trajectory changes
-    from jaxattrib.eval.metrics import spearman_columns
+    from jaxattrib.metrics import spearman_columns
     mv = traj.movement(demo_taps)                             # [S, N]
     w = M.movement_weights(mv, counts, "count")
     wn = w / w.sum(0, keepdims=True)
@@ -222,7 +222,7 @@ def main() -> None:
           ["step", "mean |sim_s - sim_final|", "rank corr. with final",
            "movement exemplars", "movement distractors", "query rep. distance to final",
            "movement x count weight: mean [min, max] over images"])
-    from jaxattrib.eval.metrics import roc_auc
+    from jaxattrib.metrics import roc_auc
     total_mv = mv.sum(0)
     reps = traj.representations("train", demo_taps)
     base_to_final = np.linalg.norm(reps[-1] - reps[0], axis=-1)
@@ -381,7 +381,7 @@ def _probe(out, run, cfg, pipe, train, ctx_tr, demo_q, ctx_q, n_steps, taps, ts,
     from jaxattrib import parallel
     from jaxattrib.attribution import montrage as M
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.eval.metrics import roc_auc
+    from jaxattrib.metrics import roc_auc
     from jaxattrib.train.diffusion_task import make_diffusion_loss
     from jaxattrib.train.finetune import TrainConfig, finetune
 

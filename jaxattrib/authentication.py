@@ -250,7 +250,7 @@ def report(run_dir: Path, config, out: dict, rec: dict, models: dict,
     """Writes the ``cgi_dm_*`` report sections; returns the summary metrics. ``rec``'s
     ``original`` / ``masked`` / ``recovered`` are pixel images (decoded for a latent model);
     ``space`` says where PGD ran (shown in the report)."""
-    from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
+    from jaxattrib.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
     from jaxattrib.report.html import write_result
     from jaxattrib.report.images import image_grid, save_png
     from jaxattrib.report.plots import roc_curve_png

@@ -354,7 +354,7 @@ class Variant:
 
     def val_map(self, scores: np.ndarray) -> float:
         """Mean average precision of ``scores [Q, N]`` over the validation queries."""
-        from jaxattrib.eval.metrics import average_precision, restrict_to_candidates
+        from jaxattrib.metrics import average_precision, restrict_to_candidates
         s, r = scores[self.val], self.relevant[self.val]
         if self.candidates is not None:
             s, r = restrict_to_candidates(s, r, self.candidates[self.val])
@@ -597,7 +597,7 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
 def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
     """Writes the ``cgi_dm`` report section (ROC, examples grid of ``cg``'s pixel images);
     ``space``, if given, says where PGD ran (latent base models). Returns the CGI-DM row."""
-    from jaxattrib.eval.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
+    from jaxattrib.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
     from jaxattrib.report.html import write_result
     from jaxattrib.report.images import image_grid, save_png
     from jaxattrib.report.plots import roc_curve_png
@@ -702,7 +702,7 @@ def _fingerprint_of(arr: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- report
 
 def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -> dict:
-    from jaxattrib.eval.metrics import mean_average_precision, recall_at_k
+    from jaxattrib.metrics import mean_average_precision, recall_at_k
     from jaxattrib.report.html import render_run_report, write_result
     from jaxattrib.report.images import image_grid, save_png, topk_image
     test = ~_validation_mask(queries["concept"])

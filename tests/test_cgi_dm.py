@@ -9,7 +9,7 @@ from jaxattrib.attribution import cgi_dm
 from jaxattrib.attribution.cgi_dm import CGIDMConfig
 from jaxattrib.attribution.similarity import psnr
 from jaxattrib.diffusion.schedule import make_schedule
-from jaxattrib.eval.metrics import roc_auc
+from jaxattrib.metrics import roc_auc
 
 SCHED = make_schedule(1000)
 HW, C = 16, 1

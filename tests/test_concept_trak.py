@@ -16,7 +16,7 @@ from jaxattrib.attribution import trak
 from jaxattrib.attribution.grads import make_feature_fn, projected_grads, select_params
 from jaxattrib.diffusion.losses import dsm_loss, fixed_noise
 from jaxattrib.diffusion.schedule import add_noise, make_schedule, predict_x0
-from jaxattrib.eval.metrics import precision_at_k
+from jaxattrib.metrics import precision_at_k
 from jaxattrib.models import unet
 
 L, D_CTX = 6, 16

@@ -17,7 +17,7 @@ from jaxattrib import demo
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import classify_concepts, parse_caption
 from jaxattrib.eval import benchmarks as B
-from jaxattrib.eval.metrics import restrict_to_candidates
+from jaxattrib.metrics import restrict_to_candidates
 
 VARS = ("black", "white", "gray")
 

@@ -12,7 +12,7 @@ import pytest
 from jaxattrib import parallel
 from jaxattrib.diffusion.schedule import make_schedule
 from jaxattrib.eval import lds as lds_lib
-from jaxattrib.eval.metrics import lds
+from jaxattrib.metrics import lds
 
 
 def test_draw_subsets_exact_fraction_and_determinism():

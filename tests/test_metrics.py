@@ -1,12 +1,11 @@
-"""Tests of jaxattrib.eval.metrics against scipy / sklearn and direct loops."""
+"""Tests of jaxattrib.metrics against scipy / sklearn and direct loops."""
 
 import numpy as np
 import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from jaxattrib.eval import metrics as M
-
+from jaxattrib import metrics as M
 SEEDS = [0, 1, 2, 3]
 
 

@@ -13,7 +13,7 @@ from jaxattrib import parallel
 from jaxattrib.attribution import montrage as M
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import add_noise, make_schedule
-from jaxattrib.eval.metrics import recall_at_k
+from jaxattrib.metrics import recall_at_k
 from jaxattrib.models import unet
 from jaxattrib.train.record import TrajectoryRecord
 

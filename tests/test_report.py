@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxattrib.eval import metrics as M
+from jaxattrib import metrics as M
 from jaxattrib.report import html as H
 from jaxattrib.report import images as I
 from jaxattrib.report import plots as P

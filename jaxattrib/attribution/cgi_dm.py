@@ -582,7 +582,7 @@ def calibrate(null_scores: Any, member_scores: Any = None, *,
     """Decision threshold from known non-members (and optionally known members).
 
     ``target='fpr'``: :func:`fpr_threshold` on the hold-out scores (members unused).
-    ``target='accuracy'``: ``jaxattrib.eval.metrics.calibrate_threshold`` on members (positive)
+    ``target='accuracy'``: ``jaxattrib.metrics.calibrate_threshold`` on members (positive)
     and hold-outs (negative); needs ``member_scores``.
     """
     if target == "fpr":
@@ -590,7 +590,7 @@ def calibrate(null_scores: Any, member_scores: Any = None, *,
     if target == "accuracy":
         if member_scores is None or np.size(member_scores) == 0:
             raise ValueError("calibrate(target='accuracy') needs known member scores")
-        from jaxattrib.eval.metrics import calibrate_threshold
+        from jaxattrib.metrics import calibrate_threshold
         s = np.r_[np.asarray(member_scores, np.float64).reshape(-1),
                   np.asarray(null_scores, np.float64).reshape(-1)]
         y = np.r_[np.ones(np.size(member_scores), bool), np.zeros(np.size(null_scores), bool)]

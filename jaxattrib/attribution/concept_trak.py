@@ -75,7 +75,7 @@ from jaxattrib.attribution.trak import score, trak_kernel_inverse
 from jaxattrib.diffusion.inversion import ddim_invert
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, predict_x0, training_target
-from jaxattrib.eval.metrics import precision_at_k
+from jaxattrib.metrics import precision_at_k
 
 ModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 EncodeFn = Callable[[Sequence[str]], Any]

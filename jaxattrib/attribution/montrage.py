@@ -870,7 +870,7 @@ def within_concept_spearman(scores: np.ndarray, soft_truth: np.ndarray,
     """Within-concept evaluation [paper]: per query, the Spearman rank correlation between its
     scores and the soft ground truth over the training images of its own concept -> ``[Q]``
     (NaN when either is constant there). scores, soft_truth ``[Q, N]``."""
-    from jaxattrib.eval.metrics import spearman_columns
+    from jaxattrib.metrics import spearman_columns
     scores = np.asarray(scores, np.float64)
     soft = np.asarray(soft_truth, np.float64)
     if soft.shape != scores.shape:

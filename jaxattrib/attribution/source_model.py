@@ -72,7 +72,7 @@ watermark baseline) → ``build_model_zoo`` → select key samples on the source
 model for Strategy 2) → :func:`query` the source and every suspect with the key prompts and the
 same seeds → :func:`instance_confidence`, calibrated by :func:`calibrate_on_innocent` on the
 innocent shadows; :func:`probe_features` of the shadows train the :class:`Discriminator`, which
-scores the held-out suspects (``ModelZoo.split``), evaluated with ``jaxattrib.eval.metrics``.
+scores the held-out suspects (``ModelZoo.split``), evaluated with ``jaxattrib.metrics``.
 """
 
 from __future__ import annotations

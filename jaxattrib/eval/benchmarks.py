@@ -129,9 +129,9 @@ def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, queries: np.ndar
 
     ``candidates`` (``[Q, N]`` bool, same count ``M`` per row) ranks each query among its
     candidates only; ``k`` is then capped at ``M``. Returns ``{'n', 'k', 'recall', 'map',
-    'top1'}``, each metric a :class:`~jaxattrib.eval.metrics.CI` (95%, over queries).
+    'top1'}``, each metric a :class:`~jaxattrib.metrics.CI` (95%, over queries).
     """
-    from jaxattrib.eval.metrics import (average_precision, bootstrap_ci, precision_at_k,
+    from jaxattrib.metrics import (average_precision, bootstrap_ci, precision_at_k,
                                         recall_at_k, restrict_to_candidates)
     s, r = np.asarray(scores)[queries], np.asarray(relevant)[queries]
     if candidates is not None:

@@ -336,7 +336,7 @@ def _masked_start(images, cgi, key, bs):
 
 def _metrics(scores, labels, cal_scores) -> dict:
     from jaxattrib.attribution.cgi_dm import fpr_threshold
-    from jaxattrib.eval.metrics import roc_auc, tpr_at_fpr
+    from jaxattrib.metrics import roc_auc, tpr_at_fpr
     y = labels.astype(bool)
     row = {"AUC": roc_auc(scores, y), "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
            "TPR@10%FPR": tpr_at_fpr(scores, y, 0.10)}
@@ -355,7 +355,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     from jaxattrib.base_model import load_base_model
     from jaxattrib.demo import _check_config, _save_npz
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.eval.metrics import roc_auc
+    from jaxattrib.metrics import roc_auc
     from jaxattrib.models.unet import UNet2DConditionModel
     t0 = time.time()
     variants = check_config(config)
@@ -474,7 +474,7 @@ def _write_tables(run_dir: Path, config, summary: dict) -> None:
 
 
 def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
-    from jaxattrib.eval.metrics import roc_curve
+    from jaxattrib.metrics import roc_curve
     from jaxattrib.report.html import render_run_report, write_result
     from jaxattrib.report.images import image_grid, save_png
     n = min(config.report_images, len(sc["member_test"]), len(sc["holdout_test"]))

@@ -127,7 +127,7 @@ def verified_rows(images: np.ndarray, row_image, row_kind, row_concept, spec) ->
 def split_metrics(scores: np.ndarray, relevant: np.ndarray, rows: np.ndarray, *, k: int = 10,
                   n_bootstrap: int = 1000, seed: int = 0) -> dict | None:
     """Precision@k and mAP (bootstrap 95% CIs over the selected rows); ``None`` if no row."""
-    from jaxattrib.eval.metrics import average_precision, bootstrap_ci, precision_at_k
+    from jaxattrib.metrics import average_precision, bootstrap_ci, precision_at_k
     rows = np.asarray(rows, bool)
     if not rows.any():
         return None
@@ -195,7 +195,7 @@ def build_train(run_dir: Path, config, info: dict) -> dict:
 
 def _choose_and_score(phi, Phi, relevant, val, ratios, *, k: int, scorer):
     """Picks the ratio with the best mean P@k on the ``val`` rows; returns (scores, sweep)."""
-    from jaxattrib.eval.metrics import precision_at_k
+    from jaxattrib.metrics import precision_at_k
     sweep = []
     best = None
     for r in ratios:
@@ -227,7 +227,7 @@ def lambda_curve(phi, Phi, relevant, val, split, ratios, *, scorer, k: int = 10,
     λ = r · 0.1 · mean diag ΦᵀΦ).
     """
     from jaxattrib.attribution.concept_trak import lambda_from_ratio
-    from jaxattrib.eval.metrics import precision_at_k
+    from jaxattrib.metrics import precision_at_k
     val = np.asarray(val, bool)
     split = np.asarray(split)
     rows = []

@@ -6,7 +6,7 @@ What follows the references (methods.md §1, TRAK [code: MadryLab/trak], D-TRAK
 * Draw S random subsets of the n training examples, each of fraction α (default 0.5); train one
   model per (subset, seed); the *actual* output of subset j on target z is the diffusion loss on
   z with fixed timesteps and fixed noise, averaged over noise draws and over training seeds.
-  :func:`jaxattrib.eval.metrics.lds` then correlates it with ``Σ_{i∈S_j} τ(z)_i``.
+  :func:`jaxattrib.metrics.lds` then correlates it with ``Σ_{i∈S_j} τ(z)_i``.
 
 [design] Ours:
 
@@ -174,7 +174,7 @@ def seed_agreement(outputs: np.ndarray) -> dict:
     ``ceiling = sqrt(r_mean)`` (clipped at 0): the correlation with the noise-free output that
     the seed-averaged ground truth allows, an approximate upper bound on any method's LDS.
     """
-    from jaxattrib.eval.metrics import spearman_columns
+    from jaxattrib.metrics import spearman_columns
     outputs = np.asarray(outputs, np.float64)
     if outputs.ndim != 3 or outputs.shape[0] < 2:
         raise ValueError(f"seed_agreement: outputs must be [R >= 2 seeds, S, T]; got "

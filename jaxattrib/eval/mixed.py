@@ -141,7 +141,7 @@ def mixture_metrics(scores: np.ndarray, soft: np.ndarray) -> dict:
     (:func:`soft_ground_truth`): ``rho [Q]`` (Spearman over all N, average ranks for ties),
     ``map_both [Q]`` (average precision of ``soft > 0``). :func:`per_query` adds ``auc_ab``.
     """
-    from jaxattrib.eval.metrics import average_precision, spearman_columns
+    from jaxattrib.metrics import average_precision, spearman_columns
     s, g = np.asarray(scores, np.float64), np.asarray(soft, np.float64)
     if s.shape != g.shape or s.ndim != 2:
         raise ValueError(f"mixture_metrics: scores {s.shape} and soft {g.shape} must be the "
@@ -161,7 +161,7 @@ def per_query(scores: np.ndarray, plan: dict, train_concept: np.ndarray) -> dict
 
 
 def _tracking(alpha: np.ndarray, auc: np.ndarray) -> float:
-    from jaxattrib.eval.metrics import spearman_columns
+    from jaxattrib.metrics import spearman_columns
     return float(spearman_columns(np.asarray(alpha, np.float64)[:, None],
                                   np.asarray(auc, np.float64)[:, None])[0])
 
@@ -171,9 +171,9 @@ def summarize(metrics: dict, alpha: np.ndarray, queries: np.ndarray, *,
     """Means over the selected ``queries`` ``[Q]`` bool with 95% bootstrap CIs.
 
     Returns ``rho``, ``map_both``, ``tracking`` (Spearman of α vs ``auc_ab`` across queries)
-    as :class:`~jaxattrib.eval.metrics.CI`, ``auc_by_alpha`` ``{α: mean auc_ab}`` and ``n``.
+    as :class:`~jaxattrib.metrics.CI`, ``auc_by_alpha`` ``{α: mean auc_ab}`` and ``n``.
     """
-    from jaxattrib.eval.metrics import bootstrap_ci
+    from jaxattrib.metrics import bootstrap_ci
     q = np.asarray(queries, bool)
     if not q.any():
         raise ValueError("summarize: no query selected")
@@ -192,7 +192,7 @@ def paired_gain(a: np.ndarray, b: np.ndarray, queries: np.ndarray, *,
                 n_bootstrap: int = 1000, seed: int = 0):
     """Mean of ``a − b`` (per-query metrics, e.g. ``rho``) over ``queries`` with its paired
     95% bootstrap CI."""
-    from jaxattrib.eval.metrics import bootstrap_ci
+    from jaxattrib.metrics import bootstrap_ci
     q = np.asarray(queries, bool)
     return bootstrap_ci(np.asarray(a)[q] - np.asarray(b)[q], np.nanmean, n=n_bootstrap,
                         seed=seed)

@@ -48,8 +48,7 @@ import numpy as np
 
 from jaxattrib.attribution import source_model as sm
 from jaxattrib.attribution import watermark as wm
-from jaxattrib.eval import metrics
-
+from jaxattrib import metrics
 #: instance-level methods (key-sample strategies) in table order
 INSTANCE_METHODS = ("strategy1", "strategy1-consistency", "strategy2", "random")
 METHOD_LABELS = {"strategy1": "instance, Strategy 1 (detection: Wen et al. signal)",

@@ -181,7 +181,7 @@ def topk_image(query: np.ndarray, train_images: np.ndarray, scores: np.ndarray, 
       query: ``[H, W, C]`` generated / query image.
       train_images: ``[N, H, W, C]`` candidates (the whole training set or a pre-selected subset).
       scores: ``[N]`` attribution scores of the candidates; the top k are shown in decreasing
-        order (ties: lower index first, as :func:`jaxattrib.eval.metrics.ranking`).
+        order (ties: lower index first, as :func:`jaxattrib.metrics.ranking`).
       k: how many to show (``min(k, N)``).
       labels: optional ``[N]`` names (e.g. training indices); drawn with the score under each.
       correct: optional ``[N]`` boolean ground truth; shown images get a green (True) or red

@@ -38,7 +38,7 @@ def roc_curve_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: st
     """ROC curves, one per method, with the chance diagonal.
 
     Args:
-      curves: ``name -> (fpr [D], tpr [D])`` (e.g. from :func:`jaxattrib.eval.metrics.roc_curve`);
+      curves: ``name -> (fpr [D], tpr [D])`` (e.g. from :func:`jaxattrib.metrics.roc_curve`);
         the name is used as is in the legend (put the AUC in it if wanted).
       title: figure title.
       log_x: logarithmic FPR axis (for low-FPR regimes, TPR@1%FPR); zero FPRs are clipped to
