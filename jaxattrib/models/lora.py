@@ -140,6 +140,24 @@ def lora_merge(base_params: Mapping, lora_params: Mapping, alpha: float) -> dict
     return merge(base_params, lora_params, "")
 
 
+def compose_params(trainable: Mapping, frozen: Mapping, config) -> dict:
+    """Model parameters from the trained part and the frozen/base part; pure.
+
+    Full mode: ``{**frozen, **trainable}``; LoRA mode: ``lora_merge(frozen, trainable, alpha)``
+    where ``frozen`` is the full base parameter tree. ``config`` is a ``TrainConfig`` or a
+    manifest mapping with ``mode`` (default ``"full"``) and ``lora_alpha`` (default 1.0).
+    [design] Lives here (not in ``train.finetune``) so ``train.record`` can rebuild parameters
+    without importing the trainer.
+    """
+    def get(name, default):
+        return config.get(name, default) if isinstance(config, Mapping) \
+            else getattr(config, name, default)
+
+    if get("mode", "full") == "lora":
+        return lora_merge(frozen, trainable, get("lora_alpha", 1.0))
+    return {**frozen, **trainable}
+
+
 def lora_param_count(lora_params: Any) -> int:
     """Number of scalar LoRA parameters (sum of the sizes of all ``A`` and ``B``)."""
     return int(sum(np.size(x) for x in jax.tree.leaves(lora_params)))

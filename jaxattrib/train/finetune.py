@@ -47,6 +47,7 @@ import optax
 
 from jaxattrib import parallel
 from jaxattrib.models import lora as lora_lib
+from jaxattrib.models.lora import compose_params  # noqa: F401 (re-export)
 from jaxattrib.train.record import TrajectoryRecord
 
 FROZEN_ALWAYS = ("vae",)
@@ -224,17 +225,6 @@ def split_params(params: Mapping, config) -> tuple[dict, dict]:
     keys = set(trainable_keys(params, config))
     return ({k: v for k, v in params.items() if k in keys},
             {k: v for k, v in params.items() if k not in keys})
-
-
-def compose_params(trainable: Mapping, frozen: Mapping, config) -> dict:
-    """Model parameters from the trained part and the frozen/base part; pure.
-
-    Full mode: ``{**frozen, **trainable}``; LoRA mode: ``lora_merge(frozen, trainable, alpha)``
-    where ``frozen`` is the full base parameter tree.
-    """
-    if _cfg_get(config, "mode", "full") == "lora":
-        return lora_lib.lora_merge(frozen, trainable, _cfg_get(config, "lora_alpha", 1.0))
-    return {**frozen, **trainable}
 
 
 def init_trainable(init_params: Mapping, config: TrainConfig) -> tuple[dict, dict]:

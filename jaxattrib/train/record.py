@@ -378,7 +378,7 @@ class TrajectoryRecord:
         ``template``: optional pytree (arrays or ``ShapeDtypeStruct``) of the *full* model
         parameters; the result is cast/placed to its dtypes and shardings.
         """
-        from jaxattrib.train.finetune import compose_params
+        from jaxattrib.models.lora import compose_params
         cfg = self.manifest.get("config", {})
         base = self.load_base()
         params = base if step == 0 else compose_params(
