@@ -105,7 +105,7 @@ def main(argv=None):
     import ml_collections
 
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.base_model import base_model_info, load_base_model
+    from jaxattrib.train.base_model import base_model_info, load_base_model
     from jaxattrib.config import ConfigError, apply_overrides
     from jaxattrib.data.synthetic import SyntheticConceptSpec
     from jaxattrib.demo import _examples, _fingerprint_of

@@ -189,7 +189,7 @@ def main(argv=None) -> None:
     progress = not args.no_progress
 
     from jaxattrib.attribution import montrage as M
-    from jaxattrib.base_model import base_model_info, load_base_model
+    from jaxattrib.train.base_model import base_model_info, load_base_model
     from jaxattrib.data.synthetic import SyntheticConceptSpec, classify_concepts
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.eval import mixed

@@ -63,7 +63,7 @@ def main() -> None:
     from jaxattrib.train.diffusion_task import make_diffusion_loss
 
     if args.base_model:
-        from jaxattrib.base_model import load_base_model
+        from jaxattrib.train.base_model import load_base_model
         pipe = load_base_model()
         cfg, params = pipe.unet_config, {"unet": pipe.unet_params}
         model = f"embedded base model UNet {tuple(cfg.block_out_channels)}"

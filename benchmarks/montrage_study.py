@@ -119,7 +119,7 @@ def main() -> None:
     import jax
 
     from jaxattrib.attribution import montrage as M
-    from jaxattrib.base_model import base_model_info, load_base_model
+    from jaxattrib.train.base_model import base_model_info, load_base_model
     from jaxattrib.metrics import bootstrap_ci
     from jaxattrib.train.record import TrajectoryRecord
 

@@ -66,7 +66,7 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, microbatch
     import jax
 
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.base_model import data_spec
+    from jaxattrib.train.base_model import data_spec
     from jaxattrib.data.source import MemorySource, SyntheticSource
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.pipeline import load_pipeline

@@ -564,7 +564,7 @@ def concept_query(ctx: typer.Context,
 
 
 def _load_model(model: str, allow_pickle: bool = False):
-    from jaxattrib.base_model import load_base_model
+    from jaxattrib.train.base_model import load_base_model
     from jaxattrib.models.pipeline import load_pipeline
     if model == "embedded":
         return load_base_model()

@@ -171,7 +171,7 @@ def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = No
     path, hold_path = run_dir / "data" / "train.npz", run_dir / "data" / "holdout.npz"
     if path.exists() and hold_path.exists():
         return {"train": dict(np.load(path)), "holdout": dict(np.load(hold_path))}
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic, make_withheld
     spec = spec_from_info(base_info, per_combination=config.data.per_combination)
     held = [dict(h) for h in base_info["held_out"]]
@@ -234,7 +234,7 @@ def base_model_ref(folder: str, record_dir: Path) -> str:
     its path. A record written before this convention holds the embedded model's absolute
     path (``.../jaxattrib/assets/base_model``, from any checkout); that value is kept so the
     record still resumes."""
-    from jaxattrib.base_model import ASSET_DIR
+    from jaxattrib.train.base_model import ASSET_DIR
     if not folder or Path(folder).resolve() != ASSET_DIR:
         return str(folder)
     manifest = Path(record_dir) / "manifest.json"
@@ -762,8 +762,8 @@ def open_base_run(run_dir: str | Path, config):
     """Opens a run directory of a config built on a pretrained base model (the demo and the
     synthetic-concept benchmarks): checks ``config`` against the run's saved one, then loads
     ``config.base_model`` (empty: the embedded model). Returns ``(run_dir, pipe, info)``,
-    ``info`` being the base model's :func:`~jaxattrib.base_model.base_model_info`."""
-    from jaxattrib.base_model import base_model_info, load_base_model
+    ``info`` being the base model's :func:`~jaxattrib.train.base_model.base_model_info`."""
+    from jaxattrib.train.base_model import base_model_info, load_base_model
     run_dir = Path(run_dir)
     from jaxattrib.config import ATTRIBUTION_LEGACY
     _check_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)

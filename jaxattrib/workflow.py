@@ -29,7 +29,7 @@ from jaxattrib.config import ConfigError
 
 
 def _load_model(model: str):
-    from jaxattrib.base_model import load_base_model
+    from jaxattrib.train.base_model import load_base_model
     from jaxattrib.models.pipeline import load_pipeline
     return load_base_model() if model in ("", "embedded") else load_pipeline(model)
 
@@ -53,7 +53,7 @@ def load_training_data(config):
     from jaxattrib.data import source as S
     d = config.data
     if d.source == "synthetic":
-        from jaxattrib.base_model import data_spec
+        from jaxattrib.train.base_model import data_spec
         import dataclasses
         src = S.SyntheticSource(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
                                 seed=config.seed)

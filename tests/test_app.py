@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattrib import base_model as bm
+from jaxattrib.train import base_model as bm
 from jaxattrib.attribution import diffusion_trak as dt
 from jaxattrib.config import ConfigError, apply_overrides, load_config
 from jaxattrib.diffusion.schedule import schedule_from_diffusers_config

@@ -34,11 +34,11 @@ def no_models(monkeypatch):
     """Loading any model fails the test: the safety net would turn it into exit 1, not 2."""
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
-    import jaxattrib.base_model
+    import jaxattrib.train.base_model
     import jaxattrib.models.pipeline
     import jaxattrib.workflow
     monkeypatch.setattr(jaxattrib.workflow, "_load_model", refuse)
-    monkeypatch.setattr(jaxattrib.base_model, "load_base_model", refuse)
+    monkeypatch.setattr(jaxattrib.train.base_model, "load_base_model", refuse)
     monkeypatch.setattr(jaxattrib.models.pipeline, "load_pipeline", refuse)
 
 

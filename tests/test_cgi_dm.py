@@ -394,7 +394,7 @@ def test_loss_gap_nan_names_images():
 @pytest.fixture(scope="module")
 def two_pipelines(tmp_path_factory):
     """Two tiny pixel pipelines whose UNets differ in width (8 vs 16 base channels)."""
-    from jaxattrib import base_model as bm
+    from jaxattrib.train import base_model as bm
     from jaxattrib.models import clip_text, unet
     from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
     root = tmp_path_factory.mktemp("cgi_pipes")

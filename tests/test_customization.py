@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxattrib import base_model as bm
+from jaxattrib.train import base_model as bm
 from jaxattrib import demo
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import classify_concepts, parse_caption

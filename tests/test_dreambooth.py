@@ -101,7 +101,7 @@ def test_zero_prior_weight_is_plain_finetuning():
 def test_score_concept_on_renders_and_blank_images():
     """Clean renders of the concept score 1; a blank image scores 0 even for 'red' (the
     classifier's label 0) and counts as empty; another concept's renders score 0 jointly."""
-    from jaxattrib.base_model import HELD_OUT, data_spec
+    from jaxattrib.train.base_model import HELD_OUT, data_spec
     from jaxattrib.data.synthetic import make_withheld
     spec = data_spec()
     ds = make_withheld(spec, 1000, HELD_OUT)
@@ -180,10 +180,10 @@ def test_pair_dataset_pairs_like_diffusers():
 
 
 def test_identifier_is_one_reserved_token_of_the_shipped_tokenizer():
-    from jaxattrib.base_model import data_spec
+    from jaxattrib.train.base_model import data_spec
     from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.models.tokenizer import CLIPTokenizer
-    from jaxattrib.base_model import ASSET_DIR
+    from jaxattrib.train.base_model import ASSET_DIR
     tok = CLIPTokenizer.from_folder(ASSET_DIR / "tokenizer")
     captions = make_synthetic(data_spec(), seed=0).captions   # the pretraining captions
     i = db.check_identifier(tok, db.IDENTIFIER, captions)

@@ -199,7 +199,7 @@ def test_demo_runs_on_a_latent_base_model(tiny_latent_pipeline, tmp_path):
     model: fine-tunes through the VAE, generates, attributes (D-TRAK, TRAK, TracIn,
     Concept-TRAK, MONTRAGE, MONTRAGE-final on latents; pixel similarity), runs CGI-DM (PGD on
     the latent) and writes the report with images (decoded pixels)."""
-    from jaxattrib.base_model import ASSET_DIR
+    from jaxattrib.train.base_model import ASSET_DIR
     model = shutil.copytree(tiny_latent_pipeline, tmp_path / "pipe")
     shutil.copy(Path(ASSET_DIR) / "jaxattrib_base.json", model / "jaxattrib_base.json")
     run = tmp_path / "demo"

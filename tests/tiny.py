@@ -7,7 +7,7 @@
   ``image_size`` px; the VAE downsamples by 2 (two encoder blocks), so latents are
   ``image_size / 2`` squared x 4 channels.
 * :func:`make_pixel_pipeline`: the same without a VAE (pixel space, 3 channels), written by our
-  own writer (:func:`jaxattrib.base_model.save_pipeline`).
+  own writer (:func:`jaxattrib.train.base_model.save_pipeline`).
 
 The session fixtures ``tiny_latent_pipeline`` / ``tiny_pixel_pipeline`` in ``conftest.py`` build
 each once per test session (per xdist worker) and return the folder; copy it before modifying.
@@ -24,7 +24,7 @@ MAX_LEN = 16
 
 
 def _words() -> list[str]:
-    from jaxattrib.base_model import data_spec, vocabulary
+    from jaxattrib.train.base_model import data_spec, vocabulary
     return vocabulary(data_spec()) + ["sks", "photo", "of", "dog", "cat"]
 
 
@@ -92,7 +92,7 @@ def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
     2 levels, 8/16 channels, cross-attention at full resolution)."""
     import jax
 
-    from jaxattrib import base_model as bm
+    from jaxattrib.train import base_model as bm
     from jaxattrib.models import clip_text, unet
     from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
 
@@ -120,7 +120,7 @@ def make_pixel_base_model(root, *, name: str = "pixel_base") -> Path:
     """A tiny pixel pipeline standing in for the embedded base model (``demo --set
     base_model=...``): 16-px images and the embedded model's ``jaxattrib_base.json`` (data spec,
     held-out concepts), random weights, so a whole demo runs in seconds of compute."""
-    from jaxattrib import base_model as bm
+    from jaxattrib.train import base_model as bm
     info = bm.base_model_info()
     return make_pixel_pipeline(root, image_size=int(info["data_spec"]["size"]),
                                name=name, extra=info)

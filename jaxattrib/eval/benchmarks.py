@@ -1,6 +1,6 @@
 """The customization benchmark: ground truth by construction (AbC-style), two variants.
 
-The shipped base model (:mod:`jaxattrib.base_model`; four (shape, color) concepts withheld from
+The shipped base model (:mod:`jaxattrib.train.base_model`; four (shape, color) concepts withheld from
 pretraining) is fine-tuned, with a trajectory record, on a small set = exemplars of the four
 new concepts + distractor images of concepts it already knows. Queries are generated from the
 fine-tuned model, each prompted with one new concept *and* one variation; the generator's own
@@ -213,7 +213,7 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     """Runs (or resumes) the customization benchmark; returns the tables (see
     :func:`benchmark_tables`) plus ``counts``, ``generation_accuracy`` and ``wall_s``."""
     from jaxattrib import demo
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import classify_concepts
     t0 = time.time()
     run_dir, pipe, info = demo.open_base_run(run_dir, config)

@@ -1,6 +1,6 @@
 """CGI-DM benchmark: fine-tuning members vs equal-size hold-outs of the same concepts.
 
-The embedded base model (:mod:`jaxattrib.base_model`) is fine-tuned DreamBooth-style — few
+The embedded base model (:mod:`jaxattrib.train.base_model`) is fine-tuned DreamBooth-style — few
 images of concepts it never saw, plus prior preservation on its own generations of concepts it
 knows (:func:`jaxattrib.train.dreambooth.make_dreambooth_loss`) — on the *member* images; the
 *hold-outs* are other images of the same concepts. Every method scores every image (larger ⇒
@@ -152,7 +152,7 @@ def build_data(run_dir: Path, config, pipe) -> dict:
     if config.source == "synthetic":
         import dataclasses
 
-        from jaxattrib.base_model import base_model_info, spec_from_info
+        from jaxattrib.train.base_model import base_model_info, spec_from_info
         from jaxattrib.data.synthetic import make_withheld
         info = base_model_info(None)
         spec = spec_from_info(info)
@@ -352,7 +352,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     from jax.tree_util import Partial
 
     from jaxattrib.authentication import CGI_ADDED_FIELDS
-    from jaxattrib.base_model import load_base_model
+    from jaxattrib.train.base_model import load_base_model
     from jaxattrib.demo import _check_config, _save_npz
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.metrics import roc_auc

@@ -181,7 +181,7 @@ def build_train(run_dir: Path, config, info: dict) -> dict:
     path = run_dir / "data" / "train.npz"
     if path.exists():
         return dict(np.load(path))
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.demo import _save_npz
     held = [dict(h) for h in info["held_out"]]
@@ -507,7 +507,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     baselines (the ablation's rows are computed either way when ``attribution.ablation``)."""
     from jaxattrib import demo
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     t0 = time.time()
     run_dir, pipe, info = demo.open_base_run(run_dir, config)
@@ -639,7 +639,7 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     input).
     """
     from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.base_model import load_base_model
+    from jaxattrib.train.base_model import load_base_model
     from jaxattrib.config import apply_overrides
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord

@@ -163,7 +163,7 @@ def markdown_table(results: Mapping, fpr: float) -> str:
 # ----------------------------------------------------------------------------- the run
 
 def _data(config):
-    from jaxattrib.base_model import data_spec
+    from jaxattrib.train.base_model import data_spec
     from jaxattrib.data.synthetic import make_synthetic
     spec = data_spec()
     d, seed = config.data, int(config.seed)

@@ -162,14 +162,14 @@ def _synthetic_instances(config, pipe):
     """Instance images of a held-out synthetic concept (renders the base model never saw)."""
     import dataclasses
 
-    from jaxattrib.base_model import base_model_info, spec_from_info
+    from jaxattrib.train.base_model import base_model_info, spec_from_info
     from jaxattrib.data.synthetic import make_withheld
     d = config.dreambooth
     try:
         info = base_model_info(pipe.folder)
     except FileNotFoundError:
         raise _config_error(f"dreambooth.source='synthetic' needs a model pretrained by "
-                            f"jaxattrib.base_model ({pipe.folder} has no jaxattrib_base.json)")
+                            f"jaxattrib.train.base_model ({pipe.folder} has no jaxattrib_base.json)")
     spec = spec_from_info(info)
     words = str(d.concept).split()
     held = [dict(h) for h in info["held_out"]]

@@ -2,7 +2,7 @@
 
 It is a real Stable-Diffusion-shaped pipeline — our UNet2DConditionModel port (pixel space,
 16×16×3, no VAE), a 2-layer CLIP text encoder and a word-level CLIP BPE tokenizer — pretrained
-by :func:`pretrain` (``python -m jaxattrib.base_model --out jaxattrib/assets/base_model``) on
+by :func:`pretrain` (``python -m jaxattrib.train.base_model --out jaxattrib/assets/base_model``) on
 the synthetic concept set with a few (shape, color) combinations withheld, so that the demo
 can fine-tune it on exemplars of concepts it has never seen. It is stored in diffusers'
 pipeline layout (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "base_model"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "base_model"
 
 #: (shape, color) combinations withheld from pretraining: the demo's "new concepts".
 HELD_OUT = (
@@ -120,7 +120,8 @@ def load_base_model(folder: str | os.PathLike | None = None):
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(
             f"{folder}: the embedded base model is missing. Recreate it with "
-            f"`python -m jaxattrib.base_model --out {folder}` (about 15 minutes on 2 CPU cores).")
+            f"`python -m jaxattrib.train.base_model --out {folder}` "
+            "(about 15 minutes on 2 CPU cores).")
     return load_pipeline(folder)
 
 
