@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         shutil.rmtree(run)
     import ml_collections
 
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     demo._check_config(run, ml_collections.ConfigDict(s))   # a rerun with other settings fails
     progress = not args.no_progress
 

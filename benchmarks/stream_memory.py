@@ -70,7 +70,7 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, microbatch
     from jaxattrib.data.source import MemorySource, SyntheticSource
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.workflow import source_examples
+    from jaxattrib.runs.workflow import source_examples
     spec = data_spec()
     per = -(-n // len(spec.combinations()))
     src = SyntheticSource(dataclasses.replace(spec, size=size, per_combination=per,

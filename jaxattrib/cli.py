@@ -255,12 +255,12 @@ def demo(ctx: typer.Context,
     _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError, load_config
-    from jaxattrib.demo import run_demo
+    from jaxattrib.runs.demo import run_demo
     from jaxattrib.models.convert import CheckpointError
     try:
         cfg = load_config(config, set_)
         if fresh:
-            from jaxattrib.demo import check_demo_config
+            from jaxattrib.runs.demo import check_demo_config
             check_demo_config(cfg)           # a bad config deletes nothing
             _fresh(run_dir)
         run_demo(cfg, run_dir, progress=not no_progress)
@@ -290,7 +290,7 @@ def train(ctx: typer.Context,
     from jaxattrib.data.dataset import DataError
     from jaxattrib.models.convert import CheckpointError
     from jaxattrib.train.record import RecordError
-    from jaxattrib.workflow import train_run
+    from jaxattrib.runs.workflow import train_run
     try:
         cfg = load_config(config, set_)
         if "dreambooth" in cfg:
@@ -361,7 +361,7 @@ def attribute(ctx: typer.Context,
     _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
-    from jaxattrib.workflow import attribute_run, attribution_defaults
+    from jaxattrib.runs.workflow import attribute_run, attribution_defaults
     given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
              "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
              "microbatch": microbatch, "precision": precision, "remat": remat,
@@ -428,7 +428,7 @@ def cgi_dm(ctx: typer.Context,
     RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
     Recoveries are cached per batch: rerunning resumes."""
     _use_compile_cache(ctx)
-    from jaxattrib.authentication import check_config, run_cgi_dm
+    from jaxattrib.runs.cgi_dm import check_config, run_cgi_dm
     s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress,
                             check_config)
     typer.echo("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
@@ -451,7 +451,7 @@ def source_model(ctx: typer.Context,
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
     model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
     _use_compile_cache(ctx)
-    from jaxattrib.provenance import check_config, run_source_model
+    from jaxattrib.runs.source_model import check_config, run_source_model
     res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress,
                               check_config)
     for r in res["models"]:

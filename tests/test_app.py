@@ -112,7 +112,7 @@ def test_record_names_embedded_base_model_independently_of_the_checkout(tmp_path
     """A demo/benchmark run directory must resume after the checkout (or the run) moves: the
     embedded base model is recorded as 'embedded', not by its absolute path; records written
     with another checkout's asset path keep resuming; a user's folder stays a path."""
-    from jaxattrib.demo import base_model_ref
+    from jaxattrib.runs.demo import base_model_ref
     from jaxattrib.train.record import TrajectoryRecord
     rec_dir = tmp_path / "record"
     assert base_model_ref(str(bm.ASSET_DIR), rec_dir) == "embedded"
@@ -254,7 +254,7 @@ def test_cli_info_generate_and_errors(tiny_pipeline_dir, tmp_path):
 
 
 def test_demo_refuses_run_dir_with_other_config(tmp_path):
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.demo import _check_config
     c = load_config("demo")
     _check_config(tmp_path, c)
     _check_config(tmp_path, c)  # same config: fine
@@ -361,7 +361,7 @@ def test_sd_configs_run_tiny_end_to_end(name, tiny_latent_pipeline, tmp_path):
     from typer.testing import CliRunner
     from jaxattrib.cli import app
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.workflow import load_unet
+    from jaxattrib.runs.workflow import load_unet
     from tiny import make_latent_pipeline
     model = tiny_latent_pipeline if name == "sd15_lora" else make_latent_pipeline(
         tmp_path, prediction_type="v_prediction", name="v_pipe")
@@ -488,7 +488,7 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     from jax.tree_util import Partial
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.models.unet import UNet2DConditionModel
-    from jaxattrib.workflow import image_folder
+    from jaxattrib.runs.workflow import image_folder
     pipe, pft = load_pipeline(tiny_pipeline_dir), load_pipeline(ft)
     m = UNet2DConditionModel(pipe.unet_config)
     ap = lambda p, z, t, c: m.apply({"params": p}, z, t, c)  # noqa: E731
@@ -582,7 +582,7 @@ def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_
     import zlib
     from jaxattrib.attribution import source_model as sm
     from jaxattrib.config import apply_overrides, load_config
-    from jaxattrib.provenance import run_source_model
+    from jaxattrib.runs.source_model import run_source_model
     calls = []
 
     def stand_in(pipe, params, **kw):

@@ -36,8 +36,8 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the inputs were checked")
     import jaxattrib.train.base_model
     import jaxattrib.models.pipeline
-    import jaxattrib.workflow
-    monkeypatch.setattr(jaxattrib.workflow, "_load_model", refuse)
+    import jaxattrib.runs.workflow
+    monkeypatch.setattr(jaxattrib.runs.workflow, "_load_model", refuse)
     monkeypatch.setattr(jaxattrib.train.base_model, "load_base_model", refuse)
     monkeypatch.setattr(jaxattrib.models.pipeline, "load_pipeline", refuse)
 
@@ -227,7 +227,7 @@ def test_damaged_run_config_is_a_clear_error(tmp_path, no_models):
 @bad_input("A non-image file (e.g. `notes.txt`) among the query PNGs",
            "Notice on stderr: `using the 2 PNG files; ignoring 1 other file(s): notes.txt`")
 def test_non_image_file_in_query_folder_is_announced(tmp_path, capsys):
-    from jaxattrib.workflow import read_queries
+    from jaxattrib.runs.workflow import read_queries
     q = _queries(tmp_path / "q")
     (q / "notes.txt").write_text("hi")
     imgs, prompts = read_queries(q)
@@ -303,7 +303,7 @@ def test_non_image_file_in_training_folder_is_announced(tmp_path, capsys):
 @bad_input("Non-image files in a `cgi-dm` / `source-model` image folder",
            "Notice on stderr naming the ignored files and the number of images used")
 def test_non_image_file_in_authentication_folder_is_announced(tmp_path, capsys):
-    from jaxattrib.workflow import image_folder
+    from jaxattrib.runs.workflow import image_folder
     _png(tmp_path / "c" / "x.png")
     _png(tmp_path / "c" / "member" / "y.png")
     (tmp_path / "c" / "member" / "readme.md").write_text("x")
@@ -357,8 +357,8 @@ def test_record_from_another_model(tiny_latent_pipeline, pixel_record, tmp_path)
            "since (e.g. `cgi.project_t`)", "Resumes: the missing fields are read with the "
            "values those runs used")
 def test_config_from_an_older_version_resumes(tmp_path):
-    from jaxattrib.authentication import CGI_ADDED_FIELDS
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
+    from jaxattrib.runs.demo import _check_config
     # an old run used the mean (CGI_ADDED_FIELDS); resuming it states that value, since the
     # current default ('sample') would be another config
     c = load_config("cgi_dm", ["model.finetuned=x", "data.candidates=c", "data.reference=r",
@@ -378,7 +378,7 @@ def test_config_from_an_older_version_resumes(tmp_path):
            "Exit 2: `this run directory was made with another config (fields [...] differ); use "
            "a new --run-dir or pass --fresh`; nothing is deleted")
 def test_other_config_with_results_is_refused(tmp_path):
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.demo import _check_config
     c = load_config("demo")
     _check_config(tmp_path, c)
     (tmp_path / "data").mkdir()
@@ -520,11 +520,11 @@ def test_unwritable_run_dir(tmp_path, monkeypatch, no_models):
            "Exit 1 with one line: `error: unexpected ZeroDivisionError: … (a bug? the traceback "
            "is saved in RUN_DIR/errors/traceback-….txt)`; no traceback on screen; lock released")
 def test_unexpected_error_saves_its_traceback_in_the_run_dir(tmp_path, monkeypatch):
-    import jaxattrib.workflow
+    import jaxattrib.runs.workflow
 
     def boom(*a, **k):
         raise ZeroDivisionError("boom in train_run")
-    monkeypatch.setattr(jaxattrib.workflow, "train_run", boom)
+    monkeypatch.setattr(jaxattrib.runs.workflow, "train_run", boom)
     r = _cli(*_train_args(tmp_path, "embedded"))
     _clean(r, code=1)
     assert "unexpected ZeroDivisionError: boom in train_run" in r.output
@@ -573,14 +573,14 @@ def _expected_classes():
            "RunLockError, NonFiniteLossError) raised anywhere in any command",
            "Exit 2 with its message on one line; never a traceback")
 def test_every_expected_error_class_exits_2(tmp_path, monkeypatch):
-    import jaxattrib.workflow
+    import jaxattrib.runs.workflow
     from jaxattrib.attribution.store import StoreMismatchError
     for cls in _expected_classes():
         def raise_it(*a, **k):
             if issubclass(cls, StoreMismatchError):
                 raise cls("a StoreMismatchError message", {"k": (1, 2)})
             raise cls(f"a {cls.__name__} message")
-        monkeypatch.setattr(jaxattrib.workflow, "train_run", raise_it)
+        monkeypatch.setattr(jaxattrib.runs.workflow, "train_run", raise_it)
         r = _cli(*_train_args(tmp_path, "embedded"))
         _clean(r)
         assert f"a {cls.__name__} message" in r.output

@@ -423,10 +423,10 @@ def test_cli_refuses_mismatched_models_and_wrong_size(two_pipelines, tmp_path):
     """`jaxattrib cgi-dm`'s loading: a fine-tuned model with another UNet config and an image
     size the model does not take are ConfigErrors that name the field, before any PGD work
     (differing parameter shapes: test_check_compatible_names_paths, which load_unet calls)."""
-    from jaxattrib.authentication import run_cgi_dm
+    from jaxattrib.runs.cgi_dm import run_cgi_dm
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.workflow import load_unet
+    from jaxattrib.runs.workflow import load_unet
     pre, wide = two_pipelines
     pipe = load_pipeline(pre)
     with pytest.raises(ConfigError, match=r"model.finetuned=.*UNet config differs"):

@@ -60,7 +60,7 @@ def _train_ok(tmp_path, name="sd15_lora"):
     ("num_devices=-1", "num_devices=-1"),
 ])
 def test_train_config_errors_name_the_field(tmp_path, override, field):
-    from jaxattrib.workflow import check_train_config
+    from jaxattrib.runs.workflow import check_train_config
     c = _train_ok(tmp_path)
     check_train_config(c, "sd15_lora")            # the base is valid
     with pytest.raises(ConfigError, match=field):
@@ -89,7 +89,7 @@ def _cgi_ok():
     ("data.size=-8", "data.size=-8"),
 ])
 def test_cgi_dm_config_errors_name_the_field(override, field):
-    from jaxattrib.authentication import check_config
+    from jaxattrib.runs.cgi_dm import check_config
     cgi = check_config(_cgi_ok(), "cgi_dm")
     assert cgi.num_steps == 1000 and cgi.eps_radius == 70.0   # the authors' defaults
     assert cgi.project_t == 0                                # no manifold projection (paper)
@@ -120,7 +120,7 @@ def _src_ok():
     ("query.num_inference_steps=0", "query.num_inference_steps=0"),
 ])
 def test_source_model_config_errors_name_the_field(override, field):
-    from jaxattrib.provenance import candidate_prompts, check_config
+    from jaxattrib.runs.source_model import candidate_prompts, check_config
     check_config(_src_ok(), "source_model")
     assert candidate_prompts(_src_ok()) == ["a", "b", "c"]
     with pytest.raises(ConfigError, match=field):
@@ -132,7 +132,7 @@ def test_source_model_config_errors_name_the_field(override, field):
 def test_delta0_takes_a_number_or_calibrated():
     """``decision.delta0`` switches between a number and 'calibrated' from the command line;
     other fields keep their type."""
-    from jaxattrib.provenance import check_config
+    from jaxattrib.runs.source_model import check_config
     c = apply_overrides(_src_ok(), ["decision.delta0=calibrated", "model.innocent=('runs/b',)"])
     assert c.decision.delta0 == "calibrated"
     check_config(c, "source_model")

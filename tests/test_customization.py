@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxattrib.train import base_model as bm
-from jaxattrib import demo
+from jaxattrib.runs import demo
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import classify_concepts, parse_caption
 from jaxattrib.eval import benchmarks as B

@@ -62,7 +62,7 @@ def test_demo_concept_trak_on_model_inputs_equals_concept_query_rule(pipe, monke
     """Latent: the demo's Concept-TRAK runs on the latents ``concept-query`` encodes
     (``concept_benchmark.concept_inputs``: the posterior mean), and its candidates are that
     computation's scores per λ ratio; pixel: on exactly the pixel arrays, as before the port."""
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.eval.concept_benchmark import concept_inputs
@@ -111,7 +111,7 @@ def test_demo_cgi_dm_stage_on_latents_runs_pgd_on_the_latent(pipe, tmp_path, mon
     latent I/O (encode = the VAE posterior mean of ``latent_io.encode_images``, decode =
     ``latent_io.decode_images``) and stores exactly what they return; the report's images are
     decoded pixels. Pixel: no codec (identity), as before the port."""
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     from jaxattrib.attribution import cgi_dm
     config = _config()
     train = _train()
@@ -172,7 +172,7 @@ def test_demo_montrage_on_latents_equals_by_hand_and_finds_copies(tiny_latent_pi
     """The demo's MONTRAGE on a latent base model: a real (2-step) demo fine-tuning record,
     queries that are copies of training images; 'final' ranks each copy's source first and both
     aggregations equal MONTRAGE on hand-encoded latents (``latent_io.pipeline_inputs``, mean)."""
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     from jaxattrib.attribution import montrage as M
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.train.record import TrajectoryRecord

@@ -12,7 +12,7 @@ from scipy import stats
 from test_customization import tiny_base_model  # noqa: F401  (module-scoped fixture)
 
 from jaxattrib.train import base_model as bm
-from jaxattrib import demo
+from jaxattrib.runs import demo
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import SyntheticConceptSpec, parse_caption
 from jaxattrib.eval import mixed

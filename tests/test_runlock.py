@@ -60,7 +60,7 @@ def _dead_pid() -> int:
 def test_second_writer_is_refused_at_once_naming_the_holder(tmp_path, holder, monkeypatch):
     from typer.testing import CliRunner
     import jaxattrib.cli
-    import jaxattrib.demo
+    import jaxattrib.runs.demo
     from jaxattrib.cli import app
 
     def refuse(*a, **k):
@@ -68,7 +68,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(tmp_path, holder, mo
     # at once: neither the compile cache nor the demo is touched (an AssertionError would
     # exit 1 through the safety net)
     monkeypatch.setattr(jaxattrib.cli, "_use_compile_cache", refuse)
-    monkeypatch.setattr(jaxattrib.demo, "run_demo", refuse)
+    monkeypatch.setattr(jaxattrib.runs.demo, "run_demo", refuse)
     run = tmp_path / "run"
     h = holder(run)
     r = CliRunner().invoke(app, ["demo", "--run-dir", str(run), "--no-progress"])

@@ -14,7 +14,7 @@ from the candidates. The report shows original / masked / recovered images, scor
 decisions, and ROC curves when the candidates' labels are known. Recoveries are cached per
 batch in ``RUN_DIR/cgi_dm/``, so a killed run resumes.
 
-Fields (validated by :func:`jaxattrib.authentication.check_config`; errors name the field):
+Fields (validated by :func:`jaxattrib.runs.cgi_dm.check_config`; errors name the field):
 
 * ``seed``: PRNG seed (masks for 'random_block', PGD noise draws).
 * ``model.pipeline``: 'embedded' or a diffusers pipeline folder: text encoder, VAE, tokenizer,

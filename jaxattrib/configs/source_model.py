@@ -15,7 +15,7 @@ confs (models known not to be trained on the source's outputs) at ``decision.fpr
 innocent models ``decision.threshold`` is used as given. Generations are cached per model in
 ``RUN_DIR/source_model/`` (a rerun generates nothing new).
 
-Fields (validated by :func:`jaxattrib.provenance.check_config`; errors name the field):
+Fields (validated by :func:`jaxattrib.runs.source_model.check_config`; errors name the field):
 
 * ``seed``: seed of the 'random' key-sample strategy and of Strategy 1's noises.
 * ``model.pipeline``: 'embedded' or a diffusers pipeline folder (text encoder, VAE, tokenizer,

@@ -24,7 +24,7 @@ group is the validation split that chooses each method's λ (and, with
 ``attribution.tune_sign``, the sign of the gradient methods), separately per variant — never
 evaluated. Metrics are means over the test queries with percentile-bootstrap 95% CIs over
 queries. The stages (data, fine-tuning + record, generation, attribution) are the demo's
-(:mod:`jaxattrib.demo`), so both share one implementation and one run-directory layout::
+(:mod:`jaxattrib.runs.demo`), so both share one implementation and one run-directory layout::
 
     config.json, data/train.npz, record/, generations/queries.npz (+ PNGs)
     features/<method>/...            resumable feature stores (TracIn: one per checkpoint)
@@ -212,7 +212,7 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
                       progress: bool = True) -> dict:
     """Runs (or resumes) the customization benchmark; returns the tables (see
     :func:`benchmark_tables`) plus ``counts``, ``generation_accuracy`` and ``wall_s``."""
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import classify_concepts
     t0 = time.time()

@@ -144,7 +144,7 @@ def assign_splits(groups: np.ndarray, members: int, calib: int, seed: int) -> np
 
 def build_data(run_dir: Path, config, pipe) -> dict:
     """The images with captions, concept groups and splits (cached in ``data/splits.npz``)."""
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     path = run_dir / "data" / "splits.npz"
     if path.exists():
         return dict(np.load(path))
@@ -185,7 +185,7 @@ def build_data(run_dir: Path, config, pipe) -> dict:
 def class_data(run_dir: Path, config, pipe) -> dict:
     """Prior-preservation (class) images: the base model's generations for prompts of concepts
     it knows (``finetune.class_prompts``, cycled), cached in ``data/class.npz``."""
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     from jaxattrib.train.dreambooth import generate_class_images
     path = run_dir / "data" / "class.npz"
     if path.exists():
@@ -278,7 +278,7 @@ def _sim(fn, a, b, bs):
 
 def recover_split(run_dir, config, name, cgi, split, data, ctx, eps_pre, eps_ft, sched,
                   progress):
-    from jaxattrib.authentication import recover_cached
+    from jaxattrib.runs.cgi_dm import recover_cached
     sel = data["split"] == split
     return recover_cached(split, data["images"][sel], ctx[sel], eps_pre, eps_ft, sched, cgi,
                           _split_key(config.seed, split), run_dir / "cgi" / name,
@@ -290,7 +290,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
     Cached in ``scores/baselines.npz``; a rerun with more variants or similarities computes only
     the missing entries."""
     from jaxattrib.attribution import cgi_dm
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     path = run_dir / "scores" / "baselines.npz"
     out = dict(np.load(path)) if path.exists() else {}
     n_cached = len(out)
@@ -351,9 +351,9 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     """Runs (or resumes) the benchmark; writes tables and the report; returns the tables."""
     from jax.tree_util import Partial
 
-    from jaxattrib.authentication import CGI_ADDED_FIELDS
+    from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
     from jaxattrib.train.base_model import load_base_model
-    from jaxattrib.demo import _check_config, _save_npz
+    from jaxattrib.runs.demo import _check_config, _save_npz
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.metrics import roc_auc
     from jaxattrib.models.unet import UNet2DConditionModel

@@ -183,7 +183,7 @@ def build_train(run_dir: Path, config, info: dict) -> dict:
         return dict(np.load(path))
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     held = [dict(h) for h in info["held_out"]]
     ds = make_synthetic(spec_from_info(info, per_combination=config.data.per_combination),
                         1000 + config.seed, withhold=held)
@@ -305,7 +305,7 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     """D-TRAK / TRAK ``(Phi [N, k], phi [G, k])`` (resumable stores; loaded when complete) in
     ``features_dir / method`` (default ``run_dir / 'features'``)."""
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.demo import _fingerprint_of
+    from jaxattrib.runs.demo import _fingerprint_of
     a = config.attribution
     ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
                               params=a.params, projection=a.projection, microbatch=a.microbatch,
@@ -482,8 +482,8 @@ def _diagnostics(run_dir: Path, config, pipe, unet_params, sched, train, train_e
 def _finetuned(run_dir: Path, config, pipe, train: dict, progress: bool):
     """``(unet_params, step)`` of the fine-tuned model: loaded from a complete record (so a run
     made from another checkout or worktree, whose record names another base-model path, still
-    resumes), else fine-tuned / resumed by :func:`jaxattrib.demo.finetune_stage`."""
-    from jaxattrib import demo
+    resumes), else fine-tuned / resumed by :func:`jaxattrib.runs.demo.finetune_stage`."""
+    from jaxattrib.runs import demo
     from jaxattrib.train.record import TrajectoryRecord
     rec_dir = (run_dir / "record").resolve()
     if (rec_dir / "manifest.json").exists():
@@ -505,7 +505,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     """Runs (or resumes) the benchmark; returns ``{'table', 'ablation', 'raw', 'counts',
     'generation_accuracy', 'wall_s_this_run'}``. ``ablation_only``: skip the D-TRAK / TRAK
     baselines (the ablation's rows are computed either way when ``attribution.ablation``)."""
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config

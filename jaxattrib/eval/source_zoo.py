@@ -234,7 +234,7 @@ def zoo_finetune_fn(pipe, train_config, mesh=None) -> Callable:
 
 
 def _cached(path: Path, make: Callable[[], Mapping[str, np.ndarray]]) -> dict:
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -257,7 +257,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     ``tables/source_model_zoo.json``.
     """
     from jaxattrib import parallel
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.demo import _check_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.report.plots import line_plot_png
     from jaxattrib.train.finetune import TrainConfig
@@ -272,7 +272,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
             print(f"[zoo {time.time() - t_start:7.0f} s] {msg}", flush=True)
 
     if pipe is None:
-        from jaxattrib.workflow import _load_model
+        from jaxattrib.runs.workflow import _load_model
         pipe = _load_model("embedded")
     q, k, dec = config.query, config.key_samples, config.decision
     if generate_fn_of is None:

@@ -248,8 +248,8 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from jaxattrib.diffusion.latents import training_latent_rule
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.finetune import TrainConfig, finetune
-    from jaxattrib.demo import _check_config, _save_npz
-    from jaxattrib.workflow import _load_model
+    from jaxattrib.runs.demo import _check_config, _save_npz
+    from jaxattrib.runs.workflow import _load_model
 
     from jaxattrib import precision
     run_dir = Path(run_dir)

@@ -158,11 +158,11 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     import io
 
     from jaxattrib import integrity
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.demo import _check_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.generate import latent_shape
     from jaxattrib.models.latent_io import check_pixel_images
-    from jaxattrib.workflow import _load_model, load_unet
+    from jaxattrib.runs.workflow import _load_model, load_unet
 
     check_config(config)
     run_dir = Path(run_dir)

@@ -160,10 +160,10 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
 
     from jaxattrib.attribution import cgi_dm
     from jaxattrib.attribution import similarity as simlib
-    from jaxattrib.demo import _check_config
+    from jaxattrib.runs.demo import _check_config
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.unet import UNet2DConditionModel
-    from jaxattrib.workflow import _load_model, image_folder, load_unet, model_image_size
+    from jaxattrib.runs.workflow import _load_model, image_folder, load_unet, model_image_size
 
     cgi = check_config(config)
     for field in ("data.candidates", "data.reference"):   # before any model is loaded
@@ -231,7 +231,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     out = {"scores": s_cand, "p_values": cgi_dm.empirical_p_values(s_cand, s_ref),
            "decisions": s_cand >= thr, "threshold": np.float64(thr), "labels": labels,
            "reference_scores": s_ref, "ids": cand["ids"]}
-    from jaxattrib.demo import _save_npz
+    from jaxattrib.runs.demo import _save_npz
     _save_npz(cache / "scores.npz", **out)
     space = ("pixels (no VAE)" if not pipe.is_latent else
              f"VAE latents {list(rc['mask'].shape[1:])} of {size} px images; "

@@ -12,7 +12,7 @@ by chunk.
 
 Latent pipelines (docs/latents.md): fine-tuning and attribution both use the VAE posterior mean
 (:mod:`jaxattrib.diffusion.latents`); the training set is encoded once into ``latents/train``
-(:mod:`jaxattrib.latent_cache`, keyed by the data and VAE fingerprints).
+(:mod:`jaxattrib.runs.latent_cache`, keyed by the data and VAE fingerprints).
 """
 
 from __future__ import annotations
@@ -512,7 +512,7 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     featurization chunk. Latent pipelines: their VAE latents
     (posterior mean × scaling factor, :data:`jaxattrib.diffusion.latents.LATENT_RULE`), encoded
     once into the resumable store ``RUN/latents/train`` keyed by the data and VAE fingerprints
-    (:mod:`jaxattrib.latent_cache`; a store for other data or another VAE is refused), read back
+    (:mod:`jaxattrib.runs.latent_cache`; a store for other data or another VAE is refused), read back
     on later calls; the store is filled from the source's batches (:func:`~jaxattrib.data.source.
     iter_batches`), never the whole pixel set at once. Text states are encoded per chunk
     (:class:`PromptRows`); ``images`` is lazy (:class:`~jaxattrib.data.source.ImageRows`).
@@ -522,7 +522,7 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     from jaxattrib.diffusion import latents as lat
     from jaxattrib.data.run_data import LEGACY_FILE, SOURCE_FILE, open_run_data
     from jaxattrib.data.source import iter_batches
-    from jaxattrib.latent_cache import cached_training_latents
+    from jaxattrib.runs.latent_cache import cached_training_latents
     run_dir = Path(run_dir)
     _require_run(run_dir)
     pipe = load_run_pipeline(run_dir) if pipe is None else pipe
