@@ -294,7 +294,7 @@ def train(ctx: typer.Context,
     try:
         cfg = load_config(config, set_)
         if "dreambooth" in cfg:
-            from jaxattrib.train.dreambooth import dreambooth_run
+            from jaxattrib.runs.dreambooth import dreambooth_run
             metrics = dreambooth_run(cfg, run_dir, progress=not no_progress)
             typer.echo(f"record: {run_dir / 'record'}")
             if metrics:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxattrib import parallel
+from jaxattrib.runs.dreambooth import dreambooth_run
 from jaxattrib.train import dreambooth as db
 from jaxattrib.train.diffusion_task import example_noise, make_diffusion_loss
 from jaxattrib.train.finetune import TrainConfig, finetune
@@ -121,7 +122,7 @@ def test_run_config_errors_name_the_field(tmp_path):
 
     from jaxattrib.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"dreambooth.concept='blue circle'.*yellow cross"):
-        db.dreambooth_run(load_config("dreambooth", ["dreambooth.concept='blue circle'"]),
+        dreambooth_run(load_config("dreambooth", ["dreambooth.concept='blue circle'"]),
                           tmp_path / "a", progress=False)
     (tmp_path / "data" / "ball").mkdir(parents=True)
     for i in range(2):
@@ -130,9 +131,9 @@ def test_run_config_errors_name_the_field(tmp_path):
     folder = ["dreambooth.source='folder'", f"dreambooth.path='{tmp_path / 'data'}'",
               "dreambooth.subject='ball'", "dreambooth.class_noun='ball'"]
     with pytest.raises(ConfigError, match=r"dreambooth.instance_prompt=.*for a folder"):
-        db.dreambooth_run(load_config("dreambooth", folder), tmp_path / "b", progress=False)
+        dreambooth_run(load_config("dreambooth", folder), tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match=r"dreambooth.identifier: .*'zqv'"):
-        db.dreambooth_run(load_config("dreambooth", folder + [
+        dreambooth_run(load_config("dreambooth", folder + [
             "dreambooth.identifier='zqv'", "dreambooth.instance_prompt='a {identifier} ball'",
             "dreambooth.class_prompt='a {class_noun}'"]), tmp_path / "c", progress=False)
 
@@ -207,7 +208,7 @@ def test_dreambooth_teaches_the_base_model_a_held_out_concept(tmp_path, concept)
     from jaxattrib.config import load_config
     cfg = load_config("dreambooth", [f"dreambooth.concept={concept!r}",
                                      "finetune.checkpoint_every=0"])
-    m = db.dreambooth_run(cfg, tmp_path / "run", progress=False)
+    m = dreambooth_run(cfg, tmp_path / "run", progress=False)
     assert m["finetuned_both_accuracy"] >= m["base_both_accuracy"] + 0.25, m
     assert m["finetuned_color_accuracy"] >= m["base_color_accuracy"] + 0.25, m
     written = json.loads((tmp_path / "run" / "results" / "dreambooth.json").read_text())
@@ -236,7 +237,7 @@ def test_dreambooth_on_a_latent_pipeline_trains_on_the_posterior_mean(tmp_path,
             "dreambooth.num_class_images=2", "dreambooth.class_inference_steps=2",
             "finetune.steps=1", "finetune.batch_size=2", "finetune.checkpoint_every=1",
             "evaluate.enabled=False"]
-    db.dreambooth_run(load_config("dreambooth", sets), tmp_path / "run", progress=False)
+    dreambooth_run(load_config("dreambooth", sets), tmp_path / "run", progress=False)
     manifest = json.loads((tmp_path / "run" / "record" / "manifest.json").read_text())
     pipe = load_pipeline(tiny_latent_pipeline)
     assert manifest["model"]["vae_latents"] == "mean"
