@@ -32,9 +32,9 @@ def _fail(msg: str) -> None:
 
 def expected_errors() -> tuple:
     """The error classes a user's input causes: the CLI prints their message and exits 2."""
-    from jaxattrib.attribution.cgi_dm import CGIDMError
+    from jaxattrib.authentication.cgi_dm import CGIDMError
     from jaxattrib.attribution.montrage import MontrageError
-    from jaxattrib.attribution.source_model import SourceModelError
+    from jaxattrib.authentication.source_model import SourceModelError
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
     from jaxattrib.data.dataset import DataError
@@ -396,8 +396,8 @@ def _run_config_command(run, config: str, set_: List[str], run_dir: Path, fresh:
     """Loads CONFIG with overrides and calls ``run(config, run_dir, progress)``; user errors
     (config, data, checkpoints, incompatible models) exit 2 with the message. ``check``:
     the command's config check, run before ``--fresh`` deletes anything."""
-    from jaxattrib.attribution.cgi_dm import CGIDMError
-    from jaxattrib.attribution.source_model import SourceModelError
+    from jaxattrib.authentication.cgi_dm import CGIDMError
+    from jaxattrib.authentication.source_model import SourceModelError
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.data.dataset import DataError
     from jaxattrib.models.convert import CheckpointError
@@ -493,7 +493,7 @@ def generate(ctx: typer.Context,
             s = rec.latest_step() if step is None else step
             loaded = rec.load(s)
             unet_params = loaded["unet"]
-            from jaxattrib.attribution.cgi_dm import IncompatibleModelsError, check_compatible
+            from jaxattrib.authentication.cgi_dm import IncompatibleModelsError, check_compatible
             try:
                 check_compatible(pipe.unet_params, unet_params)
             except IncompatibleModelsError as e:

@@ -460,7 +460,7 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     folder; labelled candidates give a ROC; per-batch caching equals one recover() call and a
     rerun recomputes nothing."""
     from typer.testing import CliRunner
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     from jaxattrib.cli import app
     ft = _variant_pipeline(tiny_pipeline_dir, tmp_path / "ft", seed=7)
     cand = tmp_path / "cand"
@@ -519,7 +519,7 @@ def test_cli_cgi_dm_projection_settings_reach_pgd(tiny_pipeline_dir, tmp_path, m
     fields existed (its config.json lacks them: no projection) still resumes, and asking such a
     directory for a projection is refused."""
     from typer.testing import CliRunner
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     from jaxattrib.cli import app
 
     class Reached(Exception):
@@ -580,7 +580,7 @@ def test_source_model_run_glue_with_a_stand_in_generator(tiny_pipeline_dir, tmp_
     caching, report) with a stand-in generator whose images are a pure function of (weights,
     prompt, seed): identical weights give identical images, others unrelated ones."""
     import zlib
-    from jaxattrib.attribution import source_model as sm
+    from jaxattrib.authentication import source_model as sm
     from jaxattrib.config import apply_overrides, load_config
     from jaxattrib.runs.source_model import run_source_model
     calls = []

@@ -83,7 +83,7 @@ def test_baseline_scores_cache_computes_only_missing_entries(tmp_path):
     """A rerun with another variant reuses the cached entries (a marked cached value comes back)
     and computes only the new variant's; entries of variants no longer configured are not
     returned."""
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig
     members, pre, ft, sched = _toy_bench_models()
     images = np.concatenate([np.asarray(members)] * 2)
     data = {"images": images, "split": np.array(["member_val", "member_val",
@@ -116,7 +116,7 @@ def test_j_gain_is_the_rise_of_the_contrastive_objective():
     import jax
     import jax.numpy as jnp
 
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig, checkerboard_mask
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig, checkerboard_mask
     members, pre, ft, sched = _toy_bench_models()
     masked = members * jnp.asarray(checkerboard_mask(members.shape))
     cgi = CGIDMConfig(t_min=20, t_max=300)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattrib.attribution import cgi_dm
-from jaxattrib.attribution.cgi_dm import CGIDMConfig
-from jaxattrib.attribution.similarity import psnr
+from jaxattrib.authentication import cgi_dm
+from jaxattrib.authentication.cgi_dm import CGIDMConfig
+from jaxattrib.authentication.similarity import psnr
 from jaxattrib.diffusion.schedule import make_schedule
 from jaxattrib.metrics import roc_auc
 

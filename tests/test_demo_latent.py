@@ -112,7 +112,7 @@ def test_demo_cgi_dm_stage_on_latents_runs_pgd_on_the_latent(pipe, tmp_path, mon
     ``latent_io.decode_images``) and stores exactly what they return; the report's images are
     decoded pixels. Pixel: no codec (identity), as before the port."""
     from jaxattrib.runs import demo
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     config = _config()
     train = _train()
     holdout = {"images": _images(4, 2), "captions": np.array(CAPTIONS[:4]),

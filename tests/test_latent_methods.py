@@ -129,7 +129,7 @@ def test_cgi_dm_pgd_on_latents_increases_the_contrastive_objective(latent_pipe, 
     fixed (t, ε) draws, is larger at the recovered latent than at the masked start."""
     from jax.tree_util import Partial
 
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.models.unet import UNet2DConditionModel
@@ -189,7 +189,7 @@ def test_cli_cgi_dm_on_latent_pipeline(tiny_latent_pipeline, finetuned, tmp_path
     assert (run / "report.html").is_file()
     # the start latent is from posterior samples with the recorded keys (candidates = set 0):
     # z0 ~ q(z | x_i) with fold_in(k_i, ·), z_init = encode(decode(M ⊙ z0)) with fold_in(k_i, 1)
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig, checkerboard_mask
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig, checkerboard_mask
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.models.vae import decode_latents, encode_latents
     pipe = load_pipeline(tiny_latent_pipeline)
@@ -303,7 +303,7 @@ def test_cli_concept_query_on_latent_pipeline_equals_by_hand(tiny_latent_pipelin
 @pytest.mark.parametrize("strategy", ["detection", "generation"])
 def test_cli_source_model_on_latent_pipeline(tiny_latent_pipeline, finetuned, strategy,
                                             tmp_path):
-    from jaxattrib.attribution import source_model as sm
+    from jaxattrib.authentication import source_model as sm
     innocent = perturbed_copy(tiny_latent_pipeline, tmp_path, seed=2, name="innocent")
     run = tmp_path / "run"
     r = _cli(["source-model", "source_model", "--run-dir", str(run), "--no-progress",

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxattrib.attribution import similarity as sim
-
-
+from jaxattrib.authentication import similarity as sim
 def _pair(seed, shape=(3, 20, 24, 3), lo=-1.0, hi=1.0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(lo, hi, size=shape)

@@ -1,4 +1,4 @@
-"""Tests of source-model attribution (jaxattrib.attribution.source_model) on toy models."""
+"""Tests of source-model attribution (jaxattrib.authentication.source_model) on toy models."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from jaxattrib.attribution import source_model as SM
-from jaxattrib.attribution.similarity import psnr
+from jaxattrib.authentication import source_model as SM
+from jaxattrib.authentication.similarity import psnr
 from jaxattrib.data.dataset import ImageDataset
 from jaxattrib.diffusion.schedule import make_schedule
 

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxattrib.attribution import source_model as SM
+from jaxattrib.authentication import source_model as SM
 from jaxattrib.config import load_config
 from jaxattrib.eval import source_zoo as Z
 
@@ -189,7 +189,7 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     from test_pipeline import make_pipeline
 
     from jaxattrib import parallel
-    from jaxattrib.attribution import source_model as SM
+    from jaxattrib.authentication import source_model as SM
     from jaxattrib.data.dataset import ImageDataset
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.train import diffusion_task

@@ -1,4 +1,4 @@
-"""Tests of the 32-bit spread-spectrum watermark baseline (jaxattrib.attribution.watermark)."""
+"""Tests of the 32-bit spread-spectrum watermark baseline (jaxattrib.authentication.watermark)."""
 
 import math
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattrib.attribution import watermark as W
-from jaxattrib.attribution.similarity import psnr
+from jaxattrib.authentication import watermark as W
+from jaxattrib.authentication.similarity import psnr
 from jaxattrib.data.synthetic import make_synthetic
 
 KEY = jax.random.PRNGKey(7)

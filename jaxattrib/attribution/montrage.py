@@ -119,7 +119,7 @@ import numpy as np
 import optax
 
 from jaxattrib import integrity, parallel
-from jaxattrib.attribution.similarity import pool_taps
+from jaxattrib.authentication.similarity import pool_taps
 from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
 from jaxattrib.fileio import atomic_write_bytes as _atomic_write

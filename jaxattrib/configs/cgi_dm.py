@@ -1,6 +1,6 @@
 """CGI-DM copyright authentication (``jaxattrib cgi-dm``): was each candidate image used to
 fine-tune the fine-tuned model from the pretrained one? (methods.md §6,
-:mod:`jaxattrib.attribution.cgi_dm`.)
+:mod:`jaxattrib.authentication.cgi_dm`.)
 
     jaxattrib cgi-dm cgi_dm --run-dir runs/cgi --set model.finetuned=runs/ft \\
         --set data.candidates=my_images --set data.reference=holdout_images
@@ -34,7 +34,7 @@ Fields (validated by :func:`jaxattrib.runs.cgi_dm.check_config`; errors name the
   sample()``) and fine-tuning do; 'mean' uses the posterior mean (what run directories made
   before this field did). PGD runs on the VAE latent [code]; the report's masked and recovered
   images are decoded to pixels.
-* ``cgi.*``: :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` (mask_kind, block, keep_rate,
+* ``cgi.*``: :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (mask_kind, block, keep_rate,
   blur_sigma, eps_radius, step_size, num_steps, clamp, t_min, t_max, n_noise, scale; the
   defaults are the authors' for SD's 4×64×64 latent, scaled to smaller latents by
   ``scale='sqrt_numel'``).

@@ -22,10 +22,10 @@ Fields:
   validation half among short runs (BENCHMARKS.md, CGI-DM benchmark section): LoRA rank 8 at
   lr 1e-3 / 1e-2 left the members' loss almost unchanged (loss-gap validation AUC 0.63 / 0.61),
   this setting moves it (0.69) without the memorisation of the demo (AUC 1.00 there).
-* ``cgi``: the base :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` (authors' defaults,
+* ``cgi``: the base :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (authors' defaults,
   scaled to the 16×16×3 pixel space by ``scale='sqrt_numel'``, fewer steps for CPU).
 * ``tune.variants``: CGI-DM variants tried on the validation half, ``'name: field=value,
-  ...'`` overriding ``cgi`` (any :class:`~jaxattrib.attribution.cgi_dm.CGIDMConfig` field,
+  ...'`` overriding ``cgi`` (any :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` field,
   e.g. the manifold projection ``project_t`` / ``project_model`` / ``project_every`` [design]);
   ``tune.similarities``: scores tried ('ssim', 'psnr', 'tap' = the pretrained UNet's
   mid-block features; 'j_gain' = J(recovered) − J(start) with ``loss_gap_draws`` shared draws,

@@ -6,11 +6,11 @@ knows (:func:`jaxattrib.train.dreambooth.make_dreambooth_loss`) — on the *memb
 *hold-outs* are other images of the same concepts. Every method scores every image (larger ⇒
 member) and is measured on members vs hold-outs:
 
-* **CGI-DM** (:mod:`jaxattrib.attribution.cgi_dm`): masked latent recovered by contrastive
+* **CGI-DM** (:mod:`jaxattrib.authentication.cgi_dm`): masked latent recovered by contrastive
   gradient inversion, score = similarity(original, recovered) ('ssim', 'psnr', 'tap'), or
   'j_gain' = J(recovered) − J(start), the rise of the contrastive objective [design].
 * **loss gap** (baseline 1): ``L_pre − L_ft`` on the unmasked image, no inversion
-  (:func:`~jaxattrib.attribution.cgi_dm.loss_gap_scores`).
+  (:func:`~jaxattrib.authentication.cgi_dm.loss_gap_scores`).
 * **masked-input similarity** (baseline 2): similarity(original, masked start), no model.
 
 Splits (per concept, after a seeded shuffle; ground truth by construction): ``members``
@@ -63,7 +63,7 @@ def parse_variant(spec: str, base) -> tuple[str, object]:
     fields replaced). Raises :class:`ConfigError` naming the variant and field."""
     import dataclasses
 
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig
     name, _, rest = spec.partition(":")
     name = name.strip()
     if not name or not name.replace("_", "").replace("-", "").isalnum():
@@ -92,7 +92,7 @@ def parse_variant(spec: str, base) -> tuple[str, object]:
 
 def check_config(config) -> dict:
     """Validates the benchmark config; returns ``{name: CGIDMConfig}`` of the variants."""
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig
     if config.source not in ("synthetic", "folder"):
         raise ConfigError(f"source={config.source!r}: expected 'synthetic' or 'folder'")
     if config.source == "folder" and not config.data.path:
@@ -245,7 +245,7 @@ def similarity_fns(pipe, sched, batch_size: int) -> dict:
     """``name -> sim(x[B,H,W,C], y) -> [B]`` for :data:`SIMILARITIES`. 'tap': cosine of the
     pretrained UNet's pooled mid-block features at t = 100 (fixed noise, empty prompt) — the
     model's own encoder [design], used where CLIP / DINO weights are not available."""
-    from jaxattrib.attribution import similarity as simlib
+    from jaxattrib.authentication import similarity as simlib
     from jaxattrib.models.unet import UNet2DConditionModel
     size = pipe.unet_config.sample_size
     win = min(11, size)
@@ -264,7 +264,7 @@ def j_gain_scores(rec: dict, cond, eps_pre, eps_ft, sched, cgi, key, n_draws: in
     """``J(recovered) − J(start)`` per image [design]: how much PGD raised the contrastive
     objective ``L_pre − L_ft`` (``n_draws`` shared (t, ε) draws in the variant's timestep range,
     the same draws at both points). ``[N]``, larger ⇒ member."""
-    from jaxattrib.attribution.cgi_dm import loss_gap_scores
+    from jaxattrib.authentication.cgi_dm import loss_gap_scores
     j = {k: loss_gap_scores(rec[k], eps_pre, eps_ft, sched, key, cond=cond, n_draws=n_draws,
                             t_min=cgi.t_min, t_max=cgi.t_max, batch_size=batch_size)
          for k in ("recovered", "masked")}
@@ -289,7 +289,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
     """Loss gap (per candidate timestep range) and masked-input similarity, all images.
     Cached in ``scores/baselines.npz``; a rerun with more variants or similarities computes only
     the missing entries."""
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     from jaxattrib.runs.demo import _save_npz
     path = run_dir / "scores" / "baselines.npz"
     out = dict(np.load(path)) if path.exists() else {}
@@ -324,7 +324,7 @@ def _masked_start(images, cgi, key, bs):
     """``decode(z_init)`` as :func:`cgi_dm.recover` makes it (pixel-space model)."""
     import jax.numpy as jnp
 
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     k_mask, _ = jax.random.split(key)
     out = []
     for lo in range(0, len(images), bs):
@@ -335,7 +335,7 @@ def _masked_start(images, cgi, key, bs):
 
 
 def _metrics(scores, labels, cal_scores) -> dict:
-    from jaxattrib.attribution.cgi_dm import fpr_threshold
+    from jaxattrib.authentication.cgi_dm import fpr_threshold
     from jaxattrib.metrics import roc_auc, tpr_at_fpr
     y = labels.astype(bool)
     row = {"AUC": roc_auc(scores, y), "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
@@ -367,7 +367,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     counts = {s: int((split == s).sum()) for s in np.unique(split)}
     _log(f"{len(split)} images in {len(np.unique(data['group']))} concepts: {counts}")
     ft_params = finetune_stage(run_dir, config, pipe, data, progress)
-    from jaxattrib.attribution.cgi_dm import check_compatible
+    from jaxattrib.authentication.cgi_dm import check_compatible
     check_compatible(pipe.unet_params, ft_params)
     model = UNet2DConditionModel(pipe.unet_config)
     apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731

@@ -10,7 +10,7 @@ Everything is built on this CPU from the embedded base model and cached in the r
    some captions, more or less strongly). It generates every caption once per
    ``generated.seeds``; those images (32-bit watermark embedded) are the data set an
    infringer takes. "Real" data = other renders of the same captions (another seed).
-2. **Zoo** (:func:`jaxattrib.attribution.source_model.build_model_zoo`, one sub-zoo per ρ,
+2. **Zoo** (:func:`jaxattrib.authentication.source_model.build_model_zoo`, one sub-zoo per ρ,
    built in ``zoo.rhos`` order so a cut-short run still has whole ρ groups): per ρ,
    ``n_shadow + n_cal + n_eval`` models fine-tuned from the base on ``n_train`` examples,
    ``round(ρ·n_train)`` of them the source's generations. Member index decides the split:
@@ -46,8 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxattrib.attribution import source_model as sm
-from jaxattrib.attribution import watermark as wm
+from jaxattrib.authentication import source_model as sm
+from jaxattrib.authentication import watermark as wm
 from jaxattrib import metrics
 #: instance-level methods (key-sample strategies) in table order
 INSTANCE_METHODS = ("strategy1", "strategy1-consistency", "strategy2", "random")
@@ -187,7 +187,7 @@ def _watermark(config):
 
 
 def zoo_finetune_fn(pipe, train_config, mesh=None) -> Callable:
-    """A ``finetune_fn`` (as :func:`~jaxattrib.attribution.source_model.diffusion_finetune_fn`:
+    """A ``finetune_fn`` (as :func:`~jaxattrib.authentication.source_model.diffusion_finetune_fn`:
     UNet only, the member's seed replaces ``train_config.seed``, same batch plan, keys, loss
     and optimizer as :func:`jaxattrib.train.finetune.finetune`) whose train step is jitted
     **once** for every model it trains, and which writes no trajectory record. ``finetune``
@@ -250,8 +250,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     """Builds (or resumes) the zoo, queries every model, writes the tables and the plot.
 
     ``pipe`` (default: the embedded base model), ``finetune_fn`` (default
-    :func:`~jaxattrib.attribution.source_model.diffusion_finetune_fn`), ``generate_fn_of(unet)
-    -> generate_fn`` (default :func:`~jaxattrib.attribution.source_model.pipeline_generate_fn`)
+    :func:`~jaxattrib.authentication.source_model.diffusion_finetune_fn`), ``generate_fn_of(unet)
+    -> generate_fn`` (default :func:`~jaxattrib.authentication.source_model.pipeline_generate_fn`)
     and ``memorization_fn(unet, prompts, key, n_seeds) -> [P]`` (default Wen et al.'s signal)
     can be replaced (tests use stand-ins). Returns the results dict written to
     ``tables/source_model_zoo.json``.
@@ -506,7 +506,7 @@ def delta_sweep(rows: Sequence[Mapping], dists: Mapping[str, np.ndarray],
 
 def zoo_delta0(rows: Sequence[Mapping], dists: Mapping[str, np.ndarray], dec) -> tuple:
     """The hit threshold δ0 of the zoo and how it was chosen: ``dec.delta0`` as given, or with
-    ``dec.delta0 == 'calibrated'`` :func:`~jaxattrib.attribution.source_model.calibrate_delta0`
+    ``dec.delta0 == 'calibrated'`` :func:`~jaxattrib.authentication.source_model.calibrate_delta0`
     at ``dec.innocent_hit_rate`` on the pooled distances ``d [S, P]`` (all candidate captions,
     so δ0 does not depend on any key-sample strategy) of the innocent (label 0) models of the
     shadow and calibration splits; evaluation models are never used. Returns ``(δ0, info)``;

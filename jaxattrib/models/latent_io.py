@@ -196,7 +196,7 @@ def pipeline_pixels(pipe, x, *, batch_size: int = 16) -> np.ndarray:
 
 def vae_codec(pipe, sample: bool = False):
     """``(encode, decode)`` between pixels and a latent pipeline's model inputs, as
-    :func:`jaxattrib.attribution.cgi_dm.recover` takes them (PGD on the latent [code]); ``(None,
+    :func:`jaxattrib.authentication.cgi_dm.recover` takes them (PGD on the latent [code]); ``(None,
     None)`` for a pixel pipeline (identity maps).
 
     ``encode(x[B, H, W, 3]) -> [B, h, w, c]``: the posterior mean; with ``sample``,

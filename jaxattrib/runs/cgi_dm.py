@@ -9,13 +9,13 @@ directory::
     cgi_dm/scores.npz        scores, p-values, decisions, threshold, labels
     results/cgi_dm_*.json, *.png   report sections; report.html
 
-The numerics are :mod:`jaxattrib.attribution.cgi_dm` (:func:`~jaxattrib.attribution.cgi_dm.
-recover`, :func:`~jaxattrib.attribution.cgi_dm.calibrate`, :func:`~jaxattrib.attribution.cgi_dm.
+The numerics are :mod:`jaxattrib.authentication.cgi_dm` (:func:`~jaxattrib.authentication.cgi_dm.
+recover`, :func:`~jaxattrib.authentication.cgi_dm.calibrate`, :func:`~jaxattrib.authentication.cgi_dm.
 empirical_p_values`); this module only loads, caches and reports. [design] Per-batch caching:
 batch ``[lo, hi)`` is recovered with ``index_offset=lo`` and the set's key, which is what
-:func:`~jaxattrib.attribution.cgi_dm.recover` does for the whole set (per-image keys from the
+:func:`~jaxattrib.authentication.cgi_dm.recover` does for the whole set (per-image keys from the
 global index), so a resumed run equals an uninterrupted one. The candidate and reference sets
-get ``split(key(seed), 3)[0]`` and ``[1]``, as :func:`~jaxattrib.attribution.cgi_dm.
+get ``split(key(seed), 3)[0]`` and ``[1]``, as :func:`~jaxattrib.authentication.cgi_dm.
 authenticate` does for queries and hold-outs. SSIM uses the largest odd window <= 11 that
 fits the image (11 for any real SD resolution; 7 for 8-px test images).
 
@@ -54,9 +54,9 @@ POSTERIORS = ("sample", "mean")
 
 
 def check_config(config, source: str = "config"):
-    """Validates a ``cgi_dm`` config; returns its :class:`~jaxattrib.attribution.cgi_dm.
+    """Validates a ``cgi_dm`` config; returns its :class:`~jaxattrib.authentication.cgi_dm.
     CGIDMConfig`. Raises :class:`ConfigError` naming the field."""
-    from jaxattrib.attribution.cgi_dm import CGIDMConfig
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig
     for field in ("model.finetuned", "data.candidates", "data.reference"):
         sec, name = field.split(".")
         if not str(config[sec][name]):
@@ -116,12 +116,12 @@ def _check_inputs(run_dir: Path, fingerprints: dict) -> None:
 def recover_cached(name: str, images, cond, eps_pre, eps_ft, sched, cgi, key, cache: Path, *,
                    encode=None, decode=None, batch_size: int = 8, progress: bool = True,
                    encode_key=None) -> dict:
-    """:func:`~jaxattrib.attribution.cgi_dm.recover` of ``images [N,H,W,C]`` batch by batch,
+    """:func:`~jaxattrib.authentication.cgi_dm.recover` of ``images [N,H,W,C]`` batch by batch,
     each batch cached as ``cache/<name>_<lo>.npz`` with a checksum sidecar (reused on rerun;
     a corrupt batch is recomputed with a notice). Same result as one call
     (``encode_key``: per-image posterior samples, see ``recover``)."""
     import io
-    from jaxattrib.attribution.cgi_dm import recover
+    from jaxattrib.authentication.cgi_dm import recover
     n = len(images)
     parts = []
     starts = range(0, n, batch_size)
@@ -158,8 +158,8 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) CGI-DM on ``config``; writes the report; returns the summary."""
     from jax.tree_util import Partial
 
-    from jaxattrib.attribution import cgi_dm
-    from jaxattrib.attribution import similarity as simlib
+    from jaxattrib.authentication import cgi_dm
+    from jaxattrib.authentication import similarity as simlib
     from jaxattrib.runs.demo import _check_config
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.unet import UNet2DConditionModel
@@ -193,7 +193,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
     eps_pre, eps_ft = Partial(apply, p_pre), Partial(apply, p_ft)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    # [code] PGD runs on the VAE latent (see attribution/cgi_dm.py); the VAE only encodes the
+    # [code] PGD runs on the VAE latent (see authentication/cgi_dm.py); the VAE only encodes the
     # images and decodes the masked start and the recovery for the similarity and the report
     from jaxattrib.models.latent_io import vae_codec
     k_cand, k_ref, k_enc = jax.random.split(jax.random.PRNGKey(config.seed), 3)

@@ -552,7 +552,7 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
         return dict(np.load(path, allow_pickle=False))
     from jax.tree_util import Partial
 
-    from jaxattrib.attribution import cgi_dm
+    from jaxattrib.authentication import cgi_dm
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.latent_io import vae_codec
     from jaxattrib.models.unet import UNet2DConditionModel

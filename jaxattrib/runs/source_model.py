@@ -1,7 +1,7 @@
 """``jaxattrib source-model``: was a suspicious model trained on my model's generations?
 
 The config is ``jaxattrib/configs/source_model.py`` (every field documented there); the
-numerics are :mod:`jaxattrib.attribution.source_model` (key-sample strategies, same-seed
+numerics are :mod:`jaxattrib.authentication.source_model` (key-sample strategies, same-seed
 queries, instance ``conf``, calibration on innocent models). The run directory::
 
     config.json                    the resolved config (a rerun with another config is refused)
@@ -31,7 +31,7 @@ from jaxattrib.config import ConfigError
 
 def check_config(config, source: str = "config") -> None:
     """Validates a ``source_model`` config; raises :class:`ConfigError` naming the field."""
-    from jaxattrib.attribution.source_model import METRICS, STRATEGIES
+    from jaxattrib.authentication.source_model import METRICS, STRATEGIES
     m, k, d, q = config.model, config.key_samples, config.decision, config.query
 
     def bad(field, value, expected):
@@ -116,7 +116,7 @@ def _sha(obj) -> str:
 
 def select_keys(config, pipe, source_params, prompts, gen_fn, reference_fn, cache: Path):
     """Key samples on the source (cached in ``cache/key_samples.json``)."""
-    from jaxattrib.attribution import source_model as sm
+    from jaxattrib.authentication import source_model as sm
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.generate import latent_shape, make_eps_fn
@@ -154,7 +154,7 @@ def select_keys(config, pipe, source_params, prompts, gen_fn, reference_fn, cach
 
 def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) source-model attribution; writes the report; returns the results."""
-    from jaxattrib.attribution import source_model as sm
+    from jaxattrib.authentication import source_model as sm
     import io
 
     from jaxattrib import integrity

@@ -875,7 +875,7 @@ def load_unet(spec: str, pipe, field: str = "model") -> tuple[dict, str]:
             raise ConfigError(f"{field}={spec!r}: its UNet config differs from model.pipeline's "
                               f"({pipe.folder}); both models must share one architecture")
         params, desc = other.unet_params, f"UNet of {other.folder}"
-    from jaxattrib.attribution.cgi_dm import IncompatibleModelsError, check_compatible
+    from jaxattrib.authentication.cgi_dm import IncompatibleModelsError, check_compatible
     try:
         check_compatible(pipe.unet_params, params)
     except IncompatibleModelsError as e:

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from jaxattrib.attribution import similarity as simlib
+from jaxattrib.authentication import similarity as simlib
 from jaxattrib.diffusion.schedule import Schedule, add_noise, predict_x0, training_target
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]

@@ -67,7 +67,7 @@ reach):
   resumable trajectory record in ``workdir/record``).
 
 Typical flow: ``build_source_model`` → generate the source's data set with
-:func:`pipeline_generate_fn` (optionally :func:`jaxattrib.attribution.watermark.embed` for the
+:func:`pipeline_generate_fn` (optionally :func:`jaxattrib.authentication.watermark.embed` for the
 watermark baseline) → ``build_model_zoo`` → select key samples on the source (with a reference
 model for Strategy 2) → :func:`query` the source and every suspect with the key prompts and the
 same seeds → :func:`instance_confidence`, calibrated by :func:`calibrate_on_innocent` on the
@@ -91,8 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxattrib.attribution import similarity as simlib
-
+from jaxattrib.authentication import similarity as simlib
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 GenerateFn = Callable[[Sequence[str], jax.Array], Any]
 Metric = Literal["rmse", "ssim"]
