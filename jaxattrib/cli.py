@@ -545,7 +545,7 @@ def concept_query(ctx: typer.Context,
     _use_compile_cache(ctx)
     import numpy as np
     from jaxattrib.config import ConfigError
-    from jaxattrib.eval.concept_benchmark import concept_query as run_query
+    from jaxattrib.runs.concept_query import concept_query as run_query
     img = None
     if image is not None:
         from PIL import Image

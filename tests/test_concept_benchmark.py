@@ -14,6 +14,7 @@ from jaxattrib.attribution import concept_trak as ct
 from jaxattrib.config import ConfigError
 from jaxattrib.data.synthetic import parse_caption
 from jaxattrib.eval import concept_benchmark as cb
+from jaxattrib.runs.concept_query import concept_query
 
 from test_concept_trak import _unet, _word_encoder
 
@@ -210,10 +211,10 @@ def test_concept_missing_from_prompt_fails_before_any_model_work(tmp_path):
                               "a red circle", ["red", "star"], model_fn=no_model)
     # the run-directory API refuses it before looking at the (here absent) run
     with pytest.raises(ValueError, match="'a red circle on a black background'.*'blue'"):
-        cb.concept_query(tmp_path / "none", "a red circle on a black background", ["blue"],
+        concept_query(tmp_path / "none", "a red circle on a black background", ["blue"],
                          seed=0)
     with pytest.raises(ConfigError, match="config.json: missing"):
-        cb.concept_query(tmp_path / "none", "a red circle on a black background", ["red"],
+        concept_query(tmp_path / "none", "a red circle on a black background", ["red"],
                          seed=0)
 
 

@@ -65,7 +65,7 @@ def test_demo_concept_trak_on_model_inputs_equals_concept_query_rule(pipe, monke
     from jaxattrib.runs import demo
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.eval.concept_benchmark import concept_inputs
+    from jaxattrib.runs.concept_query import concept_inputs
     config = _config()
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     train = _train(4)

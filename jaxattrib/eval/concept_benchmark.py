@@ -48,6 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.concept_query import concept_inputs, concept_trak_config
 
 
 def _log(msg: str) -> None:
@@ -364,35 +365,6 @@ def _concept_row_cosine(phi_rows: np.ndarray, row_image: np.ndarray) -> float:
     return float(np.mean(cos)) if cos else float("nan")
 
 
-def concept_trak_config(config):
-    """The :class:`ConceptTRAKConfig` of the benchmark config (all switches on)."""
-    from jaxattrib.attribution import concept_trak as ct
-    a = config.attribution
-    return ct.ConceptTRAKConfig(proj_dim=a.k, param_spec=a.concept_params,
-                                proj_kind=a.projection, inversion_steps=a.concept_inversion_steps,
-                                concept_scale=a.concept_scale,
-                                num_timesteps=a.concept_num_timesteps, microbatch=a.microbatch,
-                                proj_seed=config.seed)
-
-
-def concept_inputs(pipe, images, config, role: str, field: str) -> tuple[np.ndarray, str]:
-    """Concept-TRAK's model inputs of pixel ``images [N, H, W, 3]``: the images for a pixel
-    pipeline; for a latent one their VAE latents, encoded **once** with the VAE posterior
-    **mean** (deterministic: no key to record). [design] The mean is the project's rule for the
-    latents that are attributed (the ``attribute`` path's training images and queries, and what
-    ``jaxattrib train`` fine-tunes latent pipelines on once the latent-path branch is in; D-TRAK's
-    SD code featurizes ``latent_dist.mode()``); the benchmark's cached training features and a
-    later ``concept-query`` therefore see the same latents. ``role`` ('train' | 'query') is
-    informational. Returns ``(inputs, how)`` (``how`` says what was done, for the output).
-    Shape errors are :class:`~jaxattrib.models.latent_io.ModelInputError` naming ``field``."""
-    from jaxattrib.models.latent_io import check_pixel_images, pipeline_inputs
-    check_pixel_images(images, pipe.unet_config, pipe.vae_config, field)
-    if not pipe.is_latent:
-        return np.asarray(images, np.float32), "pixels (no VAE)"
-    z = pipeline_inputs(pipe, images, field, key=None)
-    return z, f"VAE latents {list(z.shape[1:])}: the VAE posterior mean, encoded once"
-
-
 def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx, queries, plan,
               relevant, settings):
     """:func:`concept_trak.ablation_table` rows on the test rows, λ chosen on the val rows
@@ -617,82 +589,6 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     return out
 
 
-def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
-                  seed: int | None = None, image: np.ndarray | None = None,
-                  topk: int = 10) -> dict:
-    """Concept-TRAK on a finished benchmark run, for a free-text query.
-
-    The query is ``image [H, W, 3]`` in [-1, 1], or the generation of ``prompt`` from ``seed``
-    with the run's fine-tuned model and generation settings. Every concept phrase is
-    attributed separately; a concept the prompt lacks raises ``ValueError`` naming both
-    (before any model is loaded). The run's cached training features and validation-chosen
-    λ ratio are used (ratio 1 if the run has none).
-
-    Latent pipelines: the query image (and the training images, when no cached features
-    exist) is VAE-encoded once (:func:`concept_inputs`: the posterior mean); the DDIM
-    inversion and the gradients run on the latents.
-    An image of the wrong size raises :class:`~jaxattrib.models.latent_io.ModelInputError`
-    (a ``ConfigError``) naming ``--image`` and both shapes.
-
-    Returns ``{'image', 'encoding', 'queries': [{'concept', 'negative', 'scores' [N], 'top':
-    [{'rank', 'id', 'caption', 'score'}]}]}`` (``encoding`` says how the query became a model
-    input).
-    """
-    from jaxattrib.attribution import concept_trak as ct
-    from jaxattrib.train.base_model import load_base_model
-    from jaxattrib.config import apply_overrides
-    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.train.record import TrajectoryRecord
-    import ml_collections
-    queries = ct.concept_queries(prompt, concepts)  # the clear error comes first
-    if (image is None) == (seed is None):
-        raise ValueError("concept_query: give exactly one of image and seed")
-    run_dir = Path(run_dir)
-    for need in ("config.json", "data/train.npz", "record"):
-        if not (run_dir / need).exists():
-            raise ConfigError(f"{run_dir / need}: missing; run benchmarks/concept_trak.py with "
-                              f"--run-dir {run_dir} first")
-    config = apply_overrides(ml_collections.ConfigDict(
-        json.loads((run_dir / "config.json").read_text())), [])
-    pipe = load_base_model(config.base_model or None)
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
-    unet_params = record.load(record.latest_step())["unet"]
-    record.close()
-    train = dict(np.load(run_dir / "data" / "train.npz"))
-    if image is None:
-        import jax
-        from jaxattrib.generate import generate
-        g = generate(pipe, [prompt], jax.random.PRNGKey(int(seed)), unet_params=unet_params,
-                     num_inference_steps=config.generate.num_inference_steps,
-                     guidance_scale=config.generate.guidance_scale)
-        image = np.clip(np.asarray(g.images[0]), -1, 1).astype(np.float32)
-    q_in, how = concept_inputs(pipe, np.asarray(image, np.float32)[None], config, "query",
-                               "--image" if seed is None else "the generated query")
-    cfg = concept_trak_config(config)
-    lam = run_dir / "scores" / "concept-trak_lambda.json"
-    if lam.exists():
-        cfg = dataclasses.replace(cfg, lam_ratio=float(json.loads(lam.read_text())["chosen"]))
-    cached = run_dir / "features" / "concept-trak" / "train_tl1_inv1_norm1.npy"
-    encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
-    train_in = None
-    if not cached.exists():
-        train_in, _ = concept_inputs(pipe, train["images"], config, "train",
-                                     f"{run_dir / 'data' / 'train.npz'} images")
-    qs, scores = ct.attribute_concepts(
-        pipe.unet_config, unet_params, encode, train_in, list(train["captions"]),
-        q_in[0], prompt, [q.concept for q in queries], cfg,
-        schedule_from_diffusers_config(pipe.scheduler_config),
-        Phi_train=np.load(cached) if cached.exists() else None)
-    out = []
-    for q, s in zip(qs, scores):
-        order = np.argsort(-s, kind="stable")[:topk]
-        out.append({"concept": q.concept, "negative": q.negative, "scores": s,
-                    "top": [{"rank": r + 1, "id": str(train["ids"][i]),
-                             "caption": str(train["captions"][i]), "score": float(s[i])}
-                            for r, i in enumerate(order)]})
-    return {"image": np.asarray(image), "encoding": how, "queries": out}
-
-
 def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False) -> None:
     """``tables/*.md`` and ``concept_trak.json``; ``ablation_only`` (a run without the
     baselines) writes ``ablation.{md,json}`` only, so it never overwrites a full run's tables."""
@@ -738,7 +634,7 @@ def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False)
     atomic_write_text(run_dir / "tables" / "concept_trak.json", json.dumps(doc, indent=2))
 
 
-__all__ = ["check_feature_settings", "concept_ground_truth", "concept_query",
+__all__ = ["check_feature_settings", "concept_ground_truth",
            "concept_trak_config", "effective_dimension", "lambda_curve", "leading_directions",
            "method_rows", "project_out_leading",
            "neighbour_purity", "parse_combo", "query_plan", "run_concept_benchmark",
