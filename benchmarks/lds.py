@@ -164,7 +164,7 @@ def make_optimizer(tcfg):
 
 def checkpoint_lrs(tcfg, steps) -> list[float]:
     """TracIn's η_c per checkpoint: the learning rate of the update that produced checkpoint
-    ``s`` (the ``s``-th update, optax count ``s - 1``), as ``workflow.attribute_run`` reads it
+    ``s`` (the ``s``-th update, optax count ``s - 1``), as ``runs.attribute.attribute_run`` reads it
     from the record (``step_info(s - 1)['lr']``). [paper] TracIn weights each checkpoint by its
     learning rate; under ``schedule = 'cosine'`` the last checkpoints weigh ~0."""
     sched = lr_schedule(tcfg)

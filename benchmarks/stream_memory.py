@@ -7,7 +7,7 @@ raised until N is reached, ``supersample=1`` to keep rendering cheap), loads the
 (8/8/16/16 channels, cross-attention only at the 16×16 level: :data:`UNET`; with attention at
 64×64, 4096-token attention maps made a microbatch of 16 need 16 GB and the first attempt was
 OOM-killed), and featurizes every training
-example with ``diffusion_trak.featurize_examples`` on ``workflow.source_examples`` (the inputs
+example with ``diffusion_trak.featurize_examples`` on ``runs.attribute.source_examples`` (the inputs
 ``jaxattrib attribute`` uses: lazy image rows and lazy prompt states), D-TRAK output, 1 timestep,
 ``k`` = 64, microbatch 16, store chunks of 64 rows. Progress (chunks) goes to stderr.
 
@@ -70,7 +70,7 @@ def _stage(n: int, size: int, pipe_dir: str, in_memory: bool, k: int, microbatch
     from jaxattrib.data.source import MemorySource, SyntheticSource
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.runs.workflow import source_examples
+    from jaxattrib.runs.attribute import source_examples
     spec = data_spec()
     per = -(-n // len(spec.combinations()))
     src = SyntheticSource(dataclasses.replace(spec, size=size, per_combination=per,

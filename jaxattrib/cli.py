@@ -290,7 +290,7 @@ def train(ctx: typer.Context,
     from jaxattrib.data.dataset import DataError
     from jaxattrib.models.convert import CheckpointError
     from jaxattrib.train.record import RecordError
-    from jaxattrib.runs.workflow import train_run
+    from jaxattrib.runs.train import train_run
     try:
         cfg = load_config(config, set_)
         if "dreambooth" in cfg:
@@ -361,7 +361,7 @@ def attribute(ctx: typer.Context,
     _use_compile_cache(ctx)
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
-    from jaxattrib.runs.workflow import attribute_run, attribution_defaults
+    from jaxattrib.runs.attribute import attribute_run, attribution_defaults
     given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
              "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
              "microbatch": microbatch, "precision": precision, "remat": remat,

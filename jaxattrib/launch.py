@@ -2,7 +2,7 @@
 
 ``CMD`` is ``featurize`` (TRAK features of the training set into a resumable store),
 ``train`` (fine-tuning with a trajectory record) or ``attribute`` (a pipeline fine-tuning run's
-attribution: :func:`jaxattrib.runs.workflow.attribute_run` on every process). ``CONFIG`` is an
+attribution: :func:`jaxattrib.runs.attribute.attribute_run` on every process). ``CONFIG`` is an
 ml_collections config (``path.py``, ``path.py:arg`` or a packaged name such as
 ``featurize_digits``; see
 :mod:`jaxattrib.config`), ``--set key=value`` overrides fields, ``--dry-run`` validates the
@@ -26,8 +26,8 @@ coordinates the record's checkpoints. ``out_dir`` must be on a file system share
 Tasks: ``'digits_mlp'`` (``configs/featurize_digits.py``); adding a task means adding a
 builder to ``_TASKS`` that returns a :class:`Task`. Pipeline fine-tuning configs
 (``configs/sd15_lora.py``, ``sd21.py``: a ``finetune`` section and no ``task``) run ``train``
-through :func:`jaxattrib.runs.workflow.train_run` on the launch mesh, and ``attribute`` through
-:func:`jaxattrib.runs.workflow.attribute_run` on the run directory ``out_dir`` (options as
+through :func:`jaxattrib.runs.train.train_run` on the launch mesh, and ``attribute`` through
+:func:`jaxattrib.runs.attribute.attribute_run` on the run directory ``out_dir`` (options as
 ``jaxattrib attribute`` takes them: the run's ``attribution`` settings, then ``--set
 attribution.X=...``; see :func:`attribute_options`; ``--queries DIR`` scores a query folder on
 process 0, without it only the training features are computed); ``featurize`` is for ``task``
@@ -170,14 +170,15 @@ def validate(config, command: str, *, source: str = "config",
 
 def is_pipeline_config(config) -> bool:
     """A ``jaxattrib train``-layout config (``sd15_lora``, ``sd21``): ``finetune`` and no
-    ``task``; ``train`` runs :func:`jaxattrib.runs.workflow.train_run` on the launch mesh."""
+    ``task``; ``train`` runs :func:`jaxattrib.runs.train.train_run` on the launch mesh."""
     return "task" not in config and "finetune" in config
 
 
 def _validate_pipeline(config, command: str, source: str,
                        overrides: Sequence[str] = ()) -> dict:
     """Dry-run checks of a pipeline fine-tuning config (numpy only; no model weights read)."""
-    from jaxattrib.runs.workflow import check_train_config, load_training_data
+    from jaxattrib.runs.config_check import check_train_config
+    from jaxattrib.runs.train import load_training_data
     if "dreambooth" in config:
         raise ConfigError(f"{source}: DreamBooth configs (a 'dreambooth' section) are not "
                           f"supported by the launcher; run them with `jaxattrib train`")
@@ -213,11 +214,11 @@ def _validate_pipeline(config, command: str, source: str,
 
 def attribute_options(config, overrides: Sequence[str] = ()) -> dict:
     """``attribute_run`` keyword options, as ``jaxattrib attribute RUN`` takes them: the run's
-    own settings (``workflow.attribution_defaults``: ``ATTRIBUTE_DEFAULTS`` updated with the
+    own settings (``runs.attribute.attribution_defaults``: ``ATTRIBUTE_DEFAULTS`` updated with the
     ``attribution`` section of ``out_dir/config.json``), or the config's ``attribution`` section
     when the run does not exist yet (dry runs); then every ``--set attribution.X=...`` of
     ``overrides`` on top."""
-    from jaxattrib.runs.workflow import ATTRIBUTE_DEFAULTS, attribution_defaults
+    from jaxattrib.runs.attribute import ATTRIBUTE_DEFAULTS, attribution_defaults
     run = paths(config)["out_dir"]
     section = config.attribution.to_dict() if "attribution" in config else {}
     if (run / "config.json").is_file():
@@ -234,7 +235,7 @@ def attribute_options(config, overrides: Sequence[str] = ()) -> dict:
 
 def _validate_attribute(config, source: str, overrides: Sequence[str] = ()) -> dict:
     """Dry-run checks of ``attribute`` on a pipeline config (no model or run is loaded)."""
-    from jaxattrib.runs.workflow import check_attribution_fields
+    from jaxattrib.runs.config_check import check_attribution_fields
     opts = attribute_options(config, overrides)
     check_attribution_fields(opts, f"{source}: attribution")
     out = paths(config)["out_dir"]
@@ -502,7 +503,7 @@ def _run(args, config, me: int) -> int:
     progress = not args.no_progress
     if args.command == "attribute":
         from jaxattrib.attribution.store import StoreMismatchError
-        from jaxattrib.runs.workflow import attribute_run
+        from jaxattrib.runs.attribute import attribute_run
         opts = attribute_options(config, args.overrides)
         if args.chunk_size is not None:
             opts["chunk_size"] = args.chunk_size
@@ -517,7 +518,7 @@ def _run(args, config, me: int) -> int:
                 scores is None else f"scores {scores.shape} in "
                                     f"{paths(config)['out_dir'] / 'scores'}")
     elif args.command == "train" and is_pipeline_config(config):
-        from jaxattrib.runs.workflow import train_run
+        from jaxattrib.runs.train import train_run
         _, rec = train_run(config, paths(config)["out_dir"], progress=progress, mesh=mesh)
         done = f"record {rec.directory} steps {rec.steps()}"
     elif args.command == "train":

@@ -361,7 +361,7 @@ def test_sd_configs_run_tiny_end_to_end(name, tiny_latent_pipeline, tmp_path):
     from typer.testing import CliRunner
     from jaxattrib.cli import app
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.runs.workflow import load_unet
+    from jaxattrib.runs.specs import load_unet
     from tiny import make_latent_pipeline
     model = tiny_latent_pipeline if name == "sd15_lora" else make_latent_pipeline(
         tmp_path, prediction_type="v_prediction", name="v_pipe")
@@ -488,7 +488,7 @@ def test_cli_cgi_dm_end_to_end_resumes(tiny_pipeline_dir, tmp_path):
     from jax.tree_util import Partial
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.models.unet import UNet2DConditionModel
-    from jaxattrib.runs.workflow import image_folder
+    from jaxattrib.runs.specs import image_folder
     pipe, pft = load_pipeline(tiny_pipeline_dir), load_pipeline(ft)
     m = UNet2DConditionModel(pipe.unet_config)
     ap = lambda p, z, t, c: m.apply({"params": p}, z, t, c)  # noqa: E731

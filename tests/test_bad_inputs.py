@@ -36,8 +36,11 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the inputs were checked")
     import jaxattrib.train.base_model
     import jaxattrib.models.pipeline
-    import jaxattrib.runs.workflow
-    monkeypatch.setattr(jaxattrib.runs.workflow, "_load_model", refuse)
+    import jaxattrib.runs.attribute
+    import jaxattrib.runs.specs
+    import jaxattrib.runs.train
+    for mod in (jaxattrib.runs.specs, jaxattrib.runs.train, jaxattrib.runs.attribute):
+        monkeypatch.setattr(mod, "load_model", refuse)
     monkeypatch.setattr(jaxattrib.train.base_model, "load_base_model", refuse)
     monkeypatch.setattr(jaxattrib.models.pipeline, "load_pipeline", refuse)
 
@@ -227,7 +230,7 @@ def test_damaged_run_config_is_a_clear_error(tmp_path, no_models):
 @bad_input("A non-image file (e.g. `notes.txt`) among the query PNGs",
            "Notice on stderr: `using the 2 PNG files; ignoring 1 other file(s): notes.txt`")
 def test_non_image_file_in_query_folder_is_announced(tmp_path, capsys):
-    from jaxattrib.runs.workflow import read_queries
+    from jaxattrib.runs.attribute import read_queries
     q = _queries(tmp_path / "q")
     (q / "notes.txt").write_text("hi")
     imgs, prompts = read_queries(q)
@@ -303,7 +306,7 @@ def test_non_image_file_in_training_folder_is_announced(tmp_path, capsys):
 @bad_input("Non-image files in a `cgi-dm` / `source-model` image folder",
            "Notice on stderr naming the ignored files and the number of images used")
 def test_non_image_file_in_authentication_folder_is_announced(tmp_path, capsys):
-    from jaxattrib.runs.workflow import image_folder
+    from jaxattrib.runs.specs import image_folder
     _png(tmp_path / "c" / "x.png")
     _png(tmp_path / "c" / "member" / "y.png")
     (tmp_path / "c" / "member" / "readme.md").write_text("x")
@@ -520,11 +523,11 @@ def test_unwritable_run_dir(tmp_path, monkeypatch, no_models):
            "Exit 1 with one line: `error: unexpected ZeroDivisionError: … (a bug? the traceback "
            "is saved in RUN_DIR/errors/traceback-….txt)`; no traceback on screen; lock released")
 def test_unexpected_error_saves_its_traceback_in_the_run_dir(tmp_path, monkeypatch):
-    import jaxattrib.runs.workflow
+    import jaxattrib.runs.train
 
     def boom(*a, **k):
         raise ZeroDivisionError("boom in train_run")
-    monkeypatch.setattr(jaxattrib.runs.workflow, "train_run", boom)
+    monkeypatch.setattr(jaxattrib.runs.train, "train_run", boom)
     r = _cli(*_train_args(tmp_path, "embedded"))
     _clean(r, code=1)
     assert "unexpected ZeroDivisionError: boom in train_run" in r.output
@@ -573,14 +576,14 @@ def _expected_classes():
            "RunLockError, NonFiniteLossError) raised anywhere in any command",
            "Exit 2 with its message on one line; never a traceback")
 def test_every_expected_error_class_exits_2(tmp_path, monkeypatch):
-    import jaxattrib.runs.workflow
+    import jaxattrib.runs.train
     from jaxattrib.attribution.store import StoreMismatchError
     for cls in _expected_classes():
         def raise_it(*a, **k):
             if issubclass(cls, StoreMismatchError):
                 raise cls("a StoreMismatchError message", {"k": (1, 2)})
             raise cls(f"a {cls.__name__} message")
-        monkeypatch.setattr(jaxattrib.runs.workflow, "train_run", raise_it)
+        monkeypatch.setattr(jaxattrib.runs.train, "train_run", raise_it)
         r = _cli(*_train_args(tmp_path, "embedded"))
         _clean(r)
         assert f"a {cls.__name__} message" in r.output

@@ -426,7 +426,7 @@ def test_cli_refuses_mismatched_models_and_wrong_size(two_pipelines, tmp_path):
     from jaxattrib.runs.cgi_dm import run_cgi_dm
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.models.pipeline import load_pipeline
-    from jaxattrib.runs.workflow import load_unet
+    from jaxattrib.runs.specs import load_unet
     pre, wide = two_pipelines
     pipe = load_pipeline(pre)
     with pytest.raises(ConfigError, match=r"model.finetuned=.*UNet config differs"):

@@ -60,7 +60,7 @@ def _train_ok(tmp_path, name="sd15_lora"):
     ("num_devices=-1", "num_devices=-1"),
 ])
 def test_train_config_errors_name_the_field(tmp_path, override, field):
-    from jaxattrib.runs.workflow import check_train_config
+    from jaxattrib.runs.config_check import check_train_config
     c = _train_ok(tmp_path)
     check_train_config(c, "sd15_lora")            # the base is valid
     with pytest.raises(ConfigError, match=field):

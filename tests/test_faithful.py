@@ -294,7 +294,7 @@ def test_attribute_defaults_of_old_and_new_run_dirs(tmp_path):
     attribution section: the new defaults (per_position, the method's checkpoints)."""
     import json
     from jaxattrib.config import load_config
-    from jaxattrib.runs.workflow import attribution_defaults
+    from jaxattrib.runs.attribute import attribution_defaults
     for name, cfg, want in (
             ("old", _old_config(load_config("sd15_lora")), ("shared", 1)),
             ("new", json.loads(load_config("sd15_lora", ["attribution.checkpoints=(2, 4)"])
@@ -335,7 +335,8 @@ def test_train_run_made_before_the_fields_resumes_and_keeps_shared(tiny_pixel_pi
     import json
     import ml_collections
     from jaxattrib.config import load_config
-    from jaxattrib.runs.workflow import attribution_defaults, train_run
+    from jaxattrib.runs.attribute import attribution_defaults
+    from jaxattrib.runs.train import train_run
 
     def config():
         c = load_config("finetune_folder", [

@@ -94,7 +94,7 @@ def test_latent_pipeline_train_generate_attribute_report(tiny_latent_pipeline, t
     z = np.asarray(encode_latents(pipe.vae_params, pipe.vae_config, images, None))
     cached = np.load(run / "latents" / "train" / "chunk_00000.npy").reshape(z.shape)
     np.testing.assert_allclose(cached, z, rtol=1e-5, atol=1e-6)
-    from jaxattrib.runs.workflow import read_queries
+    from jaxattrib.runs.attribute import read_queries
     q_img, q_prompts = read_queries(q)
     zq = np.asarray(encode_latents(pipe.vae_params, pipe.vae_config, q_img, None))
     ac = dt.AttributionConfig(method="dtrak", k=16, params="attn2", num_timesteps=2,

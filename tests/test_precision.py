@@ -263,7 +263,7 @@ def test_train_run_bf16_remat_and_old_run_dirs_resume(tiny_pixel_pipeline, tmp_p
     import json
 
     from jaxattrib.config import load_config
-    from jaxattrib.runs.workflow import train_run
+    from jaxattrib.runs.train import train_run
     base = [f"model={tiny_pixel_pipeline}", "data.source=digits", "data.size=8",
             "data.max_examples=4", "finetune.steps=1", "finetune.batch_size=2",
             "finetune.checkpoint_every=1"]

@@ -210,7 +210,8 @@ def test_attribute_on_two_processes_resumes_after_kill_and_equals_one(tiny_laten
     8-device pytest process vs a 2-device subprocess, not from the split; the digits test above
     is bit-identical), and each process logged its own share to run/logs."""
     from jaxattrib.config import load_config
-    from jaxattrib.runs.workflow import attribute_run, train_run
+    from jaxattrib.runs.attribute import attribute_run
+    from jaxattrib.runs.train import train_run
 
     data = _write_pngs(tmp_path / "db" / "dog", 8, 0, size=16)
     (data / "prompt.txt").write_text("a red circle")

@@ -146,7 +146,7 @@ def test_run_dir_holds_no_pixels_streams_bit_exact_and_old_runs_resume(tiny_pixe
     run directory with data/train.npz, written as the old code did) bit for bit; the old run
     resumes after losing its last checkpoint; a changed folder is refused on resume."""
     from jaxattrib.data.folder import load_folder
-    from jaxattrib.runs.workflow import train_run
+    from jaxattrib.runs.train import train_run
     root = _folder(tmp_path / "data")
     cfg = _config(tiny_pixel_pipeline, source="folder", path=str(root))
     run = tmp_path / "stream"
@@ -247,7 +247,7 @@ def test_cli_tfds_source_end_to_end(tiny_pixel_pipeline, tmp_path):
 
 def test_check_train_config_accepts_tfds_and_names_missing_fields(tmp_path):
     from jaxattrib.config import ConfigError
-    from jaxattrib.runs.workflow import check_train_config
+    from jaxattrib.runs.config_check import check_train_config
     c = load_config("sd15_lora", [f"model={tmp_path}"])
     check_train_config(apply_overrides(c, ["data.source=tfds", "data.name=mnist",
                                            f"data.path={tmp_path}"]))

@@ -284,7 +284,7 @@ def data_fingerprint(examples: dict) -> str:
     """:func:`~jaxattrib.attribution.store.dataset_fingerprint` of an example dict (sha256 of
     its arrays' shapes, dtypes and bytes): a feature store's ``dataset_fingerprint`` when the
     caller gives none. Fields must be arrays in memory (numpy / JAX); lazy rows (e.g.
-    ``workflow.source_examples``) need an explicit fingerprint, since hashing them would read
+    ``runs.attribute.source_examples``) need an explicit fingerprint, since hashing them would read
     (or encode) the whole data set."""
     for name, a in examples.items():
         if not isinstance(a, (np.ndarray, jax.Array, np.generic)):

@@ -20,7 +20,7 @@ batch is split over the processes; each loads only its rows; the record lives in
         --set model=/models/sd15 --set data.path=/data/dreambooth --set out_dir=/shared/sd15
     python -m jaxattrib.launch train sd15_lora --set model=... --dry-run   # check + plan only
 
-Fields (validated by :func:`jaxattrib.runs.workflow.check_train_config`; errors name the field):
+Fields (validated by :func:`jaxattrib.runs.config_check.check_train_config`; errors name the field):
 
 * ``model``: the pipeline folder (required). ``model_prediction_type``: the scheduler's
   ``prediction_type`` this config is written for ('epsilon' for SD-1.5); a folder whose

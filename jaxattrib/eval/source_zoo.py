@@ -272,8 +272,8 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
             print(f"[zoo {time.time() - t_start:7.0f} s] {msg}", flush=True)
 
     if pipe is None:
-        from jaxattrib.runs.workflow import _load_model
-        pipe = _load_model("embedded")
+        from jaxattrib.runs.specs import load_model
+        pipe = load_model("embedded")
     q, k, dec = config.query, config.key_samples, config.decision
     if generate_fn_of is None:
         def generate_fn_of(unet):

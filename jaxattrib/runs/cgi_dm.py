@@ -163,7 +163,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     from jaxattrib.runs.demo import _check_config
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.unet import UNet2DConditionModel
-    from jaxattrib.runs.workflow import _load_model, image_folder, load_unet, model_image_size
+    from jaxattrib.runs.specs import load_model, image_folder, load_unet, model_image_size
 
     cgi = check_config(config)
     for field in ("data.candidates", "data.reference"):   # before any model is loaded
@@ -174,7 +174,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
                               f"folder")
     run_dir = Path(run_dir)
     _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
-    pipe = _load_model(config.model.pipeline)
+    pipe = load_model(config.model.pipeline)
     p_pre, d_pre = load_unet(config.model.pretrained, pipe, "model.pretrained")
     p_ft, d_ft = load_unet(config.model.finetuned, pipe, "model.finetuned")
     size = config.data.size or model_image_size(pipe)

@@ -56,7 +56,7 @@ def _check_config(run_dir: Path, config, added: dict | None = None,
     (changed in place) takes the stored run's value, with a notice when that changes it.
     """
     from jaxattrib.runlock import has_results
-    from jaxattrib.runs.workflow import read_run_config
+    from jaxattrib.runs.config_check import read_run_config
     path = run_dir / "config.json"
     if path.exists() and adopt and has_results(run_dir):
         from jaxattrib.config import adopt_legacy
@@ -104,7 +104,7 @@ DEMO_METHODS = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage
 def check_demo_config(config, source: str = "demo config") -> None:
     """Checks every field of a ``demo``-layout config before anything is loaded or computed;
     raises :class:`ConfigError` naming the field and what was expected."""
-    from jaxattrib.runs.workflow import _field
+    from jaxattrib.runs.config_check import _field
 
     def need(field, ok, expected):
         v = _field(config, field)
@@ -135,7 +135,7 @@ def check_demo_config(config, source: str = "demo config") -> None:
          f"a non-empty tuple of {DEMO_METHODS}")
     need("attribution.lambda_ratios", lambda v: len(v) > 0 and all(number(0.0)(r) for r in v),
          "a non-empty tuple of positive numbers")
-    from jaxattrib.runs.workflow import check_attribution_fields
+    from jaxattrib.runs.config_check import check_attribution_fields
     a = {k: v for k, v in (config.attribution.to_dict() if "attribution" in config else {}
                            ).items() if k in ("params", "projection")}
     check_attribution_fields(a, f"{source}: attribution")

@@ -86,7 +86,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.finetune import TrainConfig, finetune
     from jaxattrib.runs.demo import _check_config, _save_npz
-    from jaxattrib.runs.workflow import _load_model
+    from jaxattrib.runs.specs import load_model
 
     from jaxattrib import precision
     run_dir = Path(run_dir)
@@ -96,7 +96,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     _check_config(run_dir, config, added=precision.added_defaults("finetune"))
     d, f, e = config.dreambooth, config.finetune, config.evaluate
     prec = {k: f.get(k, v) for k, v in precision.DEFAULTS.items()}
-    pipe = _load_model(config.model)
+    pipe = load_model(config.model)
     size = pipe.unet_config.sample_size * (1 if pipe.vae_config is None else
                                            2 ** (len(pipe.vae_config.block_out_channels) - 1))
     spec = concept = None

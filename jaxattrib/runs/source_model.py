@@ -162,14 +162,14 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.generate import latent_shape
     from jaxattrib.models.latent_io import check_pixel_images
-    from jaxattrib.runs.workflow import _load_model, load_unet
+    from jaxattrib.runs.specs import load_model, load_unet
 
     check_config(config)
     run_dir = Path(run_dir)
     _check_config(run_dir, config)
     cache = run_dir / "source_model"
     cache.mkdir(parents=True, exist_ok=True)
-    pipe = _load_model(config.model.pipeline)
+    pipe = load_model(config.model.pipeline)
     q = config.query
 
     def gen_fn(params):
