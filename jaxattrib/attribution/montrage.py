@@ -106,7 +106,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
@@ -124,6 +123,7 @@ from jaxattrib.diffusion.losses import fixed_noise
 from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
 from jaxattrib.fileio import atomic_write_bytes as _atomic_write
 from jaxattrib.models.latent_io import ModelInputError, check_model_inputs
+from jaxattrib.fingerprint import typed_arrays as _fingerprint  # recipe of stored caches
 
 DEFAULT_TAPS = ("mid", "up_0")
 META = "meta.json"
@@ -406,13 +406,6 @@ class RepTrajectory:
 
 
 # ============================================================================ cache
-def _fingerprint(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.shape}|{a.dtype.str}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 class TrajectoryCache:

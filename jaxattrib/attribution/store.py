@@ -23,7 +23,6 @@ features (reused across query sets), ``root/queries/<name>`` and ``root/scores/<
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ import numpy as np
 
 from jaxattrib import integrity
 from jaxattrib.fileio import atomic_save_npy as _atomic_save_npy, atomic_write_bytes  # noqa: F401
+from jaxattrib.fingerprint import tree as tree_fingerprint
 
 FORMAT = "jaxattrib.chunked_array.v1"
 
@@ -80,14 +80,7 @@ def _json_default(o):
 
 def dataset_fingerprint(tree_or_arrays) -> str:
     """sha256 over the shapes, dtypes and bytes of a pytree's leaves / a list of arrays."""
-    import jax  # local: store.py itself is numpy-only
-
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(tree_or_arrays):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.shape}|{a.dtype.str}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    return tree_fingerprint(tree_or_arrays)
 
 
 def feature_meta(*, projector_meta: dict, seed: int | None, output_fn: str,

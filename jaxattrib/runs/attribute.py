@@ -14,7 +14,6 @@ Latent pipelines (docs/latents.md): attribution uses the VAE posterior mean
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 from jaxattrib.config import ConfigError
 from jaxattrib.runs.config_check import check_attribution_fields, read_run_config
 from jaxattrib.runs.specs import load_model
+from jaxattrib.fingerprint import raw_arrays
+from jaxattrib.fingerprint import text as _sha  # recipe of stored latent feature-store keys
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -140,8 +141,6 @@ class TrainingExamples(NamedTuple):
     images: np.ndarray
 
 
-def _sha(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def _require_run(run_dir: Path) -> dict:
@@ -381,7 +380,7 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     q_ctx = np.asarray(pipe.encode_prompts(q_prompts))
     query_ex = {"x0": lat.encode_images(pipe.vae_config, pipe.vae_params, q_images),
                 "ctx": q_ctx}
-    fp_query = hashlib.sha256(q_images.tobytes()).hexdigest()
+    fp_query = raw_arrays(q_images)
     if pipe.is_latent:
         fp_query = _sha(fp_query, f"latents={lat.LATENT_RULE}",
                         lat.vae_fingerprint(pipe.vae_config, pipe.vae_params))

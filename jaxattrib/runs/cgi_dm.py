@@ -31,7 +31,6 @@ size × the VAE factor (:func:`jaxattrib.models.latent_io.check_image_size`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from jaxattrib import integrity
 from jaxattrib.config import ConfigError
 from jaxattrib.fileio import atomic_write_bytes
 from jaxattrib.models.latent_io import check_image_size
+from jaxattrib.fingerprint import raw_arrays as _fingerprint  # recipe of stored inputs.json
 
 SIMILARITIES = ("ssim", "psnr")
 
@@ -93,11 +93,6 @@ def check_config(config, source: str = "config"):
         raise ConfigError(f"{source}: {msg}") from e
 
 
-def _fingerprint(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def _check_inputs(run_dir: Path, fingerprints: dict) -> None:

@@ -34,6 +34,8 @@ import numpy as np
 
 from jaxattrib.config import ConfigError
 from jaxattrib.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_text
+from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
+from jaxattrib.fingerprint import text as fingerprint_text
 
 
 # Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
@@ -331,9 +333,8 @@ def _space_fingerprint(pipe, fingerprint: str) -> str:
     if not pipe.is_latent:
         return fingerprint
     from jaxattrib.diffusion.latents import LATENT_RULE, vae_fingerprint
-    return _fingerprint_of(np.frombuffer(
-        f"{fingerprint}|latents={LATENT_RULE}|"
-        f"{vae_fingerprint(pipe.vae_config, pipe.vae_params)}".encode(), np.uint8))
+    return fingerprint_text(f"{fingerprint}|latents={LATENT_RULE}|"
+                            f"{vae_fingerprint(pipe.vae_config, pipe.vae_params)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -694,9 +695,6 @@ def _pixel_similarity(q: np.ndarray, t: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def _fingerprint_of(arr: np.ndarray) -> str:
-    import hashlib
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- report

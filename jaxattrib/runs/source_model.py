@@ -19,7 +19,6 @@ pixels (checked: pixel images of the model's size). ``results.json``'s ``compare
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.fingerprint import json_object as _sha  # recipe of stored cache keys
 
 
 def check_config(config, source: str = "config") -> None:
@@ -110,8 +110,6 @@ def candidate_prompts(config, source: str = "config") -> list[str]:
     return prompts
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def select_keys(config, pipe, source_params, prompts, gen_fn, reference_fn, cache: Path):
