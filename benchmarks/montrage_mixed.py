@@ -185,7 +185,8 @@ def main(argv=None) -> None:
     import ml_collections
 
     from jaxattrib.runs import demo
-    demo._check_config(run, ml_collections.ConfigDict(s))   # a rerun with other settings fails
+    from jaxattrib.runs.rundir import check_run_config
+    check_run_config(run, ml_collections.ConfigDict(s))   # a rerun with other settings fails
     progress = not args.no_progress
 
     from jaxattrib.attribution import montrage as M

@@ -254,14 +254,14 @@ def test_cli_info_generate_and_errors(tiny_pipeline_dir, tmp_path):
 
 
 def test_demo_refuses_run_dir_with_other_config(tmp_path):
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     c = load_config("demo")
-    _check_config(tmp_path, c)
-    _check_config(tmp_path, c)  # same config: fine
+    check_run_config(tmp_path, c)
+    check_run_config(tmp_path, c)  # same config: fine
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.npz").write_bytes(b"x")  # something computed
     with pytest.raises(ConfigError, match="finetune"):
-        _check_config(tmp_path, apply_overrides(c, ["finetune.steps=1"]))
+        check_run_config(tmp_path, apply_overrides(c, ["finetune.steps=1"]))
 
 
 def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):

@@ -361,7 +361,7 @@ def test_record_from_another_model(tiny_latent_pipeline, pixel_record, tmp_path)
            "values those runs used")
 def test_config_from_an_older_version_resumes(tmp_path):
     from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     # an old run used the mean (CGI_ADDED_FIELDS); resuming it states that value, since the
     # current default ('sample') would be another config
     c = load_config("cgi_dm", ["model.finetuned=x", "data.candidates=c", "data.reference=r",
@@ -373,7 +373,7 @@ def test_config_from_an_older_version_resumes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old))
     (tmp_path / "cgi_dm").mkdir()
     (tmp_path / "cgi_dm" / "inputs.json").write_text("{}")       # something computed
-    _check_config(tmp_path, c, added=CGI_ADDED_FIELDS)
+    check_run_config(tmp_path, c, added=CGI_ADDED_FIELDS)
     assert json.loads((tmp_path / "config.json").read_text()) == old     # kept as it was
 
 
@@ -381,13 +381,13 @@ def test_config_from_an_older_version_resumes(tmp_path):
            "Exit 2: `this run directory was made with another config (fields [...] differ); use "
            "a new --run-dir or pass --fresh`; nothing is deleted")
 def test_other_config_with_results_is_refused(tmp_path):
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     c = load_config("demo")
-    _check_config(tmp_path, c)
+    check_run_config(tmp_path, c)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.npz").write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"fields \['finetune'\] differ.*--fresh"):
-        _check_config(tmp_path, load_config("demo", ["finetune.steps=1"]))
+        check_run_config(tmp_path, load_config("demo", ["finetune.steps=1"]))
     assert (tmp_path / "data" / "train.npz").is_file()
 
 

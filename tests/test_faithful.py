@@ -266,7 +266,7 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys
     without results takes the new defaults; a new one is written with them."""
     import json
     from jaxattrib.config import ATTRIBUTION_LEGACY, load_config
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
@@ -274,7 +274,7 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys
     (old / "scores" / "dtrak.npy").write_bytes(b"x")          # something computed
     c = load_config("demo")
     assert c.attribution.noise == "per_position" and c.attribution.checkpoints == 1
-    _check_config(old, c, adopt=ATTRIBUTION_LEGACY)
+    check_run_config(old, c, adopt=ATTRIBUTION_LEGACY)
     assert c.attribution.noise == "shared" and c.attribution.checkpoints == 1
     assert "attribution.noise='per_position' -> 'shared'" in capsys.readouterr().err
     # no results yet: the config is replaced, the new defaults stay
@@ -282,7 +282,7 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys
     fresh.mkdir()
     (fresh / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
     c2 = load_config("demo")
-    _check_config(fresh, c2, adopt=ATTRIBUTION_LEGACY)
+    check_run_config(fresh, c2, adopt=ATTRIBUTION_LEGACY)
     assert c2.attribution.noise == "per_position"
     assert json.loads((fresh / "config.json").read_text())["attribution"]["noise"] == \
         "per_position"

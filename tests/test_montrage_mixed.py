@@ -13,6 +13,7 @@ from test_customization import tiny_base_model  # noqa: F401  (module-scoped fix
 
 from jaxattrib.train import base_model as bm
 from jaxattrib.runs import demo
+from jaxattrib.runs.rundir import check_run_config
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import SyntheticConceptSpec, parse_caption
 from jaxattrib.eval import mixed
@@ -147,7 +148,7 @@ def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatc
     c = load_config("customization:smoke", [
         f"base_model='{tiny_base_model}'", "finetune.steps=2", "finetune.checkpoint_every=1",
         "finetune.batch_size=4", "data.distractors=2"])
-    demo._check_config(src, c)
+    check_run_config(src, c)
     info = bm.base_model_info(tiny_base_model)
     train = demo.build_data(src, c, info, stratify="background")["train"]
     pipe = bm.load_base_model(tiny_base_model)

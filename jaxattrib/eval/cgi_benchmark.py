@@ -144,7 +144,7 @@ def assign_splits(groups: np.ndarray, members: int, calib: int, seed: int) -> np
 
 def build_data(run_dir: Path, config, pipe) -> dict:
     """The images with captions, concept groups and splits (cached in ``data/splits.npz``)."""
-    from jaxattrib.runs.demo import _save_npz
+    from jaxattrib.runs.rundir import save_npz
     path = run_dir / "data" / "splits.npz"
     if path.exists():
         return dict(np.load(path))
@@ -178,14 +178,14 @@ def build_data(run_dir: Path, config, pipe) -> dict:
     out = {"images": np.asarray(ds.images, np.float32)[keep],
            "captions": np.asarray(ds.captions)[keep], "ids": np.asarray(ds.ids)[keep],
            "group": groups[keep], "split": split[keep]}
-    _save_npz(path, **out)
+    save_npz(path, **out)
     return out
 
 
 def class_data(run_dir: Path, config, pipe) -> dict:
     """Prior-preservation (class) images: the base model's generations for prompts of concepts
     it knows (``finetune.class_prompts``, cycled), cached in ``data/class.npz``."""
-    from jaxattrib.runs.demo import _save_npz
+    from jaxattrib.runs.rundir import save_npz
     from jaxattrib.train.dreambooth import generate_class_images
     path = run_dir / "data" / "class.npz"
     if path.exists():
@@ -197,7 +197,7 @@ def class_data(run_dir: Path, config, pipe) -> dict:
                                    num_inference_steps=f.class_inference_steps,
                                    guidance_scale=f.class_guidance_scale)
     out = {"images": images, "captions": np.array(prompts)}
-    _save_npz(path, **out)
+    save_npz(path, **out)
     return out
 
 
@@ -290,7 +290,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
     Cached in ``scores/baselines.npz``; a rerun with more variants or similarities computes only
     the missing entries."""
     from jaxattrib.authentication import cgi_dm
-    from jaxattrib.runs.demo import _save_npz
+    from jaxattrib.runs.rundir import save_npz
     path = run_dir / "scores" / "baselines.npz"
     out = dict(np.load(path)) if path.exists() else {}
     n_cached = len(out)
@@ -314,7 +314,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
         for s, fn in sims.items():
             out[f"masked_{name}_{s}"] = _sim(fn, data["images"], masked, config.batch_size)
     if len(out) > n_cached:
-        _save_npz(path, **out)
+        save_npz(path, **out)
     keep = ({f"loss_gap_t{lo}-{hi}" for lo, hi in ranges}
             | {f"masked_{n}_{s}" for n in variants for s in sims})
     return {k: a for k, a in out.items() if k in keep}
@@ -353,14 +353,14 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
 
     from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
     from jaxattrib.train.base_model import load_base_model
-    from jaxattrib.runs.demo import _check_config, _save_npz
+    from jaxattrib.runs.rundir import check_run_config, save_npz
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.metrics import roc_auc
     from jaxattrib.models.unet import UNet2DConditionModel
     t0 = time.time()
     variants = check_config(config)
     run_dir = Path(run_dir)
-    _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
+    check_run_config(run_dir, config, added=CGI_ADDED_FIELDS)
     pipe = load_base_model()
     data = build_data(run_dir, config, pipe)
     split = data["split"]
@@ -443,7 +443,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     for k in base:
         st, _ = test_of(k)
         all_test.append({"scores": k, "test AUC": roc_auc(st, y_test)})
-    _save_npz(run_dir / "scores" / "cgi_test.npz", labels=y_test, cgi=cgi_test,
+    save_npz(run_dir / "scores" / "cgi_test.npz", labels=y_test, cgi=cgi_test,
               calib=sc["calib"])
     summary = {"counts": counts, "picks": pick, "test": rows, "validation": val_rows,
                "baselines_on_test": all_test, "wall_s": time.time() - t0}

@@ -39,7 +39,6 @@ Run directory (every stage cached; a killed run continues)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -184,13 +183,13 @@ def build_train(run_dir: Path, config, info: dict) -> dict:
         return dict(np.load(path))
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic
-    from jaxattrib.runs.demo import _save_npz
+    from jaxattrib.runs.rundir import save_npz
     held = [dict(h) for h in info["held_out"]]
     ds = make_synthetic(spec_from_info(info, per_combination=config.data.per_combination),
                         1000 + config.seed, withhold=held)
     train = {"images": ds.images.astype(np.float32), "captions": np.array(ds.captions),
              "ids": np.array(ds.ids)}
-    _save_npz(path, **train)
+    save_npz(path, **train)
     return train
 
 

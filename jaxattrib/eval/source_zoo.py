@@ -234,12 +234,12 @@ def zoo_finetune_fn(pipe, train_config, mesh=None) -> Callable:
 
 
 def _cached(path: Path, make: Callable[[], Mapping[str, np.ndarray]]) -> dict:
-    from jaxattrib.runs.demo import _save_npz
+    from jaxattrib.runs.rundir import save_npz
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     arrays = {k: np.asarray(v) for k, v in make().items()}
-    _save_npz(path, **arrays)
+    save_npz(path, **arrays)
     return arrays
 
 
@@ -257,13 +257,13 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     ``tables/source_model_zoo.json``.
     """
     from jaxattrib import parallel
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.report.plots import line_plot_png
     from jaxattrib.train.finetune import TrainConfig
 
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    check_run_config(run_dir, config)
     t_start = time.time()
     timings: dict[str, float] = {}
 

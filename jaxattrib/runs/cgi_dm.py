@@ -155,7 +155,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
 
     from jaxattrib.authentication import cgi_dm
     from jaxattrib.authentication import similarity as simlib
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.unet import UNet2DConditionModel
     from jaxattrib.runs.specs import load_model, image_folder, load_unet, model_image_size
@@ -168,7 +168,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
             raise ConfigError(f"{field}={str(config[sec][name])!r}: expected an existing image "
                               f"folder")
     run_dir = Path(run_dir)
-    _check_config(run_dir, config, added=CGI_ADDED_FIELDS)
+    check_run_config(run_dir, config, added=CGI_ADDED_FIELDS)
     pipe = load_model(config.model.pipeline)
     p_pre, d_pre = load_unet(config.model.pretrained, pipe, "model.pretrained")
     p_ft, d_ft = load_unet(config.model.finetuned, pipe, "model.finetuned")
@@ -226,8 +226,8 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     out = {"scores": s_cand, "p_values": cgi_dm.empirical_p_values(s_cand, s_ref),
            "decisions": s_cand >= thr, "threshold": np.float64(thr), "labels": labels,
            "reference_scores": s_ref, "ids": cand["ids"]}
-    from jaxattrib.runs.demo import _save_npz
-    _save_npz(cache / "scores.npz", **out)
+    from jaxattrib.runs.rundir import save_npz
+    save_npz(cache / "scores.npz", **out)
     space = ("pixels (no VAE)" if not pipe.is_latent else
              f"VAE latents {list(rc['mask'].shape[1:])} of {size} px images; "
              + ("VAE posterior sample per image, key fold_in(fold_in(split(PRNGKey(seed), 3)"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from jaxattrib.config import ConfigError
 from jaxattrib.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
 from jaxattrib.fingerprint import text as fingerprint_text
+from jaxattrib.runs.rundir import check_run_config, save_npz
 
 
 # Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
@@ -45,58 +45,6 @@ SCORES_VERSION = "2"
 
 def _log(msg: str) -> None:
     print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _check_config(run_dir: Path, config, added: dict | None = None,
-                  adopt: dict | None = None) -> None:
-    """Refuses a run directory whose ``config.json`` differs from ``config``; writes it if new.
-
-    ``added``: ``{'section.field': value}`` for fields added to the config after run
-    directories were made; a stored config without one is read with ``value`` (what such runs
-    did), so they still resume. ``adopt``: the same for fields whose new default differs from
-    what such runs did (e.g. :data:`jaxattrib.config.ATTRIBUTION_LEGACY`): ``config`` itself
-    (changed in place) takes the stored run's value, with a notice when that changes it.
-    """
-    from jaxattrib.runlock import has_results
-    from jaxattrib.runs.config_check import read_run_config
-    path = run_dir / "config.json"
-    if path.exists() and adopt and has_results(run_dir):
-        from jaxattrib.config import adopt_legacy
-        try:
-            changed = adopt_legacy(read_run_config(path), config, adopt)
-        except ConfigError:
-            changed = []   # unreadable: refused below
-        if changed:
-            print(f"notice: {path} was made before these fields existed; the run keeps what it "
-                  f"did: {', '.join(changed)} (use a new --run-dir for the new defaults)",
-                  file=sys.stderr, flush=True)
-    current = json.loads(config.to_json())
-    if path.exists() and not has_results(run_dir):
-        # a run that failed before computing anything does not block a corrected retry
-        try:
-            same = read_run_config(path) == current
-        except ConfigError:
-            same = False
-        if not same:
-            print(f"notice: {path}: nothing was computed in this run directory yet; its "
-                  f"config is replaced by the new one", file=sys.stderr, flush=True)
-        path.unlink()
-    if path.exists():
-        stored = read_run_config(path)
-        for dotted, value in {**(added or {}), **(adopt or {})}.items():
-            *sections, name = dotted.split(".")
-            node = stored
-            for sec in sections:
-                node = node.get(sec) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.setdefault(name, value)
-        if stored != current:
-            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-            raise ConfigError(f"{path}: this run directory was made with another config (fields "
-                              f"{diff} differ); use a new --run-dir or pass --fresh")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 DEMO_METHODS = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final",
@@ -153,13 +101,6 @@ def check_demo_config(config, source: str = "demo config") -> None:
                           f"hold-outs)")
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # ----------------------------------------------------------------------------- stages
 
 def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = None) -> dict:
@@ -209,8 +150,8 @@ def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = No
     holdout = {"images": new.images[ho_idx].astype(np.float32),
                "captions": np.array([new.captions[i] for i in ho_idx]),
                "ids": np.array([new.ids[i] for i in ho_idx]), "concept": ho_concept}
-    _save_npz(path, **train)
-    _save_npz(hold_path, **holdout)
+    save_npz(path, **train)
+    save_npz(hold_path, **holdout)
     return {"train": train, "holdout": holdout}
 
 
@@ -316,7 +257,7 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     out = {**{k: np.asarray(v) for k, v in plan.items()}, "images": images,
            "prompts": np.array(prompts)}
     save_images(run_dir / "generations", images, prompts, prefix="query")
-    _save_npz(path, **out)
+    save_npz(path, **out)
     return out
 
 
@@ -591,7 +532,7 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
            "masked_similarity": np.asarray(masked), "original": res["original"],
            "masked": res["masked"], "recovered": res["recovered"],
            "holdout_scores": np.asarray(res["calibration"]["holdout_scores"])}
-    _save_npz(path, **out)
+    save_npz(path, **out)
     return out
 
 
@@ -764,7 +705,7 @@ def open_base_run(run_dir: str | Path, config):
     from jaxattrib.train.base_model import base_model_info, load_base_model
     run_dir = Path(run_dir)
     from jaxattrib.config import ATTRIBUTION_LEGACY
-    _check_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)
+    check_run_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)
     folder = config.base_model or None
     if folder is not None and not (Path(folder) / "jaxattrib_base.json").is_file():
         raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "

@@ -7,6 +7,9 @@ loading, ``record/``, ``results/``, report).
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
 from jaxattrib.train.dreambooth import (check_identifier, evaluate_concept, generate_class_images,
                                         make_dreambooth_loss, pair_dataset)
 
@@ -85,7 +88,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from jaxattrib.diffusion.latents import training_latent_rule
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.finetune import TrainConfig, finetune
-    from jaxattrib.runs.demo import _check_config, _save_npz
+    from jaxattrib.runs.rundir import check_run_config, save_npz
     from jaxattrib.runs.specs import load_model
 
     from jaxattrib import precision
@@ -93,7 +96,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     # finetune.precision/remat/matmul_precision: checked before anything is loaded; run
     # directories made before they existed read them as the defaults (what they did)
     precision.check_fields(config.finetune, "finetune")
-    _check_config(run_dir, config, added=precision.added_defaults("finetune"))
+    check_run_config(run_dir, config, added=precision.added_defaults("finetune"))
     d, f, e = config.dreambooth, config.finetune, config.evaluate
     prec = {k: f.get(k, v) for k, v in precision.DEFAULTS.items()}
     pipe = load_model(config.model)
@@ -145,7 +148,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         class_images = generate_class_images(
             pipe, class_prompts, jax.random.fold_in(jax.random.PRNGKey(config.seed), 101),
             num_inference_steps=d.class_inference_steps, guidance_scale=d.class_guidance_scale)
-        _save_npz(data_path, images=np.concatenate([inst_images, class_images]),
+        save_npz(data_path, images=np.concatenate([inst_images, class_images]),
                   captions=np.array(inst_prompts + class_prompts),
                   ids=np.array([f"instance/{i}" for i in inst_ids] +
                                [f"class/{i:04d}" for i in range(len(class_images))]),
@@ -194,7 +197,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         acc, images = evaluate_concept(model, eval_prompts, concept, spec, key,
                                        num_inference_steps=e.num_inference_steps,
                                        guidance_scale=e.guidance_scale)
-        _save_npz(run_dir / "generations" / f"{name}.npz", images=images,
+        save_npz(run_dir / "generations" / f"{name}.npz", images=images,
                   prompts=np.array(eval_prompts))
         metrics.update({f"{name}_{k}_accuracy" if k != "empty" else f"{name}_empty_fraction":
                         v for k, v in acc.items()})

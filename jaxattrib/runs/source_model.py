@@ -156,7 +156,7 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     import io
 
     from jaxattrib import integrity
-    from jaxattrib.runs.demo import _check_config
+    from jaxattrib.runs.rundir import check_run_config
     from jaxattrib.fileio import atomic_write_text
     from jaxattrib.generate import latent_shape
     from jaxattrib.models.latent_io import check_pixel_images
@@ -164,7 +164,7 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
 
     check_config(config)
     run_dir = Path(run_dir)
-    _check_config(run_dir, config)
+    check_run_config(run_dir, config)
     cache = run_dir / "source_model"
     cache.mkdir(parents=True, exist_ok=True)
     pipe = load_model(config.model.pipeline)
