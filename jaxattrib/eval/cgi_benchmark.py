@@ -335,15 +335,15 @@ def _masked_start(images, cgi, key, bs):
 
 
 def _metrics(scores, labels, cal_scores) -> dict:
-    from jaxattrib.authentication.cgi_dm import fpr_threshold
+    from jaxattrib.authentication.cgi_dm import decide
     from jaxattrib.metrics import roc_auc, tpr_at_fpr
     y = labels.astype(bool)
     row = {"AUC": roc_auc(scores, y), "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
            "TPR@10%FPR": tpr_at_fpr(scores, y, 0.10)}
     for f in (0.01, 0.10):
-        thr = fpr_threshold(cal_scores, f)
-        row[f"calibrated {f:.0%}: TPR"] = float(np.mean(scores[y] >= thr))
-        row[f"calibrated {f:.0%}: FPR"] = float(np.mean(scores[~y] >= thr))
+        flagged = decide(scores, cal_scores, target="fpr", fpr=f)["decisions"]
+        row[f"calibrated {f:.0%}: TPR"] = float(np.mean(flagged[y]))
+        row[f"calibrated {f:.0%}: FPR"] = float(np.mean(flagged[~y]))
     return row
 
 

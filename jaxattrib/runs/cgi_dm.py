@@ -221,10 +221,10 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
                                                  f"images {bad.tolist()}")
     labels = cand["labels"]
     members = s_cand[labels == 1] if config.calibration.target == "accuracy" else None
-    thr = cgi_dm.calibrate(s_ref, members, target=config.calibration.target,
-                           fpr=config.calibration.fpr)
-    out = {"scores": s_cand, "p_values": cgi_dm.empirical_p_values(s_cand, s_ref),
-           "decisions": s_cand >= thr, "threshold": np.float64(thr), "labels": labels,
+    d = cgi_dm.decide(s_cand, s_ref, members, target=config.calibration.target,
+                      fpr=config.calibration.fpr)
+    out = {"scores": s_cand, "p_values": d["p_values"], "decisions": d["decisions"],
+           "threshold": np.float64(d["threshold"]), "labels": labels,
            "reference_scores": s_ref, "ids": cand["ids"]}
     from jaxattrib.runs.rundir import save_npz
     save_npz(cache / "scores.npz", **out)
