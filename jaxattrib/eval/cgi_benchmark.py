@@ -475,33 +475,30 @@ def _write_tables(run_dir: Path, config, summary: dict) -> None:
 
 def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
     from jaxattrib.metrics import roc_curve
-    from jaxattrib.report.html import render_run_report, write_result
-    from jaxattrib.report.images import image_grid, save_png
+    from jaxattrib.report.html import render_run_report
+    from jaxattrib.runs.cgi_dm import write_section
     n = min(config.report_images, len(sc["member_test"]), len(sc["holdout_test"]))
-    trip, lab = [], []
+    trip, lab = {"original": [], "masked": [], "recovered": []}, []
     for h, who in (("member_test", "member"), ("holdout_test", "hold-out")):
         r = parts[h]
         for i in range(n):
-            trip += [r["original"][i], r["masked"][i], r["recovered"][i]]
+            for k in trip:
+                trip[k].append(r[k][i])
             lab += [who, "masked", f"rec. {sc[h][i]:.2f}"]
-    (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    images = []
-    if trip:
-        save_png(run_dir / "results" / "cgi_bench_images.png",
-                 image_grid(np.stack(trip), nrow=6, labels=lab))
-        images.append({"path": "results/cgi_bench_images.png",
-                       "caption": "original | masked | recovered (similarity to the original), "
-                                  "test members then test hold-outs"})
-    from jaxattrib.report.plots import roc_curve_png
+    examples = None
+    if lab:
+        examples = {"file": "cgi_bench_images.png", "labels": lab,
+                    **{k: np.stack(v) for k, v in trip.items()},
+                    "caption": "original | masked | recovered (similarity to the original), "
+                               "test members then test hold-outs"}
     s = np.r_[sc["member_test"], sc["holdout_test"]]
     f, t, _ = roc_curve(s, y_test)
-    from jaxattrib.fileio import atomic_write_bytes
-    atomic_write_bytes(run_dir / "results" / "cgi_bench_roc.png",
-        roc_curve_png({summary["test"][0]["method"]: (f, t)}, title="CGI-DM test half"))
-    images.append({"path": "results/cgi_bench_roc.png", "caption": "ROC (test half)"})
-    write_result(run_dir, "cgi_bench", f"CGI-DM benchmark ({config.source})", order=1,
-                 tables=[{"caption": "test half; thresholds calibrated on the calib split",
-                          "rows": summary["test"]},
-                         {"caption": "validation (all choices)", "rows": summary["validation"]}],
-                 images=images, text=f"counts {summary['counts']}; PGD variant used: {cgi}")
+    write_section(run_dir, "cgi_bench", f"CGI-DM benchmark ({config.source})", order=1,
+                  roc={"file": "cgi_bench_roc.png", "curves": {summary["test"][0]["method"]: (f, t)},
+                       "title": "CGI-DM test half", "caption": "ROC (test half)"},
+                  examples=examples, examples_first=True,
+                  tables=[{"caption": "test half; thresholds calibrated on the calib split",
+                           "rows": summary["test"]},
+                          {"caption": "validation (all choices)", "rows": summary["validation"]}],
+                  text=f"counts {summary['counts']}; PGD variant used: {cgi}")
     render_run_report(run_dir, title="jaxattrib CGI-DM benchmark")

@@ -47,7 +47,7 @@ SIMILARITIES = ("ssim", "psnr")
 
 #: ``cgi.*`` fields added to the ``cgi_dm`` config (and so to ``cgi_dm_benchmark``'s ``cgi``)
 #: after run directories were made, with the values those runs used (no manifold projection):
-#: a stored config.json without them still resumes (``demo._check_config``'s ``added``)
+#: a stored config.json without them still resumes (:func:`~jaxattrib.runs.rundir.check_run_config`'s ``added``)
 CGI_ADDED_FIELDS = {"cgi.project_t": 0, "cgi.project_model": "finetuned",
                     "cgi.project_every": 1, "data.vae_posterior": "mean"}
 POSTERIORS = ("sample", "mean")
@@ -240,15 +240,44 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     return summary
 
 
+def write_section(run_dir: Path, name: str, title: str, *, order: int, roc: dict | None = None,
+                  examples: dict | None = None, examples_first: bool = False,
+                  **fields) -> None:
+    """Writes a CGI-DM report section ``results/<name>.json`` with its figures; the one
+    writer behind the demo's, the ``cgi-dm`` command's and the CGI-DM benchmark's sections.
+
+    ``roc``: ``{'file', 'curves': {label: (fpr, tpr)}, 'title', 'caption'}`` → an ROC plot at
+    ``results/<file>``. ``examples``: ``{'file', 'original', 'masked', 'recovered'}`` (pixel
+    images ``[n, H, W, 3]``), ``'labels'`` (3 per row) and ``'caption'`` → an ``original |
+    masked | recovered`` grid at ``results/<file>``, two rows of three per line.
+    ``examples_first`` puts the grid before the ROC plot. ``fields`` go to
+    :func:`jaxattrib.report.html.write_result` (``metrics``, ``tables``, ``text``).
+    """
+    from jaxattrib.report.html import write_result
+    from jaxattrib.report.images import image_grid, save_png
+    from jaxattrib.report.plots import roc_curve_png
+    from jaxattrib.runs.rundir import RunDir
+    results = RunDir(run_dir).results
+    results.mkdir(parents=True, exist_ok=True)
+    figs = []
+    if roc is not None:
+        atomic_write_bytes(results / roc["file"], roc_curve_png(roc["curves"], title=roc["title"]))
+        figs.append({"path": f"{RunDir.RESULTS}/{roc['file']}", "caption": roc["caption"]})
+    if examples is not None:
+        trip = np.stack([examples["original"], examples["masked"], examples["recovered"]], 1)
+        save_png(results / examples["file"], image_grid(trip.reshape(-1, *trip.shape[2:]),
+                                                        nrow=6, labels=examples["labels"]))
+        fig = {"path": f"{RunDir.RESULTS}/{examples['file']}", "caption": examples["caption"]}
+        figs.insert(0, fig) if examples_first else figs.append(fig)
+    write_result(run_dir, name, title, order=order, images=figs, **fields)
+
+
 def report(run_dir: Path, config, out: dict, rec: dict, models: dict,
            space: str = "") -> dict:
     """Writes the ``cgi_dm_*`` report sections; returns the summary metrics. ``rec``'s
     ``original`` / ``masked`` / ``recovered`` are pixel images (decoded for a latent model);
     ``space`` says where PGD ran (shown in the report)."""
     from jaxattrib.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
-    from jaxattrib.report.html import write_result
-    from jaxattrib.report.images import image_grid, save_png
-    from jaxattrib.report.plots import roc_curve_png
     s, labels, dec = out["scores"], out["labels"], out["decisions"]
     thr = float(out["threshold"])
     summary = {"candidates": int(len(s)), "reference images": int(len(out["reference_scores"])),
@@ -258,43 +287,39 @@ def report(run_dir: Path, config, out: dict, rec: dict, models: dict,
     if space:
         summary["PGD on"] = space.split(" of ")[0]
     known = labels >= 0
-    images = []
+    roc = examples = None
     if known.any() and len(np.unique(labels[known])) == 2:
         y = labels[known] == 1
         fpr, tpr, _ = roc_curve(s[known], y)
         summary.update({"AUC": roc_auc(s[known], y), "TPR@1%FPR": tpr_at_fpr(s[known], y, 0.01),
                         "TPR@10%FPR": tpr_at_fpr(s[known], y, 0.10),
                         "accuracy at threshold": accuracy_at_threshold(s[known], y, thr)})
-        (run_dir / "results").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "results" / "cgi_dm_roc.png",
-            roc_curve_png({f"CGI-DM ({config.similarity})": (fpr, tpr)},
-                          title="CGI-DM: labelled candidates (member/ vs non_member/)"))
-        images.append({"path": "results/cgi_dm_roc.png", "caption": "ROC curve"})
+        roc = {"file": "cgi_dm_roc.png", "curves": {f"CGI-DM ({config.similarity})": (fpr, tpr)},
+               "title": "CGI-DM: labelled candidates (member/ vs non_member/)",
+               "caption": "ROC curve"}
     n = min(config.report_images, len(s))
     if n:
-        trip = np.stack([rec["original"][:n], rec["masked"][:n], rec["recovered"][:n]], 1)
         lab = []
         for i in range(n):
             lab += [str(out["ids"][i])[-14:], "masked",
                     f"{s[i]:.2f} {'USED' if dec[i] else 'not'}"]
-        save_png(run_dir / "results" / "cgi_dm_images.png",
-                 image_grid(trip.reshape(-1, *trip.shape[2:]), nrow=6, labels=lab))
-        images.append({"path": "results/cgi_dm_images.png",
-                       "caption": f"original | masked | recovered, first {n} candidates "
-                                  f"(similarity, decision)"})
+        examples = {"file": "cgi_dm_images.png", "original": rec["original"][:n],
+                    "masked": rec["masked"][:n], "recovered": rec["recovered"][:n],
+                    "labels": lab, "caption": f"original | masked | recovered, first {n} "
+                                              f"candidates (similarity, decision)"}
     names = {1: "member", 0: "non_member", -1: "?"}
     rows = [{"image": str(out["ids"][i]), "label": names[int(labels[i])],
              f"{config.similarity}(original, recovered)": float(s[i]),
              "p-value": float(out["p_values"][i]), "used in fine-tuning": bool(dec[i])}
             for i in range(len(s))]
-    write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=1,
-                 metrics=summary,
-                 text=(f"Pretrained: {models['pretrained']}. Fine-tuned: {models['finetuned']}. "
-                       f"{config.cgi.num_steps} PGD steps, mask {config.cgi.mask_kind!r}"
-                       f"{f', PGD on {space}' if space else ''}. The masked and recovered "
-                       "images are decoded to pixels. "
-                       "A candidate is flagged when the similarity of its recovery is at least "
-                       "the threshold calibrated on the reference (non-member) images; p-values "
-                       "are empirical against the reference scores."),
-                 tables=[{"caption": "per candidate", "rows": rows}], images=images)
+    write_section(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=1,
+                  roc=roc, examples=examples, metrics=summary,
+                  text=(f"Pretrained: {models['pretrained']}. Fine-tuned: {models['finetuned']}. "
+                        f"{config.cgi.num_steps} PGD steps, mask {config.cgi.mask_kind!r}"
+                        f"{f', PGD on {space}' if space else ''}. The masked and recovered "
+                        "images are decoded to pixels. "
+                        "A candidate is flagged when the similarity of its recovery is at least "
+                        "the threshold calibrated on the reference (non-member) images; p-values "
+                        "are empirical against the reference scores."),
+                  tables=[{"caption": "per candidate", "rows": rows}])
     return summary

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
-from jaxattrib.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_text
+from jaxattrib.fileio import atomic_save_npy, atomic_write_text
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
 from jaxattrib.fingerprint import text as fingerprint_text
 from jaxattrib.runs.rundir import check_run_config, save_npz
@@ -540,9 +540,7 @@ def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
     """Writes the ``cgi_dm`` report section (ROC, examples grid of ``cg``'s pixel images);
     ``space``, if given, says where PGD ran (latent base models). Returns the CGI-DM row."""
     from jaxattrib.metrics import accuracy_at_threshold, roc_auc, roc_curve, tpr_at_fpr
-    from jaxattrib.report.html import write_result
-    from jaxattrib.report.images import image_grid, save_png
-    from jaxattrib.report.plots import roc_curve_png
+    from jaxattrib.runs.cgi_dm import write_section
     labels = cg["labels"].astype(bool)
     rows, curves = [], {}
     for name, key in (("CGI-DM (SSIM of own recovery)", "scores"),
@@ -556,26 +554,24 @@ def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
                      "TPR@10%FPR": tpr_at_fpr(s, labels, 0.10)})
     thr = float(cg["threshold"])
     rows[0]["accuracy at calibrated threshold"] = accuracy_at_threshold(cg["scores"], labels, thr)
-    (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "results" / "cgi_dm_roc.png", roc_curve_png(curves, title="CGI-DM: fine-tuning members vs hold-outs"))
     n = min(8, len(labels))
     pick = np.r_[np.flatnonzero(labels)[: n // 2], np.flatnonzero(~labels)[: n - n // 2]]
-    trip = np.stack([cg["original"][pick], cg["masked"][pick], cg["recovered"][pick]], 1)
     lab = []
     for i in pick:
         lab += [("member" if labels[i] else "hold-out"), "masked",
                 f"rec. {cg['scores'][i]:.2f}"]
-    grid = image_grid(trip.reshape(-1, *trip.shape[2:]), nrow=6, labels=lab)
-    save_png(run_dir / "results" / "cgi_dm_examples.png", grid)
-    write_result(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=3,
-                 **({"text": f"PGD on {space}; the masked and recovered images are "
-                             f"VAE-decoded to pixels."} if space else {}),
-                 tables=[{"caption": "members (fine-tuning exemplars) vs hold-outs of the same "
-                          "concepts; threshold calibrated on a separate half of the hold-outs",
-                          "rows": rows}],
-                 images=[{"path": "results/cgi_dm_roc.png", "caption": "ROC curves"},
-                         {"path": "results/cgi_dm_examples.png",
-                          "caption": "original | masked | recovered (SSIM to the original)"}])
+    write_section(run_dir, "cgi_dm", "CGI-DM copyright authentication", order=3,
+                  roc={"file": "cgi_dm_roc.png", "curves": curves, "caption": "ROC curves",
+                       "title": "CGI-DM: fine-tuning members vs hold-outs"},
+                  examples={"file": "cgi_dm_examples.png", "original": cg["original"][pick],
+                            "masked": cg["masked"][pick], "recovered": cg["recovered"][pick],
+                            "labels": lab, "caption": "original | masked | recovered (SSIM to "
+                                                      "the original)"},
+                  **({"text": f"PGD on {space}; the masked and recovered images are "
+                              f"VAE-decoded to pixels."} if space else {}),
+                  tables=[{"caption": "members (fine-tuning exemplars) vs hold-outs of the same "
+                           "concepts; threshold calibrated on a separate half of the hold-outs",
+                           "rows": rows}])
     return rows[0]
 
 
