@@ -108,7 +108,7 @@ def main(argv=None):
     from jaxattrib.train.base_model import base_model_info, load_base_model
     from jaxattrib.config import ConfigError, apply_overrides
     from jaxattrib.data.synthetic import SyntheticConceptSpec
-    from jaxattrib.runs.demo import _examples, _fingerprint_of
+    from jaxattrib.runs.demo_attribute import _examples, _fingerprint_of
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.eval import concept_benchmark as cb
     from jaxattrib.eval.benchmarks import markdown_table

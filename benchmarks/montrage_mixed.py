@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         shutil.rmtree(run)
     import ml_collections
 
-    from jaxattrib.runs import demo
+    from jaxattrib.runs import demo_attribute
     from jaxattrib.runs.rundir import check_run_config
     check_run_config(run, ml_collections.ConfigDict(s))   # a rerun with other settings fails
     progress = not args.no_progress
@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     unet_params = record.load(step)["unet"]
     q = _queries(run, s, pipe, unet_params, held)
     plan = {k: q[k] for k in ("concept_a", "concept_b", "alpha", "group")}
-    val = demo._validation_mask(q["group"])
+    val = demo_attribute._validation_mask(q["group"])
     test = ~val
     tc = train["concept"]
     pq = lambda sc: mixed.per_query(sc, plan, tc)  # noqa: E731
@@ -225,10 +225,10 @@ def main(argv=None) -> None:
 
     # 2. every method; λ ratio / sign chosen on the validation half by mean ρ
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    train_ex = demo._examples(pipe, train["images"], train["captions"])
+    train_ex = demo_attribute._examples(pipe, train["images"], train["captions"])
     query_ex = {"x0": q["images"], "ctx": q["ctx"]}
     queries = {"images": q["images"], "prompts": q["prompts"]}
-    fp = demo._fingerprint_of(train["images"])
+    fp = demo_attribute._fingerprint_of(train["images"])
     scores, chosen, traj = {}, {}, None
     for method in s["methods"]:
         path = run / "scores" / f"{method}.npy"
@@ -250,7 +250,7 @@ def main(argv=None) -> None:
         elif method == "montrage-final":
             cands = {method: M.trajectory_scores(traj, "final")}
         else:
-            cands, _ = demo._candidate_scores(method, run, cfg, pipe, unet_params, sched,
+            cands, _ = demo_attribute._candidate_scores(method, run, cfg, pipe, unet_params, sched,
                                               train_ex, query_ex, train, queries, fp, step,
                                               progress)
         sweep = {label: float(np.nanmean(pq(c)["rho"][val])) for label, c in cands.items()}

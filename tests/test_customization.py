@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxattrib.train import base_model as bm
-from jaxattrib.runs import demo
+from jaxattrib.runs import demo, demo_attribute
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import classify_concepts, parse_caption
 from jaxattrib.eval import benchmarks as B
@@ -32,7 +32,7 @@ def test_query_plan_prompts_and_validation_strata():
         parsed = parse_caption(str(p))
         assert (parsed["shape"], parsed["color"]) == (held[c]["shape"], held[c]["color"])
         assert parsed["background"] == v and g == c * 3 + VARS.index(v)
-    val = demo._validation_mask(plan["group"])
+    val = demo_attribute._validation_mask(plan["group"])
     for g in np.unique(plan["group"]):       # half of every (concept, variation) validates
         assert val[plan["group"] == g].sum() == 2
     with pytest.raises(ConfigError, match="per_variation"):
@@ -159,13 +159,13 @@ def test_attribute_variants_chooses_per_variant_on_validation_and_caches(tmp_pat
     def fake(method, *a, **k):
         calls.append(method)
         return dict(cands), {"ratios": [1, 2]}
-    monkeypatch.setattr(demo, "_candidate_scores", fake)
+    monkeypatch.setattr(demo_attribute, "_candidate_scores", fake)
     cfg = load_config("customization", ["attribution.methods=('fake',)"])
     train = {"images": np.zeros((5, 2, 2, 3)), "captions": np.array(["a"] * 5)}
     queries = {"images": np.zeros((4, 2, 2, 3)), "prompts": np.array(["b"] * 4)}
-    variants = {"between": demo.Variant(gt["between"], val),
-                "within": demo.Variant(gt["within"], val, gt["candidates"])}
-    run = lambda: demo.attribute_variants(tmp_path, cfg, _FakePipe(), None, train,  # noqa
+    variants = {"between": demo_attribute.Variant(gt["between"], val),
+                "within": demo_attribute.Variant(gt["within"], val, gt["candidates"])}
+    run = lambda: demo_attribute.attribute_variants(tmp_path, cfg, _FakePipe(), None, train,  # noqa
                                           queries, "fp", 0, variants, progress=False)
     out = run()
     want = {name: max(cands, key=lambda c: v.val_map(cands[c])) for name, v in variants.items()}
@@ -233,7 +233,7 @@ def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypat
 
     def refuse(*a, **k):
         raise AssertionError("recomputed a cached stage")
-    monkeypatch.setattr(demo, "_candidate_scores", refuse)
+    monkeypatch.setattr(demo_attribute, "_candidate_scores", refuse)
     monkeypatch.setattr("jaxattrib.generate.generate", refuse)
     again = B.run_customization(c, tmp_path, progress=False)
     assert again["between"] == out["between"] and again["within"] == out["within"]

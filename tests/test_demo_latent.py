@@ -60,9 +60,9 @@ def _ft(params, scale=0.02):
 
 def test_demo_concept_trak_on_model_inputs_equals_concept_query_rule(pipe, monkeypatch):
     """Latent: the demo's Concept-TRAK runs on the latents ``concept-query`` encodes
-    (``concept_benchmark.concept_inputs``: the posterior mean), and its candidates are that
+    (``runs.concept_query.concept_inputs``: the posterior mean), and its candidates are that
     computation's scores per λ ratio; pixel: on exactly the pixel arrays, as before the port."""
-    from jaxattrib.runs import demo
+    from jaxattrib.runs import demo_attribute
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.runs.concept_query import concept_inputs
@@ -81,10 +81,10 @@ def test_demo_concept_trak_on_model_inputs_equals_concept_query_rule(pipe, monke
                            query_images, query_prompts, concepts, cfg, *args, **kwargs)
         return seen["out"]
     monkeypatch.setattr(ct, "concept_trak_scores", spy)
-    train_ex = demo._examples(pipe, train["images"], train["captions"])
-    query_ex = demo._examples(pipe, queries["images"], queries["prompts"])
-    got = demo._concept_trak_candidates(config, pipe, pipe.unet_params, sched, train, queries,
-                                        train_ex, query_ex)
+    train_ex = demo_attribute._examples(pipe, train["images"], train["captions"])
+    query_ex = demo_attribute._examples(pipe, queries["images"], queries["prompts"])
+    got = demo_attribute._concept_trak_candidates(config, pipe, pipe.unet_params, sched, train,
+                                                  queries, train_ex, query_ex)
     if pipe.is_latent:   # concept-query's encoding, computed on its own
         x_tr, how = concept_inputs(pipe, train["images"], config, "train", "train")
         x_q, _ = concept_inputs(pipe, queries["images"], config, "query", "queries")
@@ -172,7 +172,7 @@ def test_demo_montrage_on_latents_equals_by_hand_and_finds_copies(tiny_latent_pi
     """The demo's MONTRAGE on a latent base model: a real (2-step) demo fine-tuning record,
     queries that are copies of training images; 'final' ranks each copy's source first and both
     aggregations equal MONTRAGE on hand-encoded latents (``latent_io.pipeline_inputs``, mean)."""
-    from jaxattrib.runs import demo
+    from jaxattrib.runs import demo, demo_attribute
     from jaxattrib.attribution import montrage as M
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.train.record import TrajectoryRecord
@@ -184,10 +184,11 @@ def test_demo_montrage_on_latents_equals_by_hand_and_finds_copies(tiny_latent_pi
     record.close()
     src = np.array([3, 0, 4])
     queries = {"images": train["images"][src], "prompts": train["captions"][src]}
-    train_ex = demo._examples(pipe, train["images"], train["captions"])
-    query_ex = demo._examples(pipe, queries["images"], queries["prompts"])
+    train_ex = demo_attribute._examples(pipe, train["images"], train["captions"])
+    query_ex = demo_attribute._examples(pipe, queries["images"], queries["prompts"])
     assert train_ex["x0"].shape == (6, 8, 8, 4)
-    got = {how: demo._montrage_scores(tmp_path, pipe, train_ex, query_ex, how, progress=False)
+    got = {how: demo_attribute._montrage_scores(tmp_path, pipe, train_ex, query_ex, how,
+                                                progress=False)
            for how in ("movement", "final")}
     np.testing.assert_array_equal(np.argmax(got["final"], axis=1), src)
     z = latent_io.pipeline_inputs(pipe, train["images"], "train")

@@ -23,7 +23,7 @@ def test_raw_arrays_is_the_demo_and_cgi_dm_recipe():
     for a in (img, strided, caps, j):
         h.update(np.ascontiguousarray(a).tobytes())
     assert F.raw_arrays(img, strided, caps, j) == h.hexdigest()
-    # demo._fingerprint_of / attribute's query key: one array, C-order bytes
+    # demo_attribute._fingerprint_of / attribute's query key: one array, C-order bytes
     assert F.raw_arrays(strided) == hashlib.sha256(strided.tobytes()).hexdigest()
     # CGI-DM hashes the captions as given (a list of str)
     assert F.raw_arrays(["x", "yy"]) == hashlib.sha256(
@@ -60,11 +60,11 @@ def test_text_and_json_object_recipes():
 def test_call_sites_use_the_recipes():
     """The stored kinds are keyed by these recipes (same function objects, not copies)."""
     from jaxattrib.attribution import montrage, store
-    from jaxattrib.runs import attribute, cgi_dm, demo, source_model
+    from jaxattrib.runs import attribute, cgi_dm, demo_attribute, source_model
     img = _arrays()[0]
     assert store.dataset_fingerprint({"x0": img}) == F.typed_arrays(img)
     assert montrage._fingerprint is F.typed_arrays
     assert cgi_dm._fingerprint is F.raw_arrays
-    assert demo._fingerprint_of is F.raw_arrays
+    assert demo_attribute._fingerprint_of is F.raw_arrays
     assert attribute._sha is F.text
     assert source_model._sha is F.json_object

@@ -12,7 +12,7 @@ from scipy import stats
 from test_customization import tiny_base_model  # noqa: F401  (module-scoped fixture)
 
 from jaxattrib.train import base_model as bm
-from jaxattrib.runs import demo
+from jaxattrib.runs import demo, demo_attribute
 from jaxattrib.runs.rundir import check_run_config
 from jaxattrib.config import ConfigError, load_config
 from jaxattrib.data.synthetic import SyntheticConceptSpec, parse_caption
@@ -37,7 +37,7 @@ def test_mixture_plan_pairs_alphas_backgrounds_and_validation_strata():
         m = plan["group"] == g
         assert sorted(plan["background"][m]) == ["black", "gray", "white"]
         assert len(set(plan["alpha"][m])) == 1
-    val = demo._validation_mask(plan["group"])
+    val = demo_attribute._validation_mask(plan["group"])
     assert val.sum() == 30 and all(val[plan["group"] == g].sum() == 1 for g in range(30))
     one = mixed.mixture_plan(HELD, (0.5,), 2, pairs=[(2, 0)])
     assert one["concept_a"].tolist() == [2, 2] and one["concept_b"].tolist() == [0, 0]
@@ -181,7 +181,7 @@ def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatc
     def refuse(*a, **k):
         raise AssertionError("recomputed a cached stage")
     monkeypatch.setattr(mod, "generate_from_contexts", refuse)
-    monkeypatch.setattr(demo, "_candidate_scores", refuse)
+    monkeypatch.setattr(demo_attribute, "_candidate_scores", refuse)
     mod.main(argv)
     assert json.loads((run / "tables" / "mixed.json").read_text())["methods"] == doc["methods"]
     with pytest.raises(ConfigError, match="another config"):
@@ -239,7 +239,7 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
         al = q["alpha"][:, None, None, None]
         return (al * protos[0] + (1 - al) * protos[1]).astype(np.float32)
 
-    real_candidates = demo._candidate_scores
+    real_candidates = demo_attribute._candidate_scores
 
     def fake_candidates(method, *a, **k):
         if method != "dtrak":
@@ -252,7 +252,7 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
     run.mkdir()
     np.save(run / "plan.npy", mixed.mixture_plan(HELD, ALPHAS, 2, pairs=[(0, 1)]))
     monkeypatch.setattr(mod, "generate_from_contexts", fake_generate)
-    monkeypatch.setattr(demo, "_candidate_scores", fake_candidates)
+    monkeypatch.setattr(demo_attribute, "_candidate_scores", fake_candidates)
     argv = ["--smoke", "--source-run", str(src), "--run-dir", str(run), "--no-progress",
             "--alphas", ",".join(map(str, ALPHAS)), "--methods", "pixel,random,dtrak"]
     mod.main(argv)
@@ -274,7 +274,7 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
     def refuse(*a, **k):
         raise AssertionError("recomputed a cached stage")
     monkeypatch.setattr(mod, "generate_from_contexts", refuse)
-    monkeypatch.setattr(demo, "_candidate_scores", refuse)
+    monkeypatch.setattr(demo_attribute, "_candidate_scores", refuse)
     mod.main(argv)
     assert json.loads((run / "tables" / "mixed.json").read_text())["methods"] == m
     assert m["random"]["rho"]["estimate"] < 0.5          # random scores carry no mixture

@@ -503,4 +503,8 @@ def pgd_invert(eps_pre: EpsFn, eps_ft: EpsFn, sched: Schedule, z0: jnp.ndarray,
     return (z_rec, trace) if return_trace else z_rec
 
 
-__all__ = ["CGIDMConfig", "CGIDMError", "EpsFn", "ImageSizeError", "IncompatibleModelsError", "MASK_KINDS", "NonFiniteObjectiveError", "PROJECT_MODELS", "SD_LATENT_NUMEL", "as_denoiser", "batch_masks", "check_compatible", "check_image_size", "check_same_config", "checkerboard_mask", "contrastive_objective", "gaussian_blur", "image_keys", "initial_latent", "make_mask", "manifold_project", "pgd_invert"]
+__all__ = ["CGIDMConfig", "CGIDMError", "EpsFn", "ImageSizeError", "IncompatibleModelsError",
+           "MASK_KINDS", "NonFiniteObjectiveError", "PROJECT_MODELS", "SD_LATENT_NUMEL",
+           "as_denoiser", "batch_masks", "check_compatible", "check_image_size",
+           "check_same_config", "checkerboard_mask", "contrastive_objective", "gaussian_blur",
+           "image_keys", "initial_latent", "make_mask", "manifold_project", "pgd_invert"]

@@ -212,7 +212,7 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
                       progress: bool = True) -> dict:
     """Runs (or resumes) the customization benchmark; returns the tables (see
     :func:`benchmark_tables`) plus ``counts``, ``generation_accuracy`` and ``wall_s``."""
-    from jaxattrib.runs import demo
+    from jaxattrib.runs import demo, demo_attribute
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import classify_concepts
     t0 = time.time()
@@ -238,12 +238,12 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
                                        zip(pred["color"], queries["concept"])])),
                config.variation: float(ok.mean())}
     _log(f"{len(queries['images'])} queries; classifier agreement with the prompt {gen_acc}")
-    val = demo._validation_mask(queries["group"])
-    variants = {"between": demo.Variant(gt["between"], val),
-                "within": demo.Variant(gt["within"], val & ok, gt["candidates"])}
-    scores = demo.attribute_variants(run_dir, config, pipe, unet_params, train, queries,
-                                     demo._fingerprint_of(train["images"]), step, variants,
-                                     progress)
+    val = demo_attribute._validation_mask(queries["group"])
+    variants = {"between": demo_attribute.Variant(gt["between"], val),
+                "within": demo_attribute.Variant(gt["within"], val & ok, gt["candidates"])}
+    scores = demo_attribute.attribute_variants(
+        run_dir, config, pipe, unet_params, train, queries,
+        demo_attribute._fingerprint_of(train["images"]), step, variants, progress)
     chosen = {}
     for name in variants:
         chosen[name] = {}

@@ -305,7 +305,7 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     """D-TRAK / TRAK ``(Phi [N, k], phi [G, k])`` (resumable stores; loaded when complete) in
     ``features_dir / method`` (default ``run_dir / 'features'``)."""
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.runs.demo import _fingerprint_of
+    from jaxattrib.runs.demo_attribute import _fingerprint_of
     a = config.attribution
     ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
                               params=a.params, projection=a.projection, microbatch=a.microbatch,
@@ -476,7 +476,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     """Runs (or resumes) the benchmark; returns ``{'table', 'ablation', 'raw', 'counts',
     'generation_accuracy', 'wall_s_this_run'}``. ``ablation_only``: skip the D-TRAK / TRAK
     baselines (the ablation's rows are computed either way when ``attribution.ablation``)."""
-    from jaxattrib.runs import demo
+    from jaxattrib.runs import demo, demo_attribute
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
@@ -511,9 +511,9 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     _log(f"{len(queries['images'])} generations, {len(relevant)} concept rows; classifier "
          f"agreement with the queried concept {gen_acc}")
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    train_ex = demo._examples(pipe, train["images"], train["captions"])
-    gen_ex = demo._examples(pipe, queries["images"], queries["prompts"])
-    fingerprint = demo._fingerprint_of(train["images"])
+    train_ex = demo_attribute._examples(pipe, train["images"], train["captions"])
+    gen_ex = demo_attribute._examples(pipe, queries["images"], queries["prompts"])
+    fingerprint = demo_attribute._fingerprint_of(train["images"])
     a = config.attribution
     scores, chosen = {}, {}
     sdir = run_dir / "scores"

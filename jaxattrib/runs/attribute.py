@@ -470,4 +470,6 @@ def _write_attribution_section(run_dir: Path, method: str, qname: str, scores: n
                                      f"{min(topk, 8, len(labels))} training images (pixels)"}])
 
 
-__all__ = ["ATTRIBUTE_DEFAULTS", "PromptRows", "TrainingExamples", "attribute_run", "attribution_defaults", "feature_dir", "featurize_training_set", "load_run_pipeline", "read_queries", "source_examples", "training_examples"]
+__all__ = ["ATTRIBUTE_DEFAULTS", "PromptRows", "TrainingExamples", "attribute_run",
+           "attribution_defaults", "feature_dir", "featurize_training_set", "load_run_pipeline",
+           "read_queries", "source_examples", "training_examples"]

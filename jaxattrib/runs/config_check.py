@@ -171,4 +171,5 @@ def read_run_config(path: str | Path) -> dict:
     return data
 
 
-__all__ = ["DATA_SOURCES", "check_attribution_fields", "check_data_size", "check_pipeline_matches", "check_train_config", "read_run_config"]
+__all__ = ["DATA_SOURCES", "check_attribution_fields", "check_data_size", "check_pipeline_matches",
+           "check_train_config", "read_run_config"]

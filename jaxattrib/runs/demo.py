@@ -23,7 +23,6 @@ which passes a stratified exemplar choice, its own query plan and two ground tru
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,15 +31,9 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
-from jaxattrib.fileio import atomic_save_npy, atomic_write_text
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
-from jaxattrib.fingerprint import text as fingerprint_text
 from jaxattrib.runs.rundir import check_run_config, save_npz
-
-
-# Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
-# jaxattrib.attribution.diffusion_trak's module doc); bump when cached scores change meaning.
-SCORES_VERSION = "2"
+from jaxattrib.runs.demo_attribute import _validation_mask, attribute_stage
 
 
 def _log(msg: str) -> None:
@@ -100,8 +93,6 @@ def check_demo_config(config, source: str = "demo config") -> None:
                           f"calibrates on hold-outs (set cgi_dm.enabled=False or give "
                           f"hold-outs)")
 
-
-# ----------------------------------------------------------------------------- stages
 
 def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = None) -> dict:
     """Fine-tuning set (exemplars + distractors) and hold-outs, from the synthetic generator.
@@ -261,219 +252,6 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     return out
 
 
-def _examples(pipe, images, captions) -> dict:
-    """``{'x0', 'ctx'}`` for featurization: for a latent base model ``x0`` are the images' VAE
-    latents (posterior mean, :mod:`jaxattrib.diffusion.latents`), else the pixels."""
-    from jaxattrib.diffusion.latents import encode_images
-    ctx = np.asarray(pipe.encode_prompts(list(captions)))
-    return {"x0": encode_images(pipe.vae_config, pipe.vae_params, images), "ctx": ctx}
-
-
-def _space_fingerprint(pipe, fingerprint: str) -> str:
-    """A feature-store fingerprint of pixel data, keyed also by the VAE for latent models."""
-    if not pipe.is_latent:
-        return fingerprint
-    from jaxattrib.diffusion.latents import LATENT_RULE, vae_fingerprint
-    return fingerprint_text(f"{fingerprint}|latents={LATENT_RULE}|"
-                            f"{vae_fingerprint(pipe.vae_config, pipe.vae_params)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One ground truth under which λ (and, optionally, the sign) of each method is chosen.
-
-    Attributes:
-      relevant: ``[Q, N]`` bool, the training images each query should be attributed to.
-      val: ``[Q]`` bool, the validation queries that choose λ; never use them for evaluation.
-      candidates: optional ``[Q, N]`` bool with the same count per row: the validation metric
-        ranks only these training images (e.g. the query concept's exemplars, for
-        within-concept attribution); ``None`` ranks all ``N``.
-    """
-
-    relevant: np.ndarray
-    val: np.ndarray
-    candidates: np.ndarray | None = None
-
-    def val_map(self, scores: np.ndarray) -> float:
-        """Mean average precision of ``scores [Q, N]`` over the validation queries."""
-        from jaxattrib.metrics import average_precision, restrict_to_candidates
-        s, r = scores[self.val], self.relevant[self.val]
-        if self.candidates is not None:
-            s, r = restrict_to_candidates(s, r, self.candidates[self.val])
-        return float(np.nanmean(average_precision(s, r)))
-
-
-def attribute_stage(run_dir: Path, config, pipe, unet_params, train: dict, queries: dict,
-                    fingerprint: str, step: int, progress: bool = True) -> dict[str, np.ndarray]:
-    """Scores ``[Q, N]`` per method (larger = more attributed), cached in ``scores/``; λ is
-    chosen on the validation half of each concept's queries, ground truth = the exemplars of the
-    query's concept."""
-    relevant = queries["concept"][:, None] == train["concept"][None, :]
-    variant = Variant(relevant, _validation_mask(queries["concept"]))
-    return attribute_variants(run_dir, config, pipe, unet_params, train, queries, fingerprint,
-                              step, {"": variant}, progress)[""]
-
-
-def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, queries: dict,
-                       fingerprint: str, step: int, variants: dict[str, Variant],
-                       progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
-    """Scores ``{variant: {method: [Q, N]}}`` (larger = more attributed) for
-    ``config.attribution.methods``.
-
-    Each method yields candidate score matrices — TRAK / D-TRAK: one per λ ratio of
-    ``attribution.lambda_ratios``; Concept-TRAK: one per ratio; with ``attribution.tune_sign``
-    (absent = False) also the negated TRAK / D-TRAK / TracIn scores; the other methods: one.
-    Per variant the candidate with the best validation mAP (:meth:`Variant.val_map`) is kept
-    and saved to ``scores/<variant>/<method>.npy`` (``scores/<method>.npy`` for the variant
-    ``''``), the sweep to ``<method>_lambda.json`` beside it. Features are cached per method in
-    ``features/`` and computed once for all variants; a method whose score files all exist is
-    loaded, not recomputed.
-    """
-    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    train_ex = _examples(pipe, train["images"], train["captions"])
-    query_ex = _examples(pipe, queries["images"], queries["prompts"])
-    fingerprint = _space_fingerprint(pipe, fingerprint)
-    out: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
-    version = run_dir / "scores" / "VERSION"
-    # Score files of another scoring version (or of none: made before versions) are recomputed
-    # from the cached features; nothing else is discarded.
-    if not (version.is_file() and version.read_text().strip() == SCORES_VERSION):
-        for stale in (run_dir / "scores").rglob("*.npy"):
-            stale.unlink()
-        version.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(version, SCORES_VERSION + "\n")
-    for method in config.attribution.methods:
-        folders = {name: run_dir / "scores" / name if name else run_dir / "scores"
-                   for name in variants}
-        if all((f / f"{method}.npy").exists() for f in folders.values()):
-            for name, f in folders.items():
-                out[name][method] = np.load(f / f"{method}.npy")
-            continue
-        _log(f"attribution: {method}")
-        cands, sweep_meta = _candidate_scores(method, run_dir, config, pipe, unet_params, sched,
-                                              train_ex, query_ex, train, queries, fingerprint,
-                                              step, progress)
-        labels = list(cands)
-        for name, variant in variants.items():
-            folders[name].mkdir(parents=True, exist_ok=True)
-            best = labels[0]
-            if len(labels) > 1:
-                sweep = [variant.val_map(cands[label]) for label in labels]
-                best = labels[int(np.argmax(sweep))]
-                atomic_write_text(folders[name] / f"{method}_lambda.json", json.dumps(
-                    {"split": "validation queries", **sweep_meta, "candidates": labels,
-                     "val_mAP": sweep, "chosen": best}, indent=2))
-            s = np.asarray(cands[best], np.float32)
-            atomic_save_npy(folders[name] / f"{method}.npy", s)
-            out[name][method] = s
-    return out
-
-
-def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sched, train_ex,
-                      query_ex, train: dict, queries: dict, fingerprint: str, step: int,
-                      progress: bool) -> tuple[dict[str, np.ndarray], dict]:
-    """``({label: scores [Q, N]}, sweep metadata)`` for one method (see
-    :func:`attribute_variants`)."""
-    from jaxattrib.attribution import diffusion_trak as dt
-    a = config.attribution
-    flip = a.get("tune_sign", False) and method in ("trak", "dtrak", "tracin")
-    meta: dict = {}
-    if method == "pixel":
-        cands = {"pixel": _pixel_similarity(queries["images"], train["images"])}
-    elif method == "random":
-        cands = {"random": np.random.default_rng(config.seed).standard_normal(
-            (len(queries["images"]), len(train["images"])))}
-    elif method in ("trak", "dtrak", "tracin"):
-        ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                                  params=a.params, projection=a.projection,
-                                  microbatch=a.microbatch, noise=a.get("noise", "shared"))
-        out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
-        q_fp = _space_fingerprint(pipe, _fingerprint_of(queries["images"]))
-        ens = a.get("checkpoints", 1)
-        if method == "tracin":
-            cands = {"tracin": _tracin_scores(run_dir, pipe, ac, out_fn, train_ex, query_ex,
-                                              fingerprint, q_fp, progress)}
-        elif ens != 1:
-            cands, meta = _ensemble_candidates(run_dir, a, ac, out_fn, train_ex, query_ex,
-                                               fingerprint, q_fp, progress)
-        else:
-            feats = run_dir / "features" / method
-            Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
-                                        fingerprint=fingerprint, step=step, progress=progress)
-            phi = dt.featurize_examples(out_fn, unet_params, query_ex, ac, feats / "queries",
-                                        fingerprint=q_fp, step=step, role="query",
-                                        progress=progress)
-            lams = dt.relative_lambdas(Phi, a.lambda_ratios)
-            meta = {"ratios": list(a.lambda_ratios), "lambdas": lams}
-            cands = {f"ratio={r:g}": dt.scores_from_features(phi, Phi, lam)
-                     for r, lam in zip(a.lambda_ratios, lams)}
-    elif method in ("montrage", "montrage-final"):
-        cands = {method: _montrage_scores(run_dir, pipe, train_ex, query_ex,
-                                          "final" if method == "montrage-final" else "movement",
-                                          progress)}
-    elif method == "concept-trak":
-        cands = _concept_trak_candidates(config, pipe, unet_params, sched, train, queries,
-                                         train_ex, query_ex)
-        meta = {"ratios": list(a.lambda_ratios)}
-    else:
-        raise ConfigError(f"attribution.methods: unknown method {method!r}")
-    if flip:
-        cands.update({f"{label}, sign flipped": -s for label, s in list(cands.items())})
-    return cands, meta
-
-
-def _ensemble_candidates(run_dir: Path, a, ac, out_fn, train_ex, query_ex, fingerprint: str,
-                         query_fingerprint: str, progress: bool) -> tuple[dict, dict]:
-    """TRAK / D-TRAK over a checkpoint ensemble (``attribution.checkpoints`` = the last M
-    checkpoints after step 0, or a tuple of steps): per λ ratio, the mean of the checkpoints'
-    scores (:func:`~jaxattrib.attribution.diffusion_trak.ensemble_scores`); features in
-    ``features/<method>/step_<s>/``."""
-    from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
-    try:
-        steps = dt.ensemble_steps(tuple(a.checkpoints) if isinstance(a.checkpoints, (list, tuple))
-                                  else a.checkpoints, record.steps(), ac.method)
-    except ValueError as e:
-        record.close()
-        raise ConfigError(f"attribution.{e}") from e
-    Phis, phis = [], []
-    for s in steps:
-        p = record.load(s)["unet"]
-        base = run_dir / "features" / ac.method / f"step_{s}"
-        Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
-                                          fingerprint=fingerprint, step=s, progress=progress))
-        phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
-                                          fingerprint=query_fingerprint, step=s, role="query",
-                                          progress=progress))
-    record.close()
-    return ({f"ratio={r:g}": dt.ensemble_scores(phis, Phis, r) for r in a.lambda_ratios},
-            {"ratios": list(a.lambda_ratios), "checkpoints": steps})
-
-
-def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerprint: str,
-                   query_fingerprint: str, progress: bool) -> np.ndarray:
-    """TracIn ``[Q, N]`` over the record's checkpoints after step 0, each weighted by the
-    learning rate of the update that produced it; features in ``features/tracin/step_<s>/``."""
-    from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.attribution import trak as trak_lib
-    from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
-    Phis, phis, lrs = [], [], []
-    for s in record.steps()[1:]:
-        p = record.load(s)["unet"]
-        base = run_dir / "features" / "tracin" / f"step_{s}"
-        Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
-                                          fingerprint=fingerprint, step=s, progress=progress))
-        phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
-                                          fingerprint=query_fingerprint, step=s, role="query",
-                                          progress=progress))
-        lrs.append(record.step_info(s - 1)["lr"])
-    record.close()
-    return np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
-
-
 def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: dict,
                  progress: bool = True) -> dict:
     """CGI-DM: members (fine-tuning exemplars) vs hold-outs of the same concepts.
@@ -574,67 +352,6 @@ def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
                            "rows": rows}])
     return rows[0]
 
-
-def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress: bool):
-    """MONTRAGE [design, see attribution/montrage.py]: UNet-tap similarities at every
-    checkpoint of the record; 'movement' weights checkpoints by how far each training image's
-    representation moved while it was trained on; 'final' is the last checkpoint only.
-    ``train_ex`` / ``query_ex``: :func:`_examples` (model inputs: VAE latents, posterior mean,
-    for a latent base model — the same latents at every checkpoint)."""
-    from jaxattrib.attribution import montrage
-    from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
-    traj = montrage.representation_trajectory(
-        record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
-        query_ex["ctx"], cache_dir=run_dir / "features" / "montrage", progress=progress)
-    seen = "ignore" if how == "final" else "count"
-    return montrage.trajectory_scores(traj, how, record=record, seen=seen)
-
-
-def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex,
-                             query_ex):
-    """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt: one score
-    matrix per λ ratio of ``attribution.lambda_ratios``.
-
-    Runs on the model inputs of :func:`_examples` (``train_ex`` / ``query_ex`` ``{'x0',
-    'ctx'}``): the pixels of a pixel base model; for a latent one the VAE latents, encoded once
-    with the posterior mean (the rule of ``concept-query`` and the Concept-TRAK benchmark,
-    docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents."""
-    from jaxattrib.attribution import concept_trak as ct
-    a = config.attribution
-    cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2", proj_kind=a.projection,
-                               inversion_steps=a.concept_inversion_steps,
-                               microbatch=a.microbatch)
-    concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
-    encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
-    _, (Phi, phi) = ct.concept_trak_scores(
-        pipe.unet_config, unet_params, encode, train_ex["x0"], list(train["captions"]),
-        query_ex["x0"], list(queries["prompts"]), concepts, cfg, sched,
-        train_contexts=train_ex["ctx"], return_features=True)
-    return {f"ratio={r:g}": ct.scores_from_features(phi, Phi, r) for r in a.lambda_ratios}
-
-
-def _validation_mask(groups: np.ndarray) -> np.ndarray:
-    """First half of each group's queries (in order) validate λ; the rest are test queries.
-    The demo groups by concept; the customization benchmark by (concept, variation)."""
-    val = np.zeros(len(groups), bool)
-    for c in np.unique(groups):
-        idx = np.flatnonzero(groups == c)
-        val[idx[: len(idx) // 2]] = True
-    return val
-
-
-def _pixel_similarity(q: np.ndarray, t: np.ndarray) -> np.ndarray:
-    a = q.reshape(len(q), -1)
-    b = t.reshape(len(t), -1)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
-
-
-
-
-# ----------------------------------------------------------------------------- report
 
 def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -> dict:
     from jaxattrib.metrics import mean_average_precision, recall_at_k
@@ -764,3 +481,8 @@ def _generation_accuracy(queries: dict, held: list[dict]) -> dict:
     want_color = np.array([spec.colors.index(held[c]["color"]) for c in queries["concept"]])
     return {"shape": float(np.mean(pred["shape"] == want_shape)),
             "color": float(np.mean(pred["color"] == want_color))}
+
+
+__all__ = ["DEMO_METHODS", "base_model_ref", "build_data", "cgi_dm_report", "cgi_dm_stage",
+           "check_demo_config", "demo_query_plan", "finetune_stage", "generate_stage",
+           "open_base_run", "report_stage", "run_demo"]
