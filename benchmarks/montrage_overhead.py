@@ -57,6 +57,7 @@ def main() -> None:
 
     from jaxattrib import parallel
     from jaxattrib.attribution import montrage as M
+    from jaxattrib.attribution import montrage_reps
     from jaxattrib.diffusion.schedule import make_schedule
     from jaxattrib.models import unet
     from jaxattrib.train import finetune as ft
@@ -75,7 +76,7 @@ def main() -> None:
         params = {"unet": unet.init_params(cfg, jax.random.PRNGKey(0))}
         model = f"random tiny UNet {chans}"
     size, ch = int(cfg.sample_size), int(cfg.in_channels)
-    d = M._cross_dim(cfg)
+    d = montrage_reps._cross_dim(cfg)
     rng = np.random.default_rng(0)
     imgs = rng.uniform(-1, 1, (args.train, size, size, ch)).astype(np.float32)
     ctx = rng.normal(size=(args.train, 4, d)).astype(np.float32)

@@ -105,246 +105,36 @@ held-out query sets with the default representation (the rule fixed before the s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxattrib import integrity, parallel
-from jaxattrib.authentication.similarity import pool_taps
-from jaxattrib.diffusion.losses import fixed_noise
-from jaxattrib.diffusion.schedule import Schedule, add_noise, make_schedule
+from jaxattrib import integrity
+from jaxattrib.diffusion.schedule import Schedule, make_schedule
 from jaxattrib.fileio import atomic_write_bytes as _atomic_write
-from jaxattrib.models.latent_io import ModelInputError, check_model_inputs
 from jaxattrib.fingerprint import typed_arrays as _fingerprint  # recipe of stored caches
+from jaxattrib.attribution.montrage_reps import (DEFAULT_TAPS, MontrageCacheError, MontrageError,
+                                                 MontrageInputError, RepresentationExtractor,
+                                                 RepresentationSpec, _check_images,
+                                                 extract_representations, l2_normalize,
+                                                 pooled_representations)
+from jaxattrib.attribution.montrage_weights import (aggregate, between_concept_accuracy,
+                                                    concept_scores, fit_learned_weights,
+                                                    infonce_loss, init_learned_weights,
+                                                    learned_scores, movement_weights, seen_counts,
+                                                    weighted_scores, within_concept_spearman)
 
-DEFAULT_TAPS = ("mid", "up_0")
+
 META = "meta.json"
+
+
 FORMAT = "jaxattrib.montrage_cache/1"
-
-
-class MontrageError(ValueError):
-    """Bad input to a MONTRAGE function (the message names the argument and expectation)."""
-
-
-class MontrageInputError(MontrageError, ModelInputError):
-    """Images that are not the UNet's model inputs (e.g. pixels given to a latent model); also a
-    :class:`~jaxattrib.config.ConfigError`, so the CLI exits 2 with its one-line message."""
-
-
-class MontrageCacheError(MontrageError):
-    """A representation cache directory belongs to a different configuration or is corrupt."""
-
-
-# ============================================================================ representations
-@dataclasses.dataclass(frozen=True)
-class RepresentationSpec:
-    """How representations are taken (everything that changes them, except the parameters).
-
-    taps: sown UNet intermediates (``down_i`` / ``mid`` / ``up_i``). t: integer timestep.
-    noise_seed: seed of the fixed noise. per_example_noise: one ε per example index instead
-    of one shared ε (see module docstring). batch_size: global batch (rounded up to a multiple
-    of the data axis size).
-    """
-
-    taps: tuple[str, ...] = DEFAULT_TAPS
-    t: int = 200
-    noise_seed: int = 0
-    per_example_noise: bool = False
-    batch_size: int = 64
-
-    def __post_init__(self):
-        object.__setattr__(self, "taps", tuple(self.taps))
-        if not self.taps:
-            raise MontrageError("RepresentationSpec.taps: need at least one tap name")
-        if self.batch_size <= 0:
-            raise MontrageError(f"RepresentationSpec.batch_size must be > 0, got "
-                                f"{self.batch_size}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"taps": list(self.taps)}
-
-
-def _cross_dim(unet_config) -> int:
-    d = unet_config.cross_attention_dim
-    return int(d[0] if isinstance(d, (tuple, list)) else d)
-
-
-def _check_images(images, ctx, unet_config, name: str, vae_config=None):
-    """Model inputs ``[N, h, w, c]`` (the UNet's sample size and channels: VAE latents for a
-    latent model, never its pixels) and ``ctx``; :class:`MontrageInputError` otherwise."""
-    images = np.asarray(images, np.float32)
-    try:
-        check_model_inputs(images, unet_config, f"{name} images", vae_config)
-    except ModelInputError as e:
-        raise MontrageInputError(str(e)) from None
-    if ctx is None:
-        ctx = np.zeros((images.shape[0], 1, _cross_dim(unet_config)), np.float32)
-    ctx = np.asarray(ctx, np.float32)
-    if ctx.ndim != 3 or ctx.shape[0] != images.shape[0] \
-            or ctx.shape[-1] != _cross_dim(unet_config):
-        raise MontrageError(f"{name}: expected ctx [N={images.shape[0]}, L, "
-                            f"{_cross_dim(unet_config)}] or None, got shape {ctx.shape}")
-    return images, ctx
-
-
-def _pool_fn(unet_config, taps: tuple[str, ...]) -> Callable:
-    """``fn(params, sched, x[B,H,W,C], ctx[B,L,D], index[B], t, seed, per_example)`` -> list of
-    pooled taps ``[B, C_tap]``; ``t``, ``seed``, ``per_example`` are traced (no recompiles)."""
-    from jaxattrib.models.unet import UNet2DConditionModel
-    unet = UNet2DConditionModel(unet_config)
-
-    def fn(params, sched, x, ctx, index, t, seed, per_example):
-        b = x.shape[0]
-        tt = jnp.full((b,), t, jnp.int32)
-        shared = jnp.broadcast_to(fixed_noise(seed, t, x.shape[1:], x.dtype), x.shape)
-        own = jax.vmap(lambda i: jax.random.normal(
-            jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), t), i),
-            x.shape[1:], x.dtype))(index)
-        eps = jnp.where(per_example, own, shared)
-        x_t = add_noise(sched, x, eps, tt)
-        _, state = unet.apply({"params": params}, x_t, tt, ctx, mutable=["intermediates"])
-        inter = state["intermediates"]
-        return [pool_taps(inter, (name,)) for name in taps]
-
-    return fn
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_pool_fn(unet_config, taps: tuple[str, ...], mesh) -> Callable:
-    # [design] a memo of jitted programs (like jax's own compilation cache), so that every
-    # extractor with the same model config, taps and mesh reuses one compiled program.
-    rep = parallel.replicated_sharding(mesh)
-    data = parallel.data_sharding(mesh)
-    return jax.jit(_pool_fn(unet_config, taps),
-                   in_shardings=(rep, rep, data, data, data, rep, rep, rep),
-                   out_shardings=data)
-
-
-@functools.lru_cache(maxsize=16)
-def _tap_dims(unet_config, taps: tuple[str, ...], image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    from jaxattrib.models.unet import param_shapes
-    s = jax.ShapeDtypeStruct
-    out = jax.eval_shape(
-        _pool_fn(unet_config, taps), param_shapes(unet_config), make_schedule(),
-        s((1,) + image_shape, jnp.float32), s((1, 1, _cross_dim(unet_config)), jnp.float32),
-        s((1,), jnp.int32), 0, 0, False)
-    return tuple(int(o.shape[-1]) for o in out)
-
-
-class RepresentationExtractor:
-    """Mesh-sharded ``(unet params, images, ctx) -> pooled taps [N, D_raw]``.
-
-    Build it once and call it for every checkpoint: batches are padded to
-    ``spec.batch_size`` so one compiled program (shared by extractors with the same config,
-    taps and mesh; ``t`` and the noise settings are runtime values) serves every checkpoint.
-    :meth:`tap_dims_for` gives the channel count of each tap in the concatenation.
-    """
-
-    def __init__(self, unet_config, spec: RepresentationSpec = RepresentationSpec(),
-                 schedule: Schedule | None = None, mesh=None):
-        self.unet_config = unet_config
-        self.spec = spec
-        self.schedule = make_schedule() if schedule is None else schedule
-        self.mesh = parallel.make_mesh() if mesh is None else mesh
-        n_dev = self.mesh.shape[parallel.DATA_AXIS]
-        self.batch_size = -(-spec.batch_size // n_dev) * n_dev
-        self._jitted = _compiled_pool_fn(unet_config, spec.taps, self.mesh)
-        self._sched = None
-        self._tap_dims: tuple[int, ...] | None = None
-
-    def tap_dims_for(self, image_shape: Sequence[int]) -> tuple[int, ...]:
-        """Channels of each tap for images ``[H, W, C]`` (shape evaluation, no compute)."""
-        if self._tap_dims is None:
-            self._tap_dims = _tap_dims(self.unet_config, self.spec.taps,
-                                       tuple(int(d) for d in image_shape))
-        return self._tap_dims
-
-    def replicate_params(self, params: Any) -> Any:
-        return parallel.replicate(params, self.mesh)
-
-    def __call__(self, params: Any, images, ctx=None) -> np.ndarray:
-        """Pooled (not normalised) taps ``float32 [N, sum(tap_dims)]`` of ``images [N,H,W,C]``
-        with ``ctx [N, L, D]`` (None: one zero token). ``params``: UNet params (ideally
-        already replicated with :meth:`replicate_params`)."""
-        images, ctx = _check_images(images, ctx, self.unet_config, "RepresentationExtractor")
-        n, b = images.shape[0], self.batch_size
-        if self._sched is None:
-            self._sched = parallel.replicate(self.schedule, self.mesh)
-        scalars = parallel.replicate((np.int32(self.spec.t), np.int32(self.spec.noise_seed),
-                                      np.bool_(self.spec.per_example_noise)), self.mesh)
-        outs = []
-        for start in range(0, n, b):
-            x, c = images[start:start + b], ctx[start:start + b]
-            m = x.shape[0]
-            idx = np.arange(start, start + b, dtype=np.int32)
-            if m < b:  # pad with copies of the last row (results dropped)
-                x = np.concatenate([x, np.repeat(x[-1:], b - m, 0)])
-                c = np.concatenate([c, np.repeat(c[-1:], b - m, 0)])
-            xs, cs, ids = parallel.shard_batch((x, c, idx), self.mesh)
-            feats = self._jitted(params, self._sched, xs, cs, ids, *scalars)
-            outs.append([np.asarray(f)[:m] for f in feats])
-        if not outs:
-            return np.zeros((0, sum(self.tap_dims_for(images.shape[1:]))), np.float32)
-        self._tap_dims = tuple(int(f.shape[-1]) for f in outs[0])
-        return np.concatenate([np.concatenate(o, axis=-1) for o in outs]).astype(np.float32)
-
-
-def pooled_representations(unet_config, unet_params, images, ctx=None, *,
-                           taps: Sequence[str] = DEFAULT_TAPS, t: int = 200,
-                           noise_seed: int = 0, per_example_noise: bool = False,
-                           batch_size: int = 64, schedule: Schedule | None = None,
-                           mesh=None) -> np.ndarray:
-    """Global-average-pooled, concatenated taps ``float32 [N, sum C_tap]`` (not normalised).
-
-    See :func:`extract_representations` for the arguments.
-    """
-    spec = RepresentationSpec(taps=tuple(taps), t=t, noise_seed=noise_seed,
-                              per_example_noise=per_example_noise, batch_size=batch_size)
-    ext = RepresentationExtractor(unet_config, spec, schedule, mesh)
-    return ext(ext.replicate_params(unet_params), images, ctx)
-
-
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-    """``x`` scaled to unit L2 norm along ``axis`` (numpy or jax arrays; zero rows stay 0)."""
-    xp = jnp if isinstance(x, jax.Array) else np
-    return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-def extract_representations(unet_config, unet_params, images, ctx=None, *,
-                            taps: Sequence[str] = DEFAULT_TAPS, t: int = 200,
-                            noise_seed: int = 0, per_example_noise: bool = False,
-                            batch_size: int = 64, schedule: Schedule | None = None,
-                            mesh=None) -> np.ndarray:
-    """MONTRAGE representations ``float32 [N, D_rep]`` of ``images`` under ``unet_params``.
-
-    ``x_t = add_noise(schedule, images, ε, t)`` with the fixed ε of the module docstring, one
-    UNet call, global average pool of each tap, concatenation, L2 normalisation [design].
-
-    Args:
-      unet_config: ``jaxattrib.models.unet.UNetConfig``.
-      unet_params: the UNet's parameters.
-      images: ``[N, H, W, C]`` model inputs (pixels in [-1, 1], or VAE latents for a latent
-        model), NHWC.
-      ctx: ``encoder_hidden_states [N, L, D]`` or None (one zero token per image).
-      taps: sown intermediates to use (``down_i``, ``mid``, ``up_i``).
-      t: integer timestep (0 .. T-1). noise_seed: seed of the fixed ε.
-      per_example_noise: one ε per example index instead of one shared by all.
-      batch_size: images per UNet call (rounded up to a multiple of the devices).
-      schedule: forward-noising schedule (default: ``make_schedule()``, DDPM linear).
-      mesh: device mesh with a ``'data'`` axis (default: all devices).
-    """
-    return l2_normalize(pooled_representations(
-        unet_config, unet_params, images, ctx, taps=taps, t=t, noise_seed=noise_seed,
-        per_example_noise=per_example_noise, batch_size=batch_size, schedule=schedule,
-        mesh=mesh))
 
 
 # ============================================================================ similarities
@@ -403,9 +193,6 @@ class RepTrajectory:
         out = np.zeros(r.shape[:2], np.float32)
         out[1:] = np.linalg.norm(np.diff(r, axis=0), axis=-1)
         return out
-
-
-# ============================================================================ cache
 
 
 class TrajectoryCache:
@@ -629,92 +416,6 @@ class MontrageMonitor:
                              self._ext.tap_dims_for(self._train[0].shape[1:]))
 
 
-# ============================================================================ aggregation
-def seen_counts(record, steps: Sequence[int], num_examples: int | None = None) -> np.ndarray:
-    """``int64 [S, N]``: how many times example ``i`` was in the batches of the interval
-    ``(steps[s-1], steps[s]]`` (updates ``steps[s-1] .. steps[s]-1`` of ``record.step_info``);
-    row 0 counts the updates before ``steps[0]`` (0 when ``steps[0] == 0``).
-
-    ``num_examples`` defaults to the record manifest's ``dataset.size``.
-    """
-    if num_examples is None:
-        num_examples = record.manifest.get("dataset", {}).get("size")
-        if num_examples is None:
-            raise MontrageError(f"{record.directory}: manifest has no dataset.size; pass "
-                                f"num_examples")
-    steps = [int(s) for s in steps]
-    out = np.zeros((len(steps), int(num_examples)), np.int64)
-    prev = 0
-    for j, s in enumerate(steps):
-        for u in range(prev, s):
-            idx = record.step_info(u)["indices"]
-            if idx.size and (idx.min() < 0 or idx.max() >= num_examples):
-                raise MontrageError(f"{record.directory}: step {u} has indices outside "
-                                    f"[0, {num_examples})")
-            np.add.at(out[j], idx, 1)
-        prev = s
-    return out
-
-
-def movement_weights(movement: np.ndarray, counts: np.ndarray | None = None,
-                     seen: str = "ignore") -> np.ndarray:
-    """Checkpoint weights ``[S, N]`` for the ``'movement'`` aggregation [design].
-
-    movement: ``[S, N]`` from :meth:`RepTrajectory.movement` (row 0 is 0). counts: ``[S, N]``
-    from :func:`seen_counts` (needed unless ``seen='ignore'``). seen: ``'ignore'`` (weight =
-    movement), ``'mask'`` (only intervals in which the image was trained on), ``'count'``
-    (movement times the number of times it was seen).
-    """
-    movement = np.asarray(movement, np.float64)
-    if seen == "ignore":
-        return movement
-    if seen not in ("mask", "count"):
-        raise MontrageError(f"seen must be 'ignore', 'mask' or 'count', got {seen!r}")
-    if counts is None or np.shape(counts) != movement.shape:
-        raise MontrageError(f"seen={seen!r} needs counts of shape {movement.shape}, got "
-                            f"{None if counts is None else np.shape(counts)}")
-    counts = np.asarray(counts, np.float64)
-    return movement * (counts > 0) if seen == "mask" else movement * counts
-
-
-def weighted_scores(sims: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``[Q, N]``: ``Σ_s w[s,i] sims[s,q,i] / Σ_s w[s,i]``; images with all-zero weights get
-    the unweighted mean. sims ``[S, Q, N]``, weights ``[S, N]`` (non-negative)."""
-    sims = np.asarray(sims, np.float64)
-    w = np.asarray(weights, np.float64)
-    if sims.ndim != 3 or w.shape != (sims.shape[0], sims.shape[2]):
-        raise MontrageError(f"weighted_scores: sims [S, Q, N] and weights [S, N]; got "
-                            f"{sims.shape} and {w.shape}")
-    if (w < 0).any():
-        raise MontrageError("weighted_scores: weights must be non-negative")
-    total = w.sum(0)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 1.0 / sims.shape[0])
-    return np.einsum("sqn,sn->qn", sims, w)
-
-
-def aggregate(sims: np.ndarray, method: str = "mean", *, movement: np.ndarray | None = None,
-              counts: np.ndarray | None = None, seen: str = "ignore") -> np.ndarray:
-    """Trajectory similarities ``[S, Q, N]`` -> scores ``[Q, N]`` (module docstring).
-
-    method: ``'final'`` | ``'mean'`` | ``'movement'`` (needs ``movement [S, N]``, and
-    ``counts`` for ``seen != 'ignore'``). For ``'learned'`` use :func:`fit_learned_weights`
-    and :func:`learned_scores`.
-    """
-    sims = np.asarray(sims, np.float64)
-    if sims.ndim != 3 or sims.shape[0] == 0:
-        raise MontrageError(f"aggregate: sims must be [S>0, Q, N], got {sims.shape}")
-    if method == "final":
-        return sims[-1]
-    if method == "mean":
-        return sims.mean(0)
-    if method == "movement":
-        if movement is None:
-            raise MontrageError("aggregate(method='movement') needs movement [S, N]")
-        return weighted_scores(sims, movement_weights(movement, counts, seen))
-    raise MontrageError(f"aggregate: method must be 'final', 'mean' or 'movement', got "
-                        f"{method!r}")
-
-
 def trajectory_scores(traj: RepTrajectory, method: str = "mean", *, record=None,
                       seen: str = "ignore") -> np.ndarray:
     """Scores ``[Q, N]`` from a :class:`RepTrajectory` (``record`` gives the seen counts for
@@ -729,151 +430,11 @@ def trajectory_scores(traj: RepTrajectory, method: str = "mean", *, record=None,
                      counts=counts, seen=seen)
 
 
-# ---------------------------------------------------------------------------- learned weights
-def learned_scores(weights: Mapping, tap_sims) -> jax.Array:
-    """``[Q, N]``: ``Σ_s Σ_l softmax(a)_s softmax(b)_l tap_sims[s, l]``.
-
-    weights: ``{'step_logits': [S], 'tap_logits': [T]}``; tap_sims ``[S, T, Q, N]``
-    (:meth:`RepTrajectory.tap_similarities`).
-    """
-    a = jax.nn.softmax(weights["step_logits"])
-    b = jax.nn.softmax(weights["tap_logits"])
-    return jnp.einsum("s,l,slqn->qn", a, b, jnp.asarray(tap_sims))
-
-
-def infonce_loss(weights: Mapping, tap_sims, relevant, temperature: float = 0.05) -> jax.Array:
-    """Multi-positive InfoNCE over training images, mean over queries [design]:
-    ``-log Σ_{i ∈ pos(q)} exp(s_qi/τ) / Σ_i exp(s_qi/τ)`` with ``s = learned_scores``.
-
-    relevant: bool ``[Q, N]``; every query needs at least one positive.
-    """
-    logits = learned_scores(weights, tap_sims) / temperature
-    pos = jnp.where(jnp.asarray(relevant), logits, -jnp.inf)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(pos, axis=-1))
-
-
-def init_learned_weights(num_steps: int, num_taps: int, key: jax.Array | None = None,
-                         scale: float = 1e-2) -> dict:
-    """Logits ``{'step_logits': [S], 'tap_logits': [T]}``: zeros (uniform weights = the mean
-    aggregation) plus ``scale``-sized normal noise from ``key`` (None: exactly zeros)."""
-    w = {"step_logits": jnp.zeros((num_steps,), jnp.float32),
-         "tap_logits": jnp.zeros((num_taps,), jnp.float32)}
-    if key is not None:
-        k1, k2 = jax.random.split(key)
-        w = {"step_logits": scale * jax.random.normal(k1, (num_steps,)),
-             "tap_logits": scale * jax.random.normal(k2, (num_taps,))}
-    return w
-
-
-def fit_learned_weights(tap_sims, relevant, key: jax.Array, *, num_iters: int = 200,
-                        learning_rate: float = 0.05, temperature: float = 0.05,
-                        query_batch: int | None = None) -> tuple[dict, np.ndarray]:
-    """Learns checkpoint/tap weights on validation queries with known ground truth.
-
-    Args:
-      tap_sims: ``[S, T, Qv, N]`` per-tap shifted cosines of the validation queries.
-      relevant: bool ``[Qv, N]`` ground truth (each query needs one positive or more).
-      key: PRNG key (initial logits noise, query mini-batches); same key -> same weights.
-      num_iters: Adam iterations. learning_rate: Adam step size. temperature: InfoNCE τ.
-      query_batch: queries per iteration (None: all, full batch).
-
-    Returns:
-      ``(weights, losses)``: the weights for :func:`learned_scores` and the full-batch
-      validation loss before the first and after every iteration (``float64 [num_iters+1]``).
-    """
-    tap_sims = jnp.asarray(tap_sims, jnp.float32)
-    relevant = jnp.asarray(relevant, bool)
-    if tap_sims.ndim != 4 or relevant.shape != tap_sims.shape[2:]:
-        raise MontrageError(f"fit_learned_weights: tap_sims [S, T, Q, N] and relevant [Q, N]; "
-                            f"got {tap_sims.shape} and {relevant.shape}")
-    if not bool(relevant.any(-1).all()):
-        raise MontrageError("fit_learned_weights: every validation query needs a relevant "
-                            "training image")
-    S, T, Q, _ = tap_sims.shape
-    k_init, k_batch = jax.random.split(key)
-    weights = init_learned_weights(S, T, k_init)
-    qb = None if query_batch is None or query_batch >= Q else int(query_batch)
-    weights, losses = _fit(weights, tap_sims, relevant, k_batch, jnp.float32(learning_rate),
-                           jnp.float32(temperature), int(num_iters), qb)
-    return jax.tree.map(np.asarray, weights), np.asarray(losses, np.float64)
-
-
-@functools.partial(jax.jit, static_argnums=(6, 7))
-def _fit(weights, tap_sims, relevant, k_batch, learning_rate, temperature, num_iters,
-         query_batch):
-    """Adam on :func:`infonce_loss` for ``num_iters`` steps (``lax.scan``); returns the
-    weights and the full-batch loss before and after every step."""
-    opt = optax.adam(learning_rate)
-    Q = tap_sims.shape[2]
-
-    def body(carry, i):
-        w, state = carry
-        if query_batch is None:
-            ts, rel = tap_sims, relevant
-        else:
-            sel = jax.random.choice(jax.random.fold_in(k_batch, i), Q, (query_batch,),
-                                    replace=False)
-            ts, rel = tap_sims[:, :, sel], relevant[sel]
-        g = jax.grad(infonce_loss)(w, ts, rel, temperature)
-        upd, state = opt.update(g, state, w)
-        w = optax.apply_updates(w, upd)
-        return (w, state), infonce_loss(w, tap_sims, relevant, temperature)
-
-    (w, _), losses = jax.lax.scan(body, (weights, opt.init(weights)), jnp.arange(num_iters))
-    return w, jnp.concatenate([infonce_loss(weights, tap_sims, relevant, temperature)[None],
-                               losses])
-
-
-# ============================================================================ evaluation [paper]
-def concept_scores(scores: np.ndarray, train_concepts: np.ndarray, num_concepts: int | None = None,
-                   reduce: str = "max") -> np.ndarray:
-    """Per-concept scores ``[Q, C]`` from image scores ``[Q, N]``: the max (or mean) over the
-    training images of each concept (``train_concepts`` int ``[N]`` in ``[0, C)``) [design].
-    Concepts without images get ``-inf``."""
-    if reduce not in ("max", "mean"):
-        raise MontrageError(f"concept_scores: reduce must be 'max' or 'mean', got {reduce!r}")
-    scores = np.asarray(scores, np.float64)
-    c = np.asarray(train_concepts, np.int64)
-    if c.shape != scores.shape[-1:]:
-        raise MontrageError(f"concept_scores: train_concepts must be [N={scores.shape[-1]}], "
-                            f"got {c.shape}")
-    C = int(c.max()) + 1 if num_concepts is None else int(num_concepts)
-    out = np.full((scores.shape[0], C), -np.inf)
-    for k in range(C):
-        m = c == k
-        if m.any():
-            out[:, k] = scores[:, m].max(1) if reduce == "max" else scores[:, m].mean(1)
-    return out
-
-
-def between_concept_accuracy(scores: np.ndarray, train_concepts: np.ndarray,
-                             query_concepts: np.ndarray, reduce: str = "max") -> float:
-    """Between-concept evaluation [paper]: fraction of queries whose top-scoring concept
-    (:func:`concept_scores`) is their true concept (``query_concepts`` int ``[Q]``)."""
-    cs = concept_scores(scores, train_concepts, None, reduce)
-    q = np.asarray(query_concepts, np.int64)
-    if q.shape != (cs.shape[0],):
-        raise MontrageError(f"query_concepts must be [Q={cs.shape[0]}], got {q.shape}")
-    return float(np.mean(np.argmax(cs, axis=1) == q))
-
-
-def within_concept_spearman(scores: np.ndarray, soft_truth: np.ndarray,
-                            train_concepts: np.ndarray,
-                            query_concepts: np.ndarray) -> np.ndarray:
-    """Within-concept evaluation [paper]: per query, the Spearman rank correlation between its
-    scores and the soft ground truth over the training images of its own concept -> ``[Q]``
-    (NaN when either is constant there). scores, soft_truth ``[Q, N]``."""
-    from jaxattrib.metrics import spearman_columns
-    scores = np.asarray(scores, np.float64)
-    soft = np.asarray(soft_truth, np.float64)
-    if soft.shape != scores.shape:
-        raise MontrageError(f"soft_truth must have the scores' shape {scores.shape}, got "
-                            f"{soft.shape}")
-    tc = np.asarray(train_concepts, np.int64)
-    qc = np.asarray(query_concepts, np.int64)
-    out = np.full(scores.shape[0], np.nan)
-    for q in range(scores.shape[0]):
-        m = tc == qc[q]
-        if m.sum() >= 2:
-            out[q] = spearman_columns(scores[q, m][:, None], soft[q, m][:, None])[0]
-    return out
+__all__ = ["DEFAULT_TAPS", "FORMAT", "META", "MontrageCacheError", "MontrageError",
+           "MontrageInputError", "MontrageMonitor", "RepTrajectory", "RepresentationExtractor",
+           "RepresentationSpec", "TrajectoryCache", "aggregate", "between_concept_accuracy",
+           "concept_scores", "extract_representations", "fit_learned_weights", "infonce_loss",
+           "init_learned_weights", "l2_normalize", "learned_scores", "movement_weights",
+           "pooled_representations", "representation_trajectory", "seen_counts", "shifted_cosine",
+           "similarity_trajectory", "trajectory_scores", "weighted_scores",
+           "within_concept_spearman"]
