@@ -10,6 +10,7 @@ import pytest
 from scipy import optimize
 
 from jaxattrib.authentication import source_model as SM
+from jaxattrib.authentication import source_model_zoo as zoo_lib
 from jaxattrib.authentication.similarity import psnr
 from jaxattrib.data.dataset import ImageDataset
 from jaxattrib.diffusion.schedule import make_schedule
@@ -248,10 +249,10 @@ def test_model_zoo_builds_caches_and_resumes(tmp_path):
     run = tmp_path / "zoo"
     fail = _Counting(fail_at=3)
     with pytest.raises(RuntimeError, match="interrupted"):
-        SM.build_model_zoo(base, source, real, gen, run, fail, **kw)
+        zoo_lib.build_model_zoo(base, source, real, gen, run, fail, **kw)
     assert len(fail.calls) == 3
     resumed = _Counting()
-    zoo = SM.build_model_zoo(base, source, real, gen, run, resumed, **kw)
+    zoo = zoo_lib.build_model_zoo(base, source, real, gen, run, resumed, **kw)
     assert len(resumed.calls) == 3                               # only the unfinished members
     assert [m.name for m in zoo.members] == ["source", "rho000_00", "rho000_01", "rho050_00",
                                              "rho050_01", "rho100_00", "rho100_01"]
@@ -269,7 +270,7 @@ def test_model_zoo_builds_caches_and_resumes(tmp_path):
     # different members get different data; a full rerun trains nothing and returns the same
     assert zoo.members[1].ids != zoo.members[2].ids
     again = _Counting()
-    zoo2 = SM.build_model_zoo(base, source, real, gen, run, again, **kw)
+    zoo2 = zoo_lib.build_model_zoo(base, source, real, gen, run, again, **kw)
     assert again.calls == [] and zoo2.members == zoo.members
     manifest = json.loads((run / "zoo.json").read_text())
     assert len(manifest["members"]) == 7 and manifest["config"]["n_train"] == 6
@@ -277,29 +278,29 @@ def test_model_zoo_builds_caches_and_resumes(tmp_path):
     before = zoo.load("rho050_01")
     (run / "members" / "rho050_01" / "params.msgpack").unlink()
     one = _Counting()
-    SM.build_model_zoo(base, source, real, gen, run, one, **kw)
+    zoo_lib.build_model_zoo(base, source, real, gen, run, one, **kw)
     assert len(one.calls) == 1 and one.calls[0][2].endswith("rho050_01")
     np.testing.assert_array_equal(zoo.load("rho050_01")["w"], before["w"])
     shadow, held = zoo.split(1)
     assert {m.index for m in shadow} == {0} and {m.index for m in held} == {1}
-    with pytest.raises(SM.ZooMismatchError, match="n_train"):
-        SM.build_model_zoo(base, source, real, gen, run, _Counting(), **{**kw, "n_train": 4})
+    with pytest.raises(zoo_lib.ZooMismatchError, match="n_train"):
+        zoo_lib.build_model_zoo(base, source, real, gen, run, _Counting(), **{**kw, "n_train": 4})
     with pytest.raises(SM.SourceModelError, match="needs"):
-        SM.build_model_zoo(base, None, real, gen, tmp_path / "z2", _Counting(), rhos=(1.0,),
+        zoo_lib.build_model_zoo(base, None, real, gen, tmp_path / "z2", _Counting(), rhos=(1.0,),
                            n_train=20)
 
 
 def test_source_model_is_cached(tmp_path):
     data = _dataset("src", 5, 0.25)
     ft = _Counting()
-    p = SM.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, ft, seed=1)
+    p = zoo_lib.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, ft, seed=1)
     np.testing.assert_allclose(p["w"], np.full(2, data.images.mean()), rtol=1e-6)
     assert len(ft.calls) == 1 and ft.calls[0][1] == 1 and ft.calls[0][2].endswith("source")
     again = _Counting()
-    q = SM.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, again, seed=1)
+    q = zoo_lib.build_source_model({"w": np.zeros(2, np.float32)}, data, tmp_path, again, seed=1)
     assert again.calls == [] and np.array_equal(p["w"], q["w"])
-    with pytest.raises(SM.ZooMismatchError, match="another seed or data"):
-        SM.build_source_model({"w": np.zeros(2)}, data.subset([0, 1]), tmp_path, again, seed=1)
+    with pytest.raises(zoo_lib.ZooMismatchError, match="another seed or data"):
+        zoo_lib.build_source_model({"w": np.zeros(2)}, data.subset([0, 1]), tmp_path, again, seed=1)
 
 
 # ------------------------------------------------------------------------------ real pipeline glue
@@ -329,8 +330,8 @@ def test_pipeline_glue_zoo_query_and_signal(tmp_path):
                         .astype(np.float32), captions=prompts[::-1], labels={},
                         label_names={}, ids=[f"real/{i}" for i in range(8)])
     cfg = TrainConfig(steps=2, batch_size=2, learning_rate=1e-3, checkpoint_every=0)
-    ft = SM.diffusion_finetune_fn(pipe, cfg, mesh=parallel.make_mesh(1))
-    zoo = SM.build_model_zoo({"unet": pipe.unet_params}, None, real, gen, tmp_path / "zoo", ft,
+    ft = zoo_lib.diffusion_finetune_fn(pipe, cfg, mesh=parallel.make_mesh(1))
+    zoo = zoo_lib.build_model_zoo({"unet": pipe.unet_params}, None, real, gen, tmp_path / "zoo", ft,
                              rhos=(0.0, 1.0), n_models=1, n_train=4)
     assert [m.name for m in zoo.members] == ["rho000_00", "rho100_00"]
     for m in zoo.members:

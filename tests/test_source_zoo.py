@@ -189,7 +189,7 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     from test_pipeline import make_pipeline
 
     from jaxattrib import parallel
-    from jaxattrib.authentication import source_model as SM
+    from jaxattrib.authentication import source_model_zoo as zoo_lib
     from jaxattrib.data.dataset import ImageDataset
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.train import diffusion_task
@@ -206,7 +206,7 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     ds = data(6, "a")
     cfg = TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, checkpoint_every=0)
     mesh = parallel.make_mesh(1)
-    ref = SM.diffusion_finetune_fn(pipe, cfg, mesh=mesh)({"unet": pipe.unet_params}, ds, 5,
+    ref = zoo_lib.diffusion_finetune_fn(pipe, cfg, mesh=mesh)({"unet": pipe.unet_params}, ds, 5,
                                                          tmp_path / "ref")
     traces = []
     real_loss = diffusion_task.make_diffusion_loss

@@ -10,7 +10,7 @@ Everything is built on this CPU from the embedded base model and cached in the r
    some captions, more or less strongly). It generates every caption once per
    ``generated.seeds``; those images (32-bit watermark embedded) are the data set an
    infringer takes. "Real" data = other renders of the same captions (another seed).
-2. **Zoo** (:func:`jaxattrib.authentication.source_model.build_model_zoo`, one sub-zoo per ρ,
+2. **Zoo** (:func:`jaxattrib.authentication.source_model_zoo.build_model_zoo`, one sub-zoo per ρ,
    built in ``zoo.rhos`` order so a cut-short run still has whole ρ groups): per ρ,
    ``n_shadow + n_cal + n_eval`` models fine-tuned from the base on ``n_train`` examples,
    ``round(ρ·n_train)`` of them the source's generations. Member index decides the split:
@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from jaxattrib.authentication import source_model as sm
+from jaxattrib.authentication import source_model_zoo as zoo_lib
 from jaxattrib.authentication import watermark as wm
 from jaxattrib import metrics
 #: instance-level methods (key-sample strategies) in table order
@@ -187,7 +188,7 @@ def _watermark(config):
 
 
 def zoo_finetune_fn(pipe, train_config, mesh=None) -> Callable:
-    """A ``finetune_fn`` (as :func:`~jaxattrib.authentication.source_model.diffusion_finetune_fn`:
+    """A ``finetune_fn`` (as :func:`~jaxattrib.authentication.source_model_zoo.diffusion_finetune_fn`:
     UNet only, the member's seed replaces ``train_config.seed``, same batch plan, keys, loss
     and optimizer as :func:`jaxattrib.train.finetune.finetune`) whose train step is jitted
     **once** for every model it trains, and which writes no trajectory record. ``finetune``
@@ -250,7 +251,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     """Builds (or resumes) the zoo, queries every model, writes the tables and the plot.
 
     ``pipe`` (default: the embedded base model), ``finetune_fn`` (default
-    :func:`~jaxattrib.authentication.source_model.diffusion_finetune_fn`), ``generate_fn_of(unet)
+    :func:`~jaxattrib.authentication.source_model_zoo.diffusion_finetune_fn`), ``generate_fn_of(unet)
     -> generate_fn`` (default :func:`~jaxattrib.authentication.source_model.pipeline_generate_fn`)
     and ``memorization_fn(unet, prompts, key, n_seeds) -> [P]`` (default Wen et al.'s signal)
     can be replaced (tests use stand-ins). Returns the results dict written to
@@ -308,7 +309,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     # ---- source, its generated data set (watermarked), reference
     t0 = time.time()
     log(f"source: fine-tuning on {len(src_data)} images ({config.source.steps} steps)")
-    source = sm.build_source_model(base, src_data, run_dir, tuner(config.source),
+    source = zoo_lib.build_source_model(base, src_data, run_dir, tuner(config.source),
                                    seed=int(config.seed))["unet"]
     src_gen = generate_fn_of(source)
     bits, wm_key = _watermark(config)
@@ -323,9 +324,9 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         label_names={}, ids=tuple(f"generated/{s}/{i:03d}" for s in config.generated.seeds
                                   for i in range(P)))
     log("reference model (real data only)")
-    ref_data, _, _ = sm.mix_training_set(real, generated, 0.0, int(config.zoo.n_train),
+    ref_data, _, _ = zoo_lib.mix_training_set(real, generated, 0.0, int(config.zoo.n_train),
                                          seed=int(config.seed) + 777)
-    reference = sm.build_source_model(base, ref_data, run_dir / "reference",
+    reference = zoo_lib.build_source_model(base, ref_data, run_dir / "reference",
                                       tuner(config.zoo), seed=int(config.seed) + 777)["unet"]
     timings["source, generated set, reference"] = time.time() - t0
 
@@ -358,7 +359,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
         t0 = time.time()
         name = f"rho{int(round(rho * 100)):03d}"
         log(f"zoo rho={rho:g}: {n_per} models")
-        zoo = sm.build_model_zoo(base, None, real, generated, run_dir / "zoo" / name,
+        zoo = zoo_lib.build_model_zoo(base, None, real, generated, run_dir / "zoo" / name,
                                  tuner(z), rhos=(float(rho),), n_models=n_per,
                                  n_train=int(z.n_train),
                                  seed=1000 * int(config.seed) + int(round(rho * 100)),
