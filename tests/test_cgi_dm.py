@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattrib.authentication import cgi_dm
+from jaxattrib.authentication import cgi_dm, cgi_dm_pgd
 from jaxattrib.authentication.cgi_dm import CGIDMConfig
 from jaxattrib.authentication.similarity import psnr
 from jaxattrib.diffusion.schedule import make_schedule
@@ -178,12 +178,12 @@ def test_pgd_draws_fresh_noise_every_step():
     """(t, ε) are redrawn at every PGD step (stochastic ascent on the expectation, as the
     authors' code), per image, independent of the batch."""
     keys = cgi_dm.image_keys(jax.random.PRNGKey(0), 3)
-    t0, n0 = cgi_dm._draws(keys, 0, (HW, HW, C), TOY_CFG, jnp.float32)
-    t1, n1 = cgi_dm._draws(keys, 1, (HW, HW, C), TOY_CFG, jnp.float32)
+    t0, n0 = cgi_dm_pgd._draws(keys, 0, (HW, HW, C), TOY_CFG, jnp.float32)
+    t1, n1 = cgi_dm_pgd._draws(keys, 1, (HW, HW, C), TOY_CFG, jnp.float32)
     assert t0.shape == (TOY_CFG.n_noise, 3) and n0.shape == (TOY_CFG.n_noise, 3, HW, HW, C)
     assert np.abs(np.asarray(n0 - n1)).min() < 1 and np.abs(np.asarray(n0 - n1)).max() > 1
     assert not np.array_equal(np.asarray(t0), np.asarray(t1))
-    t_b, n_b = cgi_dm._draws(keys[1:], 1, (HW, HW, C), TOY_CFG, jnp.float32)
+    t_b, n_b = cgi_dm_pgd._draws(keys[1:], 1, (HW, HW, C), TOY_CFG, jnp.float32)
     np.testing.assert_array_equal(np.asarray(n_b), np.asarray(n1[:, 1:]))
 
 
@@ -213,7 +213,7 @@ def test_manifold_projection_exact_on_gaussian_prior():
         cfg = CGIDMConfig(**{**base, "project_model": which, "num_steps": steps,
                              "project_every": every})
         rec = np.asarray(cgi_dm.pgd_invert(pre, ft, SCHED, members, mask, None, cfg, key))
-        pn = cgi_dm._proj_noise(keys, steps - 1, (HW, HW, C), jnp.float32)
+        pn = cgi_dm_pgd._proj_noise(keys, steps - 1, (HW, HW, C), jnp.float32)
         ref = np.asarray(cgi_dm.manifold_project(fn, SCHED, mask * members, t, pn))
         np.testing.assert_array_equal(rec[m == 1], np.asarray(members)[m == 1])
         np.testing.assert_allclose(rec[m == 0], ref[m == 0], rtol=1e-4, atol=1e-5)
@@ -224,7 +224,7 @@ def test_manifold_projection_exact_on_gaussian_prior():
     rec = {"finetuned": known, "pretrained": known}
     for i in range(3):   # a few projections, the known half re-imposed, as in PGD
         for which, fn in (("pretrained", pre), ("finetuned", ft)):
-            n = cgi_dm._proj_noise(keys, i, (HW, HW, C), jnp.float32)
+            n = cgi_dm_pgd._proj_noise(keys, i, (HW, HW, C), jnp.float32)
             rec[which] = known + (1 - mask) * cgi_dm.manifold_project(fn, SCHED, rec[which],
                                                                       t, n)
     start = ps(known)
