@@ -26,6 +26,7 @@ from jaxattrib.runs.config_check import check_attribution_fields, read_run_confi
 from jaxattrib.runs.specs import load_model
 from jaxattrib.fingerprint import raw_arrays
 from jaxattrib.fingerprint import text as _sha  # recipe of stored latent feature-store keys
+from jaxattrib.runs.rundir import RunDir
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -117,7 +118,7 @@ def attribution_defaults(run_dir: str | Path) -> dict:
     noise are then refused with a message that says to pass ``--noise shared``."""
     from jaxattrib.config import ATTRIBUTION_LEGACY
     out = dict(ATTRIBUTE_DEFAULTS)
-    path = Path(run_dir) / "config.json"
+    path = RunDir(run_dir).config
     if path.is_file():
         sec = read_run_config(path).get("attribution") or {}
         if isinstance(sec, dict) and sec:
@@ -144,7 +145,7 @@ class TrainingExamples(NamedTuple):
 
 
 def _require_run(run_dir: Path) -> dict:
-    config_path = run_dir / "config.json"
+    config_path = RunDir(run_dir).config
     from jaxattrib.data.run_data import has_run_data
     if not config_path.is_file() or not has_run_data(run_dir):
         raise ConfigError(f"{run_dir}: not a training run directory (needs config.json and "
@@ -167,8 +168,8 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     featurization chunk. Latent pipelines: their VAE latents
     (posterior mean × scaling factor, :data:`jaxattrib.diffusion.latents.LATENT_RULE`), encoded
     once into the resumable store ``RUN/latents/train`` keyed by the data and VAE fingerprints
-    (:mod:`jaxattrib.runs.latent_cache`; a store for other data or another VAE is refused), read back
-    on later calls; the store is filled from the source's batches (:func:`~jaxattrib.data.source.
+    (:mod:`jaxattrib.runs.latent_cache`; a store for other data or another VAE is refused), read
+    back on later calls; the store is filled from the source's batches (:func:`~jaxattrib.data.source.
     iter_batches`), never the whole pixel set at once. Text states are encoded per chunk
     (:class:`PromptRows`); ``images`` is lazy (:class:`~jaxattrib.data.source.ImageRows`).
     ``data``: the run's source when already opened (:func:`~jaxattrib.data.run_data.
@@ -186,7 +187,7 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
     where = LEGACY_FILE if (run_dir / LEGACY_FILE).is_file() else SOURCE_FILE
     lat.check_pixel_images((len(data), *data.image_shape), pipe.unet_config, pipe.vae_config,
                            f"{run_dir / where} images")
-    manifest = run_dir / "record" / "manifest.json"
+    manifest = RunDir(run_dir).record / "manifest.json"
     fp, trained = "", {}
     if manifest.is_file():
         m = json.loads(manifest.read_text())
@@ -215,7 +216,7 @@ def training_examples(run_dir: str | Path, pipe=None, *, progress: bool = True,
 def feature_dir(run_dir: str | Path, method: str, step: int) -> Path:
     """Folder of the feature stores of ``method`` at checkpoint ``step`` (``train`` and
     ``queries_<name>`` inside)."""
-    return Path(run_dir) / "features" / method / f"step_{int(step)}"
+    return RunDir(run_dir).feature_dir(method, step)
 
 
 def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
@@ -238,7 +239,7 @@ def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
     run_dir = Path(run_dir)
     pipe = load_run_pipeline(run_dir) if pipe is None else pipe
     train = training_examples(run_dir, pipe, progress=progress) if train is None else train
-    record = TrajectoryRecord.open((run_dir / "record").resolve()) if record is None else record
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve()) if record is None else record
     if step not in record.steps():
         raise ConfigError(f"{run_dir / 'record'}: no checkpoint at step {step} (has "
                           f"{record.steps()})")
@@ -347,7 +348,7 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
         if method == "journey-trak" and not (Path(queries) / "trajectory.npz").is_file():
             raise ConfigError(f"{Path(queries) / 'trajectory.npz'}: missing; journey-trak needs "
                               f"the sampling trajectory (`jaxattrib generate --trajectory`)")
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     steps = record.steps()
     if not steps:
         raise ConfigError(f"{run_dir / 'record'}: no checkpoint yet; run `jaxattrib train` "
@@ -428,7 +429,7 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
         scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
     else:  # one checkpoint or the mean over the ensemble's checkpoints
         scores = dt.ensemble_scores(phis, Phis, lam_ratio)
-    out = run_dir / "scores" / f"{method}_{qname}.npy"
+    out = RunDir(run_dir).scores / f"{method}_{qname}.npy"
     out.parent.mkdir(parents=True, exist_ok=True)
     from jaxattrib.fileio import atomic_save_npy
     atomic_save_npy(out, scores.astype(np.float32))
@@ -460,7 +461,7 @@ def _write_attribution_section(run_dir: Path, method: str, qname: str, scores: n
                           scores[q][sel], k=kk, labels=[labels[j] for j in sel],
                           query_label=query_label)[0]
     grid = np.concatenate([row(q) for q in range(len(prompts))], axis=0)
-    rel = Path("results") / f"{name}_topk.png"
+    rel = Path(RunDir.RESULTS) / f"{name}_topk.png"
     save_png(run_dir / rel, grid)
     write_result(run_dir, name, f"{method} attribution of {qname}",
                  tables=[{"caption": f"top-{topk} training examples per query ({settings})",

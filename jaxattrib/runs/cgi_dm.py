@@ -9,9 +9,9 @@ directory::
     cgi_dm/scores.npz        scores, p-values, decisions, threshold, labels
     results/cgi_dm_*.json, *.png   report sections; report.html
 
-The numerics are :mod:`jaxattrib.authentication.cgi_dm` (:func:`~jaxattrib.authentication.cgi_dm.
-recover`, :func:`~jaxattrib.authentication.cgi_dm.calibrate`, :func:`~jaxattrib.authentication.cgi_dm.
-empirical_p_values`); this module only loads, caches and reports. [design] Per-batch caching:
+The numerics are :mod:`jaxattrib.authentication.cgi_dm` (:func:`~jaxattrib.authentication.
+cgi_dm.recover` and the decision :func:`~jaxattrib.authentication.cgi_dm.decide`: threshold,
+p-values); this module only loads, caches and reports. [design] Per-batch caching:
 batch ``[lo, hi)`` is recovered with ``index_offset=lo`` and the set's key, which is what
 :func:`~jaxattrib.authentication.cgi_dm.recover` does for the whole set (per-image keys from the
 global index), so a resumed run equals an uninterrupted one. The candidate and reference sets
@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxattrib import integrity
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 from jaxattrib.fileio import atomic_write_bytes
 from jaxattrib.models.latent_io import check_image_size
 from jaxattrib.fingerprint import raw_arrays as _fingerprint  # recipe of stored inputs.json
@@ -47,7 +48,8 @@ SIMILARITIES = ("ssim", "psnr")
 
 #: ``cgi.*`` fields added to the ``cgi_dm`` config (and so to ``cgi_dm_benchmark``'s ``cgi``)
 #: after run directories were made, with the values those runs used (no manifold projection):
-#: a stored config.json without them still resumes (:func:`~jaxattrib.runs.rundir.check_run_config`'s ``added``)
+#: a stored config.json without them still resumes
+#: (:func:`~jaxattrib.runs.rundir.check_run_config`'s ``added``)
 CGI_ADDED_FIELDS = {"cgi.project_t": 0, "cgi.project_model": "finetuned",
                     "cgi.project_every": 1, "data.vae_posterior": "mean"}
 POSTERIORS = ("sample", "mean")
@@ -97,7 +99,7 @@ def check_config(config, source: str = "config"):
 
 def _check_inputs(run_dir: Path, fingerprints: dict) -> None:
     from jaxattrib.fileio import atomic_write_text
-    path = run_dir / "cgi_dm" / "inputs.json"
+    path = RunDir(run_dir).cache("cgi_dm") / "inputs.json"
     if path.is_file():
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(fingerprints) if old.get(k) != fingerprints.get(k))
@@ -197,7 +199,7 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     ctx = lambda caps: np.asarray(pipe.encode_prompts(list(caps)))  # noqa: E731
     common = dict(encode=encode, decode=decode, batch_size=config.batch_size,
                   progress=progress)
-    cache = run_dir / "cgi_dm"
+    cache = RunDir(run_dir).cache("cgi_dm")
     rc = recover_cached("candidates", cand["images"], ctx(cand["captions"]), eps_pre, eps_ft,
                         sched, cgi, k_cand, cache,
                         encode_key=jax.random.fold_in(k_enc, 0) if sample else None, **common)
@@ -256,7 +258,6 @@ def write_section(run_dir: Path, name: str, title: str, *, order: int, roc: dict
     from jaxattrib.report.html import write_result
     from jaxattrib.report.images import image_grid, save_png
     from jaxattrib.report.plots import roc_curve_png
-    from jaxattrib.runs.rundir import RunDir
     results = RunDir(run_dir).results
     results.mkdir(parents=True, exist_ok=True)
     figs = []

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 
 
 def concept_trak_config(config):
@@ -78,17 +79,18 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     if (image is None) == (seed is None):
         raise ValueError("concept_query: give exactly one of image and seed")
     run_dir = Path(run_dir)
-    for need in ("config.json", "data/train.npz", "record"):
-        if not (run_dir / need).exists():
-            raise ConfigError(f"{run_dir / need}: missing; run benchmarks/concept_trak.py with "
+    rd = RunDir(run_dir)
+    for need in (rd.config, rd.data_file("train"), rd.record):
+        if not need.exists():
+            raise ConfigError(f"{need}: missing; run benchmarks/concept_trak.py with "
                               f"--run-dir {run_dir} first")
     config = apply_overrides(ml_collections.ConfigDict(
-        json.loads((run_dir / "config.json").read_text())), [])
+        json.loads(RunDir(run_dir).config.read_text())), [])
     pipe = load_base_model(config.base_model or None)
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     unet_params = record.load(record.latest_step())["unet"]
     record.close()
-    train = dict(np.load(run_dir / "data" / "train.npz"))
+    train = dict(np.load(RunDir(run_dir).data_file("train")))
     if image is None:
         import jax
         from jaxattrib.generate import generate
@@ -99,10 +101,10 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     q_in, how = concept_inputs(pipe, np.asarray(image, np.float32)[None], config, "query",
                                "--image" if seed is None else "the generated query")
     cfg = concept_trak_config(config)
-    lam = run_dir / "scores" / "concept-trak_lambda.json"
+    lam = RunDir(run_dir).scores / "concept-trak_lambda.json"
     if lam.exists():
         cfg = dataclasses.replace(cfg, lam_ratio=float(json.loads(lam.read_text())["chosen"]))
-    cached = run_dir / "features" / "concept-trak" / "train_tl1_inv1_norm1.npy"
+    cached = RunDir(run_dir).features / "concept-trak" / "train_tl1_inv1_norm1.npy"
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
     train_in = None
     if not cached.exists():

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxattrib.config import ConfigError
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
-from jaxattrib.runs.rundir import check_run_config, save_npz
+from jaxattrib.runs.rundir import RunDir, check_run_config, save_npz
 from jaxattrib.runs.demo_attribute import _validation_mask, attribute_stage
 
 
@@ -102,7 +102,7 @@ def build_data(run_dir: Path, config, base_info: dict, stratify: str | None = No
     must be a multiple of their number), so every exemplar carries a known variation; hold-outs
     come from the remaining renders. ``None`` (the demo): a random draw.
     """
-    path, hold_path = run_dir / "data" / "train.npz", run_dir / "data" / "holdout.npz"
+    path, hold_path = RunDir(run_dir).data_file("train"), RunDir(run_dir).data_file("holdout")
     if path.exists() and hold_path.exists():
         return {"train": dict(np.load(path)), "holdout": dict(np.load(hold_path))}
     from jaxattrib.train.base_model import spec_from_info
@@ -202,14 +202,14 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
                      schedule="constant", warmup_steps=0, weight_decay=0.0, seed=config.seed,
                      checkpoint_every=f.checkpoint_every, mode=f.mode, log_every=20)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
-    model_info = {"base_model": base_model_ref(pipe.folder, run_dir / "record")}
+    model_info = {"base_model": base_model_ref(pipe.folder, RunDir(run_dir).record)}
     if pipe.is_latent:
         from jaxattrib.diffusion.latents import LATENT_RULE
         params["vae"] = pipe.vae_params
         model_info["vae_latents"] = LATENT_RULE
     trained, record = finetune(
         loss_fn, params, len(images), lambda idx: {"images": images[idx], "input_ids": ids[idx]},
-        tc, (run_dir / "record").resolve(), mesh=parallel.make_mesh(1), progress=progress,
+        tc, RunDir(run_dir).record.resolve(), mesh=parallel.make_mesh(1), progress=progress,
         model_info=model_info, dataset_info={"ids": [str(i) for i in train["ids"]]})
     return trained["unet"], record
 
@@ -234,7 +234,7 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     """Generates the queries of ``plan`` (default :func:`demo_query_plan`): a dict with
     ``prompts [Q]``, ``concept [Q]`` and any other ``[Q]`` arrays, which are stored alongside
     ``images [Q, H, W, 3]`` in ``generations/queries.npz`` (cached)."""
-    path = run_dir / "generations" / "queries.npz"
+    path = RunDir(run_dir).generations / "queries.npz"
     if path.exists():
         return dict(np.load(path))
     from jaxattrib.generate import generate, save_images
@@ -247,7 +247,7 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     images = np.clip(np.asarray(g.images), -1, 1).astype(np.float32)
     out = {**{k: np.asarray(v) for k, v in plan.items()}, "images": images,
            "prompts": np.array(prompts)}
-    save_images(run_dir / "generations", images, prompts, prefix="query")
+    save_images(RunDir(run_dir).generations, images, prompts, prefix="query")
     save_npz(path, **out)
     return out
 
@@ -267,7 +267,7 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
     and the report's images are on pixels: ``original`` is the image, ``masked`` and
     ``recovered`` are decoded (``[N, H, W, 3]``).
     """
-    path = run_dir / "cgi_dm" / "scores.npz"
+    path = RunDir(run_dir).cache("cgi_dm") / "scores.npz"
     if path.exists():
         return dict(np.load(path, allow_pickle=False))
     from jax.tree_util import Partial
@@ -385,7 +385,7 @@ def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -
     for q in shown:
         grid, _ = topk_image(queries["images"][q], train["images"], s[q], k=8,
                              correct=relevant[q], query_label=concepts[queries["concept"][q]])
-        path = run_dir / "results" / f"topk_{best}_{q:03d}.png"
+        path = RunDir(run_dir).results / f"topk_{best}_{q:03d}.png"
         save_png(path, grid)
         images.append({"path": str(path.relative_to(run_dir)),
                        "caption": f"query {q} ({queries['prompts'][q]}): top-8 by {best}; "
@@ -393,7 +393,7 @@ def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -
     write_result(run_dir, "topk", f"Top attributions ({best})", images=images, order=2)
     gens = image_grid(queries["images"], nrow=config.generate.per_concept,
                       labels=[_short(p) for p in queries["prompts"]])
-    save_png(run_dir / "results" / "generations.png", gens)
+    save_png(RunDir(run_dir).results / "generations.png", gens)
     write_result(run_dir, "generations", "Generated queries",
                  metrics={f"{k} accuracy": v for k, v in gen_acc.items()},
                  images=[{"path": "results/generations.png",

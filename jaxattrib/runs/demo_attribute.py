@@ -22,6 +22,7 @@ from jaxattrib.config import ConfigError
 from jaxattrib.fileio import atomic_save_npy, atomic_write_text
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
 from jaxattrib.fingerprint import text as fingerprint_text
+from jaxattrib.runs.rundir import RunDir
 
 
 # Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
@@ -103,16 +104,16 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
     query_ex = _examples(pipe, queries["images"], queries["prompts"])
     fingerprint = _space_fingerprint(pipe, fingerprint)
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
-    version = run_dir / "scores" / "VERSION"
+    version = RunDir(run_dir).scores / "VERSION"
     # Score files of another scoring version (or of none: made before versions) are recomputed
     # from the cached features; nothing else is discarded.
     if not (version.is_file() and version.read_text().strip() == SCORES_VERSION):
-        for stale in (run_dir / "scores").rglob("*.npy"):
+        for stale in RunDir(run_dir).scores.rglob("*.npy"):
             stale.unlink()
         version.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(version, SCORES_VERSION + "\n")
     for method in config.attribution.methods:
-        folders = {name: run_dir / "scores" / name if name else run_dir / "scores"
+        folders = {name: RunDir(run_dir).scores / name if name else RunDir(run_dir).scores
                    for name in variants}
         if all((f / f"{method}.npy").exists() for f in folders.values()):
             for name, f in folders.items():
@@ -167,7 +168,7 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
             cands, meta = _ensemble_candidates(run_dir, a, ac, out_fn, train_ex, query_ex,
                                                fingerprint, q_fp, progress)
         else:
-            feats = run_dir / "features" / method
+            feats = RunDir(run_dir).features / method
             Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
                                         fingerprint=fingerprint, step=step, progress=progress)
             phi = dt.featurize_examples(out_fn, unet_params, query_ex, ac, feats / "queries",
@@ -200,7 +201,7 @@ def _ensemble_candidates(run_dir: Path, a, ac, out_fn, train_ex, query_ex, finge
     ``features/<method>/step_<s>/``."""
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     try:
         steps = dt.ensemble_steps(tuple(a.checkpoints) if isinstance(a.checkpoints, (list, tuple))
                                   else a.checkpoints, record.steps(), ac.method)
@@ -210,7 +211,7 @@ def _ensemble_candidates(run_dir: Path, a, ac, out_fn, train_ex, query_ex, finge
     Phis, phis = [], []
     for s in steps:
         p = record.load(s)["unet"]
-        base = run_dir / "features" / ac.method / f"step_{s}"
+        base = RunDir(run_dir).feature_dir(ac.method, s)
         Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
                                           fingerprint=fingerprint, step=s, progress=progress))
         phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
@@ -228,11 +229,11 @@ def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerpr
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.attribution import trak as trak_lib
     from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     Phis, phis, lrs = [], [], []
     for s in record.steps()[1:]:
         p = record.load(s)["unet"]
-        base = run_dir / "features" / "tracin" / f"step_{s}"
+        base = RunDir(run_dir).feature_dir("tracin", s)
         Phis.append(dt.featurize_examples(out_fn, p, train_ex, ac, base / "train",
                                           fingerprint=fingerprint, step=s, progress=progress))
         phis.append(dt.featurize_examples(out_fn, p, query_ex, ac, base / "queries",
@@ -251,10 +252,10 @@ def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress
     for a latent base model — the same latents at every checkpoint)."""
     from jaxattrib.attribution import montrage
     from jaxattrib.train.record import TrajectoryRecord
-    record = TrajectoryRecord.open((run_dir / "record").resolve())
+    record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     traj = montrage.representation_trajectory(
         record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
-        query_ex["ctx"], cache_dir=run_dir / "features" / "montrage", progress=progress)
+        query_ex["ctx"], cache_dir=RunDir(run_dir).features / "montrage", progress=progress)
     seen = "ignore" if how == "final" else "count"
     return montrage.trajectory_scores(traj, how, record=record, seen=seen)
 

@@ -38,7 +38,8 @@ def _synthetic_instances(config, pipe):
         info = base_model_info(pipe.folder)
     except FileNotFoundError:
         raise _config_error(f"dreambooth.source='synthetic' needs a model pretrained by "
-                            f"jaxattrib.train.base_model ({pipe.folder} has no jaxattrib_base.json)")
+                            f"jaxattrib.train.base_model ({pipe.folder} has no "
+                            f"jaxattrib_base.json)")
     spec = spec_from_info(info)
     words = str(d.concept).split()
     held = [dict(h) for h in info["held_out"]]
@@ -88,7 +89,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     from jaxattrib.diffusion.latents import training_latent_rule
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.finetune import TrainConfig, finetune
-    from jaxattrib.runs.rundir import check_run_config, save_npz
+    from jaxattrib.runs.rundir import RunDir, check_run_config, save_npz
     from jaxattrib.runs.specs import load_model
 
     from jaxattrib import precision
@@ -141,7 +142,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     except ValueError as err:
         raise _config_error(f"dreambooth.identifier: {err}") from None
 
-    data_path = run_dir / "data" / "train.npz"
+    data_path = RunDir(run_dir).data_file("train")
     if data_path.exists():
         class_images = np.load(data_path)["images"][len(inst_images):]
     else:
@@ -160,7 +161,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         {"images": inst_images, "input_ids": pipe.tokenizer(inst_prompts, max_length=L)},
         {"images": class_images, "input_ids": pipe.tokenizer(class_prompts, max_length=L)})
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    model_info, sample_posterior = training_latent_rule(pipe, run_dir / "record",
+    model_info, sample_posterior = training_latent_rule(pipe, RunDir(run_dir).record,
                                                         {"model": str(config.model)})
     loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
                                    prior_loss_weight=d.prior_loss_weight,
@@ -177,7 +178,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         params["vae"] = pipe.vae_params
     mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
     trained, record = finetune(
-        loss_fn, params, n_pairs, get_batch, tc, (run_dir / "record").resolve(), mesh=mesh,
+        loss_fn, params, n_pairs, get_batch, tc, RunDir(run_dir).record.resolve(), mesh=mesh,
         progress=progress, model_info=model_info,
         dataset_info={"kind": "dreambooth pairs (instance j % n_inst, class j % n_class)",
                       "instance_ids": list(inst_ids), "instance_prompts": inst_prompts,
@@ -197,7 +198,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         acc, images = evaluate_concept(model, eval_prompts, concept, spec, key,
                                        num_inference_steps=e.num_inference_steps,
                                        guidance_scale=e.guidance_scale)
-        save_npz(run_dir / "generations" / f"{name}.npz", images=images,
+        save_npz(RunDir(run_dir).generations / f"{name}.npz", images=images,
                   prompts=np.array(eval_prompts))
         metrics.update({f"{name}_{k}_accuracy" if k != "empty" else f"{name}_empty_fraction":
                         v for k, v in acc.items()})

@@ -20,13 +20,13 @@ be in memory at once: any data source that yields its rows in batches can fill i
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from jaxattrib.attribution import store as store_lib
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 
 
 class LatentCacheError(ConfigError):
@@ -151,7 +151,7 @@ def cached_training_latents(run_dir, pipe, n: int, batches: Iterable[tuple[int, 
     from jaxattrib.diffusion.latents import encode_images, vae_fingerprint as vfp
     from jaxattrib.parallel import my_share, on_process0_first
     vf = vfp(pipe.vae_config, pipe.vae_params) if vae_fingerprint is None else vae_fingerprint
-    folder = Path(run_dir) / "latents" / "train"
+    folder = RunDir(run_dir).latents / "train"
     st = on_process0_first(lambda: open_latent_store(
         folder, pipe, n, data_fingerprint=data_fingerprint, vae_fingerprint=vf,
         chunk_size=chunk_size), f"latent store {folder}")

@@ -71,7 +71,8 @@ class RunDir:
 
     @property
     def data_source(self) -> Path:
-        """``data/source.json``: the reference to the training data (:mod:`~jaxattrib.data.run_data`)."""
+        """``data/source.json``: the reference to the training data
+        (:mod:`~jaxattrib.data.run_data`)."""
         return self.root / run_data.SOURCE_FILE
 
     @property

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 from jaxattrib.fingerprint import json_object as _sha  # recipe of stored cache keys
 
 
@@ -165,7 +166,7 @@ def run_source_model(config, run_dir: str | Path, progress: bool = True) -> dict
     check_config(config)
     run_dir = Path(run_dir)
     check_run_config(run_dir, config)
-    cache = run_dir / "source_model"
+    cache = RunDir(run_dir).cache("source_model")
     cache.mkdir(parents=True, exist_ok=True)
     pipe = load_model(config.model.pipeline)
     q = config.query
@@ -288,7 +289,7 @@ def report(run_dir: Path, config, result: dict, images: dict, models: list) -> N
                     dist = next(r for r in result["models"] if (r["role"], r["index"]) ==
                                 (role, i))["distances"][j]
                     labels.append(f"{role[:4]}{i} d={dist:.2f}")
-        save_png(run_dir / "results" / "source_model_keys.png",
+        save_png(RunDir(run_dir).results / "source_model_keys.png",
                  image_grid(np.stack(cells), nrow=len(order), labels=labels))
         imgs.append({"path": "results/source_model_keys.png",
                      "caption": f"first {n} key samples, seed {config.query.seeds[0]}: the "

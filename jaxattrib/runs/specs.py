@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 
 
 def load_model(model: str):
@@ -43,7 +44,7 @@ def load_unet(spec: str, pipe, field: str = "model") -> tuple[dict, str]:
         return pipe.unet_params, f"UNet of {pipe.folder}"
     path_s, _, step_s = spec.rpartition("@") if "@" in spec else (spec, "", "")
     path = Path(path_s).expanduser()
-    record_dir = path if (path / "manifest.json").is_file() else path / "record"
+    record_dir = path if (path / "manifest.json").is_file() else RunDir(path).record
     if spec != "embedded" and (record_dir / "manifest.json").is_file():
         from jaxattrib.train.record import TrajectoryRecord
         rec = TrajectoryRecord.open(record_dir.resolve())

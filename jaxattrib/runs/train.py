@@ -19,6 +19,7 @@ from jaxattrib.runs.config_check import (DATA_SOURCES, _field, check_data_size,
                                          check_pipeline_matches, check_train_config,
                                          read_run_config)
 from jaxattrib.runs.specs import load_model
+from jaxattrib.runs.rundir import RunDir
 
 
 # data.* fields added after run directories existed: a stored config.json without them is
@@ -85,7 +86,7 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     check_train_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.json"
+    cfg_path = RunDir(run_dir).config
     current = json.loads(config.to_json())
     from jaxattrib import precision
     stored = read_run_config(cfg_path) if cfg_path.exists() else None
@@ -127,7 +128,7 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     f = config.finetune
     prec = {k: _field(f, k, v) for k, v in precision.DEFAULTS.items()}
     from jaxattrib.diffusion.latents import training_latent_rule
-    model_info, sample_posterior = training_latent_rule(pipe, run_dir / "record",
+    model_info, sample_posterior = training_latent_rule(pipe, RunDir(run_dir).record,
                                                         {"model": str(config.model)})
     loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
                                   train_text_encoder=f.train_text_encoder,
@@ -156,7 +157,7 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         # pixels are read per step (this process's rows only), ahead of the step by grain threads
         return finetune(loss_fn, params, len(ds),
                         lambda idx: {"images": ds.read(idx), "input_ids": ids[idx]}, tc,
-                        (run_dir / "record").resolve(), mesh=mesh, progress=progress,
+                        RunDir(run_dir).record.resolve(), mesh=mesh, progress=progress,
                         model_info=model_info, dataset_info=dataset_info, prefetch=2, log=log)
 
 
