@@ -219,9 +219,10 @@ def attribute_options(config, overrides: Sequence[str] = ()) -> dict:
     when the run does not exist yet (dry runs); then every ``--set attribution.X=...`` of
     ``overrides`` on top."""
     from jaxattrib.runs.attribute import ATTRIBUTE_DEFAULTS, attribution_defaults
+    from jaxattrib.runs.rundir import RunDir
     run = paths(config)["out_dir"]
     section = config.attribution.to_dict() if "attribution" in config else {}
-    if (run / "config.json").is_file():
+    if RunDir(run).config.is_file():
         opts = attribution_defaults(run)
     else:
         opts = dict(ATTRIBUTE_DEFAULTS)

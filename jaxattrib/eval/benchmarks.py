@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxattrib.attribution.methods import METHODS
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 
 
 def _log(msg: str) -> None:
@@ -248,7 +249,7 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     for name in variants:
         chosen[name] = {}
         for method in scores[name]:
-            p = run_dir / "scores" / name / f"{method}_lambda.json"
+            p = RunDir(run_dir).scores / name / f"{method}_lambda.json"
             if p.exists():
                 chosen[name][method] = json.loads(p.read_text())["chosen"]
     e = config.eval
@@ -292,7 +293,7 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
     per_row = int(np.sum(queries["concept"] == 0))
     grid = image_grid(queries["images"], nrow=per_row,
                       labels=[str(v) for v in queries["variation"]])
-    save_png(run_dir / "results" / "customization_queries.png", grid)
+    save_png(RunDir(run_dir).results / "customization_queries.png", grid)
     write_result(run_dir, "customization_queries", "Generated queries",
                  metrics={f"{k_} agreement": v for k_, v in out["generation_accuracy"].items()},
                  images=[{"path": "results/customization_queries.png",

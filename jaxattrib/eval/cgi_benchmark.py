@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.rundir import RunDir
 
 IMAGE_SIMILARITIES = ("ssim", "psnr", "tap")
 # 'j_gain': J(recovered) − J(start), not an image similarity (scores CGI-DM only) [design]
@@ -145,7 +146,7 @@ def assign_splits(groups: np.ndarray, members: int, calib: int, seed: int) -> np
 def build_data(run_dir: Path, config, pipe) -> dict:
     """The images with captions, concept groups and splits (cached in ``data/splits.npz``)."""
     from jaxattrib.runs.rundir import save_npz
-    path = run_dir / "data" / "splits.npz"
+    path = RunDir(run_dir).data_file("splits")
     if path.exists():
         return dict(np.load(path))
     size = pipe.unet_config.sample_size
@@ -187,7 +188,7 @@ def class_data(run_dir: Path, config, pipe) -> dict:
     it knows (``finetune.class_prompts``, cycled), cached in ``data/class.npz``."""
     from jaxattrib.runs.rundir import save_npz
     from jaxattrib.train.dreambooth import generate_class_images
-    path = run_dir / "data" / "class.npz"
+    path = RunDir(run_dir).data_file("class")
     if path.exists():
         return dict(np.load(path))
     f = config.finetune
@@ -226,7 +227,7 @@ def finetune_stage(run_dir: Path, config, pipe, data: dict, progress: bool = Tru
     mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
     trained, record = finetune(
         loss_fn, {"unet": pipe.unet_params, "text_encoder": pipe.text_params}, n_pairs,
-        get_batch, tc, (run_dir / "record").resolve(), mesh=mesh, progress=progress,
+        get_batch, tc, RunDir(run_dir).record.resolve(), mesh=mesh, progress=progress,
         model_info={"model": "embedded"},
         dataset_info={"kind": "cgi-dm benchmark members (DreamBooth pairs)",
                       "instance_ids": [str(i) for i in data["ids"][members]]})
@@ -291,7 +292,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
     the missing entries."""
     from jaxattrib.authentication import cgi_dm
     from jaxattrib.runs.rundir import save_npz
-    path = run_dir / "scores" / "baselines.npz"
+    path = RunDir(run_dir).scores / "baselines.npz"
     out = dict(np.load(path)) if path.exists() else {}
     n_cached = len(out)
     ranges = sorted({(1, 999)} | {(v.t_min, v.t_max) for v in variants.values()})
@@ -443,7 +444,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     for k in base:
         st, _ = test_of(k)
         all_test.append({"scores": k, "test AUC": roc_auc(st, y_test)})
-    save_npz(run_dir / "scores" / "cgi_test.npz", labels=y_test, cgi=cgi_test,
+    save_npz(RunDir(run_dir).scores / "cgi_test.npz", labels=y_test, cgi=cgi_test,
               calib=sc["calib"])
     summary = {"counts": counts, "picks": pick, "test": rows, "validation": val_rows,
                "baselines_on_test": all_test, "wall_s": time.time() - t0}

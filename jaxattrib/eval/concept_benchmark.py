@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxattrib.config import ConfigError
 from jaxattrib.runs.concept_query import concept_inputs, concept_trak_config
+from jaxattrib.runs.rundir import RunDir
 
 
 def _log(msg: str) -> None:
@@ -178,7 +179,7 @@ def method_rows(scores: dict, relevant: np.ndarray, test: np.ndarray, split: np.
 def build_train(run_dir: Path, config, info: dict) -> dict:
     """The attributed training set: ``per_combination`` renders of every (shape, color,
     background) except the base model's withheld (shape, color) combinations (cached)."""
-    path = run_dir / "data" / "train.npz"
+    path = RunDir(run_dir).data_file("train")
     if path.exists():
         return dict(np.load(path))
     from jaxattrib.train.base_model import spec_from_info
@@ -311,7 +312,7 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
                               params=a.params, projection=a.projection, microbatch=a.microbatch,
                               noise=a.get("noise", "shared"))
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
-    feats = Path(features_dir or run_dir / "features") / method
+    feats = Path(features_dir or RunDir(run_dir).features) / method
     Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
                                 fingerprint=fingerprint, step=step, progress=progress)
     phi = dt.featurize_examples(out_fn, unet_params, gen_ex, ac, feats / "queries",
@@ -385,7 +386,7 @@ def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx,
         sched, k=config.eval.topk, val_images=img[val], val_prompts=pick(prompts, val),
         val_concepts=pick(concepts, val), ratios=config.attribution.lambda_ratios,
         settings=settings, relevant=relevant[~val], val_relevant=relevant[val],
-        features_dir=run_dir / "features" / "concept-trak", train_contexts=train_ctx)
+        features_dir=RunDir(run_dir).features / "concept-trak", train_contexts=train_ctx)
     # back to all rows (validation rows get their scores too, never evaluated)
     for r in rows:
         full = np.full((len(val), relevant.shape[1]), np.nan)
@@ -418,7 +419,7 @@ def _diagnostics(run_dir: Path, config, pipe, unet_params, sched, train, train_e
     not depend on the concept asked)."""
     from jaxattrib.attribution import concept_trak as ct
     rows = []
-    fdir = run_dir / "features" / "concept-trak"
+    fdir = RunDir(run_dir).features / "concept-trak"
     val = plan["row_val"]
     settings = ct.ABLATION if ablation else ct.ABLATION[-1:]
     for name, sw in settings:
@@ -456,7 +457,7 @@ def _finetuned(run_dir: Path, config, pipe, train: dict, progress: bool):
     resumes), else fine-tuned / resumed by :func:`jaxattrib.runs.demo.finetune_stage`."""
     from jaxattrib.runs import demo
     from jaxattrib.train.record import TrajectoryRecord
-    rec_dir = (run_dir / "record").resolve()
+    rec_dir = RunDir(run_dir).record.resolve()
     if (rec_dir / "manifest.json").exists():
         record = TrajectoryRecord.open(rec_dir)
         step = record.latest_step()
@@ -516,7 +517,7 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     fingerprint = demo_attribute._fingerprint_of(train["images"])
     a = config.attribution
     scores, chosen = {}, {}
-    sdir = run_dir / "scores"
+    sdir = RunDir(run_dir).scores
     sdir.mkdir(parents=True, exist_ok=True)
     abl_rows = None
     methods = [m for m in a.methods if not (ablation_only and m != "concept-trak")]
