@@ -125,3 +125,20 @@ def adopt_legacy(stored: dict, current, legacy: dict = ATTRIBUTION_LEGACY) -> li
                 changed.append(f"{dotted}={new[name]!r} -> {value!r}")
             new[name] = value
     return changed
+
+
+def fields_from_section(cls, section, *, strict: bool = False, **overrides) -> dict:
+    """Keyword arguments for the dataclass ``cls`` from a config section: every field of
+    ``cls`` that ``section`` (a ConfigDict or mapping) holds, then ``overrides`` (which win).
+    Fields in neither keep the dataclass defaults; keys of ``section`` that are not fields are
+    ignored, or with ``strict`` a ``TypeError`` naming them. [design] The one mapping behind the
+    ``from_section`` classmethods: what differs between callers (e.g. the demo's constant
+    schedule) is passed as ``overrides`` at the call, so every default stays where it is."""
+    import dataclasses
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(section) - set(names))
+    if strict and unknown:
+        raise TypeError(f"{cls.__name__}: not a field: {unknown}")
+    kw = {n: section[n] for n in names if n in section}
+    kw.update(overrides)
+    return kw

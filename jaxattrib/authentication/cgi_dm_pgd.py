@@ -93,6 +93,14 @@ class CGIDMConfig:
     project_model: str = "finetuned"
     project_every: int = 1
 
+    @classmethod
+    def from_section(cls, section, *, strict: bool = False, **overrides) -> "CGIDMConfig":
+        """From a ``cgi`` / ``cgi_dm`` config section: the fields it holds (other keys, e.g.
+        the demo's ``enabled``, are ignored), then ``overrides``; the rest keep the defaults
+        above (:func:`jaxattrib.config.fields_from_section`)."""
+        from jaxattrib.config import fields_from_section
+        return cls(**fields_from_section(cls, section, strict=strict, **overrides))
+
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:
             raise ValueError(f"CGIDMConfig.mask_kind={self.mask_kind!r}; expected one of "

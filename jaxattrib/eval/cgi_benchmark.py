@@ -108,7 +108,7 @@ def check_config(config) -> dict:
     if bad or not config.tune.similarities:
         raise ConfigError(f"tune.similarities={tuple(config.tune.similarities)}: expected a "
                           f"non-empty subset of {SIMILARITIES}")
-    base = CGIDMConfig(**config.cgi.to_dict())
+    base = CGIDMConfig.from_section(config.cgi, strict=True)
     variants = dict(parse_variant(s, base) for s in config.tune.variants)
     if not variants:
         raise ConfigError("tune.variants is empty")
@@ -220,10 +220,8 @@ def finetune_stage(run_dir: Path, config, pipe, data: dict, progress: bool = Tru
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
                                    prior_loss_weight=f.prior_loss_weight)
-    tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
-                     schedule="constant", weight_decay=0.0, seed=config.seed,
-                     checkpoint_every=f.steps, mode=f.mode, lora_rank=f.lora_rank,
-                     lora_alpha=float(f.lora_rank))
+    tc = TrainConfig.from_section(f, schedule="constant", weight_decay=0.0, seed=config.seed,
+                                  checkpoint_every=f.steps, lora_alpha=float(f.lora_rank))
     mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
     trained, record = finetune(
         loss_fn, {"unet": pipe.unet_params, "text_encoder": pipe.text_params}, n_pairs,

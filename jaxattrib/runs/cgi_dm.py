@@ -89,7 +89,7 @@ def check_config(config, source: str = "config"):
     if unknown:
         raise ConfigError(f"{source}: cgi.{unknown[0]}: not a CGIDMConfig field {sorted(fields)}")
     try:
-        return CGIDMConfig(**config.cgi.to_dict())
+        return CGIDMConfig.from_section(config.cgi)   # every key is a field (checked above)
     except (ValueError, TypeError) as e:
         msg = str(e).replace("CGIDMConfig.", "cgi.").replace("CGIDMConfig:", "cgi:")
         raise ConfigError(f"{source}: {msg}") from e

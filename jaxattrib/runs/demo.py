@@ -198,9 +198,8 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
                          max_length=pipe.text_config.max_position_embeddings)
     images = train["images"]
     f = config.finetune
-    tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
-                     schedule="constant", warmup_steps=0, weight_decay=0.0, seed=config.seed,
-                     checkpoint_every=f.checkpoint_every, mode=f.mode, log_every=20)
+    tc = TrainConfig.from_section(f, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                                  seed=config.seed, log_every=20)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
     model_info = {"base_model": base_model_ref(pipe.folder, RunDir(run_dir).record)}
     if pipe.is_latent:
@@ -283,7 +282,7 @@ def cgi_dm_stage(run_dir: Path, config, pipe, ft_params, train: dict, holdout: d
     eps_pre, eps_ft = Partial(apply, pipe.unet_params), Partial(apply, ft_params)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     c = config.cgi_dm
-    cfg = cgi_dm.CGIDMConfig(num_steps=c.num_steps, t_min=c.t_min, t_max=c.t_max)
+    cfg = cgi_dm.CGIDMConfig.from_section(c)   # num_steps, t_min, t_max; the rest default
     members = train["concept"] >= 0
     m_img, m_cap = train["images"][members], train["captions"][members]
     n_cal = len(holdout["images"]) // 2

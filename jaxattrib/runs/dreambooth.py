@@ -168,11 +168,8 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
                                    vae_config=pipe.vae_config, sample_posterior=sample_posterior,
                                    train_text_encoder=f.train_text_encoder,
                                    precision=prec["precision"], remat=prec["remat"])
-    tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
-                     schedule=f.schedule, weight_decay=0.0, seed=config.seed,
-                     checkpoint_every=f.checkpoint_every, mode=f.mode, lora_rank=f.lora_rank,
-                     lora_alpha=float(f.lora_rank), train_text_encoder=f.train_text_encoder,
-                     **prec)
+    tc = TrainConfig.from_section(f, weight_decay=0.0, seed=config.seed,
+                                  lora_alpha=float(f.lora_rank), **prec)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
     if pipe.vae_params is not None:
         params["vae"] = pipe.vae_params

@@ -80,7 +80,6 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
 
     from jaxattrib import parallel
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
-    from jaxattrib.models.lora import TEXT_ATTENTION_TARGET, UNET_ATTENTION_TARGET
     from jaxattrib.train.diffusion_task import make_diffusion_loss
     from jaxattrib.train.finetune import TrainConfig, finetune
     check_train_config(config)
@@ -135,14 +134,9 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
                                   precision=prec["precision"], remat=prec["remat"],
                                   sample_posterior=sample_posterior)
     ids = pipe.tokenizer(list(ds.captions), max_length=pipe.text_config.max_position_embeddings)
-    tc = TrainConfig(steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
-                     schedule=f.schedule, seed=config.seed, checkpoint_every=f.checkpoint_every,
-                     mode=f.mode, lora_rank=f.lora_rank, train_text_encoder=f.train_text_encoder,
-                     warmup_steps=_field(f, "warmup_steps", 0),
-                     lora_alpha=float(_field(f, "lora_alpha", 4.0)),
-                     lora_target=_field(f, "lora_target",
-                                        f"{UNET_ATTENTION_TARGET}|{TEXT_ATTENTION_TARGET}"),
-                     **prec)
+    # absent warmup_steps / lora_target take TrainConfig's defaults (0, UNet|text attention)
+    tc = TrainConfig.from_section(f, seed=config.seed,
+                                  lora_alpha=float(_field(f, "lora_alpha", 4.0)), **prec)
     params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
     if pipe.vae_params is not None:
         params["vae"] = pipe.vae_params

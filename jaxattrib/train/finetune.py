@@ -100,6 +100,14 @@ class TrainConfig:
     remat: str = "none"
     matmul_precision: str = "default"
 
+    @classmethod
+    def from_section(cls, section, *, strict: bool = False, **overrides) -> "TrainConfig":
+        """From a ``finetune`` / ``train`` config section: the fields it holds, then
+        ``overrides``; the rest keep the defaults above (:func:`jaxattrib.config.
+        fields_from_section`)."""
+        from jaxattrib.config import fields_from_section
+        return cls(**fields_from_section(cls, section, strict=strict, **overrides))
+
     def __post_init__(self):
         from jaxattrib import precision as prec
         if self.precision not in prec.PRECISIONS:
