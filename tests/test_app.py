@@ -1,16 +1,14 @@
-"""The application layer: configs, generation, diffusion TRAK glue, CLI, demo helpers."""
+"""The application layer: configs, generation, CLI, demo helpers."""
 
 import json
 import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxattrib.train import base_model as bm
-from jaxattrib.attribution import diffusion_trak as dt
 from jaxattrib.config import ConfigError, apply_overrides, load_config
 from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
 from jaxattrib.models import clip_text, unet
@@ -176,63 +174,6 @@ def test_generate_compiles_once_for_many_unet_params(tiny_pipeline_dir, monkeypa
     assert len(traces) == n + 1
     np.testing.assert_allclose(np.asarray(b2), np.asarray(b), rtol=1e-6, atol=1e-6)
     G._batched_sampler.cache_clear()
-
-
-# ----------------------------------------------------------------------------- diffusion TRAK
-
-@pytest.mark.parametrize("method", ["dtrak", "trak", "journey-trak"])
-def test_unet_features_equal_explicit_projection_float64(method):
-    """Engine features == Pᵀ g with P materialized and g from a per-example jax.grad loop."""
-    from jaxattrib.attribution.grads import (make_feature_fn, merge_params, projected_grads,
-                                             select_params)
-    with jax.enable_x64(True):
-        u, _ = _tiny_configs(40)
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                        unet.init_params(u, jax.random.PRNGKey(0)))
-        sched = schedule_from_diffusers_config(bm.SCHEDULER_CONFIG, dtype=jnp.float64)
-        cfg = dt.AttributionConfig(method=method, k=64, num_timesteps=3, params="attn2",
-                                   projection="gaussian", microbatch=2)
-        out_fn = dt.make_train_out_fn(u, sched, cfg)
-        rng = np.random.RandomState(0)
-        ex = dt.with_index({"x0": rng.uniform(-1, 1, (3, 8, 8, 3)),
-                            "ctx": rng.normal(size=(3, 4, 16))})   # row index: the noise
-        proj = dt._projector(params, cfg)
-        got = np.asarray(projected_grads(make_feature_fn(out_fn, params, proj, spec="attn2"),
-                                         ex, jax.random.PRNGKey(1), microbatch=2))
-        P = np.asarray(proj.materialize())
-        split = select_params(params, "attn2")
-        want = []
-        for i in range(3):
-            e = {k: v[i] for k, v in ex.items()}
-            k_i = jax.random.fold_in(jax.random.PRNGKey(1), i)
-            g = jax.grad(lambda tr: out_fn(merge_params(tr, split.frozen), e, k_i))(
-                split.trainable)
-            flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
-            want.append(flat @ P)
-        want = np.stack(want)
-        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-
-
-def test_journey_targets_and_out_fn_shapes():
-    u, _ = _tiny_configs(40)
-    sched = schedule_from_diffusers_config(bm.SCHEDULER_CONFIG)
-    from jaxattrib.diffusion.sampling import Trajectory
-    traj = Trajectory(timesteps=jnp.array([[900, 500, 100]] * 2),
-                      xs=jnp.zeros((2, 3, 8, 8, 3)), x0_preds=jnp.ones((2, 3, 8, 8, 3)))
-    tg = dt.journey_targets(traj, np.zeros((2, 4, 16)), 1)
-    assert tg["x0"].shape == (2, 8, 8, 3) and list(tg["t"]) == [500, 500]
-    cfg = dt.AttributionConfig(method="journey-trak", journey_resamples=3)
-    f = dt.make_journey_target_out_fn(u, sched, cfg)
-    params = unet.init_params(u, jax.random.PRNGKey(0))
-    v = f(params, {k: v[0] for k, v in tg.items()}, jax.random.PRNGKey(2))
-    assert v.shape == () and np.isfinite(float(v)) and float(v) > 0
-
-
-def test_lambda_grid_is_relative_to_feature_scale():
-    Phi = np.random.RandomState(0).normal(size=(50, 8)) * 3.0
-    lams = dt.relative_lambdas(Phi, [1.0, 10.0])
-    assert lams[1] == pytest.approx(10 * lams[0])
-    assert lams[0] == pytest.approx(np.mean(np.sum(Phi ** 2, 0)))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,4 +1,5 @@
-"""diffusion_trak: one compile shared by featurize_examples calls (splits, checkpoints)."""
+"""diffusion_trak: one compile shared by featurize_examples calls (splits, checkpoints); engine
+features equal an explicit projection in float64; Journey-TRAK targets; the relative λ grid."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxattrib.attribution import diffusion_trak as dt
-from jaxattrib.diffusion.schedule import make_schedule
+from jaxattrib.diffusion.schedule import make_schedule, schedule_from_diffusers_config
 from jaxattrib.models import unet
+from jaxattrib.train.base_model import SCHEDULER_CONFIG
 
 
 @pytest.mark.parametrize("projection,proj_batch", [("rademacher", 0), ("rademacher", 8),
@@ -69,3 +71,67 @@ def test_out_fns_are_shared_for_equal_arguments():
     assert dt.make_train_out_fn(u, make_schedule(), dt.AttributionConfig(method="dtrak")) is not f
     j = dt.make_journey_target_out_fn(u, make_schedule(), cfg)
     assert j is dt.make_journey_target_out_fn(u, make_schedule(), cfg) and j is not f
+
+
+# ----------------------------------------------------------------------------- engine glue
+# (moved from test_app.py)
+
+def _tiny_unet():
+    """The 8-px pixel UNet (cross-attention 16) the glue tests below run."""
+    return unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
+                            sample_size=8, in_channels=3, out_channels=3, attention_head_dim=2)
+
+
+@pytest.mark.parametrize("method", ["dtrak", "trak", "journey-trak"])
+def test_unet_features_equal_explicit_projection_float64(method):
+    """Engine features == Pᵀ g with P materialized and g from a per-example jax.grad loop."""
+    from jaxattrib.attribution.grads import (make_feature_fn, merge_params, projected_grads,
+                                             select_params)
+    with jax.enable_x64(True):
+        u = _tiny_unet()
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                        unet.init_params(u, jax.random.PRNGKey(0)))
+        sched = schedule_from_diffusers_config(SCHEDULER_CONFIG, dtype=jnp.float64)
+        cfg = dt.AttributionConfig(method=method, k=64, num_timesteps=3, params="attn2",
+                                   projection="gaussian", microbatch=2)
+        out_fn = dt.make_train_out_fn(u, sched, cfg)
+        rng = np.random.RandomState(0)
+        ex = dt.with_index({"x0": rng.uniform(-1, 1, (3, 8, 8, 3)),
+                            "ctx": rng.normal(size=(3, 4, 16))})   # row index: the noise
+        proj = dt._projector(params, cfg)
+        got = np.asarray(projected_grads(make_feature_fn(out_fn, params, proj, spec="attn2"),
+                                         ex, jax.random.PRNGKey(1), microbatch=2))
+        P = np.asarray(proj.materialize())
+        split = select_params(params, "attn2")
+        want = []
+        for i in range(3):
+            e = {k: v[i] for k, v in ex.items()}
+            k_i = jax.random.fold_in(jax.random.PRNGKey(1), i)
+            g = jax.grad(lambda tr: out_fn(merge_params(tr, split.frozen), e, k_i))(
+                split.trainable)
+            flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+            want.append(flat @ P)
+        want = np.stack(want)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_journey_targets_and_out_fn_shapes():
+    u = _tiny_unet()
+    sched = schedule_from_diffusers_config(SCHEDULER_CONFIG)
+    from jaxattrib.diffusion.sampling import Trajectory
+    traj = Trajectory(timesteps=jnp.array([[900, 500, 100]] * 2),
+                      xs=jnp.zeros((2, 3, 8, 8, 3)), x0_preds=jnp.ones((2, 3, 8, 8, 3)))
+    tg = dt.journey_targets(traj, np.zeros((2, 4, 16)), 1)
+    assert tg["x0"].shape == (2, 8, 8, 3) and list(tg["t"]) == [500, 500]
+    cfg = dt.AttributionConfig(method="journey-trak", journey_resamples=3)
+    f = dt.make_journey_target_out_fn(u, sched, cfg)
+    params = unet.init_params(u, jax.random.PRNGKey(0))
+    v = f(params, {k: v[0] for k, v in tg.items()}, jax.random.PRNGKey(2))
+    assert v.shape == () and np.isfinite(float(v)) and float(v) > 0
+
+
+def test_lambda_grid_is_relative_to_feature_scale():
+    Phi = np.random.RandomState(0).normal(size=(50, 8)) * 3.0
+    lams = dt.relative_lambdas(Phi, [1.0, 10.0])
+    assert lams[1] == pytest.approx(10 * lams[0])
+    assert lams[0] == pytest.approx(np.mean(np.sum(Phi ** 2, 0)))
