@@ -22,11 +22,11 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxattrib.config import ConfigError
-from jaxattrib.runs.config_check import check_attribution_fields, read_run_config
-from jaxattrib.runs.specs import load_model
 from jaxattrib.fingerprint import raw_arrays
 from jaxattrib.fingerprint import text as _sha  # recipe of stored latent feature-store keys
+from jaxattrib.runs.config_check import check_attribution_fields, read_run_config
 from jaxattrib.runs.rundir import RunDir
+from jaxattrib.runs.specs import load_model
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:

@@ -15,6 +15,8 @@ from jaxattrib.runs.rundir import RunDir
 
 
 def load_model(model: str):
+    """The pipeline of a config's ``model`` field: the shipped base model for ``''`` /
+    ``'embedded'``, else the diffusers pipeline folder ``model``."""
     from jaxattrib.train.base_model import load_base_model
     from jaxattrib.models.pipeline import load_pipeline
     return load_base_model() if model in ("", "embedded") else load_pipeline(model)
