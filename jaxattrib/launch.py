@@ -447,7 +447,16 @@ def start_distributed(mode: str = "auto", local_device_ids: Sequence[int] | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxattrib.logs import configure, unconfigure
     args = _parser().parse_args(argv)
+    configure(0)
+    try:
+        return _main(args, argv)
+    finally:
+        unconfigure()
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         plan = validate(config, args.command, source=args.config, overrides=args.overrides)

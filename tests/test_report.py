@@ -4,9 +4,11 @@ headless-Chromium screenshot of a written report."""
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +247,9 @@ def test_render_run_report_rejects_invalid_json_and_missing_folder(tmp_path):
 def test_report_renders_in_headless_chromium(tmp_path):
     report = _build_report().write(tmp_path / "report.html")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "screenshot_report.sh"), str(report),
-                           str(shot)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "jaxattrib.report.screenshot", str(report),
+                           str(shot)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.stat().st_size > 10_000
     px = np.asarray(Image.open(shot).convert("RGB")).astype(int)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -49,6 +50,8 @@ import numpy as np
 from jaxattrib.attribution import source_model as sm
 from jaxattrib.attribution import watermark as wm
 from jaxattrib.eval import metrics
+
+logger = logging.getLogger(__name__)
 
 #: instance-level methods (key-sample strategies) in table order
 INSTANCE_METHODS = ("strategy1", "strategy1-consistency", "strategy2", "random")
@@ -270,7 +273,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
 
     def log(msg):
         if progress:
-            print(f"[zoo {time.time() - t_start:7.0f} s] {msg}", flush=True)
+            logger.info("[zoo %7.0f s] %s", time.time() - t_start, msg)
 
     if pipe is None:
         from jaxattrib.workflow import _load_model
