@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -75,8 +76,11 @@ class Noise(str, Enum):
     shared = "shared"
 
 
-def _progress_option(what: str = "progress bars") -> bool:
+def _progress_option(what: str = "progress bars") -> Any:
+    """``--progress/--no-progress`` (default on): one flag pair for every command."""
     return typer.Option(True, "--progress/--no-progress", help=f"Show {what}.")
+
+logger = logging.getLogger(__name__)   # diagnostics on stderr (-v/-q); results go to stdout
 
 COMPILE_CACHE_ENV = "JAXATTRIB_COMPILE_CACHE"
 _OFF = ("off", "0", "false", "no", "none")
@@ -153,7 +157,8 @@ def save_traceback(run_dir: Optional[Path]) -> Path:
     return path
 
 
-def guarded(name: str, *, run_dir: Optional[str] = None, lock: bool = False):
+def guarded(name: str, *, run_dir: Optional[str] = None,
+            lock: bool = False) -> Callable[[Callable], Callable]:
     """Decorates a command: the top-level safety net, and the run directory's writer lock.
 
     ``run_dir``: the name of the command's parameter holding its run directory / output folder
@@ -251,7 +256,7 @@ def _use_compile_cache(ctx: typer.Context) -> None:
     many shorter compilations of a short command add up);
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` in the environment overrides that. Entries are keyed by the program, the jax/jaxlib
     version, backend, devices and XLA flags, so a stale entry is never used; the directory is
-    not size-bounded (delete it to reclaim space)."""
+    not size-bounded (delete it to reclaim space). Says where at INFO (hidden by ``-q``)."""
     import os
     cache = (ctx.find_root().obj or {}).get("compile_cache")
     import jax
@@ -269,7 +274,7 @@ def _use_compile_cache(ctx: typer.Context) -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-        typer.echo(f"XLA compilation cache: {path} (--compile-cache off to disable)", err=True)
+        logger.info("XLA compilation cache: %s (--compile-cache off to disable)", path)
     if (jax.config.values["jax_compilation_cache_dir"] or None) != path:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()  # a process that already compiled reopens the cache at the new path
@@ -307,9 +312,11 @@ def _main(ctx: typer.Context,
                                        callback=_print_version, show_default=False,
                                        help="Print the jaxattrib version and exit.")) -> None:
     """Data attribution and copyright authentication for diffusion models (JAX)."""
-    from jaxattrib.logs import configure, unconfigure
+    from jaxattrib.logs import configure, filter_native_stderr, unconfigure
     configure(verbose - quiet)
     ctx.call_on_close(unconfigure)
+    if verbose < 2:
+        filter_native_stderr()     # XLA's "Very slow compile? ... file a bug" block
     ctx.obj = {"compile_cache": None if no_compile_cache
                else resolve_compile_cache(compile_cache),
                "verbosity": verbose - quiet}
@@ -323,7 +330,7 @@ def demo(ctx: typer.Context,
          set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                         help="Override: key=value (repeatable)."),
          fresh: bool = typer.Option(False, help="Empty the run directory first."),
-         progress: bool = _progress_option()):
+         progress: bool = _progress_option()) -> None:
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
     _use_compile_cache(ctx)
@@ -352,14 +359,16 @@ def train(ctx: typer.Context,
           run_dir: Path = typer.Option(Path("runs/train"), help="Run directory (resumable)."),
           set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                          help="Override: key=value (repeatable)."),
-          progress: bool = _progress_option("the progress bar")):
+          progress: bool = _progress_option("the progress bar")) -> None:
     """Fine-tune a pipeline (full or LoRA) on a data set, writing a trajectory record.
 
     A config with a `dreambooth` section (e.g. `dreambooth`) runs DreamBooth: instance prompt
     with a rare identifier, class images from the base model, loss = instance +
     prior_loss_weight * class; on a synthetic held-out concept it also classifies generations
     of the fine-tuned and the base model (RUN_DIR/results/dreambooth.json).
-    Rerunning the same command resumes from the record's last checkpoint."""
+    Rerunning the same command resumes from the record's last checkpoint. Writes
+    RUN_DIR/results/train.json (loss at each checkpoint, training images) for `jaxattrib
+    report RUN_DIR`."""
     _use_compile_cache(ctx)
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.data.dataset import DataError
@@ -378,6 +387,9 @@ def train(ctx: typer.Context,
         _, record = train_run(cfg, run_dir, progress=progress)
         typer.echo(f"record: {run_dir / 'record'} (checkpoints {record.steps()})")
         record.close()
+        from jaxattrib.train.report_section import write_training_section
+        write_training_section(run_dir)
+        typer.echo(f"`jaxattrib report {run_dir}` renders its loss and training images")
     except (ConfigError, DataError, CheckpointError, RecordError) as e:
         _fail(str(e))
 
@@ -446,7 +458,7 @@ def attribute(ctx: typer.Context,
                   help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "
                        "checkpoints, scores averaged) or steps '100,200,300'. Default: the "
                        "run config's, else 1 for dtrak, 3 for trak / journey-trak."),
-              progress: bool = _progress_option()):
+              progress: bool = _progress_option()) -> None:
     """Attribute query images to a run's training data (resumable feature stores).
 
     Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
@@ -481,7 +493,7 @@ def _value(choice: Optional[Enum]) -> Optional[str]:
     return None if choice is None else choice.value
 
 
-def _parse_checkpoints(text: str):
+def _parse_checkpoints(text: str) -> int | list[int]:
     """``--checkpoints``: ``'3'`` -> 3 (the last 3), ``'100,200'`` / ``'300,'`` -> a list of
     steps; anything else exits 2 naming the option."""
     parts = [p.strip() for p in text.split(",")]
@@ -526,7 +538,7 @@ def cgi_dm(ctx: typer.Context,
            set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                           help="Override: key=value (repeatable)."),
            fresh: bool = typer.Option(False, help="Empty the run directory first."),
-           progress: bool = _progress_option()):
+           progress: bool = _progress_option()) -> None:
     """CGI-DM: was each candidate image used to fine-tune model.finetuned from
     model.pretrained? Threshold calibrated on data.reference (known non-members); writes
     RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
@@ -550,7 +562,7 @@ def source_model(ctx: typer.Context,
                  set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                                 help="Override: key=value (repeatable)."),
                  fresh: bool = typer.Option(False, help="Empty the run directory first."),
-                 progress: bool = _progress_option()):
+                 progress: bool = _progress_option()) -> None:
     """Source-model attribution: were model.suspects trained on model.source's generations?
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
     model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
@@ -583,7 +595,8 @@ def generate(ctx: typer.Context,
              guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
              trajectory: bool = typer.Option(False, help="Also save the sampling trajectory "
                                                          "(x_t and x̂0 per step) as .npz."),
-             allow_pickle: bool = typer.Option(False, help="Allow pickle weights (unsafe).")):
+             allow_pickle: bool = typer.Option(False, help="Allow pickle weights (unsafe).")
+             ) -> None:
     """Generate images with a pipeline (the embedded base model by default)."""
     _use_compile_cache(ctx)
     import jax
@@ -611,8 +624,8 @@ def generate(ctx: typer.Context,
                 pipe = dataclasses.replace(pipe, text_params=loaded["text_encoder"])
         for i, p in enumerate(prompt):
             if not p.strip():
-                typer.echo(f"notice: --prompt #{i + 1} is empty: its images are generated "
-                           f"unconditionally (no text guidance)", err=True)
+                logger.warning("--prompt #%d is empty: its images are generated "
+                               "unconditionally (no text guidance)", i + 1)
         prompts = [p for p in prompt for _ in range(num)]
         g = gen(pipe, prompts, jax.random.PRNGKey(seed), unet_params=unet_params,
                 num_inference_steps=steps, guidance_scale=guidance, return_trajectory=trajectory)
@@ -643,7 +656,8 @@ def concept_query(ctx: typer.Context,
                   seed: Optional[int] = typer.Option(None, help="Generate the query from this "
                                                                 "seed with the run's model."),
                   image: Optional[Path] = typer.Option(None, help="Or: the query image (PNG)."),
-                  topk: int = typer.Option(10, help="Training images to list per concept.")):
+                  topk: int = typer.Option(10, help="Training images to list per concept.")
+                  ) -> None:
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
     is an error. Uses the run's fine-tuned model, cached training features and chosen λ.
@@ -670,7 +684,7 @@ def concept_query(ctx: typer.Context,
             typer.echo(f"  {t['rank']:3d}. {t['score']:+.4g}  {t['id']}  ({t['caption']})")
 
 
-def _load_model(model: str, allow_pickle: bool = False):
+def _load_model(model: str, allow_pickle: bool = False) -> Any:
     from jaxattrib.base_model import load_base_model
     from jaxattrib.models.pipeline import load_pipeline
     if model == "embedded":
@@ -688,7 +702,9 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with result
            ) -> None:
     """Render RUN_DIR/report.html (self-contained: opens with no server and no network)."""
     from jaxattrib.report.html import ReportError, render_run_report
+    from jaxattrib.train.report_section import write_training_section
     try:
+        write_training_section(run_dir)    # a `jaxattrib train` run: its loss and images
         path = render_run_report(run_dir)
         typer.echo(f"wrote {path}")
         if screenshot is not None:
@@ -701,7 +717,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with result
 @app.command()
 @guarded("info")
 def info(ctx: typer.Context,
-         model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")):
+         model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")) -> None:
     """Load a model (checks every tensor) and print its components and sizes."""
     _use_compile_cache(ctx)
     import jax

@@ -178,32 +178,97 @@ def test_cli_v_and_q_set_the_level_and_leave_the_loggers_as_found(monkeypatch):
                 if getattr(h, logs._HANDLER_TAG, False)]
 
 
-def test_orbax_read_only_noise_is_filtered_only_at_the_edge(capsys, clean_logging):
-    """Opening a record read-only makes orbax log 'Given directory is read only' (absl logger):
-    the entry points drop it (shown again with -vv); the library alone filters nothing."""
+@pytest.fixture
+def absl_messages():
+    """The messages that reach the handlers of the ``absl`` logger (orbax logs through it)."""
+    logs._import_absl()                  # absl's own logger class, before the logger is made
     absl = logging.getLogger("absl")
-    records = []
+    seen: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record):
-            records.append(record.getMessage())
+            seen.append(record.getMessage())
     h = Keep()
     absl.addHandler(h)
-    try:
-        absl.warning("Given directory is read only=%s", "/x")
-        absl.warning("something that matters")
-        assert records == ["Given directory is read only=/x", "something that matters"]
-        records.clear()
-        logs.configure(0)
-        absl.warning("Given directory is read only=%s", "/x")
-        absl.warning("something that matters")
-        assert records == ["something that matters"]
-        records.clear()
-        logs.configure(2)
-        absl.warning("Given directory is read only=%s", "/x")
-        assert records == ["Given directory is read only=/x"]
-    finally:
-        absl.removeHandler(h)
+    yield absl, seen
+    absl.removeHandler(h)
+
+
+def test_orbax_read_only_noise_is_filtered_only_at_the_edge(absl_messages, clean_logging):
+    """Opening a record read-only makes orbax log 'Given directory is read only' (absl logger):
+    the entry points drop it (shown again with -vv); the library alone filters nothing."""
+    absl, records = absl_messages
+    absl.warning("Given directory is read only=%s", "/x")
+    absl.warning("something that matters")
+    assert records == ["Given directory is read only=/x", "something that matters"]
+    records.clear()
+    logs.configure(0)
+    absl.warning("Given directory is read only=%s", "/x")
+    absl.warning("something that matters")
+    assert records == ["something that matters"]
+    records.clear()
+    logs.configure(2)
+    absl.warning("Given directory is read only=%s", "/x")
+    assert records == ["Given directory is read only=/x"]
+
+
+def test_reading_a_record_prints_no_orbax_noise_under_the_cli(tmp_path, absl_messages,
+                                                              clean_logging):
+    """The real thing: opening a trajectory record read-only (every `attribute`, `generate
+    --record`, ...) logs orbax's read-only messages; filtered at verbosity 0, shown at -vv."""
+    import jax.numpy as jnp
+    import optax
+    from jaxattrib.train.record import TrajectoryRecord
+    unet = {"w": jnp.ones((2, 3))}
+    rec = TrajectoryRecord.create(tmp_path / "rec", {
+        "config": {"mode": "full", "lr": 1e-3, "steps": 1}, "seed": 0, "model": {"name": "toy"},
+        "dataset": {"size": 1, "fingerprint": "abc"}})
+    rec.save(0, {"step": jnp.int32(0), "params": unet,
+                 "opt_state": optax.adam(1e-3).init(unet)}, base={"unet": unet})
+    rec.close()
+    _, seen = absl_messages
+    for verbosity, shown in [(0, False), (2, True)]:
+        logs.configure(verbosity)
+        seen.clear()
+        assert TrajectoryRecord.open(tmp_path / "rec").steps() == [0]
+        assert any("is read only" in m for m in seen) == shown, seen
+
+
+_NATIVE = r"""
+import os, sys
+from jaxattrib.logs import filter_native_stderr
+print("installed", filter_native_stderr(), file=sys.stderr)
+os.write(2, b"E1207 10:00:00.000000   123 slow_operation_alarm.cc:73] \n" + b"*" * 32 +
+         b"\n[Compiling module jit_f] Very slow compile? If you want to file a bug, run with "
+         b"envvar XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.\n" + b"*" * 32 + b"\n")
+os.write(2, b"E1207 10:00:01.000000   123 other.cc:1] a real native error\n")
+print("a python line", file=sys.stderr)
+os.write(2, b"last words without a newline")
+if sys.argv[1:] == ["abort"]:
+    os.abort()
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "abort", "raw"])
+def test_native_stderr_filter_drops_only_xlas_slow_compile_block(how):
+    """XLA's C++ "Very slow compile? ... file a bug" block (written to fd 2) is replaced by one
+    calm line; every other native byte passes, also when the process dies by abort();
+    $JAXATTRIB_RAW_STDERR=1 turns the filter off."""
+    import os
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if how == "raw":
+        env[logs.RAW_STDERR_ENV] = "1"
+    p = subprocess.run([sys.executable, "-c", _NATIVE, *(["abort"] if how == "abort" else [])],
+                       env=env, capture_output=True, timeout=60)
+    err = p.stderr.decode()
+    assert (p.returncode != 0) == (how == "abort")
+    assert "a real native error" in err and "a python line" in err
+    assert "last words without a newline" in err
+    if how == "raw":
+        assert "installed False" in err and "file a bug" in err
+    else:
+        assert "installed True" in err and "file a bug" not in err and "****" not in err
+        assert logs.SLOW_COMPILE_HINT.decode().strip() in err
 
 
 def test_library_modules_configure_no_handlers():
