@@ -80,6 +80,7 @@ def _progress_option(what: str = "progress bars") -> Any:
     """``--progress/--no-progress`` (default on): one flag pair for every command."""
     return typer.Option(True, "--progress/--no-progress", help=f"Show {what}.")
 
+
 logger = logging.getLogger(__name__)   # diagnostics on stderr (-v/-q); results go to stdout
 
 COMPILE_CACHE_ENV = "JAXATTRIB_COMPILE_CACHE"
@@ -302,8 +303,9 @@ def _main(ctx: typer.Context,
           verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False,
                                       help="More messages on stderr: -v adds debug messages, "
                                            "-vv also third-party messages that are hidden by "
-                                           "default (e.g. orbax's 'Given directory is read "
-                                           "only')."),
+                                           "default (orbax's 'Given directory is read only', "
+                                           "XLA's 'Very slow compile?' block). Goes before "
+                                           "the command: jaxattrib -v demo."),
           quiet: int = typer.Option(0, "--quiet", "-q", count=True, show_default=False,
                                     help="Fewer messages on stderr: -q keeps notices and "
                                          "errors, -qq errors only. Results still go to "
