@@ -332,3 +332,25 @@ def test_report_screenshot_uses_the_packaged_helper(tmp_path, monkeypatch):
                                      str(tmp_path / "s.png")])
     assert r.exit_code == 2, r.output
     assert "--screenshot needs Chromium" in r.output and "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- warnings
+
+def test_deprecation_warnings_from_our_code_fail_the_tests(tmp_path):
+    """pyproject's filterwarnings: a DeprecationWarning attributed to a jaxattrib module fails
+    a test; one from a third-party module does not (it is listed in the summary)."""
+    (tmp_path / "test_w.py").write_text(
+        "import warnings\n"
+        "def _warn(module):\n"
+        "    exec('import warnings\\nwarnings.warn(\"old\", DeprecationWarning)',\n"
+        "         {'__name__': module})\n"
+        "def test_ours():\n    _warn('jaxattrib.some_module')\n"
+        "def test_theirs():\n    _warn('some_library.module')\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p",
+                        "no:cacheprovider", "-c", str(REPO / "pyproject.toml"), "--rootdir",
+                        str(tmp_path), str(tmp_path / "test_w.py")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert "FAILED" in out and "test_w.py::test_ours" in out, out
+    assert "test_w.py::test_theirs" not in out.split("short test summary")[-1], out
+    assert "1 failed, 1 passed" in out, out
