@@ -17,6 +17,9 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
+from jaxattrib.cli_options import (MatmulPrecision, Method, Noise, Precision, Projection, Remat,
+                                   progress_option as _progress_option)
+
 # rich_markup_mode=None: help text is plain text, so "[dtrak]"-style brackets and "[paper]"
 # markers are shown as written instead of being parsed (and eaten) as rich markup.
 # Options show their defaults (typer's default); those whose default is "the run config's"
@@ -24,62 +27,6 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Data attribution and copyright authentication for diffusion models "
                        "(JAX).")
-
-
-# ----------------------------------------------------------------------------- choices
-# The allowed values of the choice options, spelled out here so `--help` lists them without
-# importing JAX; tests/test_cli_conventions.py checks each against the library's own tuple.
-
-class Method(str, Enum):
-    """``--method`` (jaxattrib.attribution.diffusion_trak.METHODS)."""
-    trak = "trak"
-    dtrak = "dtrak"
-    journey_trak = "journey-trak"
-    tracin = "tracin"
-
-
-class Projection(str, Enum):
-    """``--projection`` (the first three of jaxattrib.attribution.projection.KINDS; 'factored'
-    is for the benchmarks' featurizer only)."""
-    gaussian = "gaussian"
-    rademacher = "rademacher"
-    sjlt = "sjlt"
-
-
-class Precision(str, Enum):
-    """``--precision`` (jaxattrib.precision.PRECISIONS)."""
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
-class Remat(str, Enum):
-    """``--remat`` (jaxattrib.precision.REMAT_POLICIES)."""
-    none = "none"
-    full = "full"
-    dots_saveable = "dots_saveable"
-    nothing_saveable = "nothing_saveable"
-    dots_with_no_batch_dims_saveable = "dots_with_no_batch_dims_saveable"
-    everything_saveable = "everything_saveable"
-
-
-class MatmulPrecision(str, Enum):
-    """``--matmul-precision`` (jaxattrib.precision.MATMUL_PRECISIONS)."""
-    default = "default"
-    tensorfloat32 = "tensorfloat32"
-    highest = "highest"
-
-
-class Noise(str, Enum):
-    """``--noise`` (jaxattrib.diffusion.losses.NOISE_MODES)."""
-    per_position = "per_position"
-    per_example = "per_example"
-    shared = "shared"
-
-
-def _progress_option(what: str = "progress bars") -> Any:
-    """``--progress/--no-progress`` (default on): one flag pair for every command."""
-    return typer.Option(True, "--progress/--no-progress", help=f"Show {what}.")
-
 
 logger = logging.getLogger(__name__)   # diagnostics on stderr (-v/-q); results go to stdout
 
