@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from jaxattrib.cli_options import (MatmulPrecision, Method, Noise, Precision, Projection, Remat,
+                                   progress_option as _progress_option)
+
+# rich_markup_mode=None: help text is plain text, so "[dtrak]"-style brackets and "[paper]"
+# markers are shown as written instead of being parsed (and eaten) as rich markup.
+# Options show their defaults (typer's default); those whose default is "the run config's"
+# say so in their help.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Data attribution and copyright authentication for diffusion models "
                        "(JAX).")
+
+logger = logging.getLogger(__name__)   # diagnostics on stderr (-v/-q); results go to stdout
 
 COMPILE_CACHE_ENV = "JAXATTRIB_COMPILE_CACHE"
 _OFF = ("off", "0", "false", "no", "none")
@@ -94,7 +105,8 @@ def save_traceback(run_dir: Optional[Path]) -> Path:
     return path
 
 
-def guarded(name: str, *, run_dir: Optional[str] = None, lock: bool = False):
+def guarded(name: str, *, run_dir: Optional[str] = None,
+            lock: bool = False) -> Callable[[Callable], Callable]:
     """Decorates a command: the top-level safety net, and the run directory's writer lock.
 
     ``run_dir``: the name of the command's parameter holding its run directory / output folder
@@ -192,7 +204,7 @@ def _use_compile_cache(ctx: typer.Context) -> None:
     many shorter compilations of a short command add up);
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` in the environment overrides that. Entries are keyed by the program, the jax/jaxlib
     version, backend, devices and XLA flags, so a stale entry is never used; the directory is
-    not size-bounded (delete it to reclaim space)."""
+    not size-bounded (delete it to reclaim space). Says where at INFO (hidden by ``-q``)."""
     import os
     cache = (ctx.find_root().obj or {}).get("compile_cache")
     import jax
@@ -210,13 +222,14 @@ def _use_compile_cache(ctx: typer.Context) -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-        typer.echo(f"XLA compilation cache: {path} (--compile-cache off to disable)", err=True)
+        logger.info("XLA compilation cache: %s (--compile-cache off to disable)", path)
     if (jax.config.values["jax_compilation_cache_dir"] or None) != path:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()  # a process that already compiled reopens the cache at the new path
 
 
 def _print_version(value: bool) -> None:
+    """``--version``: ``jaxattrib X.Y.Z`` (the installed distribution's version)."""
     if value:
         from jaxattrib import __version__
         typer.echo(f"jaxattrib {__version__}")
@@ -234,12 +247,28 @@ def _main(ctx: typer.Context,
                    f"jaxattrib --compile-cache DIR demo."),
           no_compile_cache: bool = typer.Option(False, "--no-compile-cache",
                                                 help="Same as --compile-cache off."),
+          verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False,
+                                      help="More messages on stderr: -v adds debug messages, "
+                                           "-vv also third-party messages that are hidden by "
+                                           "default (orbax's 'Given directory is read only', "
+                                           "XLA's 'Very slow compile?' block). Goes before "
+                                           "the command: jaxattrib -v demo."),
+          quiet: int = typer.Option(0, "--quiet", "-q", count=True, show_default=False,
+                                    help="Fewer messages on stderr: -q keeps notices and "
+                                         "errors, -qq errors only. Results still go to "
+                                         "stdout."),
           version: bool = typer.Option(False, "--version", is_eager=True,
-                                       callback=_print_version,
-                                       help="Print the jaxattrib version and exit.")):
+                                       callback=_print_version, show_default=False,
+                                       help="Print the jaxattrib version and exit.")) -> None:
     """Data attribution and copyright authentication for diffusion models (JAX)."""
+    from jaxattrib.logs import configure, filter_native_stderr, unconfigure
+    configure(verbose - quiet)
+    ctx.call_on_close(unconfigure)
+    if verbose < 2:
+        filter_native_stderr()     # XLA's "Very slow compile? ... file a bug" block
     ctx.obj = {"compile_cache": None if no_compile_cache
-               else resolve_compile_cache(compile_cache)}
+               else resolve_compile_cache(compile_cache),
+               "verbosity": verbose - quiet}
 
 
 @app.command()
@@ -247,9 +276,10 @@ def _main(ctx: typer.Context,
 def demo(ctx: typer.Context,
          run_dir: Path = typer.Option(Path("runs/demo"), help="Run directory (reused)."),
          config: str = typer.Option("demo", help="Config file or packaged config name."),
-         set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
+         set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help="Override: key=value (repeatable)."),
          fresh: bool = typer.Option(False, help="Empty the run directory first."),
-         no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+         progress: bool = _progress_option()) -> None:
     """The embedded default demo: fine-tune the shipped base model on new concepts, generate,
     attribute (D-TRAK, TRAK, baselines) and write RUN_DIR/report.html. Reuses finished stages."""
     _use_compile_cache(ctx)
@@ -263,7 +293,7 @@ def demo(ctx: typer.Context,
             from jaxattrib.runs.demo import check_demo_config
             check_demo_config(cfg)           # a bad config deletes nothing
             _fresh(run_dir)
-        run_demo(cfg, run_dir, progress=not no_progress)
+        run_demo(cfg, run_dir, progress=progress)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     except StoreMismatchError as e:
@@ -276,15 +306,18 @@ def train(ctx: typer.Context,
           config: str = typer.Argument(..., help="Config file or packaged name "
                                                  "(e.g. finetune_folder)."),
           run_dir: Path = typer.Option(Path("runs/train"), help="Run directory (resumable)."),
-          set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
-          no_progress: bool = typer.Option(False, help="Hide the progress bar.")):
+          set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                         help="Override: key=value (repeatable)."),
+          progress: bool = _progress_option("the progress bar")) -> None:
     """Fine-tune a pipeline (full or LoRA) on a data set, writing a trajectory record.
 
     A config with a `dreambooth` section (e.g. `dreambooth`) runs DreamBooth: instance prompt
     with a rare identifier, class images from the base model, loss = instance +
     prior_loss_weight * class; on a synthetic held-out concept it also classifies generations
     of the fine-tuned and the base model (RUN_DIR/results/dreambooth.json).
-    Rerunning the same command resumes from the record's last checkpoint."""
+    Rerunning the same command resumes from the record's last checkpoint. Writes
+    RUN_DIR/results/train.json (loss at each checkpoint, training images) for `jaxattrib
+    report RUN_DIR`."""
     _use_compile_cache(ctx)
     from jaxattrib.config import ConfigError, load_config
     from jaxattrib.data.dataset import DataError
@@ -295,14 +328,17 @@ def train(ctx: typer.Context,
         cfg = load_config(config, set_)
         if "dreambooth" in cfg:
             from jaxattrib.runs.dreambooth import dreambooth_run
-            metrics = dreambooth_run(cfg, run_dir, progress=not no_progress)
+            metrics = dreambooth_run(cfg, run_dir, progress=progress)
             typer.echo(f"record: {run_dir / 'record'}")
             if metrics:
                 typer.echo("  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
             return
-        _, record = train_run(cfg, run_dir, progress=not no_progress)
+        _, record = train_run(cfg, run_dir, progress=progress)
         typer.echo(f"record: {run_dir / 'record'} (checkpoints {record.steps()})")
         record.close()
+        from jaxattrib.train.report_section import write_training_section
+        write_training_section(run_dir)
+        typer.echo(f"`jaxattrib report {run_dir}` renders its loss and training images")
     except (ConfigError, DataError, CheckpointError, RecordError) as e:
         _fail(str(e))
 
@@ -313,48 +349,70 @@ def attribute(ctx: typer.Context,
               run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
                                                      "(from `jaxattrib generate`)."),
-              method: Optional[str] = typer.Option(None, help="trak | dtrak | journey-trak | "
-                                                              "tracin [dtrak]"),
-              k: Optional[int] = typer.Option(None, help="Projection dimension [2048]."),
-              params: Optional[str] = typer.Option(None, help="Regex over UNet parameter paths "
-                                                              "['attn']."),
-              timesteps: Optional[int] = typer.Option(None, help="Timesteps K of the output "
-                                                                 "function [10]."),
-              lam_ratio: Optional[float] = typer.Option(None, help="λ = ratio · mean(diag ΦᵀΦ) "
-                                                                   "[1.0]."),
-              topk: Optional[int] = typer.Option(None, help="[10]"),
-              projection: Optional[str] = typer.Option(None, help="gaussian | rademacher | sjlt "
-                                                                  "[rademacher]"),
-              microbatch: Optional[int] = typer.Option(None, help="Examples per gradient call "
-                                                                  "[8]."),
-              journey_step: Optional[int] = typer.Option(None, help="Journey-TRAK: sampling "
-                                                                    "step to attribute."),
-              precision: Optional[str] = typer.Option(None, help="UNet compute dtype: float32 "
-                                                                 "| bfloat16 [float32]."),
-              remat: Optional[str] = typer.Option(None, help="Rematerialize each UNet block: "
-                                                             "none | full | dots_saveable | "
-                                                             "nothing_saveable [none]."),
-              matmul_precision: Optional[str] = typer.Option(
-                  None, help="float32 matmuls: default (TF32 on GPU) | tensorfloat32 | "
-                             "highest [default]."),
-              chunk_size: Optional[int] = typer.Option(None, help="Rows per feature-store "
-                                                                  "chunk (unit of resumption) "
-                                                                  "[64]."),
-              noise: Optional[str] = typer.Option(
-                  None, help="Noise of TRAK / D-TRAK / TracIn features: per_position (D-TRAK's "
-                             "code: each batch position its own, period 52) | per_example | "
-                             "shared (every example the same; runs made before this option) "
-                             "[per_position]."),
+              method: Optional[Method] = typer.Option(
+                  None, show_default=False,
+                  help="Attribution method. Default: the run config's, else dtrak."),
+              k: Optional[int] = typer.Option(None, show_default=False,
+                                              help="Projection dimension. Default: the run "
+                                                   "config's, else 2048."),
+              params: Optional[str] = typer.Option(None, show_default=False,
+                                                   help="Regex over UNet parameter paths. "
+                                                        "Default: the run config's, else "
+                                                        "'attn'."),
+              timesteps: Optional[int] = typer.Option(None, show_default=False,
+                                                      help="Timesteps K of the output "
+                                                           "function. Default: the run "
+                                                           "config's, else 10."),
+              lam_ratio: Optional[float] = typer.Option(None, show_default=False,
+                                                        help="λ = ratio · mean(diag ΦᵀΦ). "
+                                                             "Default: the run config's, else "
+                                                             "1.0."),
+              topk: Optional[int] = typer.Option(None, show_default=False,
+                                                 help="Training images listed per query. "
+                                                      "Default: the run config's, else 10."),
+              projection: Optional[Projection] = typer.Option(
+                  None, show_default=False,
+                  help="Random projection of the gradients. Default: the run config's, else "
+                       "rademacher."),
+              microbatch: Optional[int] = typer.Option(None, show_default=False,
+                                                       help="Examples per gradient call. "
+                                                            "Default: the run config's, else "
+                                                            "8."),
+              journey_step: Optional[int] = typer.Option(None, show_default=False,
+                                                         help="Journey-TRAK: sampling step to "
+                                                              "attribute (required for "
+                                                              "journey-trak)."),
+              precision: Optional[Precision] = typer.Option(
+                  None, show_default=False,
+                  help="UNet compute dtype. Default: the run config's, else float32."),
+              remat: Optional[Remat] = typer.Option(
+                  None, show_default=False,
+                  help="Rematerialize each UNet block. Default: the run config's, else none."),
+              matmul_precision: Optional[MatmulPrecision] = typer.Option(
+                  None, show_default=False,
+                  help="float32 matmuls (default = TF32 on GPU). Default: the run config's, "
+                       "else default."),
+              chunk_size: Optional[int] = typer.Option(None, show_default=False,
+                                                       help="Rows per feature-store chunk "
+                                                            "(unit of resumption). Default: "
+                                                            "the run config's, else 64."),
+              noise: Optional[Noise] = typer.Option(
+                  None, show_default=False,
+                  help="Noise of TRAK / D-TRAK / TracIn features: per_position (D-TRAK's "
+                       "code: each batch position its own, period 52) | per_example | "
+                       "shared (every example the same; runs made before this option). "
+                       "Default: the run config's, else per_position."),
               checkpoints: Optional[str] = typer.Option(
-                  None, help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "
-                             "checkpoints, scores averaged) or steps '100,200,300' [dtrak 1, "
-                             "trak / journey-trak 3]."),
-              no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+                  None, show_default=False,
+                  help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "
+                       "checkpoints, scores averaged) or steps '100,200,300'. Default: the "
+                       "run config's, else 1 for dtrak, 3 for trak / journey-trak."),
+              progress: bool = _progress_option()) -> None:
     """Attribute query images to a run's training data (resumable feature stores).
 
     Options left out take the run config's `attribution` section (e.g. sd15_lora: D-TRAK on
-    attn2, k=4096), else the defaults in brackets. Latent pipelines: the training images are
-    VAE-encoded once (posterior mean) into RUN_DIR/latents/train, the queries with the same
+    attn2, k=4096), else the defaults each option names. Latent pipelines: the training images
+    are VAE-encoded once (posterior mean) into RUN_DIR/latents/train, the queries with the same
     rule; Journey-TRAK reads the latent trajectory of `generate --trajectory`. Progress (per
     microbatch, rate, ETA) is also logged to RUN_DIR/logs/attribute.log. On several hosts:
     `python -m jaxattrib.launch attribute CONFIG` (docs/scaling.md)."""
@@ -362,23 +420,29 @@ def attribute(ctx: typer.Context,
     from jaxattrib.attribution.store import StoreMismatchError
     from jaxattrib.config import ConfigError
     from jaxattrib.runs.attribute import attribute_run, attribution_defaults
-    given = {"method": method, "k": k, "params": params, "num_timesteps": timesteps,
-             "lam_ratio": lam_ratio, "topk": topk, "projection": projection,
-             "microbatch": microbatch, "precision": precision, "remat": remat,
-             "matmul_precision": matmul_precision, "chunk_size": chunk_size, "noise": noise,
+    given = {"method": _value(method), "k": k, "params": params, "num_timesteps": timesteps,
+             "lam_ratio": lam_ratio, "topk": topk, "projection": _value(projection),
+             "microbatch": microbatch, "precision": _value(precision), "remat": _value(remat),
+             "matmul_precision": _value(matmul_precision), "chunk_size": chunk_size,
+             "noise": _value(noise),
              "checkpoints": None if checkpoints is None else _parse_checkpoints(checkpoints)}
     opts = attribution_defaults(run_dir)
     opts.update({name: v for name, v in given.items() if v is not None})
     try:
         s = attribute_run(run_dir, queries, opts.pop("method"), journey_step=journey_step,
-                          progress=not no_progress, **opts)
+                          progress=progress, **opts)
     except (ConfigError, StoreMismatchError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"scores [{s.shape[0]} queries x {s.shape[1]} training images] written to "
                f"{run_dir / 'scores'}; `jaxattrib report {run_dir}` renders them")
 
 
-def _parse_checkpoints(text: str):
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    """An Enum option's string value (None stays None: the run config decides)."""
+    return None if choice is None else choice.value
+
+
+def _parse_checkpoints(text: str) -> int | list[int]:
     """``--checkpoints``: ``'3'`` -> 3 (the last 3), ``'100,200'`` / ``'300,'`` -> a list of
     steps; anything else exits 2 naming the option."""
     parts = [p.strip() for p in text.split(",")]
@@ -420,16 +484,17 @@ def cgi_dm(ctx: typer.Context,
            config: str = typer.Argument("cgi_dm", help="Config file or packaged name "
                                                        "(see jaxattrib/configs/cgi_dm.py)."),
            run_dir: Path = typer.Option(Path("runs/cgi_dm"), help="Run directory (resumable)."),
-           set_: List[str] = typer.Option([], "--set", help="Override: key=value (repeatable)."),
+           set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                          help="Override: key=value (repeatable)."),
            fresh: bool = typer.Option(False, help="Empty the run directory first."),
-           no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+           progress: bool = _progress_option()) -> None:
     """CGI-DM: was each candidate image used to fine-tune model.finetuned from
     model.pretrained? Threshold calibrated on data.reference (known non-members); writes
     RUN_DIR/report.html (original/masked/recovered grid, scores, decisions, ROC if labelled).
     Recoveries are cached per batch: rerunning resumes."""
     _use_compile_cache(ctx)
     from jaxattrib.runs.cgi_dm import check_config, run_cgi_dm
-    s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, not no_progress,
+    s = _run_config_command(run_cgi_dm, config, set_, run_dir, fresh, progress,
                             check_config)
     typer.echo("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in s.items()))
@@ -443,16 +508,16 @@ def source_model(ctx: typer.Context,
                                                                    "name (source_model)."),
                  run_dir: Path = typer.Option(Path("runs/source_model"),
                                               help="Run directory (resumable)."),
-                 set_: List[str] = typer.Option([], "--set",
+                 set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                                 help="Override: key=value (repeatable)."),
                  fresh: bool = typer.Option(False, help="Empty the run directory first."),
-                 no_progress: bool = typer.Option(False, help="Hide progress bars.")):
+                 progress: bool = _progress_option()) -> None:
     """Source-model attribution: were model.suspects trained on model.source's generations?
     Key samples on the source, same-seed queries, conf = hit rate below delta0, threshold from
     model.innocent; writes RUN_DIR/report.html. Generations are cached: rerunning resumes."""
     _use_compile_cache(ctx)
     from jaxattrib.runs.source_model import check_config, run_source_model
-    res = _run_config_command(run_source_model, config, set_, run_dir, fresh, not no_progress,
+    res = _run_config_command(run_source_model, config, set_, run_dir, fresh, progress,
                               check_config)
     for r in res["models"]:
         typer.echo(f"{r['role']} {r['model']}: conf={r['conf']:.3f} -> "
@@ -464,7 +529,8 @@ def source_model(ctx: typer.Context,
 @app.command()
 @guarded("generate", run_dir="out", lock=True)
 def generate(ctx: typer.Context,
-             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", metavar="TEXT",
+                                              help="Prompt (repeatable)."),
              out: Path = typer.Option(Path("runs/generate"), help="Output folder for PNGs."),
              model: str = typer.Option("embedded", help="'embedded' or a diffusers pipeline "
                                                         "folder (safetensors)."),
@@ -473,11 +539,13 @@ def generate(ctx: typer.Context,
                                                               "record."),
              step: Optional[int] = typer.Option(None, help="Record step (default: latest)."),
              num: int = typer.Option(1, help="Images per prompt."),
-             seed: int = typer.Option(0), steps: int = typer.Option(25, help="DDIM steps."),
+             seed: int = typer.Option(0, help="PRNG seed of the initial noise."),
+             steps: int = typer.Option(25, help="DDIM steps."),
              guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
              trajectory: bool = typer.Option(False, help="Also save the sampling trajectory "
                                                          "(x_t and x̂0 per step) as .npz."),
-             allow_pickle: bool = typer.Option(False, help="Allow pickle weights (unsafe).")):
+             allow_pickle: bool = typer.Option(False, help="Allow pickle weights (unsafe).")
+             ) -> None:
     """Generate images with a pipeline (the embedded base model by default)."""
     _use_compile_cache(ctx)
     import jax
@@ -505,8 +573,8 @@ def generate(ctx: typer.Context,
                 pipe = dataclasses.replace(pipe, text_params=loaded["text_encoder"])
         for i, p in enumerate(prompt):
             if not p.strip():
-                typer.echo(f"notice: --prompt #{i + 1} is empty: its images are generated "
-                           f"unconditionally (no text guidance)", err=True)
+                logger.warning("--prompt #%d is empty: its images are generated "
+                               "unconditionally (no text guidance)", i + 1)
         prompts = [p for p in prompt for _ in range(num)]
         g = gen(pipe, prompts, jax.random.PRNGKey(seed), unet_params=unet_params,
                 num_inference_steps=steps, guidance_scale=guidance, return_trajectory=trajectory)
@@ -528,15 +596,17 @@ def generate(ctx: typer.Context,
 def concept_query(ctx: typer.Context,
                   run_dir: Path = typer.Argument(..., help="A finished Concept-TRAK benchmark "
                                                            "run (benchmarks/concept_trak.py)."),
-                  prompt: str = typer.Option(..., "--prompt", "-p", help="The query's prompt."),
-                  concept: List[str] = typer.Option(..., "--concept", "-c",
+                  prompt: str = typer.Option(..., "--prompt", "-p", metavar="TEXT",
+                                             help="The query's prompt."),
+                  concept: List[str] = typer.Option(..., "--concept", "-c", metavar="PHRASE",
                                                     help="Concept phrase in the prompt "
                                                          "(repeatable: each one is attributed "
                                                          "separately)."),
                   seed: Optional[int] = typer.Option(None, help="Generate the query from this "
                                                                 "seed with the run's model."),
                   image: Optional[Path] = typer.Option(None, help="Or: the query image (PNG)."),
-                  topk: int = typer.Option(10, help="Training images to list per concept.")):
+                  topk: int = typer.Option(10, help="Training images to list per concept.")
+                  ) -> None:
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
     is an error. Uses the run's fine-tuned model, cached training features and chosen λ.
@@ -563,7 +633,7 @@ def concept_query(ctx: typer.Context,
             typer.echo(f"  {t['rank']:3d}. {t['score']:+.4g}  {t['id']}  ({t['caption']})")
 
 
-def _load_model(model: str, allow_pickle: bool = False):
+def _load_model(model: str, allow_pickle: bool = False) -> Any:
     from jaxattrib.train.base_model import load_base_model
     from jaxattrib.models.pipeline import load_pipeline
     if model == "embedded":
@@ -574,26 +644,29 @@ def _load_model(model: str, allow_pickle: bool = False):
 @app.command()
 @guarded("report", run_dir="run_dir")
 def report(run_dir: Path = typer.Argument(..., help="A run directory with results/*.json."),
-           screenshot: Optional[Path] = typer.Option(None, help="Also render a PNG screenshot "
-                                                                "with headless Chromium.")):
+           screenshot: Optional[Path] = typer.Option(None, show_default=False,
+                                                     help="Also render a PNG screenshot of "
+                                                          "the report with headless Chromium "
+                                                          "(apt-get install -y chromium).")
+           ) -> None:
     """Render RUN_DIR/report.html (self-contained: opens with no server and no network)."""
     from jaxattrib.report.html import ReportError, render_run_report
+    from jaxattrib.train.report_section import write_training_section
     try:
+        write_training_section(run_dir)    # a `jaxattrib train` run: its loss and images
         path = render_run_report(run_dir)
+        typer.echo(f"wrote {path}")
+        if screenshot is not None:
+            from jaxattrib.report.screenshot import screenshot as take_screenshot
+            typer.echo(f"wrote {take_screenshot(path, screenshot)}")
     except (ReportError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {path}")
-    if screenshot is not None:
-        import subprocess
-        script = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.sh"
-        subprocess.run(["bash", str(script), str(path), str(screenshot)], check=True)
-        typer.echo(f"wrote {screenshot}")
 
 
 @app.command()
 @guarded("info")
 def info(ctx: typer.Context,
-         model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")):
+         model: str = typer.Argument("embedded", help="'embedded' or a pipeline folder.")) -> None:
     """Load a model (checks every tensor) and print its components and sizes."""
     _use_compile_cache(ctx)
     import jax

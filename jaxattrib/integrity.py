@@ -18,11 +18,13 @@ the two renames, which leaves a complete file) is read unverified, silently.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 from pathlib import Path
 
 from jaxattrib.fileio import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 _BUF = 1 << 22
 _verified: dict[str, tuple] = {}   # path -> (stat key, hex) of a file hashed in this process
@@ -78,12 +80,13 @@ _notices: set[str] = set()
 
 
 def notice(msg: str, *, once_key: str | None = None) -> None:
-    """One line on stderr, ``jaxattrib: notice: ...`` (once per ``once_key`` per process)."""
+    """A WARNING on the ``jaxattrib.integrity`` logger (the CLI prints ``notice: ...`` on
+    stderr), once per ``once_key`` per process."""
     if once_key is not None:
         if once_key in _notices:
             return
         _notices.add(once_key)
-    print(f"jaxattrib: notice: {msg}", file=sys.stderr, flush=True)
+    logger.warning("%s", msg)
 
 
 def sidecar(path: str | os.PathLike) -> Path:

@@ -413,6 +413,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate the config and print the plan; start nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="more messages on stderr (-v debug, -vv also third-party noise)")
+    ap.add_argument("-q", "--quiet", action="count", default=0,
+                    help="fewer messages on stderr (-q notices and errors only)")
     ap.add_argument("--queries", default=None, metavar="DIR",
                     help="attribute: query PNGs + prompts.txt (from `jaxattrib generate`) to "
                          "score on process 0; without it only the training set is featurized")
@@ -449,7 +453,16 @@ def start_distributed(mode: str = "auto", local_device_ids: Sequence[int] | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxattrib.logs import configure, unconfigure
     args = _parser().parse_args(argv)
+    configure(args.verbose - args.quiet)
+    try:
+        return _main(args, argv)
+    finally:
+        unconfigure()
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         plan = validate(config, args.command, source=args.config, overrides=args.overrides)

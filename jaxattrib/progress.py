@@ -16,11 +16,14 @@ the numeric core never imports it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
+
+logger = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -39,7 +42,8 @@ class StageLog:
 
     Call it with a message: ``log("featurize train: 64/1000 examples")`` writes
     ``2026-12-07T03:30:00.123Z [attribute] featurize train: 64/1000 examples``. ``echo`` also
-    prints each line to stdout (for jobs without a terminal bar)."""
+    logs each line at INFO on the ``jaxattrib.progress`` logger (for jobs without a terminal
+    bar)."""
 
     def __init__(self, run_dir: str | Path, stage: str, *, process_index: int | None = None,
                  echo: bool = False):
@@ -58,7 +62,7 @@ class StageLog:
         if self._f is not None:
             self._f.write(line + "\n")
         if self.echo:
-            print(line, flush=True)
+            logger.info("%s", line)
 
     def close(self) -> None:
         if self._f is not None:

@@ -19,9 +19,9 @@ Foundation layer: standard library only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +32,12 @@ class RunLockError(RuntimeError):
     """The run directory is in use by another writer (or cannot hold a lock)."""
 
 
+logger = logging.getLogger(__name__)
+
+
 def _notice(msg: str) -> None:
-    print(f"notice: {msg}", file=sys.stderr, flush=True)
+    """A WARNING (the CLI prints ``notice: ...`` on stderr)."""
+    logger.warning("%s", msg)
 
 
 def _pid_start(pid: int) -> int | None:

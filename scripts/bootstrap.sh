@@ -8,5 +8,12 @@ VENV=${2:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# A pip configured with a partial local mirror as an extra index (file:// URLs) warns once per
+# package the mirror lacks ("Location 'file:///...' is ignored: it is neither a file nor a
+# directory"), ~90 lines that say nothing about this install; only those lines are dropped,
+# every other warning and error of pip is shown.
+pip_q() {
+  "$VENV/bin/python" -m pip "$@" 2> >(grep -v -E "^WARNING: Location 'file://[^']*' is ignored: it is neither a file nor a directory\.$" >&2)
+}
+pip_q install -q --upgrade pip
+pip_q install -q -e ".[test]"

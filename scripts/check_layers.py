@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "jaxattrib", "jaxattrib.config", "jaxattrib.configs", "jaxattrib.fileio",
         "jaxattrib.parallel", "jaxattrib.progress", "jaxattrib.runlock", "jaxattrib.integrity",
         "jaxattrib.precision", "jaxattrib.metrics", "jaxattrib.fingerprint", "jaxattrib.data",
+        "jaxattrib.logs",
     ]),
     ("models", ["jaxattrib.models", "jaxattrib.report"]),
     ("diffusion", ["jaxattrib.diffusion"]),
@@ -35,7 +36,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("train", ["jaxattrib.train"]),
     ("methods", ["jaxattrib.attribution", "jaxattrib.authentication"]),
     ("runs", ["jaxattrib.runs"]),
-    ("entry points", ["jaxattrib.cli", "jaxattrib.launch", "jaxattrib.eval"]),
+    ("entry points", ["jaxattrib.cli", "jaxattrib.cli_options", "jaxattrib.launch",
+                      "jaxattrib.eval"]),
     ("benchmark scripts", ["benchmarks"]),
 ]
 

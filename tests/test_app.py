@@ -253,10 +253,25 @@ def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):
     # the stores were made with the default noise (per_position): another mode is refused
     r = CliRunner().invoke(app, dtrak + ["--noise", "shared"])
     assert r.exit_code == 2 and "noise='per_position'" in r.output, r.output
-    r = CliRunner().invoke(app, dtrak + ["--noise", "fresh"])
-    assert r.exit_code == 2 and "attribute.noise='fresh'" in r.output, r.output
+    r = CliRunner().invoke(app, dtrak + ["--noise", "fresh"])     # not a choice: click refuses
+    assert r.exit_code == 2 and "Invalid value for '--noise'" in r.output, r.output
     r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no PNG query images" in r.output
+    # the run's report shows images and scores: the training section (loss per checkpoint from
+    # logs/train.log, training images) and the attribution sections (top-k grids with scores)
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    html = (run / "report.html").read_text()
+    import re
+    logged = re.findall(r"checkpoint (\d+) saved \(loss ([^,]+),", (run / "logs" / "train.log")
+                        .read_text())
+    assert {int(s) for s, _ in logged} == {1, 2}
+    assert "Training run" in html and f"{float(logged[-1][1]):.4g}" in html
+    for pic in ("train_loss.png", "train_images.png", "attribute_dtrak_q_topk.png",
+                "attribute_tracin_q_topk.png"):
+        assert (run / "results" / pic).is_file(), pic
+    assert html.count("data:image/png;base64,") >= 4
+    assert "digits/" in html                                  # training ids and captions
 
 
 # ----------------------------------------------------------------------------- experiment configs

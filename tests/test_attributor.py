@@ -123,10 +123,7 @@ def test_orientation_by_construction_and_exact_kernel():
 
 def test_registry_names_every_accepted_method():
     from jaxattrib.attribution.diffusion_trak import METHODS as DT_METHODS
-    try:
-        from jaxattrib.runs.demo import DEMO_METHODS      # after the runs/ layer
-    except ImportError:
-        from jaxattrib.demo import DEMO_METHODS
+    from jaxattrib.runs.demo import DEMO_METHODS
     assert set(DEMO_METHODS) | set(DT_METHODS) <= set(M.METHODS)
     assert set(M.gradient_methods()) == set(DT_METHODS)
     with pytest.raises(ValueError, match="expected one of"):
@@ -254,12 +251,8 @@ def test_readme_snippet_runs(tiny_pixel_pipeline, tmp_path, monkeypatch):
 
 def _commands():
     """(module with training_examples / read_queries / attribute_run, train_run)."""
-    try:
-        from jaxattrib.runs import attribute as A, train as T    # after the runs/ layer
-        return A, T.train_run
-    except ImportError:
-        from jaxattrib import workflow as W
-        return W, W.train_run
+    from jaxattrib.runs import attribute as A, train as T
+    return A, T.train_run
 
 
 @pytest.mark.slow

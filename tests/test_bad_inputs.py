@@ -289,7 +289,7 @@ def test_bad_image_in_training_folder(edit, expect, tmp_path, no_models):
 @bad_input("Non-image files (e.g. `notes.txt`, `.DS_Store`) in a training image folder",
            "Notice on stderr: `…/dog: using 1 image file(s); ignoring 1 non-image file(s): "
            "notes.txt` (hidden files and the folder's caption files are not listed)")
-def test_non_image_file_in_training_folder_is_announced(tmp_path, capsys):
+def test_non_image_file_in_training_folder_is_announced(tmp_path, caplog):
     from jaxattrib.data.folder import load_folder
     folder = tmp_path / "imgs" / "dog"
     _png(folder / "a.png")
@@ -298,22 +298,21 @@ def test_non_image_file_in_training_folder_is_announced(tmp_path, capsys):
     (folder / "prompt.txt").write_text("a photo of sks dog")
     ds = load_folder(tmp_path / "imgs", size=8)
     assert len(ds) == 1
-    err = capsys.readouterr().err
+    err = caplog.text   # a WARNING of jaxattrib.data.folder: `notice: ...` on the CLI's stderr
     assert "using 1 image file(s); ignoring 1 non-image file(s): notes.txt" in err
     assert "DS_Store" not in err and "prompt.txt" not in err
 
 
 @bad_input("Non-image files in a `cgi-dm` / `source-model` image folder",
            "Notice on stderr naming the ignored files and the number of images used")
-def test_non_image_file_in_authentication_folder_is_announced(tmp_path, capsys):
+def test_non_image_file_in_authentication_folder_is_announced(tmp_path, caplog):
     from jaxattrib.runs.specs import image_folder
     _png(tmp_path / "c" / "x.png")
     _png(tmp_path / "c" / "member" / "y.png")
     (tmp_path / "c" / "member" / "readme.md").write_text("x")
     out = image_folder(tmp_path / "c", 8, "data.candidates", labelled=True)
     assert list(out["ids"]) == ["x.png", "member/y.png"]
-    assert "using 1 image file(s); ignoring 1 non-image file(s): readme.md" in \
-        capsys.readouterr().err
+    assert "using 1 image file(s); ignoring 1 non-image file(s): readme.md" in caplog.text
 
 
 # ----------------------------------------------------------------------------- models, prompts

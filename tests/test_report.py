@@ -4,9 +4,11 @@ headless-Chromium screenshot of a written report."""
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +247,9 @@ def test_render_run_report_rejects_invalid_json_and_missing_folder(tmp_path):
 def test_report_renders_in_headless_chromium(tmp_path):
     report = _build_report().write(tmp_path / "report.html")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "screenshot_report.sh"), str(report),
-                           str(shot)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "jaxattrib.report.screenshot", str(report),
+                           str(shot)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.stat().st_size > 10_000
     px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
@@ -255,3 +258,44 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(np.unique(px.reshape(-1, 3), axis=0)) > 200  # images and plots, not just text
     # The embedded top-k grid was decoded and painted: its green frames are on screen.
     assert (np.abs(px - np.array(I.GREEN)).sum(-1) <= 30).sum() > 100
+
+
+# ------------------------------------------------------------------ a `jaxattrib train` run
+
+def test_training_run_section_from_its_log_and_data(tmp_path):
+    """`jaxattrib report` on a training run (no results/ yet): the section shows the losses the
+    run logged at its checkpoints (metrics, table, plot) and its training images; a run whose
+    data cannot be opened still gets its section, saying why the images are missing."""
+    from jaxattrib.data.run_data import write_run_data
+    from jaxattrib.data.source import DigitsSource
+    from jaxattrib.progress import StageLog
+    from jaxattrib.train.report_section import checkpoint_losses, write_training_section
+    run = tmp_path / "run"
+    assert write_training_section(run) is None           # not a training run
+    with StageLog(run, "train", process_index=0) as log:
+        log("checkpoint 1 saved (loss 0.5, lr 0.001)")
+        log("checkpoint 2 saved (loss 0.25, lr 0.001)")
+    with StageLog(run, "train", process_index=0) as log:  # a rerun redoes checkpoint 2
+        log("checkpoint 2 saved (loss 0.125, lr 0.001)")
+    (run / "record").mkdir()
+    (run / "record" / "steps.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
+    (run / "config.json").write_text(json.dumps({"finetune": {"steps": 2, "mode": "lora"}}))
+    assert checkpoint_losses(run / "logs" / "train.log") == {1: (0.5, 1e-3), 2: (0.125, 1e-3)}
+    src = DigitsSource(size=8)
+    write_run_data(run, src)
+    write_training_section(run)
+    doc = json.loads((run / "results" / "train.json").read_text())
+    assert doc["metrics"]["steps done"] == 2 and doc["metrics"]["mode"] == "lora"
+    assert doc["metrics"]["loss at checkpoint 2"] == 0.125
+    assert doc["metrics"]["training examples"] == len(src)
+    assert doc["tables"][0]["rows"] == [{"checkpoint": 1, "loss": 0.5, "lr": 0.001},
+                                        {"checkpoint": 2, "loss": 0.125, "lr": 0.001}]
+    assert doc["tables"][1]["rows"][0] == {"id": str(src.ids[0]), "caption": str(src.captions[0])}
+    grid = np.asarray(Image.open(run / "results" / "train_images.png"))
+    assert grid.std() > 10                                 # images, not a blank
+    html = H.render_run_report(run).read_text()
+    assert html.count("data:image/png;base64,") == 2 and "0.125" in html
+    (run / "data" / "source.json").write_text("{}")       # the data reference is broken
+    write_training_section(run)
+    doc = json.loads((run / "results" / "train.json").read_text())
+    assert "Training images not shown" in doc["text"] and "loss at checkpoint 2" in doc["metrics"]

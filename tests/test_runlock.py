@@ -98,7 +98,7 @@ def test_launch_takes_the_lock_on_process_0(tmp_path, holder):
 @bad_input("A stale lock: the lock file names a process of this host that is no longer "
            "running (killed, crashed)", "Recovered: `notice: …: recovered a stale lock left by "
            "pid P …, which is no longer running`; the command runs")
-def test_stale_lock_of_a_dead_process_is_recovered_with_a_notice(tmp_path, capsys):
+def test_stale_lock_of_a_dead_process_is_recovered_with_a_notice(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
     dead = _dead_pid()
@@ -108,12 +108,11 @@ def test_stale_lock_of_a_dead_process_is_recovered_with_a_notice(tmp_path, capsy
     with runlock.acquire(run, "jaxattrib train") as lock:
         assert lock.info["pid"] == os.getpid()
         assert json.loads((run / runlock.LOCK_NAME).read_text())["command"] == "jaxattrib train"
-    err = capsys.readouterr().err
-    assert f"recovered a stale lock left by pid {dead}" in err
+    assert f"recovered a stale lock left by pid {dead}" in caplog.text   # a WARNING
     assert not (run / runlock.LOCK_NAME).exists()
 
 
-def test_reused_pid_is_stale_but_a_live_holder_without_flock_is_not(tmp_path, capsys):
+def test_reused_pid_is_stale_but_a_live_holder_without_flock_is_not(tmp_path, caplog):
     """The lock records the holder's start time: a live process with the holder's pid but
     another start time (pid reused) does not keep a stale lock alive."""
     run = tmp_path / "run"
@@ -124,7 +123,7 @@ def test_reused_pid_is_stale_but_a_live_holder_without_flock_is_not(tmp_path, ca
     info = {"pid": os.getppid(), "host": socket.gethostname(), "command": "x", "started": "t"}
     (run / runlock.LOCK_NAME).write_text(json.dumps({**info, "pid_start": me_start + 1}))
     runlock.acquire(run, "y").release()
-    assert "recovered a stale lock" in capsys.readouterr().err
+    assert "recovered a stale lock" in caplog.text
     (run / runlock.LOCK_NAME).write_text(json.dumps({**info, "pid_start": me_start}))
     with pytest.raises(runlock.RunLockError, match="that process is alive"):
         runlock.acquire(run, "y")
@@ -211,7 +210,7 @@ def test_two_processes_racing_on_one_run_dir(tmp_path, tiny_pixel_pipeline):
 
 
 def test_file_system_without_flock_falls_back_to_the_lock_content(tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   caplog):
     import errno
     import fcntl
 
@@ -220,7 +219,8 @@ def test_file_system_without_flock_falls_back_to_the_lock_content(tmp_path, monk
     monkeypatch.setattr(fcntl, "flock", no_flock)
     run = tmp_path / "run"
     with runlock.acquire(run, "first") as lock:
-        assert "does not support flock" in capsys.readouterr().err
+        assert "does not support flock" in caplog.text
+        caplog.clear()
         other = subprocess.run(
             [sys.executable, "-c", "import fcntl, errno, sys\n"
              "def f(fd, op): raise OSError(errno.ENOLCK, 'No locks available')\n"
@@ -232,4 +232,4 @@ def test_file_system_without_flock_falls_back_to_the_lock_content(tmp_path, monk
     (run / runlock.LOCK_NAME).write_text(json.dumps(
         {"pid": _dead_pid(), "host": socket.gethostname(), "command": "x", "started": "t"}))
     runlock.acquire(run, "third").release()
-    assert "recovered a stale lock" in capsys.readouterr().err
+    assert "recovered a stale lock" in caplog.text

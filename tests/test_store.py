@@ -119,9 +119,9 @@ def _flip_byte(path, offset=-3):
     path.write_bytes(bytes(b))
 
 
-def test_corrupt_chunk_is_detected_and_recomputed(tmp_path, capfd):
-    """A chunk whose bytes no longer match its recorded SHA-256 is marked not done (notice on
-    stderr), so featurize recomputes it; the result equals the uncorrupted one."""
+def test_corrupt_chunk_is_detected_and_recomputed(tmp_path, caplog):
+    """A chunk whose bytes no longer match its recorded SHA-256 is marked not done (a notice:
+    WARNING on the jaxattrib.integrity logger), so featurize recomputes it; the result equals the uncorrupted one."""
     data = np.arange(30, dtype=np.float32).reshape(10, 3)
     st = ChunkedArray.open(tmp_path / "s", n_rows=10, n_cols=3, chunk_size=4)
     for i in range(st.n_chunks):
@@ -134,7 +134,7 @@ def test_corrupt_chunk_is_detected_and_recomputed(tmp_path, capfd):
     integrity._verified.clear()
     again = ChunkedArray.open(tmp_path / "s", n_rows=10, n_cols=3, chunk_size=4)
     assert again.missing_chunks() == [1]
-    err = capfd.readouterr().err
+    err = caplog.text
     assert "chunk_00001.npy: checksum mismatch" in err and "recomputed" in err
     assert not (tmp_path / "s" / "all.npy").exists()   # the consolidated copy is dropped too
     with pytest.raises(FileNotFoundError, match="chunk 1"):
@@ -146,7 +146,7 @@ def test_corrupt_chunk_is_detected_and_recomputed(tmp_path, capfd):
     np.testing.assert_array_equal(again.read_all(mmap=True), data)
 
 
-def test_corrupt_consolidated_copy_is_rebuilt(tmp_path, capfd):
+def test_corrupt_consolidated_copy_is_rebuilt(tmp_path, caplog):
     from jaxattrib import integrity
     data = np.arange(12, dtype=np.float32).reshape(4, 3)
     st = ChunkedArray.open(tmp_path, n_rows=4, n_cols=3, chunk_size=2)
@@ -156,7 +156,7 @@ def test_corrupt_consolidated_copy_is_rebuilt(tmp_path, capfd):
     _flip_byte(tmp_path / "all.npy")
     integrity._verified.clear()
     np.testing.assert_array_equal(st.read_all(mmap=True), data)
-    assert "all.npy: checksum mismatch" in capfd.readouterr().err
+    assert "all.npy: checksum mismatch" in caplog.text
 
 
 def test_store_without_checksums_still_loads(tmp_path):

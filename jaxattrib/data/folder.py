@@ -32,6 +32,7 @@ raise :class:`DataError` naming the path, or with ``on_error='skip'`` are left o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -40,6 +41,8 @@ from typing import Sequence
 import numpy as np
 
 from jaxattrib.data.dataset import DataError, ImageDataset, resize_center_crop, uint8_to_model
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CLASSES_FILE = "prompts_and_classes.txt"
@@ -129,16 +132,15 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def notice_ignored_files(folder: Path, used: int, known: Sequence[str] = ()) -> list[str]:
-    """Prints a notice naming the files of ``folder`` that are not images (by extension) and
+    """Logs a notice (WARNING) naming the files of ``folder`` that are not images (by extension) and
     so are ignored, besides ``known`` metadata files and hidden files; returns their names."""
-    import sys
     ignored = sorted(p.name for p in folder.iterdir()
                      if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
                      and not p.name.startswith(".") and p.name not in known)
     if ignored:
-        print(f"notice: {folder}: using {used} image file(s); ignoring {len(ignored)} "
-              f"non-image file(s): {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}",
-              file=sys.stderr, flush=True)
+        logger.warning("%s: using %d image file(s); ignoring %d non-image file(s): %s%s",
+                       folder, used, len(ignored), ", ".join(ignored[:5]),
+                       " ..." if len(ignored) > 5 else "")
     return ignored
 
 

@@ -37,6 +37,7 @@ Every stage is cached, so a rerun reuses everything and a killed run continues.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -47,9 +48,11 @@ from jaxattrib.attribution.methods import METHODS
 from jaxattrib.config import ConfigError
 from jaxattrib.runs.rundir import RunDir
 
+logger = logging.getLogger(__name__)
+
 
 def _log(msg: str) -> None:
-    print(f"[jaxattrib customization {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    logger.info("[jaxattrib customization %s] %s", time.strftime('%H:%M:%S'), msg)
 
 
 # ----------------------------------------------------------------------------- ground truth

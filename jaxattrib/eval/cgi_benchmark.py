@@ -37,6 +37,7 @@ conditioning (the objective's ``c = c'``). The run directory::
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zlib
 from pathlib import Path
@@ -52,8 +53,11 @@ IMAGE_SIMILARITIES = ("ssim", "psnr", "tap")
 SIMILARITIES = IMAGE_SIMILARITIES + ("j_gain",)
 
 
+logger = logging.getLogger(__name__)
+
+
 def _log(msg: str) -> None:
-    print(f"[cgi-dm benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    logger.info("[cgi-dm benchmark %s] %s", time.strftime('%H:%M:%S'), msg)
 
 
 # ----------------------------------------------------------------------------- config

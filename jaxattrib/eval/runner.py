@@ -1,6 +1,7 @@
 """The command-line edge shared by the benchmark scripts under ``benchmarks/``: one argument
-parser (``--run-dir``, ``--smoke``, ``--set``, ``--fresh``, ``--no-progress``) and one way to
-resolve the run directory, so every benchmark behaves the same from the shell."""
+parser (``--run-dir``, ``--smoke``, ``--set``, ``--fresh``, ``--no-progress``, ``-v``/``-q``) and
+one way to resolve the run directory (which also sets up logging, :func:`jaxattrib.logs.configure`),
+so every benchmark behaves the same from the shell."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ def benchmark_parser(doc: str, default_run_dir: str, smoke_help: str) -> argpars
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="more messages on stderr (-v debug, -vv also third-party noise)")
+    ap.add_argument("-q", "--quiet", action="count", default=0,
+                    help="fewer messages on stderr (-q notices and errors only)")
     return ap
 
 
 def prepare_run_dir(args: argparse.Namespace, default_run_dir: str) -> Path:
     """``--run-dir`` or the default (with ``_smoke`` under ``--smoke``); deleted first under
-    ``--fresh``."""
+    ``--fresh``. Also points the ``jaxattrib`` loggers at stderr at the ``-v``/``-q`` level."""
+    from jaxattrib.logs import configure
+    configure(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     run_dir = Path(args.run_dir or (default_run_dir + "_smoke" if args.smoke
                                     else default_run_dir))
     if args.fresh and run_dir.exists():

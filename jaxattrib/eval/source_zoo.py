@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -50,6 +51,9 @@ from jaxattrib.authentication import source_model as sm
 from jaxattrib.authentication import source_model_zoo as zoo_lib
 from jaxattrib.authentication import watermark as wm
 from jaxattrib import metrics
+
+logger = logging.getLogger(__name__)
+
 #: instance-level methods (key-sample strategies) in table order
 INSTANCE_METHODS = ("strategy1", "strategy1-consistency", "strategy2", "random")
 METHOD_LABELS = {"strategy1": "instance, Strategy 1 (detection: Wen et al. signal)",
@@ -270,7 +274,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
 
     def log(msg):
         if progress:
-            print(f"[zoo {time.time() - t_start:7.0f} s] {msg}", flush=True)
+            logger.info("[zoo %7.0f s] %s", time.time() - t_start, msg)
 
     if pipe is None:
         from jaxattrib.runs.specs import load_model

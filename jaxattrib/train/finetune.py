@@ -285,7 +285,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return step + 1, trainable, opt_state, {"loss": loss,
-                                                "grad_norm": optax.global_norm(grads)}
+                                                "grad_norm": optax.tree.norm(grads)}
 
     from jaxattrib import precision as prec
     rep = parallel.replicated_sharding(mesh)
