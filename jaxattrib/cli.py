@@ -293,7 +293,10 @@ def demo(ctx: typer.Context,
             from jaxattrib.runs.demo import check_demo_config
             check_demo_config(cfg)           # a bad config deletes nothing
             _fresh(run_dir)
-        run_demo(cfg, run_dir, progress=progress)
+        summary = run_demo(cfg, run_dir, progress=progress)
+        for row in summary.values():
+            typer.echo("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in row.items()))
     except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     except StoreMismatchError as e:

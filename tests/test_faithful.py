@@ -260,7 +260,7 @@ def _old_config(c) -> dict:
     return d
 
 
-def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys):
+def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, caplog):
     """A demo / benchmark run directory with results whose config.json predates the fields
     resumes with 'shared' noise and one checkpoint (what it was made with), saying so; one
     without results takes the new defaults; a new one is written with them."""
@@ -276,7 +276,7 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, capsys
     assert c.attribution.noise == "per_position" and c.attribution.checkpoints == 1
     check_run_config(old, c, adopt=ATTRIBUTION_LEGACY)
     assert c.attribution.noise == "shared" and c.attribution.checkpoints == 1
-    assert "attribution.noise='per_position' -> 'shared'" in capsys.readouterr().err
+    assert "attribution.noise='per_position' -> 'shared'" in caplog.text   # a WARNING
     # no results yet: the config is replaced, the new defaults stay
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -328,7 +328,7 @@ def test_lds_benchmark_legacy_noise(tmp_path):
 
 
 def test_train_run_made_before_the_fields_resumes_and_keeps_shared(tiny_pixel_pipeline,
-                                                                   tmp_path, capsys):
+                                                                   tmp_path, caplog):
     """`jaxattrib train` on a run directory whose config.json has an attribution section without
     noise / checkpoints resumes (no "another config"), and the config.json it rewrites states
     'shared' and one checkpoint, which `attribute` then uses."""
@@ -354,7 +354,7 @@ def test_train_run_made_before_the_fields_resumes_and_keeps_shared(tiny_pixel_pi
     log = (run / "record" / "steps.jsonl").read_text()
     train_run(config(), run, progress=False)                      # resumes
     assert (run / "record" / "steps.jsonl").read_text() == log
-    assert "attribution.noise='per_position' -> 'shared'" in capsys.readouterr().err
+    assert "attribution.noise='per_position' -> 'shared'" in caplog.text   # a WARNING
     a = json.loads((run / "config.json").read_text())["attribution"]
     assert (a["noise"], a["checkpoints"]) == ("shared", 1)
     assert attribution_defaults(run)["noise"] == "shared"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,8 @@ import flax.struct
 import jax
 import numpy as np
 from jaxattrib.authentication.source_model import SourceModelError
+
+logger = logging.getLogger(__name__)
 
 
 DEFAULT_RHOS = (0.0, 0.3, 0.5, 0.7, 1.0)
@@ -221,7 +224,7 @@ def build_model_zoo(base_params: Any, source_params: Any, real, generated,
             members.append(done[member.name])
             return
         if progress:
-            print(f"[zoo] building {member.name} (rho={member.rho}, seed={member.seed})")
+            logger.info("[zoo] building %s (rho=%s, seed=%s)", member.name, member.rho, member.seed)
         save_params(run_dir / member.path, make())
         members.append(member)
         _write_manifest(manifest_path, config, members + [m for n, m in done.items()

@@ -24,6 +24,7 @@ which passes a stratified exemplar choice, its own query plan and two ground tru
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -35,9 +36,11 @@ from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of sto
 from jaxattrib.runs.rundir import RunDir, check_run_config, save_npz
 from jaxattrib.runs.demo_attribute import _validation_mask, attribute_stage
 
+logger = logging.getLogger(__name__)
+
 
 def _log(msg: str) -> None:
-    print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    logger.info("[jaxattrib demo %s] %s", time.strftime('%H:%M:%S'), msg)
 
 
 DEMO_METHODS = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final",
@@ -463,9 +466,6 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
                                      if isinstance(v, float)))
     summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held)
     _log(f"done in {time.time() - t0:.0f} s; report: {run_dir / 'report.html'}")
-    for m, row in summary.items():
-        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in row.items()))
     return summary
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ from jaxattrib.config import ConfigError
 from jaxattrib.data import run_data
 from jaxattrib.fileio import atomic_write_bytes, atomic_write_text
 from jaxattrib.runs.config_check import read_run_config
+
+logger = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -169,9 +171,9 @@ def check_run_config(run_dir: Path, config, added: dict | None = None,
         except ConfigError:
             changed = []   # unreadable: refused below
         if changed:
-            print(f"notice: {path} was made before these fields existed; the run keeps what it "
-                  f"did: {', '.join(changed)} (use a new --run-dir for the new defaults)",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s was made before these fields existed; the run keeps what it "
+                           "did: %s (use a new --run-dir for the new defaults)", path,
+                           ", ".join(changed))
     current = json.loads(config.to_json())
     if path.exists() and not has_results(run_dir):
         # a run that failed before computing anything does not block a corrected retry
@@ -180,8 +182,8 @@ def check_run_config(run_dir: Path, config, added: dict | None = None,
         except ConfigError:
             same = False
         if not same:
-            print(f"notice: {path}: nothing was computed in this run directory yet; its "
-                  f"config is replaced by the new one", file=sys.stderr, flush=True)
+            logger.warning("%s: nothing was computed in this run directory yet; its config "
+                           "is replaced by the new one", path)
         path.unlink()
     if path.exists():
         stored = read_run_config(path)

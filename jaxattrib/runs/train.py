@@ -9,7 +9,7 @@ reference to the training data with its fingerprint, not a copy; older runs hold
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ from jaxattrib.runs.config_check import (DATA_SOURCES, _field, check_data_size,
                                          read_run_config)
 from jaxattrib.runs.specs import load_model
 from jaxattrib.runs.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 # data.* fields added after run directories existed: a stored config.json without them is
@@ -100,16 +102,16 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
     from jaxattrib.config import ATTRIBUTION_LEGACY, adopt_legacy
     adopted = adopt_legacy(stored, current) if stored is not None else []
     if adopted:
-        print(f"notice: {cfg_path} was made before these attribution fields existed; it keeps "
-              f"what it did: {', '.join(adopted)}", file=sys.stderr, flush=True)
+        logger.warning("%s was made before these attribution fields existed; it keeps what "
+                       "it did: %s", cfg_path, ", ".join(adopted))
     added = {**precision.added_defaults("finetune", "attribution"), **ATTRIBUTION_LEGACY}
     if stored is not None and precision.fill_added(stored, added) != current:
         from jaxattrib.runlock import has_results
         if has_results(run_dir):
             raise ConfigError(f"{cfg_path}: run directory was made with another config; use "
                               f"a new --run-dir")
-        print(f"notice: {cfg_path}: nothing was computed in this run directory yet; its "
-              f"config is replaced by the new one", file=sys.stderr, flush=True)
+        logger.warning("%s: nothing was computed in this run directory yet; its config is "
+                       "replaced by the new one", cfg_path)
         if jax.process_index() == 0:    # the old config's data reference goes with it
             from jaxattrib.data import run_data
             for stale in (run_data.SOURCE_FILE, run_data.LEGACY_FILE):
