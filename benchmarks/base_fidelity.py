@@ -6,7 +6,8 @@ with the package's pixel-statistics classifier (:func:`jaxattrib.data.synthetic.
 which never saw them). Reports shape/color accuracy on in-distribution (ID) combinations (seen in
 pretraining) and on the held-out (OOD, compositional) combinations, plus the classifier's own
 accuracy on *real* renders of the same combinations at the model's resolution (is the classifier
-reliable at this size?).
+reliable at this size?) and, for a latent model, on their VAE reconstructions (the decoder's
+ceiling).
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu nice -n 19 python benchmarks/base_fidelity.py \
         [--model FOLDER] [--per-combo 4] [--steps 25] [--guidance 3] [--out results.json]
@@ -95,6 +96,12 @@ def main(argv=None) -> dict:
     for name, ds in (("classifier_on_real_id", real_id), ("classifier_on_real_ood", real_ood)):
         res[name] = classify_acc(ds.images, ds.label_strings("shape"), ds.label_strings("color"),
                                  spec)
+        if pipe.is_latent:   # through the VAE (posterior mean): the decoder's ceiling
+            from jaxattrib.models.latent_io import decode_images, encode_images
+            rec = decode_images(pipe.vae_params, pipe.vae_config,
+                                encode_images(pipe.vae_params, pipe.vae_config, ds.images))
+            res[name.replace("real", "vae_reconstructions")] = classify_acc(
+                np.clip(rec, -1, 1), ds.label_strings("shape"), ds.label_strings("color"), spec)
     res["env"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "machine": f"{platform.node()} {os.cpu_count()} cpus",
                   "load": os.getloadavg()}

@@ -213,16 +213,23 @@ def make_vae_loss(vae_config, kl_weight: float) -> Callable:
     return loss_fn
 
 
-def reconstruction_metrics(vae_config, vae_params, images) -> dict:
-    """L1 and PSNR (dB, pixels in [-1, 1] → peak-to-peak 2) of ``decode(posterior mean)``."""
+def reconstruction_metrics(vae_config, vae_params, ds, spec) -> dict:
+    """Of ``decode(posterior mean)`` of the images of ``ds``: L1, PSNR (dB, pixels in [-1, 1]
+    → peak-to-peak 2) and the shape / color accuracy of the package's pixel classifier on the
+    reconstructions (an upper bound of what generations through this decoder can score)."""
+    from jaxattrib.data.synthetic import classify_concepts
     from jaxattrib.models.latent_io import decode_images, encode_images
+    images = np.asarray(ds.images)
     rec = decode_images(vae_params, vae_config,
                         encode_images(vae_params, vae_config, images, batch_size=64),
                         batch_size=64)
     rec = np.clip(rec, -1, 1)
     mse = float(np.mean((rec - images) ** 2))
+    pred = classify_concepts(rec, spec)
     return {"l1": float(np.mean(np.abs(rec - images))),
-            "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12)))}
+            "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12))),
+            "classifier_shape": float(np.mean(pred["shape"] == ds.labels["shape"])),
+            "classifier_color": float(np.mean(pred["color"] == ds.labels["color"]))}
 
 
 # ------------------------------------------------------------------------------ the folder
@@ -322,8 +329,9 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
     every = lambda steps: max(1, steps // max(cfg.checkpoints, 1))  # noqa: E731
     # fixed evaluation images: fresh renders of ID combinations and the held-out ones
     eval_spec = dataclasses.replace(spec, per_combination=1)
-    eval_id = make_synthetic(eval_spec, seed=cfg.seed + 1000, withhold=HELD_OUT).images[:128]
-    eval_ood = make_withheld(eval_spec, cfg.seed + 1000, HELD_OUT).images[:128]
+    eval_id = make_synthetic(eval_spec, seed=cfg.seed + 1000, withhold=HELD_OUT)
+    eval_id = eval_id.subset(np.arange(min(128, len(eval_id))))
+    eval_ood = make_withheld(eval_spec, cfg.seed + 1000, HELD_OUT)
     data_info = {"fingerprint": ds.fingerprint(), "size": n}
     walls = {}
 
@@ -332,11 +340,14 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
 
     def vae_checkpoint(step, params):
         p = jax.device_get(params["autoencoder"])
-        row = {"step": step, "id": reconstruction_metrics(vae_config, p, eval_id),
-               "ood": reconstruction_metrics(vae_config, p, eval_ood)}
+        row = {"step": step, "id": reconstruction_metrics(vae_config, p, eval_id, spec),
+               "ood": reconstruction_metrics(vae_config, p, eval_ood, spec)}
         _append(vae_eval, row)
-        log(f"vae step {step}: ID L1 {row['id']['l1']:.4f} PSNR {row['id']['psnr']:.2f} dB; "
-            f"held-out L1 {row['ood']['l1']:.4f} PSNR {row['ood']['psnr']:.2f} dB")
+        log(f"vae step {step}: ID L1 {row['id']['l1']:.4f} PSNR {row['id']['psnr']:.2f} dB "
+            f"shape/color {row['id']['classifier_shape']:.2f}/"
+            f"{row['id']['classifier_color']:.2f}; held-out L1 {row['ood']['l1']:.4f} PSNR "
+            f"{row['ood']['psnr']:.2f} dB shape/color {row['ood']['classifier_shape']:.2f}/"
+            f"{row['ood']['classifier_color']:.2f} (classifier on reconstructions)")
         if on_checkpoint is not None:
             on_checkpoint("vae", step, params)
 
