@@ -232,6 +232,20 @@ def reconstruction_metrics(vae_config, vae_params, ds, spec) -> dict:
             "classifier_color": float(np.mean(pred["color"] == ds.labels["color"]))}
 
 
+def latent_scaling(vae_config, vae_params, images):
+    """SD's latent scaling: ``(vae_config with scaling_factor = 1/std, scaled latents
+    float32 [N, h, w, c], stats)`` from the posterior means of ``images [N, H, W, 3]``
+    (``vae_config.scaling_factor`` must still be the placeholder 1.0)."""
+    from jaxattrib.models.latent_io import encode_images
+    if vae_config.scaling_factor != 1.0:
+        raise ValueError("latent_scaling: expected the unscaled VAE (scaling_factor 1.0)")
+    raw = encode_images(vae_params, vae_config, images, batch_size=64)
+    stats = {"mean": float(raw.mean()), "std": float(raw.std()),
+             "per_channel_std": [float(s) for s in raw.std(axis=(0, 1, 2))]}
+    vae_config = dataclasses.replace(vae_config, scaling_factor=float(1.0 / raw.std()))
+    return vae_config, (raw * vae_config.scaling_factor).astype(np.float32), stats
+
+
 # ------------------------------------------------------------------------------ the folder
 
 def save_latent_pipeline(folder, vae_config, vae_params, unet_config, unet_params, text_config,
@@ -306,7 +320,6 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
     from jaxattrib.data.synthetic import make_synthetic, make_withheld
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models import clip_text, unet, vae as vae_lib
-    from jaxattrib.models.latent_io import encode_images
     from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
     from jaxattrib.train.diffusion_task import make_diffusion_loss
     from jaxattrib.train.finetune import TrainConfig, finetune
@@ -368,12 +381,8 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
     walls["vae"] = round(time.time() - t0, 1)
 
     # ---- latent scaling: 1 / std of the posterior-mean latents of the training images
-    raw = encode_images(vae_params, vae_config, images, batch_size=64)  # scaling_factor 1.0
-    latent_stats = {"mean": float(raw.mean()), "std": float(raw.std()),
-                    "per_channel_std": [float(s) for s in raw.std(axis=(0, 1, 2))]}
-    vae_config = dataclasses.replace(vae_config, scaling_factor=float(1.0 / raw.std()))
-    latents = (raw * vae_config.scaling_factor).astype(np.float32)
-    log(f"latents {raw.shape[1:]}: std {raw.std():.4f} -> scaling_factor "
+    vae_config, latents, latent_stats = latent_scaling(vae_config, vae_params, images)
+    log(f"latents {latents.shape[1:]}: std {latent_stats['std']:.4f} -> scaling_factor "
         f"{vae_config.scaling_factor:.6f}")
 
     # ---- stage 2: UNet + text encoder on the scaled posterior-mean latents
@@ -444,6 +453,49 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
                                 SCHEDULER_CONFIG, manifest)
 
 
+def export_checkpoint(out, cfg: LatentBaseConfig, work_dir, unet_step: int | None = None,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """Writes the pipeline folder of a run that has not finished (or of any checkpoint):
+    the VAE of stage 1's latest checkpoint (stage 1 must be finished), its latent scaling, and
+    the UNet / text encoder of stage 2's checkpoint ``unet_step`` (default: the latest). The
+    manifest says ``"partial": true`` and which steps. Reads the records only."""
+    from jaxattrib.data.synthetic import make_synthetic
+    from jaxattrib.models.tokenizer import CLIPTokenizer
+    from jaxattrib.train.record import TrajectoryRecord
+    log = log or (lambda msg: print(msg, flush=True))
+    work = Path(work_dir)
+    spec = data_spec(cfg)
+    ds = make_synthetic(spec, seed=cfg.seed, withhold=HELD_OUT)
+    tok_dir = work / "tokenizer"
+    vae_config, unet_config, text_config = model_configs(
+        cfg, CLIPTokenizer.from_folder(tok_dir).vocab_size)
+    rec1 = TrajectoryRecord.open(work / "vae_record")
+    if rec1.latest_step() != cfg.vae_steps:
+        raise ValueError(f"{work / 'vae_record'}: stage 1 is at step {rec1.latest_step()} of "
+                         f"{cfg.vae_steps}; export needs it finished")
+    vae_params = jax.device_get(rec1.load(cfg.vae_steps)["autoencoder"])
+    vae_config, _, stats = latent_scaling(vae_config, vae_params, np.asarray(ds.images))
+    rec2 = TrajectoryRecord.open(work / "unet_record")
+    step = rec2.latest_step() if unet_step is None else int(unet_step)
+    params = jax.device_get(rec2.load(step))
+    log(f"exporting vae step {cfg.vae_steps} (scaling_factor {vae_config.scaling_factor:.6f})"
+        f" + unet step {step} of {cfg.unet_steps} to {out}")
+    manifest = {
+        "kind": "latent", "partial": step != cfg.unet_steps,
+        "generator": "python -m jaxattrib.train.latent_base --export-step",
+        "data_spec": dataclasses.asdict(spec), "seed": cfg.seed, "held_out": list(HELD_OUT),
+        "config": cfg.to_dict(), "train_examples": len(ds),
+        "steps": {"vae": cfg.vae_steps, "unet": step, "unet_planned": cfg.unet_steps},
+        "latent_stats_unscaled": stats, "scaling_factor": vae_config.scaling_factor,
+        "losses": {"vae": _read_evals(work / "vae_eval.jsonl"),
+                   "unet": _read_evals(work / "unet_eval.jsonl")},
+        "machine": {"end": _machine()},
+    }
+    return save_latent_pipeline(out, vae_config, vae_params, unet_config, params["unet"],
+                                text_config, params["text_encoder"], tok_dir,
+                                SCHEDULER_CONFIG, manifest)
+
+
 def config_from_args(a) -> LatentBaseConfig:
     over = dict(SMOKE) if a.smoke else {}
     for name in ("vae_steps", "unet_steps", "per_combination", "seed"):
@@ -464,9 +516,18 @@ def main(argv=None) -> Path:
     p.add_argument("--per-combination", dest="per_combination", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export-step", dest="export_step", type=int, default=None,
+                   help="do not train: write OUT from WORK's finished stage 1 and stage 2's "
+                        "checkpoint at this step (-1: the latest), e.g. while a long run is "
+                        "still going")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     out = Path(a.out)
+    if a.export_step is not None:
+        if not a.work_dir:
+            p.error("--export-step needs --work-dir (the run's work directory)")
+        return export_checkpoint(out, cfg, a.work_dir,
+                                 None if a.export_step < 0 else a.export_step)
     work = Path(a.work_dir) if a.work_dir else out.with_name(out.name + ".work")
     from jaxattrib.progress import StageLog
     with StageLog(work, "latent_base", process_index=0, echo=True) as log:
