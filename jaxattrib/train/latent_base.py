@@ -87,7 +87,8 @@ class LatentBaseConfig:
     Data: ``shapes``/``colors``/``backgrounds``/``textures`` vocabularies, ``size`` px,
     ``per_combination`` renders per combination, ``position_jitter``/``scale_range`` (see
     :class:`jaxattrib.data.synthetic.SyntheticConceptSpec`). VAE: ``vae_channels``
-    (``block_out_channels``; f = 2**(len − 1)), ``vae_layers``, ``latent_channels``,
+    (``block_out_channels``; f = 2**(len − 1)), ``vae_layers``, ``vae_groups``,
+    ``vae_mid_attention`` (self-attention in the mid blocks, as SD), ``latent_channels``,
     ``kl_weight``, ``vae_steps``/``vae_batch``/``vae_lr``. UNet: ``unet_channels``,
     ``unet_down`` (block kinds per level, 'c' = CrossAttnDownBlock2D, 'd' = DownBlock2D),
     ``unet_heads`` (diffusers' ``attention_head_dim``), ``unet_steps``/``unet_batch``/
@@ -107,6 +108,7 @@ class LatentBaseConfig:
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_layers: int = 1
     vae_groups: int = 8
+    vae_mid_attention: bool = True
     latent_channels: int = 4
     kl_weight: float = 1e-5
     vae_steps: int = 1500
@@ -166,7 +168,8 @@ def model_configs(cfg: LatentBaseConfig, vocab_size: int):
     from jaxattrib.models.unet import tiny_config
     vae = vae_lib.tiny_config(block_out_channels=cfg.vae_channels, norm_num_groups=cfg.vae_groups,
                               latent_channels=cfg.latent_channels, layers_per_block=cfg.vae_layers,
-                              sample_size=cfg.size, scaling_factor=1.0)
+                              sample_size=cfg.size, scaling_factor=1.0,
+                              mid_block_add_attention=cfg.vae_mid_attention)
     f = 2 ** (len(cfg.vae_channels) - 1)
     kinds = {"c": ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"),
              "d": ("DownBlock2D", "UpBlock2D")}
