@@ -31,7 +31,7 @@ import numpy as np
 def model_spec(folder: Path):
     """``(spec, held_out)`` of a base model folder (pixel ``jaxattrib_base.json`` or latent
     ``jaxattrib_base.json`` written by :mod:`jaxattrib.train.latent_base`)."""
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     info = json.loads((folder / "jaxattrib_base.json").read_text())
     return spec_from_info(info), [dict(h) for h in info["held_out"]]
 

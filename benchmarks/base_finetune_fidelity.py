@@ -1,6 +1,6 @@
 """Generation fidelity after the demo's fine-tuning, for any base model folder.
 
-Runs only the demo's data, fine-tuning and generation stages (:mod:`jaxattrib.demo`:
+Runs only the demo's data, fine-tuning and generation stages (:mod:`jaxattrib.runs.demo`:
 ``build_data``, ``finetune_stage``, ``generate_stage``; the demo's config, overridable with
 ``--set key=value``) on ``--model`` in ``--run-dir`` (resumable: the stages cache their outputs),
 and classifies the generations of the held-out concepts with the base model's own synthetic spec
@@ -23,10 +23,10 @@ import numpy as np
 
 
 def main(argv=None) -> dict:
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.configs.demo import get_config
     from jaxattrib.data.synthetic import classify_concepts
-    from jaxattrib import demo
+    from jaxattrib.runs import demo
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)

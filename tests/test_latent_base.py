@@ -34,7 +34,7 @@ def _nhwc(t):
 
 
 def test_folder_loads_with_parity(smoke):
-    from jaxattrib.base_model import spec_from_info
+    from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.models import unet as U
     from jaxattrib.models import vae as V

@@ -35,7 +35,7 @@ The output is a diffusers pipeline folder (``model_index.json``, ``vae/``, ``une
 ``StableDiffusionPipeline``, plus ``jaxattrib_base.json``: the manifest (data spec, held-out
 concepts, architecture, steps, loss curves, latent statistics, wall time per stage, machine),
 with the same ``data_spec`` / ``held_out`` keys as the pixel base model so
-:func:`jaxattrib.base_model.spec_from_info` and the demo read it alike.
+:func:`jaxattrib.train.base_model.spec_from_info` and the demo read it alike.
 
 [design] Ours: resolution 32 px with f = 4 (8 × 8 × 4 latents), the architectures, the concept
 set, ``kl_weight``, learning rates and steps; the measured reasons are in
