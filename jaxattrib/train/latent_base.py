@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -58,6 +59,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 #: (shape, color) combinations withheld from pretraining: the demo's "new concepts" (the same
 #: four as the pixel base model, so the demo's configs and held-out metrics carry over).
@@ -327,7 +330,7 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
     from jaxattrib.train.diffusion_task import make_diffusion_loss
     from jaxattrib.train.finetune import TrainConfig, finetune
 
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or logger.info
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -465,7 +468,7 @@ def export_checkpoint(out, cfg: LatentBaseConfig, work_dir, unet_step: int | Non
     from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.models.tokenizer import CLIPTokenizer
     from jaxattrib.train.record import TrajectoryRecord
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or logger.info
     work = Path(work_dir)
     spec = data_spec(cfg)
     ds = make_synthetic(spec, seed=cfg.seed, withhold=HELD_OUT)
