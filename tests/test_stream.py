@@ -255,3 +255,19 @@ def test_check_train_config_accepts_tfds_and_names_missing_fields(tmp_path):
         check_train_config(apply_overrides(c, ["data.source=tfds", f"data.path={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.source='web'.*'tfds'"):
         check_train_config(apply_overrides(c, ["data.source=web"]))
+
+
+def test_max_examples_cap_is_announced_and_applied(caplog):
+    """A capped training set (``data.max_examples``) is never silent: a notice names the cap
+    and the full size; no cap, no notice."""
+    from jaxattrib.config import load_config
+    from jaxattrib.runs.train import load_training_data
+    capped = load_config("finetune_folder", ["data.source='digits'", "data.max_examples=5",
+                                             "data.size=8"])
+    src = load_training_data(capped)
+    assert len(src) == 5
+    assert "data.max_examples=5: using a random subset of 5 of the 1797" in caplog.text
+    caplog.clear()
+    full = load_config("finetune_folder", ["data.source='digits'", "data.max_examples=0",
+                                           "data.size=8"])
+    assert len(load_training_data(full)) == 1797 and "max_examples" not in caplog.text

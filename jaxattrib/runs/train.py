@@ -37,7 +37,7 @@ def load_training_data(config):
     combination, seed = ``config.seed``), 'folder' (``data.path``, ``data.subjects``), 'digits',
     or 'tfds' (``data.name`` prepared as array_record in ``data.path`` = its ``data_dir``,
     ``data.split``, captions from ``data.caption_key`` or the class name). ``data.max_examples``
-    keeps a random subset (seed = ``config.seed``) in data set order.
+    keeps a random subset (seed = ``config.seed``) in data set order, with a notice.
     """
     from jaxattrib.data import source as S
     d = config.data
@@ -65,6 +65,9 @@ def load_training_data(config):
     else:
         raise ConfigError(f"data.source={d.source!r}: expected one of {DATA_SOURCES}")
     if d.max_examples and len(src) > d.max_examples:
+        logger.warning("data.max_examples=%d: using a random subset of %d of the %d training "
+                       "examples (seed %d; data.max_examples=0 uses all)", d.max_examples,
+                       d.max_examples, len(src), config.seed)
         idx = np.random.default_rng(config.seed).choice(len(src), d.max_examples, replace=False)
         src = src.subset(np.sort(idx))
     return src
