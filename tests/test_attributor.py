@@ -114,8 +114,8 @@ def test_orientation_by_construction_and_exact_kernel():
                                       + M.method_scores("dtrak", Xq, 2 * X, lam_ratio=0.1)),
                                rtol=1e-5)
     assert M.method_scores("random", Xq, X).shape == (2, 9)
-    # callers written before the orientation was unified (workflow / demo TracIn) pass the
-    # train side first and transpose: by symmetry they get the same [Q, N]
+    # swapping the sides and transposing (what the attribute / demo TracIn did before they
+    # called method_scores) gives the same [Q, N] bit for bit, so their scores are unchanged
     from jaxattrib.attribution import trak
     np.testing.assert_array_equal(trak.tracin_scores([X], [Xq], [0.3]).T,
                                   trak.tracin_scores([Xq], [X], [0.3]))

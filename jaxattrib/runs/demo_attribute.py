@@ -32,10 +32,10 @@ SCORES_VERSION = "2"
 
 def _examples(pipe, images, captions) -> dict:
     """``{'x0', 'ctx'}`` for featurization: for a latent base model ``x0`` are the images' VAE
-    latents (posterior mean, :mod:`jaxattrib.diffusion.latents`), else the pixels."""
-    from jaxattrib.diffusion.latents import encode_images
-    ctx = np.asarray(pipe.encode_prompts(list(captions)))
-    return {"x0": encode_images(pipe.vae_config, pipe.vae_params, images), "ctx": ctx}
+    latents (posterior mean, :mod:`jaxattrib.diffusion.latents`), else the pixels
+    (:func:`jaxattrib.attribution.methods.model_inputs`)."""
+    from jaxattrib.attribution.methods import model_inputs
+    return model_inputs(pipe, images, captions)
 
 
 def _space_fingerprint(pipe, fingerprint: str) -> str:
@@ -146,14 +146,15 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
     """``({label: scores [Q, N]}, sweep metadata)`` for one method (see
     :func:`attribute_variants`)."""
     from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.attribution.methods import method_scores
     a = config.attribution
     flip = a.get("tune_sign", False) and method in ("trak", "dtrak", "tracin")
     meta: dict = {}
     if method == "pixel":
-        cands = {"pixel": _pixel_similarity(queries["images"], train["images"])}
+        cands = {"pixel": method_scores("pixel", queries["images"], train["images"])}
     elif method == "random":
-        cands = {"random": np.random.default_rng(config.seed).standard_normal(
-            (len(queries["images"]), len(train["images"])))}
+        cands = {"random": method_scores("random", queries["images"], train["images"],
+                                         seed=config.seed)}
     elif method in ("trak", "dtrak", "tracin"):
         ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
                                   params=a.params, projection=a.projection,
@@ -176,8 +177,8 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
                                         progress=progress)
             lams = dt.relative_lambdas(Phi, a.lambda_ratios)
             meta = {"ratios": list(a.lambda_ratios), "lambdas": lams}
-            cands = {f"ratio={r:g}": dt.scores_from_features(phi, Phi, lam)
-                     for r, lam in zip(a.lambda_ratios, lams)}
+            cands = {f"ratio={r:g}": method_scores(method, phi, Phi, lam_ratio=r)
+                     for r in a.lambda_ratios}
     elif method in ("montrage", "montrage-final"):
         cands = {method: _montrage_scores(run_dir, pipe, train_ex, query_ex,
                                           "final" if method == "montrage-final" else "movement",
@@ -218,7 +219,9 @@ def _ensemble_candidates(run_dir: Path, a, ac, out_fn, train_ex, query_ex, finge
                                           fingerprint=query_fingerprint, step=s, role="query",
                                           progress=progress))
     record.close()
-    return ({f"ratio={r:g}": dt.ensemble_scores(phis, Phis, r) for r in a.lambda_ratios},
+    from jaxattrib.attribution.methods import method_scores
+    return ({f"ratio={r:g}": method_scores(ac.method, phis, Phis, lam_ratio=r)
+             for r in a.lambda_ratios},
             {"ratios": list(a.lambda_ratios), "checkpoints": steps})
 
 
@@ -227,7 +230,7 @@ def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerpr
     """TracIn ``[Q, N]`` over the record's checkpoints after step 0, each weighted by the
     learning rate of the update that produced it; features in ``features/tracin/step_<s>/``."""
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.attribution import trak as trak_lib
+    from jaxattrib.attribution.methods import method_scores
     from jaxattrib.train.record import TrajectoryRecord
     record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     Phis, phis, lrs = [], [], []
@@ -241,7 +244,7 @@ def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerpr
                                           progress=progress))
         lrs.append(record.step_info(s - 1)["lr"])
     record.close()
-    return np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
+    return method_scores("tracin", phis, Phis, learning_rates=lrs)
 
 
 def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress: bool):
@@ -256,8 +259,9 @@ def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress
     traj = montrage.representation_trajectory(
         record, pipe.unet_config, train_ex["x0"], train_ex["ctx"], query_ex["x0"],
         query_ex["ctx"], cache_dir=RunDir(run_dir).features / "montrage", progress=progress)
-    seen = "ignore" if how == "final" else "count"
-    return montrage.trajectory_scores(traj, how, record=record, seen=seen)
+    from jaxattrib.attribution.methods import method_scores
+    return method_scores("montrage-final" if how == "final" else "montrage", traj,
+                         record=record)
 
 
 def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex,
@@ -280,7 +284,9 @@ def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, t
         pipe.unet_config, unet_params, encode, train_ex["x0"], list(train["captions"]),
         query_ex["x0"], list(queries["prompts"]), concepts, cfg, sched,
         train_contexts=train_ex["ctx"], return_features=True)
-    return {f"ratio={r:g}": ct.scores_from_features(phi, Phi, r) for r in a.lambda_ratios}
+    from jaxattrib.attribution.methods import method_scores
+    return {f"ratio={r:g}": method_scores("concept-trak", phi, Phi, lam_ratio=r)
+            for r in a.lambda_ratios}
 
 
 def _validation_mask(groups: np.ndarray) -> np.ndarray:
@@ -291,14 +297,6 @@ def _validation_mask(groups: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(groups == c)
         val[idx[: len(idx) // 2]] = True
     return val
-
-
-def _pixel_similarity(q: np.ndarray, t: np.ndarray) -> np.ndarray:
-    a = q.reshape(len(q), -1)
-    b = t.reshape(len(t), -1)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
 
 
 __all__ = ["SCORES_VERSION", "Variant", "attribute_stage", "attribute_variants"]
