@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxattrib.attribution.methods import METHODS
 from jaxattrib.config import ConfigError
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
 from jaxattrib.runs.rundir import RunDir, check_run_config, save_npz
@@ -43,8 +44,9 @@ def _log(msg: str) -> None:
     logger.info("[jaxattrib demo %s] %s", time.strftime('%H:%M:%S'), msg)
 
 
-DEMO_METHODS = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final",
-                "pixel", "random")
+# Every registered method whose queries are images (Journey-TRAK's are sampling trajectories,
+# which the demo does not record), in registry order.
+DEMO_METHODS = tuple(name for name, spec in METHODS.items() if spec.query == "examples")
 
 
 def check_demo_config(config, source: str = "demo config") -> None:
