@@ -234,6 +234,7 @@ def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
     ``on_progress``, ``log``: see :func:`jaxattrib.attribution.diffusion_trak.featurize_examples`
     (on several processes, call it on every process: each writes its share of the chunks)."""
     from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.attribution import methods
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord
     run_dir = Path(run_dir)
@@ -244,7 +245,7 @@ def featurize_training_set(run_dir: str | Path, config, step: int, *, pipe=None,
         raise ConfigError(f"{run_dir / 'record'}: no checkpoint at step {step} (has "
                           f"{record.steps()})")
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    out_fn = dt.make_train_out_fn(pipe.unet_config, sched, config)
+    out_fn = methods.train_out_fn(config.method, pipe.unet_config, sched, config)
     return dt.featurize_examples(out_fn, record.load(step)["unet"], train.examples, config,
                                  feature_dir(run_dir, config.method, step) / "train",
                                  fingerprint=train.fingerprint, step=step, mesh=mesh,
@@ -323,7 +324,7 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
     import jax
 
     from jaxattrib.attribution import diffusion_trak as dt
-    from jaxattrib.attribution import trak as trak_lib
+    from jaxattrib.attribution.methods import method_scores, query_out_fn
     from jaxattrib.diffusion import latents as lat
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.record import TrajectoryRecord
@@ -410,12 +411,12 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
         p = record.load(s)["unet"]
         base = feature_dir(run_dir, method, s)
         if method == "journey-trak":
-            q_fn = dt.make_journey_target_out_fn(pipe.unet_config, sched, ac)
+            q_fn = query_out_fn(method, pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(q_fn, p, tg, ac, base / f"queries_{qname}_{i}",
                                               fingerprint=fp_query, step=s, role="query",
                                               **fkw))
         else:
-            out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
+            out_fn = query_out_fn(method, pipe.unet_config, sched, ac)
             phis.append(dt.featurize_examples(out_fn, p, query_ex, ac,
                                               base / f"queries_{qname}", fingerprint=fp_query,
                                               step=s, role="query", **fkw))
@@ -425,10 +426,10 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
         log(f"features at checkpoint(s) {use_steps} complete; process 0 scores")
         return None
     log(f"scoring {len(q_prompts)} queries against {len(train.ids)} training examples")
-    if method == "tracin":
-        scores = np.asarray(trak_lib.tracin_scores(Phis, phis, lrs)).T
-    else:  # one checkpoint or the mean over the ensemble's checkpoints
-        scores = dt.ensemble_scores(phis, Phis, lam_ratio)
+    # TracIn: Σ over checkpoints with their learning rates; the others: one checkpoint or the
+    # mean over the ensemble's checkpoints
+    scores = method_scores(method, phis, Phis, lam_ratio=lam_ratio,
+                           learning_rates=lrs if method == "tracin" else None)
     out = RunDir(run_dir).scores / f"{method}_{qname}.npy"
     out.parent.mkdir(parents=True, exist_ok=True)
     from jaxattrib.fileio import atomic_save_npy
