@@ -190,6 +190,7 @@ def main(argv=None) -> None:
     progress = not args.no_progress
 
     from jaxattrib.attribution import montrage as M
+    from jaxattrib.attribution.methods import method_scores
     from jaxattrib.train.base_model import base_model_info, load_base_model
     from jaxattrib.data.synthetic import SyntheticConceptSpec, classify_concepts
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
@@ -245,10 +246,8 @@ def main(argv=None) -> None:
                 "chosen"]
             continue
         t0 = time.time()
-        if method == "montrage":
-            cands = {method: M.trajectory_scores(traj, "movement", record=record, seen="count")}
-        elif method == "montrage-final":
-            cands = {method: M.trajectory_scores(traj, "final")}
+        if method in ("montrage", "montrage-final"):
+            cands = {method: method_scores(method, traj, record=record)}
         else:
             cands, _ = demo_attribute._candidate_scores(method, run, cfg, pipe, unet_params, sched,
                                               train_ex, query_ex, train, queries, fp, step,

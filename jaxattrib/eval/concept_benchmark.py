@@ -323,9 +323,9 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
 
 def _trak_family_scorer(q, P, r):
     """D-TRAK / TRAK scores ``[Q, N]`` at ratio ``r`` through the engine (primal kernel)."""
-    from jaxattrib.attribution import diffusion_trak as dt
-    # dt.relative_lambdas is r·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
-    return np.asarray(dt.scores_from_features(q, P, dt.relative_lambdas(P, [0.1 * r])[0]))
+    from jaxattrib.attribution.methods import method_scores
+    # the TRAK family's λ is lam_ratio·mean diag(ΦᵀΦ); 0.1·r makes it Concept-TRAK's ratio rule
+    return method_scores("trak", q, P, lam_ratio=0.1 * r)
 
 
 def _trak_family_scores(Phi, phi, config, plan: dict, relevant):
