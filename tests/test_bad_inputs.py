@@ -229,13 +229,13 @@ def test_damaged_run_config_is_a_clear_error(tmp_path, no_models):
 
 @bad_input("A non-image file (e.g. `notes.txt`) among the query PNGs",
            "Notice on stderr: `using the 2 PNG files; ignoring 1 other file(s): notes.txt`")
-def test_non_image_file_in_query_folder_is_announced(tmp_path, capsys):
+def test_non_image_file_in_query_folder_is_announced(tmp_path, caplog):
     from jaxattrib.runs.attribute import read_queries
     q = _queries(tmp_path / "q")
     (q / "notes.txt").write_text("hi")
     imgs, prompts = read_queries(q)
     assert imgs.shape == (2, 8, 8, 3) and len(prompts) == 2
-    assert "ignoring 1 other file(s): notes.txt" in capsys.readouterr().err
+    assert "ignoring 1 other file(s): notes.txt" in caplog.text   # a WARNING
 
 
 # ----------------------------------------------------------------------------- image folders

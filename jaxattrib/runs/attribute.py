@@ -15,7 +15,7 @@ Latent pipelines (docs/latents.md): attribution uses the VAE posterior mean
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +27,8 @@ from jaxattrib.fingerprint import text as _sha  # recipe of stored latent featur
 from jaxattrib.runs.config_check import check_attribution_fields, read_run_config
 from jaxattrib.runs.rundir import RunDir
 from jaxattrib.runs.specs import load_model
+
+logger = logging.getLogger(__name__)
 
 
 def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -41,9 +43,9 @@ def read_queries(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() !=
                     ".png" and p.name not in ("prompts.txt", "trajectory.npz"))
     if others:
-        print(f"notice: {folder}: using the {len(paths)} PNG files; ignoring "
-              f"{len(others)} other file(s): {', '.join(others[:5])}"
-              f"{' ...' if len(others) > 5 else ''}", file=sys.stderr, flush=True)
+        logger.warning("%s: using the %d PNG files; ignoring %d other file(s): %s%s", folder,
+                       len(paths), len(others), ", ".join(others[:5]),
+                       " ..." if len(others) > 5 else "")
     prompts_file = folder / "prompts.txt"
     if not prompts_file.is_file():
         raise ConfigError(f"{prompts_file}: missing; expected one prompt per image")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from jaxattrib.fileio import atomic_save_npy, atomic_write_text
 from jaxattrib.fingerprint import raw_arrays as _fingerprint_of  # recipe of stored cache keys
 from jaxattrib.fingerprint import text as fingerprint_text
 from jaxattrib.runs.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 # Version of the cached score files: 2 = TRAK / Journey-TRAK / TracIn no longer negated (see
@@ -119,8 +122,7 @@ def attribute_variants(run_dir: Path, config, pipe, unet_params, train: dict, qu
             for name, f in folders.items():
                 out[name][method] = np.load(f / f"{method}.npy")
             continue
-        print(f"[jaxattrib demo {time.strftime('%H:%M:%S')}] attribution: {method}",
-              flush=True)
+        logger.info("[jaxattrib demo %s] attribution: %s", time.strftime('%H:%M:%S'), method)
         cands, sweep_meta = _candidate_scores(method, run_dir, config, pipe, unet_params, sched,
                                               train_ex, query_ex, train, queries, fingerprint,
                                               step, progress)
