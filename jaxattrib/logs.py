@@ -114,6 +114,10 @@ def configure(verbosity: int = 0) -> logging.Logger:
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(level_for(verbosity))
+    # absl.logging.log calls logging.basicConfig() when the root logger has no handler (orbax
+    # logs through absl at import), which would print each of our records a second time, as
+    # ``INFO:jaxattrib...:``: while configured, our records stop at our handler.
+    logger.propagate = False
     _import_absl()
     by_logger: dict[str, list[str]] = {}
     for name, text in NOISE:
@@ -136,6 +140,7 @@ def unconfigure() -> None:
         if getattr(h, _HANDLER_TAG, False):
             logger.removeHandler(h)
     logger.setLevel(logging.NOTSET)
+    logger.propagate = True
     _import_absl()
     for name, _ in NOISE:
         third = logging.getLogger(name)

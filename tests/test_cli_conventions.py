@@ -354,3 +354,23 @@ def test_deprecation_warnings_from_our_code_fail_the_tests(tmp_path):
     assert "FAILED" in out and "test_w.py::test_ours" in out, out
     assert "test_w.py::test_theirs" not in out.split("short test summary")[-1], out
     assert "1 failed, 1 passed" in out, out
+
+
+def test_records_print_once_when_a_root_handler_exists(capsys):
+    """absl (imported by orbax) calls ``logging.basicConfig()`` and gives the root logger a
+    stream handler; a configured entry point must still print each record exactly once."""
+    import logging
+    import sys as _sys
+
+    from jaxattrib import logs
+    root = logging.getLogger()
+    extra = logging.StreamHandler(_sys.stderr)
+    root.addHandler(extra)
+    try:
+        logs.configure(0)
+        logging.getLogger("jaxattrib.runs.demo").info("printed-once")
+    finally:
+        logs.unconfigure()
+        root.removeHandler(extra)
+    assert capsys.readouterr().err.count("printed-once") == 1
+    assert logging.getLogger("jaxattrib").propagate     # unconfigure restores it
