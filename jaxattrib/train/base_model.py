@@ -84,12 +84,17 @@ SCHEDULER_CONFIG = {
 
 
 def save_pipeline(folder, unet_config, unet_params, text_config, text_params,
-                  tokenizer_dir, scheduler_config, extra: dict | None = None) -> Path:
-    """Writes a pixel-space diffusers pipeline folder (no VAE) atomically (temp dir + rename)."""
-    from jaxattrib.models import clip_text, unet
+                  tokenizer_dir, scheduler_config, extra: dict | None = None, *,
+                  vae_config=None, vae_params=None) -> Path:
+    """Writes a diffusers pipeline folder atomically (temp dir in the same parent + rename):
+    pixel-space without ``vae_config``, latent with it (``vae/``, ``AutoencoderKL``).
+    ``extra`` becomes ``jaxattrib_base.json`` (the base model's manifest)."""
+    from jaxattrib.models import clip_text, unet, vae
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    if vae_config is not None:
+        vae.save_pretrained(tmp / "vae", vae_config, vae_params)
     unet.save_pretrained(tmp / "unet", unet_config, unet_params)
     clip_text.save_pretrained(tmp / "text_encoder", text_config, text_params)
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
@@ -103,12 +108,18 @@ def save_pipeline(folder, unet_config, unet_params, text_config, text_params,
              "scheduler": ["diffusers", "DDIMScheduler"], "vae": [None, None],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
+    if vae_config is not None:
+        index |= {"vae": ["diffusers", "AutoencoderKL"], "image_encoder": [None, None]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     if extra is not None:
         (tmp / "jaxattrib_base.json").write_text(json.dumps(extra, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    if folder.exists():   # move the old folder aside first: `folder` is never half-written
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+        os.replace(folder, old / "x")
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
     return folder
 
 

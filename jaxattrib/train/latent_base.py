@@ -50,8 +50,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +57,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxattrib.train.base_model import save_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -252,43 +252,6 @@ def latent_scaling(vae_config, vae_params, images):
     return vae_config, (raw * vae_config.scaling_factor).astype(np.float32), stats
 
 
-# ------------------------------------------------------------------------------ the folder
-
-def save_latent_pipeline(folder, vae_config, vae_params, unet_config, unet_params, text_config,
-                         text_params, tokenizer_dir, scheduler_config, manifest: dict) -> Path:
-    """Writes a diffusers latent pipeline folder + ``jaxattrib_base.json`` atomically (temp
-    dir in the same parent + rename)."""
-    from jaxattrib.models import clip_text, unet, vae
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    vae.save_pretrained(tmp / "vae", vae_config, vae_params)
-    unet.save_pretrained(tmp / "unet", unet_config, unet_params)
-    clip_text.save_pretrained(tmp / "text_encoder", text_config, text_params)
-    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "vae": ["diffusers", "AutoencoderKL"],
-             "unet": ["diffusers", "UNet2DConditionModel"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "image_encoder": [None, None], "requires_safety_checker": False}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "jaxattrib_base.json").write_text(json.dumps(manifest, indent=2))
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
-        os.replace(folder, old / "x")
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
-    return folder
-
-
 def _machine() -> dict:
     return {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "jax_backend": jax.default_backend(), "devices": len(jax.devices()),
@@ -454,9 +417,9 @@ def pretrain(out, cfg: LatentBaseConfig = LatentBaseConfig(), *, work_dir=None,
                 "record take ~0 s); see WORK/*.log for earlier ones",
         "machine": {"start": machine_start, "end": _machine()},
     }
-    return save_latent_pipeline(out, vae_config, vae_params, unet_config, trained2["unet"],
-                                text_config, trained2["text_encoder"], tok_dir,
-                                SCHEDULER_CONFIG, manifest)
+    return save_pipeline(out, unet_config, trained2["unet"], text_config, trained2["text_encoder"],
+                         tok_dir, SCHEDULER_CONFIG, manifest, vae_config=vae_config,
+                         vae_params=vae_params)
 
 
 def export_checkpoint(out, cfg: LatentBaseConfig, work_dir, unet_step: int | None = None,
@@ -497,9 +460,9 @@ def export_checkpoint(out, cfg: LatentBaseConfig, work_dir, unet_step: int | Non
                    "unet": _read_evals(work / "unet_eval.jsonl")},
         "machine": {"end": _machine()},
     }
-    return save_latent_pipeline(out, vae_config, vae_params, unet_config, params["unet"],
-                                text_config, params["text_encoder"], tok_dir,
-                                SCHEDULER_CONFIG, manifest)
+    return save_pipeline(out, unet_config, params["unet"], text_config, params["text_encoder"],
+                         tok_dir, SCHEDULER_CONFIG, manifest, vae_config=vae_config,
+                         vae_params=vae_params)
 
 
 def config_from_args(a) -> LatentBaseConfig:
