@@ -49,8 +49,9 @@ def main(argv=None) -> dict:
     record.close()
     t_ft = time.time() - t0
     held = [dict(h) for h in info["held_out"]]
-    queries = demo.generate_stage(run_dir, config, pipe, unet_params, held)
     spec = spec_from_info(info)
+    queries = demo.generate_stage(run_dir, config, pipe, unet_params, held,
+                                  backgrounds=spec.backgrounds)
     pred = classify_concepts(queries["images"], spec)
     want_s = np.array([spec.shapes.index(held[c]["shape"]) for c in queries["concept"]])
     want_c = np.array([spec.colors.index(held[c]["color"]) for c in queries["concept"]])
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
                "shape": float(np.mean((pred["shape"] == want_s)[queries["concept"] == i])),
                "color": float(np.mean((pred["color"] == want_c)[queries["concept"] == i]))}
                for i, h in enumerate(held)},
-           "demo_metric": demo._generation_accuracy(queries, held),
+           "demo_metric": demo._generation_accuracy(queries, held, spec),
            "seconds_finetune_incl_compile": round(t_ft, 1),
            "env": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "machine": f"{platform.node()} {os.cpu_count()} cpus",

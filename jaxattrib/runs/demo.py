@@ -218,11 +218,13 @@ def finetune_stage(run_dir: Path, config, pipe, train: dict, progress: bool = Tr
     return trained["unet"], record
 
 
-def demo_query_plan(config, held: list[dict]) -> dict:
-    """The demo's queries: ``per_concept`` prompts of each new concept, random backgrounds.
+def demo_query_plan(config, held: list[dict],
+                    backgrounds: tuple[str, ...] = ("black", "white", "gray")) -> dict:
+    """The demo's queries: ``per_concept`` prompts of each new concept, each on a background
+    drawn uniformly from ``backgrounds`` (the base model's ``data_spec.backgrounds``).
     Returns ``{'prompts': [Q] str, 'concept': [Q] int}`` (concept = index into ``held``)."""
     from jaxattrib.data.synthetic import caption
-    spec_bg = ("black", "white", "gray")
+    spec_bg = tuple(backgrounds)
     rng = np.random.default_rng(config.seed + 7)
     prompts, concept = [], []
     for ci, h in enumerate(held):
@@ -234,15 +236,18 @@ def demo_query_plan(config, held: list[dict]) -> dict:
 
 
 def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
-                   plan: dict | None = None) -> dict:
-    """Generates the queries of ``plan`` (default :func:`demo_query_plan`): a dict with
+                   plan: dict | None = None, backgrounds: tuple[str, ...] | None = None) -> dict:
+    """Generates the queries of ``plan`` (default :func:`demo_query_plan` over ``backgrounds``,
+    the base model's ``data_spec.backgrounds``; ``None``: the pixel model's three): a dict with
     ``prompts [Q]``, ``concept [Q]`` and any other ``[Q]`` arrays, which are stored alongside
     ``images [Q, H, W, 3]`` in ``generations/queries.npz`` (cached)."""
     path = RunDir(run_dir).generations / "queries.npz"
     if path.exists():
         return dict(np.load(path))
     from jaxattrib.generate import generate, save_images
-    plan = demo_query_plan(config, held) if plan is None else plan
+    if plan is None:
+        plan = (demo_query_plan(config, held) if backgrounds is None
+                else demo_query_plan(config, held, backgrounds))
     prompts = [str(p) for p in plan["prompts"]]
     _log(f"generating {len(prompts)} queries")
     g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
@@ -451,8 +456,11 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
     step = record.latest_step()
     record.close()
     held = [dict(h) for h in info["held_out"]]
-    queries = generate_stage(run_dir, config, pipe, unet_params, held)
-    gen_acc = _generation_accuracy(queries, held)
+    from jaxattrib.train.base_model import spec_from_info
+    spec = spec_from_info(info)
+    queries = generate_stage(run_dir, config, pipe, unet_params, held,
+                             backgrounds=spec.backgrounds)
+    gen_acc = _generation_accuracy(queries, held, spec)
     _log(f"generated {len(queries['images'])} queries; concept accuracy {gen_acc}")
     scores = attribute_stage(run_dir, config, pipe, unet_params, train, queries,
                              _fingerprint_of(train["images"]), step, progress)
@@ -471,12 +479,14 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
     return summary
 
 
-def _generation_accuracy(queries: dict, held: list[dict]) -> dict:
-    from jaxattrib.data.synthetic import SyntheticConceptSpec, classify_concepts
-    spec = SyntheticConceptSpec(shapes=("circle", "square", "triangle", "star", "cross"),
-                                colors=("red", "green", "blue", "yellow", "purple"),
-                                backgrounds=("black", "white", "gray"),
-                                size=queries["images"].shape[1])
+def _generation_accuracy(queries: dict, held: list[dict], spec) -> dict:
+    """Shape and color accuracy of the generated ``queries['images'] [Q, H, W, 3]`` against the
+    prompted held-out concepts, by the package's pixel classifier over the base model's
+    :class:`~jaxattrib.data.synthetic.SyntheticConceptSpec` ``spec`` (its vocabularies; the
+    image size is read from the images)."""
+    import dataclasses
+    from jaxattrib.data.synthetic import classify_concepts
+    spec = dataclasses.replace(spec, size=queries["images"].shape[1])
     pred = classify_concepts(queries["images"], spec)
     want_shape = np.array([spec.shapes.index(held[c]["shape"]) for c in queries["concept"]])
     want_color = np.array([spec.colors.index(held[c]["color"]) for c in queries["concept"]])
