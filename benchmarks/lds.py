@@ -379,10 +379,8 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
         path = feat_dir / f"{tag}_{step_tag}_{split}.npy"
         if path.is_file():
             return np.load(path)
-        acfg = dt.AttributionConfig(method=method, output="square", k=ac.k,
-                                    num_timesteps=ac.num_timesteps, projection=ac.projection,
-                                    params=ac.params, microbatch=ac.microbatch,
-                                    noise_seed=cfg.seed, noise=noise)
+        acfg = dt.AttributionConfig.from_section(ac, method=method, noise_seed=cfg.seed,
+                                                 noise=noise)
         split_p = select_params(params, ac.params)
         if method not in feature_fns:
             projector = dt._projector(params, acfg)

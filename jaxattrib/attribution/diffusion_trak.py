@@ -123,6 +123,15 @@ class AttributionConfig:
     noise: str = "per_position"
     noise_period: int = 52
 
+    @classmethod
+    def from_section(cls, section, *, strict: bool = False, **overrides) -> "AttributionConfig":
+        """From an ``attribution`` config section: the fields it holds (other keys, e.g.
+        ``methods``, ``lambda_ratios``, ``topk``, are ignored), then ``overrides`` (e.g. the
+        method being scored); the rest keep the defaults above
+        (:func:`jaxattrib.config.fields_from_section`)."""
+        from jaxattrib.config import fields_from_section
+        return cls(**fields_from_section(cls, section, strict=strict, **overrides))
+
     def __post_init__(self):
         from jaxattrib import precision as prec
         if self.method not in METHODS:

@@ -308,9 +308,7 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.runs.demo_attribute import _fingerprint_of
     a = config.attribution
-    ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                              params=a.params, projection=a.projection, microbatch=a.microbatch,
-                              noise=a.get("noise", "shared"))
+    ac = dt.AttributionConfig.from_section(a, method=method, noise=a.get("noise", "shared"))
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
     feats = Path(features_dir or RunDir(run_dir).features) / method
     Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",
