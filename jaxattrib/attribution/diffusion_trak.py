@@ -71,11 +71,11 @@ import numpy as np
 from jaxattrib.attribution import store as store_lib
 from jaxattrib.attribution import trak as trak_lib
 from jaxattrib.attribution.grads import params_feature_fn, select_params
+from jaxattrib.attribution.method_names import DEFAULT_CHECKPOINTS  # noqa: F401 (re-exported)
+from jaxattrib.attribution.method_names import GRADIENT_METHODS as METHODS
 from jaxattrib.attribution.projection import make_projector
 from jaxattrib.diffusion import losses
 from jaxattrib.diffusion.schedule import Schedule
-
-METHODS = ("trak", "dtrak", "journey-trak", "tracin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +157,6 @@ class AttributionConfig:
         if self.noise == "shared" or self.method == "journey-trak":
             return {}
         return {"noise": self.noise, "noise_period": int(self.noise_period)}
-
-
-#: ``attribution.checkpoints`` when not given, per method (module doc).
-DEFAULT_CHECKPOINTS = {"dtrak": 1, "trak": 3, "journey-trak": 3}
 
 
 def ensemble_steps(checkpoints, steps: Sequence[int], method: str = "dtrak") -> list[int]:
