@@ -290,6 +290,18 @@ def test_library_modules_configure_no_handlers():
     assert offenders == []
 
 
+def test_the_library_logs_and_only_entry_points_print():
+    """No ``print`` in the library: only the entry points echo (the CLI through typer.echo,
+    ``python -m jaxattrib.launch`` and the screenshot helper's own command line)."""
+    allowed = {"cli.py", "launch.py", "report/screenshot.py"}
+    offenders = []
+    for path in (REPO / "jaxattrib").rglob("*.py"):
+        rel = path.relative_to(REPO / "jaxattrib").as_posix()
+        if rel not in allowed and re.search(r"(?<![\w.])print\(", path.read_text()):
+            offenders.append(rel)
+    assert offenders == []
+
+
 # ----------------------------------------------------------------------------- packaging
 
 @pytest.fixture(scope="module")

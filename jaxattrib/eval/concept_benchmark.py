@@ -40,6 +40,7 @@ Run directory (every stage cached; a killed run continues)::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -51,8 +52,12 @@ from jaxattrib.runs.concept_query import concept_inputs, concept_trak_config
 from jaxattrib.runs.rundir import RunDir
 
 
+logger = logging.getLogger(__name__)   # benchmarks/concept_trak.py configures it (INFO)
+
+
 def _log(msg: str) -> None:
-    print(f"[jaxattrib concept-trak {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """A stage line of the benchmark (INFO, with the wall-clock time)."""
+    logger.info("[concept-trak %s] %s", time.strftime("%H:%M:%S"), msg)
 
 
 # ----------------------------------------------------------------------------- plan, truth
