@@ -276,7 +276,7 @@ def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, t
     docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents."""
     from jaxattrib.attribution import concept_trak as ct
     a = config.attribution
-    cfg = ct.ConceptTRAKConfig.from_section(a)   # param_spec: concept_params, else 'attn2' 
+    cfg = ct.ConceptTRAKConfig.from_section(a)   # param_spec: concept_params, else 'attn2'
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
     _, (Phi, phi) = ct.concept_trak_scores(
