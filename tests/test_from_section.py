@@ -210,3 +210,17 @@ def test_launch_train_config():
                           checkpoint_every=int(t.checkpoint_every), seed=int(t.seed),
                           mode="full", schedule="constant", warmup_steps=0)
         assert _train_config(config) == old
+
+
+def test_source_zoo_fine_tuning_sections():
+    """eval/source_zoo's ``tuner``: the source, zoo and reference sections of
+    ``source_model:zoo`` (the zoo's n_train, rhos, ... are not TrainConfig fields)."""
+    for spec in ("source_model:zoo", "source_model:smoke"):
+        config = load_config(spec)
+        for name in ("source", "zoo", "reference"):
+            if name not in config:
+                continue
+            c = config[name]
+            old = TrainConfig(steps=int(c.steps), batch_size=int(c.batch_size),
+                              learning_rate=float(c.learning_rate), checkpoint_every=0)
+            assert TrainConfig.from_section(c, checkpoint_every=0) == old
