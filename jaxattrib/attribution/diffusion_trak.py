@@ -54,7 +54,7 @@ import numpy as np
 from jaxattrib.attribution import store as store_lib
 from jaxattrib.attribution import trak as trak_lib
 from jaxattrib.attribution.grads import params_feature_fn, select_params
-from jaxattrib.attribution.method_names import DEFAULT_CHECKPOINTS  # noqa: F401 (re-exported)
+from jaxattrib.attribution.method_names import DEFAULT_CHECKPOINTS
 from jaxattrib.attribution.method_names import GRADIENT_METHODS as METHODS
 from jaxattrib.attribution.projection import make_projector
 from jaxattrib.diffusion import losses
