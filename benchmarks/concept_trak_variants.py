@@ -14,44 +14,15 @@ Reuses the run's cached Concept-TRAK features where a variant shares a side with
 method; new features go to ``RUN_DIR/features/concept-trak-variants/``. Writes
 ``RUN_DIR/tables/variants.md`` and prints it.
 
-Options:
-
-* ``--baselines``: also the D-TRAK and TRAK rows (the run's feature stores).
-* ``--project-out N``: also every row with the ``N`` leading directions of its training
-  features' ``ΦᵀΦ`` removed from Φ and φ (:func:`~jaxattrib.eval.concept_benchmark.
-  project_out_leading`; found on the training side only), λ chosen on validation as usual.
-* ``--k K``: every feature set at projection dimension ``K`` instead of the run's
-  ``attribution.k`` (same model, generations, rows, validation rule and λ grid). Nothing
-  of the run's features is reused: Concept-TRAK's full method and the chosen variants are
-  computed into ``RUN_DIR/features/k<K>/{concept-trak,concept-trak-variants}/`` (each folder
-  guarded by a ``settings.json``: projector, k, Concept-TRAK settings, model step, data —
-  another setting refuses to reuse it), the baselines into resumable feature stores under
-  ``RUN_DIR/features/k<K>/{dtrak,trak}/`` (their metadata guard). Scores at another ``K`` use
-  the dual ``N × N`` solve (:func:`~jaxattrib.attribution.concept_trak.scores_from_features`,
-  the same ridge scores; at k = 32768 the ``k × k`` float64 kernel would be 8 GiB); at the
-  run's ``k`` the benchmark's own primal path, so those rows reproduce ``scores/*.npy``.
-  Tables: ``tables/variants_k<K>.md``.
-* ``--per-timestep``: where on the query side the concept signal is. The query feature is
-  ``Σ_t normalize(∇_θ L_concept(x_t, t))`` over the 10 inverted states; each state's projected
-  gradient is scored *alone* against the unchanged training side (λ chosen on the validation
-  rows per timestep), with the concept direction's norm ``‖ε(c) − ε(c⁻)‖`` and the
-  unnormalized gradient norm per timestep (:func:`~jaxattrib.attribution.concept_trak.
-  per_timestep_query_features`); the same per timestep for a plain DSM query side. Then one
-  [design] alternative chosen on the validation rows only: the query-side timestep weighting
-  with the best validation P@10 (its λ chosen jointly) among a family fixed in advance —
-  the benchmark's normalized sum, the unnormalized sum, the normalized gradients weighted by
-  ``‖ε(c) − ε(c⁻)‖``, and the normalized sum over each prefix ``t ≤ t_m`` / suffix
-  ``t ≥ t_m`` of the timesteps (ties: the first, i.e. the benchmark) — reported on the test
-  rows with a paired bootstrap CI against the benchmark. The sums of the per-timestep
-  gradients are checked against the run's cached query features. Per-timestep features go to
-  ``RUN_DIR/features/concept-trak-variants/per_timestep_{concept,dsm}.npz``; table:
-  ``tables/per_timestep[_k<K>].md``.
-* ``--lambda-curve``: a diagnostic, never a way to pick λ (λ is still chosen on the
-  validation rows): every row's test P@10 ID / OOD (95% CIs), validation P@10 and the ridge's
-  effective dimension at every ratio of ``attribution.lambda_ratios`` (or ``--curve-ratios``),
-  and what the leading directions of ``ΦᵀΦ`` encode; ``tables/lambda_curve[_k<K>].{md,json}``.
-  (λ = r · 0.1 · mean diag ΦᵀΦ = r · 0.1 · ||Φ||²_F / k while ΦΦᵀ barely depends on k, so
-  the same ``r`` is a 16× smaller λ at k = 32768 than at 2048: compare curves by d_eff.)
+Options (each in full, with its folders, guards and the [design] choices of ``--per-timestep``:
+docs/benchmarks/concept_trak.md "concept_trak_variants.py options"): ``--baselines`` (the D-TRAK
+and TRAK rows), ``--project-out N`` (the ``N`` leading directions of the training ``ΦᵀΦ``
+removed), ``--k K`` (every feature set at projection dimension ``K``, under
+``RUN_DIR/features/k<K>/``, scored by the dual ``N × N`` solve: the same ridge scores),
+``--per-timestep`` (each inverted state's query gradient scored alone, and one query-side
+timestep weighting chosen on validation from a family fixed in advance), ``--lambda-curve`` (a
+diagnostic, never a way to pick λ: test / validation P@10 and effective dimension per ratio; the
+same ``r`` is a 16× smaller λ at k = 32768 than at 2048, so compare curves by d_eff).
 
     python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak
     python benchmarks/concept_trak_variants.py --run-dir runs/concept_trak_v2 --variants "" \\

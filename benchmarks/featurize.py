@@ -1,55 +1,34 @@
 """Featurization throughput: jaxattrib vs MadryLab's ``trak`` (``traker`` on PyPI), CPU or GPU.
 
-One tiny text-conditioned UNet (``jaxattrib.models.unet.tiny_config``, random weights) is written
-once in diffusers format; the torch side loads those weights with
-``diffusers.UNet2DConditionModel.from_pretrained``, the JAX side with our ``from_pretrained``.
-Both sides differentiate the same output function per example — the DSM loss
-``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)`` at the same fixed timesteps and the same noise
-(drawn once with ``jaxattrib.diffusion.losses.fixed_noise`` and handed to torch) — w.r.t. the same
-parameters (all of them), project to the same ``k`` with the same microbatch size.
+One tiny text-conditioned UNet (``tiny_config``, random weights) is written once in diffusers
+format and loaded by both sides (torch: ``UNet2DConditionModel.from_pretrained``; JAX: ours).
+Both differentiate the same output function per example — the DSM loss ``(1/K) Σ_t mean((ε_t −
+ε_θ(x_t, t, c))²)`` at the same fixed timesteps and noise (``losses.fixed_noise``, handed to
+torch) — w.r.t. all parameters, projected to the same ``k``, same microbatch.
 
-Rows (each one a fresh spawned process, so its peak RSS is its own):
+Rows (each a fresh spawned process, so its peak RSS is its own):
 
-* ``trak``: ``TRAKer(device='cpu', use_half_precision=False, proj_dim=k)`` with a custom
-  ``AbstractModelOutput``; ``traker.featurize`` per batch (``torch.func.vmap(grad)`` +
-  ``BasicProjector`` — on CPU traker picks a Gaussian ("normal") projection, regenerated from
-  its seed in blocks of 100 columns on every batch; ``fast_jl``/``CudaProjector`` need CUDA).
-* ``trak-rademacher``: the same with ``projector=BasicProjector(..., proj_type=rademacher)``
-  passed to ``TRAKer`` (traker's Rademacher family on CPU; ``bernoulli_`` then ``2x − 1``).
-* ``trak@B`` / ``trak-rademacher@B``: the same with ``B = --proj-batch`` examples per
-  ``featurize`` call (traker generates P once per call, so this is its amortized setting).
-* ``jax-<kind>``: jaxattrib ``grads.make_feature_fn`` + ``grads.projected_grads`` (the engine
-  of ``trak.featurize``, without the store write) with a ``gaussian`` (same family as trak's CPU
-  projector), ``rademacher``, ``sjlt`` or ``factored`` (LoGra, Dense kernels only) projector.
-* ``jax-<kind>@B``: the amortized path (``trak.featurize(..., proj_batch=B)``): per-example
-  gradients ``--batch`` examples at a time, ``B`` examples per pass over P.
-* ``jax-grad``: the plain per-example backward ``jit(vmap(grad))`` of the same function with no
-  projection (the per-example gradient tree is materialised and discarded) — the floor the
-  projected rows are compared with.
+* ``trak`` / ``trak-rademacher``: ``TRAKer(device='cpu', use_half_precision=False,
+  proj_dim=k)`` with traker's ``BasicProjector`` (CPU: Gaussian, regenerated in blocks of 100
+  columns per batch; or its Rademacher family); ``@B``: ``B = --proj-batch`` examples per
+  ``featurize`` call (P generated once per call: traker's amortized setting).
+* ``jax-<kind>``: ``grads.make_feature_fn`` + ``grads.projected_grads`` (the engine of
+  ``trak.featurize`` without the store) with a ``gaussian``, ``rademacher``, ``sjlt`` or
+  ``factored`` (LoGra, Dense kernels only) projector; ``@B``: ``trak.featurize(...,
+  proj_batch=B)``, ``B`` examples per pass over P.
+* ``jax-grad``: plain ``jit(vmap(grad))`` with no projection: the floor.
 
-Timing: the first batch (tracing/compilation for JAX, first-call setup for torch) is timed and
-reported separately as ``warm-up``; then ``--batches`` batches (of ``B`` examples for the ``@B``
-rows) are timed, ``examples/s`` = examples / that time. Two ratio columns: ``× trak`` (the
-Gaussian trak row at ``--batch``) and ``× same`` (the trak row of the same family and the same
-examples per generation of P: ``jax-gaussian`` ↔ ``trak``, ``jax-rademacher@B`` ↔
-``trak-rademacher@B``, …). Memory: ``peak RSS`` is the process' ``ru_maxrss``; ``Δ RSS`` is it minus
-the RSS after imports and model loading (what featurization itself adds). Torch and XLA both use
-the machine's cores (``torch.set_num_threads(os.cpu_count())``).
-
-On a GPU (``--torch-device cuda``; JAX uses its default backend, so install a CUDA jaxlib):
-the torch side runs traker on ``cuda``. The ``trak`` row is then traker's own GPU choice — its
-``CudaProjector`` when the ``fast_jl`` extension imports, else its ``BasicProjector`` on the GPU
-(traker falls back with a warning); the row's ``projector`` column says which ran. Peak GPU
-memory is reported per row (``torch.cuda.max_memory_allocated``; JAX's
-``memory_stats()['peak_bytes_in_use']``; set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that JAX
-does not reserve most of the card up front). Every timed batch ends in a device sync (JAX's rows
-copy the features to the host; torch's call ``torch.cuda.synchronize()``).
-
-A sanity row checks that both sides compute the same function: the output value and the squared
-norm of the (unprojected) per-example gradient of the first examples, torch vs JAX.
+Timing: the first batch (compile / first-call setup) is reported separately as ``warm-up``,
+then ``--batches`` batches are timed; ratio columns ``× trak`` (Gaussian trak at ``--batch``)
+and ``× same`` (trak of the same family and examples per P generation). Memory: ``peak RSS`` =
+``ru_maxrss``; ``Δ RSS`` = it minus the RSS after imports and loading. Both use every core. On a
+GPU (``--torch-device cuda``; ``XLA_PYTHON_CLIENT_PREALLOCATE=false``) traker picks its own
+projector (``projector`` column), peak GPU memory per row, every timed batch ends in a device
+sync. A sanity row compares output value and per-example gradient norm, torch vs JAX. All
+details and the results: docs/benchmarks/featurize.md.
 
     python benchmarks/featurize.py --quick          # seconds-long smoke run
-    python benchmarks/featurize.py                  # the run reported in BENCHMARKS.md
+    python benchmarks/featurize.py                  # the run of docs/benchmarks/featurize.md
     python benchmarks/featurize.py --k 4096 --kinds factored,gaussian --no-trak
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/featurize.py --torch-device cuda
 

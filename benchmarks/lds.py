@@ -1,62 +1,41 @@
 """CPU LDS benchmark: TRAK (DSM), D-TRAK (square), Journey-TRAK, TracIn and baselines.
 
 Setting (``jaxattrib/configs/lds.py``): scikit-learn's 8x8 digits (gray, 1 channel, in
-[-1, 1]), a tiny class-conditional pixel UNet (``tiny_config``, context = one-hot digit
-``[1, 10]``) trained from scratch with AdamW. The model trained on all ``n_train`` images
-(seed 0) is the one attributed; ``n_gen`` images are generated from it (DDIM, digit labels
-cycling 0..9). S subsets of fraction α are retrained with each seed; the actual output of a
-subset on a target is the DSM loss at ``eval_timesteps`` uniform timesteps x
-``eval_noise_draws`` fixed noise draws, averaged over seeds (D-TRAK's protocol, methods.md §1).
+[-1, 1]), a tiny class-conditional pixel UNet (context = one-hot digit ``[1, 10]``) trained
+from scratch with AdamW. The model trained on all ``n_train`` images (seed 0) is attributed;
+``n_gen`` images are generated from it. S subsets of fraction α are retrained with each seed;
+a subset's actual output on a target is the DSM loss at ``eval_timesteps`` uniform timesteps ×
+``eval_noise_draws`` fixed noises, averaged over seeds (D-TRAK's protocol, methods.md §1).
+``--finetune`` (D-TRAK's SD-LoRA protocol): the attributed and every subset model fine-tune
+from one model pretrained on digits in no other split; ``--config finetune_fit``: n_train = 200,
+400 steps and K = 100, a fitting regime (reproduces D-TRAK > TRAK); ``--config`` takes any
+``SETTINGS`` of ``configs/lds.py``, ``--smoke`` its CI-sized version. Both report the seed
+agreement of the measured outputs and the LDS ceiling it implies
+(:func:`jaxattrib.eval.lds.seed_agreement`).
 
-Fine-tuning setting (``--finetune``, config ``'finetune'``; D-TRAK's ArtBench / SD-LoRA
-protocol): one model is pretrained once (seed ``seed + 7``, ``pretrain.steps``) on the digits
-in no other split; the attributed model and every subset model fine-tune from it
-(``train.schedule = 'cosine'``), so the seed varies batches and noise only. Both settings
-report the seed agreement of the measured outputs (:func:`jaxattrib.eval.lds.seed_agreement`):
-the Spearman over subsets between two seeds' target losses and the LDS ceiling it implies.
+Methods (:mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected to ``k``):
+``trak``; ``dtrak`` (``square``); ``journey-trak`` [design] (its training feature for train *and*
+targets: LDS targets are final images, not trajectory steps); ``tracin`` (``Σ_c η_c ⟨g_c(z),
+g_c(z')⟩`` over ``tracin_checkpoints``, η_c from the schedule); ``pixel``; ``random``.
 
-Fitting regime (``--config finetune_fit``): the fine-tuning setting with n_train = 200 and 400
-steps, so each subset model sees its 100 images 128 times (``'finetune'``: ~19) and fits them
-(D-TRAK's CIFAR-2 UNet was trained to convergence), and K = 100 attribution timesteps: the
-setting that reproduces D-TRAK > TRAK (BENCHMARKS.md); ``--config`` names any setting of
-``configs/lds.py`` (``SETTINGS``), ``--smoke`` then selects its CI-sized version.
+[design] λ (a ratio of mean(diag ΦᵀΦ)) *and the sign* of every method's scores are chosen on a
+separate ``tune`` split of held-out images, by LDS, then fixed for ``val`` and ``gen`` (the
+direction of D-TRAK's ``square`` output relative to the loss is not fixed by theory; the table
+shows the chosen sign).
 
-Methods (features from :mod:`jaxattrib.attribution.diffusion_trak`, all parameters, projected
-to ``k``):
-
-* ``trak``: DSM loss at K uniform timesteps with fixed noise; ``dtrak``: D-TRAK ``square``;
-* ``journey-trak`` [design]: Journey-TRAK's training feature (DSM loss at K random timesteps,
-  fresh noise per example) for train *and* targets — LDS targets are final images, not
-  trajectory steps, so the per-step target feature does not apply;
-* ``tracin``: ``Σ_c η_c ⟨g_c(z), g_c(z')⟩`` over the full model's checkpoints
-  ``tracin_checkpoints`` (DSM-loss features at each, η_c = the learning rate of the update
-  that produced checkpoint c, from the schedule);
-* ``pixel``: cosine similarity of pixels; ``random``: standard-normal scores.
-
-[design] λ (as a ratio of mean(diag ΦᵀΦ)) *and the sign* of every method's scores are chosen
-on a separate ``tune`` split of held-out images, by LDS; they are then fixed for ``val`` (other
-held-out images) and ``gen``. The sign is tuned because the direction of D-TRAK's ``square``
-output relative to the loss is not fixed by theory; the table shows the chosen sign.
-
-Everything is cached in the run directory (models, measured losses, feature stores, scores), so
-a killed run restarts where it stopped. Cached features hold for the attribution settings
-recorded in ``features/settings.json`` (K, k, projection, parameters, noise seed, projection
-generator version); a rerun with others raises :class:`jaxattrib.eval.lds.LDSRunMismatchError`
-naming the field (features cached before that record existed: see ``--features-generator``).
-``attribution.noise`` (docs/faithful.md): features of a mode other than 'shared' are cached
-under their own names (``trak-per_position_final_train.npy``), so one run directory serves each
-mode; a run directory holding features from before the field keeps 'shared' unless
-``--set attribution.noise=...`` is given. ``attribution.checkpoints`` = M > 1 averages TRAK /
-D-TRAK / Journey-TRAK scores over the last M of the full model's checkpoints
-(``tracin_checkpoints``; the final model for ``train.steps``).
-Outputs:
-``results/lds.json`` (via :func:`jaxattrib.report.html.write_result`), ``lds_table.md``,
-``timings.json``.
+Everything is cached in the run directory (models, losses, feature stores, scores): a killed run
+restarts where it stopped; features hold for the settings in ``features/settings.json`` (K, k,
+projection, parameters, noise seed, generator version), others raise
+:class:`jaxattrib.eval.lds.LDSRunMismatchError` naming the field (older caches:
+``--features-generator``). ``attribution.noise``: modes other than 'shared' cache under their
+own names; a run directory from before the field keeps 'shared' unless ``--set
+attribution.noise=...``. ``attribution.checkpoints`` = M > 1 averages TRAK / D-TRAK / Journey
+over the last M ``tracin_checkpoints``. Outputs: ``results/lds.json``, ``lds_table.md``,
+``timings.json``; results and history: docs/benchmarks/lds.md.
 
     python benchmarks/lds.py --smoke --run-dir runs/lds_smoke     # minutes
     python benchmarks/lds.py --run-dir runs/lds                   # the full setting
     python benchmarks/lds.py --finetune                           # fine-tuning setting
-    python benchmarks/lds.py --finetune --smoke                   # its CI-sized version
     python benchmarks/lds.py --config finetune_fit                # fitting regime
 """
 
@@ -379,10 +358,8 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
         path = feat_dir / f"{tag}_{step_tag}_{split}.npy"
         if path.is_file():
             return np.load(path)
-        acfg = dt.AttributionConfig(method=method, output="square", k=ac.k,
-                                    num_timesteps=ac.num_timesteps, projection=ac.projection,
-                                    params=ac.params, microbatch=ac.microbatch,
-                                    noise_seed=cfg.seed, noise=noise)
+        acfg = dt.AttributionConfig.from_section(ac, method=method, noise_seed=cfg.seed,
+                                                 noise=noise)
         split_p = select_params(params, ac.params)
         if method not in feature_fns:
             projector = dt._projector(params, acfg)

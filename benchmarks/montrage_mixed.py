@@ -3,39 +3,24 @@
 Our design (:mod:`jaxattrib.eval.mixed`; MONTRAGE's own mixed-concept protocol is not public).
 Reads a finished customization run (``--source-run``, default ``runs/customization``: its
 config, fine-tuning set and trajectory record; nothing there is written) and writes under
-``--run-dir`` (default ``runs/montrage_mixed``):
-
-    config.json                 this benchmark's settings (a rerun with others is refused;
-                                ``--fresh`` deletes the run directory first)
-    record -> <source>/record   a link: TracIn and MONTRAGE read the source's checkpoints
-    generations/mixed.npz       the mixed queries (images, contexts, plan) + mixed_queries.png
-    features/<method>/...       resumable feature stores; the source's *training* features are
-                                copied in first (same model, images and settings: reused)
-    scores/<method>.npy [Q, N]  the candidate with the best validation ρ; <method>_choice.json
-    tables/mixed.{md,json}      the tables below
+``--run-dir`` (default ``runs/montrage_mixed``): ``config.json`` (a rerun with other settings
+is refused; ``--fresh`` deletes first), ``record`` (a link to the source's),
+``generations/mixed.npz`` (+ ``mixed_queries.png``), ``features/<method>/`` (resumable; the
+source's training features copied in), ``scores/<method>.npy [Q, N]`` (+ ``_choice.json``),
+``tables/mixed.{md,json}``.
 
 Queries: for each pair (A, B) of the four new concepts, α in ``--alphas`` and ``--repeats``
-seeds, the fine-tuned model generates from the text conditioning α·E(A) + (1−α)·E(B) (same
-background in both prompts). Soft ground truth: α/n_A on A's exemplars, (1−α)/n_B on B's,
-0 elsewhere. The first ⌊repeats / 2⌋ queries of every (pair, α) group choose each method's λ
-ratio and (as in the customization benchmark, ``attribution.tune_sign``) the sign of TRAK /
-D-TRAK / TracIn by the mean validation ρ; the others are the test set. Tables (test queries;
-mean [95% bootstrap CI over queries]):
-
-1. generations: how often the classifier reads A's / B's colour and shape per α (is the
-   mixture rendered?);
-2. methods: ρ (Spearman vs the soft ground truth over all N), mAP of A ∪ B, tracking
-   (Spearman across queries of α vs the A-over-B AUC), ρ and tracking on the mixtures alone
-   (0 < α < 1), and the mean A-over-B AUC per α; a
-   reference row = the ground truth's own order with ties broken at random (the ceilings);
-3. monitoring: the similarity of every single checkpoint (step 0 = the base model) and the
-   aggregations of the trajectory (mean, movement × count, final − base, the learned
-   InfoNCE weights fit on the validation queries and, as its control, the same fit on the
-   final checkpoint only), each with the paired CI of its ρ gain over the final checkpoint;
-   the rank correlation of each with the final checkpoint's scores; the AUC of total
-   representation movement for exemplars vs distractors;
-4. the same in the representation ``montrage_study.py`` found promising on the demo
-   (``--alt-representation``, default t = 500, tap ``up_1``).
+seeds, the fine-tuned model generates from α·E(A) + (1−α)·E(B) (same background in both
+prompts). Soft ground truth: α/n_A on A's exemplars, (1−α)/n_B on B's, 0 elsewhere. The first
+⌊repeats / 2⌋ queries of every (pair, α) choose each method's λ ratio and the sign of TRAK /
+D-TRAK / TracIn by mean validation ρ; the rest are the test set. Tables (test queries; mean
+[95% bootstrap CI]): (1) how often the classifier reads A's / B's colour and shape per α;
+(2) per method ρ (Spearman vs the soft ground truth over all N), mAP of A ∪ B, tracking
+(Spearman of α vs the A-over-B AUC), the same on the mixtures alone, and a ceiling row;
+(3) monitoring: every single checkpoint and the trajectory aggregations (mean, movement ×
+count, final − base, learned weights and their final-only control), each with its paired ρ
+gain over the final checkpoint; (4) the same in ``--alt-representation`` (default t = 500,
+tap ``up_1``). Every table in full and the results: docs/benchmarks/mixed_concept.md.
 
     python benchmarks/montrage_mixed.py --source-run runs/customization \
         --run-dir runs/montrage_mixed                                # 11 min, loaded 2-core CPU

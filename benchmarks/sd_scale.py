@@ -1,62 +1,33 @@
 """Stable Diffusion at its real size: LoRA fine-tuning, D-TRAK featurization and their limits,
 jaxattrib vs diffusers + PyTorch (+ peft) and MadryLab's trak, on the CPU or a GPU.
 
-The UNet has the exact SD-1.5 configuration (``--model sd15``: ``UNetConfig()``'s defaults,
-block channels 320/640/1280/1280, 8 heads, conv ``proj_in/out``, 768-d context, 64×64×4
-latents = 512 px) or SD-2.1 768-px (``--model sd21``: v-prediction, 1024-d context, linear
-projections, ``attention_head_dim`` 5/10/20/20, 96×96×4 latents), with random weights: throughput
-depends on shapes, not on knowledge, so nothing is downloaded. ``prepare`` builds the weights
-once with ``diffusers.UNet2DConditionModel(**config)`` (``torch.manual_seed(0)``) and saves them
-as a diffusers folder; every row loads that same folder (JAX: ``unet.from_pretrained``), so both
-frameworks run the same network with the same weights. The text context is ``77 × D`` and the
-latents ``S × S × 4`` (random normal; the numbers do not depend on their values).
+The UNet has the exact SD-1.5 configuration (``--model sd15``: ``UNetConfig()``, 64×64×4
+latents = 512 px, 768-d context) or SD-2.1 768 px (``--model sd21``: v-prediction, 1024-d
+context, 96×96×4 latents), with random weights (throughput depends on shapes, not knowledge:
+nothing is downloaded). ``prepare`` builds them once with ``diffusers.UNet2DConditionModel``
+(``torch.manual_seed(0)``) as a diffusers folder that every row loads, so both frameworks run
+the same network and weights; text context ``77 × D``, latents random normal.
 
-Rows (each a fresh spawned process, so its peak RSS is its own; ``--rows`` picks them):
+Rows (each a fresh spawned process; ``--rows`` picks them):
 
-(a) LoRA fine-tuning, one optimizer update of a batch of ``--ft-batch`` examples (DSM loss of
-    the model's prediction type at one random timestep per example, AdamW), rank 4 (alpha 4)
-    on the attention projections ``attn1/attn2 to_q/to_k/to_v/to_out.0``:
-    * ``ft-jax-fp32``, ``ft-jax-fp32-remat``, ``ft-jax-bf16``, ``ft-jax-bf16-remat``: jaxattrib
-      (the trainer's ``diffusion_task.make_diffusion_loss`` on latents + context with
-      ``precision`` 'float32' / 'bfloat16' and ``remat`` 'none' / 'full' — docs/precision.md:
-      bf16 compute, float32 parameters, gradients and AdamW state — ``lora.lora_init`` /
-      ``lora_merge``, ``finetune.make_optimizer``; one jitted value_and_grad + AdamW update).
-    * ``ft-torch-bf16`` (the peer of every ``ft-jax-*`` row): ``UNet2DConditionModel`` + peft
-      ``LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=[to_k, to_q,
-      to_v, to_out.0])`` via ``unet.add_adapter`` — diffusers' ``train_text_to_image_lora.py``
-      recipe: frozen weights cast to bf16, LoRA weights float32, ``torch.autocast(bf16)``,
-      ``torch.optim.AdamW``. ``ft-torch-fp32`` (optional): the same without bf16.
-(b) D-TRAK featurization of the cross-attention parameters (``attn2``: to_q/k/v/out of every
-    transformer block) with the DSM output function ``(1/K) Σ_t mean((ε_t − ε_θ(x_t, t, c))²)``
-    at ``--K`` fixed timesteps (one UNet call with batch K, ``featurize.jax_dsm_out_fn``),
-    projected to ``--k``, ``--feat-batch`` examples per call:
-    * ``feat-jax-rademacher``, ``feat-jax-sjlt``, ``feat-jax-factored`` (LoGra on the attn2 Dense
-      layers, ``k_in = √k``): ``grads.params_feature_fn``, the engine of ``jaxattrib attribute``.
-    * ``feat-trak`` (the peer of every ``feat-jax-*`` row): ``trak.TRAKer`` on the same diffusers
-      UNet with ``grad_wrt`` = the same attn2 parameters, ``proj_dim = k``, the output function
-      of ``benchmarks/featurize.py`` (``featurize.torch_dsm_output``). On CUDA traker uses its
-      ``CudaProjector`` when ``fast_jl`` imports; the ``projector`` column says what ran (on the
-      CPU: ``BasicProjector``, traker's normal family).
-(c) The limit of (b):
-    * ``limit-jax-grad``: the plain per-example backward ``jit(vmap(grad))`` of the same output
-      function w.r.t. the same attn2 parameters, no projection (the gradients are discarded).
-    * ``limit-jax-fwd``: one forward of the same output function (K timesteps) per example.
-    Featurization rows are reported as a multiple of each (``÷grad``, ``÷fwd``: seconds per
-    example of the row over those of the limit row).
+(a) one LoRA AdamW update of ``--ft-batch`` examples, rank 4 on ``attn1/attn2 to_q/to_k/to_v/
+    to_out.0``: ``ft-jax-{fp32,bf16}[-remat]`` (the trainer's ``make_diffusion_loss``,
+    ``precision`` / ``remat`` of docs/precision.md) vs ``ft-torch-bf16`` (peft ``add_adapter``,
+    diffusers' ``train_text_to_image_lora.py`` recipe; ``ft-torch-fp32`` optional);
+(b) D-TRAK featurization of the ``attn2`` parameters, DSM output at ``--K`` fixed timesteps,
+    projected to ``--k``: ``feat-jax-{rademacher,sjlt,factored}`` (``grads.params_feature_fn``,
+    the engine of ``jaxattrib attribute``) vs ``feat-trak`` (``trak.TRAKer``, same parameters
+    and output function; the ``projector`` column says what ran);
+(c) its limits: ``limit-jax-grad`` (plain ``jit(vmap(grad))``, no projection) and
+    ``limit-jax-fwd`` (one forward); featurization rows are reported as multiples (``÷grad``,
+    ``÷fwd``).
 
-Timing: compile time is EXCLUDED from examples/s. A JAX row lowers and compiles its jitted
-function once (``jit(f).lower(...).compile()``: the ``warm-up s`` column) and then times
-``--iters`` calls of the compiled executable, each ended by ``block_until_ready``; torch rows
-run one untimed warm-up call (first-call setup: the ``warm-up s`` column), then ``--iters``
-timed calls. ``examples/s`` =
-batch / the median call time. ``--repeats R`` runs the whole row list R times, interleaved
-(row 1, row 2, …, row 1, row 2, …), each time in a fresh process; the table gives the median
-over repeats of each row's examples/s (and the largest peak memory). Peak memory: the process'
-``ru_maxrss`` on the CPU; on a GPU the device peak (JAX ``memory_stats()['peak_bytes_in_use']``,
-torch ``max_memory_allocated``). ``--max-rss-gib`` kills a row whose RSS passes it (the row is
-then reported as not measured, with that reason). FLOPs: XLA's ``cost_analysis()['flops']`` of
-the compiled JAX program per call → achieved TFLOP/s; on a GPU MFU = that / the card's bf16
-dense peak (H100/H200 SXM: 989 TFLOP/s). torch rows have no XLA count (``-``).
+Timing: compile time is EXCLUDED from examples/s (= batch / median call time; the ``warm-up
+s`` column holds lower + compile, or torch's first call); ``--repeats R`` interleaves R rounds
+of fresh processes, median per row. Peak memory: the process' VmHWM from after the weights are
+loaded (GPU: the device peak); ``--max-rss-gib`` stops a row past it. FLOPs: XLA's
+``cost_analysis()`` → TFLOP/s and, on a GPU, MFU (bf16 dense peak, H100/H200 SXM 989 TFLOP/s).
+Every detail of rows and columns, and the results: docs/benchmarks/sd_scale.md.
 
     python benchmarks/sd_scale.py --smoke                     # tiny shape, < 2 min on a CPU
     python benchmarks/sd_scale.py --rows ft-jax-fp32 --iters 2   # one row at SD-1.5 shape
@@ -64,7 +35,7 @@ dense peak (H100/H200 SXM: 989 TFLOP/s). torch rows have no XLA count (``-``).
     python benchmarks/sd_scale.py --model sd21 --rows ft-jax-bf16,ft-torch-bf16
 
 The ``bench`` extra holds the peers (``pip install -e .[test,bench]``: torch, diffusers, peft,
-traker). A torch row whose package is missing is reported as skipped, the JAX rows still run.
+traker); a row whose package is missing is reported as skipped, the JAX rows still run.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from jaxattrib.cli_options import (MatmulPrecision, Method, Noise, Precision, Projection, Remat,
-                                   progress_option as _progress_option)
+                                   checkpoints_default as _checkpoints_default,
+                                   progress_option as _progress_option,
+                                   run_default as _run_default)
 
 # rich_markup_mode=None: help text is plain text, so "[dtrak]"-style brackets and "[paper]"
 # markers are shown as written instead of being parsed (and eaten) as rich markup.
@@ -353,63 +355,56 @@ def attribute(ctx: typer.Context,
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
                                                      "(from `jaxattrib generate`)."),
               method: Optional[Method] = typer.Option(
+                  None, show_default=False, help=_run_default("method", "Attribution method.")),
+              k: Optional[int] = typer.Option(
+                  None, show_default=False, help=_run_default("k", "Projection dimension.")),
+              params: Optional[str] = typer.Option(
                   None, show_default=False,
-                  help="Attribution method. Default: the run config's, else dtrak."),
-              k: Optional[int] = typer.Option(None, show_default=False,
-                                              help="Projection dimension. Default: the run "
-                                                   "config's, else 2048."),
-              params: Optional[str] = typer.Option(None, show_default=False,
-                                                   help="Regex over UNet parameter paths. "
-                                                        "Default: the run config's, else "
-                                                        "'attn'."),
-              timesteps: Optional[int] = typer.Option(None, show_default=False,
-                                                      help="Timesteps K of the output "
-                                                           "function. Default: the run "
-                                                           "config's, else 10."),
-              lam_ratio: Optional[float] = typer.Option(None, show_default=False,
-                                                        help="λ = ratio · mean(diag ΦᵀΦ). "
-                                                             "Default: the run config's, else "
-                                                             "1.0."),
-              topk: Optional[int] = typer.Option(None, show_default=False,
-                                                 help="Training images listed per query. "
-                                                      "Default: the run config's, else 10."),
+                  help=_run_default("params", "Regex over UNet parameter paths.", quoted=True)),
+              timesteps: Optional[int] = typer.Option(
+                  None, show_default=False,
+                  help=_run_default("num_timesteps", "Timesteps K of the output function.")),
+              lam_ratio: Optional[float] = typer.Option(
+                  None, show_default=False,
+                  help=_run_default("lam_ratio", "λ = ratio · mean(diag ΦᵀΦ).")),
+              topk: Optional[int] = typer.Option(
+                  None, show_default=False,
+                  help=_run_default("topk", "Training images listed per query.")),
               projection: Optional[Projection] = typer.Option(
                   None, show_default=False,
-                  help="Random projection of the gradients. Default: the run config's, else "
-                       "rademacher."),
-              microbatch: Optional[int] = typer.Option(None, show_default=False,
-                                                       help="Examples per gradient call. "
-                                                            "Default: the run config's, else "
-                                                            "8."),
+                  help=_run_default("projection", "Random projection of the gradients.")),
+              microbatch: Optional[int] = typer.Option(
+                  None, show_default=False,
+                  help=_run_default("microbatch", "Examples per gradient call.")),
               journey_step: Optional[int] = typer.Option(None, show_default=False,
                                                          help="Journey-TRAK: sampling step to "
                                                               "attribute (required for "
                                                               "journey-trak)."),
               precision: Optional[Precision] = typer.Option(
                   None, show_default=False,
-                  help="UNet compute dtype. Default: the run config's, else float32."),
+                  help=_run_default("precision", "UNet compute dtype.")),
               remat: Optional[Remat] = typer.Option(
                   None, show_default=False,
-                  help="Rematerialize each UNet block. Default: the run config's, else none."),
+                  help=_run_default("remat", "Rematerialize each UNet block.")),
               matmul_precision: Optional[MatmulPrecision] = typer.Option(
                   None, show_default=False,
-                  help="float32 matmuls (default = TF32 on GPU). Default: the run config's, "
-                       "else default."),
-              chunk_size: Optional[int] = typer.Option(None, show_default=False,
-                                                       help="Rows per feature-store chunk "
-                                                            "(unit of resumption). Default: "
-                                                            "the run config's, else 64."),
+                  help=_run_default("matmul_precision",
+                                    "float32 matmuls (default = TF32 on GPU).")),
+              chunk_size: Optional[int] = typer.Option(
+                  None, show_default=False,
+                  help=_run_default("chunk_size",
+                                    "Rows per feature-store chunk (unit of resumption).")),
               noise: Optional[Noise] = typer.Option(
                   None, show_default=False,
-                  help="Noise of TRAK / D-TRAK / TracIn features: per_position (D-TRAK's "
-                       "code: each batch position its own, period 52) | per_example | "
-                       "shared (every example the same; runs made before this option). "
-                       "Default: the run config's, else per_position."),
+                  help=_run_default("noise", "Noise of TRAK / D-TRAK / TracIn features: "
+                                    "per_position (D-TRAK's code: each batch position its own, "
+                                    "period 52) | per_example | shared (every example the "
+                                    "same; runs made before this option).")),
               checkpoints: Optional[str] = typer.Option(
                   None, show_default=False,
                   help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "
                        "checkpoints, scores averaged) or steps '100,200,300'. Default: the "
-                       "run config's, else 1 for dtrak, 3 for trak / journey-trak."),
+                       f"run config's, else {_checkpoints_default()}."),
               progress: bool = _progress_option()) -> None:
     """Attribute query images to a run's training data (resumable feature stores).
 

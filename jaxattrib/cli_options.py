@@ -2,7 +2,8 @@
 
 The allowed values of the choice options are spelled out here, so ``--help`` lists them (and a
 wrong value gets click's error) without importing JAX; ``tests/test_cli_conventions.py`` checks
-each Enum against the library's own tuple.
+each Enum against the library's own tuple. ``--method``'s choices and the ``attribute``
+defaults its help names come from :mod:`jaxattrib.attribution.method_names` (JAX-free).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any
 
 import typer
 
+from jaxattrib.attribution.method_names import (ATTRIBUTE_DEFAULTS, DEFAULT_CHECKPOINTS,
+                                              GRADIENT_METHODS)
 
-class Method(str, Enum):
-    """``--method`` (jaxattrib.attribution.diffusion_trak.METHODS)."""
-    trak = "trak"
-    dtrak = "dtrak"
-    journey_trak = "journey-trak"
-    tracin = "tracin"
+
+#: ``--method``: the gradient methods of the registry (jaxattrib.attribution.methods.METHODS,
+#: whose names live in the JAX-free method_names), e.g. ``Method.journey_trak.value``
+Method = Enum("Method", [(n.replace("-", "_"), n) for n in GRADIENT_METHODS], type=str)
 
 
 class Projection(str, Enum):
@@ -62,3 +63,21 @@ class Noise(str, Enum):
 def progress_option(what: str = "progress bars") -> Any:
     """``--progress/--no-progress`` (default on): one flag pair for every command."""
     return typer.Option(True, "--progress/--no-progress", help=f"Show {what}.")
+
+
+def run_default(name: str, text: str, *, quoted: bool = False) -> str:
+    """An ``attribute`` option's help: ``text`` then "Default: the run config's, else X." with
+    X = :data:`~jaxattrib.attribution.method_names.ATTRIBUTE_DEFAULTS` ``[name]`` (``repr``
+    when ``quoted``), so the help cannot drift from the defaults the command applies."""
+    value = ATTRIBUTE_DEFAULTS[name]
+    shown = repr(value) if quoted else value
+    return f"{text} Default: the run config's, else {shown}."
+
+
+def checkpoints_default() -> str:
+    """``'1 for dtrak, 3 for trak / journey-trak'``: the ensemble sizes of
+    :data:`~jaxattrib.attribution.method_names.DEFAULT_CHECKPOINTS`, grouped by size."""
+    by_size: dict[int, list[str]] = {}
+    for method, m in DEFAULT_CHECKPOINTS.items():
+        by_size.setdefault(m, []).append(method)
+    return ", ".join(f"{m} for {' / '.join(names)}" for m, names in by_size.items())

@@ -127,18 +127,26 @@ def adopt_legacy(stored: dict, current, legacy: dict = ATTRIBUTION_LEGACY) -> li
     return changed
 
 
-def fields_from_section(cls, section, *, strict: bool = False, **overrides) -> dict:
+def fields_from_section(cls, section, *, strict: bool = False, keys: dict | None = None,
+                        **overrides) -> dict:
     """Keyword arguments for the dataclass ``cls`` from a config section: every field of
     ``cls`` that ``section`` (a ConfigDict or mapping) holds, then ``overrides`` (which win).
     Fields in neither keep the dataclass defaults; keys of ``section`` that are not fields are
-    ignored, or with ``strict`` a ``TypeError`` naming them. [design] The one mapping behind the
+    ignored, or with ``strict`` a ``TypeError`` naming them. ``keys`` (``{field: section
+    key}``), when given, is the whole mapping: only those fields are read, each from its
+    section key (e.g. ConceptTRAKConfig's ``proj_dim`` from ``attribution.k``), and strict mode
+    refuses the section keys it does not name. [design] The one mapping behind the
     ``from_section`` classmethods: what differs between callers (e.g. the demo's constant
     schedule) is passed as ``overrides`` at the call, so every default stays where it is."""
     import dataclasses
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(section) - set(names))
+    if keys is None:
+        keys = {n: n for n in names}
+    elif set(keys) - set(names):
+        raise TypeError(f"{cls.__name__}: keys names no field: {sorted(set(keys) - set(names))}")
+    unknown = sorted(set(section) - set(keys.values()))
     if strict and unknown:
         raise TypeError(f"{cls.__name__}: not a field: {unknown}")
-    kw = {n: section[n] for n in names if n in section}
+    kw = {n: section[k] for n, k in keys.items() if k in section}
     kw.update(overrides)
     return kw

@@ -327,11 +327,9 @@ def make_launch_mesh(config):
 
 def _train_config(config):
     from jaxattrib.train.finetune import TrainConfig
-    t = config.train
-    return TrainConfig(steps=int(t.steps), batch_size=int(t.batch_size),
-                       learning_rate=float(t.learning_rate),
-                       checkpoint_every=int(t.checkpoint_every), seed=int(t.seed), mode="full",
-                       schedule="constant", warmup_steps=0)
+    # train: steps, batch_size, learning_rate, checkpoint_every, seed
+    return TrainConfig.from_section(config.train, mode="full", schedule="constant",
+                                    warmup_steps=0)
 
 
 def run_train(config, mesh, *, progress: bool = True):

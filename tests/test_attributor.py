@@ -126,6 +126,12 @@ def test_registry_names_every_accepted_method():
     from jaxattrib.runs.demo import DEMO_METHODS
     assert set(DEMO_METHODS) | set(DT_METHODS) <= set(M.METHODS)
     assert set(M.gradient_methods()) == set(DT_METHODS)
+    from jaxattrib.attribution import method_names
+    assert tuple(M.METHODS) == tuple(method_names.METHOD_FAMILIES)    # one list of names
+    assert {n: s.family for n, s in M.METHODS.items()} == method_names.METHOD_FAMILIES
+    assert {s.family for s in M.METHODS.values()} == set(M.FAMILIES)
+    assert {n: s.default_checkpoints for n, s in M.METHODS.items()
+            if isinstance(s.default_checkpoints, int)} == method_names.DEFAULT_CHECKPOINTS
     with pytest.raises(ValueError, match="expected one of"):
         M.method_spec("nope")
     with pytest.raises(ValueError, match="method_scores"):

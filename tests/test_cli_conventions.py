@@ -39,6 +39,9 @@ def test_enum_choices_are_the_librarys_own():
     from jaxattrib.attribution.projection import KINDS
     from jaxattrib.diffusion.losses import NOISE_MODES
     assert _choices(cli.Method) == list(METHODS)
+    from jaxattrib.attribution import methods
+    assert _choices(cli.Method) == list(methods.gradient_methods()) == [
+        n for n, spec in methods.METHODS.items() if spec.family in ("trak", "tracin")]
     assert _choices(cli.Projection) == list(KINDS[:3])     # what check_attribution_fields takes
     assert _choices(cli.Precision) == list(precision.PRECISIONS)
     assert _choices(cli.Remat) == list(precision.REMAT_POLICIES)
@@ -46,20 +49,22 @@ def test_enum_choices_are_the_librarys_own():
     assert set(_choices(cli.Noise)) == set(NOISE_MODES)
 
 
-def test_attribute_help_lists_every_choice_and_default():
+def test_attribute_help_lists_every_choice_and_default(tmp_path):
     text = _help("attribute")
     for opt, enum in [("--method", cli.Method), ("--projection", cli.Projection),
                       ("--precision", cli.Precision), ("--remat", cli.Remat),
                       ("--matmul-precision", cli.MatmulPrecision), ("--noise", cli.Noise)]:
         assert f"{opt} <{'|'.join(_choices(enum))}>" in text, opt
-    for default in ["else dtrak", "else 2048", "else 'attn'", "else 10", "else 1.0",
-                    "else rademacher", "else 8", "else float32", "else none", "else default",
-                    "else 64", "else per_position", "else 1 for dtrak"]:
+    for default in ["else dtrak", "else 'attn'", "else 1 for dtrak, 3 for trak / journey-trak"]:
         assert default in text, default
-    # the run config's section really is the fallback whose defaults the help names
-    from jaxattrib.runs.attribute import ATTRIBUTE_DEFAULTS
-    for name in ["method", "projection", "precision", "remat", "matmul_precision", "noise"]:
-        assert f"else {ATTRIBUTE_DEFAULTS[name]}" in text, name
+    # the help names the defaults the command applies (one JAX-free home, method_names)
+    from jaxattrib.attribution import method_names
+    from jaxattrib.runs.attribute import ATTRIBUTE_DEFAULTS, attribution_defaults
+    assert ATTRIBUTE_DEFAULTS is method_names.ATTRIBUTE_DEFAULTS
+    for name, value in ATTRIBUTE_DEFAULTS.items():
+        if value is not None:
+            assert f"else {repr(value) if name == 'params' else value}." in text, name
+    assert attribution_defaults(tmp_path) == ATTRIBUTE_DEFAULTS      # a run without a config
 
 
 def test_a_wrong_choice_is_clicks_clear_error(tmp_path):
@@ -285,6 +290,18 @@ def test_library_modules_configure_no_handlers():
     assert offenders == []
 
 
+def test_the_library_logs_and_only_entry_points_print():
+    """No ``print`` in the library: only the entry points echo (the CLI through typer.echo,
+    ``python -m jaxattrib.launch`` and the screenshot helper's own command line)."""
+    allowed = {"cli.py", "launch.py", "report/screenshot.py"}
+    offenders = []
+    for path in (REPO / "jaxattrib").rglob("*.py"):
+        rel = path.relative_to(REPO / "jaxattrib").as_posix()
+        if rel not in allowed and re.search(r"(?<![\w.])print\(", path.read_text()):
+            offenders.append(rel)
+    assert offenders == []
+
+
 # ----------------------------------------------------------------------------- packaging
 
 @pytest.fixture(scope="module")
@@ -374,3 +391,16 @@ def test_records_print_once_when_a_root_handler_exists(capsys):
         root.removeHandler(extra)
     assert capsys.readouterr().err.count("printed-once") == 1
     assert logging.getLogger("jaxattrib").propagate     # unconfigure restores it
+
+
+def test_help_imports_no_jax():
+    """``jaxattrib attribute --help`` builds its choices and defaults without JAX or NumPy
+    (jaxattrib.attribution.method_names is plain constants)."""
+    code = ("import sys; from typer.testing import CliRunner; from jaxattrib import cli; "
+            "r = CliRunner().invoke(cli.app, ['attribute', '--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('jax', 'numpy') if m in sys.modules))")
+    import os
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

@@ -249,3 +249,20 @@ def test_concept_trak_script_smoke_and_cli_query(tmp_path):
                          check=True, cwd=ROOT, capture_output=True, text=True).stdout
     assert "concept 'purple'" in out and "concept 'star'" in out
     assert out.count("synthetic/") == 6
+
+
+def test_stage_lines_go_to_the_jaxattrib_logger_and_show_under_an_entry_point(capsys):
+    """_log logs (no print): silent in a plain import at INFO, on stderr once the benchmark's
+    entry point (eval.runner.prepare_run_dir -> logs.configure) has set the logger up."""
+    from jaxattrib import logs
+    cb._log("quiet")
+    first = capsys.readouterr()
+    assert "quiet" not in first.out + first.err
+    logs.configure(0)
+    try:
+        cb._log("training set: 3 images")
+    finally:
+        logs.unconfigure()
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "[concept-trak " in out.err and "] training set: 3 images" in out.err

@@ -1,61 +1,42 @@
 """Concept-TRAK: attribution of a *concept* of a generated image to training examples.
+``I(x_0^i, c) = ∇_θ L_concept(c; θ)ᵀ (ΦᵀΦ + λI)⁻¹ ∇_θ L_train(x_0^i; θ)``. What follows the
+paper / the authors' code (enkeejunior1/concept-trak, ``experiments/toy``; methods.md §5)
+[paper] [code]:
 
-    I(x_0^i, c) = ∇_θ L_concept(c; θ)ᵀ (ΦᵀΦ + λI)⁻¹ ∇_θ L_train(x_0^i; θ)
+* Training loss (reconstruction reward, ``'dpsv1'``): with ``g = −∇_{x_t} mean((x̂_0(x_t) −
+  x_0)²)`` (parameters frozen), ``L_train = mean((sg[ε_θ(x_t; c) − g] − ε_θ(x_t; c))²)``; value
+  ``mean(g²)``, θ-gradient ``(2/D) Σ g · ∂ε_θ/∂θ`` (``D = H·W·C``), along the DSM gradient for
+  small ``t``-Jacobians. The code's ``get_dps_guidance`` uses ``F.mse_loss`` and
+  ``loss_rescale = 1``; we take the per-example mean over ``(H, W, C)`` (the code's batch mean
+  only rescales by ``1/B``).
+* Concept loss (``'slider_local'``): ``L_concept = mean((sg[ε_c + λ_c (ε_c − sg ε_c⁻)] −
+  ε_c)²)``, ``ε_c = ε_θ(x_t; c)``, ``ε_c⁻ = ε_θ(x_t; c⁻)``, ``λ_c = 3``, ``c⁻`` = the prompt
+  without the concept; θ-gradient ``−(2 λ_c / D) Σ (ε_c − ε_c⁻) · ∂ε_c/∂θ`` (0 when c⁻ = c).
+* (x_t, t) pairs: 50-step DDIM inversion (the code's ``linspace(0, 1, 51)·999``), every 5th
+  state kept (``[4::5]``) → 10 pairs at t ≈ 99, 199, …, 999 (our ``trailing`` spacing gives
+  exactly those). Without inversion: ``t = arange(T/K, T, T/K)`` (K = 10 → 9 timesteps 100 …
+  900; the code zips them with 10 noises), one fixed noise per timestep for all examples.
+* Per-timestep gradients normalized to unit L2 (all-zero left as is), then summed (summed
+  unnormalized without it); only the UNet's cross-attention (``'attn2'``); projection is
+  linear, so projecting the sum = summing the projections. ``λ = r · 0.1 · mean(diag(ΦᵀΦ))``,
+  ``r`` swept over ``1e-4 … 1e4``.
 
-What follows the paper / the authors' code (enkeejunior1/concept-trak, ``experiments/toy``;
-methods.md §5):
-
-* Training loss (reconstruction reward, ``'dpsv1'`` in the code): with the guidance
-  ``g = −∇_{x_t} mean((x̂_0(x_t) − x_0)²)`` computed with the model parameters frozen,
-  ``L_train = mean((sg[ε_θ(x_t; c) − g] − ε_θ(x_t; c))²)``. Its value is ``mean(g²)``; its
-  θ-gradient is ``(2/D) Σ g · ∂ε_θ/∂θ`` (``D = H·W·C``), which for small ``t``-Jacobians points
-  along the DSM gradient. The code's ``get_dps_guidance`` uses ``F.mse_loss`` (mean over the
-  elements) and ``loss_rescale = 1``; we use the per-example mean over ``(H, W, C)`` (the code
-  averages over the whole batch too, which only rescales by ``1/B``).
-* Concept (utility) loss (``'slider_local'``): ``L_concept = mean((sg[ε_c + λ_c (ε_c − sg ε_c⁻)]
-  − ε_c)²)`` with ``ε_c = ε_θ(x_t; c)``, ``ε_c⁻ = ε_θ(x_t; c⁻)``, ``λ_c = 3``; ``c⁻`` is the
-  prompt with the target concept removed. Its θ-gradient is ``−(2 λ_c / D) Σ (ε_c − ε_c⁻) ·
-  ∂ε_c/∂θ``; it vanishes when ``c⁻ = c``.
-* (x_t, t) pairs: DDIM inversion of the (training or query) image with 50 steps
-  (``linspace(0, 1, 51)·999`` = 51 grid points in the code, i.e. 50 steps), keeping every 5th
-  state (``[4::5]``) → 10 pairs at t ≈ 99, 199, …, 999. We use ``trailing`` spacing, which gives
-  exactly those timesteps. Without inversion: ``t = arange(T/K, T, T/K)`` (K = 10 → 100, …, 900;
-  9 timesteps, the code zips them with 10 noises) with one fixed noise per timestep shared by
-  all examples.
-* Per-timestep gradients, each normalized to unit L2 norm (an all-zero gradient is left as is),
-  then summed over timesteps; without normalization they are summed. Gradients only w.r.t. the
-  UNet's cross-attention parameters (``'attn2'``). The sum is projected (linear, so projecting
-  the sum = summing the projections).
-* ``λ = r · 0.1 · mean(diag(ΦᵀΦ))``, ``r`` swept over ``1e-4 … 1e4``.
-
-Our design [design]:
-
-* ``r`` is chosen on a *validation* split of queries by Precision@k (:func:`choose_lambda_ratio`);
-  the default ``r = 1`` is used when no validation split is given. Reports must say which
-  split chose it.
-* Default projection dimension ``k = 2048`` (paper: 32768) so the ``k×k`` float64 kernel fits a
-  CPU; set ``ConceptTRAKConfig.proj_dim`` for the paper's value.
-* The inversion is conditioned on the image's own prompt (no classifier-free guidance); the
-  code's toy training side inverts with ``guidance_scale = 0`` on a random negative condition
-  and the query side with CFG between ``c`` and ``c⁻``.
-* The inversion is :func:`jaxattrib.diffusion.inversion.ddim_invert` (ε evaluated at the
-  target level, as diffusers' ``DDIMInverseScheduler``; the authors' loop evaluates it at the
-  source level — the two differ by one step of the grid).
-* With inversion, the DSM target noise (only used with the switches off) is the noise implied
-  by the state: ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)``. (The code pairs each state with the implied
-  noise of the state one step earlier.)
-* Guidance and losses use the model output as ``ε`` and :func:`predict_x0` for ``x̂_0`` (the
-  authors' models are ε-prediction).
-* The code multiplies every loss by ``loss_rescale = 1e4``; we do not (a common scale changes
-  nothing once λ follows the ratio rule, and nothing at all with normalization).
-* A prompt with several target concepts is attributed concept by concept
-  (:func:`concept_queries`); :func:`remove_concept` deletes every whole-word occurrence of the
-  concept phrase (case-insensitive) and collapses spaces.
-
-Model function convention: ``model_fn(params, x_t[B,H,W,C], t[B] int32, ctx[B,L,D]) ->
-out[B,H,W,C]`` (:func:`unet_model_fn` builds it for the UNet port). Text conditioning enters
-as an ``encode(prompts: list[str]) -> [B, L, D]`` callable (:func:`clip_encoder` for the CLIP
-port, or any function, e.g. fixed random contexts in tests).
+Our design [design]: ``r`` chosen on a *validation* split by Precision@k
+(:func:`choose_lambda_ratio`; ``r = 1`` without one; reports say which split chose it).
+``k = 2048`` (paper: 32768) so the ``k×k`` float64 kernel fits a CPU
+(``ConceptTRAKConfig.proj_dim``). Inversion is conditioned on the image's own prompt without
+CFG (the code's toy inverts training images with ``guidance_scale = 0`` on a random negative
+condition, queries with CFG between ``c`` and ``c⁻``) by :func:`jaxattrib.diffusion.inversion.
+ddim_invert` (ε at the target level, as diffusers' ``DDIMInverseScheduler``; the authors' loop
+uses the source level: one grid step apart). With inversion the DSM target noise (switches
+off only) is the noise the state implies, ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)`` (the code: that of the
+state one step earlier). ``ε`` = the model output, ``x̂_0`` by :func:`predict_x0` (the
+authors' models are ε-prediction). No ``loss_rescale = 1e4`` (a common scale changes nothing
+once λ follows the ratio rule). A prompt with several target concepts is attributed concept by
+concept (:func:`concept_queries`); :func:`remove_concept` deletes every whole-word,
+case-insensitive occurrence of the phrase and collapses spaces.
+Model function: ``model_fn(params, x_t[B,H,W,C], t[B] int32, ctx[B,L,D]) -> out[B,H,W,C]``
+(:func:`unet_model_fn`); text: ``encode(prompts) -> [B, L, D]`` (:func:`clip_encoder`, or any).
 """
 
 from __future__ import annotations

@@ -73,6 +73,24 @@ class ConceptTRAKConfig:
     lam_ratio: float = 1.0
     microbatch: int = 8
 
+    @classmethod
+    def from_section(cls, section, *, strict: bool = False,
+                     **overrides) -> "ConceptTRAKConfig":
+        """From an ``attribution`` config section, whose keys it shares with D-TRAK / TRAK:
+        :data:`SECTION_KEYS` says which key feeds which field (``k`` -> ``proj_dim``,
+        ``concept_num_timesteps`` -> ``num_timesteps``, ...; the section's own
+        ``num_timesteps`` is D-TRAK's and is not read), then ``overrides``; the rest keep the
+        defaults above (:func:`jaxattrib.config.fields_from_section`)."""
+        from jaxattrib.config import fields_from_section
+        return cls(**fields_from_section(cls, section, strict=strict, keys=SECTION_KEYS,
+                                         **overrides))
+
+
+# ``attribution`` section key of each field that the section sets (the rest: the defaults)
+SECTION_KEYS = {"proj_dim": "k", "param_spec": "concept_params", "proj_kind": "projection",
+                "inversion_steps": "concept_inversion_steps", "concept_scale": "concept_scale",
+                "num_timesteps": "concept_num_timesteps", "microbatch": "microbatch"}
+
 
 ABLATION = (
     ("TRAK", dict(concept_loss=False, training_loss=False, ddim_inversion=False,
@@ -438,7 +456,7 @@ def per_timestep_query_features(model_fn: ModelFn, params, sched: Schedule, imag
             "concept_norm": packed[..., -1], "ts": np.asarray(ex["ts"])}
 
 
-__all__ = ["ABLATION", "ConceptTRAKConfig", "DEFAULT_RATIOS", "EncodeFn", "ModelFn",
+__all__ = ["ABLATION", "ConceptTRAKConfig", "DEFAULT_RATIOS", "EncodeFn", "ModelFn", "SECTION_KEYS",
            "build_examples", "clip_encoder", "concept_loss", "fixed_timesteps", "implied_noise",
            "make_concept_projector", "make_side_feature_fn", "normalize_per_timestep",
            "per_timestep_grads", "per_timestep_norms", "per_timestep_query_features",

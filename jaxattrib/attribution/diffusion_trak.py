@@ -1,59 +1,42 @@
 """TRAK, D-TRAK, Journey-TRAK and TracIn for text-to-image diffusion models.
 
-This module turns a UNet into the scalar output functions the generic engine
-(:mod:`jaxattrib.attribution.trak`, :mod:`~jaxattrib.attribution.grads`) differentiates per
-example, and runs featurize → kernel → score with resumable stores.
-
-What follows the references (methods.md §1–3):
+Turns a UNet into the scalar output functions the generic engine (:mod:`jaxattrib.attribution.
+trak`, :mod:`~jaxattrib.attribution.grads`) differentiates per example, and runs featurize →
+kernel → score with resumable stores. What follows the references (methods.md §1–3):
 
 * TRAK (DSM): ``f = (1/K) Σ_t ||ε − ε_θ(x_t, t, c)||²`` (``output='loss'``).
 * D-TRAK: ``f = (1/K) Σ_t mean(ε_θ(x_t, t, c)²)`` (``output='square'``; other names of
   :func:`jaxattrib.diffusion.losses.output_function` are accepted), timesteps uniform
-  ``{0, T/K, 2T/K, …}``, noise fixed per (seed, t) and batch position (``noise='per_position'``,
-  :func:`jaxattrib.diffusion.losses.example_noise`), one checkpoint.
-* Noise of TRAK / D-TRAK (``AttributionConfig.noise``): ``'per_position'`` [code] is D-TRAK's
-  (``set_seeds(e_seed*1000 + t)`` then ``randn_like`` over a batch of 52: each batch position its
-  own noise, repeated across batches), keyed here by the example's row index mod
-  ``noise_period`` (52), so features do not depend on the microbatch size [design];
-  ``'per_example'`` keys it by the row index itself; ``'shared'`` gives every example the same
-  noise at a timestep (what this library did before the field existed; run directories and
-  stores made then keep it). The default follows the reference; the LDS / customization
-  measurement of the three modes is pending (docs/faithful.md). Journey-TRAK's training
-  features always draw fresh noise from the per-example key (its reference) and ignore it.
-  The row index comes from ``examples['index']`` (int ``[n]``), which
-  :func:`featurize_examples` adds as ``arange(n)`` when absent (:func:`with_index`); pass it
-  yourself to key noise by a stable example id instead.
-* Checkpoint ensembles (:func:`ensemble_steps`, :func:`scores_from_features` with lists): the
-  scores of M checkpoints averaged, each with its own features and kernel (methods.md §1–2;
-  ``trak.score``). Defaults (:data:`DEFAULT_CHECKPOINTS`): D-TRAK 1 (its protocol [code]);
-  TRAK and Journey-TRAK the last 3 checkpoints of the record [design]: their references
-  ensemble over every checkpoint or model they saved (Journey-TRAK's scripts: 20), which for
-  a long fine-tuning record multiplies the cost without bound and includes checkpoints next
-  to the base model; the M = 1 vs 3 measurement is pending (docs/faithful.md).
-* Journey-TRAK: training features are the DSM loss at ``K`` random timesteps with fresh noise
-  (per example key); the target of sampling step ``t`` is ``x̂0`` at that step re-noised to ``t``
-  with ``R`` fresh draws, the DSM-loss gradient averaged over the draws.
-* TracIn over the record's checkpoints: ``Σ_s η_s ⟨g_s(z), g_s(z')⟩`` on projected gradients.
-* Scores ``τ(z) = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ`` with "larger = more attributed" (a proponent) for
-  every method, used as computed (no negation). For the DSM loss this is the first-order
-  influence of up-weighting ``z_i`` on the query's loss (Koh & Liang): ``dL_q/dε =
-  −∇L_qᵀ H⁻¹ ∇L_i``, so a *positive* ``φ_qᵀ(ΦᵀΦ)⁻¹φ_i`` means training on ``z_i`` lowers the
-  query's loss; D-TRAK's ``square`` etc. use the same orientation (authors' notebooks).
-  [measured] An earlier version applied ``sign = −1`` to the loss-based methods (TRAK,
-  Journey-TRAK, TracIn); on the customization benchmark the validation queries chose the
-  flipped (i.e. this) orientation for TRAK and TracIn (TracIn validation mAP 0.148 → 0.334),
-  and in the LDS benchmark, where a helpful example must *lower* the measured loss, raw TRAK
-  scores correlate negatively with the loss exactly like pixel similarity does.
+  ``{0, T/K, 2T/K, …}``, noise fixed per (seed, t) and batch position, one checkpoint.
+* Noise (``AttributionConfig.noise``): ``'per_position'`` [code] is D-TRAK's (``set_seeds(
+  e_seed*1000 + t)``, ``randn_like`` over a batch of 52, repeated across batches), keyed here by
+  row index mod ``noise_period`` (52), independent of the microbatch [design]; ``'per_example'``
+  by the row index; ``'shared'``: one noise per timestep (stores made before the field keep it);
+  mode measurement pending (docs/faithful.md). Journey-TRAK: always fresh noise per example
+  key. Row index = ``examples['index']`` (int ``[n]``, :func:`with_index`: ``arange(n)``).
+* Checkpoint ensembles (:func:`ensemble_steps`, :func:`scores_from_features` with lists): M
+  checkpoints' scores averaged, each with its own features and kernel (``trak.score``).
+  Defaults (:data:`DEFAULT_CHECKPOINTS`): D-TRAK 1 [code]; TRAK and Journey-TRAK the record's
+  last 3 [design] (their references ensemble every saved checkpoint, Journey-TRAK's scripts 20:
+  unbounded cost on a long record, and checkpoints next to the base model); M = 1 vs 3: pending.
+* Journey-TRAK: training features = the DSM loss at ``K`` random timesteps, fresh noise; the
+  target of sampling step ``t`` is its ``x̂0`` re-noised to ``t`` with ``R`` fresh draws,
+  the DSM-loss gradient averaged over the draws. TracIn: ``Σ_s η_s ⟨g_s(z), g_s(z')⟩``
+  over the record's checkpoints, on projected gradients.
+* Scores ``τ(z) = φ(z)ᵀ (ΦᵀΦ + λI)⁻¹ Φᵀ``, larger = more attributed (a proponent), for every
+  method as computed (no negation): for the DSM loss the first-order influence of up-weighting
+  ``z_i`` (Koh & Liang, ``dL_q/dε = −∇L_qᵀ H⁻¹ ∇L_i``), so positive means training on ``z_i``
+  lowers the query's loss; D-TRAK's outputs use the same orientation (authors' notebooks).
+  [measured] An earlier ``sign = −1`` for the loss-based methods lost on validation
+  (docs/benchmarks/customization.md: TracIn val mAP 0.148 → 0.334 flipped; in LDS raw TRAK
+  scores correlated negatively with the loss, like pixel similarity).
 
-Examples are pytrees ``{'x0': [h, w, c], 'ctx': [L, D]}`` (latents for latent models); Journey
-targets add ``'t'`` (int32 scalar). Parameters are the UNet params (the text conditioning is
-precomputed and frozen).
-
-Compilation [design]: :func:`make_train_out_fn` / :func:`make_journey_target_out_fn` return the
-same function object for equal (UNet config, schedule, config), and :func:`featurize_examples`
-keeps one jitted feature function per (out_fn, projector, parameter subset, batching) with the
-UNet parameters as jit *arguments*; so the train split, the query splits and every checkpoint
-(same shapes) share one compile. Both caches hold the last ``_CACHE_SIZE`` entries.
+Examples: pytrees ``{'x0': [h, w, c], 'ctx': [L, D]}`` (latents for latent models); Journey
+targets add ``'t'`` (int32 scalar). Parameters: the UNet's (text conditioning precomputed).
+Compilation [design]: :func:`make_train_out_fn` / :func:`make_journey_target_out_fn` return one
+function object per (UNet config, schedule, config); :func:`featurize_examples` keeps one jitted
+feature function per (out_fn, projector, parameter subset, batching), UNet parameters as jit
+*arguments*: splits and checkpoints share one compile (caches: last ``_CACHE_SIZE`` entries).
 """
 
 from __future__ import annotations
@@ -71,11 +54,11 @@ import numpy as np
 from jaxattrib.attribution import store as store_lib
 from jaxattrib.attribution import trak as trak_lib
 from jaxattrib.attribution.grads import params_feature_fn, select_params
+from jaxattrib.attribution.method_names import DEFAULT_CHECKPOINTS
+from jaxattrib.attribution.method_names import GRADIENT_METHODS as METHODS
 from jaxattrib.attribution.projection import make_projector
 from jaxattrib.diffusion import losses
 from jaxattrib.diffusion.schedule import Schedule
-
-METHODS = ("trak", "dtrak", "journey-trak", "tracin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +106,15 @@ class AttributionConfig:
     noise: str = "per_position"
     noise_period: int = 52
 
+    @classmethod
+    def from_section(cls, section, *, strict: bool = False, **overrides) -> "AttributionConfig":
+        """From an ``attribution`` config section: the fields it holds (other keys, e.g.
+        ``methods``, ``lambda_ratios``, ``topk``, are ignored), then ``overrides`` (e.g. the
+        method being scored); the rest keep the defaults above
+        (:func:`jaxattrib.config.fields_from_section`)."""
+        from jaxattrib.config import fields_from_section
+        return cls(**fields_from_section(cls, section, strict=strict, **overrides))
+
     def __post_init__(self):
         from jaxattrib import precision as prec
         if self.method not in METHODS:
@@ -148,10 +140,6 @@ class AttributionConfig:
         if self.noise == "shared" or self.method == "journey-trak":
             return {}
         return {"noise": self.noise, "noise_period": int(self.noise_period)}
-
-
-#: ``attribution.checkpoints`` when not given, per method (module doc).
-DEFAULT_CHECKPOINTS = {"dtrak": 1, "trak": 3, "journey-trak": 3}
 
 
 def ensemble_steps(checkpoints, steps: Sequence[int], method: str = "dtrak") -> list[int]:

@@ -19,17 +19,13 @@ Our design [design]:
   sharded example axis stays sharded); the rows come back in their original order.
 * With a mesh, each microbatch is sharded over its ``'data'`` axis (``NamedSharding``); the
   projection is regenerated from its key on every device (replicated by seed, not transfer).
-  The per-example gradients themselves run under ``shard_map`` (each device runs the
-  one-device program on its own rows; :func:`projected_grads` sets the mesh as JAX's context
-  mesh, :func:`per_example_grad_fn` picks it up at trace time) [measured]: left to the SPMD
-  partitioner (jax/jaxlib 0.10.2, CPU), ``vmap(grad)`` of a convolution — whose per-example
-  weight gradient JAX lowers to a grouped convolution with ``feature_group_count = B`` — gave
-  wrong kernel gradients that depended on the other examples of the microbatch (the UNet's
-  1×1 ``proj_in/proj_out/conv_shortcut`` kernels off by 63–169 % of their largest entry; TRAK
-  features of ``runs/lds_finetune``, made on 8 devices, at cosine 0.82–0.97 to the one-device
-  ones). ``shard_map`` with ``check_vma=False``: with it on, JAX types the replicated
-  parameters as device-invariant and transposes their broadcast into a ``psum``, i.e. sums
-  the gradients over devices.
+  The per-example gradients run under ``shard_map`` (each device runs the one-device program
+  on its rows; :func:`projected_grads` sets the context mesh, :func:`per_example_grad_fn` picks
+  it up at trace time) [measured]: the SPMD partitioner (jax 0.10.2, CPU) gave ``vmap(grad)``
+  of a convolution (lowered to a grouped convolution, ``feature_group_count = B``) wrong kernel
+  gradients that depended on the other examples of the microbatch (docs/benchmarks/lds.md: the
+  UNet's 1×1 kernels off by 63–169 %). ``check_vma=False``: with it on, JAX types replicated
+  parameters as device-invariant and turns their broadcast's transpose into a ``psum``.
   The global microbatch is assembled with ``jax.make_array_from_callback``: every process
   reads only the rows its own devices hold, so the same code is correct on one process and on
   a multi-host mesh (the features are then all-gathered to every process's host memory).

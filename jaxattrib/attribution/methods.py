@@ -38,9 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxattrib.attribution.diffusion_trak import DEFAULT_CHECKPOINTS
-
-FAMILIES = ("trak", "tracin", "concept-trak", "montrage", "similarity", "random")
+from jaxattrib.attribution.method_names import (DEFAULT_CHECKPOINTS, FAMILIES, GRADIENT_METHODS,
+                                                METHOD_FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,33 +68,39 @@ class MethodSpec:
     tunes: tuple[str, ...] = ()
 
 
+def _spec(name: str, *args, **kwargs) -> MethodSpec:
+    """A registry entry, its family from
+    :data:`~jaxattrib.attribution.method_names.METHOD_FAMILIES` (the one list of names)."""
+    return MethodSpec(name, args[0], METHOD_FAMILIES[name], *args[1:], **kwargs)
+
+
 _TRAK_SCORE = "TRAK kernel φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ, λ = lam_ratio·mean diag(ΦᵀΦ), mean over checkpoints"
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("dtrak", "D-TRAK", "trak", "projected ∇ of D-TRAK's output (default mean ε_θ²) at K uniform "
-               "timesteps, noise per batch position", _TRAK_SCORE, output="config",
-               default_checkpoints=DEFAULT_CHECKPOINTS["dtrak"], tunes=("lam_ratio", "sign")),
-    MethodSpec("trak", "TRAK", "trak", "projected ∇ of the DSM loss at K uniform timesteps",
-               _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["trak"],
-               tunes=("lam_ratio", "sign")),
-    MethodSpec("journey-trak", "Journey-TRAK", "trak", "train: projected ∇ of the DSM loss at K random "
-               "timesteps; query: x̂0 of a sampling step re-noised to its t (R draws)",
-               _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["journey-trak"],
-               query="trajectory",
-               tunes=("lam_ratio",)),
-    MethodSpec("tracin", "TracIn", "tracin", "projected ∇ of the DSM loss at every checkpoint after step 0",
-               "Σ_s η_s φ_s(q)·Φ_sᵀ (η_s: learning rate of the update that made checkpoint s)",
-               output="loss", default_checkpoints="all", tunes=("sign",)),
-    MethodSpec("concept-trak", "Concept-TRAK", "concept-trak", "query: projected ∇ of the concept loss; "
-               "train: projected ∇ of the DSM loss (concept_trak.py)",
-               "TRAK kernel with λ = 0.1·ratio·mean diag(ΦᵀΦ)", output="loss",
-               tunes=("lam_ratio",)),
-    MethodSpec("montrage", "MONTRAGE (trajectory)", "montrage", "pooled UNet-tap representations at every checkpoint",
-               "similarities weighted by each training image's representation movement"),
-    MethodSpec("montrage-final", "MONTRAGE final-only", "montrage", "pooled UNet-tap representations, last "
-               "checkpoint", "similarity at the last checkpoint"),
-    MethodSpec("pixel", "pixel similarity", "similarity", "the flattened inputs", "cosine similarity"),
-    MethodSpec("random", "random", "random", "none", "standard normal scores (a floor)"),
+    _spec("dtrak", "D-TRAK", "projected ∇ of D-TRAK's output (default mean ε_θ²) at K uniform "
+          "timesteps, noise per batch position", _TRAK_SCORE, output="config",
+          default_checkpoints=DEFAULT_CHECKPOINTS["dtrak"], tunes=("lam_ratio", "sign")),
+    _spec("trak", "TRAK", "projected ∇ of the DSM loss at K uniform timesteps",
+          _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["trak"],
+          tunes=("lam_ratio", "sign")),
+    _spec("journey-trak", "Journey-TRAK", "train: projected ∇ of the DSM loss at K random "
+          "timesteps; query: x̂0 of a sampling step re-noised to its t (R draws)",
+          _TRAK_SCORE, output="loss", default_checkpoints=DEFAULT_CHECKPOINTS["journey-trak"],
+          query="trajectory",
+          tunes=("lam_ratio",)),
+    _spec("tracin", "TracIn", "projected ∇ of the DSM loss at every checkpoint after step 0",
+          "Σ_s η_s φ_s(q)·Φ_sᵀ (η_s: learning rate of the update that made checkpoint s)",
+          output="loss", default_checkpoints="all", tunes=("sign",)),
+    _spec("concept-trak", "Concept-TRAK", "query: projected ∇ of the concept loss; "
+          "train: projected ∇ of the DSM loss (concept_trak.py)",
+          "TRAK kernel with λ = 0.1·ratio·mean diag(ΦᵀΦ)", output="loss",
+          tunes=("lam_ratio",)),
+    _spec("montrage", "MONTRAGE (trajectory)", "pooled UNet-tap representations at every checkpoint",
+          "similarities weighted by each training image's representation movement"),
+    _spec("montrage-final", "MONTRAGE final-only", "pooled UNet-tap representations, last "
+          "checkpoint", "similarity at the last checkpoint"),
+    _spec("pixel", "pixel similarity", "the flattened inputs", "cosine similarity"),
+    _spec("random", "random", "none", "standard normal scores (a floor)"),
 )}
 
 
@@ -110,7 +115,7 @@ def method_spec(name: str) -> MethodSpec:
 def gradient_methods() -> tuple[str, ...]:
     """The methods featurized by per-example gradients of ``diffusion_trak``'s output
     functions (the ``'trak'`` and ``'tracin'`` families: what the Attributor runs)."""
-    return tuple(n for n, s in METHODS.items() if s.family in ("trak", "tracin"))
+    return GRADIENT_METHODS
 
 
 # ----------------------------------------------------------------------------- featurize

@@ -1,105 +1,43 @@
 """MONTRAGE: attribution by monitoring internal representations along the training trajectory.
 
 Brokman et al., "MONTRAGE: Monitoring Training for Attribution of Generative Diffusion Models"
-(ECCV 2024). The authors' code is not public and the layers, the added loss and the numbers were
-not available to us, so most of this module is **jaxattrib's design**. What is from the paper and
-what is ours:
-
-From the paper [paper]:
-
-* Attribution of a *customized* (fine-tuned) model whose training dynamics are available: the
-  model's internal representations are monitored throughout training (here: at every checkpoint
-  of the :class:`jaxattrib.train.record.TrajectoryRecord`, or live with :class:`MontrageMonitor`).
-* Similarity of a generation and a training image is the cosine similarity of representations
-  mapped to [0, 1] as ``(1 + cos) / 2`` (:func:`shifted_cosine`).
-* Evaluation *between* concepts (which concept a generation comes from:
-  :func:`concept_scores`, :func:`between_concept_accuracy`) and *within* a concept (which
-  training image), and comparison with a *soft* ground truth by rank correlation
-  (:func:`within_concept_spearman`). How the paper builds its soft ground truth is not
-  available to us.
+(ECCV 2024). The authors' code, layers, added loss and numbers are not public, so most of this
+module is **jaxattrib's design** (docs/methods.md "MONTRAGE"). From the paper [paper]: a
+*customized* (fine-tuned) model's representations are monitored throughout training (here:
+every checkpoint of a :class:`jaxattrib.train.record.TrajectoryRecord`, or live with
+:class:`MontrageMonitor`); similarity = ``(1 + cos) / 2`` (:func:`shifted_cosine`); evaluation
+between concepts (:func:`concept_scores`, :func:`between_concept_accuracy`), within a concept,
+and against a *soft* ground truth by rank correlation (:func:`within_concept_spearman`; the
+paper's soft ground truth is not available to us).
 
 Ours [design]:
 
-* Representation of an image ``x`` (model input: pixels, or latents for a latent model) under
-  UNet parameters θ: ``x_t = add_noise(x, ε, t)`` at one fixed timestep ``t`` with a fixed noise
-  ``ε = fixed_noise(noise_seed, t, x.shape)`` that is *shared by every image and every
-  checkpoint* (``per_example_noise=True`` instead draws ``ε_i`` from ``(noise_seed, t, i)`` for
-  the example's index ``i`` in its set, again the same at every checkpoint); one UNet call; the
-  sown taps (default ``('mid', 'up_0')``) are global-average-pooled over H, W and
-  concatenated (:func:`pooled_representations`); :func:`extract_representations`
-  L2-normalises the concatenation. The raw pooled features are what is stored, so that
-  per-tap similarities can be formed later (each tap normalised on its own).
-* Latent models: the representation is taken on the UNet's model inputs, i.e. the VAE
-  latents (encoded once by the caller, e.g. :func:`jaxattrib.models.latent_io.pipeline_inputs`
-  with a recorded key); pixel images given to a latent UNet, or inputs whose size is not the
-  UNet's ``sample_size``, raise :class:`MontrageInputError` (a ``ConfigError``) naming both
-  shapes.
-* Aggregation of the per-checkpoint similarities ``sims[s, q, i]`` into scores ``[Q, N]``
-  (:func:`aggregate`):
+* Representation of a model input ``x`` (pixels, or VAE latents ``[N, h, w, c]`` for a latent
+  model, encoded once by the caller) under UNet parameters θ: ``x_t = add_noise(x, ε, t)`` at
+  one fixed ``t`` with ``ε = fixed_noise(noise_seed, t, x.shape)`` shared by every image and
+  checkpoint (``per_example_noise=True``: ``ε_i`` from ``(noise_seed, t, i)``); one UNet call;
+  the sown taps (default ``('mid', 'up_0')``) global-average-pooled over H, W and concatenated
+  (:func:`pooled_representations`, raw, so per-tap similarities can be formed later);
+  :func:`extract_representations` L2-normalises. Wrong inputs (pixels to a latent UNet, a size
+  not the UNet's ``sample_size``) raise :class:`MontrageInputError` naming both shapes.
+* Aggregation of ``sims[s, q, i]`` into scores ``[Q, N]`` (:func:`aggregate`): ``'final'``
+  (last checkpoint = the representation-similarity baseline); ``'mean'``; ``'movement'``
+  (checkpoint ``s >= 1`` weighted for image ``i`` by ``w[s, i] = ||r_s(i) − r_{s−1}(i)||``,
+  with ``seen='mask'|'count'`` from the record's step log, :func:`seen_counts`; all-zero
+  weights fall back to the mean); ``'learned'`` (``α = softmax(a)`` over checkpoints, ``β =
+  softmax(b)`` over taps, ``score = Σ_s Σ_l α_s β_l sim_{s,l}``, fitted by multi-positive
+  InfoNCE on validation queries, :func:`fit_learned_weights` / :func:`learned_scores`).
+* Training is unchanged (the paper adds a loss; ours is only the learned weights' InfoNCE).
+  The mixed-concept soft ground truth (:mod:`jaxattrib.eval.mixed`) is ours.
+* Execution: data-parallel over the mesh's ``'data'`` axis (1 vs 8 devices agree bit for bit
+  at the same per-device batch, else to float32 rounding, ~3e-7 on CPU); batches padded to one
+  size, one compiled program for every checkpoint; :func:`representation_trajectory` caches an
+  atomic ``.npz`` per step (and a ``meta.json`` that must match) and resumes;
+  ``finetune(..., on_checkpoint=monitor.on_checkpoint)`` writes the same cache live (equal to
+  the post-hoc pass to float32 rounding).
 
-  - ``'final'``: the last checkpoint only (= the representation-similarity baseline);
-  - ``'mean'``: the mean over checkpoints;
-  - ``'movement'``: checkpoint ``s >= 1`` is weighted, for training image ``i``, by how far
-    ``i``'s (normalised) representation moved over the interval ending at ``s``,
-    ``w[s, i] = ||r_s(i) − r_{s−1}(i)||``; optionally only intervals in which the record says
-    ``i`` was trained on count (``seen='mask'``), or the weight is multiplied by the number of
-    times it was seen (``seen='count'``); see :func:`seen_counts`. Images whose weights are
-    all zero fall back to the mean;
-  - ``'learned'``: softmax-parameterised checkpoint weights ``α = softmax(a)`` and tap weights
-    ``β = softmax(b)`` with ``score = Σ_s Σ_l α_s β_l sim_{s,l}`` (per-tap shifted cosines),
-    trained with a multi-positive InfoNCE loss on validation queries with known ground truth
-    (:func:`fit_learned_weights`, optax Adam, explicit PRNG key), then applied to the test
-    queries (:func:`learned_scores`).
-
-* Mixed-concept generations with a soft ground truth (:mod:`jaxattrib.eval.mixed`,
-  ``benchmarks/montrage_mixed.py``): two fine-tuned concepts A, B mixed in the text
-  conditioning, ``α · E(prompt_A) + (1 − α) · E(prompt_B)``; ground truth ``α`` on A's
-  exemplars, ``1 − α`` on B's, 0 elsewhere; Spearman ρ over all training images and how the
-  A-vs-B split of the scores tracks ``α``. Only "rank correlation against a soft ground
-  truth" is from the paper; the mixtures, the ground truth, the other metrics and the
-  reuse of the customization benchmark's model are ours. Measured (BENCHMARKS.md,
-  2026-11-26): the default trajectory aggregation does not beat the final checkpoint there
-  either (ρ gain −0.003 [−0.009, +0.003]); the learned one gains +0.005 [+0.003, +0.008] over
-  its final-checkpoint-only control; the A-vs-B split is already in the base model.
-* The paper also adds a loss to the *training* objective; we do not change training (the
-  fine-tuning loss is untouched). Our only loss is the post-hoc InfoNCE of the learned
-  aggregation weights.
-* Execution: data-parallel over the mesh's ``'data'`` axis (images sharded, parameters
-  replicated; each image's result does not depend on the other images of its batch: with the
-  same per-device batch size 1 and 8 devices agree bit for bit, otherwise to float32 rounding,
-  ~3e-7 measured on CPU). Batches are padded to a fixed size so one compiled program serves every
-  checkpoint. :func:`representation_trajectory` caches each checkpoint's arrays in a directory
-  (one ``.npz`` per step, written atomically, plus a ``meta.json`` that must match) and
-  resumes from it; :class:`MontrageMonitor` writes the same cache live during training
-  (reusable by :func:`representation_trajectory` when its ``source`` is the record directory).
-* Training-callback mode: ``finetune(..., on_checkpoint=monitor.on_checkpoint)``
-  (:func:`jaxattrib.train.finetune.finetune`) monitors at every checkpoint as it is saved;
-  the similarities equal the post-hoc ones to float32 rounding. Cost in the demo's
-  fine-tuning setting (400 steps, 5 checkpoints, 60 + 24 images, loaded 2-core CPU):
-  0.45–1 s per checkpoint, 1.0–2.4% of the fine-tuning time, against +12% for the post-hoc
-  pass that reloads the checkpoints (BENCHMARKS.md).
-
-Measured (demo run, BENCHMARKS.md "MONTRAGE: why monitoring does not beat the final
-checkpoint in the demo", 2026-11-25;
-``benchmarks/montrage_study.py``): with the default representation, no aggregation of the
-trajectory beats the final checkpoint (movement-weighted −0.007 mAP, CI below 0; learned
-+0.003, CI spans 0), because (1) the similarity ranking barely changes along training (rank
-correlation 0.94–0.98 with the final one; the base model before fine-tuning already reaches
-mAP 0.434 vs 0.452): pooled-tap similarity is mostly the base model's generic image
-similarity; (2) the movement weights carry no image-specific information: representations
-drift together (exemplars and distractors move the same, AUC 0.55), every image is trained
-on 26–28 times between two checkpoints so ``seen`` counts are flat, and even after a single
-update the images of its batch move only 1–8% more than the others (AUC 0.50–0.57), so the
-weights are near-uniform and ``'movement'`` ≈ the mean of the checkpoints after step 0
-(whose weight is 0 by construction); (3) the change of similarity
-from the base model (final − step 0) is dominated by that drift and ranks far worse. Over 30
-(t, tap) representations movement beats final about half the time (14/16/17 of 30 on the
-val/test/fresh queries), but for the single up-block taps in 7/8/8 of 9 (up to +0.06
-mAP); the choice of tap and ``t`` moves test mAP from 0.28 to 0.53. The plain
-concatenation is dominated by the tap with the larger activations (``mid`` over ``up_0``:
-mean pooled norms 16.9 vs 7.6 at t=200), so the default behaves like ``mid`` alone.
-Defaults are unchanged: no aggregation beat the final checkpoint on the validation and both
-held-out query sets with the default representation (the rule fixed before the study).
+Measured (overhead, the demo study: no aggregation beats the final checkpoint, and why; mixed
+concepts): docs/benchmarks/montrage.md, docs/benchmarks/mixed_concept.md.
 """
 
 from __future__ import annotations

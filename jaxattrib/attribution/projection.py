@@ -21,29 +21,24 @@ Our design [design]:
   is drawn from ``fold_in(fold_in(key, i), b)``. Features therefore depend only on (key, kind, k,
   c, block_size, the leaves' shapes, :data:`GENERATOR_VERSION`) — not on batch size, device
   count or run.
-* Generator version 2 (:data:`GENERATOR_VERSION`, recorded in ``meta()`` so a feature store
-  written by another version refuses to reopen): every block of P (all families, also the
-  factored ``P_in, P_out``) is drawn with JAX's *non-partitionable* threefry formulation
-  (``jax.threefry_partitionable(False)`` around the draw only). Its values are fixed by the key
-  like any JAX random draw — the flag selects the formulation, not the sharding — and P blocks
-  are replicated, so features stay identical on 1 and 8 devices; on CPU it draws the same bits
-  3–5× faster than the partitionable form (JAX's default since 0.5). Gaussian entries are still
-  ``jax.random.normal`` (one 32-bit word → one float32 via the inverse error function), i.e.
-  exactly N(0, 1)/√k in distribution. Rademacher entries are *bit-packed*: one 32-bit word of
-  ``jax.random.bits`` gives 32 signs, ``P[r, c] = (1 − 2·bit_{c mod 32}(W[r, ⌊c/32⌋]))/√k``
-  with ``W = bits(block_key, [rows, ⌈k/32⌉])`` — 32× fewer PRNG evaluations than one draw per
-  entry. (Version 1 = partitionable threefry, one ``jax.random.rademacher`` draw per entry.)
-* Amortizing P over many examples: P's cost is paid once per call of :meth:`Projector.project`
-  whatever the batch, so the engine can project several microbatches per pass over P
-  (``proj_batch`` in :func:`jaxattrib.attribution.trak.featurize`); ``project`` accepts extra
-  leading batch axes (``batch_dims``) for that purpose.
-* The factored projection *sums* the per-layer projections into one ``k``-vector (each layer has
-  its own independent ``P_in, P_out`` drawn from ``fold_in(fold_in(key, layer), 0/1)``), so it has
-  the same ``[B, k]`` interface as the dense families and is still unbiased for inner products.
-  It covers only the 2-D ``kernel`` leaves of ``nn.Dense`` layers; biases, norms and convolutions
-  are ignored (as in LoGra). ``P_in, P_out`` are Gaussian with ``N(0, 1/k_in)``, ``N(0, 1/k_out)``.
-  How the activations and output gradients are captured from an arbitrary Flax model is in
-  :mod:`jaxattrib.attribution.grads` (``factored_projected_grads``).
+* Generator version 2 (:data:`GENERATOR_VERSION`, in ``meta()``, so a store written by
+  another version refuses to reopen): every block of P (all families, also ``P_in, P_out``) is
+  drawn with JAX's *non-partitionable* threefry (``jax.threefry_partitionable(False)`` around
+  the draw only; it selects the formulation, not the sharding, and P blocks are replicated, so
+  1 and 8 devices agree); on CPU 3–5× faster than the partitionable default
+  (docs/benchmarks/featurize.md). Gaussian: ``jax.random.normal``, exactly N(0, 1)/√k.
+  Rademacher is *bit-packed*: ``P[r, c] = (1 − 2·bit_{c mod 32}(W[r, ⌊c/32⌋]))/√k``, ``W =
+  bits(block_key, [rows, ⌈k/32⌉])``, 32× fewer PRNG evaluations. (Version 1: partitionable
+  threefry, one ``jax.random.rademacher`` draw per entry.)
+* P's cost is paid once per :meth:`Projector.project` call whatever the batch, so the engine
+  projects several microbatches per pass (``proj_batch`` of :func:`jaxattrib.attribution.trak.
+  featurize`; ``project``'s extra leading ``batch_dims``).
+* The factored projection *sums* the per-layer projections into one ``k``-vector (layer
+  ``P_in, P_out`` from ``fold_in(fold_in(key, layer), 0/1)``, Gaussian ``N(0, 1/k_in)``,
+  ``N(0, 1/k_out)``): the dense families' ``[B, k]`` interface, unbiased for inner products.
+  Only the 2-D ``kernel`` leaves of ``nn.Dense`` layers (biases, norms, convolutions ignored,
+  as in LoGra); the capture from a Flax model: :mod:`jaxattrib.attribution.grads`
+  (``factored_projected_grads``).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """CGI-DM: copyright authentication by contrasting gradient inversion (methods.md §6).
 
 Question: was image x among the images used to fine-tune θ' from the pretrained θ?
-
 What follows the paper / the authors' code (Nicholas0228/Revelio):
 
-* Latent mask M: a grid of ``block × block`` blocks (4 × 4 on SD's 64 × 64 latent: a 16 × 16
-  grid); in each block the top-left and bottom-right ``block/2 × block/2`` cells are kept (a
-  checkerboard keeping 50 %), identical for all channels [code].
+* Latent mask M: ``block × block`` blocks (4 × 4 on SD's 64 × 64 latent: a 16 × 16 grid), each
+  keeping its top-left and bottom-right ``block/2 × block/2`` cells (a checkerboard keeping
+  50 %), identical for all channels [code].
 * ``z_init = encode(decode(M ⊙ z0))``; every evaluation uses ``z = M ⊙ z0 + (1 − M) ⊙ z_var``.
-* Where PGD runs: on the **VAE latent**, not on pixels through the encoder [code]. In the
-  authors' ``Extractor.py`` the attack's input is ``latents = vae.encode(lowpass image)
-  .latent_dist.sample() * scaling_factor`` and ``L2PGDAttack`` perturbs it directly; the VAE
-  decoder is used only to make the masked start image and to decode the recovered latent. Both
-  encodings (``z0`` and the re-encoding of ``z_init``) are posterior *samples* [code]; with
-  ``recover(..., encode_key=...)`` we draw them from recorded per-image keys.
+* PGD runs on the **VAE latent**, not on pixels through the encoder [code]: ``Extractor.py``
+  perturbs ``vae.encode(lowpass image).latent_dist.sample() * scaling_factor`` with
+  ``L2PGDAttack``; the decoder only makes the masked start image and decodes the result. Both
+  encodings (``z0``, re-encoded ``z_init``) are posterior *samples* [code]
+  (``recover(..., encode_key=...)``: from recorded per-image keys).
 * Maximise ``J(z) = E_{t,ε}[ ||ε_θ(z_t, t, c) − ε||² − ||ε_θ'(z_t, t, c) − ε||² ]`` by L2-PGD:
   ball of radius 70 around ``z_init``, step 2.0, 1000 steps, gradient normalised by its L2 norm,
   values clamped to [−100, 100], one ``t ~ U{1..999}`` per step [code].
@@ -21,31 +19,26 @@ What follows the paper / the authors' code (Nicholas0228/Revelio):
 
 Our design [design]:
 
-* The two models see the **same** (t, ε) at each step (the code draws independent noise per
-  model); this is the common-random-numbers estimator of the same objective, with lower variance.
-* Batched over images; each image's randomness comes from ``fold_in(key, global index)``, so an
-  image's recovery does not depend on the batch it is in nor on the device mesh; batches can be
-  sharded over a mesh's ``'data'`` axis. Per-image gradients are taken as the gradient of the sum
-  of per-image objectives (valid because the denoisers treat batch rows independently).
-* The loss is the per-element mean (as diffusers' training MSE) against the schedule's training
-  target (ε, v or x0 by ``prediction_type``); PGD normalises the gradient, so the scale is moot.
-* Scale rule for small latents (``scale='sqrt_numel'``): the published radius and step were set
-  for SD's 4 × 64 × 64 latent; they are multiplied by ``sqrt(numel / 16384)`` so the per-element
-  RMS perturbation is unchanged. ``scale='none'`` uses them as given.
-* Manifold projection (``project_t > 0``, off by default): our pixel-space models have no VAE
-  decoder to map an iterate back to a natural image, so after each PGD step the unknown half can
-  be projected through a denoiser — noised to ``project_t`` with fresh ε and replaced by that
-  model's one-step estimate x̂0 (``project_model``: the fine-tuned or the pretrained model),
-  every ``project_every`` steps, before the ball projection and the clamp. This plays the role of
-  the paper's decoder and keeps iterates near the model's data manifold.
-* (t, ε) are drawn afresh at every PGD step (``n_noise`` draws averaged per step), as the
-  authors' code does: PGD is stochastic ascent on the expectation, not on a few fixed draws.
-* Mask ablations: ``'random_block'`` keeps each ``block/2`` cell independently with probability
-  ``keep_rate``; ``'blur'`` keeps nothing exactly (M = 0) and starts from a Gaussian-blurred
-  latent (σ = ``blur_sigma`` latent pixels), i.e. the information is removed by a low-pass.
-* Each image is paired with its own recovery (the code matches each source to the best of all
-  recovered images) and the threshold is calibrated on held-out images, not on the test data;
-  p-values are empirical against the hold-out (non-member) scores: ``(1 + #{h ≥ s}) / (1 + n)``.
+* Both models see the **same** (t, ε) per step (the code: independent noise per model): the
+  common-random-numbers estimator of the same objective, lower variance. (t, ε) are fresh at
+  every step (``n_noise`` draws averaged), as in the code: stochastic ascent on the expectation.
+* Batched; each image's randomness is ``fold_in(key, global index)``, so its recovery depends
+  on neither its batch nor the mesh (batches shardable over ``'data'``). Per-image gradients =
+  the gradient of the summed objectives (the denoisers treat batch rows independently).
+* Loss: per-element mean (diffusers' training MSE) against the schedule's training target (ε,
+  v or x0 by ``prediction_type``); PGD normalises the gradient, so the scale is moot.
+* ``scale='sqrt_numel'``: the published radius and step (for SD's 4 × 64 × 64 latent) times
+  ``sqrt(numel / 16384)``, so the per-element RMS perturbation is unchanged; ``'none'``: as given.
+* Manifold projection (``project_t > 0``, off by default; pixel models have no decoder to map
+  an iterate back): every ``project_every`` PGD steps the unknown half is noised to
+  ``project_t`` (fresh ε) and replaced by ``project_model``'s (fine-tuned or pretrained)
+  one-step x̂0, before the ball projection and clamp, in the role of the paper's decoder.
+* Mask ablations: ``'random_block'`` keeps each ``block/2`` cell with probability
+  ``keep_rate``; ``'blur'`` keeps nothing (M = 0) and starts from a Gaussian-blurred latent
+  (σ = ``blur_sigma`` latent pixels): the information removed by a low-pass.
+* Each image is paired with its own recovery (the code: best match among all recoveries); the
+  threshold is calibrated on held-out images, not the test data; p-values are empirical
+  against the hold-out (non-member) scores: ``(1 + #{h ≥ s}) / (1 + n)``.
 """
 
 from __future__ import annotations

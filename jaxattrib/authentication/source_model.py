@@ -1,78 +1,43 @@
 """Source-model attribution: was a suspicious model trained on images my model generated?
 
 Zhang et al., "Training Data Attribution: Was Your Model Secretly Trained On Data Created By
-Mine?" (arXiv 2409.15781; methods.md §7).
+Mine?" (arXiv 2409.15781; methods.md §7). From the paper [paper]: memorization transfers (a
+model fine-tuned on a source's generations inherits its near-exact reproductions on the same
+prompts). Instance level: N = 30 *key samples* on which the source memorizes idiosyncratically
+(Strategy 1, detection; Strategy 2, generation), the suspect queried with their prompts, a hit
+when ``d_i < δ0`` (δ0 = 0.15), ``conf`` = hit rate. Statistical level: shadow models fine-tuned
+with generated fraction ``ρ ∈ {0.3, 0.5, 0.7, 1.0}`` (infringing) or 0 (innocent) train a
+discriminator evaluated on held-out suspects. Baselines: random keys; a 32-bit watermark
+(:mod:`.watermark`).
 
-What follows the paper [paper]:
-
-* Insight: memorization transfers. A source model reproduces some samples almost exactly; a
-  model fine-tuned on the source's generations inherits that behaviour on the same prompts.
-* Instance level: select N = 30 *key samples* on which the source memorizes idiosyncratically
-  (Strategy 1, detection-based; Strategy 2, generation-based), query the suspicious model with
-  their prompts, count a hit when the reconstruction distance ``d_i < δ0`` (δ0 = 0.15),
-  ``conf`` = the hit rate.
-* Statistical level: shadow models fine-tuned with a generated-data fraction
-  ``ρ ∈ {0.3, 0.5, 0.7, 1.0}`` (infringing) or ``ρ = 0`` (innocent) give features to a
-  discriminator evaluated on held-out suspicious models.
-* Baselines: random key-sample selection; a 32-bit watermark (:mod:`.watermark`).
-
-Our design [design] (the exact strategies, distance and conf formula were not published in
-reach):
-
-* **Distance** (:func:`reconstruction_distance`): default ``'rmse'`` = root-mean-square pixel
-  difference in **[0, 1] pixel units** (images are in [-1, 1], so ``sqrt(mean(((a-b)/2)²))``),
-  range [0, 1], 0 iff identical. ``δ0 = 0.15`` is then PSNR > 16.5 dB (range 1): close to the
-  key image with visible differences allowed. Measured on the library's synthetic concept set
-  (32 px, 300 pairs; 5 / 50 / 95 % quantiles): the same image plus Gaussian noise of std 0.2
-  ([-1, 1] units) 0.08 / 0.08 / 0.10; two renders of the same caption (different placement)
-  0.07 / 0.16 / 0.27; images of different captions 0.15 / 0.43 / 0.82. So ``d < 0.15`` accepts
-  a noisy copy, about half the same-concept re-renders, and almost no different concept.
-  ``'ssim'`` gives ``1 − SSIM`` (data range 2); on the same pairs it is 0.14 / 0.21 / 0.31 for
-  uniform ±0.1 noise alone and 0.41 / 0.56 / 0.72 for the Gaussian noise above (same caption
-  0.32 / 0.65 / 0.87): on small, flat images a lightly noised copy already exceeds 0.15, so
-  δ0 = 0.15 is not meaningful in that unit, and it is not the default.
-* **Strategy 1 (detection)**: the memorization signal of Wen et al. (ICLR 2024),
-  ``‖ε(x_t, c) − ε(x_t, ∅)‖`` as a per-element RMS (resolution independent), with
-  ``x_t ~ N(0, I)`` (the first steps of sampling) at a few high-noise timesteps, averaged over
-  seeds and timesteps; all prompts see the same noises (common random numbers). The other
-  detection signal, generation consistency across seeds, can be used instead (lower mean
-  pairwise distance = more memorized).
-* **Strategy 2 (generation)**: generate every candidate prompt with S seeds from the source and
-  from an independent reference model; ``score = cross − within`` where ``within`` is the mean
-  pairwise distance between the source's S generations (consistency) and ``cross`` the mean
-  distance between source and reference generations over all seed pairs (idiosyncrasy). It is
-  the energy-distance-like margin "the source always draws the same thing, and the reference
-  does not draw it".
-* **Seeds**: a generator is ``generate_fn(prompts, key) -> images [P, H, W, C]`` in [-1, 1]
-  whose image ``i`` depends only on ``(prompt i, key, i)``, as :func:`jaxattrib.generate.generate`
-  (``fold_in(key, i)``). Seed ``s`` means ``key = PRNGKey(s)``. Key images and the suspicious
-  model's answers are both produced by :func:`query` on the *same ordered key-prompt list* and
-  the same seeds, so image ``i`` of either model starts from the same noise.
-* **Instance conf** = mean of ``d < δ0`` over key samples (and seeds if several).
-  :func:`calibrate_on_innocent` sets the decision threshold from innocent models' confs at an
-  FPR budget (never from the models under test).
-* **Statistical features** (:func:`probe_features`): per probe prompt, the same-seed distance
-  between source and suspicious generations averaged over seeds; summarised by quantiles, the
-  mean, and hit rates at several thresholds. :class:`Discriminator`: standardized logistic
-  regression (or a one-hidden-layer MLP) with L2, full-batch Adam, explicit init key,
-  class-balanced loss.
-* **Model zoo** (:func:`build_model_zoo`): infringing / innocent models are fine-tuned from the
-  base on ``n_train`` examples of which ``round(ρ·n_train)`` are the source's generations and
-  the rest real images, drawn without replacement by a per-member seed. Each member is cached
-  in the run directory (``members/<name>/params.msgpack``) and listed in ``zoo.json``; a
-  re-run skips finished members and refuses a run directory built with another configuration.
-  :func:`build_source_model` fine-tunes and caches the source itself the same way. Fine-tuning
-  is any ``finetune_fn(init_params, dataset, seed, workdir) -> params``;
-  :func:`diffusion_finetune_fn` adapts :func:`jaxattrib.train.finetune.finetune` (UNet only,
-  resumable trajectory record in ``workdir/record``).
-
-Typical flow: ``build_source_model`` → generate the source's data set with
-:func:`pipeline_generate_fn` (optionally :func:`jaxattrib.authentication.watermark.embed` for the
-watermark baseline) → ``build_model_zoo`` → select key samples on the source (with a reference
-model for Strategy 2) → :func:`query` the source and every suspect with the key prompts and the
-same seeds → :func:`instance_confidence`, calibrated by :func:`calibrate_on_innocent` on the
-innocent shadows; :func:`probe_features` of the shadows train the :class:`Discriminator`, which
-scores the held-out suspects (``ModelZoo.split``), evaluated with ``jaxattrib.metrics``.
+Our design [design] (the exact strategies, distance and conf formula were not published in reach):
+* **Distance** (:func:`reconstruction_distance`): ``'rmse'`` (default) = RMS pixel difference in
+  **[0, 1] units** (images in [-1, 1]: ``sqrt(mean(((a-b)/2)²))``), 0 iff identical; ``δ0 =
+  0.15`` is PSNR > 16.5 dB. ``'ssim'``: ``1 − SSIM`` (data range 2). What δ0 = 0.15 accepts in
+  each unit (measured): docs/benchmarks/calibrations.md.
+* **Strategy 1 (detection)**: Wen et al.'s (ICLR 2024) ``‖ε(x_t, c) − ε(x_t, ∅)‖`` (per-element
+  RMS, ``x_t ~ N(0, I)``, high-noise timesteps, mean over seeds and timesteps, common noises),
+  or consistency across seeds (lower mean pairwise distance = more memorized).
+* **Strategy 2 (generation)**: S seeds per candidate prompt from the source and an independent
+  reference model; ``score = cross − within`` (mean pairwise distance among the source's S
+  generations; mean source-vs-reference distance over seed pairs): "the source always draws the
+  same thing, and the reference does not draw it".
+* **Seeds**: ``generate_fn(prompts, key) -> images [P, H, W, C]`` in [-1, 1], image ``i`` a
+  function of ``(prompt i, key, i)`` (:func:`jaxattrib.generate.generate`, ``fold_in(key, i)``);
+  seed ``s`` = ``PRNGKey(s)``. Key images and the suspect's answers both come from :func:`query`
+  on the same ordered key-prompt list and seeds, so image ``i`` starts from the same noise.
+  Instance conf = mean of ``d < δ0`` over keys (and seeds); :func:`calibrate_on_innocent`: the
+  threshold from innocent models at an FPR budget.
+* **Statistical features** (:func:`probe_features`): per probe prompt the same-seed distance
+  (mean over seeds); quantiles, mean, hit rates. :class:`Discriminator`: standardized logistic
+  regression (or 1-hidden-layer MLP), L2, full-batch Adam, explicit key, class-balanced loss.
+* **Model zoo** (:func:`build_model_zoo`, :func:`build_source_model`): fine-tuned from the base
+  on ``n_train`` examples, ``round(ρ·n_train)`` of them the source's generations (per-member
+  seed, without replacement); cached as ``members/<name>/params.msgpack`` + ``zoo.json``,
+  resumable, another configuration refused. ``finetune_fn(init_params, dataset, seed, workdir)
+  -> params``; :func:`diffusion_finetune_fn` wraps :func:`jaxattrib.train.finetune.finetune`.
+Flow: ``build_source_model`` → :func:`pipeline_generate_fn` → ``build_model_zoo`` → keys →
+:func:`query` → :func:`instance_confidence`; :func:`probe_features` → :class:`Discriminator`.
 """
 
 from __future__ import annotations

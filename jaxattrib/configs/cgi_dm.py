@@ -1,59 +1,44 @@
-"""CGI-DM copyright authentication (``jaxattrib cgi-dm``): was each candidate image used to
-fine-tune the fine-tuned model from the pretrained one? (methods.md §6,
-:mod:`jaxattrib.authentication.cgi_dm`.)
+"""CGI-DM (``jaxattrib cgi-dm``; methods.md §6, :mod:`jaxattrib.authentication.cgi_dm`): was
+each candidate image used to fine-tune the fine-tuned model from the pretrained one?
 
     jaxattrib cgi-dm cgi_dm --run-dir runs/cgi --set model.finetuned=runs/ft \\
         --set data.candidates=my_images --set data.reference=holdout_images
     jaxattrib report runs/cgi
 
-Each candidate's latent is masked, recovered by PGD on the contrastive objective
-``L_pretrained − L_finetuned`` and compared with the original; a high similarity means
-"used in fine-tuning". The decision threshold and the p-values come from the **reference**
-images (known non-members, e.g. images of the same subject that were not trained on), never
-from the candidates. The report shows original / masked / recovered images, scores, p-values,
-decisions, and ROC curves when the candidates' labels are known. Recoveries are cached per
-batch in ``RUN_DIR/cgi_dm/``, so a killed run resumes.
+Each candidate's latent is masked, recovered by PGD on ``L_pretrained − L_finetuned`` and compared
+with the original; high similarity means "used in fine-tuning". Threshold and p-values come from
+the **reference** images (known non-members), never from the candidates. The report shows original
+/ masked / recovered images, scores, p-values, decisions, and ROC curves when labels are known.
+Recoveries are cached per batch in ``RUN_DIR/cgi_dm/`` (resumes). Fields (validated by
+:func:`jaxattrib.runs.cgi_dm.check_config`; errors name the field):
 
-Fields (validated by :func:`jaxattrib.runs.cgi_dm.check_config`; errors name the field):
-
-* ``seed``: PRNG seed (masks for 'random_block', PGD noise draws).
-* ``model.pipeline``: 'embedded' or a diffusers pipeline folder: text encoder, VAE, tokenizer,
-  scheduler and the UNet architecture.
-* ``model.pretrained`` / ``model.finetuned``: the two UNets, as a model spec — 'pipeline'
-  (model.pipeline's UNet), 'embedded', a pipeline folder, or a trajectory record / ``jaxattrib
-  train`` run directory with ``@STEP`` (``RUN@0`` = the weights the run started from, ``RUN`` or
-  ``RUN@last`` = its last checkpoint). ``finetuned`` is required.
-* ``data.candidates``: folder of images to authenticate. Images in it are unlabelled; images
-  in its ``member/`` and ``non_member/`` sub-folders are labelled (then AUC / TPR@FPR and the
-  ROC are reported). ``data.reference``: folder of known non-members for calibration
-  (required). Captions: ``prompts.txt`` / ``captions.jsonl`` in the folder, else
-  ``data.caption`` for every image. ``data.size``: image side (0 = the model's; otherwise it
-  must equal the UNet's sample size × the VAE factor, else a one-line error gives both shapes).
-* ``data.vae_posterior`` (latent pipelines): 'sample' (default) encodes each image with one VAE
-  posterior sample from a recorded per-image key, as the authors' code (``latent_dist.
-  sample()``) and fine-tuning do; 'mean' uses the posterior mean (what run directories made
-  before this field did). PGD runs on the VAE latent [code]; the report's masked and recovered
-  images are decoded to pixels.
-* ``cgi.*``: :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (mask_kind, block, keep_rate,
-  blur_sigma, eps_radius, step_size, num_steps, clamp, t_min, t_max, n_noise, scale; the
-  defaults are the authors' for SD's 4×64×64 latent, scaled to smaller latents by
-  ``scale='sqrt_numel'``).
-* ``cgi.project_t`` / ``cgi.project_model`` / ``cgi.project_every``: manifold projection of the
-  PGD iterates [design], off by default (``project_t = 0``, the paper). With ``project_t > 0``
-  the unknown half is replaced, after every ``project_every``-th PGD step (an integer >= 1), by
-  the one-step estimate x̂0 of ``project_model``'s denoiser ('finetuned' or 'pretrained') from
-  the iterate noised to timestep ``project_t`` (below the schedule's length). Meant for
-  pixel-space models with no VAE decoder to pull the iterate back to an image: on the 16-px
-  CGI-DM benchmark (clamp 1, 4 draws per step) ``project_t=100`` with the fine-tuned denoiser
-  after every step lifted test AUC from 0.68 to 0.75 (loss-gap baseline: 0.87); a step-0
-  control showed the gain comes from the fine-tuned model's inpainting, not the contrastive
-  gradient (BENCHMARKS.md, CGI-DM). Example: ``--set cgi.project_t=100``.
-* ``similarity``: 'ssim' | 'psnr' (original vs recovered, data range 2).
-* ``calibration.target``: 'fpr' (threshold at ``calibration.fpr`` false positives on the
-  reference set) or 'accuracy' (needs labelled ``member/`` candidates: uses them as known members,
-  so they are then not a fair test set).
-* ``batch_size``: images per PGD batch (the unit of resumption); ``report_images``: candidates
-  shown in the original / masked / recovered grid.
+* ``seed``: PRNG seed (masks for 'random_block', PGD noise draws). ``model.pipeline``:
+  'embedded' or a diffusers pipeline folder (text encoder, VAE, tokenizer, scheduler, UNet
+  architecture). ``model.pretrained`` / ``model.finetuned`` (required): model
+  specs — 'pipeline', 'embedded', a pipeline folder, or a record / ``jaxattrib train`` run
+  directory with ``@STEP`` (``RUN@0`` = the start weights, ``RUN`` / ``RUN@last`` = last).
+* ``data.candidates``: folder to authenticate (unlabelled; its ``member/`` and ``non_member/``
+  sub-folders labelled: AUC / TPR@FPR and ROC reported). ``data.reference``: known
+  non-members (required). Captions: ``prompts.txt`` / ``captions.jsonl``, else
+  ``data.caption``. ``data.size``: image side (0 = the model's; otherwise UNet sample size ×
+  VAE factor, else a one-line error with both shapes).
+* ``data.vae_posterior`` (latent pipelines): 'sample' (default; one posterior sample from a
+  recorded per-image key, as the authors' ``latent_dist.sample()`` and fine-tuning) or 'mean'
+  (run directories made before the field). PGD runs on the VAE latent [code]; the report's
+  masked / recovered images are decoded to pixels.
+* ``cgi.*``: :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (mask_kind, block,
+  keep_rate, blur_sigma, eps_radius, step_size, num_steps, clamp, t_min, t_max, n_noise, scale;
+  the authors' defaults for SD's 4×64×64 latent, scaled by ``scale='sqrt_numel'``).
+* ``cgi.project_t`` / ``project_model`` / ``project_every``: manifold projection [design], off
+  (``project_t = 0``, the paper); else after every ``project_every``-th (>= 1) PGD step the
+  unknown half becomes ``project_model``'s ('finetuned' | 'pretrained') one-step x̂0 from the
+  iterate noised to ``project_t`` (< the schedule's length); for pixel models without a VAE
+  decoder. Measured effect (and that it is the fine-tuned model's inpainting):
+  docs/benchmarks/cgi_dm.md. Example: ``--set cgi.project_t=100``.
+* ``similarity``: 'ssim' | 'psnr' (data range 2). ``calibration.target``: 'fpr' (threshold at
+  ``calibration.fpr`` on the reference set) or 'accuracy' (labelled ``member/`` candidates as
+  known members: then not a fair test). ``batch_size``: images per PGD batch (unit of
+  resumption); ``report_images``: candidates in the original / masked / recovered grid.
 """
 
 import ml_collections

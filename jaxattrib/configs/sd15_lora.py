@@ -1,11 +1,9 @@
 """SD-1.5 LoRA customization (DreamBooth layout) with a trajectory record, then D-TRAK on the
 cross-attention (``attn2``) parameters.
 
-Nothing is downloaded: ``model`` must be a local diffusers Stable Diffusion 1.5 folder
-(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``;
-safetensors), e.g. a ``save_pretrained`` copy of ``stable-diffusion-v1-5``. ``data.path`` is a
-DreamBooth-layout folder (one sub-folder per subject; captions from ``captions.jsonl`` /
-``prompt.txt`` / the template; see :mod:`jaxattrib.data.folder`)::
+Nothing is downloaded: ``model`` is a local diffusers SD-1.5 folder (safetensors);
+``data.path`` a DreamBooth-layout folder (a sub-folder per subject; captions from
+``captions.jsonl`` / ``prompt.txt`` / the template; :mod:`jaxattrib.data.folder`)::
 
     jaxattrib train sd15_lora --run-dir runs/sd15 --set model=/models/stable-diffusion-v1-5 \\
         --set data.path=/data/dreambooth --set "data.subjects=('dog',)"
@@ -13,52 +11,34 @@ DreamBooth-layout folder (one sub-folder per subject; captions from ``captions.j
         -p "a photo of sks dog on the beach" --num 4 --steps 50 --guidance 7.5 --out runs/sd15/q
     jaxattrib attribute runs/sd15 --queries runs/sd15/q     # k, params, timesteps from below
 
-On a pod slice / SLURM cluster the same config fine-tunes on every global device (the global
-batch is split over the processes; each loads only its rows; the record lives in ``out_dir``):
+Pods / SLURM (every global device, each process loads its rows, record in ``out_dir``):
+``launch/tpu_pod.sh train sd15_lora --set out_dir=...``; ``--dry-run`` checks and plans
+(docs/scaling.md). Fields (:func:`jaxattrib.runs.config_check.check_train_config`):
 
-    TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh train sd15_lora \\
-        --set model=/models/sd15 --set data.path=/data/dreambooth --set out_dir=/shared/sd15
-    python -m jaxattrib.launch train sd15_lora --set model=... --dry-run   # check + plan only
-
-Fields (validated by :func:`jaxattrib.runs.config_check.check_train_config`; errors name the field):
-
-* ``model``: the pipeline folder (required). ``model_prediction_type``: the scheduler's
-  ``prediction_type`` this config is written for ('epsilon' for SD-1.5); a folder whose
-  ``scheduler/scheduler_config.json`` says otherwise is refused.
-* ``seed``: data subset and training seed. ``out_dir``: run directory of ``python -m
-  jaxattrib.launch train`` (``jaxattrib train`` uses ``--run-dir``). ``num_devices``: devices of
-  the data mesh (0 = every global device; the global batch must divide by it).
-* ``data.source``: 'folder', 'tfds' (``data.name`` prepared as array_record in the data_dir
-  ``data.path``, ``data.split``, captions from ``data.caption_key`` or the class name; see
-  docs/data.md) (or 'synthetic' / 'digits' for smoke tests); ``data.path``: the
-  folder; ``data.subjects``: sub-folders to use (empty = all); ``data.size``: image side, must
-  equal the UNet sample size × the VAE factor (512 for SD-1.5; another size is refused naming
-  both shapes); ``data.max_examples``: random subset (0 = all). The images are VAE-encoded to the
-  posterior mean for fine-tuning and for attribution alike (docs/latents.md).
-* ``finetune.*``: optimizer updates (``steps``), *global* ``batch_size``, ``learning_rate``,
-  ``schedule`` ('constant' | 'cosine' | 'linear') after ``warmup_steps``, ``checkpoint_every``
-  (the record's checkpoints: D-TRAK scores the last ``attribution.checkpoints`` of them,
-  TracIn all), ``mode`` ('lora' | 'full'), ``lora_rank``, ``lora_alpha``, ``lora_target``
-  (regex over '/'-joined parameter paths; the default is the UNet attention projections
-  ``to_q/to_k/to_v/to_out``), ``train_text_encoder``.
-* ``finetune.precision``: 'float32' | 'bfloat16' (the UNet computes in bfloat16 from float32
-  master weights; AdamW state float32). ``finetune.remat``: 'none' | 'full' | a
-  ``jax.checkpoint_policies`` name ('dots_saveable', 'nothing_saveable', ...): activation
-  checkpointing per UNet block. ``finetune.matmul_precision``: 'default' (TF32 on
-  Ampere/Hopper GPUs) | 'tensorfloat32' | 'highest'. See docs/precision.md.
-* ``attribution.*``: the defaults of ``jaxattrib attribute`` on this run: ``method``,
-  ``params`` (regex over UNet parameter paths; 'attn2' = cross-attention, as Concept-TRAK and
-  the D-TRAK customization experiments), projection dimension ``k``, ``projection`` ('sjlt'
-  needs no dense p×k block), timesteps ``num_timesteps`` of the output function, ``lam_ratio``
-  (λ = ratio · mean diag ΦᵀΦ), ``microbatch`` (examples per jitted gradient call) and ``topk``;
-  ``precision`` / ``remat`` / ``matmul_precision`` as for ``finetune`` (bfloat16 forward and
-  backward; gradients, projection and features float32). ``noise``: 'per_position' (D-TRAK's
-  code: each batch position its own noise, period 52) | 'per_example' | 'shared' (every example
-  the same; runs made before the field keep it). ``checkpoints``: the last M checkpoints
-  (int) or a tuple of steps whose scores are averaged (D-TRAK's protocol: 1). See
-  docs/faithful.md.
-  [design] With LoRA the gradients are taken w.r.t. the *merged* attn2 weights of the
-  checkpoint (what the record stores), not the LoRA factors.
+* ``model`` (required); ``model_prediction_type`` ('epsilon'; another scheduler is refused);
+  ``seed``; ``out_dir`` (``python -m jaxattrib.launch``'s run directory); ``num_devices`` (0 =
+  all; divides the global batch).
+* ``data.source``: 'folder', 'tfds' (``data.name`` as array_record in ``data.path``,
+  ``data.split``, captions from ``data.caption_key`` or the class name; docs/data.md), or
+  'synthetic' / 'digits' (smoke tests); ``data.subjects`` (empty = all); ``data.size`` = UNet
+  sample size × VAE factor (512; else refused naming both shapes); ``data.max_examples``
+  (random subset, 0 = all). Images are VAE-encoded to the posterior mean for fine-tuning and
+  attribution alike (docs/latents.md).
+* ``finetune.*``: ``steps`` (updates), *global* ``batch_size``, ``learning_rate``, ``schedule``
+  ('constant' | 'cosine' | 'linear') after ``warmup_steps``, ``checkpoint_every`` (D-TRAK
+  scores the last ``attribution.checkpoints``, TracIn all), ``mode`` ('lora' | 'full'),
+  ``lora_rank``, ``lora_alpha``, ``lora_target`` (regex over '/'-joined paths; default the UNet
+  attention ``to_q/to_k/to_v/to_out``), ``train_text_encoder``; ``precision`` ('float32' |
+  'bfloat16' compute, float32 master weights and AdamW state), ``remat`` ('none' | 'full' | a
+  ``jax.checkpoint_policies`` name, per UNet block), ``matmul_precision`` ('default' = TF32 on
+  Ampere/Hopper | 'tensorfloat32' | 'highest'): docs/precision.md.
+* ``attribution.*``: ``jaxattrib attribute``'s defaults on this run (its ``--help`` says each):
+  ``method``, ``params`` ('attn2' = cross-attention, as Concept-TRAK and D-TRAK's customization
+  experiments), ``k``, ``projection`` ('sjlt': no dense p×k block), ``num_timesteps``,
+  ``lam_ratio``, ``microbatch``, ``topk``, ``precision`` / ``remat`` / ``matmul_precision``
+  (gradients, projection, features stay float32), ``noise``, ``checkpoints`` (D-TRAK: 1);
+  docs/faithful.md. [design] With LoRA the gradients are w.r.t. the checkpoint's *merged* attn2
+  weights (what the record stores), not the LoRA factors.
 """
 
 import ml_collections

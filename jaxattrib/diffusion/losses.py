@@ -1,12 +1,9 @@
 """The denoising score-matching loss and the D-TRAK output functions used as attribution targets.
 
-Every function here reduces over the trailing image axes ``(H, W, C)`` only, so it works per
-example: ``x[B, H, W, C] -> [B]`` or, for one example, ``x[H, W, C] -> []`` (which is what
-``jax.vmap(jax.grad(f))`` over examples needs).
-
-What follows the reference (sail-sg/D-TRAK ``grad_unconditional.py`` [code]; ``out`` is the
-denoiser output, ``target`` the training target of the schedule's prediction type — noise,
-velocity or x0):
+Every function reduces over the trailing axes ``(H, W, C)`` only: ``x[B, H, W, C] -> [B]``, or
+``x[H, W, C] -> []`` for one example (what ``jax.vmap(jax.grad(f))`` needs). What follows the
+reference (sail-sg/D-TRAK ``grad_unconditional.py`` [code]; ``out`` is the denoiser output,
+``target`` the training target of the schedule's prediction type — noise, velocity or x0):
 
 * ``'loss'``        mean((out - target)^2)                  (TRAK's DSM loss)
 * ``'square'``      mean(out^2)                             (D-TRAK 'mean-squared-l2-norm')
@@ -21,7 +18,6 @@ velocity or x0):
   fixed per timestep (D-TRAK seeds torch with ``e_seed*1000 + t`` and draws one batch of 52, so
   each batch position has its own noise, repeated across batches: :func:`example_noise`).
   Gradients are averaged over the timesteps.
-
 Our design:
 
 * ``'elbo'`` [design]: the per-timestep term of the variational bound with the true posterior

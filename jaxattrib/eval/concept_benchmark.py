@@ -40,6 +40,7 @@ Run directory (every stage cached; a killed run continues)::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -51,8 +52,12 @@ from jaxattrib.runs.concept_query import concept_inputs, concept_trak_config
 from jaxattrib.runs.rundir import RunDir
 
 
+logger = logging.getLogger(__name__)   # benchmarks/concept_trak.py configures it (INFO)
+
+
 def _log(msg: str) -> None:
-    print(f"[jaxattrib concept-trak {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """A stage line of the benchmark (INFO, with the wall-clock time)."""
+    logger.info("[concept-trak %s] %s", time.strftime("%H:%M:%S"), msg)
 
 
 # ----------------------------------------------------------------------------- plan, truth
@@ -308,9 +313,7 @@ def _trak_family_features(method: str, run_dir: Path, config, pipe, unet_params,
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.runs.demo_attribute import _fingerprint_of
     a = config.attribution
-    ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                              params=a.params, projection=a.projection, microbatch=a.microbatch,
-                              noise=a.get("noise", "shared"))
+    ac = dt.AttributionConfig.from_section(a, method=method, noise=a.get("noise", "shared"))
     out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
     feats = Path(features_dir or RunDir(run_dir).features) / method
     Phi = dt.featurize_examples(out_fn, unet_params, train_ex, ac, feats / "train",

@@ -295,8 +295,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     def tuner(c):
         if finetune_fn is not None:
             return finetune_fn
-        cfg = TrainConfig(steps=int(c.steps), batch_size=int(c.batch_size),
-                          learning_rate=float(c.learning_rate), checkpoint_every=0)
+        cfg = TrainConfig.from_section(c, checkpoint_every=0)  # steps, batch_size, learning_rate
         key = (cfg.steps, cfg.batch_size, cfg.learning_rate)
         if key not in tuners:                  # one compiled train step per setting
             tuners[key] = zoo_finetune_fn(pipe, cfg, parallel.make_mesh(1))

@@ -13,12 +13,10 @@ Building a report by hand::
     rep.topk_grid(query, train_images, scores, labels=names, correct_mask=truth)
     rep.write("run/report.html")
 
-Run directory results format
-----------------------------
-Methods and evaluators write *result sections* as JSON files ``run_dir/results/*.json`` (use
-:func:`write_result`, which validates and writes atomically); :func:`render_run_report` turns
-them into ``run_dir/report.html``. One file = one section; sections appear sorted by
-``(order, file name)``. Fields::
+Run directory results format. Methods and evaluators write *result sections* as JSON files
+``run_dir/results/*.json`` (use :func:`write_result`, which validates and writes atomically);
+:func:`render_run_report` turns them into ``run_dir/report.html``. One file = one section; sections
+appear sorted by ``(order, file name)``. Fields::
 
     {
       "title":   "D-TRAK, LDS on CIFAR-2 val",          # required, string

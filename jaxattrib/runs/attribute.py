@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxattrib.attribution.method_names import ATTRIBUTE_DEFAULTS
 from jaxattrib.config import ConfigError
 from jaxattrib.fingerprint import raw_arrays
 from jaxattrib.fingerprint import text as _sha  # recipe of stored latent feature-store keys
@@ -101,11 +102,6 @@ def source_examples(pipe, source) -> dict:
     return {"x0": source.images, "ctx": PromptRows(pipe, source.captions)}
 
 
-ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_timesteps": 10,
-                      "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
-                      "microbatch": 8, "precision": "float32", "remat": "none",
-                      "matmul_precision": "default", "chunk_size": 64,
-                      "noise": "per_position", "checkpoints": None}
 
 
 def attribution_defaults(run_dir: str | Path) -> dict:

@@ -23,11 +23,7 @@ def concept_trak_config(config):
     """The :class:`ConceptTRAKConfig` of the benchmark config (all switches on)."""
     from jaxattrib.attribution import concept_trak as ct
     a = config.attribution
-    return ct.ConceptTRAKConfig(proj_dim=a.k, param_spec=a.concept_params,
-                                proj_kind=a.projection, inversion_steps=a.concept_inversion_steps,
-                                concept_scale=a.concept_scale,
-                                num_timesteps=a.concept_num_timesteps, microbatch=a.microbatch,
-                                proj_seed=config.seed)
+    return ct.ConceptTRAKConfig.from_section(a, proj_seed=config.seed)
 
 
 def concept_inputs(pipe, images, config, role: str, field: str) -> tuple[np.ndarray, str]:

@@ -158,9 +158,8 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
         cands = {"random": method_scores("random", queries["images"], train["images"],
                                          seed=config.seed)}
     elif method in ("trak", "dtrak", "tracin"):
-        ac = dt.AttributionConfig(method=method, k=a.k, num_timesteps=a.num_timesteps,
-                                  params=a.params, projection=a.projection,
-                                  microbatch=a.microbatch, noise=a.get("noise", "shared"))
+        # a run config from before attribution.noise existed: 'shared' (its stores resume)
+        ac = dt.AttributionConfig.from_section(a, method=method, noise=a.get("noise", "shared"))
         out_fn = dt.make_train_out_fn(pipe.unet_config, sched, ac)
         q_fp = _space_fingerprint(pipe, _fingerprint_of(queries["images"]))
         ens = a.get("checkpoints", 1)
@@ -277,9 +276,7 @@ def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, t
     docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents."""
     from jaxattrib.attribution import concept_trak as ct
     a = config.attribution
-    cfg = ct.ConceptTRAKConfig(proj_dim=a.k, param_spec="attn2", proj_kind=a.projection,
-                               inversion_steps=a.concept_inversion_steps,
-                               microbatch=a.microbatch)
+    cfg = ct.ConceptTRAKConfig.from_section(a)   # param_spec: concept_params, else 'attn2'
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
     _, (Phi, phi) = ct.concept_trak_scores(

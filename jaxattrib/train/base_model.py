@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "base_model"
 
@@ -227,9 +230,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None)
     a = p.parse_args(argv)
+    from jaxattrib.logs import configure
+    configure(0)                     # an entry point: INFO lines of the jaxattrib loggers shown
     path = pretrain(a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
                     seed=a.seed, work_dir=a.work_dir)
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """Reproducible pretraining of a tiny Stable-Diffusion-shaped *latent* base model (issue 21).
 
-One command trains, from scratch and offline, on the synthetic concept set
-(:mod:`jaxattrib.data.synthetic`) with a few (shape, color) combinations withheld::
-
-    python -m jaxattrib.train.latent_base --out DIR [--work-dir W] [--smoke]
+Trains from scratch and offline on the synthetic concept set (:mod:`jaxattrib.data.synthetic`),
+a few (shape, color) combinations withheld: ``python -m jaxattrib.train.latent_base --out DIR
+[--work-dir W] [--smoke]``.
 
 * **Stage 1 — KL autoencoder** (our ``AutoencoderKL`` port, :mod:`jaxattrib.models.vae`):
   per-example loss ``mean|x − D(z)| + kl_weight · Σ KL(q(z|x) ‖ N(0, I)) / (H·W·3)`` with
@@ -37,9 +36,8 @@ concepts, architecture, steps, loss curves, latent statistics, wall time per sta
 with the same ``data_spec`` / ``held_out`` keys as the pixel base model so
 :func:`jaxattrib.train.base_model.spec_from_info` and the demo read it alike.
 
-[design] Ours: resolution 32 px with f = 4 (8 × 8 × 4 latents), the architectures, the concept
-set, ``kl_weight``, learning rates and steps; the measured reasons are in
-``docs/latent_base.md``.
+[design] Ours: 32 px with f = 4 (8 × 8 × 4 latents), the architectures, the concept set,
+``kl_weight``, learning rates and steps; the measured reasons are in ``docs/latent_base.md``.
 """
 
 from __future__ import annotations
