@@ -33,44 +33,58 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+#: line styles of the 2nd, 3rd, ... ROC curve (the baselines): the first curve is solid
+_BASELINE_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+
+
 def roc_curve_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC",
                   *, log_x: bool = False, size: tuple[float, float] = (5.0, 4.5)) -> bytes:
     """ROC curves, one per method, with the chance diagonal.
 
     Args:
       curves: ``name -> (fpr [D], tpr [D])`` (e.g. from :func:`jaxattrib.metrics.roc_curve`);
-        the name is used as is in the legend (put the AUC in it if wanted).
+        the name is used as is in the legend (put the AUC in it if wanted). The first curve is
+        the method (solid); the others are baselines, drawn dashed / dash-dotted / dotted
+        *above* it, so that a baseline lying on the plot's border (e.g. TPR = 1 from
+        FPR = 0, a perfect separator) stays visible [design].
       title: figure title.
       log_x: logarithmic FPR axis (for low-FPR regimes, TPR@1%FPR); zero FPRs are clipped to
         1e-4 there.
       size: inches at 100 dpi.
 
+    The axes keep a small margin around [0, 1] (no curve coincides with the frame) and the
+    legend sits below the axes, outside the plotting area (it never covers a curve).
+
     Returns:
       PNG bytes.
     """
     fig = _figure(size)
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot(1, 1, 1)
-    for name, (fpr, tpr) in curves.items():
+    for i, (name, (fpr, tpr)) in enumerate(curves.items()):
         fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
         if fpr.shape != tpr.shape:
             raise ValueError(f"roc_curve_png: curve {name!r} has fpr {fpr.shape} vs tpr {tpr.shape}")
         if log_x:
             fpr = np.maximum(fpr, 1e-4)
-        ax.plot(fpr, tpr, lw=1.8, label=str(name), drawstyle="default")
+        style = "-" if i == 0 else _BASELINE_STYLES[(i - 1) % len(_BASELINE_STYLES)]
+        ax.plot(fpr, tpr, lw=2.2 if i == 0 else 1.8, ls=style, label=str(name),
+                zorder=3 + i, clip_on=False)
     lo = 1e-4 if log_x else 0.0
-    ax.plot([lo, 1], [lo, 1], ls="--", lw=1, color="0.6", label="chance")
+    ax.plot([lo, 1], [lo, 1], ls=(0, (1, 2)), lw=1, color="0.55", label="chance", zorder=2)
+    m = 0.025
     if log_x:
         ax.set_xscale("log")
-        ax.set_xlim(1e-4, 1)
+        ax.set_xlim(1e-4 / 1.4, 1.4)
     else:
-        ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
+        ax.set_xlim(-m, 1 + m)
+    ax.set_ylim(-m, 1 + m)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False,
+              ncol=2 if len(curves) + 1 > 2 else 1)
     return _png(fig)
 
 

@@ -341,6 +341,7 @@ def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
                      "TPR@10%FPR": tpr_at_fpr(s, labels, 0.10)})
     thr = float(cg["threshold"])
     rows[0]["accuracy at calibrated threshold"] = accuracy_at_threshold(cg["scores"], labels, thr)
+    sentence = cgi_dm_sentence(cg, rows)
     n = min(8, len(labels))
     pick = np.r_[np.flatnonzero(labels)[: n // 2], np.flatnonzero(~labels)[: n - n // 2]]
     lab = []
@@ -354,15 +355,75 @@ def cgi_dm_report(run_dir: Path, cg: dict, space: str = "") -> dict:
                             "masked": cg["masked"][pick], "recovered": cg["recovered"][pick],
                             "labels": lab, "caption": "original | masked | recovered (SSIM to "
                                                       "the original)"},
-                  **({"text": f"PGD on {space}; the masked and recovered images are "
-                              f"VAE-decoded to pixels."} if space else {}),
+                  **({"text": " ".join(t for t in (
+                      sentence, f"PGD on {space}; the masked and recovered images are "
+                                f"VAE-decoded to pixels." if space else "") if t)}
+                     if sentence or space else {}),
                   tables=[{"caption": "members (fine-tuning exemplars) vs hold-outs of the same "
                            "concepts; threshold calibrated on a separate half of the hold-outs",
                            "rows": rows}])
     return rows[0]
 
 
-def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -> dict:
+#: the demo's CGI-DM rows (name, key of the ``cgi_dm_stage`` output, uses a model)
+_CGI_SCORES = (("CGI-DM (SSIM of own recovery)", "scores", True),
+               ("loss gap, no inversion", "loss_gap", True),
+               ("masked-input similarity", "masked_similarity", False))
+
+
+def cgi_dm_sentence(cg: dict, rows: list) -> str | None:
+    """The report's sentence when CGI-DM's AUC (``rows[0]``) is at or below its strongest
+    baseline's (``rows[1:]``, in :data:`_CGI_SCORES` order), from the run's scores
+    (:func:`jaxattrib.report.verdict.cgi_dm_cause`); None when CGI-DM wins."""
+    from jaxattrib.report.verdict import cgi_dm_cause, explain
+    j = 1 + int(np.argmax([r["AUC"] for r in rows[1:]]))
+    name, key, uses_model = _CGI_SCORES[j]
+    labels = cg["labels"].astype(bool)
+    cause = cgi_dm_cause(cg["scores"], labels, cg[key], name, baseline_uses_model=uses_model,
+                         loss_gap=None if key == "loss_gap" else cg["loss_gap"])
+    return explain("CGI-DM", rows[0]["AUC"], name, rows[j]["AUC"], "AUC", cause,
+                   measured="AUC and member/hold-out score separations")
+
+
+def _attribution_sentences(scores: dict, relevant: np.ndarray, test: np.ndarray,
+                           blank: np.ndarray, off: np.ndarray, maps: dict) -> list[str]:
+    """One sentence per method whose test mAP (``maps``) is at or below a baseline's
+    ('random', then 'pixel', when present in ``scores``), the cause from the per-query APs,
+    blank / off-concept generations and constant score rows
+    (:func:`jaxattrib.report.verdict.attribution_cause`)."""
+    from jaxattrib.metrics import average_precision
+    from jaxattrib.report.verdict import attribution_cause, explain, outcome
+    baselines = [b for b in ("random", "pixel") if b in scores]
+    rt = relevant[test]
+    ap = {m: np.atleast_1d(average_precision(s[test], rt)) for m, s in scores.items()}
+    out = []
+    for method, s in scores.items():
+        if method in ("random", "pixel"):
+            continue
+        for b in baselines:
+            if outcome(maps[method], maps[b]) == "win":
+                continue
+            st = s[test]
+            cause, measured = attribution_cause(b, ap[method], ap[b], blank=blank[test],
+                                                off_concept=off[test],
+                                                constant=st.max(1) == st.min(1))
+            out.append(explain(method, maps[method], b, maps[b], "mAP", cause, measured))
+            break
+    return out
+
+
+def example_queries(candidates: np.ndarray, blank: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` of ``candidates`` (query indices, in order) whose generation is not
+    blank (``blank [Q]`` bool): a blank generation is never an attribution example."""
+    candidates = np.asarray(candidates, int)
+    return candidates[~np.asarray(blank, bool)[candidates]][:n]
+
+
+def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held,
+                 spec=None) -> dict:
+    """Writes the demo's report sections and ``report.html``; returns the per-method test
+    metrics. ``spec``: the base model's :class:`~jaxattrib.data.synthetic.SyntheticConceptSpec`
+    (its vocabularies classify the generations; default: the pixel model's)."""
     from jaxattrib.metrics import mean_average_precision, recall_at_k
     from jaxattrib.report.html import render_run_report, write_result
     from jaxattrib.report.images import image_grid, save_png, topk_image
@@ -380,17 +441,27 @@ def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -
         rows.append(row)
         summary[method] = row
     concepts = [f"{h['color']} {h['shape']}" for h in held]
+    from jaxattrib.report.images import BLANK_STD, RED, blank_mask
+    blank = blank_mask(queries["images"])
+    if spec is None:
+        from jaxattrib.data.synthetic import SyntheticConceptSpec
+        spec = SyntheticConceptSpec()
+    shape_hit, color_hit = _concept_hits(queries, held, spec)
+    off = ~blank & ~(shape_hit & color_hit)
+    why = _attribution_sentences(scores, relevant, test, blank, off,
+                                 {m: r["mAP"] for m, r in summary.items()})
     write_result(run_dir, "attribution", "Attribution of generated images to fine-tuning data",
                  tables=[{"caption": f"Test queries ({int(test.sum())}), ground truth = the "
                           f"query concept's exemplars; λ chosen on the validation queries", "rows": rows}],
                  text=("Fine-tuning set: exemplars of the new concepts "
                        f"({', '.join(concepts)}) plus distractors the base model already knew. "
-                       "Each query is a generation of one new concept."), order=1)
+                       "Each query is a generation of one new concept."
+                       + "".join("\n\n" + w for w in why)), order=1)
     # top-k grids for the best gradient method
     best = max(rows, key=lambda r: r["mAP"])["method"]
     s = scores[best]
     images = []
-    shown = np.flatnonzero(test)[: config.report.show_queries]
+    shown = example_queries(np.flatnonzero(test), blank, config.report.show_queries)
     for q in shown:
         grid, _ = topk_image(queries["images"][q], train["images"], s[q], k=8,
                              correct=relevant[q], query_label=concepts[queries["concept"][q]])
@@ -399,16 +470,30 @@ def report_stage(run_dir: Path, config, train, queries, scores, gen_acc, held) -
         images.append({"path": str(path.relative_to(run_dir)),
                        "caption": f"query {q} ({queries['prompts'][q]}): top-8 by {best}; "
                                   f"green = exemplar of the query's concept"})
-    write_result(run_dir, "topk", f"Top attributions ({best})", images=images, order=2)
+    n_blank_test = int((blank & test).sum())
+    write_result(run_dir, "topk", f"Top attributions ({best})", images=images, order=2,
+                 **({"text": f"{n_blank_test} blank test generation(s) skipped (never shown as "
+                             f"an example)."} if n_blank_test else {}))
     gens = image_grid(queries["images"], nrow=config.generate.per_concept,
-                      labels=[_short(p) for p in queries["prompts"]])
+                      labels=[_short(p) + ("\nBLANK" if b else "")
+                              for p, b in zip(queries["prompts"], blank)],
+                      borders=[RED if b else None for b in blank])
     save_png(RunDir(run_dir).results / "generations.png", gens)
     write_result(run_dir, "generations", "Generated queries",
-                 metrics={f"{k} accuracy": v for k, v in gen_acc.items()},
+                 metrics={**{f"{k} accuracy": v for k, v in gen_acc.items()},
+                          "blank generations": int(blank.sum())},
                  images=[{"path": "results/generations.png",
-                          "caption": "one row per new concept (prompt under each image)"}],
+                          "caption": "one row per new concept (prompt under each image; a "
+                                     "blank generation is framed red and marked BLANK)"}],
                  text="Concept accuracy: the package's pixel-statistics classifier applied to the "
-                      "generations, compared with the prompted concept.", order=0)
+                      "generations, compared with the prompted concept. "
+                      f"A generation is blank when the standard deviation of its pixel values "
+                      f"is below {BLANK_STD:g} (pixels in [-1, 1]): "
+                      f"{int(blank.sum())} of {len(blank)} are"
+                      + (f" ({'query' if blank.sum() == 1 else 'queries'} "
+                         f"{', '.join(map(str, np.flatnonzero(blank)))}); they are never picked "
+                         f"as attribution examples." if blank.any() else "."),
+                 order=0)
     render_run_report(run_dir, title="jaxattrib demo")
     return summary
 
@@ -474,26 +559,32 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
         cg_row = cgi_dm_report(run_dir, cg, space)
         _log("CGI-DM: " + ", ".join(f"{k}={v:.3f}" for k, v in cg_row.items()
                                      if isinstance(v, float)))
-    summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held)
+    summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held, spec)
     _log(f"done in {time.time() - t0:.0f} s; report: {run_dir / 'report.html'}")
     return summary
 
 
-def _generation_accuracy(queries: dict, held: list[dict], spec) -> dict:
-    """Shape and color accuracy of the generated ``queries['images'] [Q, H, W, 3]`` against the
-    prompted held-out concepts, by the package's pixel classifier over the base model's
-    :class:`~jaxattrib.data.synthetic.SyntheticConceptSpec` ``spec`` (its vocabularies; the
-    image size is read from the images)."""
+def _concept_hits(queries: dict, held: list[dict], spec) -> tuple[np.ndarray, np.ndarray]:
+    """``(shape [Q] bool, color [Q] bool)``: the package's pixel classifier, over the base
+    model's :class:`~jaxattrib.data.synthetic.SyntheticConceptSpec` ``spec`` (its vocabularies;
+    the image size is read from the images), reads the prompted shape / colour in each
+    generated ``queries['images'] [Q, H, W, 3]``."""
     import dataclasses
     from jaxattrib.data.synthetic import classify_concepts
     spec = dataclasses.replace(spec, size=queries["images"].shape[1])
     pred = classify_concepts(queries["images"], spec)
     want_shape = np.array([spec.shapes.index(held[c]["shape"]) for c in queries["concept"]])
     want_color = np.array([spec.colors.index(held[c]["color"]) for c in queries["concept"]])
-    return {"shape": float(np.mean(pred["shape"] == want_shape)),
-            "color": float(np.mean(pred["color"] == want_color))}
+    return pred["shape"] == want_shape, pred["color"] == want_color
 
 
-__all__ = ["DEMO_METHODS", "base_model_ref", "build_data", "cgi_dm_report", "cgi_dm_stage",
-           "check_demo_config", "demo_query_plan", "finetune_stage", "generate_stage",
-           "open_base_run", "report_stage", "run_demo"]
+def _generation_accuracy(queries: dict, held: list[dict], spec) -> dict:
+    """Shape and color accuracy of the generated queries against the prompted held-out
+    concepts (:func:`_concept_hits`)."""
+    shape_hit, color_hit = _concept_hits(queries, held, spec)
+    return {"shape": float(np.mean(shape_hit)), "color": float(np.mean(color_hit))}
+
+
+__all__ = ["DEMO_METHODS", "base_model_ref", "build_data", "cgi_dm_report", "cgi_dm_sentence",
+           "cgi_dm_stage", "check_demo_config", "demo_query_plan", "example_queries",
+           "finetune_stage", "generate_stage", "open_base_run", "report_stage", "run_demo"]
