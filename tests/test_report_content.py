@@ -255,3 +255,61 @@ def test_cgi_dm_section_explains_a_loss_to_its_baseline(tmp_path):
     assert "text" not in _section(tmp_path, "cgi_dm")
     demo.cgi_dm_report(tmp_path, _cgi_inputs("cgi"), "VAE latents [8, 8, 4]")
     assert _section(tmp_path, "cgi_dm")["text"].startswith("PGD on VAE latents")
+
+
+# ------------------------------------------------------------------ `jaxattrib attribute`
+
+
+def test_attribute_report_shows_each_query_its_top_images_and_scores(tmp_path):
+    from jaxattrib.cli import app
+    from jaxattrib.runs.attribute import TrainingExamples, _write_attribution_section
+    from typer.testing import CliRunner
+    rng = np.random.default_rng(0)
+    n, q = 6, 3
+    train_imgs = rng.uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32)
+    ids = np.array([f"images/class_{i}/photo_{i:05d}.png" for i in range(n)])
+    train = TrainingExamples({}, "fp", ids, np.array(["c"] * n), train_imgs)
+    shown = rng.uniform(-1, 1, (q, 8, 8, 3)).astype(np.float32)
+    shown[1] = -1.0                                          # a blank (all black) query
+    scores = rng.normal(size=(q, n))
+    _write_attribution_section(tmp_path, "dtrak", "qs", scores, ["p0", "p1", "p2"], shown,
+                               train, 4, "checkpoint(s) [2]", "query")
+    doc = _section(tmp_path, "attribute_dtrak_qs")
+    rows = doc["tables"][0]["rows"]
+    assert [r["query"] for r in rows] == [0, 1, 2]
+    for i, r in enumerate(rows):                              # ids with their scores, best first
+        want = ", ".join(f"{ids[j]} ({scores[i, j]:.4g})" for j in np.argsort(-scores[i])[:4])
+        assert r["top-4 training ids (score)"] == want
+        assert r["blank query"] == (i == 1)
+    assert "1 of 3 queries are blank" in doc["text"]
+    grid = np.asarray(Image.open(tmp_path / doc["images"][0]["path"]).convert("RGB"))
+    one = I.topk_image(shown[0], train_imgs[np.sort(np.argsort(-scores[0])[:4])],
+                       np.sort(scores[0])[::-1][:4], k=4)[0]
+    assert grid.shape[1] == one.shape[1] and grid.shape[0] >= 3 * one.shape[0]
+    # `jaxattrib report RUN` shows the same: scores beside ids in the page, the grid embedded
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "report.html").read_text()
+    assert f"{ids[np.argmax(scores[2])]} ({scores[2].max():.4g})" in html
+    assert html.count("data:image/png;base64,") == 1
+
+
+# ------------------------------------------------------------------ DreamBooth
+
+
+def test_dreambooth_generations_figure_marks_what_the_classifier_reads(tmp_path):
+    from jaxattrib.data.synthetic import SyntheticConceptSpec, render
+    from jaxattrib.runs.dreambooth import generations_figure
+    spec = SyntheticConceptSpec(size=16)
+    concept = {"color": "red", "shape": "square"}
+    hit = render("square", "red", "gray", size=16)
+    miss = render("circle", "blue", "gray", size=16)
+    gen = {"base": np.stack([miss, -np.ones_like(hit)]), "finetuned": np.stack([hit, hit])}
+    fig = generations_figure(tmp_path, gen, concept, spec)
+    assert fig["path"] == "results/dreambooth_generations.png" and "green = red square" in \
+        fig["caption"]
+    grid = np.asarray(Image.open(tmp_path / fig["path"]).convert("RGB"))
+    # image_grid's layout: pad 2, frame 3, 16 px x 6, two label lines (4 + 2 x 12 px)
+    frame = lambda r, c: tuple(grid[2 + r * (96 + 6 + 28 + 2), 2 + c * (96 + 6 + 2)])  # noqa
+    assert [frame(0, 0), frame(0, 1)] == [I.RED, I.RED]      # base: a blue circle, an empty one
+    assert [frame(1, 0), frame(1, 1)] == [I.GREEN, I.GREEN]  # fine-tuned: two red squares

@@ -443,31 +443,44 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
 def _write_attribution_section(run_dir: Path, method: str, qname: str, scores: np.ndarray,
                                prompts, shown: np.ndarray, train: TrainingExamples, topk: int,
                                settings: str, query_label: str) -> None:
-    """``results/attribute_<method>_<qname>.json``: the top-k table and one image row per query
-    (the query in pixels, then its top training images in pixels, with scores)."""
+    """``results/attribute_<method>_<qname>.json``: per query, its top-k training ids *with
+    their scores* (table) and one image row (the query in pixels, labelled ``query <i>``,
+    then its top training images in pixels with id and score under each). Blank queries
+    (:func:`jaxattrib.report.images.blank_mask`) are marked in the table."""
     from jaxattrib.report.html import write_result
-    from jaxattrib.report.images import save_png, topk_image
+    from jaxattrib.report.images import BLANK_STD, blank_mask, save_png, topk_image
     top = np.argsort(-scores, axis=1, kind="stable")[:, :topk]
+    blank = blank_mask(np.clip(shown, -1, 1))
     rows = [{"query": i, "prompt": prompts[i],
-             "top": ", ".join(str(train.ids[j]) for j in top[i])} for i in range(len(prompts))]
+             f"top-{topk} training ids (score)": ", ".join(
+                 f"{train.ids[j]} ({scores[i, j]:.4g})" for j in top[i]),
+             **({"blank query": bool(blank[i])} if blank.any() else {})}
+            for i in range(len(prompts))]
     name = f"attribute_{method}_{qname}"
     labels = [str(x) for x in train.ids]
     kk = min(topk, 8, len(labels))
 
     def row(q):   # reads only this query's top training images (train.images may be lazy)
         sel = np.sort(top[q, :kk])
+        lab = f"query {q}" if query_label == "query" else f"query {q}\n{query_label}"
         return topk_image(np.clip(shown[q], -1, 1), np.asarray(train.images[sel]),
                           scores[q][sel], k=kk, labels=[labels[j] for j in sel],
-                          query_label=query_label)[0]
+                          query_label=lab + ("\nBLANK" if blank[q] else ""))[0]
     grid = np.concatenate([row(q) for q in range(len(prompts))], axis=0)
     rel = Path(RunDir.RESULTS) / f"{name}_topk.png"
     save_png(run_dir / rel, grid)
+    n_blank = int(blank.sum())
     write_result(run_dir, name, f"{method} attribution of {qname}",
-                 tables=[{"caption": f"top-{topk} training examples per query ({settings})",
+                 tables=[{"caption": f"top-{topk} training examples per query, best first, "
+                                     f"with their {method} scores (larger = more attributed; "
+                                     f"{settings})",
                           "rows": rows}],
                  images=[{"path": rel.as_posix(),
-                          "caption": f"each row: {query_label} (left) and its top "
-                                     f"{min(topk, 8, len(labels))} training images (pixels)"}])
+                          "caption": f"row i: query i ({query_label}, left) and its top "
+                                     f"{kk} training images (pixels), id and score under each"}],
+                 **({"text": f"{n_blank} of {len(prompts)} queries are blank (pixel std "
+                             f"below {BLANK_STD:g}, pixels in [-1, 1]): their attributions say "
+                             f"nothing about the training data."} if n_blank else {}))
 
 
 __all__ = ["ATTRIBUTE_DEFAULTS", "PromptRows", "TrainingExamples", "attribute_run",

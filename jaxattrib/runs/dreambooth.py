@@ -187,7 +187,7 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 202)
     eval_prompts = [fill(d.instance_prompt, "instance_prompt", i, bgs[i % len(bgs)])
                     for i in range(int(e.num_images))]
-    metrics, rows = {}, []
+    metrics, rows, generated = {}, [], {}
     import dataclasses
     tuned = dataclasses.replace(pipe, unet_params=trained["unet"],
                                 text_params=trained["text_encoder"])
@@ -200,9 +200,10 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
         metrics.update({f"{name}_{k}_accuracy" if k != "empty" else f"{name}_empty_fraction":
                         v for k, v in acc.items()})
         rows.append({"model": name, **acc})
+        generated[name] = images
     from jaxattrib.report.html import write_result
     write_result(run_dir, "dreambooth", f"DreamBooth: {d.concept} as '{d.identifier}'",
-                 metrics=metrics,
+                 metrics=metrics, images=[generations_figure(run_dir, generated, concept, spec)],
                  tables=[{"caption": f"{len(eval_prompts)} generations per model for "
                           f"{d.instance_prompt!r} (backgrounds {list(d.backgrounds)}), "
                           f"classified by classify_concepts", "rows": rows}],
@@ -211,4 +212,32 @@ def dreambooth_run(config, run_dir, progress: bool = True) -> dict:
     return metrics
 
 
-__all__ = ["dreambooth_run"]
+def generations_figure(run_dir, generated: dict, concept: dict, spec) -> dict:
+    """Writes ``results/dreambooth_generations.png``: one row per model (``generated``: name ->
+    ``[n, H, W, 3]`` pixels in [-1, 1]), each image labelled with what
+    :func:`~jaxattrib.data.synthetic.classify_concepts` reads in it ('<color> <shape>', or
+    'empty' without foreground) and framed green when that is ``concept`` (both colour and
+    shape: the table's ``both``), red otherwise. Returns its ``{'path', 'caption'}``."""
+    from jaxattrib.data.synthetic import classify_concepts
+    from jaxattrib.report.images import GREEN, RED, image_grid, save_png
+    from jaxattrib.runs.rundir import RunDir
+    cells, labels, frames = [], [], []
+    for name, images in generated.items():
+        pred = classify_concepts(images, spec)
+        for i, im in enumerate(images):
+            color, shape = spec.colors[pred["color"][i]], spec.shapes[pred["shape"][i]]
+            drawn = pred["foreground_fraction"][i] > 0
+            hit = drawn and color == concept["color"] and shape == concept["shape"]
+            cells.append(im)
+            labels.append(f"{name} {i}\n" + (f"{color} {shape}" if drawn else "empty"))
+            frames.append(GREEN if hit else RED)
+    rel = f"{RunDir.RESULTS}/dreambooth_generations.png"
+    save_png(RunDir(run_dir).results / "dreambooth_generations.png",
+             image_grid(np.stack(cells), nrow=max(len(v) for v in generated.values()),
+                        labels=labels, borders=frames))
+    return {"path": rel, "caption": f"one row per model ({', '.join(generated)}): what the "
+                                    f"classifier reads in each generation; green = "
+                                    f"{concept['color']} {concept['shape']}, red = not"}
+
+
+__all__ = ["dreambooth_run", "generations_figure"]
