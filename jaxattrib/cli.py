@@ -608,7 +608,8 @@ def concept_query(ctx: typer.Context,
     """Concept-TRAK for a free-text concept query: which training images gave the query its
     CONCEPT? c⁻ = the prompt without the concept phrase; a concept the prompt does not contain
     is an error. Uses the run's fine-tuned model, cached training features and chosen λ.
-    On a latent pipeline the query image is VAE-encoded once (the posterior mean) and
+    Adds a section to RUN_DIR/report.html: the query image and, per concept, its top training
+    images with their scores. On a latent pipeline the query image is VAE-encoded once (the posterior mean) and
     inverted in latent space; it must be the model's pixel size."""
     _use_compile_cache(ctx)
     import numpy as np
@@ -629,6 +630,13 @@ def concept_query(ctx: typer.Context,
         typer.echo(f"concept {q['concept']!r} (c⁻ = {q['negative']!r}):")
         for t in q["top"]:
             typer.echo(f"  {t['rank']:3d}. {t['score']:+.4g}  {t['id']}  ({t['caption']})")
+    from jaxattrib.report.html import ReportError, render_run_report
+    from jaxattrib.runs.concept_query import write_query_section
+    try:   # the ranking above is already printed: a report that cannot be written loses nothing
+        write_query_section(run_dir, prompt, res)
+        typer.echo(f"report: {render_run_report(run_dir)}")
+    except (ReportError, OSError) as e:
+        typer.echo(f"report not written: {e}", err=True)
 
 
 def _load_model(model: str, allow_pickle: bool = False) -> Any:

@@ -249,6 +249,9 @@ def test_concept_trak_script_smoke_and_cli_query(tmp_path):
                          check=True, cwd=ROOT, capture_output=True, text=True).stdout
     assert "concept 'purple'" in out and "concept 'star'" in out
     assert out.count("synthetic/") == 6
+    # the query's report section: the query image and its top images with scores
+    html = (run / "report.html").read_text()
+    assert "Concept query: a purple star on a black background" in html
 
 
 def test_stage_lines_go_to_the_jaxattrib_logger_and_show_under_an_entry_point(capsys):

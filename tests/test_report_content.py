@@ -313,3 +313,75 @@ def test_dreambooth_generations_figure_marks_what_the_classifier_reads(tmp_path)
     frame = lambda r, c: tuple(grid[2 + r * (96 + 6 + 28 + 2), 2 + c * (96 + 6 + 2)])  # noqa
     assert [frame(0, 0), frame(0, 1)] == [I.RED, I.RED]      # base: a blue circle, an empty one
     assert [frame(1, 0), frame(1, 1)] == [I.GREEN, I.GREEN]  # fine-tuned: two red squares
+
+
+# ------------------------------------------------------------------ concept-query
+
+
+def _concept_query_run(tmp_path) -> dict:
+    """A run folder with ``data/train.npz`` (7 random 16-px images) and a constructed
+    :func:`~jaxattrib.runs.concept_query.concept_query` result for two concepts."""
+    from jaxattrib.runs.rundir import save_npz
+    rng = np.random.default_rng(0)
+    n = 7
+    ids = np.array([f"synthetic/{i:04d}" for i in range(n)])
+    save_npz(tmp_path / "data" / "train.npz", images=rng.uniform(-1, 1, (n, 16, 16, 3))
+             .astype(np.float32), ids=ids, captions=np.array([f"cap {i}" for i in range(n)]))
+    queries = []
+    for concept in ("red", "star"):
+        s = rng.normal(size=n)
+        order = np.argsort(-s, kind="stable")[:3]
+        queries.append({"concept": concept, "negative": "x", "scores": s,
+                        "top": [{"rank": r + 1, "index": int(i), "id": str(ids[i]),
+                                 "caption": f"cap {i}", "score": float(s[i])}
+                                for r, i in enumerate(order)]})
+    image = rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+    return {"image": image, "encoding": "pixels (no VAE)", "queries": queries}
+
+
+def test_concept_query_section_shows_query_top_images_and_scores(tmp_path):
+    from jaxattrib.report.html import render_run_report
+    from jaxattrib.runs.concept_query import write_query_section
+    res = _concept_query_run(tmp_path)
+    queries, image = res["queries"], res["image"]
+    path = write_query_section(tmp_path, "a red star", res)
+    doc = json.loads(path.read_text())
+    rows = doc["tables"][0]["rows"]
+    assert [(r["concept"], r["rank"], r["id"]) for r in rows] == [
+        (q["concept"], t["rank"], t["id"]) for q in queries for t in q["top"]]
+    assert [r["score"] for r in rows] == [t["score"] for q in queries for t in q["top"]]
+    grid = np.asarray(Image.open(tmp_path / doc["images"][0]["path"]).convert("RGB"))
+    one = I.topk_image(image, np.zeros((3, 16, 16, 3), np.float32), np.arange(3.0), k=3,
+                       labels=["a", "b", "c"], query_label="query\n'red'")[0]
+    assert grid.shape == (2 * one.shape[0], one.shape[1], 3)     # one row per concept
+    # the query image is the first cell of each row
+    np.testing.assert_array_equal(grid[7:7 + 6 * 16:6, 7:7 + 6 * 16:6], I.to_uint8(image))
+    # the same query again replaces its section; another one adds a section
+    assert write_query_section(tmp_path, "a red star", res) == path
+    assert write_query_section(tmp_path, "a red star!", res) != path
+    html = render_run_report(tmp_path).read_text()
+    assert html.count("Concept query:") == 2 and f"{queries[1]['top'][0]['score']:.4g}" in html
+
+
+def test_cli_concept_query_writes_its_report_section(tmp_path, monkeypatch):
+    """The command prints the ranking, then adds its section and renders RUN/report.html (the
+    Concept-TRAK computation itself is stubbed: it is tested in test_concept_benchmark)."""
+    from typer.testing import CliRunner
+    from jaxattrib.cli import app
+    from jaxattrib.runs import concept_query as cq
+    res = _concept_query_run(tmp_path)
+    seen = {}
+
+    def fake(run_dir, prompt, concepts, *, seed, image, topk):
+        seen.update(prompt=prompt, concepts=list(concepts), image=image)
+        return {**res, "image": image}
+    monkeypatch.setattr(cq, "concept_query", fake)
+    png = tmp_path / "q.png"
+    Image.fromarray(I.to_uint8(res["image"])).save(png)
+    r = CliRunner().invoke(app, ["concept-query", str(tmp_path), "-p", "a red star", "-c", "red",
+                                 "-c", "star", "--image", str(png)])
+    assert r.exit_code == 0, r.output
+    assert seen["concepts"] == ["red", "star"] and f"report: {tmp_path / 'report.html'}" in \
+        r.output
+    html = (tmp_path / "report.html").read_text()
+    assert "Concept query: a red star" in html and html.count("data:image/png;base64,") == 1

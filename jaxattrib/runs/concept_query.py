@@ -62,8 +62,9 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     (a ``ConfigError``) naming ``--image`` and both shapes.
 
     Returns ``{'image', 'encoding', 'queries': [{'concept', 'negative', 'scores' [N], 'top':
-    [{'rank', 'id', 'caption', 'score'}]}]}`` (``encoding`` says how the query became a model
-    input).
+    [{'rank', 'index', 'id', 'caption', 'score'}]}]}`` (``encoding`` says how the query became
+    a model input; ``index`` is the training example's row in ``data/train.npz``).
+    :func:`write_query_section` puts the result in the run's report.
     """
     from jaxattrib.attribution import concept_trak as ct
     from jaxattrib.train.base_model import load_base_model
@@ -115,10 +116,52 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     for q, s in zip(qs, scores):
         order = np.argsort(-s, kind="stable")[:topk]
         out.append({"concept": q.concept, "negative": q.negative, "scores": s,
-                    "top": [{"rank": r + 1, "id": str(train["ids"][i]),
+                    "top": [{"rank": r + 1, "index": int(i), "id": str(train["ids"][i]),
                              "caption": str(train["captions"][i]), "score": float(s[i])}
                             for r, i in enumerate(order)]})
     return {"image": np.asarray(image), "encoding": how, "queries": out}
 
 
-__all__ = ["concept_inputs", "concept_query", "concept_trak_config"]
+def write_query_section(run_dir: str | Path, prompt: str, res: dict, *,
+                        k: int = 8) -> Path:
+    """Writes the report section of one :func:`concept_query` result ``res``:
+    ``results/concept_query_<key>.json`` (``key`` = a fingerprint of the prompt, the concepts
+    and the query image, so another query adds a section and the same one replaces its own)
+    with, per concept, a table of its top training examples (rank, id, caption, score) and an
+    image row ``results/concept_query_<key>.png``: the query image, then its top ``k`` training
+    images (``data/train.npz``) with id and score under each. Returns the JSON's path."""
+    from jaxattrib.fingerprint import raw_arrays, text
+    from jaxattrib.report.html import write_result
+    from jaxattrib.report.images import save_png, topk_image
+    run_dir = Path(run_dir)
+    image = np.asarray(res["image"], np.float32)
+    concepts = [q["concept"] for q in res["queries"]]
+    key = text(prompt, *concepts, raw_arrays(image))[:10]
+    train = np.load(RunDir(run_dir).data_file("train"))
+    ids = np.asarray(train["ids"])
+    rows, grids = [], []
+    for q in res["queries"]:
+        rows += [{"concept": q["concept"], "rank": t["rank"], "id": t["id"],
+                  "caption": t["caption"], "score": t["score"]} for t in q["top"]]
+        sel = np.sort([t["index"] for t in q["top"][:k]])
+        grids.append(topk_image(np.clip(image, -1, 1), np.asarray(train["images"][sel]),
+                                np.asarray(q["scores"])[sel], k=len(sel),
+                                labels=[str(ids[i]) for i in sel],
+                                query_label=f"query\n'{q['concept']}'")[0])
+    width = max(g.shape[1] for g in grids)
+    grid = np.concatenate([np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)),
+                                  constant_values=255) for g in grids], axis=0)
+    rel = f"{RunDir.RESULTS}/concept_query_{key}.png"
+    save_png(run_dir / rel, grid)
+    return write_result(
+        run_dir, f"concept_query_{key}", f"Concept query: {prompt}", order=50,
+        text=(f"Concept-TRAK for each concept phrase of the prompt (c⁻ = the prompt without "
+              f"it): which training images gave the query that concept. Query as model input: "
+              f"{res['encoding']}."),
+        tables=[{"caption": "top training examples per concept, best first (larger score = "
+                            "more attributed)", "rows": rows}],
+        images=[{"path": rel, "caption": "one row per concept: the query (left) and its top "
+                                         "training images, id and score under each"}])
+
+
+__all__ = ["concept_inputs", "concept_query", "concept_trak_config", "write_query_section"]
