@@ -60,10 +60,11 @@ def test_cgi_dm_cause_numbers_come_from_the_scores():
                        loss_gap=gap)
     d_m, e_m = V.separation(cgi, y)
     d_b, e_b = V.separation(masked, y)
-    assert f"by {d_m:+.3g} on average ({e_m:+.2f} pooled std)" in c
+    assert f"members' mean recovery SSIM minus hold-outs' is {d_m:+.3g} ({e_m:+.2f} pooled " \
+           f"std)" in c
     assert f"against {d_b:+.3g} ({e_b:+.2f} std) for masked-input similarity, which uses no " \
            f"model" in c
-    assert "lowered members' denoising loss by +0.1 more" in c
+    assert "(the loss-gap score), members' minus hold-outs', is +0.1 (+inf std)" in c
 
 
 def test_attribution_cause_rules():

@@ -92,13 +92,13 @@ def cgi_dm_cause(scores: np.ndarray, labels: np.ndarray, baseline_scores: np.nda
     """
     d_m, e_m = separation(scores, labels)
     d_b, e_b = separation(baseline_scores, labels)
-    out = (f"members' {score_name} exceeds hold-outs' by {d_m:+.3g} on average "
+    out = (f"members' mean {score_name} minus hold-outs' is {d_m:+.3g} "
            f"({e_m:+.2f} pooled std), against {d_b:+.3g} ({e_b:+.2f} std) for {baseline}"
            + ("" if baseline_uses_model else ", which uses no model"))
     if loss_gap is not None:
         g, e_g = separation(loss_gap, labels)
-        out += (f"; the fine-tune lowered members' denoising loss by {g:+.3g} more than "
-                f"hold-outs' ({e_g:+.2f} std)")
+        out += (f"; the fine-tune's drop in denoising loss (the loss-gap score), members' minus "
+                f"hold-outs', is {g:+.3g} ({e_g:+.2f} std)")
     return out
 
 
