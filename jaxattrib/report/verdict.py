@@ -117,8 +117,9 @@ def attribution_cause(baseline: str, method_ap: np.ndarray, baseline_ap: np.ndar
 
     Rules, first match wins: (1) the method's scores are constant on some query it loses on
     (it ranks by index there, not by anything learned); (2) more than half of the queries it
-    loses on are blank or off-concept generations (the ground truth is not what those images
-    show). Otherwise the cause is ``None``.
+    loses on are blank or off-concept generations (as far as the pixel classifier reads them:
+    it reads 95% of the embedded base model's held-out renders right, 81% of its purple stars;
+    16 px, seed 1000). Otherwise the cause is ``None``.
     """
     m, b = np.asarray(method_ap, float), np.asarray(baseline_ap, float)
     blank, off, const = (np.asarray(a, bool).reshape(-1) for a in (blank, off_concept, constant))
@@ -135,8 +136,8 @@ def attribution_cause(baseline: str, method_ap: np.ndarray, baseline_ap: np.ndar
     nb = int((bad & lose).sum())
     if k and nb > k / 2:
         return (f"{nb} of the {k} test queries on which its AP is lower than {baseline}'s are "
-                f"generations that do not show the prompted concept ({int((blank & lose).sum())} "
+                f"generations without the prompted concept ({int((blank & lose).sum())} "
                 f"blank, {int((off & lose).sum())} read as another concept by the pixel "
-                f"classifier), so the ground truth (that concept's exemplars) is not what those "
-                f"images show"), measured
+                f"classifier), whose ground truth (the prompted concept's exemplars) the image "
+                f"does not show"), measured
     return None, measured
