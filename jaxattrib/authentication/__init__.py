@@ -1,5 +1,11 @@
 """Copyright authentication of diffusion models (methods layer, beside ``jaxattrib.attribution``).
 
+The public face [design: issue 20]: ``Authenticator`` (CGI-DM: was this image used to
+fine-tune that model? ``.calibrate`` / ``.score [N]`` / ``.decide``) and
+``SourceModelAttributor`` (was that model trained on my model's generations?), with
+``CGIDMConfig`` and the one CGI-DM decision ``decide``. Imported lazily (on first use), as
+``jaxattrib.attribution``'s. The modules underneath:
+
 * :mod:`~jaxattrib.authentication.cgi_dm`: CGI-DM membership scores (mask, PGD recovery,
   similarity) and the calibrated decision;
 * :mod:`~jaxattrib.authentication.similarity`: the image/feature similarities CGI-DM and
@@ -10,3 +16,29 @@
 
 The commands that write run directories for these live in :mod:`jaxattrib.runs`.
 """
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Authenticator": "jaxattrib.authentication.authenticator",
+    "SourceModelAttributor": "jaxattrib.authentication.source_attributor",
+    "CGIDMConfig": "jaxattrib.authentication.cgi_dm_pgd",
+    "decide": "jaxattrib.authentication.cgi_dm",
+    "KeySamples": "jaxattrib.authentication.source_model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -127,6 +127,35 @@ def decide(scores: Any, null_scores: Any, member_scores: Any = None, *,
             "decisions": s >= thr}
 
 
+def similarity_fn(kind: str | Callable = "ssim", image_hw: Sequence[int] | None = None, *,
+                  data_range: float = 2.0, embed: simlib.EmbedFn | None = None) -> Callable:
+    """The similarity of an original and its recovery, ``sim(x[B,H,W,C], y[B,H,W,C]) -> [B]``.
+
+    :func:`similarity.get_similarity`, except that ``'ssim'`` with ``image_hw`` given uses
+    the largest odd window <= 11 that fits ``min(H, W)`` [design] (11 for any real SD
+    resolution; 7 for 8-px test images), as ``jaxattrib cgi-dm`` does."""
+    if kind == "ssim" and image_hw is not None:
+        win = min(11, *(int(v) for v in image_hw))
+        win -= 1 - win % 2
+        return lambda x, y: simlib.ssim(x, y, data_range=data_range, win_size=win)
+    return simlib.get_similarity(kind, data_range=data_range, embed=embed)
+
+
+def recovery_scores(original: Any, recovered: Any, similarity: str | Callable = "ssim", *,
+                    batch_size: int = 8, data_range: float = 2.0,
+                    embed: simlib.EmbedFn | None = None) -> np.ndarray:
+    """CGI-DM's membership scores ``[N]`` float64: ``similarity(original_i, recovered_i)``
+    (:func:`similarity_fn` at the images' size), ``batch_size`` pairs per call; larger ⇒ more
+    member-like [paper]. ``original``, ``recovered``: ``[N, H, W, C]`` pixels in [-1, 1] (the
+    ``original`` / ``recovered`` of :func:`recover`). The scores of ``jaxattrib cgi-dm`` and of
+    :class:`~jaxattrib.authentication.authenticator.Authenticator`."""
+    original, recovered = np.asarray(original), np.asarray(recovered)
+    sim = similarity_fn(similarity, original.shape[1:3], data_range=data_range, embed=embed)
+    return np.concatenate([np.asarray(sim(original[i:i + batch_size],
+                                          recovered[i:i + batch_size]))
+                           for i in range(0, len(original), batch_size)]).astype(np.float64)
+
+
 # ----------------------------------------------------------------------------- end to end
 def _identity(x):
     return x
@@ -370,4 +399,5 @@ __all__ = ["decide", "CGIDMConfig", "CGIDMError", "EpsFn", "ImageSizeError",
            "check_compatible", "check_image_size", "check_same_config", "checkerboard_mask",
            "contrastive_objective", "empirical_p_values", "fpr_threshold", "gaussian_blur",
            "image_keys", "initial_latent", "loss_gap_scores", "make_mask", "manifold_project",
-           "masked_similarity_scores", "pgd_invert", "recover"]
+           "masked_similarity_scores", "pgd_invert", "recover", "recovery_scores",
+           "similarity_fn"]

@@ -156,7 +156,6 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     from jax.tree_util import Partial
 
     from jaxattrib.authentication import cgi_dm
-    from jaxattrib.authentication import similarity as simlib
     from jaxattrib.runs.rundir import check_run_config
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.models.unet import UNet2DConditionModel
@@ -206,16 +205,9 @@ def run_cgi_dm(config, run_dir: str | Path, progress: bool = True) -> dict:
     rr = recover_cached("reference", ref["images"], ctx(ref["captions"]), eps_pre, eps_ft,
                         sched, cgi, k_ref, cache,
                         encode_key=jax.random.fold_in(k_enc, 1) if sample else None, **common)
-    sim = simlib.get_similarity(config.similarity, data_range=2.0)
-    if config.similarity == "ssim":      # [design] the largest odd window <= 11 that fits
-        win = min(11, size)
-        win -= 1 - win % 2
-        sim = lambda x, y: simlib.ssim(x, y, data_range=2.0, win_size=win)  # noqa: E731
-    score = lambda r: np.concatenate([  # noqa: E731
-        np.asarray(sim(r["original"][i:i + config.batch_size],
-                       r["recovered"][i:i + config.batch_size]))
-        for i in range(0, len(r["original"]), config.batch_size)]).astype(np.float64)
-    s_cand, s_ref = score(rc), score(rr)
+    # [design] SSIM: the largest odd window <= 11 that fits (cgi_dm.similarity_fn)
+    s_cand, s_ref = (cgi_dm.recovery_scores(r["original"], r["recovered"], config.similarity,
+                                            batch_size=config.batch_size) for r in (rc, rr))
     for name, s in (("candidate", s_cand), ("reference", s_ref)):
         bad = np.flatnonzero(~np.isfinite(s))
         if bad.size:
