@@ -279,3 +279,41 @@ def test_source_model_attributor_bad_inputs_are_one_config_error(tiny_pixel_pipe
         with pytest.raises(ConfigError) as e:
             SourceModelAttributor(pipe, **kw)
         _one_line(e, field)
+
+
+# ----------------------------------------------------------------------------- README
+README_AUTH_SNIPPET = """\
+import jax
+from jaxattrib.authentication import Authenticator, CGIDMConfig   # and SourceModelAttributor
+auth = Authenticator(pipe, ft_unet_params, config=CGIDMConfig(num_steps=20), batch_size=4)   # CGI-DM: pipe's UNet vs a fine-tuned one
+auth.calibrate(non_members, jax.random.PRNGKey(1))            # {"images", "captions"} known not trained on: the threshold
+d = auth.decide({"images": train.images[:4], "captions": train.captions[:4]}, jax.random.PRNGKey(2))   # d["scores"], d["decisions"]: [4]
+"""
+
+
+def test_readme_snippet_runs():
+    """The README's Authenticator lines, verbatim, on the embedded pixel base model (``pipe``,
+    ``train`` as the README makes them); ``ft_unet_params`` is a perturbed copy of its UNet and
+    ``non_members`` four other synthetic images (stand-ins the README leaves to the user)."""
+    from pathlib import Path
+
+    from jaxattrib.authentication import cgi_dm
+    from jaxattrib.data.synthetic import make_synthetic
+    from jaxattrib.train import base_model as bm
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("<!-- python-api: begin"):readme.index("<!-- python-api: end")]
+    for line in README_AUTH_SNIPPET.splitlines():
+        assert line in block.splitlines(), line
+    pipe, train = bm.load_base_model(), make_synthetic(bm.data_spec(), seed=1)
+    other = make_synthetic(bm.data_spec(), seed=2)
+    k = jax.random.PRNGKey(7)
+    ft = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(k, a.shape, a.dtype),
+                                pipe.unet_params)
+    ns = {"pipe": pipe, "train": train, "ft_unet_params": ft,
+          "non_members": {"images": other.images[:4], "captions": other.captions[:4]}}
+    exec(compile(README_AUTH_SNIPPET, "README snippet", "exec"), ns)
+    d, auth = ns["d"], ns["auth"]
+    assert d["scores"].shape == d["decisions"].shape == (4,) and d["decisions"].dtype == bool
+    assert auth.null_scores.shape == (4,) and np.isfinite(d["scores"]).all()
+    assert d["threshold"] == cgi_dm.calibrate(auth.null_scores) == auth.threshold
+    np.testing.assert_array_equal(d["decisions"], d["scores"] >= d["threshold"])

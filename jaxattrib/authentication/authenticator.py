@@ -28,7 +28,7 @@ explicit keys: image ``i``'s mask / PGD noise from ``fold_in(key, i)``, its VAE 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import numpy as np
@@ -36,6 +36,9 @@ import numpy as np
 from jaxattrib.authentication import cgi_dm
 from jaxattrib.authentication.cgi_dm_pgd import CGIDMConfig
 from jaxattrib.config import ConfigError
+
+if TYPE_CHECKING:
+    from jaxattrib.models.pipeline import Pipeline
 
 SIMILARITIES = ("ssim", "psnr")
 POSTERIORS = ("mean", "sample")
@@ -74,7 +77,7 @@ class Authenticator:
     Bad input raises :class:`~jaxattrib.config.ConfigError` naming the argument.
     """
 
-    def __init__(self, pipe, finetuned: Any, config: CGIDMConfig | None = None, *,
+    def __init__(self, pipe: "Pipeline", finetuned: Any, config: CGIDMConfig | None = None, *,
                  pretrained: Any = None, similarity: Literal["ssim", "psnr"] = "ssim",
                  vae_posterior: Literal["mean", "sample"] = "sample",
                  target: Literal["fpr", "accuracy"] = "fpr", fpr: float = 0.05,

@@ -28,13 +28,16 @@ A *model* is a UNet parameter tree of the pipeline's architecture (generated wit
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import jax
 import numpy as np
 
 from jaxattrib.authentication import source_model as sm
 from jaxattrib.config import ConfigError
+
+if TYPE_CHECKING:
+    from jaxattrib.models.pipeline import Pipeline
 
 
 def _bad(field: str, value: Any, expected: str) -> ConfigError:
@@ -62,7 +65,7 @@ class SourceModelAttributor:
     Bad input raises :class:`~jaxattrib.config.ConfigError` naming the argument.
     """
 
-    def __init__(self, pipe, source: Any = None, *, seeds: Sequence[int] = (0,),
+    def __init__(self, pipe: "Pipeline", source: Any = None, *, seeds: Sequence[int] = (0,),
                  metric: Literal["rmse", "ssim"] = "rmse",
                  delta0: float | Literal["calibrated"] = sm.DEFAULT_DELTA0,
                  innocent_hit_rate: float = 0.05, threshold: float | None = None,
