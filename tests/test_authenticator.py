@@ -142,6 +142,27 @@ def test_authenticator_calibrates_on_the_calibration_split_only(pair):
     assert acc.decide(np.array([0.31, 0.49, 0.51]))["decisions"].tolist() == [False, False, True]
 
 
+def test_authenticator_members_as_examples_and_posterior_mean(pair):
+    """Calibration sets given as images are scored as ``score`` scores them (non-members with
+    ``key``, members with ``fold_in(key, 1)``); ``vae_posterior='mean'`` needs no encode_key
+    and is deterministic in it."""
+    from jaxattrib.authentication import Authenticator, CGIDMConfig
+    from jaxattrib.authentication import cgi_dm
+    pipe, ft = pair
+    auth = Authenticator(pipe, ft, config=CGIDMConfig(num_steps=2), vae_posterior="mean",
+                         target="accuracy", batch_size=2)
+    non = {"images": _smooth_images(2, 20), "captions": [CAPTION] * 2}
+    mem = {"images": _smooth_images(2, 21), "captions": ["a blue square"] * 2}
+    key = jax.random.PRNGKey(5)
+    auth.calibrate(non, key, members=mem)
+    s_non = auth.score(non, key)
+    s_mem = auth.score(mem, jax.random.fold_in(key, 1))
+    np.testing.assert_array_equal(auth.null_scores, s_non)
+    np.testing.assert_array_equal(auth.member_scores, s_mem)
+    assert auth.threshold == cgi_dm.calibrate(s_non, s_mem, target="accuracy")
+    assert not np.array_equal(s_non, auth.score(non, jax.random.PRNGKey(6)))  # the key matters
+
+
 def test_authenticator_bad_inputs_are_one_config_error(pair):
     from jaxattrib.authentication import Authenticator
     pipe, ft = pair
