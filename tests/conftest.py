@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI's persistent compilation cache is on by default under the user's cache directory;
-# tests (which run the CLI in-process) never write there. test_app.py's compile-cache test
+# tests (which run the CLI in-process) never write there. test_cli_compile_cache.py
 # turns it on explicitly in tmp directories.
 os.environ["JAXATTRIB_COMPILE_CACHE"] = "off"
 # One XLA compilation cache for the whole test run (the pytest process, its xdist workers,
@@ -51,3 +51,21 @@ def tiny_pixel_pipeline(tmp_path_factory) -> Path:
     before modifying."""
     from tiny import make_pixel_pipeline
     return make_pixel_pipeline(tmp_path_factory.mktemp("tiny_pixel"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny pixel-space pipeline (no VAE), 8-px images, with a 5-word vocabulary ('a', 'red',
+    'blue', 'circle', 'square'; ``tests/tiny.py``), written by our own writer. Shared: copy
+    before modifying."""
+    from tiny import make_pixel_pipeline
+    return make_pixel_pipeline(tmp_path_factory.mktemp("pipe"), name="pipe",
+                               words=["a", "red", "blue", "circle", "square"])
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    """A tiny 16-px pixel pipeline with the base model's vocabulary and metadata (2 images per
+    combination; ``tests/tiny.py::make_small_base_model``). Shared: copy before modifying."""
+    from tiny import make_small_base_model
+    return make_small_base_model(tmp_path_factory.mktemp("tinybase"))

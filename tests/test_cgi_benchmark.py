@@ -69,11 +69,11 @@ def test_metrics_threshold_from_calibration_split_only():
 
 
 def _toy_bench_models():
-    """Analytic stand-ins (tests/test_cgi_dm.py): N(0, 0.25 I) prior vs a fine-tune on 2 images."""
+    """Analytic stand-ins (tests/tiny.py): N(0, 0.25 I) prior vs a fine-tune on 2 images."""
     import jax
 
     from jaxattrib.diffusion.schedule import make_schedule
-    from test_cgi_dm import toy_models
+    from tiny import gmm_toy_models as toy_models
     members = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
     pre, ft = toy_models(members)
     return members, pre, ft, make_schedule(1000)

@@ -10,49 +10,21 @@ from jaxattrib.authentication.cgi_dm import CGIDMConfig
 from jaxattrib.authentication.similarity import psnr
 from jaxattrib.diffusion.schedule import make_schedule
 from jaxattrib.metrics import roc_auc
+from tiny import GMM_SIG_M, GMM_SIG_P, gmm_toy_models, make_pixel_pipeline
 
 SCHED = make_schedule(1000)
 HW, C = 16, 1
-SIG_P, SIG_M = 0.5, 0.05  # broad pretrained prior; narrow member components
+SIG_P, SIG_M = GMM_SIG_P, GMM_SIG_M  # broad pretrained prior; narrow member components
 
 
 # ----------------------------------------------------------------------------- toy denoisers
-
-
-def gmm_eps_fn(sched, means, variances, weights):
-    """Optimal epsilon-denoiser for a mixture of isotropic Gaussians N(mu_c, v_c I).
-
-    means [K, H, W, C], variances [K], weights [K] (sum 1). x_t [B,H,W,C], t [B] -> eps_hat.
-    """
-    means = jnp.asarray(means)
-    v = jnp.asarray(variances)
-    logw = jnp.log(jnp.asarray(weights))
-    d = means[0].size
-
-    def eps(x_t, t, cond=None):
-        a = sched.alphas_cumprod[t][:, None]  # [B, 1]
-        x = x_t.reshape(x_t.shape[0], -1)
-        mu = means.reshape(means.shape[0], -1)
-        s2 = a * v[None] + 1 - a  # [B, K] marginal variances of x_t
-        r = x[:, None, :] - jnp.sqrt(a)[..., None] * mu[None]  # [B, K, D]
-        logp = logw[None] - 0.5 * jnp.sum(r * r, -1) / s2 - 0.5 * d * jnp.log(s2)
-        w = jax.nn.softmax(logp, axis=-1)
-        x0_c = mu[None] + (jnp.sqrt(a) * v[None] / s2)[..., None] * r
-        x0 = jnp.sum(w[..., None] * x0_c, axis=1)
-        e = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
-        return e.reshape(x_t.shape)
-
-    return eps
+# (the analytic stand-ins live in tests/tiny.py)
 
 
 def toy_models(members, pi=0.5):
-    k = members.shape[0]
-    pre = gmm_eps_fn(SCHED, jnp.zeros((1,) + members.shape[1:]), jnp.array([SIG_P ** 2]),
-                     jnp.array([1.0]))
-    means = jnp.concatenate([jnp.zeros((1,) + members.shape[1:]), members])
-    var = jnp.r_[SIG_P ** 2, jnp.full((k,), SIG_M ** 2)]
-    w = jnp.r_[1 - pi, jnp.full((k,), pi / k)]
-    return pre, gmm_eps_fn(SCHED, means, var, w)
+    """(pretrained, fine-tuned) analytic denoisers: the prior N(0, SIG_P² I) vs a mixture with
+    narrow components around ``members`` (``tiny.gmm_toy_models``)."""
+    return gmm_toy_models(members, pi, sched=SCHED)
 
 
 def toy_images(seed, n):
@@ -393,30 +365,12 @@ def test_loss_gap_nan_names_images():
 
 @pytest.fixture(scope="module")
 def two_pipelines(tmp_path_factory):
-    """Two tiny pixel pipelines whose UNets differ in width (8 vs 16 base channels)."""
-    from jaxattrib.train import base_model as bm
-    from jaxattrib.models import clip_text, unet
-    from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
+    """Two tiny pixel pipelines whose UNets differ in width (8 vs 16 base channels); zero
+    weights (tests/tiny.py)."""
     root = tmp_path_factory.mktemp("cgi_pipes")
-    tok = build_word_tokenizer(["a", "red", "circle"], root / "tok", model_max_length=8)
-    v = CLIPTokenizer.from_folder(tok).vocab_size
-    text = clip_text.CLIPTextConfig(vocab_size=v, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2,
-                                    max_position_embeddings=8, pad_token_id=None,
-                                    bos_token_id=v - 2, eos_token_id=v - 1, projection_dim=16)
-    def zeros(init, cfg):  # parameter shapes by tracing only: no init compilation
-        return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
-                                      jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0))))
-
-    tp = zeros(clip_text.init_params, text)
-    out = []
-    for name, width in (("pre", 8), ("wide", 16)):
-        u = unet.tiny_config(block_out_channels=(width, 16), cross_attention_dim=16,
-                             norm_num_groups=4, sample_size=8, in_channels=3, out_channels=3,
-                             attention_head_dim=2)
-        out.append(bm.save_pipeline(root / name, u, zeros(unet.init_params, u),
-                                    text, tp, tok, bm.SCHEDULER_CONFIG, {"note": "test"}))
-    return out
+    return [make_pixel_pipeline(root, name=name, words=["a", "red", "circle"], zero_weights=True,
+                                unet_overrides={"block_out_channels": (width, 16)})
+            for name, width in (("pre", 8), ("wide", 16))]
 
 
 def test_cli_refuses_mismatched_models_and_wrong_size(two_pipelines, tmp_path):

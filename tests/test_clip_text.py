@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxattrib.models import clip_text  # noqa: E402
 from jaxattrib.models.convert import CheckpointError  # noqa: E402
+from tiny import text_config  # noqa: E402
 
 VOCAB = 100
 LENGTH = 12
@@ -189,3 +190,21 @@ def test_gradients_flow_and_jit(tmp_path):
     gq = g["encoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert gq.shape == (32, 32) and np.isfinite(np.asarray(gq)).all()
     assert np.abs(np.asarray(gq)).max() > 0
+
+
+def test_clip_text_save_pretrained_loads_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = text_config(60)
+    p = clip_text.init_params(cfg, jax.random.PRNGKey(3))
+    clip_text.save_pretrained(tmp_path, cfg, p)
+    _, p2 = clip_text.from_pretrained(tmp_path)
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = transformers.CLIPTextModel.from_pretrained(tmp_path).eval()
+    ids = np.random.RandomState(0).randint(0, 58, (2, 8))
+    ids[:, -1] = cfg.eos_token_id
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).last_hidden_state.numpy()
+    got = np.asarray(clip_text.CLIPTextModel(cfg).apply({"params": p}, ids).last_hidden_state)
+    assert np.abs(want - got).max() < 1e-4

@@ -16,7 +16,7 @@ from jaxattrib.data.synthetic import parse_caption
 from jaxattrib.eval import concept_benchmark as cb
 from jaxattrib.runs.concept_query import concept_query
 
-from test_concept_trak import _unet, _word_encoder
+from tiny import concept_unet as _unet, word_encoder as _word_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,6 @@ pairs, c⁻ construction, switches-off = plain TRAK through the engine, the vali
 ratio rule, and (slow) an end-to-end synthetic sanity check."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,37 +16,9 @@ from jaxattrib.attribution.grads import make_feature_fn, projected_grads, select
 from jaxattrib.diffusion.losses import dsm_loss, fixed_noise
 from jaxattrib.diffusion.schedule import add_noise, make_schedule, predict_x0
 from jaxattrib.metrics import precision_at_k
-from jaxattrib.models import unet
 
-L, D_CTX = 6, 16
-
-
-@functools.lru_cache(maxsize=None)
-def _unet(dtype=jnp.float32, seed=0):
-    """Tiny UNet (one cross-attention down/up block), jitted init and apply, cached."""
-    cfg = unet.tiny_config(sample_size=8, in_channels=3, out_channels=3,
-                           cross_attention_dim=D_CTX, block_out_channels=(8,),
-                           norm_num_groups=4)
-    params = jax.jit(functools.partial(unet.init_params, cfg))(jax.random.PRNGKey(seed))
-    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-    return cfg, params, jax.jit(ct.unet_model_fn(cfg, dtype))
-
-
-def _word_encoder(seed=0, dtype=np.float32):
-    """Fake text encoder: one fixed random vector per word, padded with zeros to L tokens."""
-    table = {}
-    rng = np.random.default_rng(seed)
-
-    def encode(prompts):
-        out = np.zeros((len(prompts), L, D_CTX), dtype)
-        for i, p in enumerate(prompts):
-            for j, w in enumerate(p.split()[:L]):
-                if w not in table:
-                    table[w] = rng.standard_normal(D_CTX)
-                out[i, j] = table[w]
-        return out
-
-    return encode
+from tiny import CONCEPT_D_CTX as D_CTX, CONCEPT_L as L
+from tiny import concept_unet as _unet, word_encoder as _word_encoder
 
 
 def _inputs(B=2, seed=0, dtype=jnp.float32):

@@ -142,3 +142,18 @@ def test_delta0_takes_a_number_or_calibrated():
     assert load_config("source_model:zoo", ["decision.delta0=0.15"]).decision.delta0 == 0.15
     with pytest.raises(ConfigError, match="decision.fpr"):
         apply_overrides(_src_ok(), ["decision.fpr=calibrated"])
+
+
+def test_config_overrides_typed_and_checked():
+    c = load_config("demo", ["finetune.steps=7", "attribution.methods=['dtrak']",
+                             "finetune.learning_rate=1"])
+    assert c.finetune.steps == 7 and c.attribution.methods == ("dtrak",)
+    assert isinstance(c.finetune.learning_rate, float)
+    with pytest.raises(ConfigError, match="no field 'finetune.stepz'"):
+        apply_overrides(c, ["finetune.stepz=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(c, ["finetune.steps"])
+    with pytest.raises(ConfigError, match="finetune.steps"):
+        apply_overrides(c, ["finetune.steps='many'"])
+    with pytest.raises(ConfigError, match="not one of the packaged configs"):
+        load_config("no_such_config")

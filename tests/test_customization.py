@@ -1,14 +1,12 @@
 """The customization benchmark (jaxattrib.eval.benchmarks): ground truth by construction,
 metrics on constructed score matrices, and a resumable tiny end-to-end run."""
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -181,29 +179,6 @@ def test_attribute_variants_chooses_per_variant_on_validation_and_caches(tmp_pat
 
 
 # ----------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope="module")
-def tiny_base_model(tmp_path_factory):
-    """A tiny random 16x16 pipeline with the base model's vocabulary and metadata."""
-    from jaxattrib.models import clip_text, unet
-    from jaxattrib.models.tokenizer import CLIPTokenizer, build_word_tokenizer
-    root = tmp_path_factory.mktemp("tinybase")
-    spec = dataclasses.replace(bm.data_spec(), per_combination=2)
-    tok = build_word_tokenizer(bm.vocabulary(spec), root / "tok", model_max_length=10)
-    vocab = CLIPTokenizer.from_folder(tok).vocab_size
-    text = clip_text.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2,
-                                    max_position_embeddings=10, pad_token_id=None,
-                                    bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                                    projection_dim=16)
-    u = unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
-                         sample_size=16, in_channels=3, out_channels=3, attention_head_dim=2)
-    key = jax.random.PRNGKey(0)
-    extra = {"data_spec": dataclasses.asdict(spec), "held_out": list(bm.HELD_OUT[:2])}
-    return bm.save_pipeline(root / "pipe", u, unet.init_params(u, key), text,
-                            clip_text.init_params(text, jax.random.fold_in(key, 1)), tok,
-                            bm.SCHEDULER_CONFIG, extra)
-
 
 @pytest.mark.slow
 def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from jaxattrib.attribution import diffusion_trak as dt
 from jaxattrib.diffusion.schedule import make_schedule, schedule_from_diffusers_config
 from jaxattrib.models import unet
 from jaxattrib.train.base_model import SCHEDULER_CONFIG
+from tiny import pixel_unet_config
 
 
 @pytest.mark.parametrize("projection,proj_batch", [("rademacher", 0), ("rademacher", 8),
@@ -62,8 +63,7 @@ def test_featurize_examples_reuses_one_compile(tmp_path, projection, proj_batch)
 
 
 def test_out_fns_are_shared_for_equal_arguments():
-    u = unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
-                         sample_size=8, in_channels=3, out_channels=3, attention_head_dim=2)
+    u = pixel_unet_config()
     cfg = dt.AttributionConfig(method="trak", num_timesteps=3)
     f = dt.make_train_out_fn(u, make_schedule(), cfg)
     assert dt.make_train_out_fn(u, make_schedule(), cfg) is f  # equal schedule values
@@ -77,9 +77,8 @@ def test_out_fns_are_shared_for_equal_arguments():
 # (moved from test_app.py)
 
 def _tiny_unet():
-    """The 8-px pixel UNet (cross-attention 16) the glue tests below run."""
-    return unet.tiny_config(block_out_channels=(8, 16), cross_attention_dim=16, norm_num_groups=4,
-                            sample_size=8, in_channels=3, out_channels=3, attention_head_dim=2)
+    """The 8-px pixel UNet (cross-attention 16) the glue tests below run (tests/tiny.py)."""
+    return pixel_unet_config()
 
 
 @pytest.mark.parametrize("method", ["dtrak", "trak", "journey-trak"])

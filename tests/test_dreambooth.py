@@ -13,29 +13,22 @@ from jaxattrib.runs.dreambooth import dreambooth_run
 from jaxattrib.train import dreambooth as db
 from jaxattrib.train.diffusion_task import example_noise, make_diffusion_loss
 from jaxattrib.train.finetune import TrainConfig, finetune
+from tiny import tiny_diffusion, tiny_diffusion_configs
 
 
 def _tiny_configs():
-    """A pixel-space 8x8 UNet + 1-layer CLIP text encoder config, 100-step schedule."""
+    """A pixel-space 8x8 UNet + 1-layer CLIP text encoder config (tests/tiny.py), 100-step
+    schedule."""
     from jaxattrib.diffusion.schedule import make_schedule
-    from jaxattrib.models import clip_text, unet
-    ucfg = unet.tiny_config(block_out_channels=(16,), cross_attention_dim=16, norm_num_groups=8,
-                            sample_size=8, in_channels=3, out_channels=3)
-    tcfg = clip_text.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2,
-                                    max_position_embeddings=8, projection_dim=None,
-                                    pad_token_id=0, bos_token_id=62, eos_token_id=63)
+    ucfg, tcfg, _ = tiny_diffusion_configs(vae=False, blocks=(16,))
     return ucfg, tcfg, make_schedule(100)
 
 
 def _tiny_pixel_model():
     """:func:`_tiny_configs` with random weights."""
-    from jaxattrib.models import clip_text, unet
-    ucfg, tcfg, sched = _tiny_configs()
-    k = jax.random.PRNGKey(0)
-    params = {"unet": jax.jit(unet.init_params, static_argnums=0)(ucfg, jax.random.fold_in(k, 0)),
-              "text_encoder": jax.jit(clip_text.init_params, static_argnums=(0, 2))(
-                  tcfg, jax.random.fold_in(k, 1), 8)}
+    from jaxattrib.diffusion.schedule import make_schedule
+    ucfg, tcfg, _, sched, params = tiny_diffusion(vae=False, blocks=(16,),
+                                                  sched=make_schedule(100))
     return ucfg, tcfg, sched, params
 
 

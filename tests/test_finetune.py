@@ -23,54 +23,11 @@ from jaxattrib.train.finetune import (TrainConfig, batch_plan, compose_params, f
                                       make_optimizer, make_lr_schedule, make_train_step,
                                       TrainState)
 from jaxattrib.train.record import RecordMismatchError, TrajectoryRecord
+from tiny import TOY_TRAINING, leaves as _leaves, tiny_diffusion, toy_train_config as _cfg
 
-# The toy problem, shared verbatim with the subprocess script of the SIGKILL test.
-TOY = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = jnp.tanh(nn.Dense(16, name="to_q")(x))
-            return nn.Dense(2, name="to_out_0")(h)
-
-    N = 40
-    _rng = np.random.default_rng(0)
-    X = _rng.normal(size=(N, 4)).astype(np.float32)
-    Y = np.sin(X[:, :2] * 1.5).astype(np.float32)
-    MODEL = MLP()
-
-    def init_params():
-        return {"net": {"attn1": MODEL.init(jax.random.PRNGKey(42), X[:1])["params"]},
-                "vae": {"scale": jnp.ones((3,), jnp.float32)}}
-
-    def loss_fn(params, batch, key):
-        b = batch["x"].shape[0]
-        noise = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (4,)))(
-            jnp.arange(b))
-        pred = MODEL.apply({"params": params["net"]["attn1"]}, batch["x"] + 0.05 * noise)
-        return jnp.sum((pred - batch["y"]) ** 2, -1) * params["vae"]["scale"][0]
-
-    def describe_step(key, batch_size):
-        # a task field: one "timestep" per example from fold_in(key, position)
-        return {"timesteps": jax.vmap(lambda j: jax.random.randint(
-            jax.random.fold_in(key, j), (), 0, 1000))(jnp.arange(batch_size))}
-
-    def get_batch(idx):
-        return {"x": X[idx], "y": Y[idx]}
-""")
+# The toy problem (tests/tiny.py), shared verbatim with the SIGKILL test's subprocess script.
+TOY = TOY_TRAINING
 exec(TOY)  # defines MLP, N, X, Y, init_params, loss_fn, describe_step, get_batch
-
-
-def _cfg(**kw):
-    base = dict(steps=10, batch_size=8, learning_rate=2e-2, schedule="cosine", warmup_steps=2,
-                checkpoint_every=4, seed=3, log_every=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_batch_plan_is_pure_and_walks_epoch_permutations():
@@ -346,28 +303,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 # ---------------------------------------------------------------------- diffusion task
-def _tiny_diffusion(vae=True, blocks=(16, 32)):
-    from jaxattrib.diffusion.schedule import make_schedule as make_noise_schedule
-    from jaxattrib.models import clip_text, unet, vae as vae_lib
-    ucfg = unet.tiny_config(block_out_channels=blocks, cross_attention_dim=16,
-                            norm_num_groups=8, sample_size=8,
-                            **({} if vae else {"in_channels": 3, "out_channels": 3}))
-    tcfg = clip_text.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2,
-                                    max_position_embeddings=8, projection_dim=None,
-                                    pad_token_id=0, bos_token_id=62, eos_token_id=63)
-    vcfg = vae_lib.tiny_config(block_out_channels=(8, 16), norm_num_groups=4,
-                               sample_size=16) if vae else None
-    k = jax.random.PRNGKey(0)
-    params = {"unet": jax.jit(unet.init_params, static_argnums=0)(ucfg, jax.random.fold_in(k, 0)),
-              "text_encoder": jax.jit(clip_text.init_params, static_argnums=(0, 2))(
-                  tcfg, jax.random.fold_in(k, 1), 8)}
-    if vae:
-        params["vae"] = jax.jit(vae_lib.init_params, static_argnums=0)(
-            vcfg, jax.random.fold_in(k, 2))
-    sched = make_noise_schedule(100, beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012)
-    return ucfg, tcfg, vcfg, sched, params
+_tiny_diffusion = tiny_diffusion   # tests/tiny.py
 
 
 def _dreambooth_data(n_inst=4, n_prior=4, size=16):

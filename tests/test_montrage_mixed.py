@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-from test_customization import tiny_base_model  # noqa: F401  (module-scoped fixture)
 
 from jaxattrib.train import base_model as bm
 from jaxattrib.runs import demo, demo_attribute
@@ -142,7 +141,7 @@ def _script():
 
 
 @pytest.mark.slow
-def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatch,  # noqa: F811
+def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatch,
                                            capsys):
     src = tmp_path / "source"
     c = load_config("customization:smoke", [

@@ -110,7 +110,9 @@ sys.path.insert(0, tests_dir)
 from jaxattrib import parallel
 assert parallel.initialize_distributed(f"localhost:{port}", 2, pid)
 import numpy as np
-from test_finetune import _cfg, init_params, loss_fn, get_batch, N, _leaves
+from tiny import leaves as _leaves, toy_train_config as _cfg, toy_training
+T = toy_training()
+init_params, loss_fn, get_batch, N = T.init_params, T.loss_fn, T.get_batch, T.N
 from jaxattrib.train.finetune import finetune
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
 rows = []
@@ -135,7 +137,9 @@ def test_two_process_training_matches_one_process(tmp_path):
 
     from jaxattrib.train.finetune import finetune
     from jaxattrib.train.record import TrajectoryRecord
-    from test_finetune import N, _cfg, _leaves, get_batch, init_params, loss_fn
+    from tiny import leaves as _leaves, toy_train_config as _cfg, toy_training
+    T = toy_training()
+    init_params, loss_fn, get_batch, N = T.init_params, T.loss_fn, T.get_batch, T.N
 
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -14,52 +14,17 @@ transformers = pytest.importorskip("transformers")
 
 from jaxattrib.models import pipeline as P  # noqa: E402
 from jaxattrib.models.convert import CheckpointError  # noqa: E402
-from jaxattrib.models.tokenizer import build_word_tokenizer  # noqa: E402
+from tiny import MAX_LEN, TEXT_HIDDEN, make_sd_pipeline  # noqa: E402
 
-WORDS = ["a", "photo", "of", "sks", "dog", "cat", "painting", "in", "the", "style"]
 PROMPTS = ["a photo of sks dog", "A painting of a cat in the style of Van Gogh!", ""]
-MAX_LEN = 16
-HIDDEN = 32
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+HIDDEN = TEXT_HIDDEN
 
 
 def make_pipeline(root, *, pad_token="<|endoftext|>", hidden_act="quick_gelu"):
     """Saves a tiny random SD pipeline (diffusers, torch) to ``root/pipe``; returns it."""
-    tok_dir = build_word_tokenizer(WORDS, root / "tok_src", pad_token=pad_token,
-                                   model_max_length=MAX_LEN)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    text_encoder = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_LEN, hidden_act=hidden_act,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)), 1)
-    unet = _randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-        layers_per_block=1, cross_attention_dim=HIDDEN, attention_head_dim=4,
-        norm_num_groups=8), 2)
-    vae = _randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-        latent_channels=4, norm_num_groups=8, sample_size=16), 3)
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                        beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                        set_alpha_to_one=False, steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.save_pretrained(str(root / "pipe"))
+    _, pipe = make_sd_pipeline(root, pad_token=pad_token, hidden_act=hidden_act,
+                               return_pipe=True)
+    text_encoder = pipe.text_encoder
     # diffusers 0.42's encode_prompt(clip_skip=...) reads text_encoder.text_model
     # .final_layer_norm, a wrapper transformers 5 no longer has: alias it (not a submodule, so
     # nothing else changes) to use diffusers' own clip_skip code as the reference.
@@ -225,3 +190,16 @@ def test_sd2_style_pad_and_gelu(tmp_path, hidden_act):
             ref, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False, clip_skip=clip_skip)
         np.testing.assert_allclose(loaded.encode_prompts(PROMPTS, layer=layer), ref.numpy(),
                                    atol=1e-4)
+
+
+def test_saved_pipeline_loads_and_refuses_tampering(tiny_pipeline_dir, tmp_path):
+    import shutil
+    from jaxattrib.models.convert import CheckpointError
+    from jaxattrib.models.pipeline import load_pipeline
+    pipe = load_pipeline(tiny_pipeline_dir)
+    assert not pipe.is_latent and pipe.unet_config.sample_size == 8
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_pipeline_dir, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors")
+    with pytest.raises(CheckpointError, match="unet"):
+        load_pipeline(bad)

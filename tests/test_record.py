@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +207,13 @@ def test_record_without_checksums_loads_and_reopening_fills_them(tmp_path, caplo
     assert caplog.text.count("loaded unverified") == 1   # one notice per record
     TrajectoryRecord.create(d, _manifest()).close()     # reopening for writing fills them in
     assert TrajectoryRecord.open(d).verify_step(0)
+
+
+def test_record_accepts_relative_path(tmp_path, monkeypatch):
+    from jaxattrib.train.record import TrajectoryRecord
+    monkeypatch.chdir(tmp_path)
+    rec = TrajectoryRecord.create("rel/record", {"config": {"a": 1}})
+    rec.save(0, {"params": {"w": np.ones(3, np.float32)}}, base={"w": np.ones(3, np.float32)})
+    rec.wait()
+    rec.close()
+    assert TrajectoryRecord.open(Path("rel/record")).steps() == [0]

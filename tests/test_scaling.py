@@ -20,6 +20,7 @@ from jaxattrib.attribution import projection as pj
 from jaxattrib.attribution import trak
 from jaxattrib.attribution.store import ChunkedArray
 from jaxattrib.progress import Progress, StageLog, log_path
+from tiny import write_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[(\w+)\] ")
@@ -103,16 +104,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _write_pngs(folder: Path, n: int, seed: int, size: int = 8) -> Path:
-    from PIL import Image
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    for i in range(n):
-        Image.fromarray(rng.randint(0, 256, (size, size, 3), np.uint8)).save(
-            folder / f"{i:03d}.png")
-    return folder
 
 
 # The hook a test process runs instead of `python -m jaxattrib.launch`: process KILL_PROCESS
@@ -213,9 +204,9 @@ def test_attribute_on_two_processes_resumes_after_kill_and_equals_one(tiny_laten
     from jaxattrib.runs.attribute import attribute_run
     from jaxattrib.runs.train import train_run
 
-    data = _write_pngs(tmp_path / "db" / "dog", 8, 0, size=16)
+    data = write_pngs(tmp_path / "db" / "dog", 8, 0, size=16)
     (data / "prompt.txt").write_text("a red circle")
-    queries = _write_pngs(tmp_path / "q", 2, 5, size=16)
+    queries = write_pngs(tmp_path / "q", 2, 5, size=16)
     (queries / "prompts.txt").write_text("a red circle\na blue square\n")
     cfg = load_config("sd15_lora", [
         f"model={tiny_latent_pipeline}", f"data.path={tmp_path / 'db'}", "data.size=16",

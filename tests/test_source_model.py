@@ -310,14 +310,14 @@ def test_pipeline_glue_zoo_query_and_signal(tmp_path):
     (2 fine-tuning steps each), members load back and generate through pipeline_generate_fn,
     and memorization_signal matches a direct evaluation of the Flax UNet."""
     pytest.importorskip("diffusers")
-    from test_pipeline import make_pipeline
+    from tiny import make_sd_pipeline
 
     from jaxattrib import parallel
     from jaxattrib.generate import make_eps_fn
     from jaxattrib.models.pipeline import load_pipeline
     from jaxattrib.train.finetune import TrainConfig
 
-    make_pipeline(tmp_path)
+    make_sd_pipeline(tmp_path)
     pipe = load_pipeline(tmp_path / "pipe")
     prompts = ["a photo of sks dog", "a painting of a cat", "a cat in the style", "a dog"] * 2
     gen_fn = SM.pipeline_generate_fn(pipe, num_inference_steps=3)

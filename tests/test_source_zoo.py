@@ -186,7 +186,7 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     a second and third member (other seed, other data) reuse the one compiled train step."""
     pytest.importorskip("diffusers")
     import jax
-    from test_pipeline import make_pipeline
+    from tiny import make_sd_pipeline
 
     from jaxattrib import parallel
     from jaxattrib.authentication import source_model_zoo as zoo_lib
@@ -195,7 +195,7 @@ def test_zoo_finetune_fn_matches_finetune_and_compiles_once(tmp_path, monkeypatc
     from jaxattrib.train import diffusion_task
     from jaxattrib.train.finetune import TrainConfig
 
-    make_pipeline(tmp_path)
+    make_sd_pipeline(tmp_path)
     pipe = load_pipeline(tmp_path / "pipe")
     rng = np.random.default_rng(0)
 
