@@ -19,7 +19,7 @@ demo: venv
 	$(VENV)/bin/jaxattrib demo
 
 test: venv
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -n 2 -q
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -n 2 -q --durations=15
 
 test-slow: venv
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -n 2 -q -m slow

@@ -1,8 +1,9 @@
 """The latent base model's pretraining (jaxattrib.train.latent_base), on its ``--smoke`` preset:
 the written folder loads with our loader and with diffusers/transformers with numeric parity
 (VAE encode/decode, UNet, text encoder), the latent scaling is 1/std of the posterior-mean
-latents, and a run interrupted in stage 2 and rerun ends bit-identical to an uninterrupted one (stage 1's
-resume is finetune's own, tested in test_finetune.py; here a finished stage 1 is restored)."""
+latents, and (slow) a run interrupted in stage 2 and rerun ends bit-identical to an uninterrupted
+one (stage 1's resume is finetune's own, tested in test_finetune.py; here a finished stage 1 is
+restored)."""
 
 import json
 import shutil
@@ -91,6 +92,10 @@ def test_folder_loads_with_parity(smoke):
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
 
 
+# slow: within a stage the resume is finetune's (test_finetune.py::
+# test_sigkill_then_resume_is_bit_identical, fast); restoring finished stages from the records
+# bit for bit is test_export_step_rebuilds_the_folder_from_the_records (fast)
+@pytest.mark.slow
 def test_resume_after_interruption_is_bit_identical(smoke, tmp_path):
     from safetensors.numpy import load_file
 

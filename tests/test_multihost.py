@@ -50,6 +50,7 @@ def _reference(tmp_path, num_devices: int = 1) -> tuple[np.ndarray, Path]:
     return store.read_all(), store.folder
 
 
+@pytest.mark.slow  # fast cover: test_scaling.py::test_featurize_two_processes_resume_after_kill
 def test_two_processes_featurize_like_one(tmp_path):
     """launch/local.sh: 2 jax.distributed processes x 2 CPU devices (loopback, gloo) write
     the same store as 1 process on 1 device (observed bit-identical; asserted to 1e-6)."""

@@ -172,11 +172,17 @@ def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
                                           jax.eval_shape(lambda: init(cfg, key)))
         up, tp = zeros(unet.init_params, u), zeros(clip_text.init_params, t)
     else:
-        up = unet.init_params(u, key)
+        # jitted init and draws, float32 arithmetic in numpy: bit-identical to the eager
+        # ``a + noise * jax.random.normal(key, a.shape)`` (checked 2026-12-07), without
+        # compiling each of the UNet's ops one by one
+        import numpy as np
+        up = unet.init_params(u, key)   # jitted inside
         if noise:
-            up = jax.tree_util.tree_map(lambda a: a + noise * jax.random.normal(key, a.shape),
-                                        up)
-        tp = clip_text.init_params(t, jax.random.fold_in(key, 1))
+            normal = jax.jit(jax.random.normal, static_argnums=1)
+            up = jax.tree_util.tree_map(
+                lambda a: np.asarray(a) + np.float32(noise) * np.asarray(normal(key, a.shape)),
+                up)
+        tp = jax.jit(clip_text.init_params, static_argnums=0)(t, jax.random.fold_in(key, 1))
     return bm.save_pipeline(root / name, u, up, t, tp, tok, bm.SCHEDULER_CONFIG,
                             {"note": "test"} if extra is None else extra)
 
