@@ -163,8 +163,30 @@ def test_benchmark_smoke_end_to_end_resumes(tmp_path):
     assert {i["path"] for i in doc["images"]} == {"results/cgi_bench_images.png",
                                                   "results/cgi_bench_roc.png"}
     assert (tmp_path / "report.html").is_file()
+    if out["verdict"] is not None:             # CGI-DM at or below a baseline: said in the report
+        assert out["verdict"] in doc["text"]
     cache = sorted((tmp_path / "cgi").rglob("*.npz"))
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     again = CB.run_cgi_benchmark(c, tmp_path, progress=False)
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps
     assert again["test"] == out["test"]
+
+
+def test_verdict_sentence_names_the_stronger_baseline_and_the_measured_separations():
+    """By construction: a loss gap that separates members perfectly beats a CGI-DM score that
+    does not; a model-free masked-input score that wins is said to use no model; a CGI-DM that
+    wins gets no sentence."""
+    from jaxattrib.metrics import roc_auc
+    y = np.array([True] * 4 + [False] * 4)
+    weak = np.array([0.5, 0.2, 0.6, 0.3, 0.4, 0.1, 0.7, 0.35])     # AUC 0.5
+    perfect = np.r_[np.full(4, 2.0), np.zeros(4)] + np.arange(8) * 0.01
+    rows = lambda c, g, m: [{"method": n, "AUC": roc_auc(x, y)} for n, x in  # noqa: E731
+                            (("CGI-DM (v, ssim)", c), ("loss gap (r)", g), ("masked (v)", m))]
+    base = lambda g, m: [("loss gap (r)", g, True), ("masked (v)", m, False)]  # noqa: E731
+    s = CB.verdict_sentence(rows(weak, perfect, weak), weak, base(perfect, weak), y)
+    assert s.startswith("CGI-DM test AUC 0.500 is below loss gap (r)'s 1.000: ")
+    assert "+0.0125 (+0.06 pooled std), against +1.96 " in s and "uses no model" not in s and "denoising loss" not in s
+    s = CB.verdict_sentence(rows(weak, weak, perfect), weak, base(weak, perfect), y)
+    assert "below masked (v)'s 1.000" in s and "which uses no model" in s
+    assert "denoising loss" in s                 # the loss-gap separation is added as context
+    assert CB.verdict_sentence(rows(perfect, weak, weak), perfect, base(weak, weak), y) is None

@@ -436,11 +436,13 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
         return np.r_[a[split == "member_test"], a[split == "holdout_test"]], a[split == "calib"]
 
     rows = [{"method": f"CGI-DM ({name}, {s})", **_metrics(cgi_test, y_test, sc["calib"])}]
+    base_test = []                     # [(row label, test scores [n_test], uses a model)]
     for m, label in (("loss gap", "loss gap, no inversion"),
                      ("masked input", "masked-input similarity")):
         k = pick[m]["variant"]
         st, sc_cal = test_of(k)
         rows.append({"method": f"{label} ({k})", **_metrics(st, y_test, sc_cal)})
+        base_test.append((rows[-1]["method"], st, m == "loss gap"))
     # all validation candidates on the test half too, for context (not used for choices)
     all_test = []
     for k in base:
@@ -449,10 +451,30 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     save_npz(RunDir(run_dir).scores / "cgi_test.npz", labels=y_test, cgi=cgi_test,
               calib=sc["calib"])
     summary = {"counts": counts, "picks": pick, "test": rows, "validation": val_rows,
-               "baselines_on_test": all_test, "wall_s": time.time() - t0}
+               "baselines_on_test": all_test,
+               "verdict": verdict_sentence(rows, cgi_test, base_test, y_test),
+               "wall_s": time.time() - t0}
     _write_tables(run_dir, config, summary)
     _report(run_dir, config, summary, parts, sc, y_test, v)
     return summary
+
+
+def verdict_sentence(rows: list[dict], cgi_scores: np.ndarray, baselines: list[tuple],
+                     labels: np.ndarray) -> str | None:
+    """The report's one sentence when CGI-DM's test AUC (``rows[0]``) is at or below the
+    stronger baseline's (``rows[1:]``, same order as ``baselines``), with the measured
+    member/hold-out separations of both scores (:func:`jaxattrib.report.verdict.cgi_dm_cause`);
+    ``None`` when CGI-DM wins. ``cgi_scores [n]``, ``labels [n]`` (True = member) are the test
+    half; ``baselines``: ``(row label, scores [n], uses a model)`` per baseline row, the loss
+    gap first [design]."""
+    from jaxattrib.report.verdict import cgi_dm_cause, explain
+    j = int(np.argmax([r["AUC"] for r in rows[1:]]))
+    label, scores, uses_model = baselines[j]
+    loss_gap = baselines[0][1] if j != 0 else None
+    cause = cgi_dm_cause(cgi_scores, labels, scores, label, score_name="CGI-DM score",
+                         baseline_uses_model=uses_model, loss_gap=loss_gap)
+    return explain("CGI-DM", rows[0]["AUC"], label, rows[1 + j]["AUC"], "test AUC", cause,
+                   measured="test AUC and member/hold-out score separations")
 
 
 def _md_table(rows) -> str:
@@ -469,8 +491,9 @@ def _write_tables(run_dir: Path, config, summary: dict) -> None:
     md = (f"CGI-DM benchmark ({config.source}): test half {c['member_test']} members vs "
           f"{c['holdout_test']} hold-outs; thresholds calibrated on {c['calib']} other "
           f"non-members; choices by validation AUC ({c['member_val']} + {c['holdout_val']}).\n\n"
-          + _md_table(summary["test"]) + "\n\nValidation:\n\n" + _md_table(summary["validation"])
-          + "\n")
+          + _md_table(summary["test"])
+          + (f"\n\n{summary['verdict']}" if summary.get("verdict") else "")
+          + "\n\nValidation:\n\n" + _md_table(summary["validation"]) + "\n")
     atomic_write_text(run_dir / "tables" / "cgi_dm.md", md)
     atomic_write_text(run_dir / "tables" / "cgi_dm.json",
                       json.dumps(summary, indent=1, default=float))
@@ -503,5 +526,7 @@ def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
                   tables=[{"caption": "test half; thresholds calibrated on the calib split",
                            "rows": summary["test"]},
                           {"caption": "validation (all choices)", "rows": summary["validation"]}],
-                  text=f"counts {summary['counts']}; PGD variant used: {cgi}")
+                  text=" ".join(t for t in (summary.get("verdict"),
+                                            f"counts {summary['counts']}; PGD variant used: "
+                                            f"{cgi}") if t))
     render_run_report(run_dir, title="jaxattrib CGI-DM benchmark")
