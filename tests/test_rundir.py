@@ -37,3 +37,20 @@ def test_record_names_embedded_base_model_independently_of_the_checkout(tmp_path
     other = tmp_path / "other"
     TrajectoryRecord.create(other, {"model": {"base_model": "/data/my_model"}})
     assert base_model_ref(str(bm.ASSET_DIR), other) == "embedded"
+
+
+def test_added_fields_apply_only_to_configs_that_have_them(tmp_path):
+    """The cgi-dm command's added fields (``data.vae_posterior`` ...) are filled into an older
+    stored config only where the current config has them: the CGI-DM benchmark shares the
+    list, and its ``data`` section has no ``vae_posterior``, so a rerun of the same benchmark
+    config must resume (it was refused: 'fields ['data'] differ')."""
+    from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
+    from jaxattrib.runs.rundir import check_run_config
+    c = load_config("cgi_dm_benchmark:smoke")
+    assert "vae_posterior" not in c.data
+    check_run_config(tmp_path, c, added=CGI_ADDED_FIELDS)
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "baselines.npz").write_bytes(b"x")      # something computed
+    check_run_config(tmp_path, c, added=CGI_ADDED_FIELDS)          # same config: resumes
+    with pytest.raises(ConfigError, match="data"):
+        check_run_config(tmp_path, apply_overrides(c, ["data.members=3"]), added=CGI_ADDED_FIELDS)

@@ -151,6 +151,13 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _has_field(config: dict, sections: list[str], name: str) -> bool:
+    """Whether the JSON ``config`` has ``sections...name``."""
+    for sec in sections:
+        config = config.get(sec) if isinstance(config, dict) else None
+    return isinstance(config, dict) and name in config
+
+
 def check_run_config(run_dir: Path, config, added: dict | None = None,
                      adopt: dict | None = None) -> None:
     """Refuses a run directory whose ``config.json`` differs from ``config``; writes it if new.
@@ -189,6 +196,8 @@ def check_run_config(run_dir: Path, config, added: dict | None = None,
         stored = read_run_config(path)
         for dotted, value in {**(added or {}), **(adopt or {})}.items():
             *sections, name = dotted.split(".")
+            if not _has_field(current, sections, name):
+                continue    # a config without the field (e.g. the CGI-DM benchmark's data)
             node = stored
             for sec in sections:
                 node = node.get(sec) if isinstance(node, dict) else None
