@@ -87,8 +87,8 @@ def test_cli_source_model_flags_the_copy_not_the_stranger(tiny_pipeline_dir, tmp
     assert res["threshold"] > inn["conf"]
     assert len(res["key_samples"]["prompts"]) == 2 and (run / "report.html").is_file()
     assert (run / "results" / "source_model_keys.png").is_file()
-    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*.npz")}
-    assert len(stamps) == 4                              # source + 2 suspects + 1 innocent
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*")}
+    assert len([n for n in stamps if n.endswith(".npz")]) == 4   # source + 2 suspects + 1 innocent
     r = CliRunner().invoke(app, args)                    # resumes: nothing regenerated
     assert r.exit_code == 0, r.output
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (run / "source_model").glob("gen_*")}
