@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "jaxattrib", "jaxattrib.config", "jaxattrib.configs", "jaxattrib.fileio",
         "jaxattrib.parallel", "jaxattrib.progress", "jaxattrib.runlock", "jaxattrib.integrity",
         "jaxattrib.precision", "jaxattrib.metrics", "jaxattrib.fingerprint", "jaxattrib.data",
-        "jaxattrib.logs",
+        "jaxattrib.logs", "jaxattrib.lazy_exports",
     ]),
     ("models", ["jaxattrib.models", "jaxattrib.report"]),
     ("diffusion", ["jaxattrib.diffusion"]),

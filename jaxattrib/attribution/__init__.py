@@ -9,7 +9,7 @@ Imported lazily, so ``import jaxattrib.attribution.store`` stays free of JAX.
 
 from __future__ import annotations
 
-import importlib
+from jaxattrib.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Attributor": "jaxattrib.attribution.attributor",
@@ -22,14 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
