@@ -20,7 +20,7 @@ import typer
 from jaxattrib.cli_options import (MatmulPrecision, Method, Noise, Precision, Projection, Remat,
                                    checkpoints_default as _checkpoints_default,
                                    progress_option as _progress_option,
-                                   run_default as _run_default)
+                                   run_option as _run_option)
 
 # rich_markup_mode=None: help text is plain text, so "[dtrak]"-style brackets and "[paper]"
 # markers are shown as written instead of being parsed (and eaten) as rich markup.
@@ -354,52 +354,32 @@ def attribute(ctx: typer.Context,
               run_dir: Path = typer.Argument(..., help="Run directory from `jaxattrib train`."),
               queries: Path = typer.Option(..., help="Folder of query PNGs + prompts.txt "
                                                      "(from `jaxattrib generate`)."),
-              method: Optional[Method] = typer.Option(
-                  None, show_default=False, help=_run_default("method", "Attribution method.")),
-              k: Optional[int] = typer.Option(
-                  None, show_default=False, help=_run_default("k", "Projection dimension.")),
-              params: Optional[str] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("params", "Regex over UNet parameter paths.", quoted=True)),
-              timesteps: Optional[int] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("num_timesteps", "Timesteps K of the output function.")),
-              lam_ratio: Optional[float] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("lam_ratio", "λ = ratio · mean(diag ΦᵀΦ).")),
-              topk: Optional[int] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("topk", "Training images listed per query.")),
-              projection: Optional[Projection] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("projection", "Random projection of the gradients.")),
-              microbatch: Optional[int] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("microbatch", "Examples per gradient call.")),
+              method: Optional[Method] = _run_option("method", "Attribution method."),
+              k: Optional[int] = _run_option("k", "Projection dimension."),
+              params: Optional[str] = _run_option("params",
+                                                  "Regex over UNet parameter paths.", quoted=True),
+              timesteps: Optional[int] = _run_option("num_timesteps",
+                                                     "Timesteps K of the output function."),
+              lam_ratio: Optional[float] = _run_option("lam_ratio", "λ = ratio · mean(diag ΦᵀΦ)."),
+              topk: Optional[int] = _run_option("topk", "Training images listed per query."),
+              projection: Optional[Projection] = _run_option("projection",
+                  "Random projection of the gradients."),
+              microbatch: Optional[int] = _run_option("microbatch", "Examples per gradient call."),
               journey_step: Optional[int] = typer.Option(None, show_default=False,
                                                          help="Journey-TRAK: sampling step to "
                                                               "attribute (required for "
                                                               "journey-trak)."),
-              precision: Optional[Precision] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("precision", "UNet compute dtype.")),
-              remat: Optional[Remat] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("remat", "Rematerialize each UNet block.")),
-              matmul_precision: Optional[MatmulPrecision] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("matmul_precision",
-                                    "float32 matmuls (default = TF32 on GPU).")),
-              chunk_size: Optional[int] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("chunk_size",
-                                    "Rows per feature-store chunk (unit of resumption).")),
-              noise: Optional[Noise] = typer.Option(
-                  None, show_default=False,
-                  help=_run_default("noise", "Noise of TRAK / D-TRAK / TracIn features: "
+              precision: Optional[Precision] = _run_option("precision", "UNet compute dtype."),
+              remat: Optional[Remat] = _run_option("remat", "Rematerialize each UNet block."),
+              matmul_precision: Optional[MatmulPrecision] = _run_option("matmul_precision",
+                  "float32 matmuls (default = TF32 on GPU)."),
+              chunk_size: Optional[int] = _run_option("chunk_size",
+                  "Rows per feature-store chunk (unit of resumption)."),
+              noise: Optional[Noise] = _run_option("noise",
+                                                   "Noise of TRAK / D-TRAK / TracIn features: "
                                     "per_position (D-TRAK's code: each batch position its own, "
                                     "period 52) | per_example | shared (every example the "
-                                    "same; runs made before this option).")),
+                                    "same; runs made before this option)."),
               checkpoints: Optional[str] = typer.Option(
                   None, show_default=False,
                   help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "

@@ -74,6 +74,12 @@ def run_default(name: str, text: str, *, quoted: bool = False) -> str:
     return f"{text} Default: the run config's, else {shown}."
 
 
+def run_option(name: str, text: str, *, quoted: bool = False):
+    """An ``attribute`` option whose value defaults to the run's (``None`` here), its help from
+    :func:`run_default`."""
+    return typer.Option(None, show_default=False, help=run_default(name, text, quoted=quoted))
+
+
 def checkpoints_default() -> str:
     """``'1 for dtrak, 3 for trak / journey-trak'``: the ensemble sizes of
     :data:`~jaxattrib.attribution.method_names.DEFAULT_CHECKPOINTS`, grouped by size."""
