@@ -303,6 +303,11 @@ def test_source_model_attributor_bad_inputs_are_one_config_error(tiny_pixel_pipe
 
 
 # ----------------------------------------------------------------------------- README
+#: how the README makes ``pipe`` and ``train`` (the lines this test repeats below)
+README_DATA_LINES = [
+    'pipe = bm.load_base_model()                                  # or models.pipeline.load_pipeline("sd15/")',
+    "train = make_synthetic(bm.spec_from_info(bm.base_model_info(), per_combination=2), seed=1)   # 300 32-px images"]
+
 README_AUTH_SNIPPET = """\
 import jax
 from jaxattrib.authentication import Authenticator, CGIDMConfig   # and SourceModelAttributor
@@ -313,7 +318,7 @@ d = auth.decide({"images": train.images[:4], "captions": train.captions[:4]}, ja
 
 
 def test_readme_snippet_runs():
-    """The README's Authenticator lines, verbatim, on the embedded pixel base model (``pipe``,
+    """The README's Authenticator lines, verbatim, on the embedded (latent) base model (``pipe``,
     ``train`` as the README makes them); ``ft_unet_params`` is a perturbed copy of its UNet and
     ``non_members`` four other synthetic images (stand-ins the README leaves to the user)."""
     from pathlib import Path
@@ -323,10 +328,12 @@ def test_readme_snippet_runs():
     from jaxattrib.train import base_model as bm
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- python-api: begin"):readme.index("<!-- python-api: end")]
-    for line in README_AUTH_SNIPPET.splitlines():
+    for line in README_AUTH_SNIPPET.splitlines() + README_DATA_LINES:
         assert line in block.splitlines(), line
-    pipe, train = bm.load_base_model(), make_synthetic(bm.data_spec(), seed=1)
-    other = make_synthetic(bm.data_spec(), seed=2)
+    pipe = bm.load_base_model()
+    train = make_synthetic(bm.spec_from_info(bm.base_model_info(), per_combination=2), seed=1)
+    other = make_synthetic(bm.spec_from_info(bm.base_model_info(), per_combination=1), seed=2)
+    assert train.images.shape == (300, 32, 32, 3) and pipe.is_latent   # as the README says
     k = jax.random.PRNGKey(7)
     ft = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(k, a.shape, a.dtype),
                                 pipe.unet_params)

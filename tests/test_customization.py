@@ -1,6 +1,7 @@
 """The customization benchmark (jaxattrib.eval.benchmarks): ground truth by construction,
 metrics on constructed score matrices, and a resumable tiny end-to-end run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,7 +63,8 @@ def _data_config(exemplars=3):
 
 
 def test_stratified_exemplars_show_the_variation_their_captions_state(tmp_path):
-    info = bm.base_model_info()
+    # the 16-px pixel spec (3 backgrounds): the stratification, not the embedded model, is tested
+    info = {"data_spec": dataclasses.asdict(bm.data_spec()), "held_out": list(bm.HELD_OUT)}
     data = demo.build_data(tmp_path, _data_config(3), info, stratify="background")
     train = data["train"]
     ex = train["concept"] >= 0

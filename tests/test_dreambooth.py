@@ -174,12 +174,12 @@ def test_pair_dataset_pairs_like_diffusers():
 
 
 def test_identifier_is_one_reserved_token_of_the_shipped_tokenizer():
-    from jaxattrib.train.base_model import data_spec
     from jaxattrib.data.synthetic import make_synthetic
     from jaxattrib.models.tokenizer import CLIPTokenizer
-    from jaxattrib.train.base_model import ASSET_DIR
+    from jaxattrib.train.base_model import ASSET_DIR, base_model_info, spec_from_info
     tok = CLIPTokenizer.from_folder(ASSET_DIR / "tokenizer")
-    captions = make_synthetic(data_spec(), seed=0).captions   # the pretraining captions
+    spec = spec_from_info(base_model_info(), per_combination=1)
+    captions = make_synthetic(spec, seed=0).captions          # the pretraining captions
     i = db.check_identifier(tok, db.IDENTIFIER, captions)
     assert tok.vocab[db.IDENTIFIER + "</w>"] == i
     with pytest.raises(ValueError, match="splits it"):

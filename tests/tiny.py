@@ -187,14 +187,18 @@ def make_pixel_pipeline(root, *, image_size: int = 8, seed: int = 0,
                             {"note": "test"} if extra is None else extra)
 
 
-def make_pixel_base_model(root, *, name: str = "pixel_base") -> Path:
+def make_pixel_base_model(root, *, name: str = "pixel_base", size: int = 16) -> Path:
     """A tiny pixel pipeline standing in for the embedded base model (``demo --set
-    base_model=...``): 16-px images and the embedded model's ``jaxattrib_base.json`` (data spec,
-    held-out concepts), random weights, so a whole demo runs in seconds of compute."""
+    base_model=...``): ``size``-px images and the embedded model's data spec (vocabularies,
+    backgrounds) and held-out concepts, random weights, so a whole demo runs in seconds of
+    compute. (The embedded model is a 32-px latent pipeline; the stand-in stays 16-px pixel
+    space for speed.)"""
     from jaxattrib.train import base_model as bm
     info = bm.base_model_info()
-    return make_pixel_pipeline(root, image_size=int(info["data_spec"]["size"]),
-                               name=name, extra=info)
+    info = {"data_spec": dict(info["data_spec"], size=size), "held_out": info["held_out"],
+            "note": "test stand-in for the embedded base model"}
+    words = bm.vocabulary(bm.spec_from_info(info)) + ["sks", "photo", "of", "dog", "cat"]
+    return make_pixel_pipeline(root, image_size=size, name=name, extra=info, words=words)
 
 
 def make_small_base_model(root, *, name: str = "pipe") -> Path:

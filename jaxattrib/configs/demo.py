@@ -1,7 +1,8 @@
 """The embedded default demo (``jaxattrib demo``): CPU, a few minutes, no network.
 
-The shipped base model (``jaxattrib/assets/base_model``; pretrained on the synthetic concept set
-with four (shape, color) concepts withheld) is fine-tuned on a small set = exemplars of the
+The shipped base model (``jaxattrib/assets/base_model``: a tiny latent diffusion model, 32-px
+images through a KL VAE to 16×16×4 latents, pretrained on the synthetic concept set with four
+(shape, color) concepts withheld) is fine-tuned on a small set = exemplars of the
 withheld concepts + a pool of distractor images it already knows. Generated images of each new
 concept must then be attributed to that concept's exemplars (ground truth by construction, as in
 the AbC benchmark); CGI-DM must tell fine-tuning members from hold-out images of the same

@@ -1,18 +1,24 @@
-"""The embedded default base model: a tiny text-to-image pixel diffusion model.
+"""The embedded default base model (where it lives, how it is read) and the 16-px *pixel* model.
 
-It is a real Stable-Diffusion-shaped pipeline — our UNet2DConditionModel port (pixel space,
-16×16×3, no VAE), a 2-layer CLIP text encoder and a word-level CLIP BPE tokenizer — pretrained
-by :func:`pretrain` (``python -m jaxattrib.train.base_model --out jaxattrib/assets/base_model``) on
-the synthetic concept set with a few (shape, color) combinations withheld, so that the demo
-can fine-tune it on exemplars of concepts it has never seen. It is stored in diffusers'
-pipeline layout (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``; safetensors), is loaded by :func:`jaxattrib.models.pipeline.load_pipeline`
-like any SD folder, and is small enough to ship in the package (a few MB).
+The shipped base model (``ASSET_DIR`` = ``jaxattrib/assets/base_model``) is the tiny
+Stable-Diffusion-shaped **latent** pipeline of :mod:`jaxattrib.train.latent_base` (issue 21):
+a KL VAE (32 px, f = 2, 16×16×4 latents), a UNet over its latents, a 2-layer CLIP text encoder
+and a word-level CLIP BPE tokenizer, pretrained on the synthetic concept set with four
+(shape, color) combinations withheld, in diffusers' layout with safetensors. It is made by
+``python -m jaxattrib.train.latent_base --out jaxattrib/assets/base_model`` (its defaults are
+the shipped design); :func:`load_base_model` loads it like any SD folder and
+:func:`base_model_info` reads its manifest ``jaxattrib_base.json`` (``data_spec``,
+``held_out``, architecture, loss curves, machine).
+
+The former default, a 16-px pixel-space UNet (no VAE), is still defined here: :func:`data_spec`,
+:func:`vocabulary`, :func:`model_configs` and :func:`pretrain` (``python -m
+jaxattrib.train.base_model --out DIR``, ~1 h on 2 cores) rebuild it for the 16-px comparison
+numbers of the benchmark docs, and the tests' tiny random-weight fixtures use its 16-px spec
+(``tests/tiny.py``). :func:`save_pipeline` writes either kind of pipeline folder.
 
 [design] Everything here is ours: architecture sizes, data, withheld concepts, schedule, and
 the caption dropout (an extra 10% of empty-caption examples, so classifier-free guidance works).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -134,8 +140,8 @@ def load_base_model(folder: str | os.PathLike | None = None):
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(
             f"{folder}: the embedded base model is missing. Recreate it with "
-            f"`python -m jaxattrib.train.base_model --out {folder}` "
-            "(about 15 minutes on 2 CPU cores).")
+            f"`python -m jaxattrib.train.latent_base --out {folder}` "
+            "(about 1.5-2 hours on 2 CPU cores).")
     return load_pipeline(folder)
 
 
@@ -157,7 +163,8 @@ def spec_from_info(info: dict, **overrides):
 def pretrain(out: str | os.PathLike, *, steps: int = 4000, batch_size: int = 32,
              learning_rate: float = 1e-3, seed: int = 0, work_dir: str | None = None,
              progress: bool = True) -> Path:
-    """Pretrains the base model from scratch and writes it to ``out`` (a pipeline folder).
+    """Pretrains the 16-px pixel base model from scratch and writes it to ``out`` (a pipeline
+    folder; no longer the shipped default, see the module docstring).
 
     Resumable: the training run's trajectory record lives in ``work_dir`` (default
     ``out + '.work'``); rerunning continues from its last checkpoint.
@@ -223,7 +230,9 @@ def pretrain(out: str | os.PathLike, *, steps: int = 4000, batch_size: int = 32,
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ASSET_DIR))
+    p.add_argument("--out", required=True,
+                   help="pipeline folder to write (the shipped default is the latent model "
+                        "of `python -m jaxattrib.train.latent_base`)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -36,8 +36,9 @@ concepts, architecture, steps, loss curves, latent statistics, wall time per sta
 with the same ``data_spec`` / ``held_out`` keys as the pixel base model so
 :func:`jaxattrib.train.base_model.spec_from_info` and the demo read it alike.
 
-[design] Ours: 32 px with f = 4 (8 × 8 × 4 latents), the architectures, the concept set,
-``kl_weight``, learning rates and steps; the measured reasons are in ``docs/latent_base.md``.
+[design] Ours: 32 px with f = 2 (16 × 16 × 4 latents), the architectures, the concept set,
+``kl_weight``, learning rates and steps; the defaults are the shipped model
+(``jaxattrib/assets/base_model``), the measured reasons in ``docs/latent_base.md``.
 """
 
 from __future__ import annotations
@@ -106,17 +107,17 @@ class LatentBaseConfig:
     position_jitter: float = 0.15
     scale_range: tuple[float, float] = (0.45, 0.8)
     seed: int = 0
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 64)
     vae_layers: int = 1
     vae_groups: int = 8
-    vae_mid_attention: bool = True
+    vae_mid_attention: bool = False
     latent_channels: int = 4
     kl_weight: float = 1e-5
     vae_steps: int = 1500
-    vae_batch: int = 32
-    vae_lr: float = 5e-4
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
     unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_down: str = "ccd"
+    unet_down: str = "dcc"
     unet_heads: int = 8
     unet_groups: int = 8
     unet_layers: int = 1
