@@ -311,7 +311,7 @@ README_DATA_LINES = [
 README_AUTH_SNIPPET = """\
 import jax
 from jaxattrib.authentication import Authenticator, CGIDMConfig   # and SourceModelAttributor
-auth = Authenticator(pipe, ft_unet_params, config=CGIDMConfig(num_steps=20), batch_size=4)   # CGI-DM: pipe's UNet vs a fine-tuned one
+auth = Authenticator(pipe, ft_unet_params, config=CGIDMConfig(num_steps=20), vae_posterior="mean", batch_size=4)   # CGI-DM: pipe's UNet vs a fine-tuned one; z = VAE posterior mean
 auth.calibrate(non_members, jax.random.PRNGKey(1))            # {"images", "captions"} known not trained on: the threshold
 d = auth.decide({"images": train.images[:4], "captions": train.captions[:4]}, jax.random.PRNGKey(2))   # d["scores"], d["decisions"]: [4]
 """
