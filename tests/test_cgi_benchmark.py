@@ -152,8 +152,9 @@ def test_dreambooth_folder_splits(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_smoke_end_to_end_resumes(tmp_path):
-    """Every stage on a tiny setting (about 3 min on 2 loaded cores); a rerun recomputes no
-    recovery and gives the same tables; the report shows original | masked | recovered."""
+    """Every stage on a tiny setting on the embedded latent model (about 3.5 min on 2 loaded
+    cores); a rerun recomputes no recovery and gives the same tables; the report shows
+    original | masked | recovered."""
     c = load_config("cgi_dm_benchmark:smoke")
     out = CB.run_cgi_benchmark(c, tmp_path, progress=False)
     assert [r["method"].split(" (")[0] for r in out["test"]] == [
@@ -161,6 +162,9 @@ def test_benchmark_smoke_end_to_end_resumes(tmp_path):
     for r in out["test"]:
         assert 0.0 <= r["AUC"] <= 1.0 and 0.0 <= r["calibrated 10%: FPR"] <= 1.0
     assert out["counts"]["member_test"] == out["counts"]["holdout_test"] == 4
+    # the embedded latent model: 32-px images, PGD on its 16x16x4 VAE latents, said in the table
+    assert np.load(tmp_path / "data" / "splits.npz")["images"].shape[1:] == (32, 32, 3)
+    assert "PGD on VAE latents [16, 16, 4]" in (tmp_path / "tables" / "cgi_dm.md").read_text()
     doc = json.loads((tmp_path / "results" / "cgi_bench.json").read_text())
     assert {i["path"] for i in doc["images"]} == {"results/cgi_bench_images.png",
                                                   "results/cgi_bench_roc.png"}
@@ -210,17 +214,18 @@ def _subject_folder(root, sizes=(24, 20), n=5):
     return root
 
 
-def test_latent_benchmark_runs_pgd_on_the_vae_mean_latent_as_the_authenticator(
-        tiny_latent_pipeline, tmp_path):
+def test_latent_benchmark_runs_pgd_on_the_vae_mean_latent(tiny_latent_pipeline, tmp_path):
     """The benchmark's stages on the tiny latent pipeline (16-px images, 8x8x4 latents): the
-    folder loads at the pixel size (16, not the UNet's 8); fine-tuning trains on the posterior
-    mean (recorded); the recoveries equal the Authenticator's with vae_posterior='mean' (PGD on
-    the latent, mask [n, 8, 8, 4], pixels decoded), the masked-input baseline's start is the
-    recoveries' masked image, and the loss gap equals the Authenticator's baseline."""
+    folder loads at the pixel size (16, not the UNet's 8); a cache of another model's size is
+    refused; fine-tuning trains on the posterior mean (recorded); the recoveries equal
+    ``cgi_dm.recover`` through the shared VAE codec with the posterior mean (what the demo and
+    ``Authenticator(vae_posterior='mean')`` run: PGD on the latent, mask [n, 8, 8, 4], pixels
+    decoded); the masked-input baseline's start is the recoveries' masked image and the loss
+    gap is taken on the mean latent."""
     import jax
 
-    from jaxattrib.authentication import Authenticator
-    from jaxattrib.authentication.cgi_dm import CGIDMConfig
+    from jaxattrib.authentication import cgi_dm
+    from jaxattrib.models.latent_io import vae_codec
     from jaxattrib.models.pipeline import load_pipeline
     pipe = load_pipeline(tiny_latent_pipeline)
     c = load_config("cgi_dm_benchmark:smoke", [
@@ -231,40 +236,44 @@ def test_latent_benchmark_runs_pgd_on_the_vae_mean_latent_as_the_authenticator(
     assert data["images"].shape == (10, 16, 16, 3)                # pixel size, not 8
     assert sorted(set(data["split"])) == ["calib", "holdout_test", "holdout_val",
                                           "member_test", "member_val"]
+    pixel8 = types.SimpleNamespace(unet_config=types.SimpleNamespace(sample_size=8,
+                                                                      in_channels=3),
+                                   vae_config=None)
+    with pytest.raises(ConfigError, match=r"splits.npz \(made with another base model"):
+        CB.build_data(run, c, pixel8)                             # cached for another model
     np.savez(run / "data" / "class.npz", images=data["images"][:2],   # cached class images
              captions=np.array(["a green star on a gray background"] * 2))
     ft = CB.finetune_stage(run, c, pipe, data, progress=False)
-    rec_dir = run / "record"
-    assert json.loads((rec_dir / "manifest.json").read_text())["model"]["vae_latents"] == "mean"
+    manifest = json.loads((run / "record" / "manifest.json").read_text())
+    assert manifest["model"]["vae_latents"] == "mean"
     moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), ft, pipe.unet_params))
     assert max(moved) > 0
     m = CB.models(pipe, ft)
     ctx = np.asarray(pipe.encode_prompts(list(data["captions"])))
-    v = CGIDMConfig(num_steps=2, clamp=1.0)
+    v = cgi_dm.CGIDMConfig(num_steps=2, clamp=1.0)
     split = "member_val"
     sel = data["split"] == split
-    # the Authenticator encodes the split's captions alone (another batch: ~1e-6 apart)
-    ctx_split = ctx.copy()
-    ctx_split[sel] = np.asarray(pipe.encode_prompts(list(data["captions"][sel])))
-    rec = CB.recover_split(run, c, "v", v, split, data, ctx_split, m["eps_pre"], m["eps_ft"],
+    rec = CB.recover_split(run, c, "v", v, split, data, ctx, m["eps_pre"], m["eps_ft"],
                            m["sched"], False, encode=m["encode"], decode=m["decode"])
     assert rec["mask"].shape == (sel.sum(), 8, 8, 4)              # PGD on the latent
     assert rec["recovered"].shape == rec["masked"].shape == (sel.sum(), 16, 16, 3)
-    auth = Authenticator(pipe, ft, config=v, vae_posterior="mean", batch_size=c.batch_size)
-    ex = {"images": data["images"][sel], "captions": data["captions"][sel]}
-    ref = auth.recover(ex, CB._split_key(c.seed, split))
+    enc, dec = vae_codec(pipe, sample=False)
+    ref = cgi_dm.recover(data["images"][sel], m["eps_pre"], m["eps_ft"], m["sched"], v,
+                         CB._split_key(c.seed, split), cond=ctx[sel], encode=enc, decode=dec,
+                         batch_size=c.batch_size)
     for k in ("original", "masked", "recovered", "mask"):
-        np.testing.assert_array_equal(rec[k], ref[k], err_msg=k)
+        np.testing.assert_allclose(rec[k], ref[k], rtol=0, atol=1e-6, err_msg=k)
     assert np.abs(rec["recovered"] - rec["masked"]).max() > 1e-3    # PGD moved the image
     mse = {"mse": lambda x, y: -((np.asarray(x) - np.asarray(y)) ** 2).mean(axis=(1, 2, 3))}
     base = CB.baseline_scores(run, c, data, ctx, m["eps_pre"], m["eps_ft"], m["sched"], mse,
                               {"v": v}, encode=m["encode"], decode=m["decode"])
     np.testing.assert_allclose(base["masked_v_mse"][sel],
                                mse["mse"](rec["original"], rec["masked"]), rtol=1e-5)
-    all_ex = {"images": data["images"], "captions": data["captions"]}
-    gap = auth.baselines(all_ex, CB._split_key(c.seed, "loss_gap"), n_draws=c.loss_gap_draws)
-    np.testing.assert_allclose(base["loss_gap_t1-999"], gap["loss_gap"], rtol=1e-5, atol=1e-7)
+    gap = cgi_dm.loss_gap_scores(data["images"], m["eps_pre"], m["eps_ft"], m["sched"],
+                                 CB._split_key(c.seed, "loss_gap"), cond=ctx, encode=enc,
+                                 n_draws=c.loss_gap_draws, batch_size=c.batch_size)
+    np.testing.assert_allclose(base["loss_gap_t1-999"], gap, rtol=1e-5, atol=1e-7)
 
 
 def test_pixel_benchmark_masked_start_is_the_masked_image():

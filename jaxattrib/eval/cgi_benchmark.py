@@ -173,7 +173,12 @@ def build_data(run_dir: Path, config, pipe, info: dict | None = None) -> dict:
     from jaxattrib.runs.rundir import save_npz
     path = RunDir(run_dir).data_file("splits")
     if path.exists():
-        return dict(np.load(path))
+        out = dict(np.load(path))
+        # e.g. a run of the 16-px pixel model, the embedded default before 1cbc1e1
+        check_pixel_images(out["images"].shape, pipe.unet_config, pipe.vae_config,
+                           f"{path} (made with another base model? use a new run directory "
+                           f"or that run's base_model)")
+        return out
     size = pixel_shape(pipe.unet_config, pipe.vae_config)[0]
     if config.source == "synthetic":
         import dataclasses
