@@ -54,6 +54,23 @@ def test_config_and_variant_errors_name_the_field():
             CB.check_config(apply_overrides(c, [override]))
 
 
+def test_run_made_before_base_model_field_resumes(tmp_path):
+    """A benchmark run directory whose config.json predates ``base_model`` resumes with the
+    embedded model (read as ''); another base model is refused."""
+    from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
+    from jaxattrib.runs.rundir import check_run_config
+    added = {**CGI_ADDED_FIELDS, **CB.ADDED_FIELDS}
+    c = load_config("cgi_dm_benchmark:smoke")
+    old = json.loads(c.to_json())
+    del old["base_model"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "baselines.npz").write_bytes(b"x")      # something computed
+    check_run_config(tmp_path, c, added=added)                      # resumes
+    with pytest.raises(ConfigError, match="base_model"):
+        check_run_config(tmp_path, apply_overrides(c, ["base_model='/elsewhere'"]), added=added)
+
+
 def test_metrics_threshold_from_calibration_split_only():
     labels = np.r_[np.ones(10), np.zeros(10)].astype(bool)
     scores = np.r_[np.arange(10) + 5.5, np.arange(10)]      # members 5.5..14.5, hold-outs 0..9
