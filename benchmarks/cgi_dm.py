@@ -1,7 +1,9 @@
 """The CGI-DM benchmark: fine-tuning members vs equal-size hold-outs of the same concepts
 (:mod:`jaxattrib.eval.cgi_benchmark`; config ``jaxattrib/configs/cgi_dm_benchmark.py``).
 
-The embedded base model is fine-tuned DreamBooth-style (short full-UNet run with prior preservation)
+The embedded base model (a latent model: PGD on its VAE posterior-mean latents, the masked /
+recovered images VAE-decoded; ``--set base_model=DIR`` for another base model folder) is
+fine-tuned DreamBooth-style (short full-UNet run with prior preservation)
 on member images of its withheld concepts (or of DreamBooth subjects, ``--set source=folder
 --set data.path=/work/shared/data/dreambooth``); CGI-DM, the loss gap without inversion and the
 masked-input similarity score every image; all choices are made on a validation half, AUC and

@@ -54,6 +54,23 @@ def test_config_and_variant_errors_name_the_field():
             CB.check_config(apply_overrides(c, [override]))
 
 
+def test_run_made_before_base_model_field_resumes(tmp_path):
+    """A benchmark run directory whose config.json predates ``base_model`` resumes with the
+    embedded model (read as ''); another base model is refused."""
+    from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
+    from jaxattrib.runs.rundir import check_run_config
+    added = {**CGI_ADDED_FIELDS, **CB.ADDED_FIELDS}
+    c = load_config("cgi_dm_benchmark:smoke")
+    old = json.loads(c.to_json())
+    del old["base_model"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "baselines.npz").write_bytes(b"x")      # something computed
+    check_run_config(tmp_path, c, added=added)                      # resumes
+    with pytest.raises(ConfigError, match="base_model"):
+        check_run_config(tmp_path, apply_overrides(c, ["base_model='/elsewhere'"]), added=added)
+
+
 def test_metrics_threshold_from_calibration_split_only():
     labels = np.r_[np.ones(10), np.zeros(10)].astype(bool)
     scores = np.r_[np.arange(10) + 5.5, np.arange(10)]      # members 5.5..14.5, hold-outs 0..9
@@ -136,7 +153,9 @@ def test_dreambooth_folder_splits(shared_data, tmp_path):
         pytest.skip(f"{root} not present")
     c = load_config("cgi_dm_benchmark", ["source='folder'", f"data.path='{root}'",
                                          "data.subjects=('dog', 'cat')", "data.members=2"])
-    pipe = types.SimpleNamespace(unet_config=types.SimpleNamespace(sample_size=16))
+    pipe = types.SimpleNamespace(unet_config=types.SimpleNamespace(sample_size=16,
+                                                                    in_channels=3),
+                                 vae_config=None)
     d = CB.build_data(tmp_path, c, pipe)
     assert d["images"].shape[1:] == (16, 16, 3)
     assert -1.0 <= d["images"].min() and d["images"].max() <= 1.0
@@ -150,8 +169,9 @@ def test_dreambooth_folder_splits(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_smoke_end_to_end_resumes(tmp_path):
-    """Every stage on a tiny setting (about 3 min on 2 loaded cores); a rerun recomputes no
-    recovery and gives the same tables; the report shows original | masked | recovered."""
+    """Every stage on a tiny setting on the embedded latent model (about 3.5 min on 2 loaded
+    cores); a rerun recomputes no recovery and gives the same tables; the report shows
+    original | masked | recovered."""
     c = load_config("cgi_dm_benchmark:smoke")
     out = CB.run_cgi_benchmark(c, tmp_path, progress=False)
     assert [r["method"].split(" (")[0] for r in out["test"]] == [
@@ -159,6 +179,9 @@ def test_benchmark_smoke_end_to_end_resumes(tmp_path):
     for r in out["test"]:
         assert 0.0 <= r["AUC"] <= 1.0 and 0.0 <= r["calibrated 10%: FPR"] <= 1.0
     assert out["counts"]["member_test"] == out["counts"]["holdout_test"] == 4
+    # the embedded latent model: 32-px images, PGD on its 16x16x4 VAE latents, said in the table
+    assert np.load(tmp_path / "data" / "splits.npz")["images"].shape[1:] == (32, 32, 3)
+    assert "PGD on VAE latents [16, 16, 4]" in (tmp_path / "tables" / "cgi_dm.md").read_text()
     doc = json.loads((tmp_path / "results" / "cgi_bench.json").read_text())
     assert {i["path"] for i in doc["images"]} == {"results/cgi_bench_images.png",
                                                   "results/cgi_bench_roc.png"}
@@ -190,3 +213,102 @@ def test_verdict_sentence_names_the_stronger_baseline_and_the_measured_separatio
     assert "below masked (v)'s 1.000" in s and "which uses no model" in s
     assert "denoising loss" in s                 # the loss-gap separation is added as context
     assert CB.verdict_sentence(rows(perfect, weak, weak), perfect, base(weak, weak), y) is None
+
+
+def _subject_folder(root, sizes=(24, 20), n=5):
+    """A DreamBooth-layout folder: two subjects of ``n`` smooth random PNGs, ``sizes[i]`` px
+    (not the model's size: the loader resizes), captions in the synthetic vocabulary."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for subject, size, cap in (("dog", sizes[0], "a red circle on a black background"),
+                               ("cat", sizes[1], "a blue square on a white background")):
+        d = root / subject
+        d.mkdir(parents=True)
+        (d / "prompt.txt").write_text(cap)
+        for i in range(n):
+            low = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+            Image.fromarray(low).resize((size, size), Image.BICUBIC).save(d / f"{i:02d}.png")
+    return root
+
+
+def test_latent_benchmark_runs_pgd_on_the_vae_mean_latent(tiny_latent_pipeline, tmp_path):
+    """The benchmark's stages on the tiny latent pipeline (16-px images, 8x8x4 latents): the
+    folder loads at the pixel size (16, not the UNet's 8); a cache of another model's size is
+    refused; fine-tuning trains on the posterior mean (recorded); the recoveries equal
+    ``cgi_dm.recover`` through the shared VAE codec with the posterior mean (what the demo and
+    ``Authenticator(vae_posterior='mean')`` run: PGD on the latent, mask [n, 8, 8, 4], pixels
+    decoded); the masked-input baseline's start is the recoveries' masked image and the loss
+    gap is taken on the mean latent."""
+    import jax
+
+    from jaxattrib.authentication import cgi_dm
+    from jaxattrib.models.latent_io import vae_codec
+    from jaxattrib.models.pipeline import load_pipeline
+    pipe = load_pipeline(tiny_latent_pipeline)
+    c = load_config("cgi_dm_benchmark:smoke", [
+        "source='folder'", f"data.path='{_subject_folder(tmp_path / 'photos')}'",
+        "finetune.steps=2", "finetune.learning_rate=0.01", "batch_size=2", "loss_gap_draws=2"])
+    run = tmp_path / "run"
+    data = CB.build_data(run, c, pipe)
+    assert data["images"].shape == (10, 16, 16, 3)                # pixel size, not 8
+    assert sorted(set(data["split"])) == ["calib", "holdout_test", "holdout_val",
+                                          "member_test", "member_val"]
+    pixel8 = types.SimpleNamespace(unet_config=types.SimpleNamespace(sample_size=8,
+                                                                      in_channels=3),
+                                   vae_config=None)
+    with pytest.raises(ConfigError, match=r"splits.npz \(made with another base model"):
+        CB.build_data(run, c, pixel8)                             # cached for another model
+    np.savez(run / "data" / "class.npz", images=data["images"][:2],   # cached class images
+             captions=np.array(["a green star on a gray background"] * 2))
+    ft = CB.finetune_stage(run, c, pipe, data, progress=False)
+    manifest = json.loads((run / "record" / "manifest.json").read_text())
+    assert manifest["model"]["vae_latents"] == "mean"
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), ft, pipe.unet_params))
+    assert max(moved) > 0
+    m = CB.models(pipe, ft)
+    ctx = np.asarray(pipe.encode_prompts(list(data["captions"])))
+    v = cgi_dm.CGIDMConfig(num_steps=2, clamp=1.0)
+    split = "member_val"
+    sel = data["split"] == split
+    rec = CB.recover_split(run, c, "v", v, split, data, ctx, m["eps_pre"], m["eps_ft"],
+                           m["sched"], False, encode=m["encode"], decode=m["decode"])
+    assert rec["mask"].shape == (sel.sum(), 8, 8, 4)              # PGD on the latent
+    assert rec["recovered"].shape == rec["masked"].shape == (sel.sum(), 16, 16, 3)
+    enc, dec = vae_codec(pipe, sample=False)
+    ref = cgi_dm.recover(data["images"][sel], m["eps_pre"], m["eps_ft"], m["sched"], v,
+                         CB._split_key(c.seed, split), cond=ctx[sel], encode=enc, decode=dec,
+                         batch_size=c.batch_size)
+    for k in ("original", "masked", "recovered", "mask"):
+        np.testing.assert_allclose(rec[k], ref[k], rtol=0, atol=1e-6, err_msg=k)
+    assert np.abs(rec["recovered"] - rec["masked"]).max() > 1e-3    # PGD moved the image
+    mse = {"mse": lambda x, y: -((np.asarray(x) - np.asarray(y)) ** 2).mean(axis=(1, 2, 3))}
+    base = CB.baseline_scores(run, c, data, ctx, m["eps_pre"], m["eps_ft"], m["sched"], mse,
+                              {"v": v}, encode=m["encode"], decode=m["decode"])
+    np.testing.assert_allclose(base["masked_v_mse"][sel],
+                               mse["mse"](rec["original"], rec["masked"]), rtol=1e-5)
+    gap = cgi_dm.loss_gap_scores(data["images"], m["eps_pre"], m["eps_ft"], m["sched"],
+                                 CB._split_key(c.seed, "loss_gap"), cond=ctx, encode=enc,
+                                 n_draws=c.loss_gap_draws, batch_size=c.batch_size)
+    np.testing.assert_allclose(base["loss_gap_t1-999"], gap, rtol=1e-5, atol=1e-7)
+
+
+def test_pixel_benchmark_masked_start_is_the_masked_image():
+    """A pixel base model (no VAE maps, the computation before latent models): the
+    masked-input start is the checkerboard times the image, exactly."""
+    from jaxattrib.authentication.cgi_dm import CGIDMConfig, checkerboard_mask
+    members, pre, ft, sched = _toy_bench_models()
+    x = np.asarray(members)
+    data = {"images": x, "split": np.array(["member_val", "holdout_val"])}
+    cfg = types.SimpleNamespace(seed=0, loss_gap_draws=1, batch_size=2)
+    sims = {"cut": lambda a, b: np.asarray(b)[:, 0, 1, 0],     # a pixel the mask removes
+            "keep": lambda a, b: np.asarray(b)[:, 0, 0, 0]}    # one it keeps
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        base = CB.baseline_scores(Path(d), cfg, data, None, pre, ft, sched, sims,
+                                  {"v": CGIDMConfig(block=2)})
+    mask = checkerboard_mask(x.shape, 2)
+    assert mask[0, 0, 0, 0] == 1 and mask[0, 0, 1, 0] == 0
+    np.testing.assert_array_equal(base["masked_v_cut"], 0.0)
+    np.testing.assert_array_equal(base["masked_v_keep"], x[:, 0, 0, 0])

@@ -381,15 +381,30 @@ def masked_similarity_scores(images: Any, config: CGIDMConfig, key: jax.Array, *
     """Baseline: similarity of the masked start ``decode(z_init)`` to the original, no models.
     ``[N]``. (Uses the same masks as :func:`recover` with the same ``key``.)"""
     images = jnp.asarray(images)
-    enc, dec = encode or _identity, decode or _identity
     sim = simlib.get_similarity(similarity, data_range=data_range, embed=embed)
+    starts = masked_starts(images, config, key, encode=encode, decode=decode,
+                           batch_size=batch_size)
+    return np.concatenate([np.asarray(sim(images[lo:lo + batch_size],
+                                          jnp.asarray(starts[lo:lo + batch_size])))
+                           for lo in range(0, images.shape[0], batch_size)])
+
+
+def masked_starts(images: Any, config: CGIDMConfig, key: jax.Array, *,
+                  encode: Callable | None = None, decode: Callable | None = None,
+                  batch_size: int = 8) -> np.ndarray:
+    """The masked starts ``decode(z_init)`` of ``images [N, H, W, C]`` -> ``[N, H, W, C]``
+    NumPy, with the masks :func:`recover` draws from the same ``key`` (image ``i``'s from
+    ``index_offset = i``); ``z0 = encode(x)`` (e.g. the VAE posterior mean; identity if None).
+    What :func:`recover` returns as ``masked`` for the same images, key and deterministic
+    ``encode``, without the PGD."""
+    images = jnp.asarray(images)
+    enc, dec = encode or _identity, decode or _identity
     k_mask, _ = jax.random.split(key)
     out = []
     for lo in range(0, images.shape[0], batch_size):
-        x = images[lo:lo + batch_size]
-        z0 = enc(x)
+        z0 = enc(images[lo:lo + batch_size])
         mask = batch_masks(config, z0.shape, k_mask, lo)
-        out.append(np.asarray(sim(x, dec(initial_latent(z0, mask, config, encode, decode)))))
+        out.append(np.asarray(dec(initial_latent(z0, mask, config, encode, decode))))
     return np.concatenate(out)
 
 
@@ -399,5 +414,5 @@ __all__ = ["decide", "CGIDMConfig", "CGIDMError", "EpsFn", "ImageSizeError",
            "check_compatible", "check_image_size", "check_same_config", "checkerboard_mask",
            "contrastive_objective", "empirical_p_values", "fpr_threshold", "gaussian_blur",
            "image_keys", "initial_latent", "loss_gap_scores", "make_mask", "manifold_project",
-           "masked_similarity_scores", "pgd_invert", "recover", "recovery_scores",
-           "similarity_fn"]
+           "masked_similarity_scores", "masked_starts", "pgd_invert", "recover",
+           "recovery_scores", "similarity_fn"]

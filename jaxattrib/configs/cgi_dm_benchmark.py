@@ -6,8 +6,13 @@ thresholds calibrated on a separate split.
 Fields:
 
 * ``seed``: splits, class-image generation, fine-tuning, PGD noise.
-* ``source``: 'synthetic' (renders of the embedded base model's four withheld concepts) or
-  'folder' (a DreamBooth-layout folder, ``data.path``, resized to the model's 16 px; one concept
+* ``base_model``: '' = the embedded base model (a latent model: PGD runs on its VAE
+  posterior-mean latents, the masked / recovered images are VAE-decoded); else a pipeline folder
+  with a ``jaxattrib_base.json`` (e.g. the 16-px pixel model of ``python -m
+  jaxattrib.train.base_model --out DIR``).
+* ``source``: 'synthetic' (renders of the base model's four withheld concepts at its
+  ``data_spec.size``) or 'folder' (a DreamBooth-layout folder, ``data.path``, resized to the
+  model's pixel size, UNet sample size x VAE factor: 32 px for the embedded model; one concept
   per subject; ``data.subjects`` = () for all; ``data.caption`` = fallback caption template).
 * ``data.members``: members per concept (= hold-outs per concept; alternately validation /
   test). A folder subject with fewer than ``2 * members + 1`` images takes
@@ -23,7 +28,9 @@ Fields:
   lr 1e-3 / 1e-2 left the members' loss almost unchanged (loss-gap validation AUC 0.63 / 0.61),
   this setting moves it (0.69) without the memorisation of the demo (AUC 1.00 there).
 * ``cgi``: the base :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (authors' defaults,
-  scaled to the 16×16×3 pixel space by ``scale='sqrt_numel'``, fewer steps for CPU).
+  scaled to the model input by ``scale='sqrt_numel'``: 16×16×4 latents for the embedded model,
+  16×16×3 pixels for the pixel one; fewer steps for CPU). The ``clamp1`` variants clamp to
+  [-1, 1]: the pixel range on a pixel model, a tighter box than the authors' 100 on latents.
 * ``tune.variants``: CGI-DM variants tried on the validation half, ``'name: field=value,
   ...'`` overriding ``cgi`` (any :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` field,
   e.g. the manifold projection ``project_t`` / ``project_model`` / ``project_every`` [design]);
@@ -47,6 +54,7 @@ from jaxattrib.configs import cgi_dm
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.base_model = ""                 # '' = the embedded base model; else a pipeline folder
     c.source = "synthetic"
 
     c.data = ml_collections.ConfigDict()

@@ -23,10 +23,25 @@ and the decision threshold at each FPR budget is calibrated on the ``calib`` ima
 the test half), with the FPR/TPR it actually gives on the test half.
 
 Sources: ``source='synthetic'`` — renders of the base model's four withheld (shape, color)
-concepts, captioned as in pretraining ("a yellow cross on a black background"); ``'folder'`` —
-a DreamBooth-layout folder (e.g. ``/work/shared/data/dreambooth``) resized to the model's 16 px,
-one concept per subject. [design] The text encoder is not trained, so both models see the same
-conditioning (the objective's ``c = c'``). The run directory::
+concepts at its ``data_spec.size`` (``jaxattrib_base.json``), captioned as in pretraining ("a
+yellow cross on a black background"); ``'folder'`` — a DreamBooth-layout folder (e.g.
+``/work/shared/data/dreambooth``) resized to the model's pixel size (UNet ``sample_size`` × VAE
+factor: 32 px for the embedded latent model, 16 px for the pixel one), one concept per subject.
+[design] The text encoder is not trained, so both models see the same conditioning (the
+objective's ``c = c'``). ``base_model``: '' = the embedded model, else a folder with a
+``jaxattrib_base.json`` (e.g. the 16-px pixel model, ``python -m jaxattrib.train.base_model``).
+
+Latent base models (the embedded one): as the demo's CGI-DM stage
+(:func:`jaxattrib.runs.demo.cgi_dm_stage`), every image is encoded once with the VAE posterior
+**mean** (:func:`jaxattrib.models.latent_io.vae_codec`, ``sample=False``), the rule
+fine-tuning trains on (:data:`jaxattrib.diffusion.latents.LATENT_RULE`), so a member's ``z0`` is
+exactly the latent the model was trained on; PGD, the loss gap and the masked start run on that
+latent [code]; the masked and recovered images are VAE-decoded to pixels, and the similarities
+(and 'tap', which re-encodes) and the report see pixels. 'j_gain' evaluates J at the
+re-encoded decoded images (the pixels the similarities see) [design]. Pixel base models: no
+VAE, the same computation as before.
+
+The run directory::
 
     config.json, data/splits.npz, data/class.npz, record/   data, trajectory record (resumable)
     cgi/<variant>/<split>_<lo>.npz    recovered batches (resumable)
@@ -51,6 +66,8 @@ from jaxattrib.runs.rundir import RunDir
 IMAGE_SIMILARITIES = ("ssim", "psnr", "tap")
 # 'j_gain': J(recovered) − J(start), not an image similarity (scores CGI-DM only) [design]
 SIMILARITIES = IMAGE_SIMILARITIES + ("j_gain",)
+#: fields added after run directories were made, with what older runs did
+ADDED_FIELDS = {"base_model": ""}
 
 
 logger = logging.getLogger(__name__)
@@ -147,20 +164,31 @@ def assign_splits(groups: np.ndarray, members: int, calib: int, seed: int) -> np
     return out.astype(str)
 
 
-def build_data(run_dir: Path, config, pipe) -> dict:
-    """The images with captions, concept groups and splits (cached in ``data/splits.npz``)."""
+def build_data(run_dir: Path, config, pipe, info: dict | None = None) -> dict:
+    """The images ``[N, S, S, 3]`` (``S`` = the pipeline's pixel size: UNet ``sample_size`` ×
+    VAE factor) with captions, concept groups and splits (cached in ``data/splits.npz``).
+    ``info``: the base model's ``jaxattrib_base.json`` (``data_spec``, ``held_out``) for the
+    synthetic source (default: the embedded model's)."""
+    from jaxattrib.diffusion.latents import check_pixel_images, pixel_shape
     from jaxattrib.runs.rundir import save_npz
     path = RunDir(run_dir).data_file("splits")
     if path.exists():
-        return dict(np.load(path))
-    size = pipe.unet_config.sample_size
+        out = dict(np.load(path))
+        # e.g. a run of the 16-px pixel model, the embedded default before 1cbc1e1
+        check_pixel_images(out["images"].shape, pipe.unet_config, pipe.vae_config,
+                           f"{path} (made with another base model? use a new run directory "
+                           f"or that run's base_model)")
+        return out
+    size = pixel_shape(pipe.unet_config, pipe.vae_config)[0]
     if config.source == "synthetic":
         import dataclasses
 
         from jaxattrib.train.base_model import base_model_info, spec_from_info
         from jaxattrib.data.synthetic import make_withheld
-        info = base_model_info(None)
+        info = base_model_info(None) if info is None else info
         spec = spec_from_info(info)
+        check_pixel_images((spec.size, spec.size, 3), pipe.unet_config, pipe.vae_config,
+                           "jaxattrib_base.json data_spec.size")
         need = 2 * config.data.members + config.data.calib
         per = -(-need // len(spec.backgrounds))
         ds = make_withheld(dataclasses.replace(spec, per_combination=per),
@@ -173,9 +201,8 @@ def build_data(run_dir: Path, config, pipe) -> dict:
         ds = load_folder(config.data.path, size=size, subjects=subjects,
                          caption_template=config.data.caption or None)
         groups = np.array([ds.label_names["subject"][i] for i in ds.labels["subject"]])
-    if ds.images.shape[1:3] != (size, size):
-        raise ConfigError(f"data: images are {ds.images.shape[1]}x{ds.images.shape[2]}; the "
-                          f"model expects {size}x{size}")
+    check_pixel_images(np.shape(ds.images), pipe.unet_config, pipe.vae_config,
+                       f"data ({config.source})")
     split = assign_splits(groups, config.data.members, config.data.calib, config.seed)
     if not (split == "member_test").any():
         raise ConfigError(f"data: no concept has >= 5 images ({config.source})")
@@ -207,7 +234,9 @@ def class_data(run_dir: Path, config, pipe) -> dict:
 
 
 def finetune_stage(run_dir: Path, config, pipe, data: dict, progress: bool = True) -> dict:
-    """DreamBooth-style fine-tuning of the UNet on the member images; returns its params."""
+    """DreamBooth-style fine-tuning of the UNet on the member images; returns its params.
+    Latent base models train on the VAE posterior mean (``vae_latents: 'mean'`` in the record
+    manifest), as the demo's fine-tuning."""
     from jaxattrib import parallel
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.train.dreambooth import make_dreambooth_loss, pair_dataset
@@ -223,14 +252,22 @@ def finetune_stage(run_dir: Path, config, pipe, data: dict, progress: bool = Tru
                                                               max_length=L)})
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     loss_fn = make_dreambooth_loss(pipe.unet_config, pipe.text_config, sched,
-                                   prior_loss_weight=f.prior_loss_weight)
+                                   prior_loss_weight=f.prior_loss_weight,
+                                   vae_config=pipe.vae_config,
+                                   sample_posterior=not pipe.is_latent)
     tc = TrainConfig.from_section(f, schedule="constant", weight_decay=0.0, seed=config.seed,
                                   checkpoint_every=f.steps, lora_alpha=float(f.lora_rank))
     mesh = parallel.make_mesh(1) if f.batch_size % jax.device_count() else None
+    params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
+    model_info = {"model": "embedded"}
+    if pipe.is_latent:
+        from jaxattrib.diffusion.latents import LATENT_RULE
+        params["vae"] = pipe.vae_params
+        model_info["vae_latents"] = LATENT_RULE
     trained, record = finetune(
-        loss_fn, {"unet": pipe.unet_params, "text_encoder": pipe.text_params}, n_pairs,
+        loss_fn, params, n_pairs,
         get_batch, tc, RunDir(run_dir).record.resolve(), mesh=mesh, progress=progress,
-        model_info={"model": "embedded"},
+        model_info=model_info,
         dataset_info={"kind": "cgi-dm benchmark members (DreamBooth pairs)",
                       "instance_ids": [str(i) for i in data["ids"][members]]})
     record.close()
@@ -244,32 +281,36 @@ def _split_key(seed: int, split: str) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(split.encode()))
 
 
-def similarity_fns(pipe, sched, batch_size: int) -> dict:
-    """``name -> sim(x[B,H,W,C], y) -> [B]`` for :data:`SIMILARITIES`. 'tap': cosine of the
-    pretrained UNet's pooled mid-block features at t = 100 (fixed noise, empty prompt) — the
-    model's own encoder [design], used where CLIP / DINO weights are not available."""
+def similarity_fns(pipe, sched, batch_size: int, encode=None) -> dict:
+    """``name -> sim(x[B,H,W,C], y) -> [B]`` on pixel images for :data:`IMAGE_SIMILARITIES`.
+    'tap': cosine of the pretrained UNet's pooled mid-block features at t = 100 (fixed noise,
+    empty prompt) of ``encode(x)`` (the VAE posterior mean on latent models) — the model's own
+    encoder [design], used where CLIP / DINO weights are not available."""
     from jaxattrib.authentication import similarity as simlib
+    from jaxattrib.diffusion.latents import pixel_shape
     from jaxattrib.models.unet import UNet2DConditionModel
-    size = pipe.unet_config.sample_size
+    size = pixel_shape(pipe.unet_config, pipe.vae_config)[0]
     win = min(11, size)
     win -= 1 - win % 2
     empty = np.asarray(pipe.encode_prompts([""]))
     embed = simlib.tap_embedding_fn(UNet2DConditionModel(pipe.unet_config).apply,
                                     pipe.unet_params, cond=empty, taps=("mid",), t=100,
-                                    sched=sched)
+                                    sched=sched, encode=encode)
     return {"ssim": lambda x, y: simlib.ssim(x, y, data_range=2.0, win_size=win),
             "psnr": lambda x, y: simlib.psnr(x, y, data_range=2.0),
             "tap": simlib.embedding_similarity(embed)}
 
 
 def j_gain_scores(rec: dict, cond, eps_pre, eps_ft, sched, cgi, key, n_draws: int,
-                  batch_size: int) -> np.ndarray:
+                  batch_size: int, encode=None) -> np.ndarray:
     """``J(recovered) − J(start)`` per image [design]: how much PGD raised the contrastive
     objective ``L_pre − L_ft`` (``n_draws`` shared (t, ε) draws in the variant's timestep range,
-    the same draws at both points). ``[N]``, larger ⇒ member."""
+    the same draws at both points). ``rec``'s images are pixels; ``encode`` (latent models: the
+    VAE posterior mean) maps them to model inputs. ``[N]``, larger ⇒ member."""
     from jaxattrib.authentication.cgi_dm import loss_gap_scores
     j = {k: loss_gap_scores(rec[k], eps_pre, eps_ft, sched, key, cond=cond, n_draws=n_draws,
-                            t_min=cgi.t_min, t_max=cgi.t_max, batch_size=batch_size)
+                            t_min=cgi.t_min, t_max=cgi.t_max, batch_size=batch_size,
+                            encode=encode)
          for k in ("recovered", "masked")}
     return (j["recovered"] - j["masked"]).astype(np.float64)
 
@@ -279,19 +320,42 @@ def _sim(fn, a, b, bs):
                            for i in range(0, len(a), bs)]).astype(np.float64)
 
 
+def models(pipe, ft_params) -> dict:
+    """What every score needs: ``eps_pre`` / ``eps_ft`` (the pretrained and fine-tuned UNets as
+    ``(z, t, c) -> prediction``), ``sched``, and ``encode`` / ``decode`` between pixels and model
+    inputs (:func:`jaxattrib.models.latent_io.vae_codec` with the posterior mean; ``None`` for a
+    pixel model) [code]."""
+    from jax.tree_util import Partial
+
+    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
+    from jaxattrib.models.latent_io import vae_codec
+    from jaxattrib.models.unet import UNet2DConditionModel
+    model = UNet2DConditionModel(pipe.unet_config)
+    apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
+    encode, decode = vae_codec(pipe, sample=False)
+    return {"eps_pre": Partial(apply, pipe.unet_params), "eps_ft": Partial(apply, ft_params),
+            "sched": schedule_from_diffusers_config(pipe.scheduler_config),
+            "encode": encode, "decode": decode}
+
+
 def recover_split(run_dir, config, name, cgi, split, data, ctx, eps_pre, eps_ft, sched,
-                  progress):
+                  progress, encode=None, decode=None):
+    """The CGI-DM recoveries of split ``split`` (``cgi/<name>/``, resumable): pixel
+    ``original`` / ``masked`` / ``recovered`` ``[n, S, S, 3]``, PGD on ``encode(x)``."""
     from jaxattrib.runs.cgi_dm import recover_cached
     sel = data["split"] == split
     return recover_cached(split, data["images"][sel], ctx[sel], eps_pre, eps_ft, sched, cgi,
                           _split_key(config.seed, split), run_dir / "cgi" / name,
-                          batch_size=config.batch_size, progress=progress)
+                          encode=encode, decode=decode, batch_size=config.batch_size,
+                          progress=progress)
 
 
-def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants) -> dict:
-    """Loss gap (per candidate timestep range) and masked-input similarity, all images.
-    Cached in ``scores/baselines.npz``; a rerun with more variants or similarities computes only
-    the missing entries."""
+def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants,
+                    encode=None, decode=None) -> dict:
+    """Loss gap (per candidate timestep range) on ``encode(x)`` and masked-input similarity of
+    the pixel masked start (``decode(z_init)``, what :func:`recover_split` starts from), all
+    images. Cached in ``scores/baselines.npz``; a rerun with more variants or similarities
+    computes only the missing entries."""
     from jaxattrib.authentication import cgi_dm
     from jaxattrib.runs.rundir import save_npz
     path = RunDir(run_dir).scores / "baselines.npz"
@@ -304,7 +368,7 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
         out[f"loss_gap_t{lo}-{hi}"] = cgi_dm.loss_gap_scores(
             data["images"], eps_pre, eps_ft, sched, _split_key(config.seed, "loss_gap"),
             cond=ctx, n_draws=config.loss_gap_draws, t_min=lo, t_max=hi,
-            batch_size=config.batch_size).astype(np.float64)
+            batch_size=config.batch_size, encode=encode).astype(np.float64)
     # the masked start of each split as CGI-DM makes it (same keys); checkerboard/blur: no key
     for name, v in variants.items():
         if all(f"masked_{name}_{s}" in out for s in sims):
@@ -312,8 +376,9 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
         masked = np.zeros(data["images"].shape, np.float32)
         for split in np.unique(data["split"]):
             sel = data["split"] == split
-            masked[sel] = _masked_start(data["images"][sel], v, _split_key(config.seed, split),
-                                        config.batch_size)
+            masked[sel] = cgi_dm.masked_starts(data["images"][sel], v,
+                                               _split_key(config.seed, split), encode=encode,
+                                               decode=decode, batch_size=config.batch_size)
         for s, fn in sims.items():
             out[f"masked_{name}_{s}"] = _sim(fn, data["images"], masked, config.batch_size)
     if len(out) > n_cached:
@@ -321,20 +386,6 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
     keep = ({f"loss_gap_t{lo}-{hi}" for lo, hi in ranges}
             | {f"masked_{n}_{s}" for n in variants for s in sims})
     return {k: a for k, a in out.items() if k in keep}
-
-
-def _masked_start(images, cgi, key, bs):
-    """``decode(z_init)`` as :func:`cgi_dm.recover` makes it (pixel-space model)."""
-    import jax.numpy as jnp
-
-    from jaxattrib.authentication import cgi_dm
-    k_mask, _ = jax.random.split(key)
-    out = []
-    for lo in range(0, len(images), bs):
-        x = jnp.asarray(images[lo:lo + bs])
-        mask = cgi_dm.batch_masks(cgi, x.shape, k_mask, lo)
-        out.append(np.asarray(cgi_dm.initial_latent(x, mask, cgi)))
-    return np.concatenate(out)
 
 
 def _metrics(scores, labels, cal_scores) -> dict:
@@ -352,32 +403,32 @@ def _metrics(scores, labels, cal_scores) -> dict:
 
 def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) the benchmark; writes tables and the report; returns the tables."""
-    from jax.tree_util import Partial
-
     from jaxattrib.runs.cgi_dm import CGI_ADDED_FIELDS
-    from jaxattrib.train.base_model import load_base_model
+    from jaxattrib.runs.demo import load_base, pgd_space
     from jaxattrib.runs.rundir import check_run_config, save_npz
-    from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
     from jaxattrib.metrics import roc_auc
-    from jaxattrib.models.unet import UNet2DConditionModel
     t0 = time.time()
     variants = check_config(config)
     run_dir = Path(run_dir)
-    check_run_config(run_dir, config, added=CGI_ADDED_FIELDS)
-    pipe = load_base_model()
-    data = build_data(run_dir, config, pipe)
+    check_run_config(run_dir, config, added={**CGI_ADDED_FIELDS, **ADDED_FIELDS})
+    pipe, info = load_base(config.base_model)
+    data = build_data(run_dir, config, pipe, info)
     split = data["split"]
     counts = {s: int((split == s).sum()) for s in np.unique(split)}
     _log(f"{len(split)} images in {len(np.unique(data['group']))} concepts: {counts}")
     ft_params = finetune_stage(run_dir, config, pipe, data, progress)
     from jaxattrib.authentication.cgi_dm import check_compatible
     check_compatible(pipe.unet_params, ft_params)
-    model = UNet2DConditionModel(pipe.unet_config)
-    apply = lambda p, z, t, c: model.apply({"params": p}, z, t, c)  # noqa: E731
-    eps_pre, eps_ft = Partial(apply, pipe.unet_params), Partial(apply, ft_params)
-    sched = schedule_from_diffusers_config(pipe.scheduler_config)
+    m = models(pipe, ft_params)
+    eps_pre, eps_ft, sched, codec = m["eps_pre"], m["eps_ft"], m["sched"], \
+        {"encode": m["encode"], "decode": m["decode"]}
+    space = pgd_space(pipe)      # where PGD runs, said in the tables and the report
+    space = (f"PGD on {space}; the masked and recovered images are VAE-decoded to pixels."
+             if space else f"PGD on pixels {list(data['images'].shape[1:])} (pixel-space "
+                           f"model).")
+    _log(space)
     ctx = np.asarray(pipe.encode_prompts(list(data["captions"])))
-    sims = similarity_fns(pipe, sched, config.batch_size)
+    sims = similarity_fns(pipe, sched, config.batch_size, encode=m["encode"])
     sims = {k: v for k, v in sims.items() if k in config.tune.similarities}
     bs = config.batch_size
 
@@ -385,12 +436,14 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
         """CGI-DM score ``s`` of the recoveries ``rec_`` of split ``h`` (variant ``v``)."""
         if s == "j_gain":
             return j_gain_scores(rec_, ctx[split == h], eps_pre, eps_ft, sched, v,
-                                 _split_key(config.seed, "j_gain"), config.loss_gap_draws, bs)
+                                 _split_key(config.seed, "j_gain"), config.loss_gap_draws, bs,
+                                 encode=m["encode"])
         return _sim(sims[s], rec_["original"], rec_["recovered"], bs)
     scorers = list(sims) + [s for s in config.tune.similarities if s not in sims]
 
     _log("baselines")
-    base = baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants)
+    base = baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, variants,
+                           **codec)
 
     def val_test(scores, half):
         sel = (split == f"member_{half}") | (split == f"holdout_{half}")
@@ -402,7 +455,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     for name, v in variants.items():
         for half in ("member_val", "holdout_val"):
             rec[(name, half)] = recover_split(run_dir, config, name, v, half, data, ctx,
-                                              eps_pre, eps_ft, sched, progress)
+                                              eps_pre, eps_ft, sched, progress, **codec)
         for s in scorers:
             sc = np.r_[score(s, rec[(name, "member_val")], "member_val", v),
                        score(s, rec[(name, "holdout_val")], "holdout_val", v)]
@@ -426,7 +479,8 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     name, s = pick["CGI-DM"]["variant"], pick["CGI-DM"]["similarity"]
     v = variants[name]
     parts = {h: recover_split(run_dir, config, name, v, h, data, ctx, eps_pre, eps_ft, sched,
-                              progress) for h in ("member_test", "holdout_test", "calib")}
+                              progress, **codec)
+             for h in ("member_test", "holdout_test", "calib")}
     sc = {h: score(s, r, h, v) for h, r in parts.items()}
     y_test = np.r_[np.ones(counts["member_test"]), np.zeros(counts["holdout_test"])].astype(bool)
     cgi_test = np.r_[sc["member_test"], sc["holdout_test"]]
@@ -450,7 +504,7 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
         all_test.append({"scores": k, "test AUC": roc_auc(st, y_test)})
     save_npz(RunDir(run_dir).scores / "cgi_test.npz", labels=y_test, cgi=cgi_test,
               calib=sc["calib"])
-    summary = {"counts": counts, "picks": pick, "test": rows, "validation": val_rows,
+    summary = {"counts": counts, "pgd": space, "picks": pick, "test": rows, "validation": val_rows,
                "baselines_on_test": all_test,
                "verdict": verdict_sentence(rows, cgi_test, base_test, y_test),
                "wall_s": time.time() - t0}
@@ -490,7 +544,8 @@ def _write_tables(run_dir: Path, config, summary: dict) -> None:
     c = summary["counts"]
     md = (f"CGI-DM benchmark ({config.source}): test half {c['member_test']} members vs "
           f"{c['holdout_test']} hold-outs; thresholds calibrated on {c['calib']} other "
-          f"non-members; choices by validation AUC ({c['member_val']} + {c['holdout_val']}).\n\n"
+          f"non-members; choices by validation AUC ({c['member_val']} + {c['holdout_val']}). "
+          f"{summary.get('pgd', '')}\n\n"
           + _md_table(summary["test"])
           + (f"\n\n{summary['verdict']}" if summary.get("verdict") else "")
           + "\n\nValidation:\n\n" + _md_table(summary["validation"]) + "\n")
@@ -526,7 +581,7 @@ def _report(run_dir, config, summary, parts, sc, y_test, cgi) -> None:
                   tables=[{"caption": "test half; thresholds calibrated on the calib split",
                            "rows": summary["test"]},
                           {"caption": "validation (all choices)", "rows": summary["validation"]}],
-                  text=" ".join(t for t in (summary.get("verdict"),
+                  text=" ".join(t for t in (summary.get("verdict"), summary.get("pgd", ""),
                                             f"counts {summary['counts']}; PGD variant used: "
                                             f"{cgi}") if t))
     render_run_report(run_dir, title="jaxattrib CGI-DM benchmark")

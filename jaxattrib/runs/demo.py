@@ -509,11 +509,19 @@ def open_base_run(run_dir: str | Path, config):
     synthetic-concept benchmarks): checks ``config`` against the run's saved one, then loads
     ``config.base_model`` (empty: the embedded model). Returns ``(run_dir, pipe, info)``,
     ``info`` being the base model's :func:`~jaxattrib.train.base_model.base_model_info`."""
-    from jaxattrib.train.base_model import base_model_info, load_base_model
     run_dir = Path(run_dir)
     from jaxattrib.config import ATTRIBUTION_LEGACY
     check_run_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)
-    folder = config.base_model or None
+    pipe, info = load_base(config.base_model)
+    return run_dir, pipe, info
+
+
+def load_base(base_model: str = ""):
+    """``(pipe, info)`` of a base model pretrained on the synthetic concept set: ``base_model``
+    a pipeline folder with a ``jaxattrib_base.json`` (``''``: the embedded model); a latent
+    one's ``data_spec.size`` is checked against UNet ``sample_size`` × VAE factor."""
+    from jaxattrib.train.base_model import base_model_info, load_base_model
+    folder = base_model or None
     if folder is not None and not (Path(folder) / "jaxattrib_base.json").is_file():
         raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "
                           f"base model pretrained on the synthetic concept set, described by that "
@@ -524,7 +532,17 @@ def open_base_run(run_dir: str | Path, config):
         size = int(base_model_info(folder)["data_spec"]["size"])
         check_pixel_images((size, size, 3), pipe.unet_config, pipe.vae_config,
                            f"{folder}/jaxattrib_base.json data_spec.size")
-    return run_dir, pipe, base_model_info(folder)
+    return pipe, base_model_info(folder)
+
+
+def pgd_space(pipe) -> str:
+    """Where CGI-DM's PGD runs on a latent base model, for reports (``''`` for a pixel one):
+    the VAE posterior-mean latent the model was fine-tuned on."""
+    if not pipe.is_latent:
+        return ""
+    from jaxattrib.diffusion.latents import sample_shape
+    return (f"VAE latents {list(sample_shape(pipe.unet_config))} (VAE posterior mean, "
+            f"as fine-tuned)")
 
 
 def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
@@ -551,12 +569,7 @@ def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -
                              _fingerprint_of(train["images"]), step, progress)
     if config.cgi_dm.enabled:
         cg = cgi_dm_stage(run_dir, config, pipe, unet_params, train, holdout, progress)
-        space = ""
-        if pipe.is_latent:
-            from jaxattrib.diffusion.latents import sample_shape
-            space = (f"VAE latents {list(sample_shape(pipe.unet_config))} (VAE posterior mean, "
-                     f"as fine-tuned)")
-        cg_row = cgi_dm_report(run_dir, cg, space)
+        cg_row = cgi_dm_report(run_dir, cg, pgd_space(pipe))
         _log("CGI-DM: " + ", ".join(f"{k}={v:.3f}" for k, v in cg_row.items()
                                      if isinstance(v, float)))
     summary = report_stage(run_dir, config, train, queries, scores, gen_acc, held, spec)
@@ -587,4 +600,5 @@ def _generation_accuracy(queries: dict, held: list[dict], spec) -> dict:
 
 __all__ = ["DEMO_METHODS", "base_model_ref", "build_data", "cgi_dm_report", "cgi_dm_sentence",
            "cgi_dm_stage", "check_demo_config", "demo_query_plan", "example_queries",
-           "finetune_stage", "generate_stage", "open_base_run", "report_stage", "run_demo"]
+           "finetune_stage", "generate_stage", "load_base", "open_base_run", "pgd_space",
+           "report_stage", "run_demo"]
