@@ -518,13 +518,40 @@ def open_base_run(run_dir: str | Path, config):
         raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "
                           f"base model pretrained on the synthetic concept set, described by that "
                           f"file (data_spec, held_out; see jaxattrib/assets/base_model)")
+    info = base_model_info(folder)
+    _check_data_size(run_dir, int(info["data_spec"]["size"]), folder)
     pipe = load_base_model(folder)
     if pipe.is_latent:
         from jaxattrib.diffusion.latents import check_pixel_images
-        size = int(base_model_info(folder)["data_spec"]["size"])
+        size = int(info["data_spec"]["size"])
         check_pixel_images((size, size, 3), pipe.unet_config, pipe.vae_config,
                            f"{folder}/jaxattrib_base.json data_spec.size")
-    return run_dir, pipe, base_model_info(folder)
+    return run_dir, pipe, info
+
+
+def _check_data_size(run_dir: Path, size: int, folder) -> None:
+    """A run directory whose cached ``data/train.npz`` holds images of another size than the
+    base model's ``data_spec.size`` was made with another base model, typically the former
+    16-px pixel embedded default (the embedded model is the 32-px latent one since issue 21):
+    one :class:`ConfigError` naming the file, both sizes and the way back, before any model
+    is loaded (resuming would mix that run's record with this model)."""
+    path = RunDir(run_dir).data_file("train")
+    if not path.is_file():
+        return
+    import zipfile
+    try:
+        with np.load(path) as z:
+            shape = tuple(z["images"].shape[1:]) if "images" in z.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return                           # unreadable: the stage that reads it says so
+    if shape is not None and shape[:2] != (size, size):
+        which = f"base_model={str(folder)!r}" if folder else "the embedded base model"
+        raise ConfigError(
+            f"{path}: images are {shape[0]}x{shape[1]} px but {which} takes {size}x{size} "
+            f"(data_spec.size): this run directory was made with another base model (the "
+            f"embedded default was the 16-px pixel model before 2026-12-07). Use a new run "
+            f"directory, or resume it with that model: rebuild it with `python -m "
+            f"jaxattrib.train.base_model --out DIR` and --set base_model=DIR")
 
 
 def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
