@@ -79,3 +79,23 @@ def test_a_run_made_with_the_16px_pixel_default_is_refused_before_loading(tmp_pa
     for d in (ok, tmp_path / "empty"):
         with pytest.raises(AssertionError, match="model was loaded"):   # the check passed
             demo.open_base_run(d, c)
+
+
+def test_concept_query_on_a_16px_run_is_refused_before_loading(tmp_path, monkeypatch):
+    """`jaxattrib concept-query` on a Concept-TRAK run made with the former 16-px default."""
+    import numpy as np
+
+    from jaxattrib.runs.concept_query import concept_query
+    from jaxattrib.runs.rundir import save_npz
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the run directory was checked")
+    monkeypatch.setattr(bm, "load_base_model", refuse)
+    run = tmp_path / "ct"
+    (run / "data").mkdir(parents=True)
+    (run / "record").mkdir()
+    (run / "config.json").write_text(load_config("concept_trak:smoke").to_json())
+    save_npz(run / "data" / "train.npz", images=np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(ConfigError, match="images are 16x16 px but the embedded base model "
+                                          "takes 32x32"):
+        concept_query(run, "a red circle on a black background", ["red"], seed=0)

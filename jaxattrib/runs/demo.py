@@ -519,7 +519,7 @@ def open_base_run(run_dir: str | Path, config):
                           f"base model pretrained on the synthetic concept set, described by that "
                           f"file (data_spec, held_out; see jaxattrib/assets/base_model)")
     info = base_model_info(folder)
-    _check_data_size(run_dir, int(info["data_spec"]["size"]), folder)
+    check_run_data_size(run_dir, info, folder)
     pipe = load_base_model(folder)
     if pipe.is_latent:
         from jaxattrib.diffusion.latents import check_pixel_images
@@ -529,12 +529,15 @@ def open_base_run(run_dir: str | Path, config):
     return run_dir, pipe, info
 
 
-def _check_data_size(run_dir: Path, size: int, folder) -> None:
+def check_run_data_size(run_dir: Path, info: dict, folder=None) -> None:
     """A run directory whose cached ``data/train.npz`` holds images of another size than the
     base model's ``data_spec.size`` was made with another base model, typically the former
     16-px pixel embedded default (the embedded model is the 32-px latent one since issue 21):
     one :class:`ConfigError` naming the file, both sizes and the way back, before any model
-    is loaded (resuming would mix that run's record with this model)."""
+    is loaded (resuming would mix that run's record with this model). ``info``: the base
+    model's :func:`~jaxattrib.train.base_model.base_model_info`; ``folder``: its folder
+    (``None``: the embedded model)."""
+    size = int(info["data_spec"]["size"])
     path = RunDir(run_dir).data_file("train")
     if not path.is_file():
         return
