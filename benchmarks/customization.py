@@ -14,7 +14,10 @@ run directory reuses every finished stage. Tables: ``RUN_DIR/tables/customizatio
     python benchmarks/customization.py --smoke --run-dir runs/customization_smoke
     python benchmarks/customization.py --run-dir runs/customization
 
-(~11 / ~60 min on the loaded 2-core CPU with the former 16-px pixel default, BENCHMARKS.md.)
+(~11 / ~60 min on the loaded 2-core CPU with the former 16-px pixel default, BENCHMARKS.md.
+On the 32-px latent default, ``--smoke`` took 680 s wall, both tables with all 8 methods:
+2026-12-07, 2-core shared CPU, load 4.6-7 (``uptime``), ``nice -n 19 python
+benchmarks/customization.py --smoke --run-dir /tmp/cs --no-progress``, compilation included.)
 """
 
 from __future__ import annotations
