@@ -101,8 +101,10 @@ def main(argv=None):
     feat_root = run / "features" if same_k else run / "features" / f"k{K}"
     suffix = "" if same_k else f"_k{K}"
     solver = "primal" if same_k else "dual"
-    pipe, info = load_base_model(config.base_model or None), base_model_info(
-        config.base_model or None)
+    from jaxattrib.runs.demo import check_run_data_size
+    info = base_model_info(config.base_model or None)
+    check_run_data_size(run, info, config.base_model or None)   # made with this base model?
+    pipe = load_base_model(config.base_model or None)
     spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in info["data_spec"].items()})
     rec = TrajectoryRecord.open((run / "record").resolve())
@@ -122,7 +124,13 @@ def main(argv=None):
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
     model_fn = ct.unet_model_fn(pipe.unet_config)
-    img = queries["images"][plan["row_image"]]
+    # the UNet's inputs: VAE latents (posterior mean, encoded once) for a latent base model,
+    # as the benchmark's own Concept-TRAK features (concept_benchmark._ablation)
+    from jaxattrib.runs.concept_query import concept_inputs
+    img = concept_inputs(pipe, queries["images"], config, "query",
+                         f"{run}/generations/queries.npz")[0][plan["row_image"]]
+    train_in = concept_inputs(pipe, train["images"], config, "train",
+                              f"{run}/data/train.npz")[0]
     prompts = [str(queries["prompts"][i]) for i in plan["row_image"]]
     negs = [ct.remove_concept(p, c) for p, c in zip(prompts, plan["row_concept"])]
     ctx_q, ctx_tr = encode(prompts), encode(list(train["captions"]))
@@ -168,7 +176,7 @@ def main(argv=None):
     else:
         ct_dir = guard(feat_root / "concept-trak")
         Phi_full = stored(ct_dir, "train_tl1_inv1_norm1", lambda: ct.train_features(
-            model_fn, params, sched, train["images"], ctx_tr, base_cfg, proj, cache=cache))
+            model_fn, params, sched, train_in, ctx_tr, base_cfg, proj, cache=cache))
         phi_full = stored(ct_dir, "rows_cl1_inv1_norm1", lambda: ct.query_features(
             model_fn, params, sched, img, ctx_q, encode(negs), base_cfg, proj, cache=cache))
     rows["Concept-TRAK (benchmark)"] = (Phi_full, phi_full, ct_scorer)
@@ -188,7 +196,7 @@ def main(argv=None):
         aproj = ct.make_concept_projector(params, cfg)
         acache: dict = {}
         Phi = stored(out_dir, "train_attn", lambda: ct.train_features(
-            model_fn, params, sched, train["images"], ctx_tr, cfg, aproj, cache=acache))
+            model_fn, params, sched, train_in, ctx_tr, cfg, aproj, cache=acache))
         phi = stored(out_dir, "query_attn", lambda: ct.query_features(
             model_fn, params, sched, img, ctx_q, encode(negs), cfg, aproj, cache=acache))
         rows["params = attn (self + cross)"] = (Phi, phi, ct_scorer)

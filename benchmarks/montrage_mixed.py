@@ -23,7 +23,7 @@ gain over the final checkpoint; (4) the same in ``--alt-representation`` (defaul
 tap ``up_1``). Every table in full and the results: docs/benchmarks/mixed_concept.md.
 
     python benchmarks/montrage_mixed.py --source-run runs/customization \
-        --run-dir runs/montrage_mixed                                # 11 min, loaded 2-core CPU
+        --run-dir runs/montrage_mixed     # 11 min, loaded 2-core CPU (16-px pixel default)
     python benchmarks/montrage_mixed.py --smoke --run-dir runs/montrage_mixed_smoke
         # as long (11 min there: compiling the gradient methods dominates); without them,
         # --smoke --methods pixel,random,montrage,montrage-final: 1.5 min
@@ -97,7 +97,10 @@ def generate_from_contexts(pipe, contexts, key, *, unet_params, num_inference_st
     return np.clip(np.asarray(x0), -1, 1).astype(np.float32)
 
 
-def _queries(run: Path, s: dict, pipe, unet_params, held: list) -> dict:
+def _queries(run: Path, s: dict, pipe, unet_params, held: list,
+             backgrounds=("black", "white", "gray")) -> dict:
+    """The mixed queries (cached in ``generations/mixed.npz``), backgrounds cycled over
+    ``backgrounds`` (the base model's; the 16-px pixel model's three reproduce the first runs)."""
     path = run / "generations" / "mixed.npz"
     if path.exists():
         return dict(np.load(path))
@@ -105,7 +108,7 @@ def _queries(run: Path, s: dict, pipe, unet_params, held: list) -> dict:
 
     from jaxattrib.eval import mixed
     from jaxattrib.report.images import image_grid, save_png
-    plan = mixed.mixture_plan(held, s["alphas"], s["repeats"], pairs=s["pairs"])
+    plan = mixed.mixture_plan(held, s["alphas"], s["repeats"], backgrounds, pairs=s["pairs"])
     ctx = mixed.mixed_contexts(pipe.encode_prompts, plan["prompt_a"], plan["prompt_b"],
                                plan["alpha"])
     t0 = time.time()
@@ -185,7 +188,10 @@ def main(argv=None) -> None:
 
     cfg = ml_collections.ConfigDict(json.loads((src / "config.json").read_text()))
     folder = cfg.get("base_model") or None
-    pipe, info = load_base_model(folder), base_model_info(folder)
+    from jaxattrib.runs.demo import check_run_data_size
+    info = base_model_info(folder)
+    check_run_data_size(src, info, folder)     # the source run was made with this base model?
+    pipe = load_base_model(folder)
     held = [dict(h) for h in info["held_out"]]
     spec = SyntheticConceptSpec(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in info["data_spec"].items()})
@@ -197,7 +203,7 @@ def main(argv=None) -> None:
     record = TrajectoryRecord.open(link.resolve())
     step = record.latest_step()
     unet_params = record.load(step)["unet"]
-    q = _queries(run, s, pipe, unet_params, held)
+    q = _queries(run, s, pipe, unet_params, held, spec.backgrounds)
     plan = {k: q[k] for k in ("concept_a", "concept_b", "alpha", "group")}
     val = demo_attribute._validation_mask(q["group"])
     test = ~val
@@ -212,7 +218,11 @@ def main(argv=None) -> None:
     # 2. every method; λ ratio / sign chosen on the validation half by mean ρ
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
     train_ex = demo_attribute._examples(pipe, train["images"], train["captions"])
-    query_ex = {"x0": q["images"], "ctx": q["ctx"]}
+    # the queries' UNet inputs: VAE latents (posterior mean) for a latent base model, as
+    # train_ex's; their contexts are the mixed text states they were generated from
+    from jaxattrib.diffusion.latents import encode_images
+    query_ex = {"x0": encode_images(pipe.vae_config, pipe.vae_params, q["images"]),
+                "ctx": q["ctx"]}
     queries = {"images": q["images"], "prompts": q["prompts"]}
     fp = demo_attribute._fingerprint_of(train["images"])
     scores, chosen, traj = {}, {}, None

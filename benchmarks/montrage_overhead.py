@@ -16,9 +16,11 @@ that compiles the train step and the representation pass. JAX's persistent compi
 new jitted train step, reloads the warm-up's executable instead of recompiling. The live and
 post-hoc trajectories are checked to agree.
 
-Model: ``--base-model`` uses the embedded base model's UNet (the demo's fine-tuning: 32-64-64
-channels, 16 px, cross-attention 64) with random text states instead of the frozen text
-encoder; otherwise a random tiny UNet (``--channels``, ``--size``).
+Model: ``--base-model`` uses the embedded base model's UNet (the demo's fine-tuning; since
+issue 21 the latent model's: 64-128-128 channels over 16×16×4 VAE latents, cross-attention 64)
+with random inputs in its input shape (uniform [-1, 1] standing in for the VAE-encoded images,
+which the timing does not depend on) and random text states instead of the frozen text
+encoder; otherwise a random tiny pixel-space UNet (``--channels``, ``--size``).
 
     python benchmarks/montrage_overhead.py --base-model --steps 400 --checkpoint-every 100 \
         --batch 16 --train 60 --queries 24          # the demo's fine-tuning setting
@@ -127,7 +129,8 @@ def main() -> None:
     t_plain, t_hook, t_in = (float(np.median(x)) for x in (plain, hooked, in_hook))
     dev = jax.devices()[0]
     print(f"device: {dev.platform} x{len(jax.devices())} ({dev.device_kind}); {model} at "
-          f"{size}px; N={args.train} train, Q={args.queries} queries; {tcfg.steps} steps, "
+          f"{size}x{size}x{ch} inputs; N={args.train} train, Q={args.queries} queries; "
+          f"{tcfg.steps} steps, "
           f"batch {tcfg.batch_size}, {n_ckpt} checkpoints; taps {spec.taps}; "
           f"{args.repeats} timed pair(s), medians; warm-up run {t_warm:.1f} s")
     print(f"{'run':<28}{'seconds':>10}")

@@ -53,7 +53,11 @@ def _split_masks(concept: np.ndarray) -> np.ndarray:
     return val
 
 
-def _fresh_queries(out: Path, pipe, record, held, per_concept: int, seed: int) -> dict:
+def _fresh_queries(out: Path, pipe, record, held, per_concept: int, seed: int,
+                   backgrounds=("black", "white", "gray")) -> dict:
+    """``per_concept`` new generations per held-out concept from the final checkpoint, each
+    on a background drawn uniformly from ``backgrounds`` (the base model's, as the demo's
+    queries; the 16-px pixel model's three give the draws this study was first run with)."""
     path = out / "fresh_queries.npz"
     if path.exists():
         return dict(np.load(path))
@@ -66,7 +70,7 @@ def _fresh_queries(out: Path, pipe, record, held, per_concept: int, seed: int) -
     for ci, h in enumerate(held):
         for _ in range(per_concept):
             prompts.append(caption(h["shape"], h["color"],
-                                   ("black", "white", "gray")[rng.integers(3)]))
+                                   backgrounds[rng.integers(len(backgrounds))]))
             concept.append(ci)
     unet = record.load(record.latest_step())["unet"]
     g = generate(pipe, prompts, jax.random.PRNGKey(seed), unet_params=unet,
@@ -110,12 +114,16 @@ def main() -> None:
 
     run, out = Path(args.run_dir), Path(args.out)
     cfg = json.loads((run / "config.json").read_text())
+    from jaxattrib.runs.demo import check_run_data_size
+    info = base_model_info(cfg.get("base_model") or None)
+    check_run_data_size(run, info, cfg.get("base_model") or None)  # made with this model?
     pipe = load_base_model(cfg.get("base_model") or None)
-    held = [dict(h) for h in base_model_info(cfg.get("base_model") or None)["held_out"]]
+    held = [dict(h) for h in info["held_out"]]
     train = dict(np.load(run / "data" / "train.npz"))
     demo_q = dict(np.load(run / "generations" / "queries.npz"))
     record = TrajectoryRecord.open((run / "record").resolve())
-    fresh = (_fresh_queries(out, pipe, record, held, args.fresh_per_concept, args.fresh_seed)
+    fresh = (_fresh_queries(out, pipe, record, held, args.fresh_per_concept, args.fresh_seed,
+                            tuple(info["data_spec"]["backgrounds"]))
              if args.fresh_per_concept > 0 else None)
 
     q_images, q_prompts, q_concept = demo_q["images"], list(demo_q["prompts"]), demo_q["concept"]
@@ -134,11 +142,16 @@ def main() -> None:
     nb = len(pipe.unet_config.block_out_channels)
     taps = tuple([f"down_{i}" for i in range(nb)] + ["mid"] + [f"up_{i}" for i in range(nb)])
     ts = [int(t) for t in args.timesteps.split(",")]
+    # the UNet's inputs: VAE latents (posterior mean x scaling factor) for a latent base model,
+    # as the demo's MONTRAGE features; the pixels for a pixel one
+    from jaxattrib.diffusion.latents import encode_images
+    train_x = encode_images(pipe.vae_config, pipe.vae_params, train["images"])
+    q_x = encode_images(pipe.vae_config, pipe.vae_params, q_images)
     trajs = {}
     for t in ts:
         spec = M.RepresentationSpec(taps=taps, t=t, batch_size=64)
         trajs[t] = M.representation_trajectory(
-            record, pipe.unet_config, train["images"], ctx_tr, q_images, ctx_q, spec=spec,
+            record, pipe.unet_config, train_x, ctx_tr, q_x, ctx_q, spec=spec,
             cache_dir=out / f"reps_t{t}", progress=False)
     main_t = ts[0]
     traj = trajs[main_t]
@@ -351,18 +364,21 @@ def main() -> None:
                                                           "[95% CI]"])
     if args.probe_steps > 0:
         _probe(out, run, cfg, pipe, train, ctx_tr, demo_q, ctx_q[: len(demo_q["images"])],
+               train_x, q_x[: len(demo_q["images"])],
                args.probe_steps, taps, ts, demo_taps, table)
     print(f"\n(done in {time.time() - t_start:.0f} s)")
 
 
-def _probe(out, run, cfg, pipe, train, ctx_tr, demo_q, ctx_q, n_steps, taps, ts, demo_taps,
-           table):
+def _probe(out, run, cfg, pipe, train, ctx_tr, demo_q, ctx_q, train_x, q_x, n_steps, taps, ts,
+           demo_taps, table):
     """9. Does an image's representation move more in the update that trains on it?
 
     Replays the demo's first ``n_steps`` updates (same config and seed, so the same batches
     and updates as the demo's record) with a checkpoint after every update and
     ``MontrageMonitor.on_checkpoint`` as ``finetune``'s hook, then compares the movement of
-    the images in update s's batch with the others' (AUC, ratio of means)."""
+    the images in update s's batch with the others' (AUC, ratio of means). ``train_x`` /
+    ``q_x``: the UNet inputs of the training images / demo queries (latents for a latent base
+    model, which trains on the VAE posterior mean as the demo's fine-tuning does)."""
     from jaxattrib import parallel
     from jaxattrib.attribution import montrage as M
     from jaxattrib.diffusion.schedule import schedule_from_diffusers_config
@@ -375,28 +391,32 @@ def _probe(out, run, cfg, pipe, train, ctx_tr, demo_q, ctx_q, n_steps, taps, ts,
                      schedule="constant", warmup_steps=0, weight_decay=0.0, seed=cfg["seed"],
                      checkpoint_every=1, mode=f["mode"], log_every=20)
     sched = schedule_from_diffusers_config(pipe.scheduler_config)
-    loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched)
+    loss_fn = make_diffusion_loss(pipe.unet_config, pipe.text_config, sched, pipe.vae_config,
+                                  sample_posterior=not pipe.is_latent)   # as demo.finetune_stage
+    params = {"unet": pipe.unet_params, "text_encoder": pipe.text_params}
+    if pipe.is_latent:
+        params["vae"] = pipe.vae_params
     ids = pipe.tokenizer(list(train["captions"]),
                          max_length=pipe.text_config.max_position_embeddings)
     images = train["images"]
     mesh = parallel.make_mesh(1)
     rec_dir = (out / f"probe_record_{n_steps}").resolve()
     specs = {t: M.RepresentationSpec(taps=taps, t=t, batch_size=64) for t in ts}
-    mons = {t: M.MontrageMonitor(pipe.unet_config, images, ctx_tr, demo_q["images"], ctx_q,
+    mons = {t: M.MontrageMonitor(pipe.unet_config, train_x, ctx_tr, q_x, ctx_q,
                                  spec=specs[t], mesh=mesh, cache_dir=out / f"probe_reps_t{t}",
                                  source=rec_dir) for t in ts}
     t0 = time.time()
-    _, rec = finetune(loss_fn, {"unet": pipe.unet_params, "text_encoder": pipe.text_params},
-                      len(images), lambda idx: {"images": images[idx], "input_ids": ids[idx]},
-                      tc, rec_dir, mesh=mesh,
+    _, rec = finetune(loss_fn, params, len(images),
+                      lambda idx: {"images": images[idx], "input_ids": ids[idx]}, tc, rec_dir,
+                      mesh=mesh,
                       progress=False, on_checkpoint=lambda s, p: [m.on_checkpoint(s, p)
                                                                   for m in mons.values()])
     exemplar = train["concept"] >= 0
     rows = []
     for t in ts:
         # the monitors' live caches; a rerun (or resumed) probe fills in what they missed
-        tr = M.representation_trajectory(rec, pipe.unet_config, images, ctx_tr,
-                                         demo_q["images"], ctx_q, spec=specs[t], mesh=mesh,
+        tr = M.representation_trajectory(rec, pipe.unet_config, train_x, ctx_tr,
+                                         q_x, ctx_q, spec=specs[t], mesh=mesh,
                                          cache_dir=out / f"probe_reps_t{t}", progress=False)
         for sel in (demo_taps,) + tuple((x,) for x in taps):
             mv = tr.movement(sel)[1:]                                  # [n_steps, N]

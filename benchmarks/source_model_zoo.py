@@ -11,7 +11,8 @@ TPR@10%FPR per ρ and overall, the ρ = 0.3 strategies-vs-random comparison, con
 times) and ``RUN_DIR/plots/conf_vs_rho.png``.
 
     python benchmarks/source_model_zoo.py --smoke --run-dir runs/source_zoo_smoke
-    python benchmarks/source_model_zoo.py --run-dir runs/source_zoo     # 37 min (BENCHMARKS.md)
+    python benchmarks/source_model_zoo.py --run-dir runs/source_zoo     # 37 min (BENCHMARKS.md;
+        # measured on the former 16-px pixel default, 75 captions; the latent default has 150)
 
 The hit threshold is ``decision.delta0='calibrated'`` by default (chosen on the innocent
 shadow + calibration models); ``--set decision.delta0=0.15`` gives the paper's fixed value.

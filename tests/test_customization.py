@@ -184,8 +184,10 @@ def test_attribute_variants_chooses_per_variant_on_validation_and_caches(tmp_pat
 
 @pytest.mark.slow
 def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypatch):
+    # the tiny stand-in has the 16-px spec's 3 backgrounds: 1 exemplar per background
     c = load_config("customization:smoke", [
-        f"base_model='{tiny_base_model}'", "finetune.steps=2", "finetune.checkpoint_every=1",
+        f"base_model='{tiny_base_model}'", "data.exemplars_per_concept=3",
+        "finetune.steps=2", "finetune.checkpoint_every=1",
         "finetune.batch_size=4", "generate.num_inference_steps=2", "attribution.k=16",
         "attribution.num_timesteps=1", "attribution.microbatch=8",
         "attribution.methods=('tracin', 'pixel', 'random')", "data.distractors=4"])

@@ -144,8 +144,10 @@ def _script():
 def test_script_smoke_on_a_tiny_source_run(tiny_base_model, tmp_path, monkeypatch,
                                            capsys):
     src = tmp_path / "source"
+    # the tiny stand-in has the 16-px spec's 3 backgrounds: 1 exemplar per background
     c = load_config("customization:smoke", [
-        f"base_model='{tiny_base_model}'", "finetune.steps=2", "finetune.checkpoint_every=1",
+        f"base_model='{tiny_base_model}'", "data.exemplars_per_concept=3",
+        "finetune.steps=2", "finetune.checkpoint_every=1",
         "finetune.batch_size=4", "data.distractors=2"])
     check_run_config(src, c)
     info = bm.base_model_info(tiny_base_model)
@@ -227,7 +229,7 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
              captions=np.array([f"c{i}" for i in range(8)]), concept=concept,
              ids=np.array([str(i) for i in range(8)]))
     (src / "config.json").write_text(load_config("customization").to_json())
-    info = {"held_out": HELD, "data_spec": bm.base_model_info()["data_spec"]}
+    info = {"held_out": HELD, "data_spec": dict(bm.base_model_info()["data_spec"], size=16)}
     monkeypatch.setattr(bm, "load_base_model", lambda folder=None: _Pipe())
     monkeypatch.setattr(bm, "base_model_info", lambda folder=None: info)
     monkeypatch.setattr(record_lib.TrajectoryRecord, "open", staticmethod(lambda d: _Record()))

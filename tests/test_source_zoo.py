@@ -133,11 +133,25 @@ def _standins():
     return calls, finetune_fn, generate_fn_of, memorization_fn
 
 
+def _standin_pipe(root):
+    """A stand-in pipeline: no model, only a folder whose ``jaxattrib_base.json`` names the
+    16-px pixel concept set (3 backgrounds, 75 captions), which the run renders its data from
+    (:func:`jaxattrib.runs.specs.synthetic_spec`), not the embedded model's 32-px set."""
+    import dataclasses
+
+    from jaxattrib.train.base_model import data_spec
+    folder = root.parent / f"{root.name}_standin"       # beside the run directory
+    folder.mkdir()
+    (folder / "jaxattrib_base.json").write_text(json.dumps(
+        {"data_spec": dataclasses.asdict(data_spec())}))
+    return types.SimpleNamespace(folder=folder, unet_params={
+        "images": np.zeros((1, 16, 16, 3), np.float32), "caps": np.zeros(1, np.int64)})
+
+
 def test_smoke_run_with_stand_in_models_and_resume(tmp_path):
     cfg = load_config("source_model:smoke")
     calls, ft, gen_of, mem = _standins()
-    pipe = types.SimpleNamespace(unet_params={"images": np.zeros((1, 16, 16, 3), np.float32),
-                                              "caps": np.zeros(1, np.int64)})
+    pipe = _standin_pipe(tmp_path)
     kw = dict(pipe=pipe, finetune_fn=ft, generate_fn_of=gen_of, memorization_fn=mem)
     out = Z.run_source_zoo(cfg, tmp_path, progress=False, **kw)
     z = cfg.zoo
@@ -237,8 +251,7 @@ def test_rho03_comparison_tables_with_stand_ins(tmp_path):
     tighter COMPARE_DELTAS, on the ρ = 0.3 and on the innocent models, and rendered."""
     cfg = load_config("source_model:smoke", ["zoo.rhos=(0.0, 0.3)"])
     _, ft, gen_of, mem = _standins()
-    pipe = types.SimpleNamespace(unet_params={"images": np.zeros((1, 16, 16, 3), np.float32),
-                                              "caps": np.zeros(1, np.int64)})
+    pipe = _standin_pipe(tmp_path)
     out = Z.run_source_zoo(cfg, tmp_path, progress=False, pipe=pipe, finetune_fn=ft,
                            generate_fn_of=gen_of, memorization_fn=mem)
     comp = out["rho0.3_vs_random"]

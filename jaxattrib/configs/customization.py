@@ -7,11 +7,12 @@ generator, fine-tuning, generation and attribution settings), except for the fie
 the base model is fine-tuned on exemplars of its four withheld (shape, color) concepts +
 distractors it already knows, with a trajectory record; queries are generated per
 (concept, background) and attributed by every method. Here each concept's exemplars cycle
-through the backgrounds (``exemplars_per_concept / 3`` per background), so "which exemplar" has
-a known answer (within-concept). The demo's CGI-DM and report fields do not apply.
-``get_config()`` is the full setting (60 min on the loaded 2-core CPU, BENCHMARKS.md);
-``get_config('smoke')`` a reduced one (11 min there, mostly compilation). Override any field
-with ``--set key=value``.
+through the backgrounds (``exemplars_per_concept / #backgrounds`` per background: 6 backgrounds
+on the embedded model, 3 on the 16-px pixel one), so "which exemplar" has a known answer
+(within-concept). The demo's CGI-DM and report fields do not apply.
+``get_config()`` is the full setting (60 min on the loaded 2-core CPU with the former 16-px
+pixel default, BENCHMARKS.md); ``get_config('smoke')`` a reduced one (11 min there, mostly
+compilation). Override any field with ``--set key=value``.
 """
 
 from jaxattrib.configs import demo
@@ -21,7 +22,7 @@ def get_config(arg=None):
     c = demo.get_config()
     del c["cgi_dm"], c["report"], c.generate["per_concept"], c.attribution["topk"]
     c.variation = "background"        # what distinguishes a concept's exemplars (within-concept)
-    c.data.exemplars_per_concept = 6  # multiple of #backgrounds (3): 2 exemplars per background
+    c.data.exemplars_per_concept = 6  # multiple of #backgrounds (6 embedded: 1 per background)
     c.data.holdouts_per_concept = 0   # unused here (the demo's CGI-DM negatives)
     c.generate.per_variation = 4      # queries per (concept, background); half validate λ
     c.attribution.methods = ("dtrak", "trak", "tracin", "concept-trak", "montrage",
@@ -31,7 +32,7 @@ def get_config(arg=None):
               "n_bootstrap": 1000}    # resamples of the test queries for the 95% CIs
 
     if arg == "smoke":
-        c.data.exemplars_per_concept = 3
+        c.data.exemplars_per_concept = 6  # 1 per background of the embedded model
         c.data.distractors = 12
         c.data.per_combination = 2
         c.finetune.steps = 20

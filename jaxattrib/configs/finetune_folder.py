@@ -3,8 +3,9 @@
 ``jaxattrib train finetune_folder --run-dir runs/ft --set data.source=folder
 --set data.path=../shared/data/dreambooth --set data.subjects="['dog','cat']"``
 
-data.source: 'synthetic' (the package's concept set), 'folder' (one sub-folder per subject,
-captions from captions.jsonl / prompt.txt / a template), 'digits' (scikit-learn's digits),
+data.source: 'synthetic' (the model's synthetic concept set: the embedded model's for
+'embedded', rendered at data.size = 32), 'folder' (one sub-folder per subject, captions
+from captions.jsonl / prompt.txt / a template), 'digits' (scikit-learn's digits),
 'tfds' (data.name prepared as array_record in data_dir data.path; see docs/data.md).
 model: 'embedded' (the shipped base model) or a diffusers pipeline folder (safetensors).
 The run directory receives data/source.json (a fingerprinted reference to the data, no pixel
@@ -27,7 +28,8 @@ def get_config(arg=None):
     c.data.source = "synthetic"
     c.data.path = ""
     c.data.subjects = ()
-    c.data.size = 16                  # must equal the UNet's sample size (x VAE factor)
+    c.data.size = 32                  # must equal the UNet's sample size (x VAE factor): 32
+    #                                   for the embedded model (16x16x4 latents, VAE f=2)
     c.data.max_examples = 64
     c.data.name = ""                  # data.source='tfds': tfds name (data.path = its data_dir)
     c.data.split = "train"            # data.source='tfds': split

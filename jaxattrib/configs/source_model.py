@@ -91,13 +91,15 @@ def zoo_config(smoke: bool = False):
     Fields [design, sized for the loaded 2-core CPU; every model is the embedded base model's
     UNet fine-tuned, text encoder frozen]:
 
-    * ``data``: the base model's synthetic concept set (75 captions = candidate prompts).
+    * ``data``: the base model's synthetic concept set, its P captions = candidate prompts
+      (P = 5 shapes × 5 colors × 6 backgrounds = 150 on the embedded 32-px latent model; 75 on
+      the 16-px pixel model the numbers in docs/benchmarks were measured on).
       ``source_per_caption`` renders per caption train the source (1 = one image per caption,
-      seen ``source.steps * batch / 75`` times: the source memorizes); ``real_per_caption``
+      seen ``source.steps * batch / P`` times: the source memorizes); ``real_per_caption``
       other renders (another seed) are the "real" data of innocent / infringing models.
     * ``source``: fine-tuning of the source (``steps``, ``batch_size``, ``learning_rate``).
     * ``generated.seeds``: the source generates every caption once per seed: the data set the
-      infringers train on (``len(seeds) * 75`` images); ``generated.watermark_strength``: the
+      infringers train on (``len(seeds) * P`` images); ``generated.watermark_strength``: the
       32-bit watermark (:mod:`jaxattrib.authentication.watermark`, α in [-1, 1] units) embedded in
       all of them (the watermark baseline; every method sees the same zoo).
     * ``zoo``: ``rhos`` in build order (0 = innocent); per ρ ``n_shadow`` (discriminator
@@ -113,12 +115,12 @@ def zoo_config(smoke: bool = False):
       (all candidate captions) of the innocent (ρ = 0) *shadow and calibration* models
       (:func:`jaxattrib.authentication.source_model.calibrate_delta0`; the evaluation models
       are never used); a number (the paper's 0.15) is used as given.
-    * ``query``: seeds and DDIM settings of every same-seed query (all 75 captions per model).
+    * ``query``: seeds and DDIM settings of every same-seed query (all P captions per model).
     * ``discriminator``: :class:`~jaxattrib.authentication.source_model.Discriminator` fields.
     """
     z = ml_collections.ConfigDict()
     z.seed = 0
-    z.data = {"source_per_caption": 1, "real_per_caption": 2, "captions": 0}  # 0 = all 75
+    z.data = {"source_per_caption": 1, "real_per_caption": 2, "captions": 0}  # 0 = all P
     z.source = {"steps": 300, "batch_size": 16, "learning_rate": 3e-4}
     z.generated = {"seeds": (1000, 1001), "watermark_strength": 0.06}
     z.zoo = {"rhos": (0.0, 0.3, 1.0, 0.5, 0.7), "n_shadow": 3, "n_cal": 2, "n_eval": 10,

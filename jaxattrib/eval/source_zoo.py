@@ -167,10 +167,18 @@ def markdown_table(results: Mapping, fpr: float) -> str:
 
 # ----------------------------------------------------------------------------- the run
 
-def _data(config):
-    from jaxattrib.train.base_model import data_spec
+def _data(config, pipe):
+    """(source renders, real renders, candidate captions) of the synthetic concept set of
+    ``pipe`` (:func:`~jaxattrib.runs.specs.synthetic_spec` of its folder: the embedded
+    model's 32-px, 6-background set, 150 captions; a stand-in without a folder: the embedded
+    model's), rendered at the pipeline's pixel size."""
     from jaxattrib.data.synthetic import make_synthetic
-    spec = data_spec()
+    from jaxattrib.runs.specs import synthetic_spec
+    size = None
+    if getattr(pipe, "unet_config", None) is not None:
+        from jaxattrib.diffusion.latents import pixel_shape
+        size = pixel_shape(pipe.unet_config, pipe.vae_config)[0]
+    spec = synthetic_spec(getattr(pipe, "folder", None) or "embedded", size=size)
     d, seed = config.data, int(config.seed)
     src = make_synthetic(dataclasses.replace(spec, per_combination=d.source_per_caption),
                          seed=1000 * seed + 1)
@@ -304,7 +312,7 @@ def run_source_zoo(config, run_dir: str | Path, progress: bool = True, *, pipe=N
     tuners: dict = {}
 
     base = {"unet": pipe.unet_params}
-    src_data, real, captions = _data(config)
+    src_data, real, captions = _data(config, pipe)
     P = len(captions)
     if k.n > P:
         raise ValueError(f"key_samples.n={k.n}: only {P} candidate captions")

@@ -83,6 +83,11 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
                               f"--run-dir {run_dir} first")
     config = apply_overrides(ml_collections.ConfigDict(
         json.loads(RunDir(run_dir).config.read_text())), [])
+    from jaxattrib.runs.demo import check_run_data_size
+    from jaxattrib.train.base_model import ASSET_DIR, base_model_info
+    folder = config.base_model or None
+    if (Path(folder or ASSET_DIR) / "jaxattrib_base.json").is_file():  # a model with a spec
+        check_run_data_size(run_dir, base_model_info(folder), folder)
     pipe = load_base_model(config.base_model or None)
     record = TrajectoryRecord.open(RunDir(run_dir).record.resolve())
     unet_params = record.load(record.latest_step())["unet"]

@@ -512,27 +512,32 @@ def open_base_run(run_dir: str | Path, config):
     run_dir = Path(run_dir)
     from jaxattrib.config import ATTRIBUTION_LEGACY
     check_run_config(run_dir, config, adopt=ATTRIBUTION_LEGACY)
-    pipe, info = load_base(config.base_model)
+    pipe, info = load_base(config.base_model, run_dir)
     return run_dir, pipe, info
 
 
-def load_base(base_model: str = ""):
+def load_base(base_model: str = "", run_dir: str | Path | None = None):
     """``(pipe, info)`` of a base model pretrained on the synthetic concept set: ``base_model``
     a pipeline folder with a ``jaxattrib_base.json`` (``''``: the embedded model); a latent
-    one's ``data_spec.size`` is checked against UNet ``sample_size`` × VAE factor."""
+    one's ``data_spec.size`` is checked against UNet ``sample_size`` × VAE factor. With
+    ``run_dir``, a run directory made with another base model is refused first
+    (:func:`check_run_data_size`), before the model loads."""
     from jaxattrib.train.base_model import base_model_info, load_base_model
     folder = base_model or None
     if folder is not None and not (Path(folder) / "jaxattrib_base.json").is_file():
         raise ConfigError(f"base_model={folder!r}: no jaxattrib_base.json there; the demo needs a "
                           f"base model pretrained on the synthetic concept set, described by that "
                           f"file (data_spec, held_out; see jaxattrib/assets/base_model)")
+    info = base_model_info(folder)
+    if run_dir is not None:
+        check_run_data_size(Path(run_dir), info, folder)
     pipe = load_base_model(folder)
     if pipe.is_latent:
         from jaxattrib.diffusion.latents import check_pixel_images
-        size = int(base_model_info(folder)["data_spec"]["size"])
+        size = int(info["data_spec"]["size"])
         check_pixel_images((size, size, 3), pipe.unet_config, pipe.vae_config,
                            f"{folder}/jaxattrib_base.json data_spec.size")
-    return pipe, base_model_info(folder)
+    return pipe, info
 
 
 def pgd_space(pipe) -> str:
@@ -543,6 +548,34 @@ def pgd_space(pipe) -> str:
     from jaxattrib.diffusion.latents import sample_shape
     return (f"VAE latents {list(sample_shape(pipe.unet_config))} (VAE posterior mean, "
             f"as fine-tuned)")
+
+
+def check_run_data_size(run_dir: Path, info: dict, folder=None) -> None:
+    """A run directory whose cached ``data/train.npz`` holds images of another size than the
+    base model's ``data_spec.size`` was made with another base model, typically the former
+    16-px pixel embedded default (the embedded model is the 32-px latent one since issue 21):
+    one :class:`ConfigError` naming the file, both sizes and the way back, before any model
+    is loaded (resuming would mix that run's record with this model). ``info``: the base
+    model's :func:`~jaxattrib.train.base_model.base_model_info`; ``folder``: its folder
+    (``None``: the embedded model)."""
+    size = int(info["data_spec"]["size"])
+    path = RunDir(run_dir).data_file("train")
+    if not path.is_file():
+        return
+    import zipfile
+    try:
+        with np.load(path) as z:
+            shape = tuple(z["images"].shape[1:]) if "images" in z.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return                           # unreadable: the stage that reads it says so
+    if shape is not None and shape[:2] != (size, size):
+        which = f"base_model={str(folder)!r}" if folder else "the embedded base model"
+        raise ConfigError(
+            f"{path}: images are {shape[0]}x{shape[1]} px but {which} takes {size}x{size} "
+            f"(data_spec.size): this run directory was made with another base model (the "
+            f"embedded default was the 16-px pixel model before 2026-12-07). Use a new run "
+            f"directory, or resume it with that model: rebuild it with `python -m "
+            f"jaxattrib.train.base_model --out DIR` and --set base_model=DIR")
 
 
 def run_demo(config, run_dir: str | Path = "runs/demo", progress: bool = True) -> dict:
@@ -599,6 +632,7 @@ def _generation_accuracy(queries: dict, held: list[dict], spec) -> dict:
 
 
 __all__ = ["DEMO_METHODS", "base_model_ref", "build_data", "cgi_dm_report", "cgi_dm_sentence",
-           "cgi_dm_stage", "check_demo_config", "demo_query_plan", "example_queries",
+           "cgi_dm_stage", "check_demo_config", "check_run_data_size", "demo_query_plan",
+           "example_queries",
            "finetune_stage", "generate_stage", "load_base", "open_base_run", "pgd_space",
            "report_stage", "run_demo"]

@@ -22,6 +22,30 @@ def load_model(model: str):
     return load_base_model() if model in ("", "embedded") else load_pipeline(model)
 
 
+def synthetic_spec(model, size: int | None = None):
+    """The synthetic concept spec (:class:`~jaxattrib.data.synthetic.SyntheticConceptSpec`)
+    that belongs to a config's ``model`` (``''`` / ``'embedded'`` / a pipeline folder): the
+    ``data_spec`` of its ``jaxattrib_base.json`` (the shipped latent model's for the embedded
+    one: 32 px, 6 backgrounds), else the package's 16-px pixel spec
+    (:func:`jaxattrib.train.base_model.data_spec`: 3 backgrounds). ``size``: the image side
+    to render at instead of the spec's (pixels). [design]"""
+    import dataclasses
+    import json
+
+    from jaxattrib.train.base_model import ASSET_DIR, data_spec, spec_from_info
+    folder = ASSET_DIR if str(model) in ("", "embedded") else Path(model)
+    info_path = folder / "jaxattrib_base.json"
+    info = {}
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{info_path}: unreadable ({e})") from e
+    spec = spec_from_info(info) if isinstance(info, dict) and "data_spec" in info \
+        else data_spec()
+    return spec if size is None else dataclasses.replace(spec, size=int(size))
+
+
 MODEL_SPEC_HELP = ("'pipeline' (the UNet of model.pipeline), 'embedded' (the shipped base "
                    "model), a diffusers pipeline folder, or a trajectory record / `jaxattrib "
                    "train` run directory with an optional @STEP ('@0' = the weights it started "

@@ -33,19 +33,22 @@ def load_training_data(config):
     """The configured training set as a :class:`~jaxattrib.data.source.DataSource` (pixels
     are read on demand; ``len()``, ``ids``, ``captions``, ``fingerprint()``, ``read(idx)``).
 
-    ``data.source``: 'synthetic' (the base model's concept spec at ``data.size``, one image per
-    combination, seed = ``config.seed``), 'folder' (``data.path``, ``data.subjects``), 'digits',
-    or 'tfds' (``data.name`` prepared as array_record in ``data.path`` = its ``data_dir``,
+    ``data.source``: 'synthetic' (the concept spec of ``config.model``'s
+    ``jaxattrib_base.json`` (the embedded model's: 6 backgrounds), else the package's 16-px
+    spec (:func:`~jaxattrib.runs.specs.synthetic_spec`), rendered at ``data.size``, one image
+    per combination, seed = ``config.seed``), 'folder' (``data.path``, ``data.subjects``),
+    'digits', or 'tfds' (``data.name`` prepared as array_record in ``data.path`` = its ``data_dir``,
     ``data.split``, captions from ``data.caption_key`` or the class name). ``data.max_examples``
     keeps a random subset (seed = ``config.seed``) in data set order, with a notice.
     """
     from jaxattrib.data import source as S
     d = config.data
     if d.source == "synthetic":
-        from jaxattrib.train.base_model import data_spec
         import dataclasses
-        src = S.SyntheticSource(dataclasses.replace(data_spec(), size=d.size, per_combination=1),
-                                seed=config.seed)
+
+        from jaxattrib.runs.specs import synthetic_spec
+        spec = synthetic_spec(_field(config, "model", "embedded"), size=d.size)
+        src = S.SyntheticSource(dataclasses.replace(spec, per_combination=1), seed=config.seed)
     elif d.source == "folder":
         if not d.path:
             raise ConfigError("data.path: required for data.source='folder'")
