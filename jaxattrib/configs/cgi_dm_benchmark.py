@@ -6,14 +6,12 @@ thresholds calibrated on a separate split.
 Fields:
 
 * ``seed``: splits, class-image generation, fine-tuning, PGD noise.
-* ``base_model``: '' = the embedded base model (a latent model: PGD runs on its VAE
-  posterior-mean latents, the masked / recovered images are VAE-decoded); else a pipeline folder
-  with a ``jaxattrib_base.json`` (e.g. the 16-px pixel model of ``python -m
-  jaxattrib.train.base_model --out DIR``).
+* ``base_model``: '' = the embedded (latent) base model; else a pipeline folder with a
+  ``jaxattrib_base.json`` (e.g. the 16-px pixel model, ``python -m jaxattrib.train.base_model``).
 * ``source``: 'synthetic' (renders of the base model's four withheld concepts at its
   ``data_spec.size``) or 'folder' (a DreamBooth-layout folder, ``data.path``, resized to the
-  model's pixel size, UNet sample size x VAE factor: 32 px for the embedded model; one concept
-  per subject; ``data.subjects`` = () for all; ``data.caption`` = fallback caption template).
+  model's pixel size; one concept per subject; ``data.subjects`` = () for all;
+  ``data.caption`` = fallback caption template).
 * ``data.members``: members per concept (= hold-outs per concept; alternately validation /
   test). A folder subject with fewer than ``2 * members + 1`` images takes
   ``(n - 1) // 2`` members (at least 2, else it is left out). ``data.calib``: further known
@@ -24,9 +22,7 @@ Fields:
   'lora' (rank ``lora_rank``) or 'full'; ``steps``, ``batch_size`` (pairs per update),
   ``learning_rate``. The text encoder is not trained (both models see the same prompt
   embedding). The default (full UNet, lr 2e-4, 200 updates of 8 pairs) was chosen on the
-  validation half among short runs (BENCHMARKS.md, CGI-DM benchmark section): LoRA rank 8 at
-  lr 1e-3 / 1e-2 left the members' loss almost unchanged (loss-gap validation AUC 0.63 / 0.61),
-  this setting moves it (0.69) without the memorisation of the demo (AUC 1.00 there).
+  validation half among short runs on the 16-px pixel model (docs/benchmarks/cgi_dm.md).
 * ``cgi``: the base :class:`~jaxattrib.authentication.cgi_dm.CGIDMConfig` (authors' defaults,
   scaled to the model input by ``scale='sqrt_numel'``: 16×16×4 latents for the embedded model,
   16×16×3 pixels for the pixel one; fewer steps for CPU). The ``clamp1`` variants clamp to
@@ -40,8 +36,7 @@ Fields:
   on validation among (1, 999) and the variants' ranges; the masked-input baseline's
   (variant, similarity) likewise.
 * ``loss_gap_draws``: (t, ε) draws of the loss-gap baseline (shared by all images).
-* ``batch_size``: images per PGD batch (unit of resumption); ``report_images``: members and
-  hold-outs shown (original | masked | recovered) in the report.
+* ``batch_size``: images per PGD batch (unit of resumption); ``report_images``: images shown.
 
 ``get_config('smoke')``: a few images per concept, few steps — exercises every stage (tests).
 """

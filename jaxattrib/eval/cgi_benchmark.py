@@ -1,45 +1,36 @@
 """CGI-DM benchmark: fine-tuning members vs equal-size hold-outs of the same concepts.
 
-The embedded base model (:mod:`jaxattrib.train.base_model`) is fine-tuned DreamBooth-style — few
-images of concepts it never saw, plus prior preservation on its own generations of concepts it
-knows (:func:`jaxattrib.train.dreambooth.make_dreambooth_loss`) — on the *member* images; the
+The base model is fine-tuned DreamBooth-style (few images of new concepts, prior preservation on
+its own generations: :mod:`jaxattrib.train.dreambooth`) on the *member* images; the
 *hold-outs* are other images of the same concepts. Every method scores every image (larger ⇒
 member) and is measured on members vs hold-outs:
 
 * **CGI-DM** (:mod:`jaxattrib.authentication.cgi_dm`): masked latent recovered by contrastive
   gradient inversion, score = similarity(original, recovered) ('ssim', 'psnr', 'tap'), or
   'j_gain' = J(recovered) − J(start), the rise of the contrastive objective [design].
-* **loss gap** (baseline 1): ``L_pre − L_ft`` on the unmasked image, no inversion
-  (:func:`~jaxattrib.authentication.cgi_dm.loss_gap_scores`).
+* **loss gap** (baseline 1): ``L_pre − L_ft`` on the unmasked image, no inversion.
 * **masked-input similarity** (baseline 2): similarity(original, masked start), no model.
 
-Splits (per concept, after a seeded shuffle; ground truth by construction): ``members``
-(fine-tuned on), ``holdouts`` (the same number, not trained on) and ``calib`` (extra known
-non-members). Members and hold-outs alternate into a **validation** half and a **test** half.
-Everything tunable (the CGI-DM variants of ``tune.variants`` — radius, steps, step size, mask,
-timesteps — the similarity feature, and the loss-gap baseline's timestep range) is chosen by
-validation AUC only; AUC and TPR@1%/10%FPR (ROC of the test half) are reported on the test half,
-and the decision threshold at each FPR budget is calibrated on the ``calib`` images (never on
-the test half), with the FPR/TPR it actually gives on the test half.
+Splits (per concept, seeded; ground truth by construction): ``members`` (fine-tuned on),
+``holdouts`` (as many, not trained on), ``calib`` (extra known non-members). Members and
+hold-outs alternate into a **validation** and a **test** half. Everything tunable (the CGI-DM
+variants of ``tune.variants``, the similarity, the loss-gap timestep range) is chosen by
+validation AUC only; AUC and TPR@1%/10%FPR are reported on the test half, with thresholds
+calibrated on the ``calib`` images (never on the test half).
 
 Sources: ``source='synthetic'`` — renders of the base model's four withheld (shape, color)
-concepts at its ``data_spec.size`` (``jaxattrib_base.json``), captioned as in pretraining ("a
-yellow cross on a black background"); ``'folder'`` — a DreamBooth-layout folder (e.g.
-``/work/shared/data/dreambooth``) resized to the model's pixel size (UNet ``sample_size`` × VAE
-factor: 32 px for the embedded latent model, 16 px for the pixel one), one concept per subject.
-[design] The text encoder is not trained, so both models see the same conditioning (the
-objective's ``c = c'``). ``base_model``: '' = the embedded model, else a folder with a
-``jaxattrib_base.json`` (e.g. the 16-px pixel model, ``python -m jaxattrib.train.base_model``).
+concepts at its ``data_spec.size``, captioned as in pretraining; ``'folder'`` — a
+DreamBooth-layout folder resized to the model's pixel size (UNet ``sample_size`` × VAE factor),
+one concept per subject. [design] The text encoder is not trained, so both models see the same
+conditioning (``c = c'``). ``base_model``: '' = the embedded model, else a folder with a
+``jaxattrib_base.json``.
 
-Latent base models (the embedded one): as the demo's CGI-DM stage
-(:func:`jaxattrib.runs.demo.cgi_dm_stage`), every image is encoded once with the VAE posterior
-**mean** (:func:`jaxattrib.models.latent_io.vae_codec`, ``sample=False``), the rule
-fine-tuning trains on (:data:`jaxattrib.diffusion.latents.LATENT_RULE`), so a member's ``z0`` is
-exactly the latent the model was trained on; PGD, the loss gap and the masked start run on that
-latent [code]; the masked and recovered images are VAE-decoded to pixels, and the similarities
-(and 'tap', which re-encodes) and the report see pixels. 'j_gain' evaluates J at the
-re-encoded decoded images (the pixels the similarities see) [design]. Pixel base models: no
-VAE, the same computation as before.
+Latent base models (the embedded one), as the demo's CGI-DM stage: every image is encoded once
+with the VAE posterior **mean** (:func:`jaxattrib.models.latent_io.vae_codec`), the rule
+fine-tuning trains on (:data:`jaxattrib.diffusion.latents.LATENT_RULE`); PGD, the loss gap and
+the masked start run on that latent [code]; the masked and recovered images are VAE-decoded,
+and the similarities and the report see pixels ('j_gain': J at the re-encoded decoded images
+[design]). Pixel base models: no VAE, the same computation as before.
 
 The run directory::
 
