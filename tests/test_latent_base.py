@@ -37,8 +37,6 @@ def _nhwc(t):
 def test_folder_loads_with_parity(smoke):
     from jaxattrib.train.base_model import spec_from_info
     from jaxattrib.data.synthetic import make_synthetic
-    from jaxattrib.models import unet as U
-    from jaxattrib.models import vae as V
     from jaxattrib.models.latent_io import encode_images
     from jaxattrib.models.pipeline import load_pipeline
 
@@ -56,10 +54,34 @@ def test_folder_loads_with_parity(smoke):
     assert abs(float(lat.std()) - 1.0) < 1e-4
     assert pipe.vae_config.scaling_factor == pytest.approx(info["scaling_factor"])
 
-    # diffusers / transformers read every part; same numbers as our ports (float32)
-    sd = diffusers.StableDiffusionPipeline.from_pretrained(str(smoke), safety_checker=None)
+    _check_parity(smoke, pipe, ds.images[:3], cfg.max_length)
+
+
+def test_shipped_model_is_this_pipeline_and_loads_with_parity():
+    """The embedded base model (jaxattrib/assets/base_model) is a latent pipeline made by this
+    module with its default config, ≤ 30 MB, and diffusers/transformers read it with the same
+    numbers as our ports (issue 21's acceptance)."""
+    from jaxattrib.train.base_model import ASSET_DIR, base_model_info, spec_from_info
+    from jaxattrib.data.synthetic import make_withheld
+    from jaxattrib.models.pipeline import load_pipeline
+
+    info = base_model_info()
+    assert info["kind"] == "latent" and info["config"] == LB.LatentBaseConfig().to_dict()
+    assert sum(f.stat().st_size for f in ASSET_DIR.rglob("*") if f.is_file()) <= 30e6
+    pipe = load_pipeline(ASSET_DIR)
+    assert pipe.is_latent and pipe.unet_config.sample_size == info["data_spec"]["size"] // 2
+    images = make_withheld(spec_from_info(info, per_combination=1), 3, info["held_out"]).images
+    _check_parity(ASSET_DIR, pipe, images[:2], info["config"]["max_length"])
+
+
+def _check_parity(folder, pipe, x, max_length):
+    """diffusers / transformers read every part of ``folder``; the VAE posterior mean and
+    decode, the tokenizer ids, the text states and the UNet output equal our ports' (float32,
+    1e-4 absolute) on the pixel images ``x`` and two prompts."""
+    from jaxattrib.models import unet as U
+    from jaxattrib.models import vae as V
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     assert sd.vae.config.scaling_factor == pytest.approx(pipe.vae_config.scaling_factor)
-    x = ds.images[:3]
     with torch.no_grad():
         ref_mean = _nhwc(sd.vae.encode(_nchw(x)).latent_dist.mean)
         ref_dec = _nhwc(sd.vae.decode(_nchw(ref_mean)).sample)
@@ -72,17 +94,18 @@ def test_folder_loads_with_parity(smoke):
         np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
     prompts = ["a red circle on a black background", "a purple star on a white background"]
-    ids = sd.tokenizer(prompts, padding="max_length", max_length=cfg.max_length,
+    ids = sd.tokenizer(prompts, padding="max_length", max_length=max_length,
                        truncation=True, return_tensors="np").input_ids
-    np.testing.assert_array_equal(pipe.tokenizer(prompts, max_length=cfg.max_length), ids)
-    te = transformers.CLIPTextModel.from_pretrained(str(smoke / "text_encoder")).eval()
+    np.testing.assert_array_equal(pipe.tokenizer(prompts, max_length=max_length), ids)
+    te = transformers.CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
     with torch.no_grad():
         ref_ctx = te(torch.from_numpy(ids)).last_hidden_state.numpy()
     ctx = np.asarray(pipe.encode_prompts(prompts))
     np.testing.assert_allclose(ctx, ref_ctx, atol=1e-4, rtol=0)
 
-    unet = diffusers.UNet2DConditionModel.from_pretrained(str(smoke / "unet")).eval()
-    z = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    hw = pipe.unet_config.sample_size
+    z = np.random.default_rng(0).standard_normal((2, hw, hw, 4)).astype(np.float32)
     t = np.array([10, 700])
     with torch.no_grad():
         ref = _nhwc(unet(_nchw(z), torch.from_numpy(t), torch.from_numpy(ref_ctx)).sample)

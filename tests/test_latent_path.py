@@ -199,9 +199,13 @@ def test_demo_runs_on_a_latent_base_model(tiny_latent_pipeline, tmp_path):
     model: fine-tunes through the VAE, generates, attributes (D-TRAK, TRAK, TracIn,
     Concept-TRAK, MONTRAGE, MONTRAGE-final on latents; pixel similarity), runs CGI-DM (PGD on
     the latent) and writes the report with images (decoded pixels)."""
-    from jaxattrib.train.base_model import ASSET_DIR
+    import dataclasses
+
+    from jaxattrib.train import base_model as bm
     model = shutil.copytree(tiny_latent_pipeline, tmp_path / "pipe")
-    shutil.copy(Path(ASSET_DIR) / "jaxattrib_base.json", model / "jaxattrib_base.json")
+    info = {"data_spec": dataclasses.asdict(bm.data_spec()),      # the 16-px spec: the tiny
+            "held_out": list(bm.HELD_OUT)}                        # pipeline's image size
+    (model / "jaxattrib_base.json").write_text(json.dumps(info))
     run = tmp_path / "demo"
     methods = ("dtrak", "trak", "tracin", "concept-trak", "montrage", "montrage-final", "pixel")
     sets = [f"base_model='{model}'", "data.exemplars_per_concept=2",
