@@ -30,15 +30,14 @@ def synthetic_spec(model, size: int | None = None):
     (:func:`jaxattrib.train.base_model.data_spec`: 3 backgrounds). ``size``: the image side
     to render at instead of the spec's (pixels). [design]"""
     import dataclasses
-    import json
 
-    from jaxattrib.train.base_model import ASSET_DIR, data_spec, spec_from_info
+    from jaxattrib.train.base_model import ASSET_DIR, base_model_info, data_spec, spec_from_info
     folder = ASSET_DIR if str(model) in ("", "embedded") else Path(model)
     info_path = folder / "jaxattrib_base.json"
     info = {}
     if info_path.is_file():
         try:
-            info = json.loads(info_path.read_text())
+            info = base_model_info(folder)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{info_path}: unreadable ({e})") from e
     spec = spec_from_info(info) if isinstance(info, dict) and "data_spec" in info \
