@@ -180,6 +180,31 @@ def test_attribute_variants_chooses_per_variant_on_validation_and_caches(tmp_pat
         np.array_equal(again[n]["fake"], out[n]["fake"]) for n in variants)
 
 
+def test_generate_stage_adds_journey_trajectories_to_cached_queries(tiny_base_model, tmp_path):
+    """Adding Journey-TRAK to a run regenerates its queries' sampling trajectories and keeps the
+    stored images; the last step's x̂0 is the generated image (DDIM's final step, pixel model)."""
+    pipe, info = demo.load_base(str(tiny_base_model))
+    held = [dict(h) for h in info["held_out"]][:2]
+    cfg = load_config("customization:smoke", ["generate.num_inference_steps=3",
+                                              "attribution.methods=('pixel',)"])
+    plan = B.query_plan(held, VARS[:1], 2, "background")
+    first = demo.generate_stage(tmp_path, cfg, pipe, pipe.unet_params, held, plan)
+    traj = tmp_path / "generations" / "trajectory.npz"
+    assert not traj.exists()
+    cfg.attribution.methods = ("journey-trak",)
+    again = demo.generate_stage(tmp_path, cfg, pipe, pipe.unet_params, held, plan)
+    np.testing.assert_array_equal(again["images"], first["images"])
+    with np.load(traj) as z:
+        x0s, ts = z["x0_preds"], z["timesteps"]
+    assert x0s.shape == (4, 3, 16, 16, 3) and ts.shape == (4, 3)
+    assert (np.diff(ts, axis=1) < 0).all()                     # noisiest step first
+    np.testing.assert_allclose(np.clip(x0s[:, -1], -1, 1), first["images"], atol=1e-4)
+    other = B.query_plan(held[::-1], VARS[:1], 2, "background")
+    traj.unlink()
+    with pytest.raises(ConfigError, match="prompts differ"):
+        demo.generate_stage(tmp_path, cfg, pipe, pipe.unet_params, held, other)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
@@ -190,12 +215,14 @@ def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypat
         "finetune.steps=2", "finetune.checkpoint_every=1",
         "finetune.batch_size=4", "generate.num_inference_steps=2", "attribution.k=16",
         "attribution.num_timesteps=1", "attribution.microbatch=8",
-        "attribution.methods=('tracin', 'pixel', 'random')", "data.distractors=4"])
+        "attribution.methods=('journey-trak', 'tracin', 'pixel', 'random')",
+        "attribution.journey_steps=(0.0, 1.0)", "data.distractors=4"])
     out = B.run_customization(c, tmp_path, progress=False)
     n = out["counts"]
     assert (n["train"], n["exemplars"], n["queries"], n["val"], n["test"]) == (10, 6, 12, 6, 6)
     assert n["within_val"] <= 6 and n["within_test"] <= 6
-    assert {r["method"] for r in out["between"]} == {"TracIn", "pixel similarity", "random"}
+    assert {r["method"] for r in out["between"]} == {"Journey-TRAK", "TracIn",
+                                                     "pixel similarity", "random"}
     s = np.load(tmp_path / "scores" / "within" / "tracin.npy")
     assert s.shape == (12, 10) and np.isfinite(s).all()
     # TracIn = the lr-weighted sum over checkpoints 1 and 2 (sign chosen on validation)
@@ -203,8 +230,15 @@ def test_run_is_resumable_and_writes_tables(tiny_base_model, tmp_path, monkeypat
         "step_1", "step_2"]
     sweep = json.loads((tmp_path / "scores" / "between" / "tracin_lambda.json").read_text())
     assert sweep["candidates"] == ["tracin", "tracin, sign flipped"]
+    # Journey-TRAK: queries = the generations' x̂0 at sampling steps 0 and 1 (of 2), each step
+    # and their mean per λ ratio chosen on validation
+    sweep = json.loads((tmp_path / "scores" / "between" / "journey-trak_lambda.json").read_text())
+    assert sweep["sampling_steps"] == [0, 1] and len(sweep["candidates"]) == 3 * len(
+        c.attribution.lambda_ratios) and sweep["chosen"] in sweep["candidates"]
+    assert {"train", "queries_step0", "queries_step1"} <= {
+        p.name for p in (tmp_path / "features" / "journey-trak").iterdir()}
     doc = json.loads((tmp_path / "tables" / "customization.json").read_text())
-    assert len(doc["between"]) == len(doc["within"]) == 3
+    assert len(doc["between"]) == len(doc["within"]) == 4
     assert "| method |" in (tmp_path / "tables" / "customization.md").read_text()
     assert (tmp_path / "report.html").is_file()
     # second run: every stage comes from the run directory (nothing recomputed)
@@ -228,6 +262,6 @@ def test_customization_script_smoke(tmp_path):
                            "--smoke", "--run-dir", str(tmp_path / "run"), "--no-progress"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("D-TRAK", "TRAK", "TracIn", "Concept-TRAK", "MONTRAGE (trajectory)",
+    for name in ("D-TRAK", "TRAK", "Journey-TRAK", "TracIn", "Concept-TRAK", "MONTRAGE (trajectory)",
                  "MONTRAGE final-only", "pixel similarity", "random"):
         assert proc.stdout.count(f"| {name} |") == 2, name      # between and within tables

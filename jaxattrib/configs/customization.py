@@ -25,8 +25,11 @@ def get_config(arg=None):
     c.data.exemplars_per_concept = 6  # multiple of #backgrounds (6 embedded: 1 per background)
     c.data.holdouts_per_concept = 0   # unused here (the demo's CGI-DM negatives)
     c.generate.per_variation = 4      # queries per (concept, background); half validate λ
-    c.attribution.methods = ("dtrak", "trak", "tracin", "concept-trak", "montrage",
-                             "montrage-final", "pixel", "random")
+    c.attribution.methods = ("dtrak", "trak", "journey-trak", "tracin", "concept-trak",
+                             "montrage", "montrage-final", "pixel", "random")
+    # Journey-TRAK's sampling steps (fractions of the trajectory, 1 = last), chosen on validation
+    # with their mean; its queries are the generations' trajectories (generate_stage keeps them)
+    c.attribution.journey_steps = (0.25, 0.5, 0.75, 1.0)
     c.attribution.tune_sign = True    # also try negated TRAK / D-TRAK / TracIn scores on val
     c.eval = {"topk": 10,             # Recall@K
               "n_bootstrap": 1000}    # resamples of the test queries for the 95% CIs

@@ -44,9 +44,9 @@ def _log(msg: str) -> None:
     logger.info("[jaxattrib demo %s] %s", time.strftime('%H:%M:%S'), msg)
 
 
-# Every registered method whose queries are images (Journey-TRAK's are sampling trajectories,
-# which the demo does not record), in registry order.
-DEMO_METHODS = tuple(name for name, spec in METHODS.items() if spec.query == "examples")
+# Every registered method, in registry order (Journey-TRAK's queries are the generations'
+# sampling trajectories, which generate_stage then records).
+DEMO_METHODS = tuple(METHODS)
 
 
 def check_demo_config(config, source: str = "demo config") -> None:
@@ -240,20 +240,44 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     """Generates the queries of ``plan`` (default :func:`demo_query_plan` over ``backgrounds``,
     the base model's ``data_spec.backgrounds``; ``None``: the pixel model's three): a dict with
     ``prompts [Q]``, ``concept [Q]`` and any other ``[Q]`` arrays, which are stored alongside
-    ``images [Q, H, W, 3]`` in ``generations/queries.npz`` (cached)."""
-    path = RunDir(run_dir).generations / "queries.npz"
-    if path.exists():
+    ``images [Q, H, W, 3]`` in ``generations/queries.npz`` (cached).
+
+    With ``journey-trak`` among ``attribution.methods`` the sampling trajectories are kept too,
+    in ``generations/trajectory.npz`` (``x0_preds [Q, S, h, w, c]`` in the UNet's space,
+    ``timesteps [Q, S]``). A run whose queries were generated without them regenerates them
+    (same prompts and keys) and keeps its stored images, after checking the regenerated ones
+    match them (max |Δ| ≤ 0.02), so every other cached stage stays valid."""
+    gens = RunDir(run_dir).generations
+    path, tpath = gens / "queries.npz", gens / "trajectory.npz"
+    need_traj = "journey-trak" in tuple(config.attribution.methods)
+    if path.exists() and (not need_traj or tpath.exists()):
         return dict(np.load(path))
     from jaxattrib.generate import generate, save_images
     if plan is None:
         plan = (demo_query_plan(config, held) if backgrounds is None
                 else demo_query_plan(config, held, backgrounds))
     prompts = [str(p) for p in plan["prompts"]]
-    _log(f"generating {len(prompts)} queries")
+    _log(f"generating {len(prompts)} queries" + (" with their sampling trajectories"
+                                                  if need_traj else ""))
     g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
                  num_inference_steps=config.generate.num_inference_steps,
-                 guidance_scale=config.generate.guidance_scale)
+                 guidance_scale=config.generate.guidance_scale, return_trajectory=need_traj)
     images = np.clip(np.asarray(g.images), -1, 1).astype(np.float32)
+    if need_traj:
+        stored = dict(np.load(path)) if path.exists() else None
+        if stored is not None:
+            if [str(p) for p in stored["prompts"]] != prompts:
+                raise ConfigError(f"{path}: its prompts differ from this config's query plan; "
+                                  f"use a new --run-dir or pass --fresh")
+            err = float(np.max(np.abs(stored["images"] - images)))
+            if err > 0.02:
+                raise ConfigError(f"{path}: regenerating its queries with their sampling "
+                                  f"trajectories gave other images (max |Δ| = {err:.3g}); "
+                                  f"use a new --run-dir or pass --fresh")
+        save_npz(tpath, x0_preds=np.asarray(g.trajectory.x0_preds, np.float32),
+                 timesteps=np.asarray(g.trajectory.timesteps, np.int32))
+        if stored is not None:
+            return stored
     out = {**{k: np.asarray(v) for k, v in plan.items()}, "images": images,
            "prompts": np.array(prompts)}
     save_images(RunDir(run_dir).generations, images, prompts, prefix="query")

@@ -1,9 +1,9 @@
 """The demo's attribution stage: every method's scores of the generated queries.
 
 :func:`attribute_stage` scores each query against the fine-tuning set with every method of
-``attribution.methods`` (D-TRAK, TRAK, TracIn, Concept-TRAK, MONTRAGE,
-pixel similarity, random), choosing λ / ensemble settings on the validation queries
-(:func:`_validation_mask`); scores are cached under ``scores/`` and ``features/`` of the run
+``attribution.methods`` (D-TRAK, TRAK, Journey-TRAK, TracIn, Concept-TRAK, MONTRAGE, pixel
+similarity, random), choosing λ / ensemble settings (Journey-TRAK: also the sampling step) on
+the validation queries (:func:`_validation_mask`); scores are cached under ``scores/`` and ``features/`` of the run
 directory, keyed by the data fingerprint (:func:`_space_fingerprint`), so a rerun recomputes
 nothing. Inputs are the model's inputs (:func:`_examples`: pixels, or VAE latents = posterior
 mean for a latent base model).
@@ -180,6 +180,9 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
             meta = {"ratios": list(a.lambda_ratios), "lambdas": lams}
             cands = {f"ratio={r:g}": method_scores(method, phi, Phi, lam_ratio=r)
                      for r in a.lambda_ratios}
+    elif method == "journey-trak":
+        cands, meta = _journey_candidates(run_dir, config, pipe, unet_params, sched, train_ex,
+                                          query_ex, fingerprint, step, progress)
     elif method in ("montrage", "montrage-final"):
         cands = {method: _montrage_scores(run_dir, pipe, train_ex, query_ex,
                                           "final" if method == "montrage-final" else "movement",
@@ -246,6 +249,54 @@ def _tracin_scores(run_dir: Path, pipe, ac, out_fn, train_ex, query_ex, fingerpr
         lrs.append(record.step_info(s - 1)["lr"])
     record.close()
     return method_scores("tracin", phis, Phis, learning_rates=lrs)
+
+
+#: Journey-TRAK's sampling-step candidates [design]: fractions of the trajectory (0 = the first,
+#: noisiest step; 1 = the last), each step's scores and their mean chosen on validation
+JOURNEY_STEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _journey_candidates(run_dir: Path, config, pipe, unet_params, sched, train_ex, query_ex,
+                        fingerprint: str, step: int, progress: bool) -> tuple[dict, dict]:
+    """Journey-TRAK [paper: Georgiev et al. 2023]: training features = projected DSM-loss
+    gradients at K random timesteps; a query's features at sampling step ``i`` = the gradient
+    of the DSM loss of its x̂0 at that step re-noised to the step's ``t`` (R draws,
+    ``attribution.journey_resamples``), from ``generations/trajectory.npz``. One candidate per
+    (step of ``attribution.journey_steps`` — fractions of the trajectory, default
+    :data:`JOURNEY_STEP_FRACTIONS` — λ ratio), plus the mean over those steps per ratio."""
+    from jaxattrib.attribution import diffusion_trak as dt
+    from jaxattrib.attribution.methods import method_scores, query_out_fn
+    a = config.attribution
+    ac = dt.AttributionConfig.from_section(a, method="journey-trak",
+                                           noise=a.get("noise", "shared"))
+    tpath = RunDir(run_dir).generations / "trajectory.npz"
+    with np.load(tpath) as z:
+        x0s, ts = z["x0_preds"], z["timesteps"]
+    S = x0s.shape[1]
+    idx = sorted({int(round(f * (S - 1))) for f in a.get("journey_steps", JOURNEY_STEP_FRACTIONS)})
+    feats = RunDir(run_dir).features / "journey-trak"
+    Phi = dt.featurize_examples(dt.make_train_out_fn(pipe.unet_config, sched, ac), unet_params,
+                                train_ex, ac, feats / "train", fingerprint=fingerprint,
+                                step=step, progress=progress)
+    q_fn = query_out_fn("journey-trak", pipe.unet_config, sched, ac)
+    cands: dict[str, np.ndarray] = {}
+    per_step = {r: [] for r in a.lambda_ratios}
+    for i in idx:
+        tg = {"x0": x0s[:, i], "ctx": query_ex["ctx"],
+              "t": np.asarray(ts[:, i] if ts.ndim == 2 else np.full(len(x0s), ts[i]), np.int32)}
+        phi = dt.featurize_examples(q_fn, unet_params, tg, ac, feats / f"queries_step{i}",
+                                    fingerprint=_space_fingerprint(pipe, _fingerprint_of(
+                                        x0s[:, i])), step=step, role="query",
+                                    progress=progress)
+        for r in a.lambda_ratios:
+            s = method_scores("journey-trak", phi, Phi, lam_ratio=r)
+            cands[f"step {i}/{S - 1}, ratio={r:g}"] = s
+            per_step[r].append(s)
+    if len(idx) > 1:
+        cands.update({f"mean of steps {idx}, ratio={r:g}": np.mean(v, axis=0)
+                      for r, v in per_step.items()})
+    return cands, {"ratios": list(a.lambda_ratios), "sampling_steps": idx,
+                   "lambdas": dt.relative_lambdas(Phi, a.lambda_ratios)}
 
 
 def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress: bool):
