@@ -136,6 +136,30 @@ def test_benchmark_tables_oracle_and_variant_specific_rankings():
 
 # ----------------------------------------------------------------------------- attribution
 
+def test_top_k_composition_reads_what_a_ranking_is_organised_by():
+    from jaxattrib.data.synthetic import caption
+    train = [caption(sh, co, bg) for sh in ("star", "cross") for co in ("red", "green")
+             for bg in ("black", "white", "gray")]                          # N = 12
+    prompts = [caption("star", "red", "white"), caption("cross", "green", "black")]
+    tr = [c.split() for c in train]
+    by_bg = np.array([[float(t[5] == p.split()[5]) for t in tr] for p in prompts])
+    by_shape = np.array([[float(t[2] == p.split()[2]) for t in tr] for p in prompts])
+    rows = B.top_k_composition({"dtrak": by_bg, "trak": by_shape}, train, prompts,
+                               np.array([True, True]), k=4)
+    by = {r["method"]: r for r in rows}
+    # background ranking: 4 same-background images exist per query, all in the top-4
+    assert by["D-TRAK"]["same background"] == "1.00" and by["TRAK"]["same shape"] == "1.00"
+    # ties in training-set order: the top-4 of the 6 same-shape images are the red ones (x 3
+    # backgrounds) + 1 green: concept 3/4 for the red star, 1/4 for the green cross
+    assert by["TRAK"]["query concept"] == "0.50"
+    assert by["base rate (all 12)"] == {"method": "base rate (all 12)", "same background":
+                                        "0.33", "same color": "0.50", "same shape": "0.50",
+                                        "query concept": "0.25"}
+    only_second = B.top_k_composition({"dtrak": by_bg}, train, prompts,
+                                      np.array([False, True]), k=4)
+    assert only_second[0]["same background"] == "1.00"
+
+
 class _FakePipe:
     """Just enough of a Pipeline for attribute_variants with precomputed candidates."""
     scheduler_config = bm.SCHEDULER_CONFIG

@@ -200,6 +200,34 @@ def benchmark_tables(scores: dict, gt: dict, test: np.ndarray, within_ok: np.nda
     return {"between": between, "within": within, "raw": raw}
 
 
+def top_k_composition(scores: dict, train_captions, query_prompts, queries: np.ndarray, *,
+                      k: int = 10) -> list[dict]:
+    """What each method's top-``k`` training images share with the query [design]: per method
+    of ``scores`` (``{method: [Q, N]}``), the fraction of the top-``k`` of the selected
+    ``queries`` (``[Q]`` bool) with the query's background, color, shape, and (color, shape)
+    concept, parsed from the synthetic captions (:func:`~jaxattrib.data.synthetic.parse_caption`);
+    a last row gives the base rates over all ``N`` (what random ranking gets on average).
+    Says which attribute a method's ranking is organised by (e.g. background first)."""
+    from jaxattrib.data.synthetic import parse_caption
+    fields = ("background", "color", "shape")
+    tr = [parse_caption(str(c)) for c in train_captions]
+    qu = [parse_caption(str(p)) for i, p in enumerate(query_prompts) if queries[i]]
+    match = {f: np.array([[t[f] == q[f] for t in tr] for q in qu]) for f in fields}
+    match["concept"] = match["color"] & match["shape"]
+    cols = {"background": "same background", "color": "same color", "shape": "same shape",
+            "concept": "query concept"}
+
+    def row(name, frac):
+        return {"method": name, **{cols[f]: f"{frac(match[f]):.2f}" for f in cols}}
+    rows = []
+    for method, s in scores.items():
+        top = np.argsort(-np.asarray(s)[queries], axis=1, kind="stable")[:, :k]
+        rows.append(row(METHOD_NAMES.get(method, method),
+                        lambda m: np.take_along_axis(m, top, axis=1).mean()))
+    rows.append(row(f"base rate (all {len(tr)})", lambda m: m.mean()))
+    return rows
+
+
 def _jsonable_metrics(raw: dict) -> dict:
     def conv(x):
         if isinstance(x, dict):
@@ -258,6 +286,8 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     e = config.eval
     tables = benchmark_tables(scores, gt, ~val, ok, chosen, k=e.topk,
                               n_bootstrap=e.n_bootstrap, seed=config.seed)
+    tables["composition"] = top_k_composition(scores["between"], train["captions"],
+                                              queries["prompts"], ~val, k=e.topk)
     counts = {"train": int(len(train["images"])), "exemplars": int((train["concept"] >= 0).sum()),
               "queries": int(len(val)), "val": int(val.sum()), "test": int((~val).sum()),
               "within_val": int((val & ok).sum()), "within_test": int((~val & ok).sum())}
@@ -281,11 +311,16 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
              f"{c['train']} images; {c['within_test']} test queries whose {config.variation} "
              f"the classifier confirms (λ chosen on {c['within_val']} validation queries); "
              f"chance top-1 among concept = 1/#variations")
+    cap_c = (f"What the top-{k} share with the query (between-concept scores, {c['test']} test "
+             f"queries): fraction with its background / color / shape / concept; the last row is "
+             f"the base rate over all {c['train']} images")
     md = "\n\n".join([cap_b, markdown_table(out["between"]), cap_w,
-                      markdown_table(out["within"])]) + "\n"
+                      markdown_table(out["within"]), cap_c,
+                      markdown_table(out["composition"])]) + "\n"
     (run_dir / "tables").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "tables" / "customization.md", md)
     doc = {"between": out["between"], "within": out["within"],
+           "composition": out["composition"],
            "metrics": _jsonable_metrics(out["raw"]), "counts": c,
            "generation_accuracy": out["generation_accuracy"], "topk": k}
     atomic_write_text(run_dir / "tables" / "customization.json", json.dumps(doc, indent=2))
@@ -293,6 +328,8 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
                  tables=[{"caption": cap_b, "rows": out["between"]}], order=1)
     write_result(run_dir, "customization_within", "Customization benchmark: within-concept",
                  tables=[{"caption": cap_w, "rows": out["within"]}], order=2)
+    write_result(run_dir, "customization_composition", "What the top-ranked images share",
+                 tables=[{"caption": cap_c, "rows": out["composition"]}], order=3)
     per_row = int(np.sum(queries["concept"] == 0))
     grid = image_grid(queries["images"], nrow=per_row,
                       labels=[str(v) for v in queries["variation"]])
@@ -307,4 +344,5 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
 
 
 __all__ = ["benchmark_tables", "caption_variations", "ground_truth", "markdown_table",
-           "query_plan", "retrieval_metrics", "run_customization", "variation_check"]
+           "query_plan", "retrieval_metrics", "run_customization", "top_k_composition",
+           "variation_check"]
