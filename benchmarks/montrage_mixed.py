@@ -224,7 +224,9 @@ def main(argv=None) -> None:
     query_ex = {"x0": encode_images(pipe.vae_config, pipe.vae_params, q["images"]),
                 "ctx": q["ctx"]}
     queries = {"images": q["images"], "prompts": q["prompts"]}
-    fp = demo_attribute._fingerprint_of(train["images"])
+    # the training features' fingerprint as the customization run stored them (latent models:
+    # keyed also by the VAE), so its copied feature stores are reused
+    fp = demo_attribute._space_fingerprint(pipe, demo_attribute._fingerprint_of(train["images"]))
     scores, chosen, traj = {}, {}, None
     for method in s["methods"]:
         path = run / "scores" / f"{method}.npy"

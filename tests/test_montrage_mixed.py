@@ -242,9 +242,15 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
 
     real_candidates = demo_attribute._candidate_scores
 
+    seen_fp = []
+    # the training fingerprint is the one attribute_variants stores features under (latent
+    # models: keyed also by the VAE), so the source run's copied stores are reused
+    monkeypatch.setattr(demo_attribute, "_space_fingerprint", lambda pipe, fp: f"space|{fp}")
+
     def fake_candidates(method, *a, **k):
         if method != "dtrak":
             return real_candidates(method, *a, **k)
+        seen_fp.append(a[9])
         q = np.load(run / "plan.npy", allow_pickle=True).item()
         soft = mixed.soft_ground_truth(concept, q["concept_a"], q["concept_b"], q["alpha"])
         return {"right": soft, "reversed": -soft}, {}
@@ -260,6 +266,7 @@ def test_script_glue_with_constructed_images_and_candidates(tmp_path, monkeypatc
     doc = json.loads((run / "tables" / "mixed.json").read_text())
     assert doc["counts"] == {"train": 8, "queries": 10, "val": 5, "test": 5}
     assert doc["chosen"] == {"pixel": "pixel", "random": "random", "dtrak": "right"}
+    assert seen_fp == [f"space|{demo_attribute._fingerprint_of(images.astype(np.float32))}"]
     choice = json.loads((run / "scores" / "dtrak_choice.json").read_text())
     assert choice["val"]["right"] > 0 > choice["val"]["reversed"]
     m = doc["methods"]
