@@ -23,7 +23,7 @@ gain over the final checkpoint; (4) the same in ``--alt-representation`` (defaul
 tap ``up_1``). Every table in full and the results: docs/benchmarks/mixed_concept.md.
 
     python benchmarks/montrage_mixed.py --source-run runs/customization \
-        --run-dir runs/montrage_mixed     # 11 min, loaded 2-core CPU (16-px pixel default)
+        --run-dir runs/montrage_mixed     # 7 min on the 2-core CPU, latent default, load 3-4
     python benchmarks/montrage_mixed.py --smoke --run-dir runs/montrage_mixed_smoke
         # as long (11 min there: compiling the gradient methods dominates); without them,
         # --smoke --methods pixel,random,montrage,montrage-final: 1.5 min
