@@ -62,6 +62,7 @@ __all__ = [
     "restrict_to_candidates",
     "roc_curve",
     "roc_auc",
+    "roc_auc_ci",
     "tpr_at_fpr",
     "calibrate_threshold",
     "accuracy_at_threshold",
@@ -409,6 +410,24 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_neg = labels.size - n_pos
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def roc_auc_ci(scores: np.ndarray, labels: np.ndarray, n: int = 1000, seed: int = 0,
+               level: float = 0.95) -> CI:
+    """:func:`roc_auc` with a percentile-bootstrap interval that resamples the positives and
+    the negatives separately, keeping both class sizes (a stratified bootstrap [design]: every
+    resample has both classes, unlike :func:`bootstrap_ci` over ``(scores, labels)``)."""
+    scores, labels = _binary(scores, labels, "roc_auc_ci")
+    if n < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"roc_auc_ci: need n >= 1 and 0 < level < 1; got n={n}, level={level}")
+    pos, neg = scores[labels], scores[~labels]
+    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    rng = np.random.default_rng(seed)
+    stats_ = [roc_auc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], y)
+              for _ in range(n)]
+    alpha = 1.0 - level
+    low, high = np.quantile(stats_, [alpha / 2, 1.0 - alpha / 2])
+    return CI(roc_auc(scores, labels), float(low), float(high))
 
 
 def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float = 0.01, *,

@@ -77,6 +77,8 @@ def test_metrics_threshold_from_calibration_split_only():
     cal = np.arange(10) * 0.5 + 3.25                        # calibration non-members 3.25..7.75
     row = CB._metrics(scores, labels, cal)
     assert row["AUC"] == pytest.approx(1 - 10 / 100)         # 10 (member, hold-out) pairs swapped
+    lo, hi = map(float, row["AUC 95% CI"].strip("[]").split(","))
+    assert lo < 0.9 <= hi <= 1.0
     # 1 % of 10: no calibration score may pass -> just above 7.75: members 8.5.., hold-outs 8, 9
     assert row["calibrated 1%: TPR"] == 0.7 and row["calibrated 1%: FPR"] == 0.2
     # 10 %: one calibration score (7.75) may pass -> midpoint 7.5: members 7.5..

@@ -282,3 +282,21 @@ def test_threshold_transfers_to_held_out_split():
     tau = M.calibrate_threshold(s_cal, y_cal, "accuracy")
     assert tau == pytest.approx(1.0, abs=0.2)
     assert M.accuracy_at_threshold(s_test, y_test, tau) == pytest.approx(stats.norm.cdf(1), abs=0.02)
+
+
+def test_roc_auc_ci_stratified_bootstrap():
+    from scipy.stats import norm
+    # separated classes: every stratified resample is separated too (bootstrap_ci over
+    # (scores, labels) would also draw one-class resamples)
+    ci = M.roc_auc_ci(np.r_[np.arange(5) + 10.0, np.arange(5)], np.r_[[1] * 5, [0] * 5])
+    assert tuple(ci) == (1.0, 1.0, 1.0)
+    # Gaussian classes d apart: AUC = Φ(d/√2); the 95% interval of 400 + 400 draws covers it and
+    # is about ±1.96 · the DeLong-scale standard error (≈ 0.02 here), not wider or narrower
+    rng = np.random.default_rng(3)
+    s = np.r_[rng.normal(1.0, 1, 400), rng.normal(0, 1, 400)]
+    y = np.r_[np.ones(400, bool), np.zeros(400, bool)]
+    ci = M.roc_auc_ci(s, y, n=400, seed=1)
+    assert ci.estimate == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert ci.low < norm.cdf(1 / np.sqrt(2)) < ci.high and 0.05 < ci.high - ci.low < 0.12
+    with pytest.raises(ValueError, match="roc_auc_ci"):
+        M.roc_auc_ci(np.arange(4.0), np.ones(4, bool))

@@ -381,9 +381,11 @@ def baseline_scores(run_dir, config, data, ctx, eps_pre, eps_ft, sched, sims, va
 
 def _metrics(scores, labels, cal_scores) -> dict:
     from jaxattrib.authentication.cgi_dm import decide
-    from jaxattrib.metrics import roc_auc, tpr_at_fpr
+    from jaxattrib.metrics import roc_auc, roc_auc_ci, tpr_at_fpr
     y = labels.astype(bool)
-    row = {"AUC": roc_auc(scores, y), "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
+    ci = roc_auc_ci(scores, y)    # members and hold-outs resampled separately, 1000 draws
+    row = {"AUC": roc_auc(scores, y), "AUC 95% CI": f"[{ci.low:.2f}, {ci.high:.2f}]",
+           "TPR@1%FPR": tpr_at_fpr(scores, y, 0.01),
            "TPR@10%FPR": tpr_at_fpr(scores, y, 0.10)}
     for f in (0.01, 0.10):
         flagged = decide(scores, cal_scores, target="fpr", fpr=f)["decisions"]
