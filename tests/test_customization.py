@@ -286,6 +286,6 @@ def test_customization_script_smoke(tmp_path):
                            "--smoke", "--run-dir", str(tmp_path / "run"), "--no-progress"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("D-TRAK", "TRAK", "Journey-TRAK", "TracIn", "Concept-TRAK", "MONTRAGE (trajectory)",
-                 "MONTRAGE final-only", "pixel similarity", "random"):
+    for name in ("D-TRAK", "TRAK", "Journey-TRAK", "TracIn", "Concept-TRAK",
+                 "MONTRAGE (trajectory)", "MONTRAGE final-only", "pixel similarity", "random"):
         assert proc.stdout.count(f"| {name} |") == 2, name      # between and within tables

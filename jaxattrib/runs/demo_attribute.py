@@ -3,10 +3,10 @@
 :func:`attribute_stage` scores each query against the fine-tuning set with every method of
 ``attribution.methods`` (D-TRAK, TRAK, Journey-TRAK, TracIn, Concept-TRAK, MONTRAGE, pixel
 similarity, random), choosing λ / ensemble settings (Journey-TRAK: also the sampling step) on
-the validation queries (:func:`_validation_mask`); scores are cached under ``scores/`` and ``features/`` of the run
-directory, keyed by the data fingerprint (:func:`_space_fingerprint`), so a rerun recomputes
-nothing. Inputs are the model's inputs (:func:`_examples`: pixels, or VAE latents = posterior
-mean for a latent base model).
+the validation queries (:func:`_validation_mask`); scores are cached under ``scores/`` and
+``features/`` of the run directory, keyed by the data fingerprint (:func:`_space_fingerprint`),
+so a rerun recomputes nothing. Inputs are the model's inputs (:func:`_examples`: pixels, or
+VAE latents = posterior mean for a latent base model).
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ def _journey_candidates(run_dir: Path, config, pipe, unet_params, sched, train_e
     with np.load(tpath) as z:
         x0s, ts = z["x0_preds"], z["timesteps"]
     S = x0s.shape[1]
-    idx = sorted({int(round(f * (S - 1))) for f in a.get("journey_steps", JOURNEY_STEP_FRACTIONS)})
+    fractions = a.get("journey_steps", JOURNEY_STEP_FRACTIONS)
+    idx = sorted({int(round(f * (S - 1))) for f in fractions})
     feats = RunDir(run_dir).features / "journey-trak"
     Phi = dt.featurize_examples(dt.make_train_out_fn(pipe.unet_config, sched, ac), unet_params,
                                 train_ex, ac, feats / "train", fingerprint=fingerprint,
