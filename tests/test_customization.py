@@ -289,3 +289,72 @@ def test_customization_script_smoke(tmp_path):
     for name in ("D-TRAK", "TRAK", "Journey-TRAK", "TracIn", "Concept-TRAK",
                  "MONTRAGE (trajectory)", "MONTRAGE final-only", "pixel similarity", "random"):
         assert proc.stdout.count(f"| {name} |") == 2, name      # between and within tables
+
+
+def test_paired_ap_difference_by_construction():
+    rel = np.zeros((4, 5), bool)
+    rel[np.arange(4), np.arange(4)] = True           # query q's one relevant image is q
+    a = np.zeros((4, 5))
+    a[np.arange(4), 4] = 2.0                          # A ranks image 4 first, the right one 2nd
+    a[np.arange(4), np.arange(4)] = 1.0
+    b = a.copy()
+    b[:2, 4] = 0.0                                    # B ranks it first for queries 0, 1 only
+    d = B.paired_ap_difference(a, b, rel, np.ones(4, bool))
+    assert d["n"] == 4 and d["a"].estimate == 0.5 and d["b"].estimate == 0.75
+    assert d["diff"].estimate == pytest.approx(0.25) and d["diff"].low >= 0.0
+    # only queries 2, 3 selected: no difference, a degenerate interval at 0
+    d = B.paired_ap_difference(a, b, rel, np.array([False, False, True, True]))
+    assert tuple(d["diff"]) == (0.0, 0.0, 0.0)
+    # ranked among candidates {q, 4}: the same APs as over all five images here
+    cand = rel.copy()
+    cand[:, 4] = True
+    d = B.paired_ap_difference(a, b, rel, np.ones(4, bool), candidates=cand)
+    assert d["diff"].estimate == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no query"):
+        B.paired_ap_difference(a, b, rel, np.zeros(4, bool))
+
+
+def test_customization_paired_script_glue(tmp_path, monkeypatch):
+    """benchmarks/customization_paired.py: paired rows from two runs' score files; runs whose
+    queries differ are refused (nothing computed)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "customization_paired", Path(__file__).resolve().parents[1] / "benchmarks" /
+        "customization_paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    concept = np.array([0, 0, 1, 1, -1])
+    caps = np.array([f"a red star on a {v} background" for v in VARS[:2] * 2 + ("gray",)])
+    q = {"images": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+         "prompts": np.array(["p"] * 4), "concept": np.array([0, 0, 1, 1]),
+         "variation": np.array(["black", "white"] * 2), "group": np.array([0, 0, 1, 1])}
+    runs = {}
+    for name in ("a", "b"):
+        run = tmp_path / name
+        (run / "data").mkdir(parents=True)
+        (run / "generations").mkdir()
+        np.savez(run / "data" / "train.npz", images=np.zeros((5, 8, 8, 3), np.float32),
+                 captions=caps, concept=concept)
+        np.savez(run / "generations" / "queries.npz", **q)
+        (run / "config.json").write_text(json.dumps({"base_model": "", "variation":
+                                                     "background"}))
+        for variant in ("between", "within"):
+            (run / "scores" / variant).mkdir(parents=True)
+            np.save(run / "scores" / variant / "dtrak.npy", rng.standard_normal((4, 5)))
+        runs[name] = run
+    monkeypatch.setattr(B, "variation_check", lambda images, prompted, *a, **k:
+                        np.ones(len(images), bool))
+    rows = mod.compare(runs["a"], runs["b"], ["dtrak"], n_bootstrap=50)
+    assert [(r["method"], r["variant"], r["n"]) for r in rows] == [
+        ("D-TRAK", "between", 2), ("D-TRAK", "within (among the concept)", 2)]
+    gt = B.ground_truth(concept, B.caption_variations(caps), q["concept"], q["variation"])
+    test = ~demo_attribute._validation_mask(q["group"])
+    want = B.paired_ap_difference(np.load(runs["a"] / "scores/between/dtrak.npy"),
+                                  np.load(runs["b"] / "scores/between/dtrak.npy"),
+                                  gt["between"], test, n_bootstrap=50)["diff"]
+    assert rows[0]["B − A"].startswith(f"{want.estimate:+.3f}")
+    q["images"] = q["images"] + 0.1
+    np.savez(runs["b"] / "generations" / "queries.npz", **q)
+    with pytest.raises(SystemExit, match="not paired"):
+        mod.compare(runs["a"], runs["b"], ["dtrak"])

@@ -151,6 +151,29 @@ def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, queries: np.ndar
     return out
 
 
+def paired_ap_difference(scores_a: np.ndarray, scores_b: np.ndarray, relevant: np.ndarray,
+                         queries: np.ndarray, *, candidates: np.ndarray | None = None,
+                         n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Paired comparison of two score matrices ``[Q, N]`` of the *same* queries and training
+    set (e.g. one method under two settings): per selected query (``queries`` ``[Q]`` bool) the
+    average precision under each, and the mean of ``AP_b − AP_a`` with a 95 % bootstrap CI over
+    queries, resampling the pairs together [design]. ``candidates`` as in
+    :func:`retrieval_metrics`. Returns ``{'n', 'a', 'b', 'diff'}`` (:class:`CI` each)."""
+    from jaxattrib.metrics import average_precision, bootstrap_ci, restrict_to_candidates
+    r = np.asarray(relevant)[queries]
+    aps = []
+    for sc in (scores_a, scores_b):
+        s = np.asarray(sc)[queries]
+        rr = r
+        if candidates is not None:
+            s, rr = restrict_to_candidates(s, r, np.asarray(candidates)[queries])
+        aps.append(average_precision(s, rr))
+    if not len(aps[0]):
+        raise ValueError("paired_ap_difference: no query selected")
+    ci = lambda v: bootstrap_ci(v, np.nanmean, n=n_bootstrap, seed=seed)  # noqa: E731
+    return {"n": int(len(aps[0])), "a": ci(aps[0]), "b": ci(aps[1]), "diff": ci(aps[1] - aps[0])}
+
+
 def _fmt_ci(ci) -> str:
     return f"{ci.estimate:.3f} [{ci.low:.2f}, {ci.high:.2f}]"
 
@@ -344,5 +367,6 @@ def _write_outputs(run_dir: Path, config, out: dict, queries: dict) -> None:
 
 
 __all__ = ["benchmark_tables", "caption_variations", "ground_truth", "markdown_table",
-           "query_plan", "retrieval_metrics", "run_customization", "top_k_composition",
+           "paired_ap_difference", "query_plan", "retrieval_metrics", "run_customization",
+           "top_k_composition",
            "variation_check"]
