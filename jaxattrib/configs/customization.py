@@ -30,6 +30,7 @@ def get_config(arg=None):
     # Journey-TRAK's sampling steps (fractions of the trajectory, 1 = last), chosen on validation
     # with their mean; its queries are the generations' trajectories (generate_stage keeps them)
     c.attribution.journey_steps = (0.25, 0.5, 0.75, 1.0)
+    c.attribution.journey_resamples = 8   # R re-noisings of each query's x̂0 (docs/faithful.md)
     c.attribution.tune_sign = True    # also try negated TRAK / D-TRAK / TracIn scores on val
     c.eval = {"topk": 10,             # Recall@K
               "n_bootstrap": 1000}    # resamples of the test queries for the 95% CIs
