@@ -25,8 +25,10 @@ Our design [design]: ``r`` chosen on a *validation* split by Precision@k
 (:func:`choose_lambda_ratio`; ``r = 1`` without one; reports say which split chose it).
 ``k = 2048`` (paper: 32768) so the ``k×k`` float64 kernel fits a CPU
 (``ConceptTRAKConfig.proj_dim``). Inversion is conditioned on the image's own prompt without
-CFG (the code's toy inverts training images with ``guidance_scale = 0`` on a random negative
-condition, queries with CFG between ``c`` and ``c⁻``) by :func:`jaxattrib.diffusion.inversion.
+CFG [design]. The reference's run scripts invert training images with CFG 7.5 against the empty
+prompt (``guidance_scale = 0`` is only its Python default), and its AbC query side does not
+invert but regenerates the query's own sampling trajectory from its seed (η = 0.1, CFG); neither
+is an option here yet (issue 19 item 5). Inversion is :func:`jaxattrib.diffusion.inversion.
 ddim_invert` (ε at the target level, as diffusers' ``DDIMInverseScheduler``; the authors' loop
 uses the source level: one grid step apart). With inversion the DSM target noise (switches
 off only) is the noise the state implies, ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)`` (the code: that of the
