@@ -270,8 +270,10 @@ def _journey_candidates(run_dir: Path, config, pipe, unet_params, sched, train_e
     ac = dt.AttributionConfig.from_section(a, method="journey-trak",
                                            noise=a.get("noise", "shared"))
     tpath = RunDir(run_dir).generations / "trajectory.npz"
+    from jaxattrib.diffusion.sampling import Trajectory
     with np.load(tpath) as z:
         x0s, ts = z["x0_preds"], z["timesteps"]
+    traj = Trajectory(timesteps=ts, xs=None, x0_preds=x0s)   # image axis first, as stored
     S = x0s.shape[1]
     fractions = a.get("journey_steps", JOURNEY_STEP_FRACTIONS)
     idx = sorted({int(round(f * (S - 1))) for f in fractions})
@@ -283,8 +285,7 @@ def _journey_candidates(run_dir: Path, config, pipe, unet_params, sched, train_e
     cands: dict[str, np.ndarray] = {}
     per_step = {r: [] for r in a.lambda_ratios}
     for i in idx:
-        tg = {"x0": x0s[:, i], "ctx": query_ex["ctx"],
-              "t": np.asarray(ts[:, i] if ts.ndim == 2 else np.full(len(x0s), ts[i]), np.int32)}
+        tg = dt.journey_targets(traj, query_ex["ctx"], i)
         phi = dt.featurize_examples(q_fn, unet_params, tg, ac, feats / f"queries_step{i}",
                                     fingerprint=_space_fingerprint(pipe, _fingerprint_of(
                                         x0s[:, i])), step=step, role="query",
