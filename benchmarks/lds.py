@@ -31,7 +31,8 @@ projection, parameters, noise seed, generator version), others raise
 own names; a run directory from before the field keeps 'shared' unless ``--set
 attribution.noise=...``. ``attribution.checkpoints`` = M > 1 averages TRAK / D-TRAK / Journey
 over the last M ``tracin_checkpoints``. Outputs: ``results/lds.json``, ``lds_table.md``,
-``timings.json``; results and history: docs/benchmarks/lds.md.
+``timings.json``, ``results/lds_per_target.npz`` (per-target LDS, for
+``benchmarks/lds_paired.py``); results and history: docs/benchmarks/lds.md.
 
     python benchmarks/lds.py --smoke --run-dir runs/lds_smoke     # minutes
     python benchmarks/lds.py --run-dir runs/lds                   # the full setting
@@ -434,6 +435,7 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
                         f"lds_{sp}_ci_high": r.ci_high, f"n_{sp}": r.n_valid})
         rows.append(row)
     md = format_table(rows, cfg, timings, agreement)
+    save_per_target(run_dir, results, ac)
     (run_dir / "lds_table.md").write_text(md)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     from jaxattrib.report.html import write_result
@@ -447,6 +449,25 @@ def run(cfg, run_dir: Path, log=print, features_generator: int | None = None):
                  text=md, order=30)
     log(md)
     return rows
+
+
+PER_TARGET = "results/lds_per_target.npz"
+
+
+def save_per_target(run_dir: Path, results: dict, ac) -> None:
+    """``results/lds_per_target.npz``: each method's per-target LDS (``{method}/{split}``,
+    ``[n_split]``, at its chosen λ and sign) and the attribution variant that made them
+    (``noise``, ``checkpoints``), for paired comparisons across run directories
+    (``benchmarks/lds_paired.py``)."""
+    arrays = {f"{m}/{sp}": np.asarray(r.per_target, np.float64)
+              for m, res in results.items() for sp, r in res.items()}
+    arrays["noise"] = np.asarray(str(ac.get("noise", "shared")))
+    arrays["checkpoints"] = np.asarray(json.dumps(ac.get("checkpoints", 1), default=list))
+    path = run_dir / PER_TARGET
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def legacy_noise(run_dir: Path) -> bool:

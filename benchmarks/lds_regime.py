@@ -153,8 +153,9 @@ def measure(run_dir: Path, n_models: int = 4, log=print) -> dict:
 def paired_difference(run_dir: Path, a: str = "trak", b: str = "dtrak") -> dict:
     """``{split: {'mean', 'ci_low', 'ci_high', 'frac_b_better'}}`` of the per-target
     LDS(b) − LDS(a) for ``val`` and ``gen``, each method at the λ ratio and sign that
-    ``benchmarks/lds.py`` chose on the tune split (read from ``results/lds.json``; scores
-    recomputed from the cached features and outputs)."""
+    ``benchmarks/lds.py`` chose on the tune split: its ``results/lds_per_target.npz`` where
+    written (any noise mode or ensemble), else scores recomputed from the cached 'shared'-noise
+    features ``{method}_final_*.npy`` with the choice read from ``results/lds.json``."""
     from jaxattrib.attribution import diffusion_trak as dt
     from jaxattrib.metrics import bootstrap_ci, lds
     cfg = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
@@ -165,11 +166,18 @@ def paired_difference(run_dir: Path, a: str = "trak", b: str = "dtrak") -> dict:
     def unmeasured(_):
         raise FileNotFoundError(f"{run_dir}: measured outputs missing (run benchmarks/lds.py)")
 
+    stored = {}
+    if (run_dir / bench.PER_TARGET).is_file():  # written by benchmarks/lds.py: any noise mode / M
+        with np.load(run_dir / bench.PER_TARGET) as z:
+            stored = {k: z[k] for k in z.files}
     out = {}
     for split in ("val", "gen"):
         actual = lds_lib.actual_outputs(run_dir / "subsets", unmeasured, name=f"loss_{split}")
         per = {}
         for m in (a, b):
+            if f"{m}/{split}" in stored:
+                per[m] = stored[f"{m}/{split}"]
+                continue
             ratio = float(chosen[m]["choice"].split("=")[1])
             Phi = np.load(run_dir / "features" / f"{m}_final_train.npy")
             lam = dt.relative_lambdas(Phi, [ratio])[0]

@@ -189,14 +189,20 @@ def test_seed_agreement_matches_scipy_and_the_known_noise_level():
         lds_lib.seed_agreement(signal[None])
 
 
-def _benchmark_module():
+def _bench_module(name: str):
+    """``benchmarks/{name}.py`` as a module."""
     import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("lds_benchmark", root / "benchmarks" / "lds.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench, root
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _benchmark_module():
+    from pathlib import Path
+    return _bench_module("lds"), Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_cosine_schedule_ends_training_with_no_step():
@@ -420,14 +426,7 @@ def test_check_settings_writes_matches_and_names_the_mismatch(tmp_path):
 
 
 def _regime_module():
-    import importlib.util
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("lds_regime", root / "benchmarks" /
-                                                  "lds_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module("lds_regime")
 
 
 def test_regime_participation_ratio_and_residuals_by_construction():
@@ -495,3 +494,75 @@ def test_regime_paired_difference_reads_the_chosen_lambda_and_sign(tmp_path):
         assert diff[split]["mean"] == pytest.approx(np.mean(1.0 - per_a[split]), abs=1e-9)
         assert diff[split]["ci_low"] <= diff[split]["mean"] <= diff[split]["ci_high"]
         assert diff[split]["n"] == T
+    # with results/lds_per_target.npz (any noise mode or ensemble), its arrays are the pair
+    np.savez(tmp_path / "results" / "lds_per_target.npz",
+             **{f"{m}/{sp}": np.full(T, v) for m, v in (("a", 0.25), ("b", 0.75))
+                for sp in ("val", "gen")})
+    assert reg.paired_difference(tmp_path, "a", "b")["gen"]["mean"] == pytest.approx(0.5)
+
+
+def _paired_module():
+    return _bench_module("lds_paired")
+
+
+def _paired_run(path, masks, actual, per_target, noise):
+    """A finished LDS run directory by construction: subsets, measured outputs, generated
+    targets and the per-target LDS that benchmarks/lds.py writes."""
+    import ml_collections
+    sub = path / "subsets"
+    lds_lib.retrain_subsets(lambda idx, seed: {"w": np.zeros(1)}, masks, [0], sub, progress=None)
+    for split, y in actual.items():
+        for j in range(masks.shape[0]):
+            p = sub / "outputs" / f"loss_{split}" / f"s{j:04d}_seed0.npy"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            np.save(p, y[j])
+    np.savez(path / "generated.npz", x=np.zeros((2, 8, 8, 1)), y=np.arange(2))
+    lds_bench = _bench_module("lds")
+
+    class R:
+        def __init__(self, v):
+            self.per_target = v
+    lds_bench.save_per_target(path, {m: {sp: R(v) for sp, v in d.items()}
+                                     for m, d in per_target.items()},
+                              ml_collections.ConfigDict({"noise": noise, "checkpoints": 1}))
+
+
+def test_lds_paired_differences_pairs_and_refuses_unpaired_runs(tmp_path):
+    """Two run directories sharing subsets and outputs: the paired difference is the mean of the
+    per-target differences (a CI around it, the fraction of targets where B is higher); runs with
+    other subsets or outputs, or without a method, are refused naming the file or method."""
+    pair = _paired_module()
+    rng = np.random.default_rng(0)
+    n, S, T = 20, 8, 10
+    masks = lds_lib.draw_subsets(n, S, 0.5, jax.random.PRNGKey(0))
+    actual = {sp: rng.normal(size=(S, T)) for sp in ("tune", "val", "gen")}
+    pa = {"trak": {sp: rng.uniform(-1, 1, T) for sp in ("val", "gen")}}
+    pb = {"trak": {sp: v + np.linspace(0.0, 0.2, T) for sp, v in pa["trak"].items()}}
+    pb["trak"]["gen"][3] = np.nan                      # an undefined target drops from the pair
+    _paired_run(tmp_path / "a", masks, actual, pa, "per_position")
+    _paired_run(tmp_path / "b", masks, actual, pb, "shared")
+    rows = pair.compare(tmp_path / "a", tmp_path / "b", ["trak"], n_bootstrap=200)
+    val, gen = rows
+    assert val["diff"] == pytest.approx(0.1) and val["n"] == T
+    assert val["ci_low"] <= 0.1 <= val["ci_high"] and val["frac_b_better"] == 0.9
+    keep = np.arange(T) != 3
+    assert gen["n"] == T - 1
+    assert gen["diff"] == pytest.approx(np.linspace(0.0, 0.2, T)[keep].mean())
+    assert gen["lds_a"] == pytest.approx(pa["trak"]["gen"][keep].mean())
+    assert pair.variant(pair.load_per_target(tmp_path / "b")) == "noise shared, M 1"
+    with pytest.raises(ValueError, match="no method 'dtrak'"):
+        pair.compare(tmp_path / "a", tmp_path / "b", ["dtrak"])
+    other = dict(actual, val=actual["val"] + 1.0)
+    _paired_run(tmp_path / "c", masks, other, pa, "shared")
+    with pytest.raises(ValueError, match="split 'val' differ"):
+        pair.compare(tmp_path / "a", tmp_path / "c", ["trak"])
+    masks2 = lds_lib.draw_subsets(n, S, 0.5, jax.random.PRNGKey(1))
+    _paired_run(tmp_path / "d", masks2, actual, pa, "shared")
+    with pytest.raises(ValueError, match="masks.npy .*differ"):
+        pair.compare(tmp_path / "a", tmp_path / "d", ["trak"])
+    with pytest.raises(SystemExit, match=r"none/subsets/masks.npy: missing"):
+        pair.main(["--run-a", str(tmp_path / "a"), "--run-b", str(tmp_path / "none")])
+    (tmp_path / "b" / "results" / "lds_per_target.npz").unlink()
+    with pytest.raises(SystemExit, match=r"b/results/lds_per_target.npz: missing; run "
+                                         r"benchmarks/lds.py"):
+        pair.main(["--run-a", str(tmp_path / "a"), "--run-b", str(tmp_path / "b")])
