@@ -13,6 +13,7 @@ Resumable: rerunning with the same run directory reuses every finished stage. Ta
 
     python benchmarks/cgi_dm.py --smoke --run-dir runs/cgi_bench_smoke
     python benchmarks/cgi_dm.py --run-dir runs/cgi_bench
+    python benchmarks/cgi_dm.py --paper-budget --run-dir runs/cgi_bench_paper_budget   # ~1-2 h
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
 
 def main(argv=None):
     ap = benchmark_parser(__doc__, "runs/cgi_bench", "tiny setting (exercises every stage)")
+    ap.add_argument("--paper-budget", action="store_true",
+                    help="also try the variant authors_1000x2: the authors' PGD budget, 1000 "
+                         "steps of size 2 (~20x a default variant's PGD time)")
     args = ap.parse_args(argv)
+    if args.smoke and args.paper_budget:
+        ap.error("--smoke and --paper-budget are exclusive")
     from jaxattrib.config import load_config
     from jaxattrib.eval.cgi_benchmark import run_cgi_benchmark
-    cfg = load_config("cgi_dm_benchmark" + (":smoke" if args.smoke else ""), args.set)
+    arg = ":smoke" if args.smoke else ":paper_budget" if args.paper_budget else ""
+    cfg = load_config("cgi_dm_benchmark" + arg, args.set)
     run_dir = prepare_run_dir(args, "runs/cgi_bench")
     t0 = time.time()
     run_cgi_benchmark(cfg, run_dir, progress=not args.no_progress)

@@ -33,14 +33,22 @@ def test_assign_splits_equal_sizes_per_concept():
 def test_config_and_variant_errors_name_the_field():
     c = load_config("cgi_dm_benchmark")
     v = CB.check_config(c)
-    assert set(v) == {"paper", "clamp1", "clamp1_low_t", "clamp1_block2", "clamp1_r10",
+    assert set(v) == {"authors_50x4", "clamp1", "clamp1_low_t", "clamp1_block2", "clamp1_r10",
                       "clamp1_r3", "clamp1_proj_ft100", "clamp1_proj_ft50", "clamp1_proj_ft300",
                       "clamp1_proj_pre100", "clamp1_proj_ft100_every5",
                       "clamp1_proj_ft100_step16", "clamp1_proj_ft100_n4"}
     assert v["clamp1_proj_pre100"].project_model == "pretrained"
     assert v["clamp1_proj_ft100_n4"].project_t == 100 and v["clamp1_proj_ft100_n4"].n_noise == 4
     assert v["clamp1_low_t"].t_max == 300 and v["clamp1_low_t"].clamp == 1.0
-    assert v["paper"].eps_radius == 70.0 and v["paper"].scale == "sqrt_numel"
+    a = v["authors_50x4"]
+    assert a.eps_radius == 70.0 and a.scale == "sqrt_numel"
+    assert (a.num_steps, a.step_size) == (50, 4.0)
+    # the authors' budget is a named variant of its own config only
+    pb = CB.check_config(load_config("cgi_dm_benchmark:paper_budget"))
+    assert set(pb) == set(v) | {"authors_1000x2"}
+    b = pb["authors_1000x2"]
+    assert (b.num_steps, b.step_size) == (1000, 2.0)
+    assert (b.eps_radius, b.clamp, b.t_min, b.t_max) == (a.eps_radius, a.clamp, a.t_min, a.t_max)
     for override, msg in [("source='web'", "source='web'"),
                           ("data.members=1", "data.members must be >= 2"),
                           ("data.calib=0", "data.calib=0"),
@@ -314,3 +322,25 @@ def test_pixel_benchmark_masked_start_is_the_masked_image():
     assert mask[0, 0, 0, 0] == 1 and mask[0, 0, 1, 0] == 0
     np.testing.assert_array_equal(base["masked_v_cut"], 0.0)
     np.testing.assert_array_equal(base["masked_v_keep"], x[:, 0, 0, 0])
+
+
+def test_run_made_with_the_former_paper_variant_name_keeps_it(tmp_path, caplog):
+    """'paper' was renamed 'authors_50x4' (same settings): a run directory made before keeps its
+    name and resumes; a run with other variants is still refused."""
+    from jaxattrib.runs.rundir import check_run_config
+    c = load_config("cgi_dm_benchmark")
+    old = c.copy_and_resolve_references()
+    old.tune.variants = ("paper: ",) + tuple(c.tune.variants[1:])
+    run = tmp_path / "run"
+    check_run_config(run, old)                    # writes config.json as the older code did
+    (run / "results").mkdir()
+    (run / "results" / "cgi_bench.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        CB.keep_renamed_variants(run, c)
+    assert c.tune.variants[0] == "paper: " and "authors_50x4" in caplog.text
+    check_run_config(run, c)                      # resumes
+    other = load_config("cgi_dm_benchmark:paper_budget")
+    CB.keep_renamed_variants(run, other)
+    assert other.tune.variants[0] == "authors_50x4: "
+    with pytest.raises(ConfigError, match="another config"):
+        check_run_config(run, other)

@@ -103,6 +103,34 @@ def parse_variant(spec: str, base) -> tuple[str, object]:
         raise ConfigError(f"tune.variants[{name}]: {e}") from None
 
 
+#: variant names of earlier run directories -> their names now (same settings): 'paper' ran the
+#: authors' settings with 50 steps of size 4, not the paper's budget (issue 19 item 6)
+RENAMED_VARIANTS = {"paper": "authors_50x4"}
+
+
+def keep_renamed_variants(run_dir: Path, config) -> None:
+    """A run directory whose stored ``tune.variants`` differ from ``config``'s only by
+    :data:`RENAMED_VARIANTS` keeps its names (``config`` changed in place, with a notice), so
+    its cached recoveries and results still resume."""
+    from jaxattrib.runs.rundir import read_run_config
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        return
+    try:
+        stored = list((read_run_config(path).get("tune") or {}).get("variants") or ())
+    except ConfigError:
+        return                                 # unreadable: check_run_config says so
+    def renamed(spec):
+        name, _, rest = str(spec).partition(":")
+        return f"{RENAMED_VARIANTS.get(name.strip(), name.strip())}:{rest}"
+    now = list(config.tune.variants)
+    if stored != now and [renamed(v) for v in stored] == now:
+        logger.warning("%s: this run keeps its variant names %s (now %s; same settings)", path,
+                       [v.split(":")[0] for v in stored if v not in now],
+                       [v.split(":")[0] for v in now if v not in stored])
+        config.tune.variants = tuple(stored)
+
+
 def check_config(config) -> dict:
     """Validates the benchmark config; returns ``{name: CGIDMConfig}`` of the variants."""
     from jaxattrib.authentication.cgi_dm import CGIDMConfig
@@ -401,8 +429,9 @@ def run_cgi_benchmark(config, run_dir: str | Path, progress: bool = True) -> dic
     from jaxattrib.runs.rundir import check_run_config, save_npz
     from jaxattrib.metrics import roc_auc
     t0 = time.time()
-    variants = check_config(config)
     run_dir = Path(run_dir)
+    keep_renamed_variants(run_dir, config)
+    variants = check_config(config)
     check_run_config(run_dir, config, added={**CGI_ADDED_FIELDS, **ADDED_FIELDS})
     pipe, info = load_base(config.base_model)
     data = build_data(run_dir, config, pipe, info)
