@@ -11,6 +11,7 @@ record, generations, feature stores, scores). Tables: ``RUN_DIR/tables/concept_t
     python benchmarks/concept_trak.py --smoke --run-dir runs/concept_trak_smoke
     python benchmarks/concept_trak.py --run-dir runs/concept_trak             # both tables
     python benchmarks/concept_trak.py --ablation --run-dir runs/concept_trak  # ablation only
+    python benchmarks/concept_trak.py --reference-inversion --run-dir runs/concept_trak_ref
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ def main(argv=None):
                           "reduced setting (minutes; the numbers mean nothing)")
     ap.add_argument("--ablation", action="store_true",
                     help="only the ablation table (skips the D-TRAK / TRAK baselines)")
+    ap.add_argument("--reference-inversion", action="store_true",
+                    help="the reference's (x_t, t) pairs: training images inverted with CFG 7.5 "
+                         "against the empty prompt, queries' pairs from their regenerated "
+                         "trajectories (eta 0.1); --set fields still apply on top")
     args = ap.parse_args(argv)
-    from jaxattrib.config import load_config
+    from jaxattrib.config import apply_overrides, load_config
+    from jaxattrib.configs.concept_trak import reference_inversion
     from jaxattrib.eval.concept_benchmark import run_concept_benchmark
     overrides = list(args.set) + (["attribution.ablation=True"] if args.ablation else [])
-    cfg = load_config("concept_trak" + (":smoke" if args.smoke else ""), overrides)
+    cfg = load_config("concept_trak" + (":smoke" if args.smoke else ""))
+    if args.reference_inversion:
+        reference_inversion(cfg)
+    cfg = apply_overrides(cfg, overrides)
     run_dir = prepare_run_dir(args, "runs/concept_trak")
     t0 = time.time()
     run_concept_benchmark(cfg, run_dir, progress=not args.no_progress,

@@ -102,9 +102,13 @@ INT_OR_STEPS_FIELDS = ("attribution.checkpoints",)
 
 
 #: ``attribution`` fields added after run directories existed, with what those runs did: D-TRAK
-#: / TRAK noise shared by all examples, and one checkpoint (issue 19). A stored config whose
+#: / TRAK noise shared by all examples, one checkpoint, Concept-TRAK's inversion without CFG and
+#: its query pairs by inversion (issue 19). A stored config whose
 #: ``attribution`` section lacks one was made then; :func:`adopt_legacy` keeps it on that value.
-ATTRIBUTION_LEGACY = {"attribution.noise": "shared", "attribution.checkpoints": 1}
+ATTRIBUTION_LEGACY = {"attribution.noise": "shared", "attribution.checkpoints": 1,
+                      "attribution.concept_inversion_guidance": 1.0,
+                      "attribution.concept_query_pairs": "invert",
+                      "attribution.concept_query_eta": 0.1}
 
 
 def adopt_legacy(stored: dict, current, legacy: dict = ATTRIBUTION_LEGACY) -> list[str]:

@@ -38,6 +38,12 @@ def make_eps_fn(unet_config, unet_params):
     return eps_fn
 
 
+def query_key(seed: int) -> jax.Array:
+    """The PRNG key a run's queries are generated from (the demo and the benchmarks built on it;
+    query ``i``: ``fold_in(key, i)``)."""
+    return jax.random.PRNGKey(int(seed) + 11)
+
+
 def pipeline_schedule(pipe) -> Schedule:
     """The noise schedule of a loaded :class:`~jaxattrib.models.pipeline.Pipeline`."""
     return schedule_from_diffusers_config(pipe.scheduler_config)

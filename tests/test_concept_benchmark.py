@@ -269,3 +269,48 @@ def test_stage_lines_go_to_the_jaxattrib_logger_and_show_under_an_entry_point(ca
     out = capsys.readouterr()
     assert out.out == ""
     assert "[concept-trak " in out.err and "] training set: 3 images" in out.err
+
+
+def test_query_pairs_come_from_the_query_s_own_regenerated_trajectory(tmp_path,
+                                                                      tiny_latent_pipeline):
+    """By construction: regenerated with the generation's own steps and η = 0, each query's
+    kept states are the sampler's own (same key, same path) and the implied noise maps the
+    path's end to them; η = 0.1 moves the path; pairs are cached with their settings (another
+    η recomputes)."""
+    import dataclasses
+    import jax
+    import ml_collections
+    from jaxattrib.attribution import concept_trak as ct
+    from jaxattrib.generate import generate
+    from jaxattrib.models.pipeline import load_pipeline
+    from jaxattrib.generate import query_key
+    from jaxattrib.runs.concept_pairs import cached_query_pairs, query_trajectory_pairs
+    pipe = load_pipeline(tiny_latent_pipeline)
+    config = ml_collections.ConfigDict({"seed": 3, "generate": {"guidance_scale": 2.0,
+                                                                "num_inference_steps": 10}})
+    prompts = ["a red circle", "a blue star", "a red star"]
+    g = generate(pipe, prompts, query_key(config.seed), num_inference_steps=10,
+                 guidance_scale=2.0, return_trajectory=True)
+    cfg = ct.ConceptTRAKConfig(inversion_steps=10, query_eta=0.0, query_pairs="trajectory")
+    xts, ts, nz = query_trajectory_pairs(pipe, pipe.unet_params, prompts,
+                                         query_key(config.seed), 2.0, cfg)
+    assert xts.shape[:2] == ts.shape == (3, 1)              # 10 steps, every 5th: step 5
+    np.testing.assert_allclose(xts[:, 0], np.asarray(g.trajectory.xs)[:, 5], atol=1e-5)
+    np.testing.assert_array_equal(ts[:, 0], np.asarray(g.trajectory.timesteps)[:, 5])
+    # the implied noise maps the trajectory's end to each kept state
+    from jaxattrib.diffusion.schedule import add_noise
+    from jaxattrib.generate import pipeline_schedule
+    x0 = np.asarray(g.trajectory.x0_preds)[:, -1]
+    np.testing.assert_allclose(add_noise(pipeline_schedule(pipe), x0, nz[:, 0], ts[:, 0]),
+                               xts[:, 0], atol=1e-4)
+    eta = dataclasses.replace(cfg, query_eta=0.1, inversion_steps=20)
+    p1 = cached_query_pairs(tmp_path, config, pipe, pipe.unet_params, prompts, eta)
+    assert p1[0].shape[:2] == (3, 3)
+    g20 = generate(pipe, prompts, query_key(config.seed), num_inference_steps=20,
+                   guidance_scale=2.0, return_trajectory=True)
+    assert np.abs(p1[0][:, 0] - np.asarray(g20.trajectory.xs)[:, 5]).max() > 1e-3  # η moves it
+    again = cached_query_pairs(tmp_path, config, pipe, None, prompts, eta)  # cached: no model
+    np.testing.assert_array_equal(again[0], p1[0])
+    other = cached_query_pairs(tmp_path, config, pipe, pipe.unet_params, prompts,
+                               dataclasses.replace(eta, query_eta=0.3))
+    assert np.abs(other[0] - p1[0]).max() > 1e-4

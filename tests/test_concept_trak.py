@@ -274,6 +274,90 @@ def test_timestep_pairs_inversion_and_fixed_noise():
     np.testing.assert_allclose(xts[1, 2], add_noise(sched, x0[1], noise[1, 2], 300), rtol=1e-6)
 
 
+def test_cfg_inversion_against_the_empty_prompt():
+    """inversion_guidance g: DDIM inversion with CFG against the empty prompt's context (the
+    reference's training side, g = 7.5). By construction: with uncond = the image's own
+    context, CFG changes nothing (uncond + g (cond − uncond) = cond); with another uncond the
+    states equal ddim_invert's guided inversion and differ from the unguided ones."""
+    from jaxattrib.diffusion.inversion import ddim_invert
+    sched = make_schedule()
+    _, params, model_fn = _unet()
+    enc = _word_encoder()
+    x0, _, _ = _inputs(2, seed=5)
+    ctx = enc(["a red circle", "a blue star"])
+    empty = enc([""])
+    plain = ct.ConceptTRAKConfig(inversion_steps=20)
+    cfg = dataclasses.replace(plain, inversion_guidance=7.5)
+    assert cfg.needs_uncond and not plain.needs_uncond
+    with pytest.raises(ValueError, match="needs the empty prompt"):
+        ct.timestep_pairs(model_fn, params, sched, x0, ctx, cfg)
+    same = ct.timestep_pairs(model_fn, params, sched, x0, ctx, cfg, uncond=ctx)
+    ref = ct.timestep_pairs(model_fn, params, sched, x0, ctx, plain)
+    np.testing.assert_allclose(same[0], ref[0], atol=1e-4)
+    unc = jnp.broadcast_to(empty, ctx.shape)
+    xts, ts, _ = ct.timestep_pairs(model_fn, params, sched, x0, ctx, cfg, uncond=unc)
+    _, traj = ddim_invert(lambda x, t, c: model_fn(params, x, t, c), sched, x0, ctx, 20,
+                          return_trajectory=True, timestep_spacing="trailing", steps_offset=0,
+                          uncond=unc, guidance_scale=7.5)
+    np.testing.assert_allclose(xts, jnp.swapaxes(traj.xs[4::5], 0, 1), atol=1e-4)
+    assert float(jnp.max(jnp.abs(xts - ref[0]))) > 1e-3
+    # the feature functions take the empty prompt's context; without it, one clear error
+    proj_cfg = dataclasses.replace(cfg, proj_dim=16, microbatch=2)
+    with pytest.raises(ValueError, match="concept_inversion_guidance=7.5"):
+        ct.train_features(model_fn, params, sched, np.asarray(x0), ctx, proj_cfg)
+    phi = ct.train_features(model_fn, params, sched, np.asarray(x0), ctx, proj_cfg,
+                            uncond_context=empty[0])
+    phi_same = ct.train_features(model_fn, params, sched, np.asarray(x0), ctx,
+                                 dataclasses.replace(plain, proj_dim=16, microbatch=2))
+    assert phi.shape == (2, 16) and np.abs(phi - phi_same).max() > 1e-6 * np.abs(phi).max()
+    for bad, msg in ((dict(inversion_guidance=0.5), "concept_inversion_guidance=0.5"),
+                     (dict(query_pairs="seed"), "concept_query_pairs='seed'")):
+        with pytest.raises(ValueError, match=msg):
+            ct.ConceptTRAKConfig(**bad)
+
+
+def test_query_pairs_from_a_recorded_trajectory():
+    """trajectory_pairs keeps the states after every 5th step with the noise each implies
+    (recovered exactly for states made by the forward process); query features from given
+    pairs equal those the inversion path computes from the same pairs; 'trajectory' without
+    pairs is refused."""
+    sched = make_schedule()
+    _, params, model_fn = _unet()
+    enc = _word_encoder()
+    x0, _, _ = _inputs(3, seed=6)
+    ts_all = np.arange(999, 0, -20)                          # 50 sampling steps, descending
+    noise = jax.random.normal(jax.random.PRNGKey(1), (3, 50, 8, 8, 3))
+    xs = jax.vmap(lambda n, t: add_noise(sched, x0, n, jnp.full((3,), t)), in_axes=(1, 0),
+                  out_axes=1)(noise, jnp.asarray(ts_all))
+    xts, ts, nz = ct.trajectory_pairs(sched, xs, ts_all, x0)
+    assert xts.shape == (3, 9, 8, 8, 3)
+    np.testing.assert_array_equal(ts[0], ts_all[5::5])       # 899, 799, …, 99
+    np.testing.assert_allclose(nz, np.asarray(noise)[:, 5::5], atol=2e-4)
+    with pytest.raises(ValueError, match="keep no state"):
+        ct.trajectory_pairs(sched, xs[:, :4], ts_all[:4], x0)
+    ctx, neg = enc(["a red circle", "a blue star", "a red star"]), enc(["a circle", "a star",
+                                                                          "a red"])
+    inv = ct.ConceptTRAKConfig(inversion_steps=20, proj_dim=16, microbatch=2)
+    traj = dataclasses.replace(inv, query_pairs="trajectory")
+    assert traj.query_from_trajectory
+    assert not dataclasses.replace(traj, ddim_inversion=False).query_from_trajectory
+    proj = ct.make_concept_projector(params, inv)
+    with pytest.raises(ValueError, match="concept_query_pairs='trajectory'"):
+        ct.query_features(model_fn, params, sched, np.asarray(x0), ctx, neg, traj, proj)
+    own = ct.timestep_pairs(model_fn, params, sched, x0, ctx, inv)
+    a = ct.query_features(model_fn, params, sched, np.asarray(x0), ctx, neg, inv, proj)
+    b = ct.query_features(model_fn, params, sched, np.asarray(x0), ctx, neg, traj, proj,
+                          pairs=tuple(np.asarray(v) for v in own))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    c = ct.query_features(model_fn, params, sched, np.asarray(x0), ctx, neg, traj, proj,
+                          pairs=(xts, ts, nz))
+    assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()      # other pairs, other features
+    # the training side never takes query pairs
+    np.testing.assert_array_equal(
+        ct.train_features(model_fn, params, sched, np.asarray(x0), ctx, traj, proj),
+        ct.train_features(model_fn, params, sched, np.asarray(x0), ctx, inv, proj))
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

@@ -25,14 +25,14 @@ Our design [design]: ``r`` chosen on a *validation* split by Precision@k
 (:func:`choose_lambda_ratio`; ``r = 1`` without one; reports say which split chose it).
 ``k = 2048`` (paper: 32768) so the ``k×k`` float64 kernel fits a CPU
 (``ConceptTRAKConfig.proj_dim``). Inversion is conditioned on the image's own prompt without
-CFG [design]. The reference's run scripts invert training images with CFG 7.5 against the empty
-prompt (``guidance_scale = 0`` is only its Python default), and its AbC query side does not
-invert but regenerates the query's own sampling trajectory from its seed (η = 0.1, CFG); neither
-is an option here yet (issue 19 item 5). Inversion is :func:`jaxattrib.diffusion.inversion.
-ddim_invert` (ε at the target level, as diffusers' ``DDIMInverseScheduler``; the authors' loop
-uses the source level: one grid step apart). With inversion the DSM target noise (switches
-off only) is the noise the state implies, ``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)`` (the code: that of the
-state one step earlier). ``ε`` = the model output, ``x̂_0`` by :func:`predict_x0` (the
+CFG by default [design]. The reference's scripts invert training images with CFG 7.5 against
+the empty prompt, and its AbC query side regenerates the query's own sampling trajectory from
+its seed (50 DDIM steps, η = 0.1) [code]: options ``inversion_guidance`` and ``query_pairs =
+'trajectory'`` (:func:`trajectory_pairs`; docs/benchmarks/concept_trak.md). Inversion:
+:func:`jaxattrib.diffusion.inversion.ddim_invert` (ε at the target level, as diffusers'
+``DDIMInverseScheduler``; the authors' loop uses the source level: one grid step apart). With
+inversion the DSM target noise (switches off only) is the noise the state implies,
+``(x_t − √ᾱ_t x_0)/√(1−ᾱ_t)`` (the code: that of the state one step earlier). ``ε`` = the model output, ``x̂_0`` by :func:`predict_x0` (the
 authors' models are ε-prediction). No ``loss_rescale = 1e4`` (a common scale changes nothing
 once λ follows the ratio rule). A prompt with several target concepts is attributed concept by
 concept (:func:`concept_queries`); :func:`remove_concept` deletes every whole-word,
@@ -64,10 +64,11 @@ from jaxattrib.attribution.concept_trak_features import (ABLATION, ConceptTRAKCo
                                                          normalize_per_timestep,
                                                          per_timestep_grads, per_timestep_norms,
                                                          per_timestep_query_features,
-                                                         query_features, reconstruction_guidance,
+                                                         QUERY_PAIRS, query_features,
+                                                         reconstruction_guidance,
                                                          summed_grads, timestep_pairs,
                                                          train_features, training_loss,
-                                                         unet_model_fn)
+                                                         trajectory_pairs, unet_model_fn)
 
 
 def lambda_from_ratio(Phi_train, ratio: float) -> float:
@@ -128,11 +129,23 @@ def _contexts(encode: EncodeFn | None, contexts, prompts, name):
     return np.asarray(encode(list(prompts)))
 
 
+def uncond_context(encode: EncodeFn | None, config: ConceptTRAKConfig):
+    """The empty prompt's context ``[L, D]`` when ``config`` inverts with CFG
+    (``inversion_guidance`` ≠ 1), else None."""
+    if config.inversion_guidance == 1.0:
+        return None
+    if encode is None:
+        raise ValueError(f"inversion_guidance={config.inversion_guidance}: CFG inversion needs "
+                         f"an encode function for the empty prompt")
+    return np.asarray(encode([""]))[0]
+
+
 def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train_images,
                         train_prompts, query_images, query_prompts, concepts,
                         config: ConceptTRAKConfig = ConceptTRAKConfig(),
                         sched: Schedule | None = None, *, model_fn: ModelFn | None = None,
-                        train_contexts=None, return_features: bool = False):
+                        train_contexts=None, return_features: bool = False,
+                        query_pairs=None):
     """Concept-TRAK scores ``[Q, N]`` of ``N`` training images for ``Q`` (query, concept) rows.
 
     Args:
@@ -145,6 +158,8 @@ def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train
         expand multi-concept prompts with :func:`concept_queries`).
       config: switches and sizes. sched: default ``make_schedule()`` (DDPM linear, 1000 steps).
       return_features: also return ``(Phi_train, phi_query)``.
+      query_pairs: the queries' ``(xts, ts, noise)`` (:func:`trajectory_pairs`), needed with
+        ``config.query_pairs = 'trajectory'``.
     Larger score = more attributed. Raises ``ValueError`` if a query prompt lacks its concept.
     """
     from jaxattrib.diffusion.schedule import make_schedule
@@ -160,10 +175,11 @@ def concept_trak_scores(unet_config, unet_params, encode: EncodeFn | None, train
     ctx_n = _contexts(encode, None, negs, "query c⁻")
     projector = make_concept_projector(unet_params, config)
     cache: dict = {}
+    unc = uncond_context(encode, config)
     Phi = train_features(model_fn, unet_params, sched, train_images, ctx_tr, config, projector,
-                         cache=cache)
+                         cache=cache, uncond_context=unc)
     phi = query_features(model_fn, unet_params, sched, query_images, ctx_q, ctx_n, config,
-                         projector, cache=cache)
+                         projector, cache=cache, uncond_context=unc, pairs=query_pairs)
     s = scores_from_features(phi, Phi, config.lam_ratio)
     return (s, (Phi, phi)) if return_features else s
 
@@ -172,14 +188,16 @@ def attribute_concepts(unet_config, unet_params, encode: EncodeFn, train_images,
                        query_image, prompt: str, concepts: Sequence[str] | str,
                        config: ConceptTRAKConfig = ConceptTRAKConfig(),
                        sched: Schedule | None = None, *, model_fn: ModelFn | None = None,
-                       train_contexts=None, Phi_train=None):
+                       train_contexts=None, Phi_train=None, query_pairs=None):
     """Free-text concept query: one generated image, its prompt, one or more concept phrases.
 
     Each concept is attributed separately (:func:`concept_queries` builds its ``c⁻``); checked
     *before* any gradient is computed, so a concept the prompt does not contain raises
     ``ValueError`` naming the prompt and the concept. ``query_image [H, W, C]``.
     ``Phi_train [N, k]``: precomputed training features of the same ``config`` and projector
-    (e.g. a benchmark's cache); computed otherwise.
+    (e.g. a benchmark's cache); computed otherwise. ``query_pairs``: the image's ``(xts [K,...],
+    ts [K], noise [K,...])`` from its regenerated trajectory (:func:`trajectory_pairs`), needed
+    with ``config.query_pairs = 'trajectory'``.
 
     Returns ``(queries, scores [C, N])``: the :class:`ConceptQuery` list and one score row per
     concept (larger = more attributed), λ by ``config.lam_ratio``.
@@ -191,16 +209,32 @@ def attribute_concepts(unet_config, unet_params, encode: EncodeFn, train_images,
     model_fn = model_fn or unet_model_fn(unet_config)
     projector = make_concept_projector(unet_params, config)
     cache: dict = {}
+    unc = uncond_context(encode, config)
     if Phi_train is None:
         Phi_train = train_features(model_fn, unet_params, sched, train_images,
                                    _contexts(encode, train_contexts, train_prompts, "train"),
-                                   config, projector, cache=cache)
+                                   config, projector, cache=cache, uncond_context=unc)
     images = np.repeat(np.asarray(query_image)[None], len(queries), axis=0)
+    pairs = None if query_pairs is None else tuple(
+        np.repeat(np.asarray(a)[None], len(queries), axis=0) for a in query_pairs)
     phi = query_features(model_fn, unet_params, sched, images,
                          np.asarray(encode([q.prompt for q in queries])),
                          np.asarray(encode([q.negative for q in queries])), config, projector,
-                         cache=cache)
+                         cache=cache, uncond_context=unc, pairs=pairs)
     return queries, scores_from_features(phi, Phi_train, config.lam_ratio)
+
+
+def feature_tag(side: str, config: ConceptTRAKConfig) -> str:
+    """The name of a side's features under ``config``'s switches, e.g. ``'tl1_inv1_norm1'``
+    (train) / ``'cl1_inv1_norm1'`` (query), plus ``_g{scale}`` for a CFG inversion and, on the
+    query side, ``_traj`` for pairs from regenerated trajectories (:func:`ablation_table`'s
+    cache files are ``{train,query,val}_<tag>.npy``)."""
+    first, on = (("tl", config.training_loss) if side == "train"
+                 else ("cl", config.concept_loss))
+    tag = f"{first}{int(on)}_inv{int(config.ddim_inversion)}_norm{int(config.normalize)}"
+    if side != "train" and config.query_from_trajectory:
+        return tag + "_traj"
+    return tag + (f"_g{config.inversion_guidance:g}" if config.needs_uncond else "")
 
 
 def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, train_prompts,
@@ -210,7 +244,8 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
                    val_prompts=None, val_concepts=None,
                    ratios: Sequence[float] = DEFAULT_RATIOS, model_fn: ModelFn | None = None,
                    settings=ABLATION, relevant=None, val_relevant=None,
-                   features_dir=None, train_contexts=None) -> list[dict]:
+                   features_dir=None, train_contexts=None, query_pairs=None,
+                   val_pairs=None) -> list[dict]:
     """Precision@k of the five settings (TRAK → … → +normalization) on the given queries.
 
     Each row: ``{'setting', 'precision_at_k' (mean over queries), 'per_query', 'ratio',
@@ -221,7 +256,11 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
     (and ``val_relevant``) bool are given. ``features_dir``: Φ and φ of every distinct
     switch combination are saved there (``{train,query,val}_<switches>.npy``) and loaded when
     present (the caller must use a fresh folder for other data, model or config).
-    ``train_contexts [N, L, D]`` replaces the encoding of ``train_prompts``.
+    ``train_contexts [N, L, D]`` replaces the encoding of ``train_prompts``. ``query_pairs`` /
+    ``val_pairs``: the rows' ``(xts, ts, noise)`` from their regenerated trajectories
+    (:func:`trajectory_pairs`), used by the settings with inversion when
+    ``config.query_pairs = 'trajectory'``. Feature names add ``_g{scale}`` for a CFG inversion
+    and ``_traj`` for trajectory pairs, so each variant caches apart.
     """
     from jaxattrib.diffusion.schedule import make_schedule
 
@@ -231,6 +270,7 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
     rel = (concept_relevance(train_prompts, concepts) if relevant is None
            else np.asarray(relevant, bool))
     projector = make_concept_projector(unet_params, config)
+    unc = uncond_context(encode, config)
 
     def q_inputs(prompts, cs):
         negs = [remove_concept(p, c) for p, c in zip(prompts, cs)]
@@ -260,21 +300,18 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
 
     for name, switches in settings:
         cfg = dataclasses.replace(config, **switches)
-        tkey = (cfg.training_loss, cfg.ddim_inversion, cfg.normalize)
-        qkey = (cfg.concept_loss, cfg.ddim_inversion, cfg.normalize)
-        tag = lambda key, first: (f"{first}{int(key[0])}_inv{int(key[1])}"  # noqa: E731
-                                  f"_norm{int(key[2])}")
+        tkey, qkey = feature_tag("train", cfg), feature_tag("query", cfg)
         if tkey not in train_cache:
-            train_cache[tkey] = stored("train_" + tag(tkey, "tl"), lambda: train_features(
+            train_cache[tkey] = stored("train_" + tkey, lambda: train_features(
                 model_fn, unet_params, sched, train_images, ctx_tr, cfg, projector,
-                cache=fn_cache))
+                cache=fn_cache, uncond_context=unc))
         if qkey not in query_cache:
-            q = stored("query_" + tag(qkey, "cl"), lambda: query_features(
+            q = stored("query_" + qkey, lambda: query_features(
                 model_fn, unet_params, sched, query_images, cq, cn, cfg, projector,
-                cache=fn_cache))
-            v = (stored("val_" + tag(qkey, "cl"), lambda: query_features(
+                cache=fn_cache, uncond_context=unc, pairs=query_pairs))
+            v = (stored("val_" + qkey, lambda: query_features(
                 model_fn, unet_params, sched, val_images, vq, vn, cfg, projector,
-                cache=fn_cache)) if use_val else None)
+                cache=fn_cache, uncond_context=unc, pairs=val_pairs)) if use_val else None)
             query_cache[qkey] = (q, v)
         Phi = train_cache[tkey]
         phi, phi_val = query_cache[qkey]
@@ -294,9 +331,11 @@ def ablation_table(unet_config, unet_params, encode: EncodeFn, train_images, tra
 __all__ = ["ABLATION", "ConceptQuery", "ConceptTRAKConfig", "DEFAULT_RATIOS", "EncodeFn",
            "ModelFn", "ablation_table", "attribute_concepts", "build_examples",
            "choose_lambda_ratio", "clip_encoder", "concept_loss", "concept_queries",
-           "concept_relevance", "concept_trak_scores", "fixed_timesteps", "has_concept",
+           "concept_relevance", "concept_trak_scores", "feature_tag", "fixed_timesteps",
+           "has_concept",
            "implied_noise", "lambda_from_ratio", "make_concept_projector", "make_side_feature_fn",
            "normalize_per_timestep", "per_timestep_grads", "per_timestep_norms",
            "per_timestep_query_features", "query_features", "reconstruction_guidance",
            "remove_concept", "scores_from_features", "summed_grads", "timestep_pairs",
-           "train_features", "training_loss", "unet_model_fn"]
+           "train_features", "training_loss", "trajectory_pairs", "uncond_context",
+           "unet_model_fn", "QUERY_PAIRS"]

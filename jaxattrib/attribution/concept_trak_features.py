@@ -49,6 +49,14 @@ class ConceptTRAKConfig:
       noises are ``fixed_noise(noise_seed, t, shape)``.
     inversion_steps, keep_every, inversion_spacing: DDIM inversion grid; states
       ``xs[keep_every-1::keep_every]`` are kept.
+    inversion_guidance: CFG scale of the inversion against the empty prompt's context
+      (``uncond_context``): 1 = no CFG, conditioned on the image's prompt [design]; the
+      reference's training side uses 7.5 [code: ``run_train_grad.sh``].
+    query_pairs: 'invert' (the query's pairs from DDIM inversion, as the training side) or
+      'trajectory': from the query's own regenerated sampling trajectory (its recorded seed,
+      ``query_eta``), given by the caller as ``pairs`` (:func:`trajectory_pairs`) [code: the
+      AbC ``test_grad.py``].
+    query_eta: η of that regeneration (the reference's 0.1).
     param_spec: parameter subset (regex on the '/'-joined path, see ``select_params``).
     proj_kind, proj_dim, proj_seed: the random projection (paper: k = 32768).
     lam_ratio: r in λ = r · 0.1 · mean(diag(ΦᵀΦ)).
@@ -66,12 +74,33 @@ class ConceptTRAKConfig:
     inversion_steps: int = 50
     keep_every: int = 5
     inversion_spacing: str = "trailing"
+    inversion_guidance: float = 1.0
+    query_pairs: str = "invert"
+    query_eta: float = 0.1
     param_spec: Any = "attn2"
     proj_kind: str = "gaussian"
     proj_dim: int = 2048
     proj_seed: int = 0
     lam_ratio: float = 1.0
     microbatch: int = 8
+
+    def __post_init__(self):
+        if self.query_pairs not in QUERY_PAIRS:
+            raise ValueError(f"attribution.concept_query_pairs={self.query_pairs!r}: expected "
+                             f"one of {QUERY_PAIRS}")
+        if not self.inversion_guidance >= 1.0:
+            raise ValueError(f"attribution.concept_inversion_guidance="
+                             f"{self.inversion_guidance}: expected >= 1 (1 = no CFG)")
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether the inversion needs the empty prompt's context (CFG inversion)."""
+        return self.ddim_inversion and self.inversion_guidance != 1.0
+
+    @property
+    def query_from_trajectory(self) -> bool:
+        """Whether the query side's pairs come from a regenerated trajectory."""
+        return self.ddim_inversion and self.query_pairs == "trajectory"
 
     @classmethod
     def from_section(cls, section, *, strict: bool = False,
@@ -86,10 +115,15 @@ class ConceptTRAKConfig:
                                          **overrides))
 
 
+#: where the query side's (x_t, t) pairs come from (:class:`ConceptTRAKConfig` ``query_pairs``)
+QUERY_PAIRS = ("invert", "trajectory")
+
 # ``attribution`` section key of each field that the section sets (the rest: the defaults)
 SECTION_KEYS = {"proj_dim": "k", "param_spec": "concept_params", "proj_kind": "projection",
                 "inversion_steps": "concept_inversion_steps", "concept_scale": "concept_scale",
-                "num_timesteps": "concept_num_timesteps", "microbatch": "microbatch"}
+                "num_timesteps": "concept_num_timesteps", "microbatch": "microbatch",
+                "inversion_guidance": "concept_inversion_guidance",
+                "query_pairs": "concept_query_pairs", "query_eta": "concept_query_eta"}
 
 
 ABLATION = (
@@ -203,19 +237,25 @@ def implied_noise(sched: Schedule, x_t, x0, t) -> jnp.ndarray:
 
 
 def timestep_pairs(model_fn: ModelFn, params, sched: Schedule, x0, ctx,
-                   config: ConceptTRAKConfig):
+                   config: ConceptTRAKConfig, uncond=None):
     """(x_t, t) pairs for a batch: ``(xts [B,K,H,W,C], ts [B,K] int32, noise [B,K,H,W,C])``.
 
     Inversion: DDIM inversion of ``x0`` conditioned on ``ctx`` (``config.inversion_steps``,
-    ``trailing`` spacing), states ``[keep_every-1::keep_every]``, noise implied by each state.
+    ``trailing`` spacing; with ``inversion_guidance`` ≠ 1, CFG against ``uncond [B, L, D]``, the
+    empty prompt's context), states ``[keep_every-1::keep_every]``, noise implied by each state.
     Otherwise ``add_noise(x0, fixed_noise(noise_seed, t), t)`` for :func:`fixed_timesteps`.
     """
     B = x0.shape[0]
     if config.ddim_inversion:
+        if config.needs_uncond and uncond is None:
+            raise ValueError(f"inversion_guidance={config.inversion_guidance}: CFG inversion "
+                             f"needs the empty prompt's context (uncond)")
         eps_fn = lambda x, t, c: model_fn(params, x, t, c)  # noqa: E731
+        g = config.inversion_guidance
         _, traj = ddim_invert(eps_fn, sched, x0, ctx, config.inversion_steps,
                               return_trajectory=True, timestep_spacing=config.inversion_spacing,
-                              steps_offset=0)
+                              steps_offset=0, uncond=uncond if g != 1.0 else None,
+                              guidance_scale=g)
         sel = slice(config.keep_every - 1, None, config.keep_every)
         xts = jnp.swapaxes(traj.xs[sel], 0, 1)  # [B, K, ...]
         ts = jnp.broadcast_to(traj.timesteps[sel][None], (B, xts.shape[1])).astype(jnp.int32)
@@ -228,6 +268,34 @@ def timestep_pairs(model_fn: ModelFn, params, sched: Schedule, x0, ctx,
     ts = jnp.broadcast_to(ts1[None], (B, ts1.shape[0]))
     xts = jax.vmap(jax.vmap(lambda x, n, t: add_noise(sched, x, n, t), in_axes=(None, 0, 0)))(
         x0, noise, ts)
+    return xts, ts, noise
+
+
+def trajectory_pairs(sched: Schedule, xs, timesteps, x0, keep_every: int = 5):
+    """(x_t, t) pairs of recorded sampling trajectories, as :func:`timestep_pairs` returns them.
+
+    ``xs [Q, N, H, W, C]``: the state at ``timesteps [N]`` (or ``[Q, N]``, equal rows;
+    descending, as sampled: ``xs[:, i]`` is the input of step i); ``x0 [Q, H, W, C]``: the trajectories' end. Keeps the states after
+    every ``keep_every``-th step, ``xs[:, keep_every::keep_every]`` (50 steps, 5 → 9 states at
+    t ≈ 899 … 99: the reference's ``tgt_t ∈ {5, …, 45}`` [code: AbC ``test_grad.py``], which
+    draws one at random per epoch; all of them here [design]), with the noise each implies.
+    Returns ``(xts [Q,K,...], ts [Q,K] int32, noise [Q,K,...])`` (numpy).
+    """
+    xs = np.asarray(xs)
+    ts1 = np.asarray(timesteps).astype(np.int32)
+    if ts1.ndim == 2 and ts1.shape[0] == xs.shape[0] and (ts1 == ts1[:1]).all():
+        ts1 = ts1[0]                          # one grid per image (a vmapped sampler's output)
+    if xs.ndim != 5 or ts1.shape != (xs.shape[1],):
+        raise ValueError(f"trajectory_pairs: need xs [Q, N, H, W, C] and timesteps [N]; got "
+                         f"{xs.shape} and {ts1.shape}")
+    sel = slice(keep_every, None, keep_every)
+    xts, ts1 = xs[:, sel], ts1[sel]
+    if xts.shape[1] == 0:
+        raise ValueError(f"trajectory_pairs: {xs.shape[1]} steps keep no state every "
+                         f"{keep_every}")
+    ts = np.broadcast_to(ts1[None], xts.shape[:2]).copy()
+    noise = np.asarray(implied_noise(sched, jnp.asarray(xts), jnp.asarray(x0)[:, None],
+                                     jnp.asarray(ts)))
     return xts, ts, noise
 
 
@@ -325,19 +393,39 @@ def make_side_feature_fn(side: str, model_fn: ModelFn, sched: Schedule, params, 
 
 def build_examples(model_fn: ModelFn, params, sched: Schedule, images, contexts,
                    config: ConceptTRAKConfig, neg_contexts=None, *, batch: int = 8,
-                   cache: dict | None = None) -> dict:
-    """Per-example inputs (numpy, leading axis n) incl. the (x_t, t) pairs, in batches."""
+                   cache: dict | None = None, uncond_context=None, pairs=None) -> dict:
+    """Per-example inputs (numpy, leading axis n) incl. the (x_t, t) pairs, in batches.
+    ``uncond_context [L, D]``: the empty prompt's context (CFG inversion); ``pairs``: given
+    ``(xts, ts, noise)`` (e.g. :func:`trajectory_pairs`) instead of computing them."""
     cache = {} if cache is None else cache
-    pkey = ("pairs", config.ddim_inversion, config.inversion_steps, config.keep_every,
-            config.inversion_spacing, config.num_timesteps, config.noise_seed)
-    if pkey not in cache:
-        cache[pkey] = jax.jit(lambda p, x, c: timestep_pairs(model_fn, p, sched, x, c, config))
-    pair_fn = cache[pkey]
     images, contexts = np.asarray(images), np.asarray(contexts)
+    if pairs is not None:
+        xts, ts, noise = (np.asarray(a) for a in pairs)
+        if xts.shape[0] != images.shape[0] or xts.shape[2:] != images.shape[1:]:
+            raise ValueError(f"pairs: xts {xts.shape} does not match the images "
+                             f"{images.shape} (need [n, K, H, W, C])")
+        ex = {"x0": images, "ctx": contexts, "xts": xts, "ts": ts.astype(np.int32),
+              "noise": noise}
+        if neg_contexts is not None:
+            ex["ctx_neg"] = np.asarray(neg_contexts)
+        return ex
+    if config.needs_uncond and uncond_context is None:
+        raise ValueError(f"attribution.concept_inversion_guidance="
+                         f"{config.inversion_guidance}: CFG inversion needs the empty prompt's "
+                         f"context (uncond_context [L, D])")
+    pkey = ("pairs", config.ddim_inversion, config.inversion_steps, config.keep_every,
+            config.inversion_spacing, config.num_timesteps, config.noise_seed,
+            config.inversion_guidance)
+    if pkey not in cache:
+        cache[pkey] = jax.jit(lambda p, x, c, u: timestep_pairs(model_fn, p, sched, x, c, config,
+                                                                 uncond=u))
+    pair_fn = cache[pkey]
     parts = []
     for lo in range(0, images.shape[0], batch):
         x, c = jnp.asarray(images[lo:lo + batch]), jnp.asarray(contexts[lo:lo + batch])
-        xts, ts, noise = pair_fn(params, x, c)
+        u = (None if not config.needs_uncond else
+             jnp.broadcast_to(jnp.asarray(uncond_context)[None], c.shape))
+        xts, ts, noise = pair_fn(params, x, c, u)
         parts.append((np.asarray(xts), np.asarray(ts), np.asarray(noise)))
     ex = {"x0": images, "ctx": contexts, "xts": np.concatenate([p[0] for p in parts]),
           "ts": np.concatenate([p[1] for p in parts]),
@@ -355,8 +443,13 @@ def make_concept_projector(params, config: ConceptTRAKConfig):
 
 
 def _features(side, model_fn, params, sched, images, contexts, neg_contexts, config, projector,
-              cache):
+              cache, uncond_context=None, pairs=None):
     cache = {} if cache is None else cache
+    qpairs = pairs if side == "query" and config.query_from_trajectory else None
+    if side == "query" and config.query_from_trajectory and pairs is None:
+        raise ValueError("attribution.concept_query_pairs='trajectory': the query side's pairs "
+                         "come from each query's regenerated sampling trajectory "
+                         "(trajectory_pairs), which this caller does not have; use 'invert'")
     if side == "query" and not config.concept_loss:
         # plain DSM of the query under its prompt = the training side's DSM loss: share the
         # compiled function (and drop c⁻, unused)
@@ -368,36 +461,41 @@ def _features(side, model_fn, params, sched, images, contexts, neg_contexts, con
     if fkey not in cache:
         cache[fkey] = make_side_feature_fn(side, model_fn, sched, params, projector, config)
     ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
-                        batch=config.microbatch, cache=cache)
+                        batch=config.microbatch, cache=cache, uncond_context=uncond_context,
+                        pairs=qpairs)
     return projected_grads(cache[fkey], ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
 
 
 def train_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
                    config: ConceptTRAKConfig, projector=None, *,
-                   cache: dict | None = None) -> np.ndarray:
+                   cache: dict | None = None, uncond_context=None) -> np.ndarray:
     """Φ ``[N, k]``: projected (normalized, summed) training-loss gradients.
 
     ``cache``: a dict shared between calls with the same ``model_fn, params, sched`` to reuse
-    compiled functions.
+    compiled functions. ``uncond_context [L, D]``: the empty prompt's context, needed with
+    ``config.inversion_guidance`` ≠ 1.
     """
     projector = projector or make_concept_projector(params, config)
     return _features("train", model_fn, params, sched, images, contexts, None, config,
-                     projector, cache)
+                     projector, cache, uncond_context)
 
 
 def query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
                    neg_contexts, config: ConceptTRAKConfig, projector=None, *,
-                   cache: dict | None = None) -> np.ndarray:
+                   cache: dict | None = None, uncond_context=None, pairs=None) -> np.ndarray:
     """φ ``[Q, k]``: projected (normalized, summed) concept-loss (or, with the switch off,
-    DSM-loss) gradients of the queries."""
+    DSM-loss) gradients of the queries. ``uncond_context``: as :func:`train_features`;
+    ``pairs``: the queries' ``(xts, ts, noise)`` from :func:`trajectory_pairs`, required with
+    ``config.query_pairs = 'trajectory'`` (and inversion on), else unused."""
     projector = projector or make_concept_projector(params, config)
     return _features("query", model_fn, params, sched, images, contexts, neg_contexts, config,
-                     projector, cache)
+                     projector, cache, uncond_context, pairs)
 
 
 def per_timestep_query_features(model_fn: ModelFn, params, sched: Schedule, images, contexts,
                                 neg_contexts, config: ConceptTRAKConfig, projector=None, *,
-                                cache: dict | None = None) -> dict:
+                                cache: dict | None = None, uncond_context=None,
+                                pairs=None) -> dict:
     """The query side one (x_t, t) pair at a time: what :func:`query_features` normalizes and
     sums (a diagnostic; ``config.normalize`` is ignored).
 
@@ -413,7 +511,8 @@ def per_timestep_query_features(model_fn: ModelFn, params, sched: Schedule, imag
       NaN with the concept loss off.
     * ``ts [Q, K]`` int32: the timesteps.
 
-    ``neg_contexts`` (c⁻) is required with the concept loss on and unused otherwise.
+    ``neg_contexts`` (c⁻) is required with the concept loss on and unused otherwise;
+    ``uncond_context`` and ``pairs``: as :func:`query_features`.
     """
     if neg_contexts is None:
         if config.concept_loss:
@@ -449,8 +548,12 @@ def per_timestep_query_features(model_fn: ModelFn, params, sched: Schedule, imag
                                     cn[..., None].astype(jnp.float32)], axis=-1)
 
         cache[fkey] = lambda ex, keys: feats(split.trainable, split.frozen, ex)
+    if config.query_from_trajectory and pairs is None:
+        raise ValueError("per_timestep_query_features: concept_query_pairs='trajectory' needs "
+                         "the queries' pairs (trajectory_pairs)")
     ex = build_examples(model_fn, params, sched, images, contexts, config, neg_contexts,
-                        batch=config.microbatch, cache=cache)
+                        batch=config.microbatch, cache=cache, uncond_context=uncond_context,
+                        pairs=pairs if config.query_from_trajectory else None)
     packed = projected_grads(cache[fkey], ex, jax.random.PRNGKey(0), microbatch=config.microbatch)
     return {"grads": packed[..., :-2], "grad_norm": packed[..., -2],
             "concept_norm": packed[..., -1], "ts": np.asarray(ex["ts"])}
@@ -460,5 +563,6 @@ __all__ = ["ABLATION", "ConceptTRAKConfig", "DEFAULT_RATIOS", "EncodeFn", "Model
            "build_examples", "clip_encoder", "concept_loss", "fixed_timesteps", "implied_noise",
            "make_concept_projector", "make_side_feature_fn", "normalize_per_timestep",
            "per_timestep_grads", "per_timestep_norms", "per_timestep_query_features",
-           "query_features", "reconstruction_guidance", "summed_grads", "timestep_pairs",
-           "train_features", "training_loss", "unet_model_fn"]
+           "QUERY_PAIRS", "query_features", "reconstruction_guidance", "summed_grads",
+           "timestep_pairs", "train_features", "training_loss", "trajectory_pairs",
+           "unet_model_fn"]

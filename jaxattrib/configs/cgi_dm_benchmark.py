@@ -5,9 +5,8 @@ thresholds calibrated on a separate split.
 
 Fields:
 
-* ``seed``: splits, class-image generation, fine-tuning, PGD noise.
-* ``base_model``: '' = the embedded (latent) base model; else a pipeline folder with a
-  ``jaxattrib_base.json`` (e.g. the 16-px pixel model, ``python -m jaxattrib.train.base_model``).
+* ``seed``: splits, class images, fine-tuning, PGD noise. ``base_model``: '' = the embedded
+  (latent) model; else a folder with a ``jaxattrib_base.json`` (e.g. the 16-px pixel model).
 * ``source``: 'synthetic' (renders of the base model's four withheld concepts at its
   ``data_spec.size``) or 'folder' (a DreamBooth-layout folder, ``data.path``, resized to the
   model's pixel size; one concept per subject; ``data.subjects`` = () for all;
@@ -35,13 +34,11 @@ Fields:
   CGI-DM only). The loss-gap baseline's timestep range is chosen
   on validation among (1, 999) and the variants' ranges; the masked-input baseline's
   (variant, similarity) likewise.
-* ``loss_gap_draws``: (t, ε) draws of the loss-gap baseline (shared by all images).
-* ``batch_size``: images per PGD batch (unit of resumption); ``report_images``: images shown.
+* ``loss_gap_draws``: (t, ε) draws of the loss-gap baseline; ``batch_size``: images per PGD
+  batch (unit of resumption); ``report_images``: images shown.
 
-``get_config('smoke')``: a few images per concept, few steps — exercises every stage (tests).
-``get_config('paper_budget')``: the default plus the variant ``authors_1000x2`` (the authors'
-PGD budget, 1000 steps of size 2; run once, docs/benchmarks/cgi_dm.md). Variant names say what
-they are: ``authors_SxZ`` = the authors' settings with S steps of size Z.
+``get_config('smoke')``: tiny, every stage (tests); ``'paper_budget'``: also ``authors_1000x2``
+(``authors_SxZ`` = the authors' settings, S PGD steps of size Z; theirs: 1000 of 2).
 """
 
 import ml_collections

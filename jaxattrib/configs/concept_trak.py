@@ -10,12 +10,23 @@ or its shape); a training image is relevant iff it carries that concept. In-dist
 queries are generated for ``generate.id_combos`` (combinations in the training set), out-of-
 distribution (OOD) ones for the withheld combinations (the base model's ``held_out``).
 ``get_config()`` is the full setting, ``get_config('smoke')`` a reduced one (minutes; numbers
-meaningless). Override any field with ``--set key=value``.
+meaningless), ``get_config('reference')`` the full setting with the reference's inversion
+(:func:`reference_inversion`; ours is the default, docs/benchmarks/concept_trak.md). Override any field with ``--set key=value``.
 """
 
 import ml_collections
 
 from jaxattrib.configs import demo
+
+
+def reference_inversion(c):
+    """The reference's (x_t, t) pairs [code: enkeejunior1/concept-trak, AbC scripts]: training
+    images DDIM-inverted with CFG 7.5 against the empty prompt; each query's pairs from its own
+    sampling trajectory, regenerated from its seed with DDIM η = 0.1."""
+    c.attribution.concept_inversion_guidance = 7.5
+    c.attribution.concept_query_pairs = "trajectory"
+    c.attribution.concept_query_eta = 0.1
+    return c
 
 
 def get_config(arg=None):
@@ -70,6 +81,9 @@ def get_config(arg=None):
         c.attribution.concept_inversion_steps = 10  # >= keep_every (5): 2 inverted states
         c.attribution.concept_num_timesteps = 2
         c.eval.n_bootstrap = 50
+    elif arg == "reference":
+        reference_inversion(c)
     elif arg not in (None, ""):
-        raise ValueError(f"concept_trak config: unknown argument {arg!r}; expected '' or 'smoke'")
+        raise ValueError(f"concept_trak config: unknown argument {arg!r}; expected '', 'smoke' "
+                         f"or 'reference'")
     return c

@@ -48,6 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxattrib.config import ConfigError
+from jaxattrib.runs.concept_pairs import cached_query_pairs
 from jaxattrib.runs.concept_query import concept_inputs, concept_trak_config
 from jaxattrib.runs.rundir import RunDir
 
@@ -383,13 +384,22 @@ def _ablation(run_dir: Path, config, pipe, unet_params, sched, train, train_ctx,
     concepts = [str(c) for c in plan["row_concept"]]
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
     pick = lambda seq, m: [x for x, keep in zip(seq, m) if keep]  # noqa: E731
+    cfg = concept_trak_config(config)
+    pairs = {"query_pairs": None, "val_pairs": None}
+    if cfg.query_pairs == "trajectory":
+        rows = np.asarray(plan["row_image"])
+        xts, ts, nz = cached_query_pairs(run_dir, config, pipe, unet_params,
+                                         queries["prompts"], cfg)
+        pairs = {"query_pairs": (xts[rows][~val], ts[rows][~val], nz[rows][~val]),
+                 "val_pairs": (xts[rows][val], ts[rows][val], nz[rows][val])}
     rows = ct.ablation_table(
         pipe.unet_config, unet_params, encode, train_in, list(train["captions"]),
-        img[~val], pick(prompts, ~val), pick(concepts, ~val), concept_trak_config(config),
+        img[~val], pick(prompts, ~val), pick(concepts, ~val), cfg,
         sched, k=config.eval.topk, val_images=img[val], val_prompts=pick(prompts, val),
         val_concepts=pick(concepts, val), ratios=config.attribution.lambda_ratios,
         settings=settings, relevant=relevant[~val], val_relevant=relevant[val],
-        features_dir=RunDir(run_dir).features / "concept-trak", train_contexts=train_ctx)
+        features_dir=RunDir(run_dir).features / "concept-trak", train_contexts=train_ctx,
+        **pairs)
     # back to all rows (validation rows get their scores too, never evaluated)
     for r in rows:
         full = np.full((len(val), relevant.shape[1]), np.nan)
@@ -592,6 +602,17 @@ def run_concept_benchmark(config, run_dir: str | Path = "runs/concept_trak",
     return out
 
 
+def inversion_label(cfg) -> str:
+    """What the (x_t, t) pairs of the settings with inversion are, in words."""
+    train = (f"training images DDIM-inverted with CFG {cfg.inversion_guidance:g} against the "
+             f"empty prompt" if cfg.inversion_guidance != 1.0 else
+             "training images DDIM-inverted on their prompt without CFG")
+    if cfg.query_pairs == "trajectory":
+        return (f"{train}; queries' states from their sampling trajectories regenerated from "
+                f"their seeds ({cfg.inversion_steps} DDIM steps, η = {cfg.query_eta:g})")
+    return f"{train}; queries inverted the same way"
+
+
 def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False) -> None:
     """``tables/*.md`` and ``concept_trak.json``; ``ablation_only`` (a run without the
     baselines) writes ``ablation.{md,json}`` only, so it never overwrites a full run's tables."""
@@ -603,7 +624,8 @@ def _write_tables(run_dir: Path, config, out: dict, ablation_only: bool = False)
            f"{c['relevant_per_row_mean']:.1f} relevant per row on average); test rows: "
            f"{c['test_rows_id']} ID, {c['test_rows_ood']} OOD ({c['test_rows_ood_verified']} "
            f"whose concept the classifier reads in the generation = 'verified'); λ ratio chosen "
-           f"per method on {c['val_rows']} validation rows by P@{k}; mean [95% bootstrap CI]")
+           f"per method on {c['val_rows']} validation rows by P@{k}; mean [95% bootstrap CI]. "
+           f"Concept-TRAK's (x_t, t) pairs: {inversion_label(concept_trak_config(config))}")
     (run_dir / "tables").mkdir(parents=True, exist_ok=True)
     if ablation_only:
         if out["ablation"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from jaxattrib.config import ConfigError
 from jaxattrib.runs.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 def concept_trak_config(config):
@@ -93,6 +96,8 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
     unet_params = record.load(record.latest_step())["unet"]
     record.close()
     train = dict(np.load(RunDir(run_dir).data_file("train")))
+    cfg = concept_trak_config(config)
+    pairs = None
     if image is None:
         import jax
         from jaxattrib.generate import generate
@@ -100,13 +105,23 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
                      num_inference_steps=config.generate.num_inference_steps,
                      guidance_scale=config.generate.guidance_scale)
         image = np.clip(np.asarray(g.images[0]), -1, 1).astype(np.float32)
+        if cfg.query_from_trajectory:   # the query's own trajectory, regenerated from its seed
+            from jaxattrib.runs.concept_pairs import query_trajectory_pairs
+            pairs = query_trajectory_pairs(pipe, unet_params, [prompt],
+                                           jax.random.PRNGKey(int(seed)),
+                                           config.generate.guidance_scale, cfg)
+            pairs = tuple(a[0] for a in pairs)
+    elif cfg.query_from_trajectory:
+        logger.warning("concept_query_pairs='trajectory': an --image query has no recorded "
+                       "seed, so its (x_t, t) pairs come from DDIM inversion")
+        cfg = dataclasses.replace(cfg, query_pairs="invert")
     q_in, how = concept_inputs(pipe, np.asarray(image, np.float32)[None], config, "query",
                                "--image" if seed is None else "the generated query")
-    cfg = concept_trak_config(config)
     lam = RunDir(run_dir).scores / "concept-trak_lambda.json"
     if lam.exists():
         cfg = dataclasses.replace(cfg, lam_ratio=float(json.loads(lam.read_text())["chosen"]))
-    cached = RunDir(run_dir).features / "concept-trak" / "train_tl1_inv1_norm1.npy"
+    cached = (RunDir(run_dir).features / "concept-trak"
+              / f"train_{ct.feature_tag('train', cfg)}.npy")
     encode = lambda p: np.asarray(pipe.encode_prompts(list(p)))  # noqa: E731
     train_in = None
     if not cached.exists():
@@ -116,7 +131,7 @@ def concept_query(run_dir: str | Path, prompt: str, concepts: Sequence[str], *,
         pipe.unet_config, unet_params, encode, train_in, list(train["captions"]),
         q_in[0], prompt, [q.concept for q in queries], cfg,
         schedule_from_diffusers_config(pipe.scheduler_config),
-        Phi_train=np.load(cached) if cached.exists() else None)
+        Phi_train=np.load(cached) if cached.exists() else None, query_pairs=pairs)
     out = []
     for q, s in zip(qs, scores):
         order = np.argsort(-s, kind="stable")[:topk]

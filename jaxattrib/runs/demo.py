@@ -252,14 +252,14 @@ def generate_stage(run_dir: Path, config, pipe, unet_params, held: list[dict],
     need_traj = "journey-trak" in tuple(config.attribution.methods)
     if path.exists() and (not need_traj or tpath.exists()):
         return dict(np.load(path))
-    from jaxattrib.generate import generate, save_images
+    from jaxattrib.generate import generate, query_key, save_images
     if plan is None:
         plan = (demo_query_plan(config, held) if backgrounds is None
                 else demo_query_plan(config, held, backgrounds))
     prompts = [str(p) for p in plan["prompts"]]
     _log(f"generating {len(prompts)} queries" + (" with their sampling trajectories"
                                                   if need_traj else ""))
-    g = generate(pipe, prompts, jax.random.PRNGKey(config.seed + 11), unet_params=unet_params,
+    g = generate(pipe, prompts, query_key(config.seed), unet_params=unet_params,
                  num_inference_steps=config.generate.num_inference_steps,
                  guidance_scale=config.generate.guidance_scale, return_trajectory=need_traj)
     images = np.clip(np.asarray(g.images), -1, 1).astype(np.float32)

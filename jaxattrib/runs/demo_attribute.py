@@ -189,7 +189,7 @@ def _candidate_scores(method: str, run_dir: Path, config, pipe, unet_params, sch
                                           progress)}
     elif method == "concept-trak":
         cands = _concept_trak_candidates(config, pipe, unet_params, sched, train, queries,
-                                         train_ex, query_ex)
+                                         train_ex, query_ex, run_dir)
         meta = {"ratios": list(a.lambda_ratios)}
     else:
         raise ConfigError(f"attribution.methods: unknown method {method!r}")
@@ -319,23 +319,29 @@ def _montrage_scores(run_dir: Path, pipe, train_ex, query_ex, how: str, progress
 
 
 def _concept_trak_candidates(config, pipe, unet_params, sched, train, queries, train_ex,
-                             query_ex):
+                             query_ex, run_dir=None):
     """Concept-TRAK with the query concept = '<color> <shape>' of each query prompt: one score
     matrix per λ ratio of ``attribution.lambda_ratios``.
 
     Runs on the model inputs of :func:`_examples` (``train_ex`` / ``query_ex`` ``{'x0',
     'ctx'}``): the pixels of a pixel base model; for a latent one the VAE latents, encoded once
     with the posterior mean (the rule of ``concept-query`` and the Concept-TRAK benchmark,
-    docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents."""
+    docs/latent_methods.md) — the DDIM inversion and the gradients run on the latents. With
+    ``attribution.concept_query_pairs = 'trajectory'`` the queries' pairs come from their
+    regenerated trajectories (:func:`~jaxattrib.runs.concept_query.cached_query_pairs`)."""
     from jaxattrib.attribution import concept_trak as ct
     a = config.attribution
     cfg = ct.ConceptTRAKConfig.from_section(a)   # param_spec: concept_params, else 'attn2'
     concepts = [" ".join(str(p).split()[1:3]) for p in queries["prompts"]]
     encode = lambda prompts: np.asarray(pipe.encode_prompts(list(prompts)))  # noqa: E731
+    pairs = None
+    if cfg.query_from_trajectory:
+        from jaxattrib.runs.concept_pairs import cached_query_pairs
+        pairs = cached_query_pairs(run_dir, config, pipe, unet_params, queries["prompts"], cfg)
     _, (Phi, phi) = ct.concept_trak_scores(
         pipe.unet_config, unet_params, encode, train_ex["x0"], list(train["captions"]),
         query_ex["x0"], list(queries["prompts"]), concepts, cfg, sched,
-        train_contexts=train_ex["ctx"], return_features=True)
+        train_contexts=train_ex["ctx"], return_features=True, query_pairs=pairs)
     from jaxattrib.attribution.methods import method_scores
     return {f"ratio={r:g}": method_scores("concept-trak", phi, Phi, lam_ratio=r)
             for r in a.lambda_ratios}
