@@ -377,15 +377,17 @@ def test_config_from_an_older_version_resumes(tmp_path):
 
 
 @bad_input("A rerun with another config in a run directory that holds results",
-           "Exit 2: `this run directory was made with another config (fields [...] differ); use "
-           "a new --run-dir or pass --fresh`; nothing is deleted")
+           "Exit 2: `this run directory was made with another config (fields [...] differ: "
+           "finetune.steps: stored 400, given 1); use a new --run-dir or pass --fresh, or resume "
+           "it with --set for the stored values`; nothing is deleted")
 def test_other_config_with_results_is_refused(tmp_path):
     from jaxattrib.runs.rundir import check_run_config
     c = load_config("demo")
     check_run_config(tmp_path, c)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.npz").write_bytes(b"x")
-    with pytest.raises(ConfigError, match=r"fields \['finetune'\] differ.*--fresh"):
+    with pytest.raises(ConfigError, match=r"fields \['finetune'\] differ: finetune.steps: "
+                                          r"stored 400, given 1\).*--fresh"):
         check_run_config(tmp_path, load_config("demo", ["finetune.steps=1"]))
     assert (tmp_path / "data" / "train.npz").is_file()
 

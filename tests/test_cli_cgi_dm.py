@@ -127,5 +127,5 @@ def test_cli_cgi_dm_projection_settings_reach_pgd(tiny_pipeline_dir, tmp_path, m
     assert r.exit_code == 1 and "unexpected Reached" in r.output, r.output  # the CLI's safety net
     assert seen[-1] == (0, "finetuned", 1)
     r = run("old", "cgi.project_t=100")
-    assert r.exit_code == 2 and "another config (fields ['cgi'] differ)" in r.output, r.output
+    assert r.exit_code == 2 and "another config (fields ['cgi'] differ: cgi.project_t: stored 0, given 100)" in r.output, r.output
     assert len(seen) == 3

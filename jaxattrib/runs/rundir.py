@@ -205,11 +205,29 @@ def check_run_config(run_dir: Path, config, added: dict | None = None,
                 node.setdefault(name, value)
         if stored != current:
             diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            leaves = _leaf_diffs(stored, current)
+            shown = "; ".join(f"{k}: stored {a!r}, given {b!r}" for k, a, b in leaves[:4])
+            more = f" (+{len(leaves) - 4} more)" if len(leaves) > 4 else ""
             raise ConfigError(f"{path}: this run directory was made with another config (fields "
-                              f"{diff} differ); use a new --run-dir or pass --fresh")
+                              f"{diff} differ: {shown}{more}); use a new --run-dir or pass "
+                              f"--fresh, or resume it with --set for the stored values")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+
+
+_MISSING = "<absent>"
+
+
+def _leaf_diffs(stored, current, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``[(dotted field, stored value, given value)]`` where two config dicts differ, sorted."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(stored) | set(current)):
+            out += _leaf_diffs(stored.get(k, _MISSING), current.get(k, _MISSING),
+                               f"{prefix}{k}.")
+        return out
+    return [] if stored == current else [(prefix[:-1], stored, current)]
 
 
 __all__ = ["RunDir", "check_run_config", "load_npz", "save_npz"]
