@@ -112,8 +112,9 @@ def attribution_defaults(run_dir: str | Path) -> dict:
     ``attribution`` section without them) keeps what it did:
     :data:`jaxattrib.config.ATTRIBUTION_LEGACY` ('shared' noise, one checkpoint), so its
     feature stores keep resuming. A run whose config has no ``attribution`` section at all
-    (e.g. ``finetune_folder``) takes the defaults; feature stores it made before with 'shared'
-    noise are then refused with a message that says to pass ``--noise shared``."""
+    (e.g. ``finetune_folder``) takes the defaults ('shared' noise since 2026-12-07); feature
+    stores made with the former default 'per_position' are then refused with a message that
+    says to pass ``--noise per_position``."""
     from jaxattrib.config import ATTRIBUTION_LEGACY
     out = dict(ATTRIBUTE_DEFAULTS)
     path = RunDir(run_dir).config
@@ -121,7 +122,8 @@ def attribution_defaults(run_dir: str | Path) -> dict:
         sec = read_run_config(path).get("attribution") or {}
         if isinstance(sec, dict) and sec:
             for dotted, value in ATTRIBUTION_LEGACY.items():
-                out[dotted.split(".", 1)[1]] = value   # overridden below when the run has it
+                if dotted.split(".", 1)[1] in out:     # (not Concept-TRAK's: not options here)
+                    out[dotted.split(".", 1)[1]] = value   # overridden below when the run has it
         out.update({k: v for k, v in sec.items() if k in out})
     return out
 
@@ -257,7 +259,7 @@ def attribute_run(run_dir: str | Path, queries: str | Path, method: str = "dtrak
                   projection: str = "rademacher", microbatch: int = 8,
                   precision: str = "float32", remat: str = "none",
                   matmul_precision: str = "default", chunk_size: int = 64,
-                  noise: str = "per_position", checkpoints=None,
+                  noise: str = "shared", checkpoints=None,
                   progress: bool = True, mesh=None, on_progress=None) -> np.ndarray | None:
     """Scores ``[Q, N]`` of the run's training images for the query images; see module doc.
 
@@ -398,9 +400,9 @@ def _attribute_run(run_dir, queries, method, *, k, params, num_timesteps, lam_ra
         i = x0s.shape[1] - 1 if journey_step is None else journey_step
         if not -x0s.shape[1] <= i < x0s.shape[1]:
             raise ConfigError(f"--journey-step={i}: the trajectory has {x0s.shape[1]} steps")
-        tg = {"x0": x0s[:, i], "ctx": q_ctx,
-              "t": np.asarray(traj["timesteps"][:, i] if traj["timesteps"].ndim == 2
-                              else np.full(len(q_images), traj["timesteps"][i]), np.int32)}
+        from jaxattrib.diffusion.sampling import Trajectory
+        tg = dt.journey_targets(Trajectory(timesteps=traj["timesteps"], xs=None,
+                                           x0_preds=x0s), q_ctx, i)
         shown = lat.decode_latents(pipe.vae_config, pipe.vae_params, x0s[:, i])
     Phis, phis, lrs = [], [], []
     for s in use_steps:
