@@ -151,7 +151,9 @@ def test_concept_trak_config_every_field_defaults_and_strict():
     from jaxattrib.attribution.concept_trak_features import SECTION_KEYS, ConceptTRAKConfig
     section = {"k": 64, "concept_params": "attn1", "projection": "sjlt",
                "concept_inversion_steps": 20, "concept_scale": 2.5,
-               "concept_num_timesteps": 4, "microbatch": 3}
+               "concept_num_timesteps": 4, "microbatch": 3,
+               "concept_inversion_guidance": 7.5, "concept_query_pairs": "trajectory",
+               "concept_query_eta": 0.3}
     assert set(section) == set(SECTION_KEYS.values())
     got = ConceptTRAKConfig.from_section(section, strict=True)
     assert {f: getattr(got, f) for f in SECTION_KEYS} == {
