@@ -377,9 +377,10 @@ def attribute(ctx: typer.Context,
                   "Rows per feature-store chunk (unit of resumption)."),
               noise: Optional[Noise] = _run_option("noise",
                                                    "Noise of TRAK / D-TRAK / TracIn features: "
+                                    "shared (default: every example the same noise per "
+                                    "timestep; measured best, docs/faithful.md) | "
                                     "per_position (D-TRAK's code: each batch position its own, "
-                                    "period 52) | per_example | shared (every example the "
-                                    "same; runs made before this option)."),
+                                    "period 52) | per_example."),
               checkpoints: Optional[str] = typer.Option(
                   None, show_default=False,
                   help="TRAK / D-TRAK / Journey-TRAK checkpoint ensemble: M (the last M "

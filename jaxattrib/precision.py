@@ -123,14 +123,18 @@ def added_defaults(*sections: str) -> dict:
     return {f"{s}.{k}": v for s in sections for k, v in DEFAULTS.items()}
 
 
-def fill_added(stored: dict, added: Mapping[str, Any]) -> dict:
+def fill_added(stored: dict, added: Mapping[str, Any], current: dict | None = None) -> dict:
     """``stored`` (a config as JSON dict) with each ``'section.field'`` of ``added`` set to its
-    value where the section exists and lacks the field; in place, returned."""
+    value where the section exists and lacks the field (and, given ``current``, only the fields
+    ``current`` has: a config without the field, e.g. one whose ``attribution`` section has no
+    Concept-TRAK keys, stays without it); in place, returned."""
     for dotted, value in added.items():
         *sections, name = dotted.split(".")
-        node = stored
+        node, cur = stored, current
         for sec in sections:
             node = node.get(sec) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+            cur = cur.get(sec) if isinstance(cur, dict) else None
+        if isinstance(node, dict) and (current is None or (isinstance(cur, dict)
+                                                           and name in cur)):
             node.setdefault(name, value)
     return stored

@@ -49,9 +49,9 @@ def test_cli_train_then_attribute_resumable(tiny_pipeline_dir, tmp_path):
     assert r.exit_code == 2 and "no checkpoint at step(s) [5]" in r.output
     r = CliRunner().invoke(app, dtrak + ["--checkpoints", "last"])
     assert r.exit_code == 2 and "--checkpoints='last'" in r.output
-    # the stores were made with the default noise (per_position): another mode is refused
-    r = CliRunner().invoke(app, dtrak + ["--noise", "shared"])
-    assert r.exit_code == 2 and "noise='per_position'" in r.output, r.output
+    # the stores were made with the default noise ('shared'): another mode is refused
+    r = CliRunner().invoke(app, dtrak + ["--noise", "per_position"])
+    assert r.exit_code == 2 and "noise='shared'" in r.output, r.output
     r = CliRunner().invoke(app, dtrak + ["--noise", "fresh"])     # not a choice: click refuses
     assert r.exit_code == 2 and "Invalid value for '--noise'" in r.output, r.output
     r = CliRunner().invoke(app, ["attribute", str(run), "--queries", str(tmp_path / "none")])

@@ -272,8 +272,9 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, caplog
     (old / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
     (old / "scores").mkdir()
     (old / "scores" / "dtrak.npy").write_bytes(b"x")          # something computed
-    c = load_config("demo")
-    assert c.attribution.noise == "per_position" and c.attribution.checkpoints == 1
+    assert load_config("demo").attribution.noise == "shared"      # the default [design]
+    c = load_config("demo", ["attribution.noise=per_position"])     # a config asking another
+    assert c.attribution.checkpoints == 1
     check_run_config(old, c, adopt=ATTRIBUTION_LEGACY)
     assert c.attribution.noise == "shared" and c.attribution.checkpoints == 1
     assert "attribution.noise='per_position' -> 'shared'" in caplog.text   # a WARNING
@@ -281,7 +282,7 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, caplog
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "config.json").write_text(json.dumps(_old_config(load_config("demo"))))
-    c2 = load_config("demo")
+    c2 = load_config("demo", ["attribution.noise=per_position"])
     check_run_config(fresh, c2, adopt=ATTRIBUTION_LEGACY)
     assert c2.attribution.noise == "per_position"
     assert json.loads((fresh / "config.json").read_text())["attribution"]["noise"] == \
@@ -291,15 +292,16 @@ def test_demo_run_dirs_made_before_the_fields_keep_shared_noise(tmp_path, caplog
 def test_attribute_defaults_of_old_and_new_run_dirs(tmp_path):
     """`jaxattrib attribute` on a run whose config's attribution section predates the fields:
     'shared' and one checkpoint; a run with the fields: its values; a run without an
-    attribution section: the new defaults (per_position, the method's checkpoints)."""
+    attribution section: the defaults ('shared' [design], the method's checkpoints)."""
     import json
     from jaxattrib.config import load_config
     from jaxattrib.runs.attribute import attribution_defaults
     for name, cfg, want in (
             ("old", _old_config(load_config("sd15_lora")), ("shared", 1)),
-            ("new", json.loads(load_config("sd15_lora", ["attribution.checkpoints=(2, 4)"])
-                               .to_json()), ("per_position", [2, 4])),
-            ("bare", {"model": "embedded"}, ("per_position", None))):
+            ("new", json.loads(load_config("sd15_lora", ["attribution.checkpoints=(2, 4)",
+                                                         "attribution.noise=per_example"])
+                               .to_json()), ("per_example", [2, 4])),
+            ("bare", {"model": "embedded"}, ("shared", None))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
         d = attribution_defaults(tmp_path / name)
@@ -344,7 +346,8 @@ def test_train_run_made_before_the_fields_resumes_and_keeps_shared(tiny_pixel_pi
             "data.max_examples=4", "finetune.steps=1", "finetune.batch_size=2",
             "finetune.checkpoint_every=1"])
         c.attribution = ml_collections.ConfigDict(load_config("sd15_lora").attribution)
-        return c   # (sd15_lora's section: noise='per_position', checkpoints=1)
+        c.attribution.noise = "per_position"   # a run asking another mode than the legacy one
+        return c
     run = tmp_path / "run"
     train_run(config(), run, progress=False)
     assert attribution_defaults(run)["noise"] == "per_position"

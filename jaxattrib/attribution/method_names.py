@@ -29,7 +29,7 @@ ATTRIBUTE_DEFAULTS = {"method": "dtrak", "k": 2048, "params": "attn", "num_times
                       "lam_ratio": 1.0, "topk": 10, "projection": "rademacher",
                       "microbatch": 8, "precision": "float32", "remat": "none",
                       "matmul_precision": "default", "chunk_size": 64,
-                      "noise": "per_position", "checkpoints": None}
+                      "noise": "shared", "checkpoints": None}
 
 __all__ = ["ATTRIBUTE_DEFAULTS", "DEFAULT_CHECKPOINTS", "FAMILIES", "GRADIENT_METHODS",
            "METHOD_FAMILIES"]

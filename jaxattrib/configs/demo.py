@@ -49,7 +49,7 @@ def get_config(arg=None):
     c.attribution.concept_inversion_guidance = 1.0  # Concept-TRAK inversion CFG vs '' (ref.: 7.5)
     c.attribution.concept_query_pairs = "invert"    # or 'trajectory': regenerated from the seed
     c.attribution.concept_query_eta = 0.1           # η of that regeneration (the reference's)
-    c.attribution.noise = "per_position"  # TRAK / D-TRAK / TracIn noise (docs/faithful.md)
+    c.attribution.noise = "shared"        # TRAK / D-TRAK / TracIn noise [design] (docs/faithful.md)
     c.attribution.checkpoints = 1         # TRAK / D-TRAK: last M checkpoints or steps, averaged
 
     c.cgi_dm = ml_collections.ConfigDict()

@@ -23,7 +23,8 @@ a fitting regime", measured 2026-11-26): at K = 100, LDS(D-TRAK) > LDS(TRAK) on 
 paired CIs excluding 0; at K = 10 the two tie in this regime; in ``'finetune'`` D-TRAK leads on
 val and ties on gen at K = 10 (recomputed after the multi-device gradient fix; the first run's
 "TRAK leads" came from that bug) and they tie at K = 100. ``python benchmarks/lds.py --config finetune_fit`` runs it.
-``attribution.noise`` (TRAK / D-TRAK / TracIn; default 'per_position', D-TRAK's code) and
+``attribution.noise`` (TRAK / D-TRAK / TracIn; default 'shared' [design], measured above D-TRAK's
+code's 'per_position', docs/faithful.md) and
 ``attribution.checkpoints`` (M > 1: TRAK / D-TRAK / Journey-TRAK averaged over the last M of
 the full model's ``tracin_checkpoints``) are issue 19's choices; every table recorded before
 them used 'shared' noise and one checkpoint, and a run directory holding features from then
@@ -96,7 +97,7 @@ def get_config(arg=None):
     c.attribution.params = "all"
     c.attribution.microbatch = 16
     c.attribution.lambda_ratios = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    c.attribution.noise = "per_position"  # TRAK / D-TRAK / TracIn noise (docs/faithful.md)
+    c.attribution.noise = "shared"        # TRAK / D-TRAK / TracIn noise [design] (docs/faithful.md)
     c.attribution.checkpoints = 1   # TRAK / D-TRAK / Journey: last M of tracin_checkpoints
 
     if arg in ("finetune", "finetune_smoke", "finetune_fit", "finetune_fit_smoke"):

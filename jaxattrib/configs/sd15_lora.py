@@ -90,7 +90,7 @@ def get_config(arg=None):
     c.attribution.precision = "float32"
     c.attribution.remat = "none"
     c.attribution.matmul_precision = "default"
-    c.attribution.noise = "per_position"  # D-TRAK's code [code]; measurement pending
+    c.attribution.noise = "shared"        # [design] measured (docs/faithful.md); D-TRAK's: per_position
     c.attribution.checkpoints = 1         # D-TRAK: one checkpoint [code]
     if arg not in (None, ""):
         raise ValueError(f"sd15_lora: unknown variant {arg!r} (the config takes no argument)")

@@ -111,7 +111,7 @@ def train_run(config, run_dir: str | Path, progress: bool = True, mesh=None):
         logger.warning("%s was made before these attribution fields existed; it keeps what "
                        "it did: %s", cfg_path, ", ".join(adopted))
     added = {**precision.added_defaults("finetune", "attribution"), **ATTRIBUTION_LEGACY}
-    if stored is not None and precision.fill_added(stored, added) != current:
+    if stored is not None and precision.fill_added(stored, added, current) != current:
         from jaxattrib.runlock import has_results
         if has_results(run_dir):
             raise ConfigError(f"{cfg_path}: run directory was made with another config; use "
