@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
+from jaxattrib.eval.runner import benchmark_parser, exit_on_bad_input, prepare_run_dir
 
 
 def main(argv=None):
@@ -37,7 +37,8 @@ def main(argv=None):
     cfg = load_config("cgi_dm_benchmark" + arg, args.set)
     run_dir = prepare_run_dir(args, "runs/cgi_bench")
     t0 = time.time()
-    run_cgi_benchmark(cfg, run_dir, progress=not args.no_progress)
+    with exit_on_bad_input():
+        run_cgi_benchmark(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "cgi_dm.md").read_text())
     print(f"wall time {time.time() - t0:.0f} s; report: {run_dir / 'report.html'}")
 

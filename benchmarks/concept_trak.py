@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
+from jaxattrib.eval.runner import benchmark_parser, exit_on_bad_input, prepare_run_dir
 
 
 def main(argv=None):
@@ -41,8 +41,9 @@ def main(argv=None):
     cfg = apply_overrides(cfg, overrides)
     run_dir = prepare_run_dir(args, "runs/concept_trak")
     t0 = time.time()
-    run_concept_benchmark(cfg, run_dir, progress=not args.no_progress,
-                          ablation_only=args.ablation)
+    with exit_on_bad_input():
+        run_concept_benchmark(cfg, run_dir, progress=not args.no_progress,
+                              ablation_only=args.ablation)
     names = ["ablation.md"] if args.ablation else ["concept_trak.md", "ablation.md"]
     for name in names:
         path = run_dir / "tables" / name

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
+from jaxattrib.eval.runner import benchmark_parser, exit_on_bad_input, prepare_run_dir
 
 
 def main(argv=None):
@@ -36,7 +36,8 @@ def main(argv=None):
     cfg = load_config("customization" + (":smoke" if args.smoke else ""), args.set)
     run_dir = prepare_run_dir(args, "runs/customization")
     t0 = time.time()
-    run_customization(cfg, run_dir, progress=not args.no_progress)
+    with exit_on_bad_input():
+        run_customization(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "customization.md").read_text())
     print(f"wall time {time.time() - t0:.0f} s; report: jaxattrib report {run_dir}")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-from jaxattrib.eval.runner import benchmark_parser, prepare_run_dir
+from jaxattrib.eval.runner import benchmark_parser, exit_on_bad_input, prepare_run_dir
 
 
 def main(argv=None):
@@ -36,7 +36,8 @@ def main(argv=None):
     cfg = load_config("source_model:" + ("smoke" if args.smoke else "zoo"), args.set)
     run_dir = prepare_run_dir(args, "runs/source_zoo")
     t0 = time.time()
-    run_source_zoo(cfg, run_dir, progress=not args.no_progress)
+    with exit_on_bad_input():
+        run_source_zoo(cfg, run_dir, progress=not args.no_progress)
     print((run_dir / "tables" / "source_model_zoo.md").read_text())
     print(f"wall time {time.time() - t0:.0f} s; plot: {run_dir / 'plots' / 'conf_vs_rho.png'}")
 

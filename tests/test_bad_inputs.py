@@ -596,3 +596,28 @@ def test_bad_inputs_doc_is_current():
     assert len(rows) >= 30
     assert DOC.read_text() == render(rows), \
         "docs/bad_inputs.md is stale: run `python scripts/bad_inputs_table.py`"
+
+
+@bad_input("A benchmark script rerun on a run directory made with another config",
+           "Exit 2: one `error:` line naming the field and both values (`attribution.noise: "
+           "stored 'per_position', given 'shared'`); no traceback, nothing deleted")
+def test_benchmark_script_refuses_another_config_without_a_traceback(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ct_bench_script",
+                                                  root / "benchmarks" / "concept_trak.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = json.loads(load_config("concept_trak:smoke").to_json())
+    c["attribution"]["noise"] = "per_position"
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.npz").write_bytes(b"x")             # something computed
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--smoke", "--run-dir", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "attribution.noise: stored 'per_position', given 'shared'" in err
+    assert (tmp_path / "data" / "train.npz").is_file()

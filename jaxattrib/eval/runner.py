@@ -1,12 +1,15 @@
 """The command-line edge shared by the benchmark scripts under ``benchmarks/``: one argument
 parser (``--run-dir``, ``--smoke``, ``--set``, ``--fresh``, ``--no-progress``, ``-v``/``-q``) and
 one way to resolve the run directory (which also sets up logging, :func:`jaxattrib.logs.configure`),
-so every benchmark behaves the same from the shell."""
+and one way to end on bad input (:func:`exit_on_bad_input`: one ``error:`` line, exit 2, no
+traceback), so every benchmark behaves the same from the shell."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -38,3 +41,17 @@ def prepare_run_dir(args: argparse.Namespace, default_run_dir: str) -> Path:
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     return run_dir
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """Ends the script with ``error: <message>`` on stderr and exit status 2 when the body
+    raises :class:`jaxattrib.config.ConfigError` (a config, run directory or input the user can
+    fix, e.g. a run directory made with another config); the run directory keeps everything
+    already computed."""
+    from jaxattrib.config import ConfigError
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
