@@ -34,7 +34,6 @@ def _load(run: Path, name: str) -> dict:
 def compare(run_a: Path, run_b: Path, methods: list[str], n_bootstrap: int = 1000) -> list[dict]:
     """Rows ``{method, variant, n, A mAP, B mAP, B − A}`` (strings with CIs)."""
     from jaxattrib.eval import benchmarks as B
-    from jaxattrib.runs.demo_attribute import _validation_mask
     from jaxattrib.train.base_model import base_model_info, spec_from_info
     data = {}
     for run in (run_a, run_b):
@@ -48,11 +47,9 @@ def compare(run_a: Path, run_b: Path, methods: list[str], n_bootstrap: int = 100
                      f"({key.split()[1]}): the runs are not paired")
     cfg = json.loads((run_a / "config.json").read_text())
     info = base_model_info(cfg.get("base_model") or None)
-    variation = cfg.get("variation", "background")
-    gt = B.ground_truth(ta["concept"], B.caption_variations(ta["captions"], variation),
-                        qa["concept"], qa["variation"])
-    test = ~_validation_mask(qa["group"])
-    ok = B.variation_check(qa["images"], qa["variation"], spec_from_info(info), variation)
+    gt, ok, val = B.customization_truth(ta, qa, spec_from_info(info),
+                                        cfg.get("variation", "background"))
+    test = ~val
     rows = []
     for method in methods:
         for variant in ("between", "within"):

@@ -263,6 +263,17 @@ def _jsonable_metrics(raw: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the run
 
+def customization_truth(train: dict, queries: dict, spec, variation: str):
+    """``(gt, ok, val)`` of a customization run: :func:`ground_truth` of its training set and
+    queries, which queries show their prompted ``variation`` (:func:`variation_check`), and the
+    validation half (the first half of each (concept, variation) group)."""
+    from jaxattrib.runs.demo_attribute import _validation_mask
+    gt = ground_truth(train["concept"], caption_variations(train["captions"], variation),
+                      queries["concept"], queries["variation"])
+    ok = variation_check(queries["images"], queries["variation"], spec, variation)
+    return gt, ok, _validation_mask(queries["group"])
+
+
 def run_customization(config, run_dir: str | Path = "runs/customization",
                       progress: bool = True) -> dict:
     """Runs (or resumes) the customization benchmark; returns the tables (see
@@ -283,9 +294,7 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
     held = [dict(h) for h in info["held_out"]]
     plan = query_plan(held, variations, config.generate.per_variation, config.variation)
     queries = demo.generate_stage(run_dir, config, pipe, unet_params, held, plan)
-    gt = ground_truth(train["concept"], caption_variations(train["captions"], config.variation),
-                      queries["concept"], queries["variation"])
-    ok = variation_check(queries["images"], queries["variation"], spec, config.variation)
+    gt, ok, val = customization_truth(train, queries, spec, config.variation)
     pred = classify_concepts(queries["images"], spec)
     gen_acc = {"shape": float(np.mean([spec.shapes[p] == held[c]["shape"] for p, c in
                                        zip(pred["shape"], queries["concept"])])),
@@ -293,7 +302,6 @@ def run_customization(config, run_dir: str | Path = "runs/customization",
                                        zip(pred["color"], queries["concept"])])),
                config.variation: float(ok.mean())}
     _log(f"{len(queries['images'])} queries; classifier agreement with the prompt {gen_acc}")
-    val = demo_attribute._validation_mask(queries["group"])
     variants = {"between": demo_attribute.Variant(gt["between"], val),
                 "within": demo_attribute.Variant(gt["within"], val & ok, gt["candidates"])}
     scores = demo_attribute.attribute_variants(
