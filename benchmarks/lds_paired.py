@@ -77,8 +77,9 @@ def compare(run_a: Path, run_b: Path, methods: list[str], n_bootstrap: int = 100
             key = f"{method}/{split}"
             for run, p in ((run_a, pa), (run_b, pb)):
                 if key not in p:
+                    has = sorted({k.split("/")[0] for k in p if "/" in k})
                     raise ValueError(f"{run / 'results/lds_per_target.npz'}: no method "
-                                     f"{method!r} (has {sorted({k.split('/')[0] for k in p if '/' in k})})")
+                                     f"{method!r} (has {has})")
             a, b = pa[key], pb[key]
             ok = np.isfinite(a) & np.isfinite(b)
             d = b[ok] - a[ok]

@@ -275,8 +275,8 @@ def trajectory_pairs(sched: Schedule, xs, timesteps, x0, keep_every: int = 5):
     """(x_t, t) pairs of recorded sampling trajectories, as :func:`timestep_pairs` returns them.
 
     ``xs [Q, N, H, W, C]``: the state at ``timesteps [N]`` (or ``[Q, N]``, equal rows;
-    descending, as sampled: ``xs[:, i]`` is the input of step i); ``x0 [Q, H, W, C]``: the trajectories' end. Keeps the states after
-    every ``keep_every``-th step, ``xs[:, keep_every::keep_every]`` (50 steps, 5 → 9 states at
+    descending, as sampled: ``xs[:, i]`` is the input of step i); ``x0 [Q, H, W, C]``: the
+    trajectories' end. Keeps the states after every ``keep_every``-th step, ``xs[:, keep_every::keep_every]`` (50 steps, 5 → 9 states at
     t ≈ 899 … 99: the reference's ``tgt_t ∈ {5, …, 45}`` [code: AbC ``test_grad.py``], which
     draws one at random per epoch; all of them here [design]), with the noise each implies.
     Returns ``(xts [Q,K,...], ts [Q,K] int32, noise [Q,K,...])`` (numpy).
