@@ -344,3 +344,32 @@ def test_run_made_with_the_former_paper_variant_name_keeps_it(tmp_path, caplog):
     assert other.tune.variants[0] == "authors_50x4: "
     with pytest.raises(ConfigError, match="another config"):
         check_run_config(run, other)
+
+
+def test_cgi_dm_paired_script_by_construction(tmp_path):
+    """benchmarks/cgi_dm_paired.py: variant 'b' recovers members exactly and hold-outs not at
+    all (AUC 1), 'a' the reverse (AUC 0): B − A = 1 with the bootstrap CI at 1; a missing
+    variant is refused naming the folder."""
+    import importlib.util
+    import io
+    from pathlib import Path
+    from jaxattrib import integrity
+    spec = importlib.util.spec_from_file_location(
+        "cgi_dm_paired", Path(__file__).resolve().parents[1] / "benchmarks" / "cgi_dm_paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    for v, good in (("a", "holdout_val"), ("b", "member_val")):
+        for split in ("member_val", "holdout_val"):
+            x = rng.uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
+            rec = x if split == good else rng.uniform(-1, 1, x.shape).astype(np.float32)
+            buf = io.BytesIO()
+            np.savez(buf, original=x, masked=x * 0, recovered=rec)
+            (tmp_path / "cgi" / v).mkdir(parents=True, exist_ok=True)
+            integrity.write_checked(tmp_path / "cgi" / v / f"{split}_000000.npz", buf.getvalue())
+    r = mod.compare(tmp_path, "a", "b", "ssim", n_bootstrap=200)
+    assert (r["auc_a"], r["auc_b"], r["diff"]) == (0.0, 1.0, 1.0)
+    assert r["ci_low"] == r["ci_high"] == 1.0 and (r["n_members"], r["n_holdouts"]) == (6, 6)
+    assert r["mean_members"]["b"] == pytest.approx(1.0)
+    with pytest.raises(FileNotFoundError, match="cgi/c: no member_val recoveries"):
+        mod.compare(tmp_path, "a", "c")
