@@ -53,5 +53,6 @@ def exit_on_bad_input():
     try:
         yield
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
